@@ -1,0 +1,1 @@
+"""Client library for signd, the PKCS#11 signing daemon."""

@@ -1,0 +1,523 @@
+"""signd's wire format, sans-IO.  The one place in Python that defines it.
+
+A connection carries *frames* both ways: a 4-byte big-endian unsigned length,
+then that many bytes of msgpack.  Every frame body is a map:
+
+* request:  ``{"v": 1, "id": <uint>, "op": <str>, "args": <map>}``
+* response: ``{"v": 1, "id": <uint|nil>, "result": <map>}`` or
+  ``{"v": 1, "id": <uint|nil>, "error": {"code", "name", "message"}}``
+
+Nothing here touches a socket (compare h11): ``FrameDecoder`` is fed bytes and
+hands back events; ``encode_*`` turn messages into bytes.  The daemon and
+every Python client use this module, and ``PROTOCOL.md`` plus the golden
+frames in ``tests/vectors/`` pin it down for other languages.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import struct
+import types
+import typing
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar, Final, TypeVar, Union
+
+import msgpack
+
+from .errors import (
+    FrameTooLarge,
+    InvalidArgument,
+    InvalidRequest,
+    MalformedFrame,
+    ProtocolViolation,
+    UnknownOperation,
+    UnsupportedVersion,
+    WireError,
+    error_from_wire,
+)
+
+__all__ = [
+    "DEFAULT_MAX_FRAME",
+    "HEADER",
+    "IDEMPOTENT_OPS",
+    "KEY_NAME_RE",
+    "KEY_TYPES",
+    "MAX_REQUEST_ID",
+    "OPS",
+    "PROTOCOL_VERSION",
+    "BadRequest",
+    "CreateKeyArgs",
+    "Empty",
+    "FrameDecoder",
+    "Health",
+    "KeyInfo",
+    "KeyList",
+    "KeyRefArgs",
+    "KeySummary",
+    "Message",
+    "PublicKey",
+    "PublicKeyArgs",
+    "Request",
+    "Response",
+    "SignArgs",
+    "SignResult",
+    "TokenStatus",
+    "VerifyArgs",
+    "VerifyResult",
+    "VersionInfo",
+    "decode_request",
+    "decode_response",
+    "encode_error",
+    "encode_request",
+    "encode_result",
+]
+
+PROTOCOL_VERSION: Final = 1
+DEFAULT_MAX_FRAME: Final = 1 << 20
+HEADER: Final = struct.Struct(">I")
+MAX_REQUEST_ID: Final = (1 << 64) - 1
+KEY_NAME_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+KEY_TYPES: Final = ("ec-p256", "ec-p384", "ed25519", "rsa-2048", "rsa-3072", "rsa-4096")
+
+
+# --------------------------------------------------------------------------
+# Framing
+
+
+class FrameDecoder:
+    """Splits a byte stream into frame bodies.
+
+    Feed bytes with ``receive_data``; take complete bodies with ``frames``.
+    A frame longer than ``max_frame`` raises ``FrameTooLarge``: the stream
+    cannot be resynchronised after that, so the caller must close it.
+    """
+
+    __slots__ = ("_buf", "_pos", "max_frame")
+
+    def __init__(self, max_frame: int = DEFAULT_MAX_FRAME) -> None:
+        self.max_frame = max_frame
+        self._buf = bytearray()
+        self._pos = 0
+
+    def receive_data(self, data: bytes) -> None:
+        self._buf += data
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received but not yet returned as frames."""
+        return len(self._buf) - self._pos
+
+    def frames(self) -> Iterator[bytes]:
+        """Yield every complete frame body now buffered."""
+        buf = self._buf
+        try:
+            while len(buf) - self._pos >= 4:
+                (length,) = HEADER.unpack_from(buf, self._pos)
+                if length > self.max_frame:
+                    raise FrameTooLarge(
+                        f"frame of {length} bytes exceeds the limit of {self.max_frame} bytes"
+                    )
+                end = self._pos + 4 + length
+                if len(buf) < end:
+                    break
+                body = bytes(buf[self._pos + 4 : end])
+                self._pos = end
+                yield body
+        finally:
+            if self._pos:
+                del buf[: self._pos]
+                self._pos = 0
+
+
+def _frame(obj: Mapping[str, Any]) -> bytes:
+    body = msgpack.packb(obj, use_bin_type=True)
+    return HEADER.pack(len(body)) + body
+
+
+def _unpack(body: bytes) -> Any:
+    try:
+        return msgpack.unpackb(body, raw=False, strict_map_key=True)
+    except Exception as exc:  # msgpack raises several unrelated types
+        raise MalformedFrame(f"frame body is not valid msgpack: {exc}") from None
+
+
+# --------------------------------------------------------------------------
+# Typed messages
+
+
+class Message:
+    """Base of the wire messages: frozen dataclasses checked field by field.
+
+    ``from_wire`` checks each field's type against the annotation and names
+    the field in the error.  Requests are strict (an unknown field is an
+    error, so a client never has an option silently ignored); responses are
+    lenient (a newer daemon may add fields).
+    """
+
+    _fields: ClassVar[tuple[tuple[str, Callable[[Any, str, bool], Any], bool], ...]]
+
+    def to_wire(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            value = getattr(self, f.name)
+            if value is not None:
+                out[f.name] = _to_wire(value)
+        return out
+
+    @classmethod
+    def from_wire(cls, data: Any, *, strict: bool = True, path: str = "") -> typing.Self:
+        if not isinstance(data, dict):
+            raise InvalidArgument(f"{path or 'args'}: expected a map, got {_tname(data)}")
+        fields = cls.__dict__.get("_fields")
+        if fields is None:
+            fields = _compile(cls)
+        values: dict[str, Any] = {}
+        for name, check, required in fields:
+            where = f"{path}.{name}" if path else name
+            if name in data and data[name] is not None:
+                values[name] = check(data[name], where, strict)
+            elif required:
+                raise InvalidArgument(f"field '{where}' is required")
+        if strict and len(values) < len(data):
+            known = {name for name, _, _ in fields}
+            for name in data:
+                if name not in known:
+                    raise InvalidArgument(f"unknown field '{path + '.' if path else ''}{name}'")
+        return cls(**values)
+
+
+def _to_wire(value: Any) -> Any:
+    if isinstance(value, Message):
+        return value.to_wire()
+    if isinstance(value, tuple):
+        return [_to_wire(v) for v in value]
+    return value
+
+
+def _tname(value: Any) -> str:
+    return {bytes: "bin", str: "str", bool: "bool", int: "int", float: "float",
+            dict: "map", list: "array", type(None): "nil"}.get(type(value), type(value).__name__)
+
+
+_SCALARS: dict[type, str] = {str: "str", bytes: "bin", bool: "bool", int: "int", float: "float"}
+
+
+def _scalar_checker(tp: type) -> Callable[[Any, str, bool], Any]:
+    wire = _SCALARS[tp]
+
+    def check(value: Any, where: str, strict: bool) -> Any:
+        if tp is float and type(value) is int:
+            return float(value)
+        if type(value) is not tp:
+            raise InvalidArgument(f"field '{where}': expected {wire}, got {_tname(value)}")
+        return value
+
+    return check
+
+
+def _checker(tp: Any) -> Callable[[Any, str, bool], Any]:
+    if tp in _SCALARS:
+        return _scalar_checker(tp)
+    origin = typing.get_origin(tp)
+    if origin is tuple:
+        (item_tp, _ellipsis) = typing.get_args(tp)
+        item = _checker(item_tp)
+
+        def check_seq(value: Any, where: str, strict: bool) -> Any:
+            if not isinstance(value, list):
+                raise InvalidArgument(f"field '{where}': expected array, got {_tname(value)}")
+            return tuple(item(v, f"{where}[{i}]", strict) for i, v in enumerate(value))
+
+        return check_seq
+    if isinstance(tp, type) and issubclass(tp, Message):
+        msg_cls = tp
+
+        def check_msg(value: Any, where: str, strict: bool) -> Any:
+            return msg_cls.from_wire(value, strict=strict, path=where)
+
+        return check_msg
+    raise TypeError(f"unsupported wire field type {tp!r}")
+
+
+def _compile(cls: type[Message]) -> tuple[tuple[str, Callable[[Any, str, bool], Any], bool], ...]:
+    hints = typing.get_type_hints(cls)
+    compiled = []
+    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+        tp = hints[f.name]
+        required = True
+        if typing.get_origin(tp) in (Union, types.UnionType):
+            args = [a for a in typing.get_args(tp) if a is not type(None)]
+            (tp,) = args
+            required = False
+        compiled.append((f.name, _checker(tp), required))
+    result = tuple(compiled)
+    cls._fields = result
+    return result
+
+
+M = TypeVar("M", bound=Message)
+
+
+@typing.dataclass_transform(frozen_default=True)
+def message(cls: type[M]) -> type[M]:
+    """Make ``cls`` a frozen wire dataclass and compile its field checks."""
+    dc = dataclass(frozen=True, slots=True)(cls)
+    _compile(dc)
+    return dc
+
+
+# ---- arguments ----
+
+
+@message
+class Empty(Message):
+    """No arguments, or no result fields."""
+
+
+@message
+class CreateKeyArgs(Message):
+    key: str
+    type: str
+
+
+@message
+class KeyRefArgs(Message):
+    """Arguments of ``key_info`` and ``rotate``: a key name."""
+
+    key: str
+
+
+@message
+class PublicKeyArgs(Message):
+    key: str
+    version: int | None = None
+
+
+@message
+class SignArgs(Message):
+    key: str
+    message: bytes | None = None
+    digest: bytes | None = None
+    hash: str | None = None
+    padding: str | None = None
+    format: str | None = None
+
+
+@message
+class VerifyArgs(Message):
+    key: str
+    signature: bytes
+    message: bytes | None = None
+    digest: bytes | None = None
+    hash: str | None = None
+    padding: str | None = None
+    format: str | None = None
+    version: int | None = None
+
+
+# ---- results ----
+
+
+@message
+class VersionInfo(Message):
+    version: int
+    state: str
+    created: float
+    public_key_pem: str
+
+
+@message
+class KeyInfo(Message):
+    name: str
+    type: str
+    created: float
+    current_version: int
+    versions: tuple[VersionInfo, ...]
+
+
+@message
+class KeySummary(Message):
+    name: str
+    type: str
+    created: float
+    current_version: int
+
+
+@message
+class KeyList(Message):
+    keys: tuple[KeySummary, ...]
+
+
+@message
+class PublicKey(Message):
+    name: str
+    version: int
+    type: str
+    public_key_pem: str
+
+
+@message
+class SignResult(Message):
+    signature: bytes
+    key: str
+    version: int
+    algorithm: str
+
+
+@message
+class VerifyResult(Message):
+    valid: bool
+    key: str
+    version: int | None = None
+    algorithm: str | None = None
+
+
+@message
+class TokenStatus(Message):
+    label: str
+    manufacturer: str
+    model: str
+    serial: str
+    logged_in: bool
+
+
+@message
+class Health(Message):
+    status: str
+    live: bool
+    ready: bool
+    daemon_version: str
+    protocol_version: int
+    uptime: float
+    keys: int
+    token: TokenStatus | None = None
+    detail: str | None = None
+
+
+#: op name -> (argument type, result type)
+OPS: Final[Mapping[str, tuple[type[Message], type[Message]]]] = {
+    "create_key": (CreateKeyArgs, KeyInfo),
+    "list_keys": (Empty, KeyList),
+    "key_info": (KeyRefArgs, KeyInfo),
+    "public_key": (PublicKeyArgs, PublicKey),
+    "sign": (SignArgs, SignResult),
+    "verify": (VerifyArgs, VerifyResult),
+    "rotate": (KeyRefArgs, KeyInfo),
+    "health": (Empty, Health),
+}
+
+#: Operations a client may safely send again after a broken connection.
+IDEMPOTENT_OPS: Final = frozenset(
+    {"list_keys", "key_info", "public_key", "sign", "verify", "health"}
+)
+
+
+# --------------------------------------------------------------------------
+# Envelopes
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """A well-formed request; ``args`` is already checked against its op."""
+
+    id: int
+    op: str
+    args: Message
+
+
+@dataclass(frozen=True, slots=True)
+class BadRequest:
+    """A frame that could not become a ``Request``; answer ``error`` to ``id``."""
+
+    id: int | None
+    error: WireError
+
+
+@dataclass(frozen=True, slots=True)
+class Response:
+    id: int | None
+    result: dict[str, Any] | None
+    error: WireError | None
+
+
+def encode_request(request_id: int, op: str, args: Message) -> bytes:
+    return _frame({"v": PROTOCOL_VERSION, "id": request_id, "op": op, "args": args.to_wire()})
+
+
+def encode_result(request_id: int | None, result: Message) -> bytes:
+    return _frame({"v": PROTOCOL_VERSION, "id": request_id, "result": result.to_wire()})
+
+
+def encode_error(request_id: int | None, error: WireError) -> bytes:
+    return _frame({"v": PROTOCOL_VERSION, "id": request_id, "error": error.to_wire()})
+
+
+def _request_id(obj: Mapping[Any, Any]) -> int | None:
+    rid = obj.get("id")
+    if type(rid) is int and 0 <= rid <= MAX_REQUEST_ID:
+        return rid
+    return None
+
+
+def decode_request(body: bytes) -> Request | BadRequest:
+    """Turn one frame body into a ``Request``, or a ``BadRequest`` to answer."""
+    try:
+        obj = _unpack(body)
+    except MalformedFrame as exc:
+        return BadRequest(None, exc)
+    if not isinstance(obj, dict):
+        return BadRequest(None, MalformedFrame(f"frame body must be a map, got {_tname(obj)}"))
+    rid = _request_id(obj)
+    try:
+        if rid is None:
+            raise InvalidRequest("field 'id' must be an unsigned integer below 2**64")
+        if obj.get("v") != PROTOCOL_VERSION:
+            raise UnsupportedVersion(
+                f"protocol version {obj.get('v')!r} is not supported; this daemon speaks "
+                f"{PROTOCOL_VERSION}"
+            )
+        op = obj.get("op")
+        if type(op) is not str:
+            raise InvalidRequest(f"field 'op' must be a str, got {_tname(op)}")
+        spec = OPS.get(op)
+        if spec is None:
+            raise UnknownOperation(f"unknown operation {op!r}")
+        unknown = set(obj) - {"v", "id", "op", "args"}
+        if unknown:
+            raise InvalidRequest(f"unknown envelope field {sorted(map(str, unknown))[0]!r}")
+        return Request(rid, op, spec[0].from_wire(obj.get("args", {})))
+    except WireError as exc:
+        return BadRequest(rid, exc)
+
+
+def decode_response(body: bytes) -> Response:
+    """Client side: turn one frame body into a ``Response``.
+
+    Raises:
+        ProtocolViolation: the daemon sent something that is not a response.
+    """
+    try:
+        obj = _unpack(body)
+    except MalformedFrame as exc:
+        raise ProtocolViolation(exc.message) from None
+    if not isinstance(obj, dict) or obj.get("v") != PROTOCOL_VERSION:
+        raise ProtocolViolation("response is not a version-1 map")
+    rid = obj.get("id")
+    if rid is not None and type(rid) is not int:
+        raise ProtocolViolation("response id is not an integer")
+    err = obj.get("error")
+    if err is not None:
+        if not (
+            isinstance(err, dict)
+            and type(err.get("code")) is int
+            and isinstance(err.get("name"), str)
+            and isinstance(err.get("message"), str)
+        ):
+            raise ProtocolViolation("response error is not {code, name, message}")
+        return Response(rid, None, error_from_wire(err["code"], err["name"], err["message"]))
+    result = obj.get("result")
+    if not isinstance(result, dict):
+        raise ProtocolViolation("response has neither result nor error")
+    return Response(rid, result, None)

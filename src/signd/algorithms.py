@@ -1,0 +1,283 @@
+"""Key types, hashes and signature schemes: pure logic, no token, no I/O.
+
+``plan_sign`` turns a sign request into exactly what the token must sign
+(``SignPlan``); ``finish_signature`` turns the token's raw output into what
+the client asked for; ``verify`` checks a signature with ``cryptography`` on a
+cached public key, with no token round trip.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Final
+
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa, utils
+
+from .errors import InvalidArgument, InvalidDigest
+from .errors import UnsupportedAlgorithm as UnsupportedAlgorithmError
+from .protocol import SignArgs, VerifyArgs
+
+__all__ = [
+    "HASHES",
+    "Family",
+    "KEY_TYPES",
+    "KeyType",
+    "PublicKey",
+    "Scheme",
+    "SignPlan",
+    "finish_signature",
+    "key_type",
+    "load_public_key",
+    "plan_sign",
+    "public_key_pem",
+    "verify",
+]
+
+PublicKey = ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey | rsa.RSAPublicKey
+
+
+@dataclass(frozen=True, slots=True)
+class Hash:
+    name: str
+    size: int
+    new: Callable[[bytes], hashlib._Hash]
+    algorithm: hashes.HashAlgorithm
+    #: DER DigestInfo prefix for PKCS#1 v1.5 (RFC 8017, section 9.2, note 1).
+    digest_info: bytes
+
+
+HASHES: Final[dict[str, Hash]] = {
+    "sha256": Hash(
+        "sha256", 32, hashlib.sha256, hashes.SHA256(),
+        bytes.fromhex("3031300d060960864801650304020105000420"),
+    ),
+    "sha384": Hash(
+        "sha384", 48, hashlib.sha384, hashes.SHA384(),
+        bytes.fromhex("3041300d060960864801650304020205000430"),
+    ),
+    "sha512": Hash(
+        "sha512", 64, hashlib.sha512, hashes.SHA512(),
+        bytes.fromhex("3051300d060960864801650304020305000440"),
+    ),
+}
+
+
+class Family(enum.Enum):
+    EC = "ec"
+    ED25519 = "ed25519"
+    RSA = "rsa"
+
+
+class Scheme(enum.Enum):
+    """What the token is asked to do; ``token.py`` maps each to a mechanism."""
+
+    ECDSA = "ecdsa"  # input: the digest; output: raw r || s
+    EDDSA = "eddsa"  # input: the message (pure Ed25519)
+    RSA_PKCS1 = "rsa-pkcs1v15"  # input: DigestInfo || digest
+    RSA_PSS = "rsa-pss"  # input: the digest; MGF1 with the same hash, salt = digest size
+
+
+@dataclass(frozen=True, slots=True)
+class KeyType:
+    name: str
+    family: Family
+    bits: int
+    default_hash: str | None
+    curve: str | None = None  # SEC curve name for EC keys
+
+    @property
+    def coordinate_size(self) -> int:
+        return (self.bits + 7) // 8
+
+
+KEY_TYPES: Final[dict[str, KeyType]] = {
+    kt.name: kt
+    for kt in (
+        KeyType("ec-p256", Family.EC, 256, "sha256", "secp256r1"),
+        KeyType("ec-p384", Family.EC, 384, "sha384", "secp384r1"),
+        KeyType("ed25519", Family.ED25519, 256, None),
+        KeyType("rsa-2048", Family.RSA, 2048, "sha256"),
+        KeyType("rsa-3072", Family.RSA, 3072, "sha256"),
+        KeyType("rsa-4096", Family.RSA, 4096, "sha256"),
+    )
+}
+
+PADDINGS: Final = ("pkcs1v15", "pss")
+FORMATS: Final = ("der", "raw")
+
+
+def key_type(name: str) -> KeyType:
+    """Raises: UnsupportedAlgorithm for an unknown key type name."""
+    kt = KEY_TYPES.get(name)
+    if kt is None:
+        raise UnsupportedAlgorithmError(
+            f"unknown key type {name!r}; supported: {', '.join(KEY_TYPES)}"
+        )
+    return kt
+
+
+@dataclass(frozen=True, slots=True)
+class SignPlan:
+    scheme: Scheme
+    hash: Hash | None
+    data: bytes  # exactly what C_Sign receives
+    algorithm: str  # the signature algorithm's name on the wire
+    raw: bool  # ECDSA only: answer r || s instead of DER
+
+
+@dataclass(frozen=True, slots=True)
+class _Checked:
+    hash: Hash | None
+    digest: bytes | None  # None for Ed25519 (it signs the message)
+    scheme: Scheme
+    algorithm: str
+    raw: bool
+
+
+def _check(kt: KeyType, args: SignArgs | VerifyArgs) -> _Checked:
+    """Validate the options shared by sign and verify; hash the message if needed."""
+    if (args.message is None) == (args.digest is None):
+        raise InvalidArgument("exactly one of 'message' and 'digest' is required")
+    if kt.family is Family.ED25519:
+        if args.digest is not None:
+            raise InvalidArgument("ed25519 signs the message itself: send 'message', not 'digest'")
+        for name in ("hash", "padding", "format"):
+            if getattr(args, name) is not None:
+                raise InvalidArgument(f"field '{name}' does not apply to ed25519 keys")
+        return _Checked(None, None, Scheme.EDDSA, "ed25519", False)
+
+    hash_name = args.hash or kt.default_hash
+    assert hash_name is not None
+    h = HASHES.get(hash_name)
+    if h is None:
+        raise UnsupportedAlgorithmError(
+            f"unknown hash {hash_name!r}; supported: {', '.join(HASHES)}"
+        )
+    if args.digest is not None:
+        if args.hash is None:
+            raise InvalidArgument("field 'hash' is required with 'digest'")
+        if len(args.digest) != h.size:
+            raise InvalidDigest(
+                f"a {h.name} digest is {h.size} bytes, got {len(args.digest)}"
+            )
+        digest = args.digest
+    else:
+        assert args.message is not None
+        digest = h.new(args.message).digest()
+
+    if kt.family is Family.EC:
+        if args.padding is not None:
+            raise InvalidArgument("field 'padding' applies to RSA keys only")
+        fmt = args.format or "der"
+        if fmt not in FORMATS:
+            raise InvalidArgument(f"field 'format' must be one of {', '.join(FORMATS)}")
+        return _Checked(h, digest, Scheme.ECDSA, f"ecdsa-p{kt.bits}-{h.name}", fmt == "raw")
+
+    if args.format is not None:
+        raise InvalidArgument("field 'format' applies to ECDSA keys only")
+    pad = args.padding or "pkcs1v15"
+    if pad not in PADDINGS:
+        raise InvalidArgument(f"field 'padding' must be one of {', '.join(PADDINGS)}")
+    scheme = Scheme.RSA_PSS if pad == "pss" else Scheme.RSA_PKCS1
+    return _Checked(h, digest, scheme, f"rsa-{pad}-{h.name}", False)
+
+
+def plan_sign(kt: KeyType, args: SignArgs) -> SignPlan:
+    """Check a sign request against the key type and say what the token signs.
+
+    Raises:
+        InvalidArgument, InvalidDigest, UnsupportedAlgorithm.
+    """
+    c = _check(kt, args)
+    if c.scheme is Scheme.EDDSA:
+        assert args.message is not None
+        data = args.message
+    elif c.scheme is Scheme.RSA_PKCS1:
+        assert c.hash is not None and c.digest is not None
+        data = c.hash.digest_info + c.digest
+    else:
+        assert c.digest is not None
+        data = c.digest
+    return SignPlan(c.scheme, c.hash, data, c.algorithm, c.raw)
+
+
+def finish_signature(plan: SignPlan, raw: bytes) -> bytes:
+    """Encode the token's output as the client asked (ECDSA: DER unless raw)."""
+    if plan.scheme is Scheme.ECDSA and not plan.raw:
+        half = len(raw) // 2
+        return utils.encode_dss_signature(
+            int.from_bytes(raw[:half], "big"), int.from_bytes(raw[half:], "big")
+        )
+    return raw
+
+
+def verify(kt: KeyType, public_key: PublicKey, args: VerifyArgs) -> str | None:
+    """Check ``args.signature``; return the algorithm name if valid, else None.
+
+    Raises:
+        InvalidArgument, InvalidDigest, UnsupportedAlgorithm: bad options.
+    """
+    c = _check(kt, args)
+    sig = args.signature
+    try:
+        if c.scheme is Scheme.EDDSA:
+            assert isinstance(public_key, ed25519.Ed25519PublicKey) and args.message is not None
+            public_key.verify(sig, args.message)
+            return c.algorithm
+        assert c.hash is not None and c.digest is not None
+        prehashed = utils.Prehashed(c.hash.algorithm)
+        if c.scheme is Scheme.ECDSA:
+            assert isinstance(public_key, ec.EllipticCurvePublicKey)
+            if c.raw:
+                size = kt.coordinate_size
+                if len(sig) != 2 * size:
+                    return None
+                sig = utils.encode_dss_signature(
+                    int.from_bytes(sig[:size], "big"), int.from_bytes(sig[size:], "big")
+                )
+            public_key.verify(sig, c.digest, ec.ECDSA(prehashed))
+            return c.algorithm
+        assert isinstance(public_key, rsa.RSAPublicKey)
+        pad: padding.AsymmetricPadding
+        if c.scheme is Scheme.RSA_PSS:
+            pad = padding.PSS(mgf=padding.MGF1(c.hash.algorithm), salt_length=padding.PSS.AUTO)
+        else:
+            pad = padding.PKCS1v15()
+        public_key.verify(sig, c.digest, pad, prehashed)
+        return c.algorithm
+    except (InvalidSignature, ValueError):
+        return None
+
+
+def load_public_key(kt: KeyType, spki_der: bytes) -> PublicKey:
+    """Load a SubjectPublicKeyInfo and check it matches the key type.
+
+    Raises:
+        ValueError: the bytes are not a public key of that type.
+    """
+    try:
+        key = serialization.load_der_public_key(spki_der)
+    except UnsupportedAlgorithm as exc:
+        raise ValueError(str(exc)) from None
+    ok = (
+        (kt.family is Family.EC and isinstance(key, ec.EllipticCurvePublicKey)
+         and key.curve.name == kt.curve)
+        or (kt.family is Family.ED25519 and isinstance(key, ed25519.Ed25519PublicKey))
+        or (kt.family is Family.RSA and isinstance(key, rsa.RSAPublicKey)
+            and key.key_size == kt.bits)
+    )
+    if not ok:
+        raise ValueError(f"public key does not match key type {kt.name}")
+    assert isinstance(key, ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey | rsa.RSAPublicKey)
+    return key
+
+
+def public_key_pem(key: PublicKey) -> str:
+    return key.public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    ).decode("ascii")
