@@ -94,7 +94,6 @@ _UNAVAILABLE: Final = (
     p11e.TokenNotRecognised,
     p11e.NoSuchToken,
     p11e.UserNotLoggedIn,
-    p11e.CryptokiAlreadyInitialized,
 )
 
 

@@ -1,1 +1,38 @@
-"""Client library for signd, the PKCS#11 signing daemon."""
+"""Client library for signd, the PKCS#11 signing daemon.
+
+``Client`` is blocking and thread-safe; ``AsyncClient`` works in trio and in
+asyncio.  Every operation returns a frozen dataclass from
+``signd_client.protocol``; every wire error code is a class in
+``signd_client.errors``.
+"""
+
+from ._async import AsyncClient
+from ._sync import Client
+from .errors import SigndError, WireError
+from .protocol import (
+    Health,
+    KeyInfo,
+    KeyList,
+    KeySummary,
+    PublicKey,
+    SignResult,
+    VerifyResult,
+    VersionInfo,
+)
+
+__version__ = "0.1.0"
+__all__ = [
+    "AsyncClient",
+    "Client",
+    "Health",
+    "KeyInfo",
+    "KeyList",
+    "KeySummary",
+    "PublicKey",
+    "SignResult",
+    "SigndError",
+    "VerifyResult",
+    "VersionInfo",
+    "WireError",
+    "__version__",
+]

@@ -1,0 +1,256 @@
+"""The async client, usable from trio and from asyncio.
+
+The library in use is detected when a connection is opened, and a small
+stream adapter for it does the I/O; framing, retries and result parsing are
+the same code the blocking client uses.  Concurrent calls each borrow a
+pooled connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, Concatenate, ParamSpec, Protocol, TypeVar
+
+from . import _calls
+from ._calls import Call
+from ._common import RETRY_BACKOFF, Settings, parse_response, resolve_socket, retry_allowed
+from .errors import ConnectionFailed, ProtocolViolation, RequestTimeout, SigndError
+from .protocol import FrameDecoder, Message, Response, decode_response, encode_request
+
+__all__ = ["AsyncClient"]
+
+P = ParamSpec("P")
+R = TypeVar("R", bound=Message)
+
+
+class _Stream(Protocol):
+    async def send(self, data: bytes, timeout: float) -> None: ...
+    async def receive(self, timeout: float) -> bytes: ...
+    async def close(self) -> None: ...
+    async def sleep(self, seconds: float) -> None: ...
+
+
+class _AsyncioStream:
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+
+    @classmethod
+    async def connect(cls, path: str, timeout: float) -> _AsyncioStream:
+        async with asyncio.timeout(timeout):
+            reader, writer = await asyncio.open_unix_connection(path)
+        return cls(reader, writer)
+
+    async def send(self, data: bytes, timeout: float) -> None:
+        async with asyncio.timeout(timeout):
+            self.writer.write(data)
+            await self.writer.drain()
+
+    async def receive(self, timeout: float) -> bytes:
+        async with asyncio.timeout(timeout):
+            return await self.reader.read(65536)
+
+    async def close(self) -> None:
+        self.writer.close()
+
+    async def sleep(self, seconds: float) -> None:
+        await asyncio.sleep(seconds)
+
+
+class _TrioStream:
+    def __init__(self, stream: Any) -> None:
+        self.stream = stream
+
+    @classmethod
+    async def connect(cls, path: str, timeout: float) -> _TrioStream:
+        import trio
+
+        with trio.fail_after(timeout):
+            return cls(await trio.open_unix_socket(path))
+
+    async def send(self, data: bytes, timeout: float) -> None:
+        import trio
+
+        with trio.fail_after(timeout):
+            await self.stream.send_all(data)
+
+    async def receive(self, timeout: float) -> bytes:
+        import trio
+
+        with trio.fail_after(timeout):
+            data: bytes = await self.stream.receive_some(65536)
+            return data
+
+    async def close(self) -> None:
+        import trio
+
+        with trio.CancelScope(shield=True):
+            await self.stream.aclose()
+
+    async def sleep(self, seconds: float) -> None:
+        import trio
+
+        await trio.sleep(seconds)
+
+
+def _running_asyncio() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
+
+
+def _is_timeout(exc: BaseException) -> bool:
+    if isinstance(exc, TimeoutError):
+        return True
+    trio = sys.modules.get("trio")
+    return trio is not None and isinstance(exc, trio.TooSlowError)
+
+
+def _is_broken(exc: BaseException) -> bool:
+    if isinstance(exc, OSError):
+        return True
+    trio = sys.modules.get("trio")
+    return trio is not None and isinstance(exc, trio.BrokenResourceError | trio.ClosedResourceError)
+
+
+class _AsyncConnection:
+    def __init__(self, stream: _Stream, max_frame: int) -> None:
+        self.stream = stream
+        self.decoder = FrameDecoder(max_frame)
+        self.ids = itertools.count(1)
+
+    @classmethod
+    async def open(cls, settings: Settings, timeout: float) -> _AsyncConnection:
+        path = settings.socket_path
+        try:
+            if _running_asyncio():
+                stream: _Stream = await _AsyncioStream.connect(path, timeout)
+            else:
+                stream = await _TrioStream.connect(path, timeout)
+        except Exception as exc:
+            if _is_timeout(exc):
+                raise RequestTimeout(f"connecting to {path} timed out") from None
+            if _is_broken(exc):
+                reason = getattr(exc, "strerror", None) or str(exc)
+                raise ConnectionFailed(f"cannot connect to signd at {path}: {reason}") from None
+            raise
+        return cls(stream, settings.max_frame)
+
+    async def request(self, call: Call[Any], deadline: float) -> Response:
+        rid = next(self.ids)
+        try:
+            await self.stream.send(encode_request(rid, call.op, call.args), _left(deadline))
+            while True:
+                for body in self.decoder.frames():
+                    resp = decode_response(body)
+                    if resp.id == rid or resp.id is None:
+                        return resp
+                    raise ProtocolViolation(f"answer to unknown request id {resp.id}")
+                data = await self.stream.receive(_left(deadline))
+                if not data:
+                    raise ConnectionFailed("signd closed the connection")
+                self.decoder.receive_data(data)
+        except SigndError:
+            raise
+        except Exception as exc:
+            if _is_timeout(exc):
+                raise RequestTimeout(f"no answer to {call.op} in time") from None
+            if _is_broken(exc):
+                raise ConnectionFailed(f"connection to signd broke: {exc}") from None
+            raise
+
+
+def _left(deadline: float) -> float:
+    return max(deadline - time.monotonic(), 0.001)
+
+
+def _method(
+    builder: Callable[P, Call[R]],
+) -> Callable[Concatenate[AsyncClient, P], Awaitable[R]]:
+    async def method(self: AsyncClient, *args: P.args, **kwargs: P.kwargs) -> R:
+        return await self.call(builder(*args, **kwargs))
+
+    method.__name__ = builder.__name__
+    method.__doc__ = builder.__doc__
+    return method
+
+
+class AsyncClient:
+    """Async signd client for trio or asyncio; concurrent calls are fine.
+
+    Same socket resolution, retries and errors as ``Client``.  Use it as
+    ``async with AsyncClient() as c:`` or call ``aclose()``.
+    """
+
+    def __init__(
+        self,
+        socket_path: str | None = None,
+        *,
+        timeout: float = 30.0,
+        pool_size: int = 16,
+        retries: int = 3,
+    ) -> None:
+        self.settings = Settings(resolve_socket(socket_path), timeout, retries)
+        self._pool_size = pool_size
+        self._idle: list[_AsyncConnection] = []
+        self._closed = False
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        self._closed = True
+        idle, self._idle = self._idle, []
+        for conn in idle:
+            await conn.stream.close()
+
+    async def call(self, call: Call[R]) -> R:
+        s = self.settings
+        deadline = time.monotonic() + s.timeout
+        attempt = 0
+        while True:
+            attempt += 1
+            if self._closed:
+                raise ConnectionFailed("client is closed")
+            conn = self._idle.pop() if self._idle else await _AsyncConnection.open(
+                s, _left(deadline))
+            try:
+                resp = await conn.request(call, deadline)
+            except SigndError as exc:
+                await conn.stream.close()
+                if retry_allowed(call, exc, attempt, s.retries, deadline):
+                    await conn.stream.sleep(RETRY_BACKOFF * attempt)
+                    continue
+                raise
+            except BaseException:
+                await conn.stream.close()  # cancelled mid-request: the stream is unusable
+                raise
+            if resp.id is not None and not self._closed and len(self._idle) < self._pool_size:
+                self._idle.append(conn)
+            else:
+                await conn.stream.close()
+            try:
+                return parse_response(call, resp)
+            except SigndError as exc:
+                if retry_allowed(call, exc, attempt, s.retries, deadline):
+                    await conn.stream.sleep(RETRY_BACKOFF * attempt)
+                    continue
+                raise
+
+    create_key = _method(_calls.create_key)
+    list_keys = _method(_calls.list_keys)
+    key_info = _method(_calls.key_info)
+    public_key = _method(_calls.public_key)
+    sign = _method(_calls.sign)
+    verify = _method(_calls.verify)
+    rotate = _method(_calls.rotate)
+    health = _method(_calls.health)

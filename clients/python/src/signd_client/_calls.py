@@ -1,0 +1,134 @@
+"""Every operation, defined once: what it sends and what it returns.
+
+``Client`` and ``AsyncClient`` wrap these builders, so both have the same
+typed methods without writing them twice.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+from .protocol import (
+    IDEMPOTENT_OPS,
+    CreateKeyArgs,
+    Empty,
+    Health,
+    KeyInfo,
+    KeyList,
+    KeyRefArgs,
+    Message,
+    PublicKey,
+    PublicKeyArgs,
+    SignArgs,
+    SignResult,
+    VerifyArgs,
+    VerifyResult,
+)
+
+R = TypeVar("R", bound=Message)
+
+
+@dataclass(frozen=True, slots=True)
+class Call(Generic[R]):
+    op: str
+    args: Message
+    result: type[R]
+
+    @property
+    def idempotent(self) -> bool:
+        return self.op in IDEMPOTENT_OPS
+
+
+def create_key(name: str, type: str) -> Call[KeyInfo]:  # noqa: A002 - the wire's name
+    """Generate a new key on the token.  ``type``: ec-p256, ec-p384, ed25519,
+    rsa-2048, rsa-3072 or rsa-4096.
+
+    Raises: KeyExists, InvalidArgument, UnsupportedAlgorithm, TokenError.
+    """
+    return Call("create_key", CreateKeyArgs(key=name, type=type), KeyInfo)
+
+
+def list_keys() -> Call[KeyList]:
+    """List every key with its type and current version."""
+    return Call("list_keys", Empty(), KeyList)
+
+
+def key_info(name: str) -> Call[KeyInfo]:
+    """A key's versions, their states, creation times and public keys.
+
+    Raises: KeyNotFound.
+    """
+    return Call("key_info", KeyRefArgs(key=name), KeyInfo)
+
+
+def public_key(name: str, version: int | None = None) -> Call[PublicKey]:
+    """The PEM public key of the current version, or of ``version``.
+
+    Raises: KeyNotFound, VersionNotFound.
+    """
+    return Call("public_key", PublicKeyArgs(key=name, version=version), PublicKey)
+
+
+def sign(
+    name: str,
+    message: bytes | None = None,
+    *,
+    digest: bytes | None = None,
+    hash: str | None = None,  # noqa: A002 - the wire's name
+    padding: str | None = None,
+    format: str | None = None,  # noqa: A002 - the wire's name
+) -> Call[SignResult]:
+    """Sign ``message`` (hashed by the daemon) or a precomputed ``digest``.
+
+    ``hash``: sha256, sha384 or sha512 (required with ``digest``).
+    ``padding`` (RSA): pkcs1v15 (default) or pss.  ``format`` (ECDSA): der
+    (default) or raw (r || s, as JOSE uses).
+
+    Raises: KeyNotFound, InvalidDigest, InvalidArgument, UnsupportedAlgorithm,
+    TokenUnavailable, Busy.
+    """
+    return Call(
+        "sign",
+        SignArgs(key=name, message=message, digest=digest, hash=hash, padding=padding,
+                 format=format),
+        SignResult,
+    )
+
+
+def verify(
+    name: str,
+    signature: bytes,
+    message: bytes | None = None,
+    *,
+    digest: bytes | None = None,
+    hash: str | None = None,  # noqa: A002 - the wire's name
+    padding: str | None = None,
+    format: str | None = None,  # noqa: A002 - the wire's name
+    version: int | None = None,
+) -> Call[VerifyResult]:
+    """Check a signature against ``version``, or every version allowed to verify.
+
+    An invalid signature is an answer (``valid=False``), not an error.
+
+    Raises: KeyNotFound, VersionNotFound, InvalidDigest, InvalidArgument.
+    """
+    return Call(
+        "verify",
+        VerifyArgs(key=name, signature=signature, message=message, digest=digest, hash=hash,
+                   padding=padding, format=format, version=version),
+        VerifyResult,
+    )
+
+
+def rotate(name: str) -> Call[KeyInfo]:
+    """Add a new version and make it current; older versions keep verifying.
+
+    Raises: KeyNotFound, TokenError.
+    """
+    return Call("rotate", KeyRefArgs(key=name), KeyInfo)
+
+
+def health() -> Call[Health]:
+    """Liveness and readiness of the daemon and its token."""
+    return Call("health", Empty(), Health)

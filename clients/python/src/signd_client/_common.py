@@ -1,0 +1,48 @@
+"""What the blocking and the async client share: settings, retries, results."""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from typing import Any, Final, TypeVar
+
+from ._calls import Call
+from .errors import ConnectionFailed, InvalidArgument, ProtocolViolation, SigndError, WireError
+from .protocol import DEFAULT_MAX_FRAME, Message, Response
+
+DEFAULT_SOCKET: Final = "/run/signd/signd.sock"
+RETRY_BACKOFF: Final = 0.05
+
+R = TypeVar("R", bound=Message)
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    socket_path: str
+    timeout: float
+    retries: int
+    max_frame: int = DEFAULT_MAX_FRAME
+
+
+def resolve_socket(path: str | None) -> str:
+    """The argument, else ``$SIGND_SOCKET``, else ``/run/signd/signd.sock``."""
+    return path or os.environ.get("SIGND_SOCKET") or DEFAULT_SOCKET
+
+
+def retry_allowed(call: Call[Any], exc: SigndError, attempt: int, retries: int,
+                  deadline: float) -> bool:
+    """Retry idempotent calls after a broken connection or a retryable answer."""
+    if not call.idempotent or attempt > retries or time.monotonic() >= deadline:
+        return False
+    return isinstance(exc, ConnectionFailed) or (isinstance(exc, WireError) and exc.retryable)
+
+
+def parse_response(call: Call[R], resp: Response) -> R:
+    if resp.error is not None:
+        raise resp.error
+    assert resp.result is not None
+    try:
+        return call.result.from_wire(resp.result, strict=False)
+    except InvalidArgument as exc:
+        raise ProtocolViolation(f"malformed {call.op} result: {exc.message}") from None

@@ -1,0 +1,164 @@
+"""The blocking client: a small pool of connections, safe to share between threads."""
+
+from __future__ import annotations
+
+import itertools
+import socket
+import threading
+import time
+from collections.abc import Callable
+from typing import Any, Concatenate, ParamSpec, TypeVar
+
+from . import _calls
+from ._calls import Call
+from ._common import RETRY_BACKOFF, Settings, parse_response, resolve_socket, retry_allowed
+from .errors import ConnectionFailed, ProtocolViolation, RequestTimeout, SigndError
+from .protocol import FrameDecoder, Message, Response, decode_response, encode_request
+
+__all__ = ["Client"]
+
+P = ParamSpec("P")
+R = TypeVar("R", bound=Message)
+
+
+class _Connection:
+    """One socket, one request at a time."""
+
+    def __init__(self, path: str, max_frame: int, timeout: float) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(timeout)
+        try:
+            self.sock.connect(path)
+        except TimeoutError:
+            self.sock.close()
+            raise RequestTimeout(f"connecting to {path} timed out") from None
+        except OSError as exc:
+            self.sock.close()
+            raise ConnectionFailed(f"cannot connect to signd at {path}: {exc.strerror}") from None
+        self.decoder = FrameDecoder(max_frame)
+        self.ids = itertools.count(1)
+
+    def request(self, call: Call[Any], deadline: float) -> Response:
+        rid = next(self.ids)
+        try:
+            self.sock.settimeout(max(deadline - time.monotonic(), 0.001))
+            self.sock.sendall(encode_request(rid, call.op, call.args))
+            while True:
+                for body in self.decoder.frames():
+                    resp = decode_response(body)
+                    if resp.id == rid or resp.id is None:
+                        return resp
+                    raise ProtocolViolation(f"answer to unknown request id {resp.id}")
+                self.sock.settimeout(max(deadline - time.monotonic(), 0.001))
+                data = self.sock.recv(65536)
+                if not data:
+                    raise ConnectionFailed("signd closed the connection")
+                self.decoder.receive_data(data)
+        except TimeoutError:
+            raise RequestTimeout(f"no answer to {call.op} in time") from None
+        except OSError as exc:
+            raise ConnectionFailed(f"connection to signd broke: {exc.strerror}") from None
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def _method(builder: Callable[P, Call[R]]) -> Callable[Concatenate[Client, P], R]:
+    def method(self: Client, *args: P.args, **kwargs: P.kwargs) -> R:
+        return self.call(builder(*args, **kwargs))
+
+    method.__name__ = builder.__name__
+    method.__doc__ = builder.__doc__
+    return method
+
+
+class Client:
+    """Blocking signd client.  Thread-safe: each call borrows a pooled connection.
+
+    The socket is ``socket_path``, else ``$SIGND_SOCKET``, else
+    ``/run/signd/signd.sock``.  Idempotent calls (sign, verify, reads) are
+    retried on a new connection if the old one broke.
+
+    Raises (every method): the ``signd_client.errors`` class of the daemon's
+    answer; ``ConnectionFailed``; ``RequestTimeout``.
+    """
+
+    def __init__(
+        self,
+        socket_path: str | None = None,
+        *,
+        timeout: float = 30.0,
+        pool_size: int = 8,
+        retries: int = 3,
+    ) -> None:
+        self.settings = Settings(resolve_socket(socket_path), timeout, retries)
+        self._pool_size = pool_size
+        self._idle: list[_Connection] = []
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            idle, self._idle = self._idle, []
+        for conn in idle:
+            conn.close()
+
+    def call(self, call: Call[R]) -> R:
+        """Send one prepared call; the typed methods below all come here."""
+        s = self.settings
+        deadline = time.monotonic() + s.timeout
+        attempt = 0
+        while True:
+            attempt += 1
+            conn = self._checkout(deadline)
+            try:
+                resp = conn.request(call, deadline)
+            except SigndError as exc:
+                conn.close()
+                if retry_allowed(call, exc, attempt, s.retries, deadline):
+                    time.sleep(RETRY_BACKOFF * attempt)
+                    continue
+                raise
+            if resp.id is None:  # a connection-level answer: this connection is done
+                conn.close()
+            else:
+                self._checkin(conn)
+            try:
+                return parse_response(call, resp)
+            except SigndError as exc:
+                if retry_allowed(call, exc, attempt, s.retries, deadline):
+                    time.sleep(RETRY_BACKOFF * attempt)
+                    continue
+                raise
+
+    def _checkout(self, deadline: float) -> _Connection:
+        with self._lock:
+            if self._closed:
+                raise ConnectionFailed("client is closed")
+            if self._idle:
+                return self._idle.pop()
+        return _Connection(self.settings.socket_path, self.settings.max_frame,
+                           max(deadline - time.monotonic(), 0.001))
+
+    def _checkin(self, conn: _Connection) -> None:
+        with self._lock:
+            if not self._closed and len(self._idle) < self._pool_size:
+                self._idle.append(conn)
+                return
+        conn.close()
+
+    create_key = _method(_calls.create_key)
+    list_keys = _method(_calls.list_keys)
+    key_info = _method(_calls.key_info)
+    public_key = _method(_calls.public_key)
+    sign = _method(_calls.sign)
+    verify = _method(_calls.verify)
+    rotate = _method(_calls.rotate)
+    health = _method(_calls.health)

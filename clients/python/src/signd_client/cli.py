@@ -1,0 +1,248 @@
+"""``signctl``: the signd command line.
+
+Exit codes: 0 success; 1 a negative answer (``verify``: invalid signature;
+``health``: not ready); 2 an error (bad usage, no daemon, or an error answer,
+printed to stderr as ``signctl: <name> (error <code>): <message>``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import binascii
+import json
+import sys
+from collections.abc import Sequence
+from typing import Any, BinaryIO
+
+from . import __version__
+from ._sync import Client
+from .errors import SigndError
+from .protocol import KEY_TYPES, Message
+
+__all__ = ["main"]
+
+EXIT_OK = 0
+EXIT_NEGATIVE = 1
+EXIT_ERROR = 2
+
+_HASHES = ("sha256", "sha384", "sha512")
+
+
+class _UsageError(Exception):
+    pass
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="signctl",
+        description="Talk to signd: manage keys on the token, sign and verify.",
+        epilog=(
+            "The socket is --socket, else $SIGND_SOCKET, else /run/signd/signd.sock.\n"
+            "Exit codes: 0 success; 1 negative answer (verify: invalid signature, "
+            "health: not ready); 2 error."
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _common_options(p, argparse.SUPPRESS)
+    p.set_defaults(socket=None, json=False, timeout=30.0)
+    p.add_argument("--version", action="version", version=f"signctl {__version__}")
+    common = argparse.ArgumentParser(add_help=False)
+    _common_options(common, argparse.SUPPRESS)
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    add = sub.add_parser
+
+    def add_parser(name: str, **kw: Any) -> argparse.ArgumentParser:
+        return add(name, parents=[common], **kw)
+
+    sub.add_parser = add_parser  # type: ignore[method-assign]
+
+    sub.add_parser("keys", help="list the keys")
+
+    c = sub.add_parser("create", help="make a new key on the token")
+    c.add_argument("name")
+    c.add_argument("--type", required=True, choices=KEY_TYPES, help="key type")
+
+    i = sub.add_parser("info", help="versions, states, algorithm and public keys of a key")
+    i.add_argument("name")
+
+    k = sub.add_parser("pubkey", help="print a version's public key as PEM")
+    k.add_argument("name")
+    k.add_argument("--version", type=int, help="version (default: current)")
+
+    for cmd, helptext in (("sign", "sign a message or a digest"),
+                          ("verify", "check a signature (exit 0 valid, 1 invalid, 2 error)")):
+        s = sub.add_parser(cmd, help=helptext)
+        s.add_argument("name")
+        s.add_argument("--in", dest="infile", metavar="FILE",
+                       help="message to sign, '-' for stdin (the default without --digest)")
+        s.add_argument("--digest", metavar="HEX", help="precomputed digest, in hex")
+        s.add_argument("--hash", choices=_HASHES,
+                       help="hash algorithm (required with --digest; default per key type)")
+        s.add_argument("--padding", choices=("pkcs1v15", "pss"),
+                       help="RSA padding (default pkcs1v15)")
+        s.add_argument("--format", choices=("der", "raw"),
+                       help="ECDSA signature encoding: der (default) or raw r||s")
+        if cmd == "sign":
+            s.add_argument("--out", metavar="FILE",
+                           help="write the raw signature here (default: base64 to stdout)")
+        else:
+            g = s.add_mutually_exclusive_group(required=True)
+            g.add_argument("--sig", metavar="FILE", help="file holding the raw signature")
+            g.add_argument("--sig-base64", metavar="B64", help="the signature in base64")
+            s.add_argument("--version", type=int,
+                           help="check only this version (default: every verifying version)")
+
+    r = sub.add_parser("rotate", help="add a new version of a key and make it current")
+    r.add_argument("name")
+
+    sub.add_parser("health", help="daemon and token status (exit 0 ready, 1 not ready)")
+    return p
+
+
+def _common_options(p: argparse.ArgumentParser, default: Any) -> None:
+    """Options accepted both before and after the command."""
+    p.add_argument("--socket", metavar="PATH", default=default, help="signd's Unix socket")
+    p.add_argument("--json", action="store_true", default=default, help="print answers as JSON")
+    p.add_argument("--timeout", type=float, default=default, metavar="SECONDS",
+                   help="give up after this long (default 30)")
+
+
+def _read(path: str, stdin: BinaryIO) -> bytes:
+    if path == "-":
+        return stdin.read()
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as exc:
+        raise _UsageError(f"cannot read {path}: {exc.strerror}") from None
+
+
+def _data_args(args: argparse.Namespace, stdin: BinaryIO) -> dict[str, Any]:
+    if args.digest is not None:
+        if args.infile is not None:
+            raise _UsageError("give --in or --digest, not both")
+        if args.hash is None:
+            raise _UsageError("--digest needs --hash")
+        try:
+            digest = bytes.fromhex(args.digest)
+        except ValueError:
+            raise _UsageError("--digest is not valid hex") from None
+        return {"digest": digest, "hash": args.hash}
+    return {"message": _read(args.infile or "-", stdin), "hash": args.hash}
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, Message):
+        return {k: _jsonable(v) for k, v in value.to_wire().items()}
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, bytes):
+        return base64.b64encode(value).decode()
+    return value
+
+
+def _print_json(value: Any) -> None:
+    print(json.dumps(_jsonable(value), indent=2, sort_keys=True))
+
+
+def _run(args: argparse.Namespace, client: Client, stdin: BinaryIO, stdout: BinaryIO) -> int:
+    cmd = args.command
+    if cmd == "keys":
+        keys = client.list_keys().keys
+        if args.json:
+            _print_json(keys)
+        else:
+            for k in keys:
+                print(f"{k.name}\t{k.type}\tv{k.current_version}")
+        return EXIT_OK
+    if cmd in ("create", "info", "rotate"):
+        if cmd == "create":
+            info = client.create_key(args.name, args.type)
+        elif cmd == "rotate":
+            info = client.rotate(args.name)
+        else:
+            info = client.key_info(args.name)
+        if args.json:
+            _print_json(info)
+        else:
+            print(f"{info.name}  type {info.type}  current version {info.current_version}")
+            for v in info.versions:
+                print(f"  v{v.version}  {v.state}  created {v.created:.0f}")
+            if cmd == "info":
+                for v in info.versions:
+                    print(f"\nversion {v.version}:\n{v.public_key_pem}", end="")
+        return EXIT_OK
+    if cmd == "pubkey":
+        pk = client.public_key(args.name, args.version)
+        if args.json:
+            _print_json(pk)
+        else:
+            sys.stdout.write(pk.public_key_pem)
+        return EXIT_OK
+    if cmd == "sign":
+        res = client.sign(args.name, padding=args.padding, format=args.format,
+                          **_data_args(args, stdin))
+        if args.out:
+            try:
+                with open(args.out, "wb") as f:
+                    f.write(res.signature)
+            except OSError as exc:
+                raise _UsageError(f"cannot write {args.out}: {exc.strerror}") from None
+        if args.json:
+            _print_json(res)
+        elif not args.out:
+            print(base64.b64encode(res.signature).decode())
+        else:
+            print(f"signed with {res.key} version {res.version} ({res.algorithm})",
+                  file=sys.stderr)
+        return EXIT_OK
+    if cmd == "verify":
+        if args.sig is not None:
+            sig = _read(args.sig, stdin)
+        else:
+            try:
+                sig = base64.b64decode(args.sig_base64, validate=True)
+            except binascii.Error:
+                raise _UsageError("--sig-base64 is not valid base64") from None
+        vres = client.verify(args.name, sig, padding=args.padding, format=args.format,
+                             version=args.version, **_data_args(args, stdin))
+        if args.json:
+            _print_json(vres)
+        elif vres.valid:
+            print(f"valid: {vres.key} version {vres.version} ({vres.algorithm})")
+        else:
+            print(f"invalid signature for {vres.key}")
+        return EXIT_OK if vres.valid else EXIT_NEGATIVE
+    assert cmd == "health"
+    h = client.health()
+    if args.json:
+        _print_json(h)
+    else:
+        print(f"status {h.status}  live {h.live}  ready {h.ready}  keys {h.keys}  "
+              f"signd {h.daemon_version}  uptime {h.uptime:.0f}s")
+        if h.token is not None:
+            t = h.token
+            print(f"token {t.label!r}  {t.manufacturer} {t.model}  serial {t.serial}")
+        if h.detail:
+            print(h.detail)
+    return EXIT_OK if h.ready else EXIT_NEGATIVE
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        with Client(args.socket, timeout=args.timeout) as client:
+            return _run(args, client, sys.stdin.buffer, sys.stdout.buffer)
+    except _UsageError as exc:
+        print(f"signctl: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except SigndError as exc:
+        print(f"signctl: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,270 @@
+"""Typed, validated configuration from TOML; secrets redacted in repr.
+
+Every problem is reported as ``ConfigError`` naming the field, e.g.
+``limits.max_frame: must be between 1024 and 67108864, got 12``.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final, TypeVar
+
+__all__ = [
+    "Config",
+    "ConfigError",
+    "LimitsConfig",
+    "LogConfig",
+    "Secret",
+    "ServerConfig",
+    "TokenConfig",
+    "load_config",
+    "read_pin",
+]
+
+DEFAULT_SOCKET: Final = "/run/signd/signd.sock"
+DEFAULT_MODULE: Final = "/usr/lib/softhsm/libsofthsm2.so"
+LOG_LEVELS: Final = ("debug", "info", "warning", "error")
+
+
+class ConfigError(Exception):
+    """The configuration is invalid; the message names the field."""
+
+
+class Secret:
+    """A string that never shows itself in repr, str or logs."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('***')"
+
+    __str__ = __repr__
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    socket: str = DEFAULT_SOCKET
+    socket_mode: int = 0o660
+
+
+@dataclass(frozen=True, slots=True)
+class TokenConfig:
+    module: str = DEFAULT_MODULE
+    label: str = "signd"
+    pin_file: str | None = None
+    pin_credential: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class LimitsConfig:
+    max_frame: int = 1 << 20
+    max_connections: int = 1024
+    max_inflight_per_connection: int = 1024
+    max_output_buffer: int = 4 << 20
+    token_queue: int = 65536
+    request_timeout: float = 30.0
+    drain_timeout: float = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class LogConfig:
+    level: str = "info"
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    server: ServerConfig = field(default_factory=ServerConfig)
+    token: TokenConfig = field(default_factory=TokenConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    path: str | None = None
+
+
+T = TypeVar("T")
+
+
+class _Section:
+    """Reads one TOML table, checking types and names of every field."""
+
+    def __init__(self, name: str, table: Any) -> None:
+        if not isinstance(table, dict):
+            raise ConfigError(f"{name}: must be a table")
+        self.name = name
+        self.table: dict[str, Any] = dict(table)
+
+    def take(self, key: str, kind: type[T], default: T, check: Callable[[T], str | None] | None = None) -> T:
+        if key not in self.table:
+            return default
+        value = self.table.pop(key)
+        if kind is float and type(value) is int:
+            value = float(value)
+        if type(value) is not kind:
+            raise ConfigError(
+                f"{self.name}.{key}: expected {kind.__name__}, got {type(value).__name__}"
+            )
+        if check is not None:
+            problem = check(value)
+            if problem:
+                raise ConfigError(f"{self.name}.{key}: {problem}")
+        return value  # type: ignore[no-any-return]
+
+    def done(self) -> None:
+        if self.table:
+            raise ConfigError(f"{self.name}.{sorted(self.table)[0]}: unknown setting")
+
+
+def _between(lo: float, hi: float) -> Callable[[Any], str | None]:
+    def check(v: Any) -> str | None:
+        return None if lo <= v <= hi else f"must be between {lo} and {hi}, got {v}"
+
+    return check
+
+
+def _nonempty(v: str) -> str | None:
+    return None if v.strip() else "must not be empty"
+
+
+def _absolute(v: str) -> str | None:
+    return None if os.path.isabs(v) else f"must be an absolute path, got {v!r}"
+
+
+def _mode(v: str) -> str | None:
+    try:
+        m = int(v, 8)
+    except ValueError:
+        return f"must be an octal string such as \"0660\", got {v!r}"
+    if not 0 < m <= 0o777:
+        return f"must be between 0001 and 0777, got {v!r}"
+    if m & 0o600 != 0o600:
+        return "must let the owner read and write (0600 at least)"
+    if m & 0o007:
+        return "must not give access to others; use a group instead"
+    return None
+
+
+def _parse(doc: Mapping[str, Any], path: str | None, base: Path) -> Config:
+    sections = dict(doc)
+    s = _Section("server", sections.pop("server", {}))
+    sock = s.take("socket", str, DEFAULT_SOCKET, _nonempty)
+    mode = s.take("socket_mode", str, "0660", _mode)
+    s.done()
+    server = ServerConfig(socket=str(base / sock), socket_mode=int(mode, 8))
+
+    t = _Section("token", sections.pop("token", {}))
+    module = t.take("module", str, DEFAULT_MODULE, _absolute)
+    label = t.take("label", str, "signd", lambda v: None if 0 < len(v.encode()) <= 32
+                   else "must be 1-32 bytes")
+    pin_file = t.take("pin_file", str, "", _nonempty)
+    pin_cred = t.take("pin_credential", str, "", lambda v: None if v and "/" not in v
+                      else "must be a credential name without '/'")
+    t.done()
+    if bool(pin_file) == bool(pin_cred):
+        raise ConfigError("token: set exactly one of pin_file and pin_credential")
+    token = TokenConfig(
+        module=module,
+        label=label,
+        pin_file=str(base / pin_file) if pin_file else None,
+        pin_credential=pin_cred or None,
+    )
+
+    lim = _Section("limits", sections.pop("limits", {}))
+    d = LimitsConfig()
+    limits = LimitsConfig(
+        max_frame=lim.take("max_frame", int, d.max_frame, _between(1024, 64 << 20)),
+        max_connections=lim.take("max_connections", int, d.max_connections, _between(1, 100_000)),
+        max_inflight_per_connection=lim.take(
+            "max_inflight_per_connection", int, d.max_inflight_per_connection,
+            _between(1, 65536)),
+        max_output_buffer=lim.take("max_output_buffer", int, d.max_output_buffer,
+                                   _between(64 << 10, 1 << 30)),
+        token_queue=lim.take("token_queue", int, d.token_queue, _between(1, 10_000_000)),
+        request_timeout=lim.take("request_timeout", float, d.request_timeout,
+                                 _between(0.01, 3600)),
+        drain_timeout=lim.take("drain_timeout", float, d.drain_timeout, _between(0, 3600)),
+    )
+    lim.done()
+
+    lg = _Section("log", sections.pop("log", {}))
+    level = lg.take("level", str, "info", lambda v: None if v in LOG_LEVELS
+                    else f"must be one of {', '.join(LOG_LEVELS)}")
+    lg.done()
+
+    if sections:
+        raise ConfigError(f"{sorted(sections)[0]}: unknown section")
+    return Config(server=server, token=token, limits=limits, log=LogConfig(level), path=path)
+
+
+def load_config(path: str) -> Config:
+    """Read and validate a TOML config file.
+
+    Relative paths in it (socket, pin_file) are taken relative to the file.
+
+    Raises:
+        ConfigError: unreadable, not TOML, or a field is invalid.
+    """
+    try:
+        with open(path, "rb") as f:
+            doc = tomllib.load(f)
+    except OSError as exc:
+        raise ConfigError(f"cannot read config {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config {path} is not valid TOML: {exc}") from None
+    return _parse(doc, path, Path(path).resolve().parent)
+
+
+def read_pin(token: TokenConfig, environ: Mapping[str, str] | None = None) -> Secret:
+    """Read the user PIN from its file or systemd credential.
+
+    The PIN file must not be readable by others.  One trailing newline is
+    stripped.  The PIN itself never appears in an error message.
+
+    Raises:
+        ConfigError: missing, unreadable, too open, or empty.
+    """
+    env = os.environ if environ is None else environ
+    if token.pin_credential is not None:
+        creds = env.get("CREDENTIALS_DIRECTORY")
+        if not creds:
+            raise ConfigError(
+                "token.pin_credential: $CREDENTIALS_DIRECTORY is not set; "
+                "is signd running under systemd with LoadCredential=?"
+            )
+        where, path = "token.pin_credential", os.path.join(creds, token.pin_credential)
+    else:
+        assert token.pin_file is not None
+        where, path = "token.pin_file", token.pin_file
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as exc:
+        raise ConfigError(f"{where}: cannot open {path}: {exc.strerror}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ConfigError(f"{where}: {path} is not a regular file")
+        if st.st_mode & 0o007:
+            raise ConfigError(
+                f"{where}: {path} is readable by others (mode {st.st_mode & 0o777:04o}); "
+                "run chmod 600 on it"
+            )
+        data = os.read(fd, 4096)
+    finally:
+        os.close(fd)
+    text = data.decode("utf-8", "replace")
+    if text.endswith("\n"):
+        text = text[:-1]
+    if text.endswith("\r"):
+        text = text[:-1]
+    if not text:
+        raise ConfigError(f"{where}: {path} is empty")
+    return Secret(text)

@@ -1,0 +1,306 @@
+"""The trio transport: the listening socket and one reader/writer per connection.
+
+A connection's reader takes whatever one ``receive_some`` delivered, splits it
+into frames, and hands every request in it to ``Service.handle`` at once.
+Answers are appended to the connection's output buffer; the writer sends
+everything buffered with one ``send_all``.  There is no task and no event per
+request.
+
+Per connection, requests in flight are bounded (``max_inflight``) and so are
+unsent answers (``max_output``): past either, the reader stops reading, so a
+flooding or non-reading client is slowed by the socket's own flow control and
+cannot grow the daemon's memory.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import socket
+import stat
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Final
+
+import trio
+
+from .errors import Busy, FrameTooLarge, ShuttingDown
+from .protocol import BadRequest, FrameDecoder, Request, decode_request, encode_error
+from .service import Service
+
+__all__ = ["Limits", "Server", "ListenerError", "open_listener"]
+
+log = logging.getLogger("signd.server")
+
+RECEIVE_SIZE: Final = 65536
+SD_LISTEN_FDS_START: Final = 3
+
+
+class ListenerError(Exception):
+    """The listening socket could not be set up; the message says why."""
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    max_frame: int = 1 << 20
+    max_connections: int = 1024
+    max_inflight: int = 1024
+    max_output: int = 4 << 20
+    drain_timeout: float = 10.0
+
+
+def _probe_live(path: str) -> bool:
+    """True if something accepts connections on the Unix socket at ``path``."""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.settimeout(1.0)
+        probe.connect(path)
+        return True
+    except (ConnectionRefusedError, FileNotFoundError):
+        return False
+    except OSError as exc:
+        if exc.errno in (errno.ECONNREFUSED, errno.ENOENT):
+            return False
+        return True  # e.g. EAGAIN: a live listener with a full backlog
+    finally:
+        probe.close()
+
+
+def systemd_socket(environ: dict[str, str] | None = None) -> socket.socket | None:
+    """The listening socket systemd passed (``LISTEN_FDS``), if any.
+
+    Raises:
+        ListenerError: the passed fd is not a listening Unix stream socket.
+    """
+    env = os.environ if environ is None else environ
+    if env.get("LISTEN_PID") not in (None, str(os.getpid())):
+        return None
+    try:
+        count = int(env.get("LISTEN_FDS", "0"))
+    except ValueError:
+        raise ListenerError("LISTEN_FDS is not a number") from None
+    if count < 1:
+        return None
+    if count > 1:
+        raise ListenerError(f"systemd passed {count} sockets; signd takes exactly one")
+    for var in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+        os.environ.pop(var, None)
+    sock = socket.socket(fileno=SD_LISTEN_FDS_START)
+    if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM:
+        raise ListenerError("the socket systemd passed is not a Unix stream socket")
+    if not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+        raise ListenerError("the socket systemd passed is not listening")
+    sock.setblocking(False)
+    return sock
+
+
+def open_listener(path: str, mode: int, backlog: int = 1024) -> socket.socket:
+    """Bind and listen on ``path``; remove a stale socket file only if dead.
+
+    Raises:
+        ListenerError: another daemon is live there, or the path is unusable.
+    """
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        st = None
+    if st is not None:
+        if not stat.S_ISSOCK(st.st_mode):
+            raise ListenerError(f"{path} exists and is not a socket; refusing to remove it")
+        if _probe_live(path):
+            raise ListenerError(f"another daemon is already listening on {path}")
+        log.info("removing stale socket", extra={"socket": path})
+        os.unlink(path)
+    parent = os.path.dirname(path) or "."
+    if not os.path.isdir(parent):
+        raise ListenerError(f"directory {parent} of the socket does not exist")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        # Bind with a restrictive umask so the socket is never briefly too open.
+        old = os.umask(0o777 & ~mode)
+        try:
+            sock.bind(path)
+        finally:
+            os.umask(old)
+        os.chmod(path, mode)
+        sock.listen(backlog)
+        sock.setblocking(False)
+    except OSError as exc:
+        sock.close()
+        raise ListenerError(f"cannot listen on {path}: {exc.strerror}") from None
+    return sock
+
+
+class _Connection:
+    __slots__ = (
+        "_can_read", "_can_write", "closing", "decoder", "inflight", "limits", "out",
+        "out_bytes", "stream",
+    )
+
+    def __init__(self, stream: trio.SocketStream, limits: Limits) -> None:
+        self.stream = stream
+        self.limits = limits
+        self.decoder = FrameDecoder(limits.max_frame)
+        self.out: list[bytes] = []
+        self.out_bytes = 0
+        self.inflight = 0
+        self.closing = False
+        self._can_write = trio.lowlevel.ParkingLot()
+        self._can_read = trio.lowlevel.ParkingLot()
+
+    def reply(self, _request_id: int | None, frame: bytes) -> None:
+        self.inflight -= 1
+        self.send(frame)
+
+    def send(self, frame: bytes) -> None:
+        self.out.append(frame)
+        self.out_bytes += len(frame)
+        self._can_write.unpark_all()
+
+    def _reader_blocked(self) -> bool:
+        return self.inflight >= self.limits.max_inflight or self.out_bytes >= self.limits.max_output
+
+    async def wait_readable(self) -> None:
+        while self._reader_blocked():
+            await self._can_read.park()
+
+    async def writer(self) -> None:
+        """Send everything buffered, coalesced; return once closing and drained."""
+        while True:
+            if self.out:
+                data = b"".join(self.out)
+                self.out.clear()
+                self.out_bytes = 0
+                self._can_read.unpark_all()
+                await self.stream.send_all(data)
+                continue
+            if self.closing and self.inflight == 0:
+                return
+            await self._can_write.park()
+
+    def finish(self) -> None:
+        """No more requests: the writer ends once every answer is sent."""
+        self.closing = True
+        self._can_write.unpark_all()
+
+
+class Server:
+    """Serves ``service`` on a listening socket until ``shutdown`` is called."""
+
+    def __init__(self, service: Service, limits: Limits) -> None:
+        self.service = service
+        self.limits = limits
+        self.connections = 0
+        self._accepting = trio.CancelScope()
+        self._readers: set[trio.CancelScope] = set()
+        self._stopping = False
+
+    def shutdown(self) -> None:
+        """Stop accepting and reading; answers in flight are still sent."""
+        if self._stopping:
+            return
+        self._stopping = True
+        self._accepting.cancel()
+        for scope in list(self._readers):
+            scope.cancel()
+
+    async def serve(
+        self,
+        sock: socket.socket,
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+        on_ready: Callable[[], None] | None = None,
+    ) -> None:
+        listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
+        async with trio.open_nursery() as nursery:
+            with self._accepting:
+                task_status.started()
+                if on_ready is not None:
+                    on_ready()
+                while True:
+                    try:
+                        stream = await listener.accept()
+                    except OSError as exc:
+                        if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                            log.error("accept failed", extra={"error": exc.strerror})
+                            await trio.sleep(0.1)
+                            continue
+                        raise
+                    nursery.start_soon(self._serve_connection, stream)
+            await listener.aclose()
+
+    async def _serve_connection(self, stream: trio.SocketStream) -> None:
+        self.connections += 1
+        try:
+            if self.connections > self.limits.max_connections:
+                await self._refuse(stream, Busy("too many connections; try again later"))
+                return
+            if self._stopping:
+                await self._refuse(stream, ShuttingDown("signd is shutting down"))
+                return
+            conn = _Connection(stream, self.limits)
+            async with stream:
+                try:
+                    async with trio.open_nursery() as nursery:
+                        nursery.start_soon(conn.writer)
+                        await self._read(conn, nursery)
+                        # Drain: the writer ends once every answer in flight is
+                        # sent; the nursery waits for it, within the drain time-out.
+                        conn.finish()
+                        nursery.cancel_scope.deadline = (
+                            trio.current_time() + self.limits.drain_timeout
+                        )
+                    if nursery.cancel_scope.cancelled_caught:
+                        log.warning("drain timed out", extra={"inflight": conn.inflight})
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    pass  # the peer went away; nothing to answer to
+        finally:
+            self.connections -= 1
+
+    async def _refuse(self, stream: trio.SocketStream, error: Busy | ShuttingDown) -> None:
+        with trio.move_on_after(1.0):
+            try:
+                await stream.send_all(encode_error(None, error))
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
+        await stream.aclose()
+
+    async def _read(self, conn: _Connection, nursery: trio.Nursery) -> None:
+        scope = trio.CancelScope()
+        self._readers.add(scope)
+        try:
+            with scope:
+                if self._stopping:
+                    return
+                while True:
+                    await conn.wait_readable()
+                    data = await conn.stream.receive_some(RECEIVE_SIZE)
+                    if not data:
+                        return
+                    conn.decoder.receive_data(data)
+                    if not self._dispatch(conn, nursery):
+                        return
+        finally:
+            self._readers.discard(scope)
+
+    def _dispatch(self, conn: _Connection, nursery: trio.Nursery) -> bool:
+        """Handle every complete frame; False when the stream must be closed."""
+        requests: list[Request] = []
+        keep_open = True
+        try:
+            for body in conn.decoder.frames():
+                event = decode_request(body)
+                if isinstance(event, BadRequest):
+                    conn.send(encode_error(event.id, event.error))
+                else:
+                    requests.append(event)
+        except FrameTooLarge as exc:
+            # The stream cannot be resynchronised: answer, then close this one only.
+            conn.send(encode_error(None, exc))
+            keep_open = False
+        if requests:
+            conn.inflight += len(requests)
+            for work in self.service.handle(requests, conn.reply):
+                nursery.start_soon(work)
+        return keep_open

@@ -1,0 +1,319 @@
+"""Requests to responses: keystore, token and algorithms, no sockets.
+
+``Service.handle`` takes every request that one read of a connection
+delivered and answers it through ``reply``:
+
+* reads and ``verify`` are answered at once, in the caller's task;
+* every ``sign`` of the batch goes to the token as **one** submission, and the
+  answers come back in one callback;
+* the rare operations (``create_key``, ``rotate``, and a look-up of a key this
+  process has not seen yet) are returned as coroutines for the transport to run
+  as tasks.
+
+Each request gets exactly one ``reply``; the transport counts on that.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from functools import partial
+from typing import Final
+
+import trio
+
+from . import __version__, algorithms
+from .errors import (
+    DeadlineExceeded,
+    InternalError,
+    KeyExists,
+    KeyNotFound,
+    WireError,
+)
+from .keystore import (
+    KeyRecord,
+    Keystore,
+    LoadedKey,
+    LoadedVersion,
+    check_key_name,
+    load_key,
+    new_object_id,
+    object_label,
+)
+from .protocol import (
+    PROTOCOL_VERSION,
+    CreateKeyArgs,
+    Health,
+    KeyList,
+    KeyRefArgs,
+    Message,
+    PublicKey,
+    PublicKeyArgs,
+    Request,
+    SignArgs,
+    SignResult,
+    TokenStatus,
+    VerifyArgs,
+    VerifyResult,
+    encode_error,
+    encode_result,
+)
+from .token import SignJob, Token
+
+__all__ = ["Reply", "Service", "SlowWork"]
+
+log = logging.getLogger("signd.service")
+
+#: ``reply(request_id, frame)``: hand one encoded response to the transport.
+Reply = Callable[[int, bytes], None]
+SlowWork = Callable[[], Awaitable[None]]
+
+#: A key this process does not know is looked up on the token at most this often.
+REFRESH_INTERVAL: Final = 1.0
+
+
+class Service:
+    def __init__(
+        self,
+        token: Token,
+        *,
+        request_timeout: float = 30.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.token = token
+        self.keystore = Keystore()
+        self.request_timeout = request_timeout
+        self._clock = clock
+        self._started = time.monotonic()
+        self._admin_lock = trio.Lock()
+        self._last_refresh = -REFRESH_INTERVAL
+        self.loaded = False
+
+    @property
+    def ready(self) -> bool:
+        return self.loaded and self.token.is_open
+
+    async def load(self) -> None:
+        """Read every key's metadata and public keys from the token."""
+        records: list[KeyRecord] = []
+        for blob in await self.token.load_metadata():
+            try:
+                records.append(KeyRecord.from_bytes(blob.name, blob.revision, blob.value))
+            except ValueError as exc:
+                log.error("skipping key with unreadable metadata", extra={"error": str(exc)})
+        ids = [v.object_id for r in records for v in r.versions]
+        public = await self.token.public_keys(ids)
+        for record in records:
+            try:
+                self.keystore.put(load_key(record, public))
+            except ValueError as exc:
+                log.error("skipping key", extra={"key": record.name, "error": str(exc)})
+        self.loaded = True
+        log.info("keys loaded", extra={"keys": len(self.keystore)})
+
+    # ------------------------------------------------------------ dispatch
+
+    def handle(self, requests: Sequence[Request], reply: Reply) -> list[SlowWork]:
+        """Answer ``requests``; return the slow ones for the caller to run."""
+        signs: list[tuple[Request, LoadedKey, algorithms.SignPlan]] = []
+        slow: list[SlowWork] = []
+        for req in requests:
+            try:
+                args = req.args
+                if isinstance(args, SignArgs):
+                    key = self._key_or_none(args.key)
+                    if key is None:
+                        slow.append(partial(self._lookup_then_handle, req, args.key, reply))
+                        continue
+                    signs.append((req, key, algorithms.plan_sign(key.kt, args)))
+                elif isinstance(args, VerifyArgs):
+                    key = self._key_or_none(args.key)
+                    if key is None:
+                        slow.append(partial(self._lookup_then_handle, req, args.key, reply))
+                        continue
+                    reply(req.id, encode_result(req.id, _verify(key, args)))
+                elif req.op in ("create_key", "rotate"):
+                    slow.append(partial(self._admin, req, reply))
+                else:
+                    result = self._read(req)
+                    if result is None:
+                        assert isinstance(req.args, KeyRefArgs | PublicKeyArgs)
+                        slow.append(partial(self._lookup_then_handle, req, req.args.key, reply))
+                        continue
+                    reply(req.id, encode_result(req.id, result))
+            except WireError as exc:
+                reply(req.id, encode_error(req.id, exc))
+            except Exception:
+                log.exception("internal error", extra={"op": req.op})
+                reply(req.id, encode_error(req.id, InternalError("internal error; see daemon log")))
+        if signs:
+            self._submit(signs, reply)
+        return slow
+
+    def _key_or_none(self, name: str) -> LoadedKey | None:
+        if name in self.keystore:
+            return self.keystore.get(name)
+        check_key_name(name)
+        return None
+
+    def _read(self, req: Request) -> Message | None:
+        """Answer a read; None when the key must first be looked up on the token."""
+        args = req.args
+        if req.op == "health":
+            return self.health()
+        if req.op == "list_keys":
+            return KeyList(keys=tuple(k.summary() for k in self.keystore.all()))
+        assert isinstance(args, KeyRefArgs | PublicKeyArgs)
+        key = self._key_or_none(args.key)
+        if key is None:
+            return None
+        if isinstance(args, PublicKeyArgs):
+            v = key.current if args.version is None else key.version(args.version)
+            return PublicKey(name=key.record.name, version=v.record.version, type=key.kt.name,
+                             public_key_pem=v.public_key_pem)
+        return key.info()
+
+    def _submit(
+        self, signs: list[tuple[Request, LoadedKey, algorithms.SignPlan]], reply: Reply
+    ) -> None:
+        versions = [key.current for _, key, _ in signs]
+        jobs = [
+            SignJob(v.record.object_id, plan.scheme, plan.hash.name if plan.hash else None,
+                    plan.data)
+            for (_, _, plan), v in zip(signs, versions, strict=True)
+        ]
+
+        def done(outcomes: list[tuple[bool, object]]) -> None:
+            for (req, key, plan), v, (ok, value) in zip(signs, versions, outcomes, strict=True):
+                if ok:
+                    assert isinstance(value, bytes)
+                    frame = encode_result(req.id, SignResult(
+                        signature=algorithms.finish_signature(plan, value),
+                        key=key.record.name, version=v.record.version, algorithm=plan.algorithm,
+                    ))
+                else:
+                    assert isinstance(value, WireError)
+                    frame = encode_error(req.id, value)
+                reply(req.id, frame)
+
+        try:
+            self.token.submit(jobs, done)
+        except WireError as exc:
+            for req, _, _ in signs:
+                reply(req.id, encode_error(req.id, exc))
+
+    def health(self) -> Health:
+        info = self.token.info
+        token = None
+        if info is not None:
+            token = TokenStatus(label=info.label, manufacturer=info.manufacturer,
+                                model=info.model, serial=info.serial, logged_in=True)
+        ready = self.ready
+        return Health(
+            status="ok" if ready else "unavailable",
+            live=True,
+            ready=ready,
+            daemon_version=__version__,
+            protocol_version=PROTOCOL_VERSION,
+            uptime=time.monotonic() - self._started,
+            keys=len(self.keystore),
+            token=token,
+            detail=None if ready else "the token is not open or the keys are not loaded",
+        )
+
+    # ------------------------------------------------------------ slow paths
+
+    async def _lookup_then_handle(self, req: Request, name: str, reply: Reply) -> None:
+        """A key this process has not seen: another process may have made it."""
+        try:
+            now = time.monotonic()
+            if now - self._last_refresh >= REFRESH_INTERVAL:
+                self._last_refresh = now
+                with trio.fail_after(self.request_timeout):
+                    await self._refresh(name)
+            if name not in self.keystore:
+                raise KeyNotFound(f"no key named {name!r}")
+        except trio.TooSlowError:
+            reply(req.id, encode_error(req.id, DeadlineExceeded("key look-up timed out")))
+            return
+        except WireError as exc:
+            reply(req.id, encode_error(req.id, exc))
+            return
+        for work in self.handle([req], reply):  # now known: answered without slow work
+            await work()
+
+    async def _refresh(self, name: str) -> LoadedKey | None:
+        blobs = await self.token.load_metadata(name)
+        if not blobs:
+            return None
+        record = KeyRecord.from_bytes(name, blobs[0].revision, blobs[0].value)
+        public = await self.token.public_keys([v.object_id for v in record.versions])
+        key = load_key(record, public)
+        self.keystore.put(key)
+        return key
+
+    async def _admin(self, req: Request, reply: Reply) -> None:
+        try:
+            # Shielded: a key half made must not be left behind by a cancel.
+            with trio.CancelScope(shield=True):
+                async with self._admin_lock:
+                    if isinstance(req.args, CreateKeyArgs):
+                        key = await self._create(req.args)
+                    else:
+                        assert isinstance(req.args, KeyRefArgs)
+                        key = await self._rotate(req.args.key)
+            reply(req.id, encode_result(req.id, key.info()))
+        except WireError as exc:
+            reply(req.id, encode_error(req.id, exc))
+        except Exception:
+            log.exception("internal error", extra={"op": req.op})
+            reply(req.id, encode_error(req.id, InternalError("internal error; see daemon log")))
+
+    async def _create(self, args: CreateKeyArgs) -> LoadedKey:
+        name = check_key_name(args.key)
+        kt = algorithms.key_type(args.type)
+        if await self.token.load_metadata(name):
+            await self._refresh(name)
+            raise KeyExists(f"a key named {name!r} already exists")
+        object_id = new_object_id()
+        spki = await self.token.generate(kt, object_id, object_label(name, 1))
+        record = KeyRecord.new(name, kt, self._clock(), object_id)
+        await self.token.write_metadata(name, record.revision, record.to_bytes())
+        key = load_key(record, {object_id: spki})
+        self.keystore.put(key)
+        log.info("key created", extra={"key": name, "type": kt.name})
+        return key
+
+    async def _rotate(self, name: str) -> LoadedKey:
+        check_key_name(name)
+        blobs = await self.token.load_metadata(name)
+        if not blobs:
+            raise KeyNotFound(f"no key named {name!r}")
+        record = KeyRecord.from_bytes(name, blobs[0].revision, blobs[0].value)
+        kt = algorithms.key_type(record.type)
+        object_id = new_object_id()
+        # The new version exists on the token before any record points to it.
+        await self.token.generate(kt, object_id, object_label(name, record.next_version))
+        record = record.rotated(self._clock(), object_id)
+        await self.token.write_metadata(name, record.revision, record.to_bytes())
+        public = await self.token.public_keys([v.object_id for v in record.versions])
+        key = load_key(record, public)
+        self.keystore.put(key)
+        log.info("key rotated", extra={"key": name, "version": key.current.record.version})
+        return key
+
+
+def _verify(key: LoadedKey, args: VerifyArgs) -> VerifyResult:
+    candidates: list[LoadedVersion]
+    if args.version is not None:
+        candidates = [key.version(args.version)]
+    else:
+        candidates = key.verifying()
+    for v in candidates:
+        algorithm = algorithms.verify(key.kt, v.public_key, args)
+        if algorithm is not None:
+            return VerifyResult(valid=True, key=key.record.name, version=v.record.version,
+                                algorithm=algorithm)
+    return VerifyResult(valid=False, key=key.record.name)
+
