@@ -198,7 +198,8 @@ def plan_sign(kt: KeyType, args: SignArgs) -> SignPlan:
         assert args.message is not None
         data = args.message
     elif c.scheme is Scheme.RSA_PKCS1:
-        assert c.hash is not None and c.digest is not None
+        assert c.hash is not None
+        assert c.digest is not None
         data = c.hash.digest_info + c.digest
     else:
         assert c.digest is not None
@@ -226,10 +227,12 @@ def verify(kt: KeyType, public_key: PublicKey, args: VerifyArgs) -> str | None:
     sig = args.signature
     try:
         if c.scheme is Scheme.EDDSA:
-            assert isinstance(public_key, ed25519.Ed25519PublicKey) and args.message is not None
+            assert isinstance(public_key, ed25519.Ed25519PublicKey)
+            assert args.message is not None
             public_key.verify(sig, args.message)
             return c.algorithm
-        assert c.hash is not None and c.digest is not None
+        assert c.hash is not None
+        assert c.digest is not None
         prehashed = utils.Prehashed(c.hash.algorithm)
         if c.scheme is Scheme.ECDSA:
             assert isinstance(public_key, ec.EllipticCurvePublicKey)

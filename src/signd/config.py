@@ -103,7 +103,9 @@ class _Section:
         self.name = name
         self.table: dict[str, Any] = dict(table)
 
-    def take(self, key: str, kind: type[T], default: T, check: Callable[[T], str | None] | None = None) -> T:
+    def take(
+        self, key: str, kind: type[T], default: T, check: Callable[[T], str | None] | None = None
+    ) -> T:
         if key not in self.table:
             return default
         value = self.table.pop(key)
@@ -117,7 +119,7 @@ class _Section:
             problem = check(value)
             if problem:
                 raise ConfigError(f"{self.name}.{key}: {problem}")
-        return value  # type: ignore[no-any-return]
+        return value
 
     def done(self) -> None:
         if self.table:

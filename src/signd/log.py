@@ -15,9 +15,9 @@ from typing import Any, Final
 
 __all__ = ["JsonFormatter", "setup_logging"]
 
-_STANDARD: Final = frozenset(
-    set(vars(logging.LogRecord("x", 0, "x", 0, "x", None, None))) | {"message", "asctime", "taskName"}
-)
+_STANDARD: Final = frozenset(vars(logging.LogRecord("x", 0, "x", 0, "x", None, None))) | {
+    "message", "asctime", "taskName"
+}
 
 
 class JsonFormatter(logging.Formatter):

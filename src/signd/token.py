@@ -279,7 +279,7 @@ class Token:
         def run() -> Any:
             try:
                 return (True, fn())
-            except BaseException as exc:  # noqa: BLE001 - translated at the edge
+            except BaseException as exc:
                 return (False, _map_error(exc, what))
 
         self._queue.put(_Item(run, deliver, 0))
@@ -340,7 +340,9 @@ class Token:
                 f"login to token {self._token_label!r} failed: wrong PIN"
             ) from None
         except p11e.PinLocked:
-            raise TokenUnavailable(f"the user PIN of token {self._token_label!r} is locked") from None
+            raise TokenUnavailable(
+                f"the user PIN of token {self._token_label!r} is locked"
+            ) from None
         self._private.clear()
         return TokenInfo(
             label=token.label.strip(),
@@ -386,14 +388,16 @@ class Token:
                         job.data, mechanism=Mechanism.RSA_PKCS_PSS, mechanism_param=_PSS[job.hash]
                     )
                 out.append((True, sig))
-            except BaseException as exc:  # noqa: BLE001 - translated at the edge
+            except BaseException as exc:
                 out.append((False, _map_error(exc, "sign")))
         return out
 
     def _find_private(self, object_id: bytes) -> Any:
         session = self._session_or_raise()
         found = list(
-            session.get_objects({Attribute.CLASS: ObjectClass.PRIVATE_KEY, Attribute.ID: object_id})
+            session.get_objects(
+                {Attribute.CLASS: ObjectClass.PRIVATE_KEY, Attribute.ID: object_id}
+            )
         )
         if len(found) != 1:
             raise TokenError(

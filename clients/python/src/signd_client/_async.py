@@ -173,7 +173,7 @@ def _left(deadline: float) -> float:
 def _method(
     builder: Callable[P, Call[R]],
 ) -> Callable[Concatenate[AsyncClient, P], Awaitable[R]]:
-    async def method(self: AsyncClient, *args: P.args, **kwargs: P.kwargs) -> R:
+    async def method(self: AsyncClient, /, *args: P.args, **kwargs: P.kwargs) -> R:
         return await self.call(builder(*args, **kwargs))
 
     method.__name__ = builder.__name__

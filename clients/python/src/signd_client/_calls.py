@@ -40,7 +40,7 @@ class Call(Generic[R]):
         return self.op in IDEMPOTENT_OPS
 
 
-def create_key(name: str, type: str) -> Call[KeyInfo]:  # noqa: A002 - the wire's name
+def create_key(name: str, type: str) -> Call[KeyInfo]:
     """Generate a new key on the token.  ``type``: ec-p256, ec-p384, ed25519,
     rsa-2048, rsa-3072 or rsa-4096.
 
@@ -75,9 +75,9 @@ def sign(
     message: bytes | None = None,
     *,
     digest: bytes | None = None,
-    hash: str | None = None,  # noqa: A002 - the wire's name
+    hash: str | None = None,
     padding: str | None = None,
-    format: str | None = None,  # noqa: A002 - the wire's name
+    format: str | None = None,
 ) -> Call[SignResult]:
     """Sign ``message`` (hashed by the daemon) or a precomputed ``digest``.
 
@@ -102,9 +102,9 @@ def verify(
     message: bytes | None = None,
     *,
     digest: bytes | None = None,
-    hash: str | None = None,  # noqa: A002 - the wire's name
+    hash: str | None = None,
     padding: str | None = None,
-    format: str | None = None,  # noqa: A002 - the wire's name
+    format: str | None = None,
     version: int | None = None,
 ) -> Call[VerifyResult]:
     """Check a signature against ``version``, or every version allowed to verify.

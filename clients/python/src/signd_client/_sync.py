@@ -64,7 +64,7 @@ class _Connection:
 
 
 def _method(builder: Callable[P, Call[R]]) -> Callable[Concatenate[Client, P], R]:
-    def method(self: Client, *args: P.args, **kwargs: P.kwargs) -> R:
+    def method(self: Client, /, *args: P.args, **kwargs: P.kwargs) -> R:
         return self.call(builder(*args, **kwargs))
 
     method.__name__ = builder.__name__
