@@ -53,15 +53,24 @@ class Hash:
 
 HASHES: Final[dict[str, Hash]] = {
     "sha256": Hash(
-        "sha256", 32, hashlib.sha256, hashes.SHA256(),
+        "sha256",
+        32,
+        hashlib.sha256,
+        hashes.SHA256(),
         bytes.fromhex("3031300d060960864801650304020105000420"),
     ),
     "sha384": Hash(
-        "sha384", 48, hashlib.sha384, hashes.SHA384(),
+        "sha384",
+        48,
+        hashlib.sha384,
+        hashes.SHA384(),
         bytes.fromhex("3041300d060960864801650304020205000430"),
     ),
     "sha512": Hash(
-        "sha512", 64, hashlib.sha512, hashes.SHA512(),
+        "sha512",
+        64,
+        hashlib.sha512,
+        hashes.SHA512(),
         bytes.fromhex("3051300d060960864801650304020305000440"),
     ),
 }
@@ -162,9 +171,7 @@ def _check(kt: KeyType, args: SignArgs | VerifyArgs) -> _Checked:
         if args.hash is None:
             raise InvalidArgument("field 'hash' is required with 'digest'")
         if len(args.digest) != h.size:
-            raise InvalidDigest(
-                f"a {h.name} digest is {h.size} bytes, got {len(args.digest)}"
-            )
+            raise InvalidDigest(f"a {h.name} digest is {h.size} bytes, got {len(args.digest)}")
         digest = args.digest
     else:
         assert args.message is not None
@@ -268,11 +275,17 @@ def load_public_key(kt: KeyType, spki_der: bytes) -> PublicKey:
     except UnsupportedAlgorithm as exc:
         raise ValueError(str(exc)) from None
     ok = (
-        (kt.family is Family.EC and isinstance(key, ec.EllipticCurvePublicKey)
-         and key.curve.name == kt.curve)
+        (
+            kt.family is Family.EC
+            and isinstance(key, ec.EllipticCurvePublicKey)
+            and key.curve.name == kt.curve
+        )
         or (kt.family is Family.ED25519 and isinstance(key, ed25519.Ed25519PublicKey))
-        or (kt.family is Family.RSA and isinstance(key, rsa.RSAPublicKey)
-            and key.key_size == kt.bits)
+        or (
+            kt.family is Family.RSA
+            and isinstance(key, rsa.RSAPublicKey)
+            and key.key_size == kt.bits
+        )
     )
     if not ok:
         raise ValueError(f"public key does not match key type {kt.name}")

@@ -75,8 +75,9 @@ async def _run(cfg: Config, pin: Secret) -> int:
         except WireError as exc:
             log.error("token unavailable", extra={"error": exc.message})
             return EXIT_FAILURE
-        log.info("token open", extra={"label": info.label, "model": info.model,
-                                      "serial": info.serial})
+        log.info(
+            "token open", extra={"label": info.label, "model": info.model, "serial": info.serial}
+        )
 
         async def watch_signals() -> None:
             with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:

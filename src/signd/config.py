@@ -145,7 +145,7 @@ def _mode(v: str) -> str | None:
     try:
         m = int(v, 8)
     except ValueError:
-        return f"must be an octal string such as \"0660\", got {v!r}"
+        return f'must be an octal string such as "0660", got {v!r}'
     if not 0 < m <= 0o777:
         return f"must be between 0001 and 0777, got {v!r}"
     if m & 0o600 != 0o600:
@@ -165,11 +165,16 @@ def _parse(doc: Mapping[str, Any], path: str | None, base: Path) -> Config:
 
     t = _Section("token", sections.pop("token", {}))
     module = t.take("module", str, DEFAULT_MODULE, _absolute)
-    label = t.take("label", str, "signd", lambda v: None if 0 < len(v.encode()) <= 32
-                   else "must be 1-32 bytes")
+    label = t.take(
+        "label", str, "signd", lambda v: None if 0 < len(v.encode()) <= 32 else "must be 1-32 bytes"
+    )
     pin_file = t.take("pin_file", str, "", _nonempty)
-    pin_cred = t.take("pin_credential", str, "", lambda v: None if v and "/" not in v
-                      else "must be a credential name without '/'")
+    pin_cred = t.take(
+        "pin_credential",
+        str,
+        "",
+        lambda v: None if v and "/" not in v else "must be a credential name without '/'",
+    )
     t.done()
     if bool(pin_file) == bool(pin_cred):
         raise ConfigError("token: set exactly one of pin_file and pin_credential")
@@ -186,20 +191,24 @@ def _parse(doc: Mapping[str, Any], path: str | None, base: Path) -> Config:
         max_frame=lim.take("max_frame", int, d.max_frame, _between(1024, 64 << 20)),
         max_connections=lim.take("max_connections", int, d.max_connections, _between(1, 100_000)),
         max_inflight_per_connection=lim.take(
-            "max_inflight_per_connection", int, d.max_inflight_per_connection,
-            _between(1, 65536)),
-        max_output_buffer=lim.take("max_output_buffer", int, d.max_output_buffer,
-                                   _between(64 << 10, 1 << 30)),
+            "max_inflight_per_connection", int, d.max_inflight_per_connection, _between(1, 65536)
+        ),
+        max_output_buffer=lim.take(
+            "max_output_buffer", int, d.max_output_buffer, _between(64 << 10, 1 << 30)
+        ),
         token_queue=lim.take("token_queue", int, d.token_queue, _between(1, 10_000_000)),
-        request_timeout=lim.take("request_timeout", float, d.request_timeout,
-                                 _between(0.01, 3600)),
+        request_timeout=lim.take("request_timeout", float, d.request_timeout, _between(0.01, 3600)),
         drain_timeout=lim.take("drain_timeout", float, d.drain_timeout, _between(0, 3600)),
     )
     lim.done()
 
     lg = _Section("log", sections.pop("log", {}))
-    level = lg.take("level", str, "info", lambda v: None if v in LOG_LEVELS
-                    else f"must be one of {', '.join(LOG_LEVELS)}")
+    level = lg.take(
+        "level",
+        str,
+        "info",
+        lambda v: None if v in LOG_LEVELS else f"must be one of {', '.join(LOG_LEVELS)}",
+    )
     lg.done()
 
     if sections:

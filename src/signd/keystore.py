@@ -92,8 +92,12 @@ class KeyRecord:
             "type": self.type,
             "created": self.created,
             "versions": [
-                {"version": v.version, "created": v.created, "state": v.state,
-                 "id": v.object_id.hex()}
+                {
+                    "version": v.version,
+                    "created": v.created,
+                    "state": v.state,
+                    "id": v.object_id.hex(),
+                }
                 for v in self.versions
             ],
         }
@@ -107,8 +111,9 @@ class KeyRecord:
             if doc.get("format") != METADATA_FORMAT or doc.get("name") != name:
                 raise ValueError("format or name mismatch")
             versions = tuple(
-                VersionRecord(int(v["version"]), float(v["created"]), str(v["state"]),
-                              bytes.fromhex(v["id"]))
+                VersionRecord(
+                    int(v["version"]), float(v["created"]), str(v["state"]), bytes.fromhex(v["id"])
+                )
                 for v in doc["versions"]
             )
             record = cls(name, str(doc["type"]), float(doc["created"]), versions, revision)
@@ -159,16 +164,21 @@ class LoadedKey:
             created=r.created,
             current_version=self.current.record.version,
             versions=tuple(
-                VersionInfo(version=v.record.version, state=v.record.state,
-                            created=v.record.created, public_key_pem=v.public_key_pem)
+                VersionInfo(
+                    version=v.record.version,
+                    state=v.record.state,
+                    created=v.record.created,
+                    public_key_pem=v.public_key_pem,
+                )
                 for v in sorted(self.versions.values(), key=lambda v: v.record.version)
             ),
         )
 
     def summary(self) -> KeySummary:
         r = self.record
-        return KeySummary(name=r.name, type=r.type, created=r.created,
-                          current_version=self.current.record.version)
+        return KeySummary(
+            name=r.name, type=r.type, created=r.created, current_version=self.current.record.version
+        )
 
 
 def load_key(record: KeyRecord, public_keys: Mapping[bytes, bytes]) -> LoadedKey:

@@ -16,7 +16,9 @@ from typing import Any, Final
 __all__ = ["JsonFormatter", "setup_logging"]
 
 _STANDARD: Final = frozenset(vars(logging.LogRecord("x", 0, "x", 0, "x", None, None))) | {
-    "message", "asctime", "taskName"
+    "message",
+    "asctime",
+    "taskName",
 }
 
 

@@ -134,8 +134,15 @@ def open_listener(path: str, mode: int, backlog: int = 1024) -> socket.socket:
 
 class _Connection:
     __slots__ = (
-        "_can_read", "_can_write", "closing", "decoder", "inflight", "limits", "out",
-        "out_bytes", "stream",
+        "_can_read",
+        "_can_write",
+        "closing",
+        "decoder",
+        "inflight",
+        "limits",
+        "out",
+        "out_bytes",
+        "stream",
     )
 
     def __init__(self, stream: trio.SocketStream, limits: Limits) -> None:

@@ -170,8 +170,12 @@ class Service:
             return None
         if isinstance(args, PublicKeyArgs):
             v = key.current if args.version is None else key.version(args.version)
-            return PublicKey(name=key.record.name, version=v.record.version, type=key.kt.name,
-                             public_key_pem=v.public_key_pem)
+            return PublicKey(
+                name=key.record.name,
+                version=v.record.version,
+                type=key.kt.name,
+                public_key_pem=v.public_key_pem,
+            )
         return key.info()
 
     def _submit(
@@ -179,8 +183,9 @@ class Service:
     ) -> None:
         versions = [key.current for _, key, _ in signs]
         jobs = [
-            SignJob(v.record.object_id, plan.scheme, plan.hash.name if plan.hash else None,
-                    plan.data)
+            SignJob(
+                v.record.object_id, plan.scheme, plan.hash.name if plan.hash else None, plan.data
+            )
             for (_, _, plan), v in zip(signs, versions, strict=True)
         ]
 
@@ -188,10 +193,15 @@ class Service:
             for (req, key, plan), v, (ok, value) in zip(signs, versions, outcomes, strict=True):
                 if ok:
                     assert isinstance(value, bytes)
-                    frame = encode_result(req.id, SignResult(
-                        signature=algorithms.finish_signature(plan, value),
-                        key=key.record.name, version=v.record.version, algorithm=plan.algorithm,
-                    ))
+                    frame = encode_result(
+                        req.id,
+                        SignResult(
+                            signature=algorithms.finish_signature(plan, value),
+                            key=key.record.name,
+                            version=v.record.version,
+                            algorithm=plan.algorithm,
+                        ),
+                    )
                 else:
                     assert isinstance(value, WireError)
                     frame = encode_error(req.id, value)
@@ -207,8 +217,13 @@ class Service:
         info = self.token.info
         token = None
         if info is not None:
-            token = TokenStatus(label=info.label, manufacturer=info.manufacturer,
-                                model=info.model, serial=info.serial, logged_in=True)
+            token = TokenStatus(
+                label=info.label,
+                manufacturer=info.manufacturer,
+                model=info.model,
+                serial=info.serial,
+                logged_in=True,
+            )
         ready = self.ready
         return Health(
             status="ok" if ready else "unavailable",
@@ -313,7 +328,7 @@ def _verify(key: LoadedKey, args: VerifyArgs) -> VerifyResult:
     for v in candidates:
         algorithm = algorithms.verify(key.kt, v.public_key, args)
         if algorithm is not None:
-            return VerifyResult(valid=True, key=key.record.name, version=v.record.version,
-                                algorithm=algorithm)
+            return VerifyResult(
+                valid=True, key=key.record.name, version=v.record.version, algorithm=algorithm
+            )
     return VerifyResult(valid=False, key=key.record.name)
-

@@ -330,9 +330,7 @@ class Token:
         except p11e.NoSuchToken:
             raise TokenUnavailable(f"no token labelled {self._token_label!r}") from None
         except p11e.MultipleTokensReturned:
-            raise TokenUnavailable(
-                f"more than one token labelled {self._token_label!r}"
-            ) from None
+            raise TokenUnavailable(f"more than one token labelled {self._token_label!r}") from None
         try:
             self._session = token.open(rw=True, user_pin=self._pin)
         except (p11e.PinIncorrect, p11e.PinInvalid, p11e.PinLenRange):
@@ -395,9 +393,7 @@ class Token:
     def _find_private(self, object_id: bytes) -> Any:
         session = self._session_or_raise()
         found = list(
-            session.get_objects(
-                {Attribute.CLASS: ObjectClass.PRIVATE_KEY, Attribute.ID: object_id}
-            )
+            session.get_objects({Attribute.CLASS: ObjectClass.PRIVATE_KEY, Attribute.ID: object_id})
         )
         if len(found) != 1:
             raise TokenError(
@@ -419,7 +415,9 @@ class Token:
             if len(pubs) != 1 or len(privs) != 1:
                 log.warning(
                     "keypair %s incomplete on token: %d public, %d private objects",
-                    oid.hex(), len(pubs), len(privs),
+                    oid.hex(),
+                    len(pubs),
+                    len(privs),
                 )
                 continue
             self._private[oid] = privs[0]
@@ -525,8 +523,12 @@ def _spki(pub: Any) -> bytes:
     if kt == KeyType.RSA:
         n = int.from_bytes(pub[Attribute.MODULUS], "big")
         e = int.from_bytes(pub[Attribute.PUBLIC_EXPONENT], "big")
-        return rsa.RSAPublicNumbers(e, n).public_key().public_bytes(
-            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        return (
+            rsa.RSAPublicNumbers(e, n)
+            .public_key()
+            .public_bytes(
+                serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+            )
         )
     raise TokenError(f"unexpected key type {kt!r} on the token")
 
@@ -534,4 +536,3 @@ def _spki(pub: Any) -> bytes:
 def _deliver_all(done: list[tuple[_Item, Outcome]]) -> None:
     for item, outcome in done:
         item.deliver(outcome)
-

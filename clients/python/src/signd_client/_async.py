@@ -221,8 +221,9 @@ class AsyncClient:
             attempt += 1
             if self._closed:
                 raise ConnectionFailed("client is closed")
-            conn = self._idle.pop() if self._idle else await _AsyncConnection.open(
-                s, _left(deadline))
+            conn = (
+                self._idle.pop() if self._idle else await _AsyncConnection.open(s, _left(deadline))
+            )
             try:
                 resp = await conn.request(call, deadline)
             except SigndError as exc:

@@ -90,8 +90,9 @@ def sign(
     """
     return Call(
         "sign",
-        SignArgs(key=name, message=message, digest=digest, hash=hash, padding=padding,
-                 format=format),
+        SignArgs(
+            key=name, message=message, digest=digest, hash=hash, padding=padding, format=format
+        ),
         SignResult,
     )
 
@@ -115,8 +116,16 @@ def verify(
     """
     return Call(
         "verify",
-        VerifyArgs(key=name, signature=signature, message=message, digest=digest, hash=hash,
-                   padding=padding, format=format, version=version),
+        VerifyArgs(
+            key=name,
+            signature=signature,
+            message=message,
+            digest=digest,
+            hash=hash,
+            padding=padding,
+            format=format,
+            version=version,
+        ),
         VerifyResult,
     )
 

@@ -30,8 +30,9 @@ def resolve_socket(path: str | None) -> str:
     return path or os.environ.get("SIGND_SOCKET") or DEFAULT_SOCKET
 
 
-def retry_allowed(call: Call[Any], exc: SigndError, attempt: int, retries: int,
-                  deadline: float) -> bool:
+def retry_allowed(
+    call: Call[Any], exc: SigndError, attempt: int, retries: int, deadline: float
+) -> bool:
     """Retry idempotent calls after a broken connection or a retryable answer."""
     if not call.idempotent or attempt > retries or time.monotonic() >= deadline:
         return False

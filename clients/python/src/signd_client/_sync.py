@@ -144,8 +144,11 @@ class Client:
                 raise ConnectionFailed("client is closed")
             if self._idle:
                 return self._idle.pop()
-        return _Connection(self.settings.socket_path, self.settings.max_frame,
-                           max(deadline - time.monotonic(), 0.001))
+        return _Connection(
+            self.settings.socket_path,
+            self.settings.max_frame,
+            max(deadline - time.monotonic(), 0.001),
+        )
 
     def _checkin(self, conn: _Connection) -> None:
         with self._lock:

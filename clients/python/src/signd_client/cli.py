@@ -70,28 +70,47 @@ def _parser() -> argparse.ArgumentParser:
     k.add_argument("name")
     k.add_argument("--version", type=int, help="version (default: current)")
 
-    for cmd, helptext in (("sign", "sign a message or a digest"),
-                          ("verify", "check a signature (exit 0 valid, 1 invalid, 2 error)")):
+    for cmd, helptext in (
+        ("sign", "sign a message or a digest"),
+        ("verify", "check a signature (exit 0 valid, 1 invalid, 2 error)"),
+    ):
         s = sub.add_parser(cmd, help=helptext)
         s.add_argument("name")
-        s.add_argument("--in", dest="infile", metavar="FILE",
-                       help="message to sign, '-' for stdin (the default without --digest)")
+        s.add_argument(
+            "--in",
+            dest="infile",
+            metavar="FILE",
+            help="message to sign, '-' for stdin (the default without --digest)",
+        )
         s.add_argument("--digest", metavar="HEX", help="precomputed digest, in hex")
-        s.add_argument("--hash", choices=_HASHES,
-                       help="hash algorithm (required with --digest; default per key type)")
-        s.add_argument("--padding", choices=("pkcs1v15", "pss"),
-                       help="RSA padding (default pkcs1v15)")
-        s.add_argument("--format", choices=("der", "raw"),
-                       help="ECDSA signature encoding: der (default) or raw r||s")
+        s.add_argument(
+            "--hash",
+            choices=_HASHES,
+            help="hash algorithm (required with --digest; default per key type)",
+        )
+        s.add_argument(
+            "--padding", choices=("pkcs1v15", "pss"), help="RSA padding (default pkcs1v15)"
+        )
+        s.add_argument(
+            "--format",
+            choices=("der", "raw"),
+            help="ECDSA signature encoding: der (default) or raw r||s",
+        )
         if cmd == "sign":
-            s.add_argument("--out", metavar="FILE",
-                           help="write the raw signature here (default: base64 to stdout)")
+            s.add_argument(
+                "--out",
+                metavar="FILE",
+                help="write the raw signature here (default: base64 to stdout)",
+            )
         else:
             g = s.add_mutually_exclusive_group(required=True)
             g.add_argument("--sig", metavar="FILE", help="file holding the raw signature")
             g.add_argument("--sig-base64", metavar="B64", help="the signature in base64")
-            s.add_argument("--version", type=int,
-                           help="check only this version (default: every verifying version)")
+            s.add_argument(
+                "--version",
+                type=int,
+                help="check only this version (default: every verifying version)",
+            )
 
     r = sub.add_parser("rotate", help="add a new version of a key and make it current")
     r.add_argument("name")
@@ -104,8 +123,13 @@ def _common_options(p: argparse.ArgumentParser, default: Any) -> None:
     """Options accepted both before and after the command."""
     p.add_argument("--socket", metavar="PATH", default=default, help="signd's Unix socket")
     p.add_argument("--json", action="store_true", default=default, help="print answers as JSON")
-    p.add_argument("--timeout", type=float, default=default, metavar="SECONDS",
-                   help="give up after this long (default 30)")
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=default,
+        metavar="SECONDS",
+        help="give up after this long (default 30)",
+    )
 
 
 def _read(path: str, stdin: BinaryIO) -> bytes:
@@ -183,8 +207,9 @@ def _run(args: argparse.Namespace, client: Client, stdin: BinaryIO, stdout: Bina
             sys.stdout.write(pk.public_key_pem)
         return EXIT_OK
     if cmd == "sign":
-        res = client.sign(args.name, padding=args.padding, format=args.format,
-                          **_data_args(args, stdin))
+        res = client.sign(
+            args.name, padding=args.padding, format=args.format, **_data_args(args, stdin)
+        )
         if args.out:
             try:
                 with open(args.out, "wb") as f:
@@ -196,8 +221,7 @@ def _run(args: argparse.Namespace, client: Client, stdin: BinaryIO, stdout: Bina
         elif not args.out:
             print(base64.b64encode(res.signature).decode())
         else:
-            print(f"signed with {res.key} version {res.version} ({res.algorithm})",
-                  file=sys.stderr)
+            print(f"signed with {res.key} version {res.version} ({res.algorithm})", file=sys.stderr)
         return EXIT_OK
     if cmd == "verify":
         if args.sig is not None:
@@ -207,8 +231,14 @@ def _run(args: argparse.Namespace, client: Client, stdin: BinaryIO, stdout: Bina
                 sig = base64.b64decode(args.sig_base64, validate=True)
             except binascii.Error:
                 raise _UsageError("--sig-base64 is not valid base64") from None
-        vres = client.verify(args.name, sig, padding=args.padding, format=args.format,
-                             version=args.version, **_data_args(args, stdin))
+        vres = client.verify(
+            args.name,
+            sig,
+            padding=args.padding,
+            format=args.format,
+            version=args.version,
+            **_data_args(args, stdin),
+        )
         if args.json:
             _print_json(vres)
         elif vres.valid:
@@ -221,8 +251,10 @@ def _run(args: argparse.Namespace, client: Client, stdin: BinaryIO, stdout: Bina
     if args.json:
         _print_json(h)
     else:
-        print(f"status {h.status}  live {h.live}  ready {h.ready}  keys {h.keys}  "
-              f"signd {h.daemon_version}  uptime {h.uptime:.0f}s")
+        print(
+            f"status {h.status}  live {h.live}  ready {h.ready}  keys {h.keys}  "
+            f"signd {h.daemon_version}  uptime {h.uptime:.0f}s"
+        )
         if h.token is not None:
             t = h.token
             print(f"token {t.label!r}  {t.manufacturer} {t.model}  serial {t.serial}")

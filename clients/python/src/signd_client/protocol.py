@@ -197,8 +197,16 @@ def _to_wire(value: Any) -> Any:
 
 
 def _tname(value: Any) -> str:
-    return {bytes: "bin", str: "str", bool: "bool", int: "int", float: "float",
-            dict: "map", list: "array", type(None): "nil"}.get(type(value), type(value).__name__)
+    return {
+        bytes: "bin",
+        str: "str",
+        bool: "bool",
+        int: "int",
+        float: "float",
+        dict: "map",
+        list: "array",
+        type(None): "nil",
+    }.get(type(value), type(value).__name__)
 
 
 _SCALARS: dict[type, str] = {str: "str", bytes: "bin", bool: "bool", int: "int", float: "float"}
