@@ -1,0 +1,216 @@
+"""Fixtures shared by the daemon's tests (tests/) and the client's (clients/python/tests/).
+
+Everything here is real: a SoftHSM token made by ``softhsm-init.sh`` in a
+temporary directory, and ``signd serve`` running as its own process on a real
+Unix socket.  Nothing is mocked.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from signd_client import Client
+
+ROOT = Path(__file__).resolve().parent
+SOFTHSM_INIT = ROOT / "softhsm-init.sh"
+TOKEN_LABEL = "signd-test"
+
+
+def _softhsm_module() -> str:
+    for path in ("/usr/lib/softhsm/libsofthsm2.so",
+                 "/usr/lib/x86_64-linux-gnu/softhsm/libsofthsm2.so"):
+        if os.path.exists(path):
+            return path
+    pytest.fail("SoftHSM is not installed: run the README's test command (apt-get install softhsm2)")
+
+
+@dataclass(frozen=True)
+class TokenEnv:
+    """A real SoftHSM token in a temporary state directory."""
+
+    state_dir: Path
+    conf: Path
+    label: str
+    module: str
+
+    @property
+    def pin_file(self) -> Path:
+        return self.state_dir / "user.pin"
+
+    @property
+    def pin(self) -> str:
+        return self.pin_file.read_text().rstrip("\n")
+
+    def env(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("LISTEN_", "SIGND_"))}
+        env["SOFTHSM2_CONF"] = str(self.conf)
+        return env
+
+
+@pytest.fixture(scope="session")
+def token_env(tmp_path_factory: pytest.TempPathFactory) -> TokenEnv:
+    state = tmp_path_factory.mktemp("softhsm")
+    out = subprocess.run(
+        ["bash", str(SOFTHSM_INIT), "--state-dir", str(state), "--label", TOKEN_LABEL, "--quiet"],
+        capture_output=True, text=True, check=False,
+    )
+    assert out.returncode == 0, f"softhsm-init.sh failed: {out.stderr}"
+    line = out.stdout.strip()
+    assert line.startswith("export SOFTHSM2_CONF="), line
+    conf = Path(line.split("=", 1)[1])
+    # In-process PKCS#11 readers in tests (e.g. the sensitivity check) need it too.
+    os.environ["SOFTHSM2_CONF"] = str(conf)
+    return TokenEnv(state, conf, TOKEN_LABEL, _softhsm_module())
+
+
+def write_config(path: Path, token: TokenEnv, socket_path: Path, extra: str = "") -> Path:
+    """A daemon config for ``token``; ``extra`` is appended TOML (e.g. [limits])."""
+    path.write_text(
+        f'[server]\nsocket = "{socket_path}"\n\n'
+        f'[token]\nmodule = "{token.module}"\nlabel = "{token.label}"\n'
+        f'pin_file = "{token.pin_file}"\n\n{extra}'
+    )
+    return path
+
+
+@dataclass
+class Daemon:
+    """``signd serve`` as a child process on a real Unix socket."""
+
+    token: TokenEnv
+    workdir: Path
+    extra_config: str = ""
+    proc: subprocess.Popen[bytes] | None = None
+    env_extra: dict[str, str] = field(default_factory=dict)
+    _log_offset: int = 0
+
+    @property
+    def socket(self) -> str:
+        return str(self.workdir / "signd.sock")
+
+    @property
+    def config(self) -> Path:
+        return self.workdir / "signd.toml"
+
+    @property
+    def log_path(self) -> Path:
+        return self.workdir / "signd.log"
+
+    def command(self) -> list[str]:
+        return [sys.executable, "-m", "signd", "serve", "--config", str(self.config)]
+
+    def env(self) -> dict[str, str]:
+        env = self.token.env()
+        env.update(self.env_extra)
+        return env
+
+    def start(self, *, wait: bool = True, argv: list[str] | None = None) -> None:
+        write_config(self.config, self.token, Path(self.socket), self.extra_config)
+        log = open(self.log_path, "ab")  # noqa: SIM115 - owned by the child
+        self._log_offset = self.log_path.stat().st_size
+        self.proc = subprocess.Popen(
+            argv or self.command(), stdout=log, stderr=log, env=self.env(), cwd=self.workdir
+        )
+        log.close()
+        if wait:
+            self.wait_ready()
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        assert self.proc is not None
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                pytest.fail(f"signd exited with {self.proc.returncode}:\n{self.logs()}")
+            if '"msg": "ready"' in self.logs():
+                return
+            time.sleep(0.02)
+        pytest.fail(f"signd did not become ready in {timeout}s:\n{self.logs()}")
+
+    def logs(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int:
+        """Signal the daemon and wait; returns its exit code."""
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            pytest.fail(f"signd did not stop within {timeout}s after {sig}:\n{self.logs()}")
+
+    def restart(self) -> None:
+        assert self.stop() == 0, self.logs()
+        self.start()
+
+    def client(self, **kwargs: float | int) -> Client:
+        return Client(self.socket, **kwargs)  # type: ignore[arg-type]
+
+    def connect_raw(self) -> socket.socket:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.settimeout(10)
+        s.connect(self.socket)
+        return s
+
+    def signctl(self, *args: str, input: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
+        """Run the installed ``signctl`` against this daemon."""
+        exe = shutil.which("signctl", path=os.path.dirname(sys.executable)) or "signctl"
+        return subprocess.run(
+            [exe, "--socket", self.socket, *args],
+            input=input, capture_output=True, timeout=60, check=False, env=self.token.env(),
+        )
+
+
+@pytest.fixture(scope="session")
+def signd(token_env: TokenEnv, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
+    """One daemon shared by the whole session.  Use ``key_name`` for unique keys."""
+    d = Daemon(token_env, tmp_path_factory.mktemp("signd"))
+    d.start()
+    yield d
+    if d.proc is not None and d.proc.poll() is None:
+        assert d.stop() == 0, d.logs()
+
+
+@pytest.fixture
+def make_daemon(
+    token_env: TokenEnv, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Callable[..., Daemon]]:
+    """A factory for daemons a test may stop, restart or misconfigure."""
+    made: list[Daemon] = []
+
+    def make(extra_config: str = "", start: bool = True, **kw: dict[str, str]) -> Daemon:
+        d = Daemon(token_env, tmp_path_factory.mktemp("signd"), extra_config, **kw)  # type: ignore[arg-type]
+        made.append(d)
+        if start:
+            d.start()
+        return d
+
+    yield make
+    for d in made:
+        if d.proc is not None and d.proc.poll() is None:
+            d.proc.kill()
+            d.proc.wait()
+
+
+@pytest.fixture
+def key_name(request: pytest.FixtureRequest) -> str:
+    """A key name unique to this test, so tests sharing one token never collide."""
+    base = "".join(c if c.isalnum() else "-" for c in request.node.name)[:40].strip("-")
+    return f"{base}-{uuid.uuid4().hex[:8]}"
