@@ -29,11 +29,15 @@ TOKEN_LABEL = "signd-test"
 
 
 def _softhsm_module() -> str:
-    for path in ("/usr/lib/softhsm/libsofthsm2.so",
-                 "/usr/lib/x86_64-linux-gnu/softhsm/libsofthsm2.so"):
+    for path in (
+        "/usr/lib/softhsm/libsofthsm2.so",
+        "/usr/lib/x86_64-linux-gnu/softhsm/libsofthsm2.so",
+    ):
         if os.path.exists(path):
             return path
-    pytest.fail("SoftHSM is not installed: run the README's test command (apt-get install softhsm2)")
+    pytest.fail(
+        "SoftHSM is not installed: run the README's test command (apt-get install softhsm2)"
+    )
 
 
 @dataclass(frozen=True)
@@ -64,7 +68,9 @@ def token_env(tmp_path_factory: pytest.TempPathFactory) -> TokenEnv:
     state = tmp_path_factory.mktemp("softhsm")
     out = subprocess.run(
         ["bash", str(SOFTHSM_INIT), "--state-dir", str(state), "--label", TOKEN_LABEL, "--quiet"],
-        capture_output=True, text=True, check=False,
+        capture_output=True,
+        text=True,
+        check=False,
     )
     assert out.returncode == 0, f"softhsm-init.sh failed: {out.stderr}"
     line = out.stdout.strip()
@@ -174,7 +180,11 @@ class Daemon:
         exe = shutil.which("signctl", path=os.path.dirname(sys.executable)) or "signctl"
         return subprocess.run(
             [exe, "--socket", self.socket, *args],
-            input=input, capture_output=True, timeout=60, check=False, env=self.token.env(),
+            input=input,
+            capture_output=True,
+            timeout=60,
+            check=False,
+            env=self.token.env(),
         )
 
 

@@ -255,6 +255,10 @@ class Service:
         except WireError as exc:
             reply(req.id, encode_error(req.id, exc))
             return
+        except Exception:
+            log.exception("key look-up failed", extra={"key": name})
+            reply(req.id, encode_error(req.id, InternalError("key look-up failed; see daemon log")))
+            return
         for work in self.handle([req], reply):  # now known: answered without slow work
             await work()
 

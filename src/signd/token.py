@@ -228,6 +228,8 @@ class Token:
             Busy: the queue holds ``queue_limit`` jobs already.
         """
         n = len(jobs)
+        if self._thread is None:
+            raise TokenUnavailable("the token is not open")
         if self._pending + n > self.queue_limit:
             raise Busy(f"token queue is full ({self._pending} signatures waiting)")
         self._pending += n
@@ -534,5 +536,10 @@ def _spki(pub: Any) -> bytes:
 
 
 def _deliver_all(done: list[tuple[_Item, Outcome]]) -> None:
+    # Runs as a trio system callback: an exception here would end the run, so
+    # a failing callback is logged and the others still get their results.
     for item, outcome in done:
-        item.deliver(outcome)
+        try:
+            item.deliver(outcome)
+        except Exception:
+            log.exception("a token result could not be delivered")

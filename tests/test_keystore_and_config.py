@@ -1,0 +1,156 @@
+"""Pure logic: key records kept on the token, and config validation."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from signd import algorithms
+from signd.config import ConfigError, Secret, TokenConfig, load_config, read_pin
+from signd.keystore import ACTIVE, VERIFY_ONLY, KeyRecord, check_key_name
+from signd.errors import InvalidArgument
+
+# ---------------------------------------------------------------- key records
+
+
+def test_record_round_trip_and_rotation() -> None:
+    rec = KeyRecord.new("k", algorithms.key_type("ec-p256"), 100.0, b"\1" * 8)
+    assert rec.current.version == 1
+    assert KeyRecord.from_bytes("k", rec.revision, rec.to_bytes()) == rec
+    r2 = rec.rotated(200.0, b"\2" * 8)
+    assert r2.revision == rec.revision + 1
+    assert [(v.version, v.state) for v in r2.versions] == [(1, VERIFY_ONLY), (2, ACTIVE)]
+    assert r2.current.object_id == b"\2" * 8
+    assert r2.next_version == 3
+    assert KeyRecord.from_bytes("k", r2.revision, r2.to_bytes()) == r2
+
+
+@pytest.mark.parametrize(
+    "blob",
+    [
+        b"not json",
+        b"{}",
+        b'{"format": 1, "name": "other", "type": "ec-p256", "created": 1, "versions": []}',
+        b'{"format": 1, "name": "k", "type": "dsa", "created": 1, "versions": '
+        b'[{"version": 1, "created": 1, "state": "active", "id": "01"}]}',
+        b'{"format": 1, "name": "k", "type": "ec-p256", "created": 1, "versions": []}',
+        b'{"format": 1, "name": "k", "type": "ec-p256", "created": 1, "versions": '
+        b'[{"version": 1, "created": 1, "state": "weird", "id": "01"}]}',
+    ],
+)
+def test_bad_records_are_refused(blob: bytes) -> None:
+    with pytest.raises(ValueError):  # noqa: PT011 - every problem is a ValueError
+        KeyRecord.from_bytes("k", 1, blob)
+
+
+@pytest.mark.parametrize("name", ["", "-x", ".x", "a b", "a/b", "x" * 65, "ключ"])
+def test_bad_key_names(name: str) -> None:
+    with pytest.raises(InvalidArgument):
+        check_key_name(name)
+
+
+def test_good_key_names() -> None:
+    for name in ("a", "A-b_c.d", "x" * 64, "9lives"):
+        assert check_key_name(name) == name
+
+
+# ---------------------------------------------------------------- config
+
+
+def _write(tmp_path: Path, text: str) -> str:
+    pin = tmp_path / "pin"
+    pin.write_text("1234\n")
+    pin.chmod(0o600)
+    cfg = tmp_path / "signd.toml"
+    cfg.write_text(text)
+    return str(cfg)
+
+
+GOOD = '[token]\npin_file = "pin"\n'
+
+
+def test_defaults_and_relative_paths(tmp_path: Path) -> None:
+    cfg = load_config(_write(tmp_path, GOOD + '[server]\nsocket = "s.sock"\n'))
+    assert cfg.server.socket == str(tmp_path / "s.sock")
+    assert cfg.server.socket_mode == 0o660
+    assert cfg.token.pin_file == str(tmp_path / "pin")
+    assert cfg.limits.max_frame == 1 << 20
+    assert read_pin(cfg.token).reveal() == "1234"
+
+
+@pytest.mark.parametrize(
+    ("extra", "field"),
+    [
+        ("[limits]\nmax_frame = 12\n", "limits.max_frame"),
+        ('[limits]\nmax_frame = "big"\n', "limits.max_frame"),
+        ("[limits]\nrequest_timeout = 0\n", "limits.request_timeout"),
+        ("[limits]\nmax_inflight_per_connection = true\n", "limits.max_inflight_per_connection"),
+        ('[server]\nsocket_mode = "0666"\n', "server.socket_mode"),
+        ('[server]\nsocket_mode = "0400"\n', "server.socket_mode"),
+        ('[server]\nsocket_mode = "rw"\n', "server.socket_mode"),
+        ("[server]\nsocket = 5\n", "server.socket"),
+        ("[server]\nport = 5\n", "server.port"),
+        ('[token]\nmodule = "relative.so"\n', "token.module"),
+        ('[token]\nlabel = "' + "x" * 33 + '"\n', "token.label"),
+        ('[log]\nlevel = "loud"\n', "log.level"),
+        ("[metrics]\n", "metrics"),
+    ],
+)
+def test_bad_values_name_the_field(tmp_path: Path, extra: str, field: str) -> None:
+    # Merge into the [token] table when the extra line is for it.
+    text = GOOD + extra if not extra.startswith("[token]") else extra + 'pin_file = "pin"\n'
+    with pytest.raises(ConfigError, match=rf"^{field}"):
+        load_config(_write(tmp_path, text))
+
+
+def test_pin_source_is_exactly_one(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="exactly one of pin_file and pin_credential"):
+        load_config(_write(tmp_path, "[token]\n"))
+    with pytest.raises(ConfigError, match="exactly one"):
+        load_config(_write(tmp_path, '[token]\npin_file = "pin"\npin_credential = "pin"\n'))
+
+
+def test_not_toml_and_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(_write(tmp_path, "[token"))
+    with pytest.raises(ConfigError, match="cannot read config"):
+        load_config(str(tmp_path / "absent.toml"))
+
+
+def test_pin_file_rules(tmp_path: Path) -> None:
+    pin = tmp_path / "pin"
+    token = TokenConfig(pin_file=str(pin))
+    with pytest.raises(ConfigError, match="cannot open"):
+        read_pin(token)
+    pin.write_text("s3cret-pin\r\n")
+    pin.chmod(0o644)
+    with pytest.raises(ConfigError, match="readable by others") as info:
+        read_pin(token)
+    assert "s3cret" not in str(info.value)
+    pin.chmod(0o640)  # the group may read it (e.g. a service group); others may not
+    assert read_pin(token).reveal() == "s3cret-pin"
+    pin.write_text("")
+    with pytest.raises(ConfigError, match="empty"):
+        read_pin(token)
+    link = tmp_path / "link"
+    os.symlink(pin, link)
+    with pytest.raises(ConfigError, match="cannot open"):
+        read_pin(TokenConfig(pin_file=str(link)))
+
+
+def test_pin_credential(tmp_path: Path) -> None:
+    (tmp_path / "user-pin").write_text("9876")
+    (tmp_path / "user-pin").chmod(0o400)
+    token = TokenConfig(pin_credential="user-pin")
+    assert read_pin(token, {"CREDENTIALS_DIRECTORY": str(tmp_path)}).reveal() == "9876"
+    with pytest.raises(ConfigError, match="CREDENTIALS_DIRECTORY"):
+        read_pin(token, {})
+
+
+def test_secret_never_prints() -> None:
+    s = Secret("hunter2")
+    assert "hunter2" not in repr(s)
+    assert "hunter2" not in str(s)
+    assert "hunter2" not in f"{s}"
