@@ -124,7 +124,7 @@ class Daemon:
 
     def start(self, *, wait: bool = True, argv: list[str] | None = None) -> None:
         write_config(self.config, self.token, Path(self.socket), self.extra_config)
-        log = open(self.log_path, "ab")  # noqa: SIM115 - owned by the child
+        log = open(self.log_path, "ab")
         self._log_offset = self.log_path.stat().st_size
         self.proc = subprocess.Popen(
             argv or self.command(), stdout=log, stderr=log, env=self.env(), cwd=self.workdir

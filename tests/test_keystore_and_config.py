@@ -9,8 +9,8 @@ import pytest
 
 from signd import algorithms
 from signd.config import ConfigError, Secret, TokenConfig, load_config, read_pin
-from signd.keystore import ACTIVE, VERIFY_ONLY, KeyRecord, check_key_name
 from signd.errors import InvalidArgument
+from signd.keystore import ACTIVE, VERIFY_ONLY, KeyRecord, check_key_name
 
 # ---------------------------------------------------------------- key records
 
