@@ -139,12 +139,13 @@ class Daemon:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 pytest.fail(f"signd exited with {self.proc.returncode}:\n{self.logs()}")
-            if '"msg": "ready"' in self.logs():
+            if '"msg": "ready"' in self.logs()[self._log_offset :]:
                 return
             time.sleep(0.02)
         pytest.fail(f"signd did not become ready in {timeout}s:\n{self.logs()}")
 
     def logs(self) -> str:
+        """Everything this daemon logged, across restarts."""
         try:
             return self.log_path.read_text(errors="replace")
         except FileNotFoundError:

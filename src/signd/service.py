@@ -208,7 +208,7 @@ class Service:
                 reply(req.id, frame)
 
         try:
-            self.token.submit(jobs, done)
+            self.token.submit(jobs, done, time.monotonic() + self.request_timeout)
         except WireError as exc:
             for req, _, _ in signs:
                 reply(req.id, encode_error(req.id, exc))

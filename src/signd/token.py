@@ -25,8 +25,10 @@ there is never a moment without metadata, and the newest revision wins.
 from __future__ import annotations
 
 import logging
+import math
 import queue
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, TypeVar
@@ -43,6 +45,7 @@ from . import algorithms
 from .algorithms import Family, Scheme
 from .errors import (
     Busy,
+    DeadlineExceeded,
     InternalError,
     TokenError,
     TokenUnavailable,
@@ -219,10 +222,17 @@ class Token:
 
     # ------------------------------------------------------------ hot path
 
-    def submit(self, jobs: Sequence[SignJob], done: Callable[[list[Outcome]], None]) -> None:
+    def submit(
+        self,
+        jobs: Sequence[SignJob],
+        done: Callable[[list[Outcome]], None],
+        deadline: float = math.inf,
+    ) -> None:
         """Queue a batch of signatures; ``done`` gets one outcome per job, in trio.
 
         An outcome is ``(True, signature bytes)`` or ``(False, WireError)``.
+        A batch still queued at ``deadline`` (``time.monotonic()``) is not
+        signed: each job gets ``DeadlineExceeded``.
 
         Raises:
             Busy: the queue holds ``queue_limit`` jobs already.
@@ -239,7 +249,12 @@ class Token:
             ok, value = outcome
             done(value if ok else [(False, value)] * n)
 
-        self._queue.put(_Item(lambda: (True, self._sign_batch_sync(jobs)), deliver, n))
+        def run() -> Outcome:
+            if time.monotonic() > deadline:
+                return (False, DeadlineExceeded("the request waited too long for the token"))
+            return (True, self._sign_batch_sync(jobs))
+
+        self._queue.put(_Item(run, deliver, n))
 
     # ------------------------------------------------------------ rare operations
 

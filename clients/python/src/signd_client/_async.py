@@ -31,7 +31,6 @@ class _Stream(Protocol):
     async def send(self, data: bytes, timeout: float) -> None: ...
     async def receive(self, timeout: float) -> bytes: ...
     async def close(self) -> None: ...
-    async def sleep(self, seconds: float) -> None: ...
 
 
 class _AsyncioStream:
@@ -56,9 +55,6 @@ class _AsyncioStream:
 
     async def close(self) -> None:
         self.writer.close()
-
-    async def sleep(self, seconds: float) -> None:
-        await asyncio.sleep(seconds)
 
 
 class _TrioStream:
@@ -90,11 +86,6 @@ class _TrioStream:
 
         with trio.CancelScope(shield=True):
             await self.stream.aclose()
-
-    async def sleep(self, seconds: float) -> None:
-        import trio
-
-        await trio.sleep(seconds)
 
 
 def _running_asyncio() -> bool:
@@ -166,6 +157,15 @@ class _AsyncConnection:
             raise
 
 
+async def _sleep(seconds: float) -> None:
+    if _running_asyncio():
+        await asyncio.sleep(seconds)
+    else:
+        import trio
+
+        await trio.sleep(seconds)
+
+
 def _left(deadline: float) -> float:
     return max(deadline - time.monotonic(), 0.001)
 
@@ -221,15 +221,23 @@ class AsyncClient:
             attempt += 1
             if self._closed:
                 raise ConnectionFailed("client is closed")
-            conn = (
-                self._idle.pop() if self._idle else await _AsyncConnection.open(s, _left(deadline))
-            )
+            try:
+                conn = (
+                    self._idle.pop()
+                    if self._idle
+                    else await _AsyncConnection.open(s, _left(deadline))
+                )
+            except SigndError as exc:
+                if retry_allowed(call, exc, attempt, s.retries, deadline):
+                    await _sleep(RETRY_BACKOFF * attempt)
+                    continue
+                raise
             try:
                 resp = await conn.request(call, deadline)
             except SigndError as exc:
                 await conn.stream.close()
                 if retry_allowed(call, exc, attempt, s.retries, deadline):
-                    await conn.stream.sleep(RETRY_BACKOFF * attempt)
+                    await _sleep(RETRY_BACKOFF * attempt)
                     continue
                 raise
             except BaseException:
@@ -243,7 +251,7 @@ class AsyncClient:
                 return parse_response(call, resp)
             except SigndError as exc:
                 if retry_allowed(call, exc, attempt, s.retries, deadline):
-                    await conn.stream.sleep(RETRY_BACKOFF * attempt)
+                    await _sleep(RETRY_BACKOFF * attempt)
                     continue
                 raise
 

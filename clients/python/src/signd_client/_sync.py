@@ -117,11 +117,13 @@ class Client:
         attempt = 0
         while True:
             attempt += 1
-            conn = self._checkout(deadline)
+            conn = None
             try:
+                conn = self._checkout(deadline)
                 resp = conn.request(call, deadline)
             except SigndError as exc:
-                conn.close()
+                if conn is not None:
+                    conn.close()
                 if retry_allowed(call, exc, attempt, s.retries, deadline):
                     time.sleep(RETRY_BACKOFF * attempt)
                     continue

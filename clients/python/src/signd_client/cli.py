@@ -27,6 +27,10 @@ EXIT_NEGATIVE = 1
 EXIT_ERROR = 2
 
 _HASHES = ("sha256", "sha384", "sha512")
+_EXIT_CODES = (
+    "exit codes: 0 success; 1 negative answer (verify: invalid signature, health: not ready);\n"
+    "            2 error (bad usage, daemon unreachable, or an error answer)"
+)
 
 
 class _UsageError(Exception):
@@ -39,8 +43,7 @@ def _parser() -> argparse.ArgumentParser:
         description="Talk to signd: manage keys on the token, sign and verify.",
         epilog=(
             "The socket is --socket, else $SIGND_SOCKET, else /run/signd/signd.sock.\n"
-            "Exit codes: 0 success; 1 negative answer (verify: invalid signature, "
-            "health: not ready); 2 error."
+            + _EXIT_CODES
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -53,7 +56,14 @@ def _parser() -> argparse.ArgumentParser:
     add = sub.add_parser
 
     def add_parser(name: str, **kw: Any) -> argparse.ArgumentParser:
-        return add(name, parents=[common], **kw)
+        kw.setdefault("description", kw.get("help"))
+        return add(
+            name,
+            parents=[common],
+            epilog=_EXIT_CODES,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+            **kw,
+        )
 
     sub.add_parser = add_parser  # type: ignore[method-assign]
 
@@ -80,7 +90,7 @@ def _parser() -> argparse.ArgumentParser:
             "--in",
             dest="infile",
             metavar="FILE",
-            help="message to sign, '-' for stdin (the default without --digest)",
+            help="the message, '-' for stdin (the default without --digest)",
         )
         s.add_argument("--digest", metavar="HEX", help="precomputed digest, in hex")
         s.add_argument(

@@ -1,0 +1,326 @@
+"""``AsyncClient`` under trio and under asyncio, against a real daemon.
+
+pytest-trio runs in trio mode, so ``async def test_*`` runs under trio; the
+asyncio tests are plain functions that call ``asyncio.run``.  Signatures are
+checked with ``cryptography``, never with signd's own code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+import trio
+from conftest import Daemon
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from signd_client import AsyncClient, Health, KeyInfo, SignResult, WireError
+from signd_client.errors import (
+    ConnectionFailed,
+    InvalidArgument,
+    InvalidDigest,
+    KeyExists,
+    KeyNotFound,
+    RequestTimeout,
+    UnsupportedAlgorithm,
+    VersionNotFound,
+)
+
+ECDSA_SHA256 = ec.ECDSA(hashes.SHA256())
+
+
+def load_public_key(pem: str) -> Any:
+    return serialization.load_pem_public_key(pem.encode())
+
+
+class SilentListener:
+    """A Unix socket that accepts every connection and never answers."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.connections: list[socket.socket] = []
+        self._stop = threading.Event()
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._sock.bind(path)
+        self._sock.listen(64)
+        self._sock.settimeout(0.05)
+        self._thread = threading.Thread(target=self._accept_loop, daemon=True)
+        self._thread.start()
+
+    def _accept_loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self._sock.accept()
+            except TimeoutError:
+                continue
+            self.connections.append(conn)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+        for conn in self.connections:
+            conn.close()
+        self._sock.close()
+
+
+@pytest.fixture
+def silent(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SilentListener]:
+    listener = SilentListener(str(tmp_path_factory.mktemp("silent") / "silent.sock"))
+    yield listener
+    listener.close()
+
+
+def restart(daemon: Daemon) -> None:
+    """``daemon.restart()``, then wait until the *new* process has logged "ready".
+
+    ``Daemon.wait_ready`` searches the whole log, which the restarted daemon
+    appends to, so it can return on the first run's "ready" line before the
+    new process listens.
+    """
+    ready = '"msg": "ready"'
+    seen = daemon.logs().count(ready)
+    daemon.restart()
+    deadline = time.monotonic() + 30
+    while daemon.logs().count(ready) <= seen:
+        assert daemon.proc is not None
+        assert daemon.proc.poll() is None, daemon.logs()
+        assert time.monotonic() < deadline, f"signd did not restart:\n{daemon.logs()}"
+        time.sleep(0.02)
+
+
+def check_signatures(pem: str, signed: list[tuple[bytes, SignResult]], key: str) -> None:
+    pub = load_public_key(pem)
+    for msg, res in signed:
+        assert isinstance(res, SignResult)
+        assert res.key == key
+        # A response handed to the wrong task would fail here.
+        pub.verify(res.signature, msg, ECDSA_SHA256)
+
+
+ERROR_CASES: list[Any] = [
+    pytest.param(lambda c, k: c.key_info(k + "-absent"), KeyNotFound, 300, id="key"),
+    pytest.param(
+        lambda c, k: c.sign(k, digest=b"\x00" * 31, hash="sha256"), InvalidDigest, 201, id="digest"
+    ),
+    pytest.param(lambda c, k: c.create_key(k, "ec-p256"), KeyExists, 302, id="exists"),
+    pytest.param(lambda c, k: c.public_key(k, 42), VersionNotFound, 301, id="version"),
+    pytest.param(lambda c, k: c.sign(k, b"m", padding="pss"), InvalidArgument, 200, id="argument"),
+    pytest.param(
+        lambda c, k: c.sign(k, b"m", hash="md5"), UnsupportedAlgorithm, 202, id="algorithm"
+    ),
+]
+
+
+# --------------------------------------------------------------------------
+# trio
+
+
+async def test_trio_concurrent_signs_from_32_tasks(signd: Daemon, key_name: str) -> None:
+    tasks, per_task = 32, 8
+    signed: list[tuple[bytes, SignResult]] = []
+    async with AsyncClient(signd.socket) as c:
+        info = await c.create_key(key_name, "ec-p256")
+        assert isinstance(info, KeyInfo)
+
+        async def work(t: int) -> None:
+            for i in range(per_task):
+                msg = f"task {t} message {i}".encode()
+                signed.append((msg, await c.sign(key_name, msg)))
+
+        async with trio.open_nursery() as nursery:
+            for t in range(tasks):
+                nursery.start_soon(work, t)
+        health = await c.health()
+    assert isinstance(health, Health)
+    assert len(signed) == tasks * per_task
+    check_signatures(info.versions[0].public_key_pem, signed, key_name)
+
+
+@pytest.mark.parametrize(("call", "exc_type", "code"), ERROR_CASES)
+async def test_trio_errors_are_typed(
+    signd: Daemon,
+    key_name: str,
+    call: Callable[[AsyncClient, str], Any],
+    exc_type: type[WireError],
+    code: int,
+) -> None:
+    async with AsyncClient(signd.socket) as c:
+        await c.create_key(key_name, "ec-p256")
+        with pytest.raises(exc_type) as info:
+            await call(c, key_name)
+        assert info.value.code == code
+        assert str(info.value).startswith(f"{info.value.name} (error {code}): ")
+        # The connection that carried the error answer is still good.
+        assert (await c.key_info(key_name)).name == key_name
+
+
+async def test_trio_reconnects_after_daemon_restart(
+    make_daemon: Callable[..., Daemon], key_name: str
+) -> None:
+    daemon = make_daemon()
+    async with AsyncClient(daemon.socket) as c:
+        info = await c.create_key(key_name, "ec-p256")
+        before = await c.sign(key_name, b"before")  # its connection is now pooled, idle
+        await trio.to_thread.run_sync(restart, daemon)
+        after = await c.sign(key_name, b"after")  # the pooled connection is dead: retried
+        await trio.to_thread.run_sync(restart, daemon)
+        with pytest.raises(ConnectionFailed):  # not idempotent: not sent again
+            await c.create_key(key_name + "-2", "ec-p256")
+        with pytest.raises(KeyNotFound):
+            await c.key_info(key_name + "-2")
+    check_signatures(
+        info.versions[0].public_key_pem, [(b"before", before), (b"after", after)], key_name
+    )
+
+
+async def test_trio_timeout_on_silent_listener(silent: SilentListener) -> None:
+    async with AsyncClient(silent.path, timeout=0.3) as c:
+        with pytest.raises(RequestTimeout):
+            await c.health()
+
+
+async def test_trio_connection_failed_when_nothing_listens(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    path = str(tmp_path_factory.mktemp("nobody") / "absent.sock")
+    async with AsyncClient(path, timeout=5) as c:
+        with pytest.raises(ConnectionFailed, match="cannot connect"):
+            await c.health()
+
+
+async def test_trio_cancellation_mid_flight_leaves_client_usable(
+    signd: Daemon,
+    silent: SilentListener,
+    tmp_path_factory: pytest.TempPathFactory,
+    key_name: str,
+) -> None:
+    # The client's socket path is a symlink: first to a listener that never
+    # answers, then to the real daemon.  Had the cancelled call put its
+    # connection back in the pool, the next call would reuse it, get no
+    # answer and time out.
+    link = tmp_path_factory.mktemp("link") / "signd.sock"
+    link.symlink_to(silent.path)
+    async with AsyncClient(str(link), timeout=5) as c:
+        with trio.move_on_after(0.2) as scope:
+            await c.sign(key_name, b"never answered")
+        assert scope.cancelled_caught
+
+        link.unlink()
+        link.symlink_to(signd.socket)
+        assert (await c.health()).ready
+        info = await c.create_key(key_name, "ec-p256")
+        res = await c.sign(key_name, b"after the cancellation")
+    check_signatures(info.versions[0].public_key_pem, [(b"after the cancellation", res)], key_name)
+
+
+async def test_trio_closed_client_refuses_calls(signd: Daemon) -> None:
+    c = AsyncClient(signd.socket)
+    assert (await c.health()).ready
+    await c.aclose()
+    with pytest.raises(ConnectionFailed, match="closed"):
+        await c.health()
+
+
+def test_async_client_socket_resolution(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("SIGND_SOCKET", raising=False)
+    assert AsyncClient().settings.socket_path == "/run/signd/signd.sock"
+    monkeypatch.setenv("SIGND_SOCKET", "/tmp/from-env.sock")
+    assert AsyncClient().settings.socket_path == "/tmp/from-env.sock"
+    assert AsyncClient("/tmp/explicit.sock").settings.socket_path == "/tmp/explicit.sock"
+
+
+# --------------------------------------------------------------------------
+# asyncio (plain test functions: asyncio.run, not trio)
+
+
+def test_asyncio_concurrent_signs_with_gather(signd: Daemon, key_name: str) -> None:
+    tasks, per_task = 32, 8
+
+    async def main() -> tuple[KeyInfo, list[list[tuple[bytes, SignResult]]]]:
+        async with AsyncClient(signd.socket) as c:
+            info = await c.create_key(key_name, "ec-p256")
+
+            async def work(t: int) -> list[tuple[bytes, SignResult]]:
+                out = []
+                for i in range(per_task):
+                    msg = f"asyncio task {t} message {i}".encode()
+                    out.append((msg, await c.sign(key_name, msg)))
+                return out
+
+            results = await asyncio.gather(*(work(t) for t in range(tasks)))
+            return info, results
+
+    info, results = asyncio.run(main())
+    signed = [pair for chunk in results for pair in chunk]
+    assert len(signed) == tasks * per_task
+    check_signatures(info.versions[0].public_key_pem, signed, key_name)
+
+
+def test_asyncio_errors_are_typed(signd: Daemon, key_name: str) -> None:
+    async def main() -> None:
+        async with AsyncClient(signd.socket) as c:
+            await c.create_key(key_name, "ec-p256")
+            with pytest.raises(KeyNotFound) as not_found:
+                await c.sign(key_name + "-absent", b"m")
+            assert not_found.value.code == 300
+            assert str(not_found.value).startswith("key_not_found (error 300): ")
+            with pytest.raises(InvalidDigest) as bad_digest:
+                await c.sign(key_name, digest=b"\x01" * 48, hash="sha256")
+            assert bad_digest.value.code == 201
+            with pytest.raises(KeyExists):
+                await c.create_key(key_name, "ed25519")
+            assert (await c.key_info(key_name)).type == "ec-p256"
+
+    asyncio.run(main())
+
+
+def test_asyncio_reconnects_after_daemon_restart(
+    make_daemon: Callable[..., Daemon], key_name: str
+) -> None:
+    daemon = make_daemon()
+
+    async def main() -> tuple[KeyInfo, SignResult, SignResult]:
+        async with AsyncClient(daemon.socket) as c:
+            info = await c.create_key(key_name, "ec-p256")
+            before = await c.sign(key_name, b"before")  # its connection is now pooled, idle
+            await asyncio.to_thread(restart, daemon)
+            after = await c.sign(key_name, b"after")  # the pooled connection is dead: retried
+            await asyncio.to_thread(restart, daemon)
+            with pytest.raises(ConnectionFailed):  # not idempotent: not sent again
+                await c.create_key(key_name + "-2", "ec-p256")
+            with pytest.raises(KeyNotFound):
+                await c.key_info(key_name + "-2")
+            return info, before, after
+
+    info, before, after = asyncio.run(main())
+    check_signatures(
+        info.versions[0].public_key_pem, [(b"before", before), (b"after", after)], key_name
+    )
+
+
+def test_asyncio_timeout_on_silent_listener(silent: SilentListener) -> None:
+    async def main() -> None:
+        async with AsyncClient(silent.path, timeout=0.3) as c:
+            with pytest.raises(RequestTimeout):
+                await c.health()
+
+    asyncio.run(main())
+
+
+def test_asyncio_connection_failed_when_nothing_listens(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    path = str(tmp_path_factory.mktemp("nobody") / "absent.sock")
+
+    async def main() -> None:
+        async with AsyncClient(path, timeout=5) as c:
+            with pytest.raises(ConnectionFailed, match="cannot connect"):
+                await c.health()
+
+    asyncio.run(main())

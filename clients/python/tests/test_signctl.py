@@ -1,0 +1,415 @@
+"""The installed ``signctl`` command, run as a process against a real daemon.
+
+Signatures are checked with ``cryptography`` and the ``openssl`` command,
+never with signd's own code.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import Daemon
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
+from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
+
+MESSAGE = b"signed through signctl\n"
+ECDSA_SHA256 = ec.ECDSA(hashes.SHA256())
+COMMANDS = ("keys", "create", "info", "pubkey", "sign", "verify", "rotate", "health")
+
+
+def signctl_exe() -> str:
+    exe = shutil.which("signctl", path=os.path.dirname(sys.executable))
+    assert exe is not None, "signctl is not installed next to the test interpreter"
+    return exe
+
+
+def run_signctl(
+    *args: str, input: bytes | None = None, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[bytes]:
+    """``signctl ARGS`` with no ``--socket`` added and no ``$SIGND_SOCKET`` inherited."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("SIGND_")}
+    clean.update(env or {})
+    return subprocess.run(
+        [signctl_exe(), *args], input=input, capture_output=True, timeout=60, check=False, env=clean
+    )
+
+
+def ok(proc: subprocess.CompletedProcess[bytes]) -> str:
+    """Assert exit 0 and return stdout as text."""
+    assert proc.returncode == 0, (proc.returncode, proc.stdout, proc.stderr)
+    return proc.stdout.decode()
+
+
+def error_line(proc: subprocess.CompletedProcess[bytes]) -> str:
+    """Assert exit 2 with a one-line message and no traceback; return the message."""
+    assert proc.returncode == 2, (proc.returncode, proc.stdout, proc.stderr)
+    err = proc.stderr.decode()
+    assert "Traceback" not in err, err
+    assert err.startswith("signctl: "), err
+    return err.strip()
+
+
+def load_public_key(pem: bytes | str) -> Any:
+    return serialization.load_pem_public_key(pem if isinstance(pem, bytes) else pem.encode())
+
+
+def pubkey(daemon: Daemon, name: str, *extra: str) -> Any:
+    return load_public_key(ok(daemon.signctl("pubkey", name, *extra)))
+
+
+def b64_signature(proc: subprocess.CompletedProcess[bytes]) -> bytes:
+    out = ok(proc).strip()
+    assert "\n" not in out, out
+    return base64.b64decode(out, validate=True)
+
+
+@pytest.fixture
+def ec_key(signd: Daemon, key_name: str) -> str:
+    ok(signd.signctl("create", key_name, "--type", "ec-p256"))
+    return key_name
+
+
+@pytest.fixture
+def msg_file(tmp_path: Path) -> Path:
+    path = tmp_path / "message.bin"
+    path.write_bytes(MESSAGE)
+    return path
+
+
+# --------------------------------------------------------------------------
+# keys, create, info, pubkey
+
+
+def test_create_then_keys_lists_it(signd: Daemon, key_name: str) -> None:
+    out = ok(signd.signctl("create", key_name, "--type", "ed25519"))
+    assert key_name in out
+    assert "ed25519" in out
+    assert "current version 1" in out
+
+    listed = ok(signd.signctl("keys")).splitlines()
+    assert f"{key_name}\ted25519\tv1" in listed
+
+
+def test_keys_json_before_and_after_the_command(signd: Daemon, ec_key: str) -> None:
+    for args in (("--json", "keys"), ("keys", "--json")):
+        keys = json.loads(ok(signd.signctl(*args)))
+        assert isinstance(keys, list)
+        (mine,) = [k for k in keys if k["name"] == ec_key]
+        assert mine["type"] == "ec-p256"
+        assert mine["current_version"] == 1
+
+
+def test_socket_option_after_the_command(signd: Daemon, ec_key: str) -> None:
+    keys = json.loads(ok(run_signctl("keys", "--socket", signd.socket, "--json")))
+    assert ec_key in [k["name"] for k in keys]
+
+
+def test_socket_from_environment(signd: Daemon) -> None:
+    out = ok(run_signctl("health", env={"SIGND_SOCKET": signd.socket}))
+    assert "ready True" in out
+
+
+def test_info_shows_versions_and_public_key(signd: Daemon, ec_key: str) -> None:
+    out = ok(signd.signctl("info", ec_key))
+    assert f"{ec_key}  type ec-p256  current version 1" in out
+    assert re.search(r"^\s+v1\s+active\b", out, re.MULTILINE), out
+    pem = out[out.index("-----BEGIN PUBLIC KEY-----") :]
+    assert isinstance(load_public_key(pem), ec.EllipticCurvePublicKey)
+
+    info = json.loads(ok(signd.signctl("--json", "info", ec_key)))
+    assert info["name"] == ec_key
+    assert info["current_version"] == 1
+    assert [v["state"] for v in info["versions"]] == ["active"]
+    assert load_public_key(info["versions"][0]["public_key_pem"]) == load_public_key(pem)
+
+
+def test_pubkey_prints_pem(signd: Daemon, ec_key: str) -> None:
+    out = ok(signd.signctl("pubkey", ec_key))
+    assert out.startswith("-----BEGIN PUBLIC KEY-----\n")
+    assert out.endswith("-----END PUBLIC KEY-----\n")
+    key = load_public_key(out)
+    assert isinstance(key, ec.EllipticCurvePublicKey)
+    assert isinstance(key.curve, ec.SECP256R1)
+    assert load_public_key(ok(signd.signctl("pubkey", ec_key, "--version", "1"))) == key
+
+
+# --------------------------------------------------------------------------
+# sign
+
+
+def test_sign_file_prints_base64(signd: Daemon, ec_key: str, msg_file: Path) -> None:
+    sig = b64_signature(signd.signctl("sign", ec_key, "--in", str(msg_file)))
+    pubkey(signd, ec_key).verify(sig, MESSAGE, ECDSA_SHA256)
+
+
+def test_sign_stdin(signd: Daemon, ec_key: str) -> None:
+    pub = pubkey(signd, ec_key)
+    explicit = b64_signature(signd.signctl("sign", ec_key, "--in", "-", input=MESSAGE))
+    pub.verify(explicit, MESSAGE, ECDSA_SHA256)
+    implicit = b64_signature(signd.signctl("sign", ec_key, input=MESSAGE))
+    pub.verify(implicit, MESSAGE, ECDSA_SHA256)
+
+
+def test_sign_digest(signd: Daemon, ec_key: str) -> None:
+    digest = hashlib.sha256(MESSAGE).hexdigest()
+    sig = b64_signature(signd.signctl("sign", ec_key, "--digest", digest, "--hash", "sha256"))
+    pubkey(signd, ec_key).verify(sig, MESSAGE, ECDSA_SHA256)
+
+
+def test_sign_raw_format(signd: Daemon, ec_key: str, msg_file: Path) -> None:
+    sig = b64_signature(signd.signctl("sign", ec_key, "--in", str(msg_file), "--format", "raw"))
+    assert len(sig) == 64
+    der = encode_dss_signature(int.from_bytes(sig[:32], "big"), int.from_bytes(sig[32:], "big"))
+    pubkey(signd, ec_key).verify(der, MESSAGE, ECDSA_SHA256)
+
+
+def test_sign_rsa_pss_and_pkcs1(signd: Daemon, key_name: str, msg_file: Path) -> None:
+    ok(signd.signctl("create", key_name, "--type", "rsa-2048"))
+    pub = pubkey(signd, key_name)
+    assert isinstance(pub, rsa.RSAPublicKey)
+
+    pss = b64_signature(signd.signctl("sign", key_name, "--in", str(msg_file), "--padding", "pss"))
+    pss_padding = padding.PSS(mgf=padding.MGF1(hashes.SHA256()), salt_length=padding.PSS.AUTO)
+    pub.verify(pss, MESSAGE, pss_padding, hashes.SHA256())
+    with pytest.raises(InvalidSignature):  # it really is PSS, not PKCS#1 v1.5
+        pub.verify(pss, MESSAGE, padding.PKCS1v15(), hashes.SHA256())
+
+    pkcs1 = b64_signature(signd.signctl("sign", key_name, "--in", str(msg_file)))
+    pub.verify(pkcs1, MESSAGE, padding.PKCS1v15(), hashes.SHA256())
+
+
+def test_sign_out_file(signd: Daemon, ec_key: str, msg_file: Path, tmp_path: Path) -> None:
+    out_file = tmp_path / "message.sig"
+    proc = signd.signctl("sign", ec_key, "--in", str(msg_file), "--out", str(out_file))
+    assert ok(proc) == ""  # the signature goes to the file, not to stdout
+    assert f"signed with {ec_key} version 1" in proc.stderr.decode()
+    pubkey(signd, ec_key).verify(out_file.read_bytes(), MESSAGE, ECDSA_SHA256)
+
+
+def test_sign_json(signd: Daemon, ec_key: str, msg_file: Path) -> None:
+    res = json.loads(ok(signd.signctl("--json", "sign", ec_key, "--in", str(msg_file))))
+    assert res["key"] == ec_key
+    assert res["version"] == 1
+    assert res["algorithm"] == "ecdsa-p256-sha256"
+    sig = base64.b64decode(res["signature"], validate=True)
+    pubkey(signd, ec_key).verify(sig, MESSAGE, ECDSA_SHA256)
+
+
+def test_digest_without_hash_is_a_usage_error(signd: Daemon, ec_key: str) -> None:
+    digest = hashlib.sha256(MESSAGE).hexdigest()
+    proc = signd.signctl("sign", ec_key, "--digest", digest)
+    assert "--hash" in error_line(proc)
+    assert proc.stdout == b""
+
+
+def test_digest_that_is_not_hex_is_a_usage_error(signd: Daemon, ec_key: str) -> None:
+    msg = error_line(signd.signctl("sign", ec_key, "--digest", "not-hex", "--hash", "sha256"))
+    assert "hex" in msg
+
+
+OPENSSL_DGST = "dgst -sha256 -verify {pub} -signature {sig} {msg}"
+OPENSSL_RAWIN = "pkeyutl -verify -pubin -inkey {pub} -rawin -in {msg} -sigfile {sig}"
+
+
+@pytest.mark.parametrize(
+    ("key_type", "openssl_verify"),
+    [("ec-p256", OPENSSL_DGST), ("rsa-2048", OPENSSL_DGST), ("ed25519", OPENSSL_RAWIN)],
+)
+def test_openssl_verifies_signctl_signatures(
+    signd: Daemon,
+    key_name: str,
+    msg_file: Path,
+    tmp_path: Path,
+    key_type: str,
+    openssl_verify: str,
+) -> None:
+    openssl = shutil.which("openssl")
+    assert openssl is not None, "openssl is required (apt-get install openssl)"
+    ok(signd.signctl("create", key_name, "--type", key_type))
+    pub, sig = tmp_path / "pub.pem", tmp_path / "msg.sig"
+    pub.write_bytes(signd.signctl("pubkey", key_name).stdout)
+    ok(signd.signctl("sign", key_name, "--in", str(msg_file), "--out", str(sig)))
+
+    def openssl_ok(message: Path) -> bool:
+        argv = [a.format(pub=pub, sig=sig, msg=message) for a in openssl_verify.split()]
+        return subprocess.run([openssl, *argv], capture_output=True, check=False).returncode == 0
+
+    assert openssl_ok(msg_file)
+    tampered = tmp_path / "tampered.bin"
+    tampered.write_bytes(MESSAGE + b"!")
+    assert not openssl_ok(tampered)
+
+
+# --------------------------------------------------------------------------
+# verify
+
+
+def test_verify_exit_codes_with_sig_file(
+    signd: Daemon, ec_key: str, msg_file: Path, tmp_path: Path
+) -> None:
+    sig = tmp_path / "message.sig"
+    ok(signd.signctl("sign", ec_key, "--in", str(msg_file), "--out", str(sig)))
+
+    valid = signd.signctl("verify", ec_key, "--sig", str(sig), "--in", str(msg_file))
+    assert valid.returncode == 0, valid.stderr
+    assert f"valid: {ec_key} version 1" in valid.stdout.decode()
+
+    other = tmp_path / "other.bin"
+    other.write_bytes(b"a different message")
+    invalid = signd.signctl("verify", ec_key, "--sig", str(sig), "--in", str(other))
+    assert invalid.returncode == 1, invalid.stderr
+    assert "invalid" in invalid.stdout.decode()
+
+    from_stdin = signd.signctl("verify", ec_key, "--sig", str(sig), "--in", "-", input=MESSAGE)
+    assert from_stdin.returncode == 0, from_stdin.stderr
+
+    unknown = signd.signctl("verify", ec_key + "-absent", "--sig", str(sig), "--in", str(msg_file))
+    assert error_line(unknown).startswith("signctl: key_not_found (error 300): ")
+
+
+def test_verify_exit_codes_with_sig_base64(signd: Daemon, ec_key: str, msg_file: Path) -> None:
+    sig = b64_signature(signd.signctl("sign", ec_key, "--in", str(msg_file)))
+    b64 = base64.b64encode(sig).decode()
+
+    valid = signd.signctl("verify", ec_key, "--sig-base64", b64, "--in", str(msg_file))
+    assert valid.returncode == 0, valid.stderr
+    invalid = signd.signctl("verify", ec_key, "--sig-base64", b64, input=b"not the message")
+    assert invalid.returncode == 1, invalid.stderr
+
+    as_json = signd.signctl("--json", "verify", ec_key, "--sig-base64", b64, "--in", str(msg_file))
+    assert json.loads(ok(as_json)) == {
+        "valid": True,
+        "key": ec_key,
+        "version": 1,
+        "algorithm": "ecdsa-p256-sha256",
+    }
+
+    unknown = signd.signctl("verify", "absent-" + ec_key, "--sig-base64", b64, input=MESSAGE)
+    assert error_line(unknown).startswith("signctl: key_not_found (error 300): ")
+    garbage = signd.signctl("verify", ec_key, "--sig-base64", "%%%", input=MESSAGE)
+    assert "base64" in error_line(garbage)
+
+
+def test_verify_digest(signd: Daemon, ec_key: str, msg_file: Path) -> None:
+    sig = b64_signature(signd.signctl("sign", ec_key, "--in", str(msg_file)))
+    b64 = base64.b64encode(sig).decode()
+    digest = hashlib.sha256(MESSAGE).hexdigest()
+    good = signd.signctl(
+        "verify", ec_key, "--sig-base64", b64, "--digest", digest, "--hash", "sha256"
+    )
+    assert good.returncode == 0, good.stderr
+    wrong = hashlib.sha256(b"other").hexdigest()
+    bad = signd.signctl(
+        "verify", ec_key, "--sig-base64", b64, "--digest", wrong, "--hash", "sha256"
+    )
+    assert bad.returncode == 1, bad.stderr
+
+
+# --------------------------------------------------------------------------
+# rotate, health
+
+
+def test_rotate(signd: Daemon, ec_key: str, msg_file: Path, tmp_path: Path) -> None:
+    old_sig = tmp_path / "v1.sig"
+    ok(signd.signctl("sign", ec_key, "--in", str(msg_file), "--out", str(old_sig)))
+    v1_pub = pubkey(signd, ec_key)
+
+    out = ok(signd.signctl("rotate", ec_key))
+    assert "current version 2" in out
+    assert re.search(r"^\s+v2\s+active\b", out, re.MULTILINE), out
+
+    new = json.loads(ok(signd.signctl("--json", "sign", ec_key, "--in", str(msg_file))))
+    assert new["version"] == 2
+    new_sig = base64.b64decode(new["signature"])
+    pubkey(signd, ec_key, "--version", "2").verify(new_sig, MESSAGE, ECDSA_SHA256)
+    assert pubkey(signd, ec_key, "--version", "1") == v1_pub
+
+    # Version 1's signature still verifies, and is reported as version 1 ...
+    old = signd.signctl("--json", "verify", ec_key, "--sig", str(old_sig), "--in", str(msg_file))
+    assert json.loads(ok(old))["version"] == 1
+    # ... but not against version 2 alone.
+    only_v2 = ("verify", ec_key, "--sig", str(old_sig), "--in", str(msg_file), "--version", "2")
+    assert signd.signctl(*only_v2).returncode == 1
+
+    info = json.loads(ok(signd.signctl("info", ec_key, "--json")))
+    assert info["current_version"] == 2
+    assert [v["version"] for v in info["versions"]] == [1, 2]
+
+
+def test_health(signd: Daemon) -> None:
+    out = ok(signd.signctl("health"))
+    assert "ready True" in out
+    assert "signd-test" in out  # the token's label
+    health = json.loads(ok(signd.signctl("health", "--json")))
+    assert health["ready"] is True
+    assert health["live"] is True
+    assert health["token"]["label"] == "signd-test"
+
+
+# --------------------------------------------------------------------------
+# errors and usage
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        pytest.param(("info", "{key}-absent"), "key_not_found (error 300)", id="key-not-found"),
+        pytest.param(
+            ("create", "{key}", "--type", "ec-p256"), "key_exists (error 302)", id="exists"
+        ),
+        pytest.param(
+            ("pubkey", "{key}", "--version", "9"), "version_not_found (error 301)", id="version"
+        ),
+        pytest.param(
+            ("sign", "{key}", "--digest", "00" * 20, "--hash", "sha256"),
+            "invalid_digest (error 201)",
+            id="digest",
+        ),
+        pytest.param(
+            ("sign", "{key}", "--padding", "pss"), "invalid_argument (error 200)", id="argument"
+        ),
+        pytest.param(("rotate", "{key}-absent"), "key_not_found (error 300)", id="rotate"),
+    ],
+)
+def test_error_answers_print_name_and_code(
+    signd: Daemon, ec_key: str, args: tuple[str, ...], expected: str
+) -> None:
+    proc = signd.signctl(*(a.format(key=ec_key) for a in args), input=MESSAGE)
+    msg = error_line(proc)
+    assert re.fullmatch(rf"signctl: {re.escape(expected)}: \S.*", msg), msg
+    assert proc.stdout == b""
+
+
+def test_no_daemon(tmp_path_factory: pytest.TempPathFactory) -> None:
+    path = str(tmp_path_factory.mktemp("nobody") / "absent.sock")
+    msg = error_line(run_signctl("--socket", path, "keys"))
+    assert "cannot connect to signd" in msg
+    assert path in msg
+
+
+@pytest.mark.parametrize("command", [None, *COMMANDS])
+def test_help_exits_0_and_documents_exit_codes(command: str | None) -> None:
+    proc = run_signctl(*([command] if command else []), "--help")
+    text = " ".join(ok(proc).split()).lower()  # undo argparse's line wrapping
+    assert text.startswith(f"usage: signctl {command or ''}".rstrip())
+    assert "exit code" in text, text
+    assert "2 error" in text, text
+
+
+def test_usage_errors_exit_2() -> None:
+    assert run_signctl().returncode == 2  # no command
+    assert run_signctl("frobnicate").returncode == 2
+    assert run_signctl("create", "k", "--type", "dsa-512").returncode == 2
+    assert run_signctl("verify", "k", "--sig", "a", "--sig-base64", "b").returncode == 2

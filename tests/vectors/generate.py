@@ -1,0 +1,850 @@
+#!/usr/bin/env python3
+"""Write ``tests/vectors/frames.json``, the golden frames of signd's wire protocol.
+
+The frames are made by the real encoder (``signd_client.protocol``), once.
+After that the JSON file *is* the contract: the daemon's tests
+(``tests/test_vectors.py``) and the Python client's tests
+(``clients/python/tests/test_vectors.py``) check that encoding each message
+gives exactly these bytes and that decoding these bytes gives the message.
+Every other client should run the same checks against the same file.
+
+Run it only when the wire format changes on purpose, and then change
+PROTOCOL.md and every client together::
+
+    .venv/bin/python tests/vectors/generate.py          # rewrite frames.json
+    .venv/bin/python tests/vectors/generate.py --check  # exit 1 if it differs
+
+Everything here is deterministic: the keys are derived from fixed seeds, the
+ECDSA signatures are RFC 6979 deterministic and Ed25519 is deterministic by
+design, so each signature in the file verifies against the public key PEM in
+the file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import struct
+import sys
+from pathlib import Path
+from typing import Any
+
+import msgpack
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, utils
+
+from signd_client import errors as e
+from signd_client.protocol import (
+    DEFAULT_MAX_FRAME,
+    PROTOCOL_VERSION,
+    CreateKeyArgs,
+    Empty,
+    Health,
+    KeyInfo,
+    KeyList,
+    KeyRefArgs,
+    KeySummary,
+    Message,
+    PublicKey,
+    PublicKeyArgs,
+    SignArgs,
+    SignResult,
+    TokenStatus,
+    VerifyArgs,
+    VerifyResult,
+    VersionInfo,
+    encode_error,
+    encode_request,
+    encode_result,
+)
+
+HERE = Path(__file__).resolve().parent
+OUT = HERE / "frames.json"
+
+# ---------------------------------------------------------------- example data
+
+KEY = "app-signing"  # an ec-p256 key with two versions
+ED_KEY = "release-ed25519"
+RSA_KEY = "legacy-rsa"
+T1 = 1735689600.25  # 2025-01-01T00:00:00.25Z
+T2 = 1738368000.5  # 2025-02-01T00:00:00.5Z
+T3 = 1740787200.0  # 2025-03-01T00:00:00Z
+MESSAGE = b"hello, world\n"
+SHA256 = hashlib.sha256(MESSAGE).digest()
+SHA384 = hashlib.sha384(MESSAGE).digest()
+
+
+def _seed(label: str) -> bytes:
+    return hashlib.sha256(b"signd test vectors: " + label.encode()).digest()
+
+
+def _ec_key(label: str) -> ec.EllipticCurvePrivateKey:
+    return ec.derive_private_key(int.from_bytes(_seed(label), "big"), ec.SECP256R1())
+
+
+def _pem(key: ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey) -> str:
+    return (
+        key.public_key()
+        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+        .decode("ascii")
+    )
+
+
+EC_V1 = _ec_key("app-signing v1")
+EC_V2 = _ec_key("app-signing v2")
+ED_V1 = ed25519.Ed25519PrivateKey.from_private_bytes(_seed("release-ed25519 v1"))
+
+SIG_DER = EC_V2.sign(SHA256, ec.ECDSA(utils.Prehashed(hashes.SHA256()), deterministic_signing=True))
+_r, _s = utils.decode_dss_signature(SIG_DER)
+SIG_RAW = _r.to_bytes(32, "big") + _s.to_bytes(32, "big")
+SIG_ED = ED_V1.sign(MESSAGE)
+
+V1 = VersionInfo(version=1, state="active", created=T1, public_key_pem=_pem(EC_V1))
+V1_OLD = VersionInfo(version=1, state="verify-only", created=T1, public_key_pem=_pem(EC_V1))
+V2 = VersionInfo(version=2, state="active", created=T2, public_key_pem=_pem(EC_V2))
+INFO_V1 = KeyInfo(name=KEY, type="ec-p256", created=T1, current_version=1, versions=(V1,))
+INFO_V2 = KeyInfo(name=KEY, type="ec-p256", created=T1, current_version=2, versions=(V1_OLD, V2))
+
+# ---------------------------------------------------------------- the vectors
+
+vectors: list[dict[str, Any]] = []
+
+
+def _json(value: Any) -> Any:
+    """A decoded msgpack value as JSON: bin becomes {"$bin": hex}."""
+    if isinstance(value, bytes):
+        return {"$bin": value.hex()}
+    if isinstance(value, dict):
+        return {k: _json(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_json(v) for v in value]
+    return value
+
+
+def _body_json(frame: bytes) -> Any:
+    (length,) = struct.unpack(">I", frame[:4])
+    assert length == len(frame) - 4
+    return _json(msgpack.unpackb(frame[4:], raw=False))
+
+
+def request(
+    name: str,
+    description: str,
+    rid: int,
+    op: str,
+    args: Message,
+    signd_response: str | None = None,
+) -> None:
+    frame = encode_request(rid, op, args)
+    vector = {
+        "name": name,
+        "description": description,
+        "direction": "request",
+        "op": op,
+        "hex": frame.hex(),
+        "message": _body_json(frame),
+    }
+    if signd_response is not None:
+        vector["signd_response"] = signd_response
+    vectors.append(vector)
+
+
+def result(name: str, description: str, rid: int, op: str, res: Message) -> None:
+    frame = encode_result(rid, res)
+    vectors.append(
+        {
+            "name": name,
+            "description": description,
+            "direction": "response",
+            "op": op,
+            "hex": frame.hex(),
+            "message": _body_json(frame),
+        }
+    )
+
+
+def error(name: str, description: str, rid: int | None, err: e.WireError) -> None:
+    frame = encode_error(rid, err)
+    vectors.append(
+        {
+            "name": name,
+            "description": description,
+            "direction": "response",
+            "op": None,
+            "hex": frame.hex(),
+            "message": _body_json(frame),
+        }
+    )
+
+
+# ---- requests: one or more for every operation
+
+request(
+    "create_key.request",
+    "create_key: generate an ec-p256 key named app-signing.",
+    1,
+    "create_key",
+    CreateKeyArgs(key=KEY, type="ec-p256"),
+)
+request("list_keys.request", "list_keys takes no arguments: args is {}.", 2, "list_keys", Empty())
+request("key_info.request", "key_info of one key.", 3, "key_info", KeyRefArgs(key=KEY))
+request(
+    "public_key.request",
+    "public_key without version: the current version.",
+    4,
+    "public_key",
+    PublicKeyArgs(key=KEY),
+)
+request(
+    "public_key.request.version",
+    "public_key of version 1.",
+    5,
+    "public_key",
+    PublicKeyArgs(key=KEY, version=1),
+)
+request(
+    "sign.request.message",
+    "sign a message; the daemon hashes it with the key type's default hash (sha256 for "
+    "ec-p256) and answers a DER ECDSA signature.",
+    6,
+    "sign",
+    SignArgs(key=KEY, message=MESSAGE),
+)
+request(
+    "sign.request.digest_raw",
+    "sign a precomputed sha256 digest (32 bytes) and ask for the raw r||s format (JOSE).",
+    7,
+    "sign",
+    SignArgs(key=KEY, digest=SHA256, hash="sha256", format="raw"),
+)
+request(
+    "sign.request.digest_pss",
+    "sign a precomputed sha384 digest (48 bytes) with an RSA key, PSS padding.",
+    8,
+    "sign",
+    SignArgs(key=RSA_KEY, digest=SHA384, hash="sha384", padding="pss"),
+)
+request(
+    "sign.request.ed25519",
+    "sign with an ed25519 key: always the message, never hash, padding or format.",
+    9,
+    "sign",
+    SignArgs(key=ED_KEY, message=MESSAGE),
+)
+request(
+    "verify.request.version",
+    "verify a DER signature over a message against version 2 only.",
+    10,
+    "verify",
+    VerifyArgs(key=KEY, signature=SIG_DER, message=MESSAGE, version=2),
+)
+request(
+    "verify.request.digest",
+    "verify a raw r||s signature over a sha256 digest against every version, newest first.",
+    11,
+    "verify",
+    VerifyArgs(key=KEY, signature=SIG_RAW, digest=SHA256, hash="sha256", format="raw"),
+)
+request(
+    "key_info.request.missing",
+    "key_info of a key that does not exist; signd answers error.key_not_found.",
+    27,
+    "key_info",
+    KeyRefArgs(key="no-such-key"),
+    "error.key_not_found",
+)
+request(
+    "sign.request.short_digest",
+    "a well-formed sign request whose digest is 31 bytes where sha256 needs 32; signd "
+    "answers error.invalid_digest.",
+    25,
+    "sign",
+    SignArgs(key=KEY, digest=SHA256[:31], hash="sha256"),
+    "error.invalid_digest",
+)
+request(
+    "rotate.request",
+    "rotate: add version 2 and make it current.",
+    12,
+    "rotate",
+    KeyRefArgs(key=KEY),
+)
+request(
+    "health.request",
+    "health, with the largest request id there is (2**64 - 1, a msgpack uint 64).",
+    (1 << 64) - 1,
+    "health",
+    Empty(),
+)
+
+# ---- results: one or more for every operation
+
+result(
+    "create_key.result",
+    "the new key: version 1, active and current.",
+    1,
+    "create_key",
+    INFO_V1,
+)
+result(
+    "list_keys.result",
+    "every key, sorted by name, without versions.",
+    2,
+    "list_keys",
+    KeyList(
+        keys=(
+            KeySummary(name=KEY, type="ec-p256", created=T1, current_version=2),
+            KeySummary(name=RSA_KEY, type="rsa-2048", created=T2, current_version=1),
+            KeySummary(name=ED_KEY, type="ed25519", created=T3, current_version=1),
+        )
+    ),
+)
+result("list_keys.result.empty", "no keys on the token.", 2, "list_keys", KeyList(keys=()))
+result(
+    "key_info.result",
+    "a key after one rotation: version 1 verify-only, version 2 active and current; "
+    "versions in ascending order.",
+    3,
+    "key_info",
+    INFO_V2,
+)
+result(
+    "public_key.result",
+    "the current version's public key as SubjectPublicKeyInfo PEM.",
+    4,
+    "public_key",
+    PublicKey(name=KEY, version=2, type="ec-p256", public_key_pem=_pem(EC_V2)),
+)
+result(
+    "public_key.result.ed25519",
+    "an Ed25519 public key; sign.result.ed25519 verifies against it.",
+    13,
+    "public_key",
+    PublicKey(name=ED_KEY, version=1, type="ed25519", public_key_pem=_pem(ED_V1)),
+)
+result(
+    "sign.result.der",
+    "an ECDSA P-256 signature in DER by version 2; it verifies against public_key.result.",
+    6,
+    "sign",
+    SignResult(signature=SIG_DER, key=KEY, version=2, algorithm="ecdsa-p256-sha256"),
+)
+result(
+    "sign.result.raw",
+    "the same signature as raw r||s, 64 bytes (32 each, big-endian, zero-padded).",
+    7,
+    "sign",
+    SignResult(signature=SIG_RAW, key=KEY, version=2, algorithm="ecdsa-p256-sha256"),
+)
+result(
+    "sign.result.ed25519",
+    "a pure Ed25519 signature, 64 bytes.",
+    9,
+    "sign",
+    SignResult(signature=SIG_ED, key=ED_KEY, version=1, algorithm="ed25519"),
+)
+result(
+    "verify.result.valid",
+    "a valid signature: the version that verified it and the algorithm.",
+    10,
+    "verify",
+    VerifyResult(valid=True, key=KEY, version=2, algorithm="ecdsa-p256-sha256"),
+)
+result(
+    "verify.result.invalid",
+    "an invalid signature is an answer, not an error: valid is false and version and "
+    "algorithm are absent.",
+    11,
+    "verify",
+    VerifyResult(valid=False, key=KEY),
+)
+result(
+    "rotate.result",
+    "rotate answers the key's KeyInfo with the new current_version.",
+    12,
+    "rotate",
+    INFO_V2,
+)
+result(
+    "health.result.ready",
+    "a ready daemon with its token.",
+    (1 << 64) - 1,
+    "health",
+    Health(
+        status="ok",
+        live=True,
+        ready=True,
+        daemon_version="0.1.0",
+        protocol_version=PROTOCOL_VERSION,
+        uptime=3600.5,
+        keys=3,
+        token=TokenStatus(
+            label="signd",
+            manufacturer="SoftHSM project",
+            model="SoftHSM v2",
+            serial="8d3c0f5a1b2e4c67",
+            logged_in=True,
+        ),
+    ),
+)
+result(
+    "health.result.unavailable",
+    "a live daemon that is not ready: token absent, detail present.",
+    0,
+    "health",
+    Health(
+        status="unavailable",
+        live=True,
+        ready=False,
+        daemon_version="0.1.0",
+        protocol_version=PROTOCOL_VERSION,
+        uptime=0.75,
+        keys=0,
+        detail="the token is not open or the keys are not loaded",
+    ),
+)
+
+# ---- errors: every code
+
+error(
+    "error.malformed_frame",
+    "the frame body was not a msgpack map; id is nil; the connection stays open.",
+    None,
+    e.MalformedFrame("frame body must be a map, got array"),
+)
+error(
+    "error.frame_too_large",
+    "the length prefix exceeded the limit; id is nil; the daemon then closes the connection.",
+    None,
+    e.FrameTooLarge(
+        f"frame of {DEFAULT_MAX_FRAME + 1} bytes exceeds the limit of {DEFAULT_MAX_FRAME} bytes"
+    ),
+)
+error(
+    "error.unsupported_version",
+    "the request had v = 2.",
+    21,
+    e.UnsupportedVersion("protocol version 2 is not supported; this daemon speaks 1"),
+)
+error(
+    "error.unknown_operation",
+    "the request named an op that does not exist.",
+    22,
+    e.UnknownOperation("unknown operation 'frobnicate'"),
+)
+error(
+    "error.invalid_request",
+    "the envelope had a field other than v, id, op and args.",
+    23,
+    e.InvalidRequest("unknown envelope field 'deadline'"),
+)
+error(
+    "error.invalid_request.no_id",
+    "the request's id was missing or not a uint64, so the answer has id nil.",
+    None,
+    e.InvalidRequest("field 'id' must be an unsigned integer below 2**64"),
+)
+error(
+    "error.invalid_argument",
+    "an argument had the wrong type (bin where str is required).",
+    24,
+    e.InvalidArgument("field 'key': expected str, got bin"),
+)
+error(
+    "error.invalid_digest",
+    "a digest whose length does not match the named hash.",
+    25,
+    e.InvalidDigest("a sha256 digest is 32 bytes, got 31"),
+)
+error(
+    "error.unsupported_algorithm",
+    "create_key with a key type signd does not have.",
+    26,
+    e.UnsupportedAlgorithm(
+        "unknown key type 'dsa-1024'; supported: ec-p256, ec-p384, ed25519, rsa-2048, "
+        "rsa-3072, rsa-4096"
+    ),
+)
+error(
+    "error.key_not_found", "no key of that name.", 27, e.KeyNotFound("no key named 'no-such-key'")
+)
+error(
+    "error.version_not_found",
+    "the key exists but has no such version.",
+    28,
+    e.VersionNotFound("key 'app-signing' has no version 9"),
+)
+error(
+    "error.key_exists",
+    "create_key with a name already taken.",
+    29,
+    e.KeyExists("a key named 'app-signing' already exists"),
+)
+error(
+    "error.internal_error",
+    "a bug in signd; the details are in its log.",
+    30,
+    e.InternalError("internal error; see daemon log"),
+)
+error(
+    "error.token_unavailable",
+    "the token cannot be reached; retryable.",
+    31,
+    e.TokenUnavailable("token unavailable during sign: DeviceRemoved"),
+)
+error(
+    "error.token_error",
+    "the token refused or failed the operation.",
+    32,
+    e.TokenError("token failed key generation: GeneralError"),
+)
+error(
+    "error.busy",
+    "the token's queue is full; retryable; the connection stays open.",
+    33,
+    e.Busy("token queue is full (65536 signatures waiting)"),
+)
+error(
+    "error.busy.connection",
+    "too many connections: sent with id nil right after accept, then the daemon closes.",
+    None,
+    e.Busy("too many connections; try again later"),
+)
+error(
+    "error.shutting_down",
+    "the daemon is stopping: sent with id nil right after accept, then the daemon closes.",
+    None,
+    e.ShuttingDown("signd is shutting down"),
+)
+error(
+    "error.deadline_exceeded",
+    "the request was not finished within the daemon's request_timeout; retryable.",
+    34,
+    e.DeadlineExceeded("key look-up timed out"),
+)
+
+# ---------------------------------------------------------------- hand-made frames
+
+
+def _raw(body: bytes) -> bytes:
+    return struct.pack(">I", len(body)) + body
+
+
+def _pack(obj: Any) -> bytes:
+    return _raw(msgpack.packb(obj, use_bin_type=True))
+
+
+def _error_ref(rid: int | None, err: type[e.WireError]) -> dict[str, Any]:
+    return {"id": rid, "code": int(err.code), "name": err.code.name.lower()}
+
+
+rejected: list[dict[str, Any]] = []
+
+
+def reject(
+    name: str,
+    description: str,
+    frame: bytes,
+    rid: int | None,
+    err: type[e.WireError],
+    signd_response: str | None = None,
+) -> None:
+    try:
+        message = _body_json(frame)
+    except Exception:
+        message = None  # not msgpack at all
+    rejected.append(
+        {
+            "name": name,
+            "description": description,
+            "hex": frame.hex(),
+            "message": message,
+            "error": _error_ref(rid, err),
+            "signd_response": signd_response,
+        }
+    )
+
+
+OK_ARGS = {"key": KEY}
+reject("not_msgpack", "0xc1 is never valid msgpack.", _raw(b"\xc1"), None, e.MalformedFrame)
+reject(
+    "trailing_bytes",
+    "a valid request followed by one more byte inside the same frame.",
+    _raw(msgpack.packb({"v": 1, "id": 40, "op": "health", "args": {}}) + b"\x00"),
+    None,
+    e.MalformedFrame,
+)
+reject("empty_body", "a frame of length 0.", _raw(b""), None, e.MalformedFrame)
+reject(
+    "not_a_map",
+    "the body is an array.",
+    _pack([1, 2]),
+    None,
+    e.MalformedFrame,
+    "error.malformed_frame",
+)
+reject(
+    "int_map_key",
+    "map keys must be str; an int key is a malformed frame.",
+    _pack({1: 2}),
+    None,
+    e.MalformedFrame,
+)
+reject(
+    "frame_too_large",
+    "only the 4-byte length prefix: 1048577 > 1048576 is refused before any body arrives.",
+    struct.pack(">I", DEFAULT_MAX_FRAME + 1),
+    None,
+    e.FrameTooLarge,
+    "error.frame_too_large",
+)
+reject(
+    "id_missing",
+    "no id: the answer cannot name the request.",
+    _pack({"v": 1, "op": "health", "args": {}}),
+    None,
+    e.InvalidRequest,
+    "error.invalid_request.no_id",
+)
+reject(
+    "id_negative",
+    "ids are unsigned.",
+    _pack({"v": 1, "id": -1, "op": "health", "args": {}}),
+    None,
+    e.InvalidRequest,
+)
+reject(
+    "id_bool",
+    "true is not an integer.",
+    _pack({"v": 1, "id": True, "op": "health", "args": {}}),
+    None,
+    e.InvalidRequest,
+)
+reject(
+    "id_float",
+    "1.0 is not an integer.",
+    _pack({"v": 1, "id": 1.0, "op": "health", "args": {}}),
+    None,
+    e.InvalidRequest,
+)
+reject(
+    "id_str",
+    "a str id.",
+    _pack({"v": 1, "id": "41", "op": "health", "args": {}}),
+    None,
+    e.InvalidRequest,
+)
+reject(
+    "v_2",
+    "protocol version 2.",
+    _pack({"v": 2, "id": 21, "op": "health", "args": {}}),
+    21,
+    e.UnsupportedVersion,
+    "error.unsupported_version",
+)
+reject(
+    "v_missing",
+    "no protocol version.",
+    _pack({"id": 42, "op": "health", "args": {}}),
+    42,
+    e.UnsupportedVersion,
+)
+reject(
+    "op_missing",
+    "no op.",
+    _pack({"v": 1, "id": 43, "args": {}}),
+    43,
+    e.InvalidRequest,
+)
+reject(
+    "op_not_str",
+    "op is an int.",
+    _pack({"v": 1, "id": 44, "op": 5, "args": {}}),
+    44,
+    e.InvalidRequest,
+)
+reject(
+    "op_unknown",
+    "an op that does not exist.",
+    _pack({"v": 1, "id": 22, "op": "frobnicate", "args": {}}),
+    22,
+    e.UnknownOperation,
+    "error.unknown_operation",
+)
+reject(
+    "envelope_unknown_field",
+    "a field other than v, id, op and args in the envelope.",
+    _pack({"v": 1, "id": 23, "op": "health", "args": {}, "deadline": 5}),
+    23,
+    e.InvalidRequest,
+    "error.invalid_request",
+)
+reject(
+    "args_not_a_map",
+    "args is an array.",
+    _pack({"v": 1, "id": 45, "op": "key_info", "args": [KEY]}),
+    45,
+    e.InvalidArgument,
+)
+reject(
+    "args_unknown_field",
+    "an argument the op does not have is rejected, never ignored.",
+    _pack({"v": 1, "id": 46, "op": "sign", "args": {"key": KEY, "message": MESSAGE, "salt": 0}}),
+    46,
+    e.InvalidArgument,
+)
+reject(
+    "args_unknown_field_nil",
+    "an unknown argument is rejected even when its value is nil.",
+    _pack({"v": 1, "id": 47, "op": "list_keys", "args": {"verbose": None}}),
+    47,
+    e.InvalidArgument,
+)
+reject(
+    "args_missing_required",
+    "key_info without key.",
+    _pack({"v": 1, "id": 48, "op": "key_info", "args": {}}),
+    48,
+    e.InvalidArgument,
+)
+reject(
+    "args_required_nil",
+    "a required argument sent as nil counts as missing.",
+    _pack({"v": 1, "id": 49, "op": "key_info", "args": {"key": None}}),
+    49,
+    e.InvalidArgument,
+)
+reject(
+    "args_key_bin",
+    "key must be a msgpack str, not bin.",
+    _pack({"v": 1, "id": 24, "op": "key_info", "args": {"key": KEY.encode()}}),
+    24,
+    e.InvalidArgument,
+    "error.invalid_argument",
+)
+reject(
+    "args_message_str",
+    "message must be a msgpack bin, not str.",
+    _pack({"v": 1, "id": 50, "op": "sign", "args": {"key": KEY, "message": "hello"}}),
+    50,
+    e.InvalidArgument,
+)
+reject(
+    "args_version_bool",
+    "version must be an int; true is not one.",
+    _pack({"v": 1, "id": 51, "op": "public_key", "args": {**OK_ARGS, "version": True}}),
+    51,
+    e.InvalidArgument,
+)
+reject(
+    "args_version_float",
+    "version must be an int; 1.0 is a float.",
+    _pack({"v": 1, "id": 52, "op": "public_key", "args": {**OK_ARGS, "version": 1.0}}),
+    52,
+    e.InvalidArgument,
+)
+
+accepted: list[dict[str, Any]] = []
+
+
+def accept(name: str, description: str, frame: bytes, rid: int, op: str, args: Any) -> None:
+    accepted.append(
+        {
+            "name": name,
+            "description": description,
+            "hex": frame.hex(),
+            "message": _body_json(frame),
+            "request": {"id": rid, "op": op, "args": _json(args)},
+        }
+    )
+
+
+accept(
+    "keys_reordered",
+    "the same sign request with every map's keys in another order.",
+    _pack({"args": {"message": MESSAGE, "key": KEY}, "op": "sign", "id": 6, "v": 1}),
+    6,
+    "sign",
+    {"key": KEY, "message": MESSAGE},
+)
+accept(
+    "optional_nil",
+    "optional arguments sent as nil are the same as absent.",
+    _pack(
+        {
+            "v": 1,
+            "id": 4,
+            "op": "public_key",
+            "args": {"key": KEY, "version": None},
+        }
+    ),
+    4,
+    "public_key",
+    {"key": KEY},
+)
+accept(
+    "args_omitted",
+    "args may be left out when the op has no required argument.",
+    _pack({"v": 1, "id": 60, "op": "list_keys"}),
+    60,
+    "list_keys",
+    {},
+)
+accept(
+    "wide_int",
+    "an id in a wider msgpack int than needed (uint 64 holding 7) is the same id.",
+    _raw(b"\x84\xa1v\x01\xa2id\xcf" + (7).to_bytes(8, "big") + b"\xa2op\xa6health\xa4args\x80"),
+    7,
+    "health",
+    {},
+)
+
+
+def document() -> dict[str, Any]:
+    return {
+        "about": (
+            "Golden frames of the signd wire protocol (see PROTOCOL.md). 'hex' is the whole "
+            "frame: the 4-byte big-endian length, then the msgpack body. 'message' is the body "
+            'as JSON; a msgpack bin value is written {"$bin": "<hex>"}; a JSON number with '
+            "a decimal point is a msgpack float 64, one without is a msgpack int. 'vectors' "
+            "are exactly what signd's encoder writes (map keys in that order). "
+            "'rejected_requests' must be answered with the given error code and id (messages "
+            "are for humans and may differ). 'accepted_requests' are not what signd's encoder "
+            "writes but must decode to 'request'. Generated by generate.py; do not edit."
+        ),
+        "protocol_version": PROTOCOL_VERSION,
+        "max_frame": DEFAULT_MAX_FRAME,
+        "vectors": vectors,
+        "rejected_requests": rejected,
+        "accepted_requests": accepted,
+    }
+
+
+def render() -> str:
+    return json.dumps(document(), indent=2, ensure_ascii=True) + "\n"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument(
+        "--check", action="store_true", help="compare with frames.json instead of writing it"
+    )
+    opts = parser.parse_args()
+    text = render()
+    if opts.check:
+        if OUT.read_text() != text:
+            print(f"{OUT} differs from what the encoder writes now", file=sys.stderr)
+            return 1
+        print(f"{OUT} is up to date")
+        return 0
+    OUT.write_text(text)
+    print(
+        f"wrote {len(vectors)} vectors, {len(rejected)} rejected and {len(accepted)} accepted "
+        f"requests to {OUT}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
