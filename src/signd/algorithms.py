@@ -160,7 +160,7 @@ def _check(kt: KeyType, args: SignArgs | VerifyArgs) -> _Checked:
                 raise InvalidArgument(f"field '{name}' does not apply to ed25519 keys")
         return _Checked(None, None, Scheme.EDDSA, "ed25519", False)
 
-    hash_name = args.hash or kt.default_hash
+    hash_name = kt.default_hash if args.hash is None else args.hash
     assert hash_name is not None
     h = HASHES.get(hash_name)
     if h is None:
@@ -180,14 +180,14 @@ def _check(kt: KeyType, args: SignArgs | VerifyArgs) -> _Checked:
     if kt.family is Family.EC:
         if args.padding is not None:
             raise InvalidArgument("field 'padding' applies to RSA keys only")
-        fmt = args.format or "der"
+        fmt = "der" if args.format is None else args.format
         if fmt not in FORMATS:
             raise InvalidArgument(f"field 'format' must be one of {', '.join(FORMATS)}")
         return _Checked(h, digest, Scheme.ECDSA, f"ecdsa-p{kt.bits}-{h.name}", fmt == "raw")
 
     if args.format is not None:
         raise InvalidArgument("field 'format' applies to ECDSA keys only")
-    pad = args.padding or "pkcs1v15"
+    pad = "pkcs1v15" if args.padding is None else args.padding
     if pad not in PADDINGS:
         raise InvalidArgument(f"field 'padding' must be one of {', '.join(PADDINGS)}")
     scheme = Scheme.RSA_PSS if pad == "pss" else Scheme.RSA_PKCS1

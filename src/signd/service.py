@@ -71,6 +71,7 @@ SlowWork = Callable[[], Awaitable[None]]
 
 #: A key this process does not know is looked up on the token at most this often.
 REFRESH_INTERVAL: Final = 1.0
+MAX_LOOKUPS_TRACKED: Final = 4096
 
 
 class Service:
@@ -87,7 +88,7 @@ class Service:
         self._clock = clock
         self._started = time.monotonic()
         self._admin_lock = trio.Lock()
-        self._last_refresh = -REFRESH_INTERVAL
+        self._looked_up: dict[str, float] = {}
         self.loaded = False
 
     @property
@@ -242,9 +243,7 @@ class Service:
     async def _lookup_then_handle(self, req: Request, name: str, reply: Reply) -> None:
         """A key this process has not seen: another process may have made it."""
         try:
-            now = time.monotonic()
-            if now - self._last_refresh >= REFRESH_INTERVAL:
-                self._last_refresh = now
+            if self._may_look_up(name):
                 with trio.fail_after(self.request_timeout):
                     await self._refresh(name)
             if name not in self.keystore:
@@ -261,6 +260,25 @@ class Service:
             return
         for work in self.handle([req], reply):  # now known: answered without slow work
             await work()
+
+    def _may_look_up(self, name: str) -> bool:
+        """At most one token look-up per unknown name per REFRESH_INTERVAL.
+
+        Requests for names that do not exist must not turn into a stream of
+        token searches; the table is bounded so random names cannot grow it.
+        """
+        now = time.monotonic()
+        last = self._looked_up.get(name)
+        if last is not None and now - last < REFRESH_INTERVAL:
+            return False
+        if len(self._looked_up) >= MAX_LOOKUPS_TRACKED:
+            self._looked_up = {
+                n: t for n, t in self._looked_up.items() if now - t < REFRESH_INTERVAL
+            }
+            if len(self._looked_up) >= MAX_LOOKUPS_TRACKED:
+                return False
+        self._looked_up[name] = now
+        return True
 
     async def _refresh(self, name: str) -> LoadedKey | None:
         blobs = await self.token.load_metadata(name)

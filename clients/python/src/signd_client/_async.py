@@ -17,9 +17,16 @@ from typing import Any, Concatenate, ParamSpec, Protocol, TypeVar
 
 from . import _calls
 from ._calls import Call
-from ._common import RETRY_BACKOFF, Settings, parse_response, resolve_socket, retry_allowed
+from ._common import (
+    RETRY_BACKOFF,
+    Settings,
+    encode_call,
+    parse_response,
+    resolve_socket,
+    retry_allowed,
+)
 from .errors import ConnectionFailed, ProtocolViolation, RequestTimeout, SigndError
-from .protocol import FrameDecoder, Message, Response, decode_response, encode_request
+from .protocol import DEFAULT_MAX_FRAME, FrameDecoder, Message, Response, decode_response
 
 __all__ = ["AsyncClient"]
 
@@ -136,7 +143,7 @@ class _AsyncConnection:
     async def request(self, call: Call[Any], deadline: float) -> Response:
         rid = next(self.ids)
         try:
-            await self.stream.send(encode_request(rid, call.op, call.args), _left(deadline))
+            await self.stream.send(encode_call(rid, call, self.decoder.max_frame), _left(deadline))
             while True:
                 for body in self.decoder.frames():
                     resp = decode_response(body)
@@ -195,8 +202,9 @@ class AsyncClient:
         timeout: float = 30.0,
         pool_size: int = 16,
         retries: int = 3,
+        max_frame: int = DEFAULT_MAX_FRAME,
     ) -> None:
-        self.settings = Settings(resolve_socket(socket_path), timeout, retries)
+        self.settings = Settings(resolve_socket(socket_path), timeout, retries, max_frame)
         self._pool_size = pool_size
         self._idle: list[_AsyncConnection] = []
         self._closed = False

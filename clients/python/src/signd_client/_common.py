@@ -8,8 +8,15 @@ from dataclasses import dataclass
 from typing import Any, Final, TypeVar
 
 from ._calls import Call
-from .errors import ConnectionFailed, InvalidArgument, ProtocolViolation, SigndError, WireError
-from .protocol import DEFAULT_MAX_FRAME, Message, Response
+from .errors import (
+    ConnectionFailed,
+    FrameTooLarge,
+    InvalidArgument,
+    ProtocolViolation,
+    SigndError,
+    WireError,
+)
+from .protocol import DEFAULT_MAX_FRAME, HEADER, Message, Response, encode_request
 
 DEFAULT_SOCKET: Final = "/run/signd/signd.sock"
 RETRY_BACKOFF: Final = 0.05
@@ -37,6 +44,22 @@ def retry_allowed(
     if not call.idempotent or attempt > retries or time.monotonic() >= deadline:
         return False
     return isinstance(exc, ConnectionFailed) or (isinstance(exc, WireError) and exc.retryable)
+
+
+def encode_call(request_id: int, call: Call[Any], max_frame: int) -> bytes:
+    """The request's frame.
+
+    Raises:
+        FrameTooLarge: the frame would exceed ``max_frame`` (checked here, so a
+            request the daemon would refuse is never sent).
+    """
+    frame = encode_request(request_id, call.op, call.args)
+    if len(frame) - HEADER.size > max_frame:
+        raise FrameTooLarge(
+            f"{call.op} request of {len(frame) - HEADER.size} bytes exceeds the frame limit "
+            f"of {max_frame} bytes"
+        )
+    return frame
 
 
 def parse_response(call: Call[R], resp: Response) -> R:

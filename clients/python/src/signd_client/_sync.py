@@ -11,9 +11,16 @@ from typing import Any, Concatenate, ParamSpec, TypeVar
 
 from . import _calls
 from ._calls import Call
-from ._common import RETRY_BACKOFF, Settings, parse_response, resolve_socket, retry_allowed
+from ._common import (
+    RETRY_BACKOFF,
+    Settings,
+    encode_call,
+    parse_response,
+    resolve_socket,
+    retry_allowed,
+)
 from .errors import ConnectionFailed, ProtocolViolation, RequestTimeout, SigndError
-from .protocol import FrameDecoder, Message, Response, decode_response, encode_request
+from .protocol import DEFAULT_MAX_FRAME, FrameDecoder, Message, Response, decode_response
 
 __all__ = ["Client"]
 
@@ -42,7 +49,7 @@ class _Connection:
         rid = next(self.ids)
         try:
             self.sock.settimeout(max(deadline - time.monotonic(), 0.001))
-            self.sock.sendall(encode_request(rid, call.op, call.args))
+            self.sock.sendall(encode_call(rid, call, self.decoder.max_frame))
             while True:
                 for body in self.decoder.frames():
                     resp = decode_response(body)
@@ -90,8 +97,9 @@ class Client:
         timeout: float = 30.0,
         pool_size: int = 8,
         retries: int = 3,
+        max_frame: int = DEFAULT_MAX_FRAME,
     ) -> None:
-        self.settings = Settings(resolve_socket(socket_path), timeout, retries)
+        self.settings = Settings(resolve_socket(socket_path), timeout, retries, max_frame)
         self._pool_size = pool_size
         self._idle: list[_Connection] = []
         self._lock = threading.Lock()

@@ -138,13 +138,13 @@ class UnknownOperation(WireError):
 
 
 class InvalidRequest(WireError):
-    """The envelope (``v``, ``id``, ``op``, ``args``) is missing or mistyped."""
+    """The envelope's ``id`` or ``op`` is missing or mistyped, or it has unknown fields."""
 
     code = ErrorCode.INVALID_REQUEST
 
 
 class InvalidArgument(WireError):
-    """An argument is missing, unknown, of the wrong type or out of range."""
+    """``args`` is not a map, or an argument is missing, unknown, mistyped or invalid."""
 
     code = ErrorCode.INVALID_ARGUMENT
 
@@ -156,7 +156,7 @@ class InvalidDigest(WireError):
 
 
 class UnsupportedAlgorithm(WireError):
-    """The key type, hash, padding or format is not supported for this key."""
+    """The key type or hash algorithm is not one signd or the token supports."""
 
     code = ErrorCode.UNSUPPORTED_ALGORITHM
 

@@ -481,9 +481,10 @@ def decode_request(body: bytes) -> Request | BadRequest:
     try:
         if rid is None:
             raise InvalidRequest("field 'id' must be an unsigned integer below 2**64")
-        if obj.get("v") != PROTOCOL_VERSION:
+        version = obj.get("v")
+        if type(version) is not int or version != PROTOCOL_VERSION:
             raise UnsupportedVersion(
-                f"protocol version {obj.get('v')!r} is not supported; this daemon speaks "
+                f"protocol version {version!r} is not supported; this daemon speaks "
                 f"{PROTOCOL_VERSION}"
             )
         op = obj.get("op")
@@ -495,7 +496,8 @@ def decode_request(body: bytes) -> Request | BadRequest:
         unknown = set(obj) - {"v", "id", "op", "args"}
         if unknown:
             raise InvalidRequest(f"unknown envelope field {sorted(map(str, unknown))[0]!r}")
-        return Request(rid, op, spec[0].from_wire(obj.get("args", {})))
+        args = obj.get("args")
+        return Request(rid, op, spec[0].from_wire({} if args is None else args))
     except WireError as exc:
         return BadRequest(rid, exc)
 
@@ -510,7 +512,7 @@ def decode_response(body: bytes) -> Response:
         obj = _unpack(body)
     except MalformedFrame as exc:
         raise ProtocolViolation(exc.message) from None
-    if not isinstance(obj, dict) or obj.get("v") != PROTOCOL_VERSION:
+    if not isinstance(obj, dict) or type(obj.get("v")) is not int or obj["v"] != PROTOCOL_VERSION:
         raise ProtocolViolation("response is not a version-1 map")
     rid = obj.get("id")
     if rid is not None and type(rid) is not int:
