@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import json
 import os
 import socket
 import struct
@@ -38,6 +39,7 @@ from signd_client.errors import (
 )
 
 HEADER = struct.Struct(">I")
+ECPublicKey = ec.EllipticCurvePublicKey
 MAX_FRAME = 1 << 20  # the documented default limit
 
 
@@ -114,7 +116,7 @@ def still_works(sock: socket.socket, rid: int = 424242) -> None:
 @dataclass(frozen=True)
 class Keys:
     ec: str
-    ec_public: ec.EllipticCurvePublicKey
+    ec_public: ECPublicKey
     ed: str
     rsa: str
 
@@ -272,6 +274,19 @@ def served_throughout(daemon: Daemon, keys: Keys) -> Iterator[Bystander]:
     assert b.answered >= 2
     assert daemon.proc is not None
     assert daemon.proc.poll() is None, "signd died"
+    check_log(daemon)
+
+
+def check_log(daemon: Daemon) -> None:
+    """The daemon's log is JSON lines (no stray traceback) and never shows the PIN."""
+    text = daemon.logs()
+    assert daemon.token.pin not in text, "the PIN appears in the daemon's log"
+    for line in text.splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            pytest.fail(f"a log line is not JSON: {line!r}\n{text[-4000:]}")
+        assert {"ts", "level", "msg"} <= record.keys(), line
 
 
 @pytest.fixture(autouse=True)

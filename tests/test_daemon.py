@@ -150,6 +150,7 @@ class Key:
 def client(signd: Daemon) -> Iterator[Client]:
     with signd.client() as c:
         yield c
+    assert signd.token.pin not in signd.logs(), "the PIN appears in the daemon's log"
 
 
 @pytest.fixture(scope="module")

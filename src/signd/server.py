@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import math
 import os
 import socket
 import stat
@@ -34,6 +35,8 @@ __all__ = ["Limits", "Server", "ListenerError", "open_listener"]
 log = logging.getLogger("signd.server")
 
 RECEIVE_SIZE: Final = 65536
+#: During shutdown, a connection whose client sent nothing for this long is done.
+DRAIN_IDLE: Final = 0.05
 SD_LISTEN_FDS_START: Final = 3
 
 
@@ -202,12 +205,17 @@ class Server:
         self._accepting = trio.CancelScope()
         self._readers: set[trio.CancelScope] = set()
         self._stopping = False
+        self._drain_deadline = math.inf
 
     def shutdown(self) -> None:
-        """Stop accepting and reading; answers in flight are still sent."""
+        """Stop accepting; answer what clients already sent, then close.
+
+        Must be called from trio (it reads the trio clock).
+        """
         if self._stopping:
             return
         self._stopping = True
+        self._drain_deadline = trio.current_time() + self.limits.drain_timeout
         self._accepting.cancel()
         for scope in list(self._readers):
             scope.cancel()
@@ -238,58 +246,75 @@ class Server:
             await listener.aclose()
 
     async def _serve_connection(self, stream: trio.SocketStream) -> None:
+        # Whatever happens on one connection stays on it: this task never
+        # raises, so no client can take the daemon or its other clients down.
         self.connections += 1
         try:
             if self.connections > self.limits.max_connections:
                 await self._refuse(stream, Busy("too many connections; try again later"))
-                return
-            if self._stopping:
+            elif self._stopping:
                 await self._refuse(stream, ShuttingDown("signd is shutting down"))
-                return
-            conn = _Connection(stream, self.limits)
-            async with stream:
-                try:
-                    async with trio.open_nursery() as nursery:
-                        nursery.start_soon(conn.writer)
-                        await self._read(conn, nursery)
-                        # Drain: the writer ends once every answer in flight is
-                        # sent; the nursery waits for it, within the drain time-out.
-                        conn.finish()
-                        nursery.cancel_scope.deadline = (
-                            trio.current_time() + self.limits.drain_timeout
-                        )
-                    if nursery.cancel_scope.cancelled_caught:
-                        log.warning("drain timed out", extra={"inflight": conn.inflight})
-                except (trio.BrokenResourceError, trio.ClosedResourceError):
-                    pass  # the peer went away; nothing to answer to
+            else:
+                await self._converse(_Connection(stream, self.limits))
+        except* (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            pass  # the peer went away; there is no one left to answer
+        except* Exception as group:
+            log.error("connection failed", exc_info=group)
         finally:
             self.connections -= 1
+            with trio.CancelScope(shield=True):
+                await stream.aclose()
+
+    async def _converse(self, conn: _Connection) -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(conn.writer)
+            await self._read(conn, nursery)
+            # The writer ends once every answer in flight is sent; the nursery
+            # waits for it (and for slow work), within the drain time-out.
+            conn.finish()
+            nursery.cancel_scope.deadline = min(
+                self._drain_deadline, trio.current_time() + self.limits.drain_timeout
+            )
+        if nursery.cancel_scope.cancelled_caught:
+            log.warning("drain timed out", extra={"inflight": conn.inflight})
 
     async def _refuse(self, stream: trio.SocketStream, error: Busy | ShuttingDown) -> None:
         with trio.move_on_after(1.0):
-            try:
-                await stream.send_all(encode_error(None, error))
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                pass
-        await stream.aclose()
+            await stream.send_all(encode_error(None, error))
 
     async def _read(self, conn: _Connection, nursery: trio.Nursery) -> None:
-        scope = trio.CancelScope()
-        self._readers.add(scope)
-        try:
-            with scope:
-                if self._stopping:
+        """Read and dispatch until EOF, a fatal frame, or the end of a shutdown.
+
+        On shutdown a blocked read is interrupted, and the reader goes on only
+        while the client's bytes keep arriving (requests it already sent are
+        in flight, and are answered), until the socket stays idle for
+        ``DRAIN_IDLE`` or the drain deadline passes.
+        """
+        while True:
+            await conn.wait_readable()
+            if self._stopping:
+                idle = min(DRAIN_IDLE, self._drain_deadline - trio.current_time())
+                with trio.move_on_after(max(idle, 0)):
+                    data = await conn.stream.receive_some(RECEIVE_SIZE)
+                    if data:
+                        conn.decoder.receive_data(data)
+                        if not self._dispatch(conn, nursery):
+                            return
+                        continue
                     return
-                while True:
-                    await conn.wait_readable()
+                return  # idle: the client has sent nothing more
+            scope = trio.CancelScope()
+            self._readers.add(scope)
+            try:
+                with scope:
                     data = await conn.stream.receive_some(RECEIVE_SIZE)
                     if not data:
                         return
                     conn.decoder.receive_data(data)
                     if not self._dispatch(conn, nursery):
                         return
-        finally:
-            self._readers.discard(scope)
+            finally:
+                self._readers.discard(scope)
 
     def _dispatch(self, conn: _Connection, nursery: trio.Nursery) -> bool:
         """Handle every complete frame; False when the stream must be closed."""
