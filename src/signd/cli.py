@@ -20,7 +20,7 @@ from . import __version__
 from .config import Config, ConfigError, Secret, load_config, read_pin
 from .errors import WireError
 from .log import setup_logging
-from .server import Limits, ListenerError, Server, open_listener, systemd_socket
+from .server import ListenerError, Server, open_listener, systemd_socket
 from .service import Service
 from .token import Token
 
@@ -58,16 +58,7 @@ async def _run(cfg: Config, pin: Secret) -> int:
     lim = cfg.limits
     token = Token(cfg.token.module, cfg.token.label, pin.reveal(), queue_limit=lim.token_queue)
     service = Service(token, request_timeout=lim.request_timeout)
-    server = Server(
-        service,
-        Limits(
-            max_frame=lim.max_frame,
-            max_connections=lim.max_connections,
-            max_inflight=lim.max_inflight_per_connection,
-            max_output=lim.max_output_buffer,
-            drain_timeout=lim.drain_timeout,
-        ),
-    )
+    server = Server(service, lim)
     try:
         try:
             info = await token.open()

@@ -21,16 +21,16 @@ import os
 import socket
 import stat
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Final
 
 import trio
 
+from .config import LimitsConfig
 from .errors import Busy, FrameTooLarge, ShuttingDown
 from .protocol import BadRequest, FrameDecoder, Request, decode_request, encode_error
 from .service import Service
 
-__all__ = ["Limits", "Server", "ListenerError", "open_listener"]
+__all__ = ["ListenerError", "Server", "open_listener", "systemd_socket"]
 
 log = logging.getLogger("signd.server")
 
@@ -42,15 +42,6 @@ SD_LISTEN_FDS_START: Final = 3
 
 class ListenerError(Exception):
     """The listening socket could not be set up; the message says why."""
-
-
-@dataclass(frozen=True, slots=True)
-class Limits:
-    max_frame: int = 1 << 20
-    max_connections: int = 1024
-    max_inflight: int = 1024
-    max_output: int = 4 << 20
-    drain_timeout: float = 10.0
 
 
 def _probe_live(path: str) -> bool:
@@ -148,7 +139,7 @@ class _Connection:
         "stream",
     )
 
-    def __init__(self, stream: trio.SocketStream, limits: Limits) -> None:
+    def __init__(self, stream: trio.SocketStream, limits: LimitsConfig) -> None:
         self.stream = stream
         self.limits = limits
         self.decoder = FrameDecoder(limits.max_frame)
@@ -169,7 +160,11 @@ class _Connection:
         self._can_write.unpark_all()
 
     def _reader_blocked(self) -> bool:
-        return self.inflight >= self.limits.max_inflight or self.out_bytes >= self.limits.max_output
+        lim = self.limits
+        return (
+            self.inflight >= lim.max_inflight_per_connection
+            or self.out_bytes >= lim.max_output_buffer
+        )
 
     async def wait_readable(self) -> None:
         while self._reader_blocked():
@@ -198,7 +193,7 @@ class _Connection:
 class Server:
     """Serves ``service`` on a listening socket until ``shutdown`` is called."""
 
-    def __init__(self, service: Service, limits: Limits) -> None:
+    def __init__(self, service: Service, limits: LimitsConfig) -> None:
         self.service = service
         self.limits = limits
         self.connections = 0

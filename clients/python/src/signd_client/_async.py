@@ -24,9 +24,10 @@ from ._common import (
     parse_response,
     resolve_socket,
     retry_allowed,
+    take_response,
 )
-from .errors import ConnectionFailed, ProtocolViolation, RequestTimeout, SigndError
-from .protocol import DEFAULT_MAX_FRAME, FrameDecoder, Message, Response, decode_response
+from .errors import ConnectionFailed, RequestTimeout, SigndError
+from .protocol import DEFAULT_MAX_FRAME, FrameDecoder, Message, Response
 
 __all__ = ["AsyncClient"]
 
@@ -145,11 +146,9 @@ class _AsyncConnection:
         try:
             await self.stream.send(encode_call(rid, call, self.decoder.max_frame), _left(deadline))
             while True:
-                for body in self.decoder.frames():
-                    resp = decode_response(body)
-                    if resp.id == rid or resp.id is None:
-                        return resp
-                    raise ProtocolViolation(f"answer to unknown request id {resp.id}")
+                resp = take_response(self.decoder, rid)
+                if resp is not None:
+                    return resp
                 data = await self.stream.receive(_left(deadline))
                 if not data:
                     raise ConnectionFailed("signd closed the connection")

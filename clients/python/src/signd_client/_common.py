@@ -16,7 +16,15 @@ from .errors import (
     SigndError,
     WireError,
 )
-from .protocol import DEFAULT_MAX_FRAME, HEADER, Message, Response, encode_request
+from .protocol import (
+    DEFAULT_MAX_FRAME,
+    HEADER,
+    FrameDecoder,
+    Message,
+    Response,
+    decode_response,
+    encode_request,
+)
 
 DEFAULT_SOCKET: Final = "/run/signd/signd.sock"
 RETRY_BACKOFF: Final = 0.05
@@ -60,6 +68,23 @@ def encode_call(request_id: int, call: Call[Any], max_frame: int) -> bytes:
             f"of {max_frame} bytes"
         )
     return frame
+
+
+def take_response(decoder: FrameDecoder, request_id: int) -> Response | None:
+    """The answer to ``request_id`` among the frames buffered, if it has come.
+
+    A connection carries one request at a time, so any other id is a
+    protocol violation; id nil is a connection-level error meant for it.
+
+    Raises:
+        ProtocolViolation, FrameTooLarge.
+    """
+    for body in decoder.frames():
+        resp = decode_response(body)
+        if resp.id == request_id or resp.id is None:
+            return resp
+        raise ProtocolViolation(f"answer to unknown request id {resp.id}")
+    return None
 
 
 def parse_response(call: Call[R], resp: Response) -> R:

@@ -18,9 +18,10 @@ from ._common import (
     parse_response,
     resolve_socket,
     retry_allowed,
+    take_response,
 )
-from .errors import ConnectionFailed, ProtocolViolation, RequestTimeout, SigndError
-from .protocol import DEFAULT_MAX_FRAME, FrameDecoder, Message, Response, decode_response
+from .errors import ConnectionFailed, RequestTimeout, SigndError
+from .protocol import DEFAULT_MAX_FRAME, FrameDecoder, Message, Response
 
 __all__ = ["Client"]
 
@@ -51,11 +52,9 @@ class _Connection:
             self.sock.settimeout(max(deadline - time.monotonic(), 0.001))
             self.sock.sendall(encode_call(rid, call, self.decoder.max_frame))
             while True:
-                for body in self.decoder.frames():
-                    resp = decode_response(body)
-                    if resp.id == rid or resp.id is None:
-                        return resp
-                    raise ProtocolViolation(f"answer to unknown request id {resp.id}")
+                resp = take_response(self.decoder, rid)
+                if resp is not None:
+                    return resp
                 self.sock.settimeout(max(deadline - time.monotonic(), 0.001))
                 data = self.sock.recv(65536)
                 if not data:
