@@ -139,7 +139,7 @@ class Daemon:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 pytest.fail(f"signd exited with {self.proc.returncode}:\n{self.logs()}")
-            if '"msg": "ready"' in self.logs()[self._log_offset :]:
+            if b'"msg": "ready"' in self.log_path.read_bytes()[self._log_offset :]:
                 return
             time.sleep(0.02)
         pytest.fail(f"signd did not become ready in {timeout}s:\n{self.logs()}")

@@ -21,11 +21,10 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgpack
 import pytest
-from conftest import Daemon
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
@@ -37,6 +36,9 @@ from signd_client.errors import (
     UnsupportedAlgorithm,
     VersionNotFound,
 )
+
+if TYPE_CHECKING:
+    from conftest import Daemon  # the root conftest.py
 
 HEADER = struct.Struct(">I")
 ECPublicKey = ec.EllipticCurvePublicKey

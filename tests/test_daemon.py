@@ -10,20 +10,22 @@ from __future__ import annotations
 
 import hashlib
 import subprocess
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
-from conftest import Daemon, TokenEnv
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa, utils
 
 from signd_client import Client
 from signd_client.errors import VersionNotFound
+
+if TYPE_CHECKING:
+    from conftest import Daemon, TokenEnv  # the root conftest.py
 
 PublicKey = ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey | rsa.RSAPublicKey
 
@@ -463,24 +465,6 @@ def test_rotation_keeps_old_versions_verifying(
 # restart and a second process
 
 
-def restart(d: Daemon, timeout: float = 30.0) -> None:
-    """``d.restart()``, then wait for the *new* process's "ready" line.
-
-    ``Daemon.wait_ready`` searches the whole log file, which still holds the
-    previous run's "ready" line, so on its own it returns before the restarted
-    daemon listens.
-    """
-    ready = '"msg": "ready"'
-    seen = d.logs().count(ready)
-    d.restart()
-    assert d.proc is not None
-    deadline = time.monotonic() + timeout
-    while d.logs().count(ready) <= seen:
-        assert d.proc.poll() is None, f"signd exited with {d.proc.returncode}:\n{d.logs()}"
-        assert time.monotonic() < deadline, f"signd did not become ready again:\n{d.logs()}"
-        time.sleep(0.02)
-
-
 def test_keys_survive_restart_and_are_shared_with_a_second_process(
     make_daemon: Callable[..., Daemon], token_env: TokenEnv
 ) -> None:
@@ -498,7 +482,7 @@ def test_keys_survive_restart_and_are_shared_with_a_second_process(
         before = {name: c.key_info(name) for name in names.values()}
     assert before[rotated].current_version == 2
 
-    restart(d)
+    d.restart()
     with d.client() as c:
         listed = {k.name: k for k in c.list_keys().keys}
         for name, info in before.items():

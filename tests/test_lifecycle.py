@@ -22,13 +22,15 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgpack
 import pytest
-from conftest import Daemon, TokenEnv, write_config
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+
+if TYPE_CHECKING:
+    from conftest import Daemon, TokenEnv  # the root conftest.py
 
 HEADER = struct.Struct(">I")
 LEVELS = {"debug", "info", "warning", "error", "critical"}
@@ -277,7 +279,8 @@ def test_second_daemon_on_a_live_socket_refuses(
 ) -> None:
     first = daemons()
     inode = os.lstat(first.socket).st_ino
-    second = write_config(tmp_path / "second.toml", token_env, Path(first.socket))
+    second = tmp_path / "second.toml"
+    second.write_text(base_config(token_env, Path(first.socket)))
     out = run_signd(token_env, "serve", second)
     assert out.returncode == 1, out.stderr
     errors = [r for r in log_records(out.stderr) if r["level"] == "error"]

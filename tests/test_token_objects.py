@@ -11,15 +11,17 @@ from __future__ import annotations
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pkcs11
 import pytest
-from conftest import Daemon, TokenEnv
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from pkcs11 import Attribute, KeyType, ObjectClass
 from pkcs11.exceptions import AttributeSensitive, UserAlreadyLoggedIn
+
+if TYPE_CHECKING:
+    from conftest import Daemon, TokenEnv  # the root conftest.py
 
 #: What every private key signd generates must say about itself.
 PRIVATE_KEY_ATTRIBUTES = {

@@ -18,11 +18,10 @@ import struct
 import types
 import typing
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgpack
 import pytest
-from conftest import Daemon
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, utils
 
@@ -36,6 +35,9 @@ from signd.protocol import (
     encode_error,
     encode_result,
 )
+
+if TYPE_CHECKING:
+    from conftest import Daemon  # the root conftest.py
 
 VECTORS = Path(__file__).resolve().parent / "vectors" / "frames.json"
 DOC = json.loads(VECTORS.read_text())

@@ -8,16 +8,13 @@ checked with ``cryptography``, never with signd's own code.
 from __future__ import annotations
 
 import asyncio
-import socket
-import threading
-import time
-from collections.abc import Callable, Iterator
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
 
 import pytest
 import trio
-from conftest import Daemon
-from cryptography.hazmat.primitives import hashes, serialization
+from _support import SilentListener, load_public_key
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from signd_client import AsyncClient, Health, KeyInfo, SignResult, WireError
@@ -32,66 +29,10 @@ from signd_client.errors import (
     VersionNotFound,
 )
 
+if TYPE_CHECKING:
+    from conftest import Daemon  # the root conftest.py
+
 ECDSA_SHA256 = ec.ECDSA(hashes.SHA256())
-
-
-def load_public_key(pem: str) -> Any:
-    return serialization.load_pem_public_key(pem.encode())
-
-
-class SilentListener:
-    """A Unix socket that accepts every connection and never answers."""
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-        self.connections: list[socket.socket] = []
-        self._stop = threading.Event()
-        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self._sock.bind(path)
-        self._sock.listen(64)
-        self._sock.settimeout(0.05)
-        self._thread = threading.Thread(target=self._accept_loop, daemon=True)
-        self._thread.start()
-
-    def _accept_loop(self) -> None:
-        while not self._stop.is_set():
-            try:
-                conn, _ = self._sock.accept()
-            except TimeoutError:
-                continue
-            self.connections.append(conn)
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=10)
-        for conn in self.connections:
-            conn.close()
-        self._sock.close()
-
-
-@pytest.fixture
-def silent(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SilentListener]:
-    listener = SilentListener(str(tmp_path_factory.mktemp("silent") / "silent.sock"))
-    yield listener
-    listener.close()
-
-
-def restart(daemon: Daemon) -> None:
-    """``daemon.restart()``, then wait until the *new* process has logged "ready".
-
-    ``Daemon.wait_ready`` searches the whole log, which the restarted daemon
-    appends to, so it can return on the first run's "ready" line before the
-    new process listens.
-    """
-    ready = '"msg": "ready"'
-    seen = daemon.logs().count(ready)
-    daemon.restart()
-    deadline = time.monotonic() + 30
-    while daemon.logs().count(ready) <= seen:
-        assert daemon.proc is not None
-        assert daemon.proc.poll() is None, daemon.logs()
-        assert time.monotonic() < deadline, f"signd did not restart:\n{daemon.logs()}"
-        time.sleep(0.02)
 
 
 def check_signatures(pem: str, signed: list[tuple[bytes, SignResult]], key: str) -> None:
@@ -101,6 +42,28 @@ def check_signatures(pem: str, signed: list[tuple[bytes, SignResult]], key: str)
         assert res.key == key
         # A response handed to the wrong task would fail here.
         pub.verify(res.signature, msg, ECDSA_SHA256)
+
+
+async def reconnects_after_daemon_restart(
+    daemon: Daemon, key_name: str, to_thread: Callable[[Callable[[], None]], Awaitable[None]]
+) -> None:
+    """Restart ``daemon`` twice under one client; run by trio's and asyncio's tests.
+
+    ``to_thread`` is the event loop's way to run the blocking ``daemon.restart``.
+    """
+    async with AsyncClient(daemon.socket) as c:
+        info = await c.create_key(key_name, "ec-p256")
+        before = await c.sign(key_name, b"before")  # its connection is now pooled, idle
+        await to_thread(daemon.restart)
+        after = await c.sign(key_name, b"after")  # the pooled connection is dead: retried
+        await to_thread(daemon.restart)
+        with pytest.raises(ConnectionFailed):  # not idempotent: not sent again
+            await c.create_key(key_name + "-2", "ec-p256")
+        with pytest.raises(KeyNotFound):
+            await c.key_info(key_name + "-2")
+    check_signatures(
+        info.versions[0].public_key_pem, [(b"before", before), (b"after", after)], key_name
+    )
 
 
 ERROR_CASES: list[Any] = [
@@ -163,20 +126,7 @@ async def test_trio_errors_are_typed(
 async def test_trio_reconnects_after_daemon_restart(
     make_daemon: Callable[..., Daemon], key_name: str
 ) -> None:
-    daemon = make_daemon()
-    async with AsyncClient(daemon.socket) as c:
-        info = await c.create_key(key_name, "ec-p256")
-        before = await c.sign(key_name, b"before")  # its connection is now pooled, idle
-        await trio.to_thread.run_sync(restart, daemon)
-        after = await c.sign(key_name, b"after")  # the pooled connection is dead: retried
-        await trio.to_thread.run_sync(restart, daemon)
-        with pytest.raises(ConnectionFailed):  # not idempotent: not sent again
-            await c.create_key(key_name + "-2", "ec-p256")
-        with pytest.raises(KeyNotFound):
-            await c.key_info(key_name + "-2")
-    check_signatures(
-        info.versions[0].public_key_pem, [(b"before", before), (b"after", after)], key_name
-    )
+    await reconnects_after_daemon_restart(make_daemon(), key_name, trio.to_thread.run_sync)
 
 
 async def test_trio_timeout_on_silent_listener(silent: SilentListener) -> None:
@@ -283,25 +233,7 @@ def test_asyncio_errors_are_typed(signd: Daemon, key_name: str) -> None:
 def test_asyncio_reconnects_after_daemon_restart(
     make_daemon: Callable[..., Daemon], key_name: str
 ) -> None:
-    daemon = make_daemon()
-
-    async def main() -> tuple[KeyInfo, SignResult, SignResult]:
-        async with AsyncClient(daemon.socket) as c:
-            info = await c.create_key(key_name, "ec-p256")
-            before = await c.sign(key_name, b"before")  # its connection is now pooled, idle
-            await asyncio.to_thread(restart, daemon)
-            after = await c.sign(key_name, b"after")  # the pooled connection is dead: retried
-            await asyncio.to_thread(restart, daemon)
-            with pytest.raises(ConnectionFailed):  # not idempotent: not sent again
-                await c.create_key(key_name + "-2", "ec-p256")
-            with pytest.raises(KeyNotFound):
-                await c.key_info(key_name + "-2")
-            return info, before, after
-
-    info, before, after = asyncio.run(main())
-    check_signatures(
-        info.versions[0].public_key_pem, [(b"before", before), (b"after", after)], key_name
-    )
+    asyncio.run(reconnects_after_daemon_restart(make_daemon(), key_name, asyncio.to_thread))
 
 
 def test_asyncio_timeout_on_silent_listener(silent: SilentListener) -> None:

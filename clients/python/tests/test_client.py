@@ -9,15 +9,14 @@ import dataclasses
 import hashlib
 import socket
 import threading
-import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
-from conftest import Daemon
+from _support import SilentListener, load_public_key
 from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
@@ -46,48 +45,10 @@ from signd_client.errors import (
 )
 from signd_client.protocol import TokenStatus
 
+if TYPE_CHECKING:
+    from conftest import Daemon  # the root conftest.py
+
 DEFAULT_SOCKET = "/run/signd/signd.sock"
-
-
-def load_public_key(pem: str) -> Any:
-    return serialization.load_pem_public_key(pem.encode())
-
-
-class SilentListener:
-    """A Unix socket that accepts every connection and never answers."""
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-        self.connections: list[socket.socket] = []
-        self._stop = threading.Event()
-        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self._sock.bind(path)
-        self._sock.listen(64)
-        self._sock.settimeout(0.05)
-        self._thread = threading.Thread(target=self._accept_loop, daemon=True)
-        self._thread.start()
-
-    def _accept_loop(self) -> None:
-        while not self._stop.is_set():
-            try:
-                conn, _ = self._sock.accept()
-            except TimeoutError:
-                continue
-            self.connections.append(conn)
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=10)
-        for conn in self.connections:
-            conn.close()
-        self._sock.close()
-
-
-@pytest.fixture
-def silent(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SilentListener]:
-    listener = SilentListener(str(tmp_path_factory.mktemp("silent") / "silent.sock"))
-    yield listener
-    listener.close()
 
 
 @pytest.fixture
@@ -391,24 +352,6 @@ def test_closed_client_refuses_calls(signd: Daemon) -> None:
 # Reconnection
 
 
-def restart(daemon: Daemon) -> None:
-    """``daemon.restart()``, then wait until the *new* process has logged "ready".
-
-    ``Daemon.wait_ready`` searches the whole log, which the restarted daemon
-    appends to, so it can return on the first run's "ready" line before the
-    new process listens.
-    """
-    ready = '"msg": "ready"'
-    seen = daemon.logs().count(ready)
-    daemon.restart()
-    deadline = time.monotonic() + 30
-    while daemon.logs().count(ready) <= seen:
-        assert daemon.proc is not None
-        assert daemon.proc.poll() is None, daemon.logs()
-        assert time.monotonic() < deadline, f"signd did not restart:\n{daemon.logs()}"
-        time.sleep(0.02)
-
-
 def test_idempotent_call_reconnects_after_daemon_restart(
     make_daemon: Callable[..., Daemon], key_name: str
 ) -> None:
@@ -416,7 +359,7 @@ def test_idempotent_call_reconnects_after_daemon_restart(
     with daemon.client() as c:
         c.create_key(key_name, "ec-p256")
         before = c.sign(key_name, b"before restart")  # its connection is now pooled, idle
-        restart(daemon)
+        daemon.restart()
         after = c.sign(key_name, b"after restart")  # the pooled connection is dead: retried
         pub = load_public_key(c.public_key(key_name).public_key_pem)
     pub.verify(before.signature, b"before restart", ec.ECDSA(hashes.SHA256()))
@@ -429,7 +372,7 @@ def test_create_key_is_not_retried_on_broken_connection(
     daemon = make_daemon()
     with daemon.client() as c:
         assert c.health().ready  # its connection is now pooled, idle
-        restart(daemon)
+        daemon.restart()
         with pytest.raises(ConnectionFailed):
             c.create_key(key_name, "ec-p256")
         # Nothing was sent again behind the caller's back ...

@@ -15,14 +15,17 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
-from conftest import Daemon
+from _support import load_public_key
 from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
+
+if TYPE_CHECKING:
+    from conftest import Daemon  # the root conftest.py
 
 MESSAGE = b"signed through signctl\n"
 ECDSA_SHA256 = ec.ECDSA(hashes.SHA256())
@@ -59,10 +62,6 @@ def error_line(proc: subprocess.CompletedProcess[bytes]) -> str:
     assert "Traceback" not in err, err
     assert err.startswith("signctl: "), err
     return err.strip()
-
-
-def load_public_key(pem: bytes | str) -> Any:
-    return serialization.load_pem_public_key(pem if isinstance(pem, bytes) else pem.encode())
 
 
 def pubkey(daemon: Daemon, name: str, *extra: str) -> Any:
