@@ -8,9 +8,11 @@ configuration.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import signal
+import socket
 import sys
 from collections.abc import Sequence
 
@@ -22,7 +24,7 @@ from .errors import WireError
 from .log import setup_logging
 from .server import ListenerError, Server, open_listener, systemd_socket
 from .service import Service
-from .token import Token
+from .workers import PoolSettings, TokenPool, open_token_pool
 
 __all__ = ["main"]
 
@@ -56,46 +58,64 @@ async def _run(cfg: Config, pin: Secret) -> int:
         log.error("cannot listen", extra={"error": str(exc)})
         return EXIT_FAILURE
     lim = cfg.limits
-    token = Token(cfg.token.module, cfg.token.label, pin.reveal(), queue_limit=lim.token_queue)
-    service = Service(token, request_timeout=lim.request_timeout)
-    server = Server(service, lim)
+    settings = PoolSettings(
+        module=cfg.token.module,
+        token_label=cfg.token.label,
+        pin=pin.reveal(),
+        workers=cfg.token.worker_count,
+        queue_limit=lim.token_queue,
+        log_level=cfg.log.level,
+    )
+    failed = False
     try:
         try:
-            info = await token.open()
-            await service.load()
-        except WireError as exc:
-            log.error("token unavailable", extra={"error": exc.message})
-            return EXIT_FAILURE
-        log.info(
-            "token open", extra={"label": info.label, "model": info.model, "serial": info.serial}
-        )
-
-        async def watch_signals() -> None:
-            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-                async for signum in signals:
-                    log.info("stopping", extra={"signal": signal.Signals(signum).name})
-                    server.shutdown()
-                    return
-
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(watch_signals)
-            socket_name = cfg.server.socket if inherited is None else "systemd socket"
-            await server.serve(
-                sock,
-                on_ready=lambda: log.info(
-                    "ready", extra={"socket": socket_name, "pid": os.getpid()}
-                ),
-            )
-            nursery.cancel_scope.cancel()
-        log.info("stopped")
-        return EXIT_OK
+            async with open_token_pool(settings) as pool:
+                return await _serve(cfg, sock, inherited is not None, pool)
+        except* WireError as group:
+            for err in group.exceptions:
+                log.error("token unavailable", extra={"error": str(err)})
+            failed = True
     finally:
-        await token.aclose()
         if inherited is None:
-            try:
+            with contextlib.suppress(FileNotFoundError):
                 os.unlink(cfg.server.socket)
-            except FileNotFoundError:
-                pass
+    assert failed
+    return EXIT_FAILURE
+
+
+async def _serve(cfg: Config, sock: socket.socket, inherited: bool, pool: TokenPool) -> int:
+    service = Service(pool, request_timeout=cfg.limits.request_timeout)
+    server = Server(service, cfg.limits)
+    await service.load()
+    info = pool.info
+    assert info is not None
+    log.info(
+        "token open",
+        extra={
+            "label": info.label,
+            "model": info.model,
+            "serial": info.serial,
+            "workers": pool.settings.workers,
+        },
+    )
+
+    async def watch_signals() -> None:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for signum in signals:
+                log.info("stopping", extra={"signal": signal.Signals(signum).name})
+                server.shutdown()
+                return
+
+    socket_name = "systemd socket" if inherited else cfg.server.socket
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(watch_signals)
+        await server.serve(
+            sock,
+            on_ready=lambda: log.info("ready", extra={"socket": socket_name, "pid": os.getpid()}),
+        )
+        nursery.cancel_scope.cancel()
+    log.info("stopped")
+    return EXIT_OK
 
 
 def main(argv: Sequence[str] | None = None) -> int:

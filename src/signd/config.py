@@ -64,6 +64,18 @@ class TokenConfig:
     label: str = "signd"
     pin_file: str | None = None
     pin_credential: str | None = None
+    #: Worker processes, each with its own session; None means "auto".
+    workers: int | None = None
+
+    @property
+    def worker_count(self) -> int:
+        """``workers``, or for "auto": one per core (at most 4) for SoftHSM,
+        whose file store is safe across processes, else 1 (a serial device)."""
+        if self.workers is not None:
+            return self.workers
+        if "softhsm" in os.path.basename(self.module).lower():
+            return max(1, min(4, os.cpu_count() or 1))
+        return 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,7 +187,15 @@ def _parse(doc: Mapping[str, Any], path: str | None, base: Path) -> Config:
         "",
         lambda v: None if v and "/" not in v else "must be a credential name without '/'",
     )
+    workers_raw = t.table.pop("workers", "auto")
     t.done()
+    workers: int | None
+    if workers_raw == "auto":
+        workers = None
+    elif type(workers_raw) is int and 1 <= workers_raw <= 64:
+        workers = workers_raw
+    else:
+        raise ConfigError(f'token.workers: must be "auto" or 1 to 64, got {workers_raw!r}')
     if bool(pin_file) == bool(pin_cred):
         raise ConfigError("token: set exactly one of pin_file and pin_credential")
     token = TokenConfig(
@@ -183,6 +203,7 @@ def _parse(doc: Mapping[str, Any], path: str | None, base: Path) -> Config:
         label=label,
         pin_file=str(base / pin_file) if pin_file else None,
         pin_credential=pin_cred or None,
+        workers=workers,
     )
 
     lim = _Section("limits", sections.pop("limits", {}))

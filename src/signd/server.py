@@ -328,6 +328,6 @@ class Server:
             keep_open = False
         if requests:
             conn.inflight += len(requests)
-            for work in self.service.handle(requests, conn.reply):
+            for work in self.service.handle(requests, conn.reply, conn):
                 nursery.start_soon(work)
         return keep_open

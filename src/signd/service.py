@@ -19,7 +19,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from functools import partial
-from typing import Final
+from typing import Any, Final
 
 import trio
 
@@ -27,6 +27,8 @@ from . import __version__, algorithms
 from .errors import (
     DeadlineExceeded,
     InternalError,
+    InvalidArgument,
+    InvalidDigest,
     KeyExists,
     KeyNotFound,
     WireError,
@@ -42,8 +44,11 @@ from .keystore import (
     object_label,
 )
 from .protocol import (
+    MAX_BATCH,
     PROTOCOL_VERSION,
+    BatchItem,
     CreateKeyArgs,
+    ErrorInfo,
     Health,
     KeyList,
     KeyRefArgs,
@@ -52,6 +57,8 @@ from .protocol import (
     PublicKeyArgs,
     Request,
     SignArgs,
+    SignBatchArgs,
+    SignBatchResult,
     SignResult,
     TokenStatus,
     VerifyArgs,
@@ -59,7 +66,8 @@ from .protocol import (
     encode_error,
     encode_result,
 )
-from .token import SignJob, Token
+from .token import SignJob
+from .workers import Entry, TokenPool
 
 __all__ = ["Reply", "Service", "SlowWork"]
 
@@ -77,7 +85,7 @@ MAX_LOOKUPS_TRACKED: Final = 4096
 class Service:
     def __init__(
         self,
-        token: Token,
+        token: TokenPool,
         *,
         request_timeout: float = 30.0,
         clock: Callable[[], float] = time.time,
@@ -115,23 +123,33 @@ class Service:
 
     # ------------------------------------------------------------ dispatch
 
-    def handle(self, requests: Sequence[Request], reply: Reply) -> list[SlowWork]:
-        """Answer ``requests``; return the slow ones for the caller to run."""
-        signs: list[tuple[Request, LoadedKey, algorithms.SignPlan]] = []
+    def handle(self, requests: Sequence[Request], reply: Reply, source: object) -> list[SlowWork]:
+        """Answer ``requests`` from ``source`` (a connection, for fair queueing).
+
+        Returns the slow ones, for the caller to run as tasks.
+        """
+        entries: list[Entry] = []
         slow: list[SlowWork] = []
+        deadline = time.monotonic() + self.request_timeout
         for req in requests:
             try:
                 args = req.args
-                if isinstance(args, SignArgs):
+                if isinstance(args, SignArgs | SignBatchArgs):
                     key = self._key_or_none(args.key)
                     if key is None:
-                        slow.append(partial(self._lookup_then_handle, req, args.key, reply))
-                        continue
-                    signs.append((req, key, algorithms.plan_sign(key.kt, args)))
+                        lookup = partial(self._lookup_then_handle, req, args.key, reply, source)
+                        slow.append(lookup)
+                    elif isinstance(args, SignArgs):
+                        plan = algorithms.plan_sign(key.kt, args)
+                        entries.append(
+                            Entry(_job(key, plan), _sign_done(req.id, key, plan, reply), deadline)
+                        )
+                    else:
+                        entries.extend(_batch_entries(req.id, key, args, reply, deadline))
                 elif isinstance(args, VerifyArgs):
                     key = self._key_or_none(args.key)
                     if key is None:
-                        slow.append(partial(self._lookup_then_handle, req, args.key, reply))
+                        slow.append(partial(self._lookup_then_handle, req, args.key, reply, source))
                         continue
                     reply(req.id, encode_result(req.id, _verify(key, args)))
                 elif req.op in ("create_key", "rotate"):
@@ -140,7 +158,8 @@ class Service:
                     result = self._read(req)
                     if result is None:
                         assert isinstance(req.args, KeyRefArgs | PublicKeyArgs)
-                        slow.append(partial(self._lookup_then_handle, req, req.args.key, reply))
+                        lookup = partial(self._lookup_then_handle, req, req.args.key, reply, source)
+                        slow.append(lookup)
                         continue
                     reply(req.id, encode_result(req.id, result))
             except WireError as exc:
@@ -148,8 +167,12 @@ class Service:
             except Exception:
                 log.exception("internal error", extra={"op": req.op})
                 reply(req.id, encode_error(req.id, InternalError("internal error; see daemon log")))
-        if signs:
-            self._submit(signs, reply)
+        if entries:
+            try:
+                self.token.submit(source, entries)
+            except WireError as exc:
+                for entry in entries:
+                    entry.callback(False, exc)
         return slow
 
     def _key_or_none(self, name: str) -> LoadedKey | None:
@@ -179,41 +202,6 @@ class Service:
             )
         return key.info()
 
-    def _submit(
-        self, signs: list[tuple[Request, LoadedKey, algorithms.SignPlan]], reply: Reply
-    ) -> None:
-        versions = [key.current for _, key, _ in signs]
-        jobs = [
-            SignJob(
-                v.record.object_id, plan.scheme, plan.hash.name if plan.hash else None, plan.data
-            )
-            for (_, _, plan), v in zip(signs, versions, strict=True)
-        ]
-
-        def done(outcomes: list[tuple[bool, object]]) -> None:
-            for (req, key, plan), v, (ok, value) in zip(signs, versions, outcomes, strict=True):
-                if ok:
-                    assert isinstance(value, bytes)
-                    frame = encode_result(
-                        req.id,
-                        SignResult(
-                            signature=algorithms.finish_signature(plan, value),
-                            key=key.record.name,
-                            version=v.record.version,
-                            algorithm=plan.algorithm,
-                        ),
-                    )
-                else:
-                    assert isinstance(value, WireError)
-                    frame = encode_error(req.id, value)
-                reply(req.id, frame)
-
-        try:
-            self.token.submit(jobs, done, time.monotonic() + self.request_timeout)
-        except WireError as exc:
-            for req, _, _ in signs:
-                reply(req.id, encode_error(req.id, exc))
-
     def health(self) -> Health:
         info = self.token.info
         token = None
@@ -240,7 +228,9 @@ class Service:
 
     # ------------------------------------------------------------ slow paths
 
-    async def _lookup_then_handle(self, req: Request, name: str, reply: Reply) -> None:
+    async def _lookup_then_handle(
+        self, req: Request, name: str, reply: Reply, source: object
+    ) -> None:
         """A key this process has not seen: another process may have made it."""
         try:
             if self._may_look_up(name):
@@ -258,7 +248,7 @@ class Service:
             log.exception("key look-up failed", extra={"key": name})
             reply(req.id, encode_error(req.id, InternalError("key look-up failed; see daemon log")))
             return
-        for work in self.handle([req], reply):  # now known: answered without slow work
+        for work in self.handle([req], reply, source):  # now known: no slow work
             await work()
 
     def _may_look_up(self, name: str) -> bool:
@@ -314,7 +304,7 @@ class Service:
             await self._refresh(name)
             raise KeyExists(f"a key named {name!r} already exists")
         object_id = new_object_id()
-        spki = await self.token.generate(kt, object_id, object_label(name, 1))
+        spki = await self.token.generate(kt.name, object_id, object_label(name, 1))
         record = KeyRecord.new(name, kt, self._clock(), object_id)
         await self.token.write_metadata(name, record.revision, record.to_bytes())
         key = load_key(record, {object_id: spki})
@@ -331,7 +321,7 @@ class Service:
         kt = algorithms.key_type(record.type)
         object_id = new_object_id()
         # The new version exists on the token before any record points to it.
-        await self.token.generate(kt, object_id, object_label(name, record.next_version))
+        await self.token.generate(kt.name, object_id, object_label(name, record.next_version))
         record = record.rotated(self._clock(), object_id)
         await self.token.write_metadata(name, record.revision, record.to_bytes())
         public = await self.token.public_keys([v.object_id for v in record.versions])
@@ -354,3 +344,95 @@ def _verify(key: LoadedKey, args: VerifyArgs) -> VerifyResult:
                 valid=True, key=key.record.name, version=v.record.version, algorithm=algorithm
             )
     return VerifyResult(valid=False, key=key.record.name)
+
+
+def _job(key: LoadedKey, plan: algorithms.SignPlan) -> SignJob:
+    h = plan.hash.name if plan.hash is not None else None
+    return SignJob(key.current.record.object_id, plan.scheme, h, plan.data)
+
+
+def _sign_done(
+    rid: int, key: LoadedKey, plan: algorithms.SignPlan, reply: Reply
+) -> Callable[[bool, Any], None]:
+    name, version = key.record.name, key.current.record.version
+
+    def done(ok: bool, value: Any) -> None:
+        if ok:
+            sig = algorithms.finish_signature(plan, value)
+            result = SignResult(signature=sig, key=name, version=version, algorithm=plan.algorithm)
+            reply(rid, encode_result(rid, result))
+        else:
+            reply(rid, encode_error(rid, value))
+
+    return done
+
+
+def _batch_entries(
+    rid: int, key: LoadedKey, args: SignBatchArgs, reply: Reply, deadline: float
+) -> list[Entry]:
+    """One entry per item; the reply goes out when the last item is answered.
+
+    Raises:
+        InvalidArgument, UnsupportedAlgorithm: the batch as a whole is wrong.
+    """
+    if (args.messages is None) == (args.digests is None):
+        raise InvalidArgument("exactly one of 'messages' and 'digests' is required")
+    items = args.messages if args.messages is not None else args.digests
+    assert items is not None
+    if not 0 < len(items) <= MAX_BATCH:
+        raise InvalidArgument(f"a batch has 1 to {MAX_BATCH} items, got {len(items)}")
+    by_message = args.messages is not None
+    plans: list[algorithms.SignPlan | WireError] = []
+    algorithm = None
+    for item in items:
+        one = SignArgs(
+            key=args.key,
+            message=item if by_message else None,
+            digest=None if by_message else item,
+            hash=args.hash,
+            padding=args.padding,
+            format=args.format,
+        )
+        try:
+            plan = algorithms.plan_sign(key.kt, one)
+            algorithm = plan.algorithm
+            plans.append(plan)
+        except InvalidDigest as exc:  # this item only; the options are fine
+            plans.append(exc)
+    results: list[BatchItem | None] = [None] * len(items)
+    left = [len(items)]
+    name, version = key.record.name, key.current.record.version
+
+    def finish() -> None:
+        left[0] -= 1
+        if left[0] == 0:
+            answer = SignBatchResult(
+                key=name,
+                version=version,
+                algorithm=algorithm or "",
+                results=tuple(r if r is not None else BatchItem() for r in results),
+            )
+            reply(rid, encode_result(rid, answer))
+
+    def item_done(i: int, plan: algorithms.SignPlan) -> Callable[[bool, Any], None]:
+        def done(ok: bool, value: Any) -> None:
+            if ok:
+                results[i] = BatchItem(signature=algorithms.finish_signature(plan, value))
+            else:
+                results[i] = BatchItem(error=_error_info(value))
+            finish()
+
+        return done
+
+    entries = []
+    for i, p in enumerate(plans):
+        if isinstance(p, WireError):
+            results[i] = BatchItem(error=_error_info(p))
+            finish()
+        else:
+            entries.append(Entry(_job(key, p), item_done(i, p), deadline))
+    return entries
+
+
+def _error_info(exc: WireError) -> ErrorInfo:
+    return ErrorInfo(code=int(exc.code), name=exc.name, message=exc.message)

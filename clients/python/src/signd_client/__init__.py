@@ -10,11 +10,13 @@ from ._async import AsyncClient
 from ._sync import Client
 from .errors import SigndError, WireError
 from .protocol import (
+    BatchItem,
     Health,
     KeyInfo,
     KeyList,
     KeySummary,
     PublicKey,
+    SignBatchResult,
     SignResult,
     VerifyResult,
     VersionInfo,
@@ -23,6 +25,8 @@ from .protocol import (
 __version__ = "0.1.0"
 __all__ = [
     "AsyncClient",
+    "BatchItem",
+    "SignBatchResult",
     "Client",
     "Health",
     "KeyInfo",

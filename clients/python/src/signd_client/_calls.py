@@ -6,6 +6,7 @@ typed methods without writing them twice.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
@@ -21,6 +22,8 @@ from .protocol import (
     PublicKey,
     PublicKeyArgs,
     SignArgs,
+    SignBatchArgs,
+    SignBatchResult,
     SignResult,
     VerifyArgs,
     VerifyResult,
@@ -94,6 +97,38 @@ def sign(
             key=name, message=message, digest=digest, hash=hash, padding=padding, format=format
         ),
         SignResult,
+    )
+
+
+def sign_batch(
+    name: str,
+    messages: Sequence[bytes] | None = None,
+    *,
+    digests: Sequence[bytes] | None = None,
+    hash: str | None = None,
+    padding: str | None = None,
+    format: str | None = None,
+) -> Call[SignBatchResult]:
+    """Sign many messages, or many digests, with one key in one request.
+
+    The options are those of ``sign`` and apply to every item.  Each item of
+    ``results`` has its ``signature`` or its own ``error`` (e.g. a digest of
+    the wrong length); the others are still signed.
+
+    Raises: KeyNotFound, InvalidArgument (no items, more than MAX_BATCH, or bad
+    options), UnsupportedAlgorithm, Busy.
+    """
+    return Call(
+        "sign_batch",
+        SignBatchArgs(
+            key=name,
+            messages=None if messages is None else tuple(messages),
+            digests=None if digests is None else tuple(digests),
+            hash=hash,
+            padding=padding,
+            format=format,
+        ),
+        SignBatchResult,
     )
 
 

@@ -171,6 +171,7 @@ class Client:
     key_info = _method(_calls.key_info)
     public_key = _method(_calls.public_key)
     sign = _method(_calls.sign)
+    sign_batch = _method(_calls.sign_batch)
     verify = _method(_calls.verify)
     rotate = _method(_calls.rotate)
     health = _method(_calls.health)

@@ -40,6 +40,11 @@ from .errors import (
 
 __all__ = [
     "DEFAULT_MAX_FRAME",
+    "MAX_BATCH",
+    "BatchItem",
+    "ErrorInfo",
+    "SignBatchArgs",
+    "SignBatchResult",
     "HEADER",
     "IDEMPOTENT_OPS",
     "KEY_NAME_RE",
@@ -79,6 +84,8 @@ DEFAULT_MAX_FRAME: Final = 1 << 20
 HEADER: Final = struct.Struct(">I")
 MAX_REQUEST_ID: Final = (1 << 64) - 1
 KEY_NAME_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+#: Most items one ``sign_batch`` may carry.
+MAX_BATCH: Final = 10000
 KEY_TYPES: Final = ("ec-p256", "ec-p384", "ed25519", "rsa-2048", "rsa-3072", "rsa-4096")
 
 
@@ -325,6 +332,18 @@ class VerifyArgs(Message):
     version: int | None = None
 
 
+@message
+class SignBatchArgs(Message):
+    """Many signatures with one key and one set of options (``MAX_BATCH`` at most)."""
+
+    key: str
+    messages: tuple[bytes, ...] | None = None
+    digests: tuple[bytes, ...] | None = None
+    hash: str | None = None
+    padding: str | None = None
+    format: str | None = None
+
+
 # ---- results ----
 
 
@@ -375,6 +394,31 @@ class SignResult(Message):
 
 
 @message
+class ErrorInfo(Message):
+    """An error inside a result (``sign_batch`` items), shaped like a wire error."""
+
+    code: int
+    name: str
+    message: str
+
+
+@message
+class BatchItem(Message):
+    """One ``sign_batch`` item: its signature, or its error."""
+
+    signature: bytes | None = None
+    error: ErrorInfo | None = None
+
+
+@message
+class SignBatchResult(Message):
+    key: str
+    version: int
+    algorithm: str
+    results: tuple[BatchItem, ...]
+
+
+@message
 class VerifyResult(Message):
     valid: bool
     key: str
@@ -411,6 +455,7 @@ OPS: Final[Mapping[str, tuple[type[Message], type[Message]]]] = {
     "key_info": (KeyRefArgs, KeyInfo),
     "public_key": (PublicKeyArgs, PublicKey),
     "sign": (SignArgs, SignResult),
+    "sign_batch": (SignBatchArgs, SignBatchResult),
     "verify": (VerifyArgs, VerifyResult),
     "rotate": (KeyRefArgs, KeyInfo),
     "health": (Empty, Health),
@@ -418,7 +463,7 @@ OPS: Final[Mapping[str, tuple[type[Message], type[Message]]]] = {
 
 #: Operations a client may safely send again after a broken connection.
 IDEMPOTENT_OPS: Final = frozenset(
-    {"list_keys", "key_info", "public_key", "sign", "verify", "health"}
+    {"list_keys", "key_info", "public_key", "sign", "sign_batch", "verify", "health"}
 )
 
 

@@ -1,0 +1,436 @@
+"""The daemon's side of the token workers: processes, scheduling, hand-overs.
+
+``open_token_pool`` starts ``workers`` processes (``python -m signd.token``),
+each logged in to the token on its own, and supervises them: a worker that
+dies is replaced, with back-off, and what it had in hand is answered
+``token_unavailable``.
+
+Signatures are *queued* here, never sent one by one:
+
+* ``submit(source, entries)`` appends to the queue of ``source`` (a
+  connection) and returns at once; a full pool answers ``busy``.
+* Whenever a worker has room (fewer than ``depth`` batches in hand), a batch of
+  up to ``batch_max`` signatures is taken **round-robin** over the sources with
+  queued work, ``quantum`` at a time, so a connection that floods cannot
+  starve the others; and it goes to the worker in one frame.
+* A worker answers a whole batch in one frame; every entry's callback then
+  runs in trio.  No thread, task or event per signature.
+
+An entry still queued at its deadline is answered ``deadline_exceeded`` and
+never reaches the token.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import socket
+import sys
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+import msgpack
+import trio
+
+from .errors import (
+    Busy,
+    DeadlineExceeded,
+    ErrorCode,
+    TokenUnavailable,
+    WireError,
+    error_from_wire,
+)
+from .protocol import HEADER, FrameDecoder
+from .token import IPC_MAX_FRAME, MetadataBlob, SignJob, TokenInfo
+
+__all__ = ["Entry", "PoolSettings", "TokenPool", "open_token_pool"]
+
+log = logging.getLogger("signd.workers")
+
+#: Back-off between attempts to replace a dead worker.
+RESPAWN_BACKOFF: Final = (0.1, 0.5, 1.0, 2.0, 5.0)
+
+Callback = Callable[[bool, Any], None]  # (True, signature) or (False, WireError)
+
+
+@dataclass(slots=True)
+class Entry:
+    """One signature waiting for the token; ``callback`` gets its outcome."""
+
+    job: SignJob
+    callback: Callback
+    deadline: float = math.inf
+
+
+@dataclass(frozen=True, slots=True)
+class PoolSettings:
+    module: str
+    token_label: str
+    pin: str
+    workers: int = 1
+    queue_limit: int = 65536
+    batch_max: int = 64
+    depth: int = 2
+    quantum: int = 4
+    log_level: str = "info"
+
+
+@dataclass(eq=False)
+class _Worker:
+    index: int
+    process: trio.Process
+    stream: trio.SocketStream
+    decoder: FrameDecoder = field(default_factory=lambda: FrameDecoder(IPC_MAX_FRAME))
+    out: list[bytes] = field(default_factory=list)
+    wake: trio.lowlevel.ParkingLot = field(default_factory=trio.lowlevel.ParkingLot)
+    #: tag -> entries of a sign batch, or the (event, box) of a call
+    waiting: dict[int, Any] = field(default_factory=dict)
+    batches: int = 0
+    alive: bool = True
+
+    def send(self, frame: bytes) -> None:
+        self.out.append(frame)
+        self.wake.unpark_all()
+
+
+def _frame(obj: Any) -> bytes:
+    body = msgpack.packb(obj, use_bin_type=True)
+    return HEADER.pack(len(body)) + body
+
+
+def _error(code: int, message: str) -> WireError:
+    try:
+        name = ErrorCode(code).name.lower()
+    except ValueError:
+        name = "unknown"
+    return error_from_wire(code, name, message)
+
+
+class TokenPool:
+    """Token workers behind one queue.  Create it with ``open_token_pool``."""
+
+    def __init__(self, settings: PoolSettings) -> None:
+        self.settings = settings
+        self.info: TokenInfo | None = None
+        self._workers: list[_Worker | None] = [None] * settings.workers
+        self._queues: dict[object, deque[Entry]] = {}
+        self._ready: deque[object] = deque()
+        self._queued = 0
+        self._inflight = 0
+        self._tags = 0
+        self._closing = False
+        self.respawns = 0
+
+    # ------------------------------------------------------------ state
+
+    @property
+    def pending(self) -> int:
+        """Signatures queued or in a worker's hands."""
+        return self._queued + self._inflight
+
+    @property
+    def is_open(self) -> bool:
+        return self.info is not None and any(w is not None and w.alive for w in self._workers)
+
+    @property
+    def alive_workers(self) -> int:
+        return sum(1 for w in self._workers if w is not None and w.alive)
+
+    # ------------------------------------------------------------ hot path
+
+    def submit(self, source: object, entries: Sequence[Entry]) -> None:
+        """Queue ``entries`` for ``source``; callbacks run later, in trio.
+
+        Raises:
+            Busy: the pool already holds ``queue_limit`` signatures.
+            TokenUnavailable: no worker is up.
+        """
+        if not self.is_open:
+            raise TokenUnavailable("no token worker is running")
+        n = len(entries)
+        if self.pending + n > self.settings.queue_limit:
+            raise Busy(f"the token queue is full ({self.pending} signatures waiting)")
+        q = self._queues.get(source)
+        if q is None:
+            q = self._queues[source] = deque()
+            self._ready.append(source)
+        q.extend(entries)
+        self._queued += n
+        self._pump()
+
+    def _take(self) -> list[Entry]:
+        """Up to ``batch_max`` entries, ``quantum`` per source, round-robin."""
+        s = self.settings
+        batch: list[Entry] = []
+        ready, queues = self._ready, self._queues
+        while ready and len(batch) < s.batch_max:
+            source = ready.popleft()
+            q = queues[source]
+            for _ in range(min(s.quantum, s.batch_max - len(batch), len(q))):
+                batch.append(q.popleft())
+            if q:
+                ready.append(source)
+            else:
+                del queues[source]
+        self._queued -= len(batch)
+        return batch
+
+    def _pump(self) -> None:
+        """Hand batches to every worker that has room, while work is queued."""
+        depth = self.settings.depth
+        while self._ready:
+            worker = None
+            for w in self._workers:
+                if w is not None and w.alive and w.batches < depth:
+                    if worker is None or w.batches < worker.batches:
+                        worker = w
+            if worker is None:
+                if self.alive_workers == 0:
+                    self._fail_queued(TokenUnavailable("no token worker is running"))
+                return
+            now = time.monotonic()
+            batch = []
+            for e in self._take():
+                if e.deadline < now:
+                    e.callback(False, DeadlineExceeded("the request waited too long for the token"))
+                else:
+                    batch.append(e)
+            if not batch:
+                continue
+            self._tags += 1
+            worker.waiting[self._tags] = batch
+            worker.batches += 1
+            self._inflight += len(batch)
+            worker.send(_frame([self._tags, "sign", [[e.job.to_ipc() for e in batch]]]))
+
+    def _fail_queued(self, error: WireError) -> None:
+        while self._ready:
+            for e in self._take():
+                e.callback(False, error)
+
+    # ------------------------------------------------------------ rare operations
+
+    async def load_metadata(self, name: str | None = None) -> list[MetadataBlob]:
+        rows = await self._call("load_metadata", [name])
+        return [MetadataBlob(n, r, v) for n, r, v in rows]
+
+    async def write_metadata(self, name: str, revision: int, value: bytes) -> None:
+        await self._call("write_metadata", [name, revision, value])
+
+    async def public_keys(self, object_ids: Sequence[bytes]) -> dict[bytes, bytes]:
+        """SPKI DER of each complete keypair, by object id."""
+        rows = await self._call("public_keys", [list(object_ids)])
+        return {oid: spki for oid, spki in rows}
+
+    async def generate(self, key_type: str, object_id: bytes, label: str) -> bytes:
+        result = await self._call("generate", [key_type, object_id, label])
+        assert isinstance(result, bytes)
+        return result
+
+    async def _call(self, op: str, args: list[Any]) -> Any:
+        worker = next((w for w in self._workers if w is not None and w.alive), None)
+        if worker is None:
+            raise TokenUnavailable("no token worker is running")
+        return await self._call_on(worker, op, args)
+
+    async def _call_on(self, worker: _Worker, op: str, args: list[Any]) -> Any:
+        self._tags += 1
+        done = trio.Event()
+        box: list[Any] = []
+        worker.waiting[self._tags] = (done, box)
+        worker.send(_frame([self._tags, op, args]))
+        await done.wait()
+        ok, value = box
+        if not ok:
+            raise value
+        return value
+
+    # ------------------------------------------------------------ workers
+
+    async def _spawn(self, index: int) -> _Worker:
+        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            process = await trio.lowlevel.open_process(
+                [sys.executable, "-m", "signd.token", str(child.fileno())],
+                pass_fds=(child.fileno(),),
+            )
+        finally:
+            child.close()
+        stream = trio.SocketStream(trio.socket.from_stdlib_socket(parent))
+        return _Worker(index, process, stream)
+
+    async def _supervise(self, index: int, task_status: trio.TaskStatus[TokenInfo]) -> None:
+        """Keep worker ``index`` running: start, log in, serve, replace if it dies.
+
+        The first login's failure is raised (the daemon cannot start); later
+        ones are logged and retried with back-off.
+        """
+        started = False
+        failures = 0
+        while not self._closing:
+            worker = await self._spawn(index)
+            try:
+                info = await self._login(worker)
+            except WireError as exc:
+                with trio.CancelScope(shield=True):
+                    await self._reap(worker)
+                if not started:
+                    raise
+                log.error("token worker failed to start", extra={"error": str(exc)})
+            else:
+                self._workers[index] = worker
+                failures = 0
+                if not started:
+                    started = True
+                    task_status.started(info)
+                else:
+                    self.respawns += 1
+                    log.info("token worker replaced", extra={"worker": index})
+                    self._pump()
+                try:
+                    async with trio.open_nursery() as nursery:
+                        nursery.start_soon(self._write, worker)
+                        nursery.start_soon(self._read, worker, nursery.cancel_scope)
+                finally:
+                    with trio.CancelScope(shield=True):
+                        await self._reap(worker)
+            if not self._closing:
+                await trio.sleep(RESPAWN_BACKOFF[min(failures, len(RESPAWN_BACKOFF) - 1)])
+                failures += 1
+
+    async def _login(self, worker: _Worker) -> TokenInfo:
+        """The ``open`` handshake, before the worker takes any other work.
+
+        Raises:
+            TokenUnavailable: the module, the token or the login failed.
+        """
+        s = self.settings
+        await worker.stream.send_all(
+            _frame([0, "open", [s.module, s.token_label, s.pin, s.log_level]])
+        )
+        while True:
+            for body in worker.decoder.frames():
+                msg = msgpack.unpackb(body, raw=False)
+                if not msg[1]:
+                    raise _error(msg[2], msg[3])
+                return TokenInfo(*msg[2])
+            try:
+                data = await worker.stream.receive_some(1 << 16)
+            except trio.BrokenResourceError:
+                data = b""
+            if not data:
+                raise TokenUnavailable("the token worker exited while logging in")
+            worker.decoder.receive_data(data)
+
+    async def _reap(self, worker: _Worker) -> None:
+        await worker.stream.aclose()
+        with trio.move_on_after(5):
+            await worker.process.wait()
+            return
+        log.error("token worker did not exit; killing it", extra={"worker": worker.index})
+        worker.process.kill()
+        await worker.process.wait()
+
+    async def _write(self, worker: _Worker) -> None:
+        try:
+            while True:
+                if worker.out:
+                    data = b"".join(worker.out)
+                    worker.out.clear()
+                    await worker.stream.send_all(data)
+                else:
+                    await worker.wake.park()
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass  # the reader sees the end too
+
+    async def _read(self, worker: _Worker, scope: trio.CancelScope) -> None:
+        try:
+            while True:
+                data = await worker.stream.receive_some(1 << 20)
+                if not data:
+                    return
+                worker.decoder.receive_data(data)
+                for body in worker.decoder.frames():
+                    self._deliver(worker, msgpack.unpackb(body, raw=False))
+                self._pump()
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        finally:
+            self._lost(worker)
+            scope.cancel()
+
+    async def _close(self) -> None:
+        """Stop every worker: they exit when their socket closes."""
+        self._closing = True
+        for w in self._workers:
+            if w is not None:
+                await w.stream.aclose()
+
+    def _deliver(self, worker: _Worker, msg: list[Any]) -> None:
+        tag, ok = msg[0], msg[1]
+        pending = worker.waiting.pop(tag)
+        if isinstance(pending, tuple):
+            done, box = pending
+            box.extend([True, msg[2]] if ok else [False, _error(msg[2], msg[3])])
+            done.set()
+            return
+        worker.batches -= 1
+        self._inflight -= len(pending)
+        for entry, outcome in zip(pending, msg[2], strict=True):
+            try:
+                if outcome[0]:
+                    entry.callback(True, outcome[1])
+                else:
+                    entry.callback(False, _error(outcome[1], outcome[2]))
+            except Exception:
+                log.exception("a signature could not be delivered")
+
+    def _lost(self, worker: _Worker) -> None:
+        """The worker is gone: answer what it had in hand."""
+        if not worker.alive:
+            return
+        worker.alive = False
+        error = TokenUnavailable("the token worker stopped; retry")
+        for pending in worker.waiting.values():
+            if isinstance(pending, tuple):
+                done, box = pending
+                box.extend([False, error])
+                done.set()
+            else:
+                self._inflight -= len(pending)
+                for entry in pending:
+                    entry.callback(False, error)
+        worker.waiting.clear()
+        worker.batches = 0
+        if not self._closing:
+            log.error("token worker stopped", extra={"worker": worker.index})
+        self._pump()  # answers queued work if no worker is left
+
+
+@asynccontextmanager
+async def open_token_pool(settings: PoolSettings) -> AsyncIterator[TokenPool]:
+    """Start the workers and log each in; stop them all on exit.
+
+    Raises:
+        TokenUnavailable: a worker could not open the module, find the token,
+            or log in (the message says which).
+    """
+    pool = TokenPool(settings)
+    async with trio.open_nursery() as nursery:
+        try:
+            for index in range(settings.workers):
+                info = await nursery.start(pool._supervise, index)
+                if pool.info is None:
+                    pool.info = info
+        except BaseException:
+            await pool._close()
+            raise
+        try:
+            yield pool
+        finally:
+            with trio.CancelScope(shield=True):
+                await pool._close()
