@@ -27,6 +27,7 @@ import trio
 
 from .config import LimitsConfig
 from .errors import Busy, FrameTooLarge, ShuttingDown
+from .outbox import Outbox
 from .protocol import BadRequest, FrameDecoder, Request, decode_request, encode_error
 from .service import Service
 
@@ -127,67 +128,80 @@ def open_listener(path: str, mode: int, backlog: int = 1024) -> socket.socket:
 
 
 class _Connection:
+    """One client.  Answers are collected per scheduling round and flushed
+    together by the server's flusher: one system call per connection per
+    round, no writer task woken per answer."""
+
     __slots__ = (
         "_can_read",
-        "_can_write",
-        "closing",
+        "_settled",
         "decoder",
+        "dirty",
         "inflight",
         "limits",
-        "out",
-        "out_bytes",
+        "outbox",
+        "pending",
+        "pending_bytes",
+        "schedule_flush",
         "stream",
     )
 
-    def __init__(self, stream: trio.SocketStream, limits: LimitsConfig) -> None:
+    def __init__(
+        self,
+        stream: trio.SocketStream,
+        limits: LimitsConfig,
+        schedule_flush: Callable[[_Connection], None],
+    ) -> None:
         self.stream = stream
         self.limits = limits
         self.decoder = FrameDecoder(limits.max_frame)
-        self.out: list[bytes] = []
-        self.out_bytes = 0
+        self.outbox = Outbox(stream)
+        self.pending: list[bytes] = []
+        self.pending_bytes = 0
+        self.dirty = False
+        self.schedule_flush = schedule_flush
         self.inflight = 0
-        self.closing = False
-        self._can_write = trio.lowlevel.ParkingLot()
         self._can_read = trio.lowlevel.ParkingLot()
+        self._settled = trio.lowlevel.ParkingLot()
 
     def reply(self, _request_id: int | None, frame: bytes) -> None:
         self.inflight -= 1
         self.send(frame)
 
     def send(self, frame: bytes) -> None:
-        self.out.append(frame)
-        self.out_bytes += len(frame)
-        self._can_write.unpark_all()
+        self.pending.append(frame)
+        self.pending_bytes += len(frame)
+        if not self.dirty:
+            self.dirty = True
+            self.schedule_flush(self)
 
-    def _reader_blocked(self) -> bool:
-        lim = self.limits
-        return (
-            self.inflight >= lim.max_inflight_per_connection
-            or self.out_bytes >= lim.max_output_buffer
-        )
+    def flush(self) -> None:
+        self.dirty = False
+        if self.pending:
+            data = self.pending[0] if len(self.pending) == 1 else b"".join(self.pending)
+            self.pending.clear()
+            self.pending_bytes = 0
+            self.outbox.write(data)
+        self._can_read.unpark_all()
+        if self.inflight == 0:
+            self._settled.unpark_all()
 
     async def wait_readable(self) -> None:
-        while self._reader_blocked():
-            await self._can_read.park()
-
-    async def writer(self) -> None:
-        """Send everything buffered, coalesced; return once closing and drained."""
+        """Wait while too many requests are in flight or too many bytes unsent."""
+        lim = self.limits
         while True:
-            if self.out:
-                data = b"".join(self.out)
-                self.out.clear()
-                self.out_bytes = 0
-                self._can_read.unpark_all()
-                await self.stream.send_all(data)
-                continue
-            if self.closing and self.inflight == 0:
+            if self.outbox.backlog_bytes + self.pending_bytes >= lim.max_output_buffer:
+                await self.outbox.wait_empty()
+            elif self.inflight >= lim.max_inflight_per_connection:
+                await self._can_read.park()
+            else:
                 return
-            await self._can_write.park()
 
-    def finish(self) -> None:
-        """No more requests: the writer ends once every answer is sent."""
-        self.closing = True
-        self._can_write.unpark_all()
+    async def wait_settled(self) -> None:
+        """Return once every request is answered and every answer sent."""
+        while self.inflight > 0 or self.dirty:
+            await self._settled.park()
+        await self.outbox.wait_empty()
 
 
 class Server:
@@ -201,6 +215,8 @@ class Server:
         self._readers: set[trio.CancelScope] = set()
         self._stopping = False
         self._drain_deadline = math.inf
+        self._flushes: list[_Connection] = []
+        self._flush_wake = trio.lowlevel.ParkingLot()
 
     def shutdown(self) -> None:
         """Stop accepting; answer what clients already sent, then close.
@@ -223,22 +239,51 @@ class Server:
         on_ready: Callable[[], None] | None = None,
     ) -> None:
         listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
-        async with trio.open_nursery() as nursery:
-            with self._accepting:
-                task_status.started()
-                if on_ready is not None:
-                    on_ready()
-                while True:
-                    try:
-                        stream = await listener.accept()
-                    except OSError as exc:
-                        if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                            log.error("accept failed", extra={"error": exc.strerror})
-                            await trio.sleep(0.1)
-                            continue
-                        raise
-                    nursery.start_soon(self._serve_connection, stream)
-            await listener.aclose()
+        async with trio.open_nursery() as outer:
+            outer.start_soon(self._flusher)
+            async with trio.open_nursery() as nursery:
+                with self._accepting:
+                    task_status.started()
+                    if on_ready is not None:
+                        on_ready()
+                    while True:
+                        try:
+                            stream = await listener.accept()
+                        except OSError as exc:
+                            if exc.errno in (
+                                errno.EMFILE,
+                                errno.ENFILE,
+                                errno.ENOBUFS,
+                                errno.ENOMEM,
+                            ):
+                                log.error("accept failed", extra={"error": exc.strerror})
+                                await trio.sleep(0.1)
+                                continue
+                            raise
+                        nursery.start_soon(self._serve_connection, stream)
+                await listener.aclose()
+            # Every connection is done; nothing is left to flush.
+            outer.cancel_scope.cancel()
+
+    def _schedule_flush(self, conn: _Connection) -> None:
+        self._flushes.append(conn)
+        if len(self._flushes) == 1:
+            self._flush_wake.unpark()
+
+    async def _flusher(self) -> None:
+        """Send what each connection was answered, once per scheduling round.
+
+        Answers come from anywhere (a reader, a token batch, a slow task).
+        Woken by the first of them, this task runs only after the task that
+        produced them yields, so every answer of that round goes out in one
+        write per connection.
+        """
+        while True:
+            if not self._flushes:
+                await self._flush_wake.park()
+            flushes, self._flushes = self._flushes, []
+            for conn in flushes:
+                conn.flush()
 
     async def _serve_connection(self, stream: trio.SocketStream) -> None:
         # Whatever happens on one connection stays on it: this task never
@@ -250,7 +295,7 @@ class Server:
             elif self._stopping:
                 await self._refuse(stream, ShuttingDown("signd is shutting down"))
             else:
-                await self._converse(_Connection(stream, self.limits))
+                await self._converse(_Connection(stream, self.limits, self._schedule_flush))
         except* (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             pass  # the peer went away; there is no one left to answer
         except* Exception as group:
@@ -262,15 +307,15 @@ class Server:
 
     async def _converse(self, conn: _Connection) -> None:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(conn.writer)
+            nursery.start_soon(conn.outbox.run)
             await self._read(conn, nursery)
-            # The writer ends once every answer in flight is sent; the nursery
-            # waits for it (and for slow work), within the drain time-out.
-            conn.finish()
+            # Every answer in flight is still sent, within the drain time-out.
             nursery.cancel_scope.deadline = min(
                 self._drain_deadline, trio.current_time() + self.limits.drain_timeout
             )
-        if nursery.cancel_scope.cancelled_caught:
+            await conn.wait_settled()
+            nursery.cancel_scope.cancel()
+        if nursery.cancel_scope.cancelled_caught and conn.inflight:
             log.warning("drain timed out", extra={"inflight": conn.inflight})
 
     async def _refuse(self, stream: trio.SocketStream, error: Busy | ShuttingDown) -> None:

@@ -12,8 +12,8 @@ across processes); a module that crashes takes one worker down, not signd.
 A worker is fed over a socketpair by ``workers.py``.  Each message is one frame
 (the wire's length-prefixed msgpack framing), ``[tag, op, args]``; each answer
 is ``[tag, True, result]`` or ``[tag, False, code, message]``.  The worker
-reads everything that has arrived, runs it, and answers it with one write, so
-a batch of signatures costs one hand-over each way.
+answers each message as soon as it is done, so a batch of signatures costs
+one hand-over each way and the daemon can refill a worker while it signs.
 
 Key metadata is kept on the token as ``CKO_DATA`` objects (application
 ``signd``, label = key name).  SoftHSM does not let a data object's value
@@ -27,6 +27,7 @@ import logging
 import signal
 import socket
 import sys
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
@@ -225,6 +226,50 @@ class TokenSession:
                 out.append([False, int(err.code), err.message])
         return out
 
+    def time_raw_signatures(
+        self,
+        label: str,
+        scheme: str,
+        hash_name: str | None,
+        data: bytes,
+        warmup: float,
+        seconds: float,
+    ) -> tuple[int, list[float]]:
+        """The benchmark's baseline: python-pkcs11's ``sign`` called directly in
+        a tight loop, one session, one thread, on the private key ``label``.
+        Returns (count, latencies)."""
+        session = self._session_or_raise()
+        key = next(
+            iter(
+                session.get_objects(
+                    {Attribute.CLASS: ObjectClass.PRIVATE_KEY, Attribute.LABEL: label}
+                )
+            )
+        )
+        mech = {
+            "ecdsa": Mechanism.ECDSA,
+            "eddsa": Mechanism.EDDSA,
+            "rsa-pkcs1v15": Mechanism.RSA_PKCS,
+            "rsa-pss": Mechanism.RSA_PKCS_PSS,
+        }[scheme]
+        param = _PSS[hash_name] if scheme == "rsa-pss" and hash_name else None
+        sign = key.sign
+        clock = time.perf_counter
+        latencies: list[float] = []
+        count = 0
+        start = clock()
+        measure_from = start + warmup
+        end = measure_from + seconds
+        now = start
+        while now < end:
+            t0 = clock()
+            sign(data, mechanism=mech, mechanism_param=param)
+            now = clock()
+            if t0 >= measure_from:
+                count += 1
+                latencies.append(now - t0)
+        return count, latencies
+
     def _find_private(self, object_id: bytes) -> Any:
         session = self._session_or_raise()
         found = list(
@@ -418,15 +463,16 @@ def worker_main(fd: int) -> int:
             if not data:
                 return 0
             decoder.receive_data(data)
-            out = []
+            # Each batch is answered as soon as it is done, so the daemon can
+            # hand over the next one while this worker signs the one after.
             for body in decoder.frames():
                 tag, op, args = msgpack.unpackb(body, raw=False)
                 try:
-                    out.append(_frame([tag, True, handle(op, args)]))
+                    answer = _frame([tag, True, handle(op, args)])
                 except BaseException as exc:
                     err = _map_error(exc, op)
-                    out.append(_frame([tag, False, int(err.code), err.message]))
-            sock.sendall(b"".join(out))
+                    answer = _frame([tag, False, int(err.code), err.message])
+                sock.sendall(answer)
     except (BrokenPipeError, ConnectionResetError):
         return 0
     finally:

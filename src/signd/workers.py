@@ -22,6 +22,7 @@ never reaches the token.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import socket
@@ -44,6 +45,7 @@ from .errors import (
     WireError,
     error_from_wire,
 )
+from .outbox import Outbox
 from .protocol import HEADER, FrameDecoder
 from .token import IPC_MAX_FRAME, MetadataBlob, SignJob, TokenInfo
 
@@ -84,17 +86,15 @@ class _Worker:
     index: int
     process: trio.Process
     stream: trio.SocketStream
+    outbox: Outbox
     decoder: FrameDecoder = field(default_factory=lambda: FrameDecoder(IPC_MAX_FRAME))
-    out: list[bytes] = field(default_factory=list)
-    wake: trio.lowlevel.ParkingLot = field(default_factory=trio.lowlevel.ParkingLot)
     #: tag -> entries of a sign batch, or the (event, box) of a call
     waiting: dict[int, Any] = field(default_factory=dict)
     batches: int = 0
     alive: bool = True
 
     def send(self, frame: bytes) -> None:
-        self.out.append(frame)
-        self.wake.unpark_all()
+        self.outbox.write(frame)
 
 
 def _frame(obj: Any) -> bytes:
@@ -124,6 +124,9 @@ class TokenPool:
         self._tags = 0
         self._closing = False
         self.respawns = 0
+        #: batches handed to workers, and the signatures in them
+        self.batches_sent = 0
+        self.entries_sent = 0
 
     # ------------------------------------------------------------ state
 
@@ -204,6 +207,8 @@ class TokenPool:
             self._tags += 1
             worker.waiting[self._tags] = batch
             worker.batches += 1
+            self.batches_sent += 1
+            self.entries_sent += len(batch)
             self._inflight += len(batch)
             worker.send(_frame([self._tags, "sign", [[e.job.to_ipc() for e in batch]]]))
 
@@ -261,7 +266,7 @@ class TokenPool:
         finally:
             child.close()
         stream = trio.SocketStream(trio.socket.from_stdlib_socket(parent))
-        return _Worker(index, process, stream)
+        return _Worker(index, process, stream, Outbox(stream))
 
     async def _supervise(self, index: int, task_status: trio.TaskStatus[TokenInfo]) -> None:
         """Keep worker ``index`` running: start, log in, serve, replace if it dies.
@@ -336,16 +341,8 @@ class TokenPool:
         await worker.process.wait()
 
     async def _write(self, worker: _Worker) -> None:
-        try:
-            while True:
-                if worker.out:
-                    data = b"".join(worker.out)
-                    worker.out.clear()
-                    await worker.stream.send_all(data)
-                else:
-                    await worker.wake.park()
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass  # the reader sees the end too
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            await worker.outbox.run()  # the reader sees the end too
 
     async def _read(self, worker: _Worker, scope: trio.CancelScope) -> None:
         try:
@@ -366,6 +363,10 @@ class TokenPool:
     async def _close(self) -> None:
         """Stop every worker: they exit when their socket closes."""
         self._closing = True
+        log.info(
+            "token workers stopping",
+            extra={"batches": self.batches_sent, "signatures": self.entries_sent},
+        )
         for w in self._workers:
             if w is not None:
                 await w.stream.aclose()

@@ -251,7 +251,7 @@ def p11kit_available() -> str | None:
     if importlib.util.find_spec("pkcs11") is None:
         return "python-pkcs11 is not installed"
     try:
-        out = subprocess.run(  # noqa: S603 (absolute path, fixed arguments)
+        out = subprocess.run(
             [exe, "server", "--help"],
             capture_output=True,
             timeout=START_TIMEOUT,
@@ -440,12 +440,13 @@ def measure_p11kit_server(
     server: subprocess.Popen[bytes] | None = None
     clients: list[_Client] = []
     server_pids: list[int] = []
+    measured = False
     try:
         server_env = _without(os.environ, ("P11_KIT_SERVER_",))
         server_env["SOFTHSM2_CONF"] = softhsm_conf
         server_log = tmp / "server.log"
         with open(server_log, "wb") as log:
-            server = subprocess.Popen(  # noqa: S603 (absolute path, no shell)
+            server = subprocess.Popen(
                 [
                     exe,
                     "server",
@@ -472,7 +473,7 @@ def measure_p11kit_server(
         for i in range(processes):
             err = tmp / f"client-{i}.err"
             with open(err, "wb") as errf:
-                proc = subprocess.Popen(  # noqa: S603 (this interpreter, no shell)
+                proc = subprocess.Popen(
                     [sys.executable, "-c", _P11KIT_DRIVER],
                     stdin=subprocess.PIPE,
                     stdout=subprocess.PIPE,
@@ -529,13 +530,17 @@ def measure_p11kit_server(
                 if c.result.get("error"):
                     c.failure = f"client {c.index} failed mid-run: {c.result['error']}"
         server_pids = process_tree(server.pid)
-
+        measured = True
         return _p11kit_row(clients, processes, usage, public_key)
     finally:
         for c in clients:  # EOF on stdin: every client state ends with that
             if c.proc.stdin is not None:
                 with contextlib.suppress(OSError):
                     c.proc.stdin.close()
+            if not measured and c.proc.poll() is None:
+                # Interrupted (or failed) mid-run: do not wait for the loops to end.
+                with contextlib.suppress(ProcessLookupError):
+                    c.proc.terminate()
         for c in clients:
             try:
                 c.proc.wait(STOP_TIMEOUT)
@@ -735,7 +740,7 @@ def measure_ssh_agent(*, seconds: float) -> Row:
         )
         log = tmp / "agent.log"
         with open(log, "wb") as logf:
-            agent = subprocess.Popen(  # noqa: S603 (absolute path, no shell)
+            agent = subprocess.Popen(
                 [agent_exe, "-D", "-a", sock_path],
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
@@ -808,7 +813,7 @@ def measure_ssh_agent(*, seconds: float) -> Row:
 
 def _run_tool(argv: list[str], env: dict[str, str], what: str) -> None:
     try:
-        out = subprocess.run(  # noqa: S603 (absolute path, no shell)
+        out = subprocess.run(
             argv,
             stdin=subprocess.DEVNULL,
             capture_output=True,

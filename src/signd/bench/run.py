@@ -1,0 +1,711 @@
+"""``signd-bench``: signd against the token itself and against its peers, in one run.
+
+Everything runs on this machine, on one SoftHSM token made for the run, with
+the same key type and digest size per row.  Each row reports signatures (or
+verifications) per second, client-seen p50/p99 latency, the server side's CPU
+seconds and peak RSS, and the ratio to the in-process baseline of its key type
+measured in the same run.  ``--quick`` runs every row briefly, for CI; it
+asserts nothing about speed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import os
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from signd_client import Client
+
+from ..keystore import object_label
+from ._measure import Row, process_tree, reset_peak_rss, usage_of
+
+__all__ = ["main"]
+
+DIGEST = hashlib.sha256(b"signd benchmark").digest()
+MESSAGE = b"signd benchmark message " * 4
+BASELINE_SCHEME = {"ec-p256": "ecdsa", "ed25519": "eddsa", "rsa-2048": "rsa-pkcs1v15"}
+DIGEST_INFO_SHA256 = bytes.fromhex("3031300d060960864801650304020105000420")
+
+
+def _progress(msg: str) -> None:
+    print(f"signd-bench: {msg}", file=sys.stderr, flush=True)
+
+
+def _find_softhsm_init() -> str:
+    here = Path(__file__).resolve()
+    for parent in here.parents:
+        candidate = parent / "softhsm-init.sh"
+        if candidate.exists():
+            return str(candidate)
+    found = shutil.which("softhsm-init.sh")
+    if found:
+        return found
+    raise SystemExit("signd-bench: softhsm-init.sh not found; run from a signd checkout")
+
+
+def _softhsm_module() -> str:
+    for path in (
+        "/usr/lib/softhsm/libsofthsm2.so",
+        "/usr/lib/x86_64-linux-gnu/softhsm/libsofthsm2.so",
+    ):
+        if os.path.exists(path):
+            return path
+    raise SystemExit("signd-bench: SoftHSM is not installed (apt-get install softhsm2)")
+
+
+def _raise_fd_limit() -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+@dataclass
+class Bench:
+    workdir: Path
+    quick: bool
+    seconds: float
+    warmup: float
+    window: int
+    workers: str
+    conf: str = ""
+    label: str = "signd-bench"
+    module: str = ""
+    pin: str = ""
+    daemon: subprocess.Popen[bytes] | None = None
+    rows: list[Row] = field(default_factory=list)
+    baselines: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def socket(self) -> str:
+        return str(self.workdir / "signd.sock")
+
+    # ---------------------------------------------------------------- set-up
+
+    def make_token(self) -> None:
+        state = self.workdir / "token"
+        out = subprocess.run(
+            [
+                "bash",
+                _find_softhsm_init(),
+                "--state-dir",
+                str(state),
+                "--label",
+                self.label,
+                "--quiet",
+            ],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if out.returncode != 0:
+            raise SystemExit(f"signd-bench: softhsm-init.sh failed: {out.stderr.strip()}")
+        self.conf = out.stdout.strip().split("=", 1)[1]
+        os.environ["SOFTHSM2_CONF"] = self.conf
+        self.module = _softhsm_module()
+        self.pin = (state / "user.pin").read_text().rstrip("\n")
+
+    def start_daemon(self) -> None:
+        cfg = self.workdir / "signd.toml"
+        workers = self.workers if self.workers == "auto" else int(self.workers)
+        cfg.write_text(
+            f'[server]\nsocket = "{self.socket}"\n\n'
+            f'[token]\nmodule = "{self.module}"\nlabel = "{self.label}"\n'
+            f'pin_file = "{self.workdir / "token" / "user.pin"}"\n'
+            f"workers = {json.dumps(workers)}\n\n"
+            "[limits]\nmax_connections = 2048\nmax_frame = 4194304\n"
+            '\n[log]\nlevel = "warning"\n'
+        )
+        log = open(self.workdir / "signd.log", "ab")
+        self.daemon = subprocess.Popen(
+            [sys.executable, "-m", "signd", "serve", "--config", str(cfg)],
+            stdout=log,
+            stderr=log,
+        )
+        log.close()
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if self.daemon.poll() is not None:
+                raise SystemExit(f"signd-bench: signd exited; see {self.workdir}/signd.log")
+            with contextlib.suppress(Exception), Client(self.socket, timeout=2) as c:
+                if c.health().ready:
+                    return
+            time.sleep(0.05)
+        raise SystemExit("signd-bench: signd did not become ready")
+
+    def stop_daemon(self) -> None:
+        if self.daemon is not None and self.daemon.poll() is None:
+            self.daemon.send_signal(signal.SIGTERM)
+            try:
+                self.daemon.wait(30)
+            except subprocess.TimeoutExpired:
+                self.daemon.kill()
+                self.daemon.wait()
+
+    def daemon_pids(self) -> list[int]:
+        assert self.daemon is not None
+        return process_tree(self.daemon.pid)
+
+    # ---------------------------------------------------------------- rows
+
+    def add(self, row: Row, baseline_of: str | None = None) -> Row:
+        base = self.baselines.get(baseline_of or row.key_type)
+        if base:
+            row.ratio = row.rate / base
+        self.rows.append(row)
+        p50, p99 = row.p(50), row.p(99)
+        lat = f"p50 {p50 * 1e6:.0f} µs, p99 {p99 * 1e6:.0f} µs" if p50 and p99 else ""
+        ratio = f"{row.ratio:.2f}x" if row.ratio is not None else ""
+        _progress(f"  {row.name} [{row.key_type}]: {row.rate:,.0f}/s {ratio} {lat} {row.note}")
+        return row
+
+    def baseline(self, key_type: str, key: str) -> Row:
+        scheme = BASELINE_SCHEME[key_type]
+        data = MESSAGE if scheme == "eddsa" else DIGEST
+        if scheme == "rsa-pkcs1v15":
+            data = DIGEST_INFO_SHA256 + DIGEST
+        job = {
+            "module": self.module,
+            "label": self.label,
+            "key_label": object_label(key, 1),
+            "scheme": scheme,
+            "hash": "sha256",
+            "data": data.hex(),
+            "warmup": self.warmup,
+            "seconds": self.seconds,
+        }
+        out = subprocess.run(
+            [sys.executable, "-m", "signd.bench.baseline"],
+            input=json.dumps(job) + "\n" + self.pin + "\n",
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=120,
+        )
+        res = json.loads(out.stdout)
+        row = Row(
+            "python-pkcs11 in-process, 1 session (baseline)",
+            key_type,
+            res["count"],
+            res["seconds"],
+            res["latencies"],
+        )
+        self.baselines[key_type] = row.rate
+        return self.add(row)
+
+    def drive(
+        self,
+        name: str,
+        key_type: str,
+        job: dict[str, Any],
+        processes: int,
+        connections: int,
+        baseline_of: str | None = None,
+        note: str = "",
+    ) -> Row:
+        """Run ``processes`` driver processes sharing ``connections``; one row."""
+        job = {
+            "socket": self.socket,
+            "warmup": self.warmup,
+            "seconds": self.seconds,
+            "window": self.window,
+            **job,
+        }
+        procs = []
+        per = [
+            connections // processes + (1 if i < connections % processes else 0)
+            for i in range(processes)
+        ]
+        for n in per:
+            p = subprocess.Popen(
+                [sys.executable, "-m", "signd.bench.driver"],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+            assert p.stdin is not None
+            assert p.stdout is not None
+            p.stdin.write(json.dumps({**job, "connections": n}) + "\n")
+            p.stdin.flush()
+            procs.append(p)
+        for p in procs:
+            assert p.stdout is not None
+            if p.stdout.readline().strip() != "ready":
+                raise SystemExit(f"signd-bench: a driver failed to start for {name}")
+        pids = self.daemon_pids()
+        for p in procs:
+            assert p.stdin is not None
+            p.stdin.write("go\n")
+            p.stdin.flush()
+        time.sleep(self.warmup)
+        reset_peak_rss(pids)
+        before = usage_of(pids)
+        results = []
+        for p in procs:
+            out, _ = p.communicate(timeout=self.warmup + self.seconds + 120)
+            if p.returncode != 0:
+                raise SystemExit(f"signd-bench: a driver failed in {name}")
+            results.append(json.loads(out))
+        after = usage_of(pids)
+        lat: list[float] = []
+        for r in results:
+            lat.extend(r["latencies"])
+        errors = sum(r["errors"] for r in results)
+        names: dict[str, int] = {}
+        for r in results:
+            for k, v in r.get("error_names", {}).items():
+                names[k] = names.get(k, 0) + v
+        if errors:
+            note = f"{note} {errors} errors {names}".strip()
+        row = Row(
+            name,
+            key_type,
+            sum(r["count"] for r in results),
+            self.seconds,
+            lat,
+            server_cpu=after.cpu - before.cpu,
+            server_peak_rss_mb=after.peak_rss_mb,
+            note=note,
+        )
+        return self.add(row, baseline_of)
+
+    def sign_job(self, key: str, key_type: str) -> dict[str, Any]:
+        if key_type == "ed25519":
+            return {"op": "sign", "key": key, "data": MESSAGE.hex()}
+        return {"op": "sign", "key": key, "data": DIGEST.hex(), "digest": True, "hash": "sha256"}
+
+    def verify_job(self, key: str, key_type: str) -> dict[str, Any]:
+        job = self.sign_job(key, key_type)
+        with Client(self.socket) as c:
+            if key_type == "ed25519":
+                sig = c.sign(key, MESSAGE).signature
+            else:
+                sig = c.sign(key, digest=DIGEST, hash="sha256").signature
+        return {**job, "op": "verify", "signature": sig.hex()}
+
+    def memory_rows(self, key: str) -> None:
+        """RSS with 1,000 open connections, and RSS growth over many signatures."""
+        assert self.daemon is not None
+        main_pid = self.daemon.pid
+        conns = 1000
+        p = subprocess.Popen(
+            [sys.executable, "-c", _IDLE_CONNECTIONS, self.socket, str(conns)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert p.stdout is not None
+        assert p.stdin is not None
+        line = p.stdout.readline().strip()
+        rss_main = _rss_mb(main_pid)
+        rss_all = sum(_rss_mb(pid) for pid in self.daemon_pids())
+        p.stdin.write("done\n")
+        p.stdin.flush()
+        p.wait(30)
+        self.rows.append(
+            Row(
+                f"daemon RSS with {conns} open connections",
+                "-",
+                0,
+                1.0,
+                server_peak_rss_mb=rss_main,
+                note=f"{line}; main process {rss_main:.1f} MB, with token workers {rss_all:.1f} MB",
+            )
+        )
+        _progress(f"  {conns} open connections: main {rss_main:.1f} MB, total {rss_all:.1f} MB")
+
+        total = 20_000 if self.quick else 1_000_000
+        before_main = _rss_mb(main_pid)
+        before_all = sum(_rss_mb(pid) for pid in self.daemon_pids())
+        t0 = time.perf_counter()
+        done = 0
+        while done < total:
+            n = min(total - done, 200_000)
+            # One long pipelined run; its rate does not matter here.
+            rate_job = {
+                **self.sign_job(key, "ec-p256"),
+                "socket": self.socket,
+                "warmup": 0,
+                "window": self.window,
+            }
+            secs = n / 15000
+            res = _run_driver_for_count(rate_job, 64, secs)
+            done += res
+        after_main = _rss_mb(main_pid)
+        after_all = sum(_rss_mb(pid) for pid in self.daemon_pids())
+        elapsed = time.perf_counter() - t0
+        self.rows.append(
+            Row(
+                f"RSS growth over {done:,} signatures",
+                "ec-p256",
+                done,
+                elapsed,
+                server_peak_rss_mb=after_main,
+                note=(
+                    f"main process {before_main:.1f} -> {after_main:.1f} MB "
+                    f"({after_main - before_main:+.1f} MB); with workers {before_all:.1f} -> "
+                    f"{after_all:.1f} MB ({after_all - before_all:+.1f} MB)"
+                ),
+            )
+        )
+        _progress(f"  RSS over {done:,} signatures: main {after_main - before_main:+.1f} MB")
+
+
+_IDLE_CONNECTIONS = r"""
+import resource, socket, sys
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+from signd_client.protocol import Empty, FrameDecoder, decode_response, encode_request
+path, n = sys.argv[1], int(sys.argv[2])
+socks, ok = [], 0
+for i in range(n):
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.connect(path)
+    s.sendall(encode_request(i, "health", Empty()))
+    socks.append(s)
+for s in socks:
+    d = FrameDecoder()
+    while True:
+        d.receive_data(s.recv(65536))
+        frames = list(d.frames())
+        if frames:
+            ok += decode_response(frames[0]).error is None
+            break
+print(f"{ok} of {n} connections open and answered", flush=True)
+sys.stdin.readline()
+"""
+
+
+def _run_driver_for_count(job: dict[str, Any], connections: int, seconds: float) -> int:
+    p = subprocess.Popen(
+        [sys.executable, "-m", "signd.bench.driver"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    out, _ = p.communicate(
+        json.dumps({**job, "mode": "pipeline", "connections": connections, "seconds": seconds})
+        + "\ngo\n",
+        timeout=seconds + 120,
+    )
+    lines = [ln for ln in out.splitlines() if ln.startswith("{")]
+    return int(json.loads(lines[-1])["count"])
+
+
+def _rss_mb(pid: int) -> float:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+# -------------------------------------------------------------------- report
+
+
+def _fmt(v: float | None, unit: str = "") -> str:
+    return "-" if v is None else f"{v:,.0f}{unit}"
+
+
+def table(rows: list[Row]) -> str:
+    head = (
+        "| row | key | ops/s | p50 µs | p99 µs | server CPU s | peak RSS MB | ratio | note |\n"
+        "|---|---|---|---|---|---|---|---|---|"
+    )
+    lines = [head]
+    for r in rows:
+        p50, p99 = r.p(50), r.p(99)
+        lines.append(
+            f"| {r.name} | {r.key_type} | {_fmt(r.rate) if r.operations else '-'} | "
+            f"{_fmt(p50 * 1e6 if p50 else None)} | {_fmt(p99 * 1e6 if p99 else None)} | "
+            f"{'-' if r.server_cpu is None else f'{r.server_cpu:.2f}'} | "
+            f"{'-' if r.server_peak_rss_mb is None else f'{r.server_peak_rss_mb:.1f}'} | "
+            f"{'-' if r.ratio is None else f'{r.ratio:.2f}x'} | {r.note} |"
+        )
+    return "\n".join(lines)
+
+
+def targets(rows: list[Row]) -> list[tuple[str, str, str]]:
+    """The issue's targets as (target, measured, verdict); reported, never asserted."""
+
+    def find(pred: Callable[[Row], bool]) -> Row | None:
+        return next((r for r in rows if pred(r)), None)
+
+    out: list[tuple[str, str, str]] = []
+
+    def check(label: str, measured: float | None, goal: float, higher: bool, unit: str) -> None:
+        if measured is None:
+            out.append((label, "not measured", "-"))
+            return
+        ok = measured >= goal if higher else measured <= goal
+        out.append((label, f"{measured:.2f}{unit}", "met" if ok else "MISSED"))
+
+    def named(key_type: str, prefix: str) -> Row | None:
+        return find(lambda r: r.key_type == key_type and r.name.startswith(prefix))
+
+    def ratio(a: Row | None, b: Row | None) -> float | None:
+        return a.rate / b.rate if a is not None and b is not None and b.rate else None
+
+    def us(r: Row | None, q: float, scale: float) -> float | None:
+        v = r.p(q) if r is not None else None
+        return v * scale if v is not None else None
+
+    s64 = named("ec-p256", "signd, 64 conn")
+    p4 = find(lambda r: r.name.startswith("p11-kit server, 4"))
+    p1 = find(lambda r: r.name.startswith("p11-kit server, 1"))
+    sync = named("ec-p256", "signd, 1 synchronous")
+    batch = find(lambda r: r.name.startswith("signd, sign_batch"))
+    check("signd 64 connections vs baseline (>= 1.0x)", s64.ratio if s64 else None, 1.0, True, "x")
+    check("signd 64 connections vs p11-kit 4 processes (>= 1.2x)", ratio(s64, p4), 1.2, True, "x")
+    check(
+        "1 synchronous connection vs p11-kit 1 process (>= 1.0x)", ratio(sync, p1), 1.0, True, "x"
+    )
+    check("1 synchronous connection p50 (<= 250 µs)", us(sync, 50, 1e6), 250, False, " µs")
+    check("p99 at 64 connections (<= 20 ms)", us(s64, 99, 1e3), 20, False, " ms")
+    check(
+        "sign_batch of 1,000 vs baseline (>= 0.95x)",
+        batch.ratio if batch else None,
+        0.95,
+        True,
+        "x",
+    )
+    for kt in ("ed25519", "rsa-2048"):
+        r = named(kt, "signd, 64 conn")
+        check(
+            f"{kt} 64 connections vs its baseline (>= 0.9x)", r.ratio if r else None, 0.9, True, "x"
+        )
+    for kt in ("ec-p256", "ed25519", "rsa-2048"):
+        check(
+            f"{kt} verify vs sign at 64 connections (>= 2x)",
+            ratio(named(kt, "signd verify"), named(kt, "signd, 64 conn")),
+            2.0,
+            True,
+            "x",
+        )
+    mem = find(lambda r: r.name.startswith("daemon RSS with"))
+    check(
+        "daemon RSS, 1,000 open connections (<= 100 MB)",
+        mem.server_peak_rss_mb if mem else None,
+        100,
+        False,
+        " MB",
+    )
+    grow = find(lambda r: r.name.startswith("RSS growth"))
+    if grow:
+        delta = float(grow.note.split("(")[1].split(" MB")[0])
+        check(f"RSS growth over {grow.operations:,} signatures (< 10 MB)", delta, 10, False, " MB")
+    return out
+
+
+# -------------------------------------------------------------------- main
+
+
+def run(b: Bench, types: list[str], peers: bool) -> None:
+    b.make_token()
+    b.start_daemon()
+    try:
+        keys: dict[str, str] = {}
+        with Client(b.socket, timeout=120) as c:
+            for kt in types:
+                keys[kt] = f"bench-{kt}"
+                c.create_key(keys[kt], kt)
+        steps = len(types) * 4 + 6
+        step = 0
+
+        def stage(what: str) -> None:
+            nonlocal step
+            step += 1
+            _progress(f"[{step}/{steps}] {what}")
+
+        for kt in types:
+            key = keys[kt]
+            stage(f"{kt}: baseline")
+            b.baseline(kt, key)
+            stage(f"{kt}: 1 synchronous connection")
+            b.drive(
+                "signd, 1 synchronous connection (Client)",
+                kt,
+                {**b.sign_job(key, kt), "mode": "client"},
+                1,
+                1,
+            )
+            stage(f"{kt}: 64 connections")
+            b.drive(
+                "signd, 64 connections",
+                kt,
+                {**b.sign_job(key, kt), "mode": "pipeline"},
+                4,
+                64,
+                note=f"window {b.window}",
+            )
+            stage(f"{kt}: verify, 64 connections")
+            b.drive(
+                "signd verify, 64 connections",
+                kt,
+                {**b.verify_job(key, kt), "mode": "pipeline"},
+                4,
+                64,
+                note=f"window {b.window}; ratio vs sign baseline",
+            )
+        if "ec-p256" in types:
+            key = keys["ec-p256"]
+            for n, procs in ((16, 2), (256, 4)):
+                stage(f"ec-p256: {n} connections")
+                b.drive(
+                    f"signd, {n} connections",
+                    "ec-p256",
+                    {**b.sign_job(key, "ec-p256"), "mode": "pipeline"},
+                    procs,
+                    n,
+                    note=f"window {b.window}",
+                )
+            stage("ec-p256: sign_batch of 1,000")
+            b.drive(
+                "signd, sign_batch of 1,000 digests",
+                "ec-p256",
+                {
+                    "op": "sign_batch",
+                    "key": key,
+                    "data": DIGEST.hex(),
+                    "hash": "sha256",
+                    "batch": 1000,
+                    "mode": "pipeline",
+                    "window": 2,
+                },
+                1,
+                2,
+                note="2 connections, 2 batches in flight each",
+            )
+            stage("peers")
+            if peers:
+                _peer_rows(b, key)
+            stage("memory")
+            b.memory_rows(key)
+    finally:
+        b.stop_daemon()
+
+
+def _peer_rows(b: Bench, key: str) -> None:
+    try:
+        from . import peers
+    except ImportError as exc:  # pragma: no cover - peers module missing
+        _progress(f"  peers skipped: {exc}")
+        return
+    reason = peers.p11kit_available()
+    if reason is None:
+        for n in (1, 4):
+            try:
+                row = peers.measure_p11kit_server(
+                    module=b.module,
+                    token_label=b.label,
+                    pin=b.pin,
+                    key_label=object_label(key, 1),
+                    processes=n,
+                    seconds=b.seconds,
+                    softhsm_conf=b.conf,
+                )
+                b.add(row, "ec-p256")
+            except peers.PeerUnavailable as exc:
+                _progress(f"  p11-kit server, {n} processes: {exc}")
+    else:
+        _progress(f"  p11-kit server skipped: {reason}")
+    reason = peers.ssh_agent_available()
+    if reason is None:
+        try:
+            b.add(peers.measure_ssh_agent(seconds=b.seconds), "ec-p256")
+        except peers.PeerUnavailable as exc:
+            _progress(f"  ssh-agent: {exc}")
+    else:
+        _progress(f"  ssh-agent skipped: {reason}")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="signd-bench",
+        description="Benchmark signd against in-process python-pkcs11 and its peers "
+        "(p11-kit server, ssh-agent), on a SoftHSM token made for the run.",
+    )
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="every row briefly (seconds in all), for CI; asserts nothing",
+    )
+    p.add_argument("--seconds", type=float, help="measured seconds per row (default 5)")
+    p.add_argument("--warmup", type=float, help="unmeasured seconds per row (default 1)")
+    p.add_argument(
+        "--window",
+        type=int,
+        default=4,
+        help="requests in flight per pipelining connection (default 4)",
+    )
+    p.add_argument("--workers", default="auto", help='signd token workers (default "auto")')
+    p.add_argument(
+        "--types",
+        default="ec-p256,ed25519,rsa-2048",
+        help="key types (default ec-p256,ed25519,rsa-2048)",
+    )
+    p.add_argument("--no-peers", action="store_true", help="skip p11-kit and ssh-agent")
+    p.add_argument(
+        "--json",
+        default="bench-results.json",
+        metavar="FILE",
+        help="write the results here (default bench-results.json)",
+    )
+    p.add_argument("--keep", action="store_true", help="keep the work directory")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    _raise_fd_limit()
+    seconds = args.seconds or (0.3 if args.quick else 5.0)
+    warmup = args.warmup if args.warmup is not None else (0.1 if args.quick else 1.0)
+    types = [t.strip() for t in args.types.split(",") if t.strip()]
+    bad = [t for t in types if t not in BASELINE_SCHEME]
+    if bad:
+        print(
+            f"signd-bench: unsupported --types {bad}; use {list(BASELINE_SCHEME)}", file=sys.stderr
+        )
+        return 2
+    workdir = Path(tempfile.mkdtemp(prefix="signd-bench-"))
+    b = Bench(workdir, args.quick, seconds, warmup, args.window, args.workers)
+    started = time.time()
+    try:
+        run(b, types, not args.no_peers)
+    finally:
+        if not args.keep:
+            shutil.rmtree(workdir, ignore_errors=True)
+    checks = targets(b.rows)
+    report = {
+        "started": started,
+        "quick": args.quick,
+        "seconds_per_row": seconds,
+        "window": args.window,
+        "workers": args.workers,
+        "cpus": os.cpu_count(),
+        "rows": [r.to_json() for r in b.rows],
+        "targets": [{"target": t, "measured": m, "verdict": v} for t, m, v in checks],
+    }
+    Path(args.json).write_text(json.dumps(report, indent=2))
+    print(table(b.rows))
+    print()
+    print("| target | measured | verdict |\n|---|---|---|")
+    for t, m, v in checks:
+        print(f"| {t} | {m} | {v} |")
+    print(f"\nresults written to {args.json}", file=sys.stderr)
+    return 0
