@@ -27,12 +27,15 @@ __all__ = [
     "Family",
     "KEY_TYPES",
     "KeyType",
+    "Options",
     "PublicKey",
     "Scheme",
     "SignPlan",
     "finish_signature",
     "key_type",
     "load_public_key",
+    "options",
+    "plan",
     "plan_sign",
     "public_key_pem",
     "verify",
@@ -140,58 +143,98 @@ class SignPlan:
 
 
 @dataclass(frozen=True, slots=True)
-class _Checked:
-    hash: Hash | None
-    digest: bytes | None  # None for Ed25519 (it signs the message)
+class Options:
+    """A request's signature options, checked against the key type."""
+
     scheme: Scheme
+    hash: Hash | None  # None for Ed25519 (it signs the message)
     algorithm: str
-    raw: bool
+    raw: bool  # ECDSA only: r || s instead of DER
 
 
-def _check(kt: KeyType, args: SignArgs | VerifyArgs) -> _Checked:
-    """Validate the options shared by sign and verify; hash the message if needed."""
-    if (args.message is None) == (args.digest is None):
-        raise InvalidArgument("exactly one of 'message' and 'digest' is required")
+def options(
+    kt: KeyType,
+    hash_name: str | None,
+    padding: str | None,
+    format: str | None,
+    *,
+    by_digest: bool,
+) -> Options:
+    """Check the options shared by every signature of a request.
+
+    Raises:
+        InvalidArgument, UnsupportedAlgorithm.
+    """
     if kt.family is Family.ED25519:
-        if args.digest is not None:
-            raise InvalidArgument("ed25519 signs the message itself: send 'message', not 'digest'")
-        for name in ("hash", "padding", "format"):
-            if getattr(args, name) is not None:
-                raise InvalidArgument(f"field '{name}' does not apply to ed25519 keys")
-        return _Checked(None, None, Scheme.EDDSA, "ed25519", False)
-
-    hash_name = kt.default_hash if args.hash is None else args.hash
-    assert hash_name is not None
-    h = HASHES.get(hash_name)
+        if by_digest:
+            raise InvalidArgument(
+                "ed25519 signs the message itself: send the message, not a digest"
+            )
+        for field_name, value in (("hash", hash_name), ("padding", padding), ("format", format)):
+            if value is not None:
+                raise InvalidArgument(f"field '{field_name}' does not apply to ed25519 keys")
+        return Options(Scheme.EDDSA, None, "ed25519", False)
+    if by_digest and hash_name is None:
+        raise InvalidArgument("field 'hash' is required with a digest")
+    name = kt.default_hash if hash_name is None else hash_name
+    assert name is not None
+    h = HASHES.get(name)
     if h is None:
-        raise UnsupportedAlgorithmError(
-            f"unknown hash {hash_name!r}; supported: {', '.join(HASHES)}"
-        )
-    if args.digest is not None:
-        if args.hash is None:
-            raise InvalidArgument("field 'hash' is required with 'digest'")
-        if len(args.digest) != h.size:
-            raise InvalidDigest(f"a {h.name} digest is {h.size} bytes, got {len(args.digest)}")
-        digest = args.digest
-    else:
-        assert args.message is not None
-        digest = h.new(args.message).digest()
-
+        raise UnsupportedAlgorithmError(f"unknown hash {name!r}; supported: {', '.join(HASHES)}")
     if kt.family is Family.EC:
-        if args.padding is not None:
+        if padding is not None:
             raise InvalidArgument("field 'padding' applies to RSA keys only")
-        fmt = "der" if args.format is None else args.format
+        fmt = "der" if format is None else format
         if fmt not in FORMATS:
             raise InvalidArgument(f"field 'format' must be one of {', '.join(FORMATS)}")
-        return _Checked(h, digest, Scheme.ECDSA, f"ecdsa-p{kt.bits}-{h.name}", fmt == "raw")
-
-    if args.format is not None:
+        return Options(Scheme.ECDSA, h, f"ecdsa-p{kt.bits}-{h.name}", fmt == "raw")
+    if format is not None:
         raise InvalidArgument("field 'format' applies to ECDSA keys only")
-    pad = "pkcs1v15" if args.padding is None else args.padding
+    pad = "pkcs1v15" if padding is None else padding
     if pad not in PADDINGS:
         raise InvalidArgument(f"field 'padding' must be one of {', '.join(PADDINGS)}")
     scheme = Scheme.RSA_PSS if pad == "pss" else Scheme.RSA_PKCS1
-    return _Checked(h, digest, scheme, f"rsa-{pad}-{h.name}", False)
+    return Options(scheme, h, f"rsa-{pad}-{h.name}", False)
+
+
+def _digest(opts: Options, message: bytes | None, digest: bytes | None) -> bytes | None:
+    """The digest to sign or verify (None for Ed25519).  Raises: InvalidDigest."""
+    h = opts.hash
+    if h is None:
+        return None
+    if digest is not None:
+        if len(digest) != h.size:
+            raise InvalidDigest(f"a {h.name} digest is {h.size} bytes, got {len(digest)}")
+        return digest
+    assert message is not None
+    return h.new(message).digest()
+
+
+def _check(kt: KeyType, args: SignArgs | VerifyArgs) -> tuple[Options, bytes | None]:
+    if (args.message is None) == (args.digest is None):
+        raise InvalidArgument("exactly one of 'message' and 'digest' is required")
+    opts = options(kt, args.hash, args.padding, args.format, by_digest=args.digest is not None)
+    return opts, _digest(opts, args.message, args.digest)
+
+
+def plan(opts: Options, message: bytes | None, digest: bytes | None) -> SignPlan:
+    """What the token signs for one item under checked ``opts``.
+
+    Raises:
+        InvalidDigest: ``digest`` has the wrong length for the hash.
+    """
+    d = _digest(opts, message, digest)
+    if opts.scheme is Scheme.EDDSA:
+        assert message is not None
+        data = message
+    elif opts.scheme is Scheme.RSA_PKCS1:
+        assert opts.hash is not None
+        assert d is not None
+        data = opts.hash.digest_info + d
+    else:
+        assert d is not None
+        data = d
+    return SignPlan(opts.scheme, opts.hash, data, opts.algorithm, opts.raw)
 
 
 def plan_sign(kt: KeyType, args: SignArgs) -> SignPlan:
@@ -200,18 +243,10 @@ def plan_sign(kt: KeyType, args: SignArgs) -> SignPlan:
     Raises:
         InvalidArgument, InvalidDigest, UnsupportedAlgorithm.
     """
-    c = _check(kt, args)
-    if c.scheme is Scheme.EDDSA:
-        assert args.message is not None
-        data = args.message
-    elif c.scheme is Scheme.RSA_PKCS1:
-        assert c.hash is not None
-        assert c.digest is not None
-        data = c.hash.digest_info + c.digest
-    else:
-        assert c.digest is not None
-        data = c.digest
-    return SignPlan(c.scheme, c.hash, data, c.algorithm, c.raw)
+    if (args.message is None) == (args.digest is None):
+        raise InvalidArgument("exactly one of 'message' and 'digest' is required")
+    opts = options(kt, args.hash, args.padding, args.format, by_digest=args.digest is not None)
+    return plan(opts, args.message, args.digest)
 
 
 def finish_signature(plan: SignPlan, raw: bytes) -> bytes:
@@ -230,36 +265,36 @@ def verify(kt: KeyType, public_key: PublicKey, args: VerifyArgs) -> str | None:
     Raises:
         InvalidArgument, InvalidDigest, UnsupportedAlgorithm: bad options.
     """
-    c = _check(kt, args)
+    opts, digest = _check(kt, args)
     sig = args.signature
     try:
-        if c.scheme is Scheme.EDDSA:
+        if opts.scheme is Scheme.EDDSA:
             assert isinstance(public_key, ed25519.Ed25519PublicKey)
             assert args.message is not None
             public_key.verify(sig, args.message)
-            return c.algorithm
-        assert c.hash is not None
-        assert c.digest is not None
-        prehashed = utils.Prehashed(c.hash.algorithm)
-        if c.scheme is Scheme.ECDSA:
+            return opts.algorithm
+        assert opts.hash is not None
+        assert digest is not None
+        prehashed = utils.Prehashed(opts.hash.algorithm)
+        if opts.scheme is Scheme.ECDSA:
             assert isinstance(public_key, ec.EllipticCurvePublicKey)
-            if c.raw:
+            if opts.raw:
                 size = kt.coordinate_size
                 if len(sig) != 2 * size:
                     return None
                 sig = utils.encode_dss_signature(
                     int.from_bytes(sig[:size], "big"), int.from_bytes(sig[size:], "big")
                 )
-            public_key.verify(sig, c.digest, ec.ECDSA(prehashed))
-            return c.algorithm
+            public_key.verify(sig, digest, ec.ECDSA(prehashed))
+            return opts.algorithm
         assert isinstance(public_key, rsa.RSAPublicKey)
         pad: padding.AsymmetricPadding
-        if c.scheme is Scheme.RSA_PSS:
-            pad = padding.PSS(mgf=padding.MGF1(c.hash.algorithm), salt_length=padding.PSS.AUTO)
+        if opts.scheme is Scheme.RSA_PSS:
+            pad = padding.PSS(mgf=padding.MGF1(opts.hash.algorithm), salt_length=padding.PSS.AUTO)
         else:
             pad = padding.PKCS1v15()
-        public_key.verify(sig, c.digest, pad, prehashed)
-        return c.algorithm
+        public_key.verify(sig, digest, pad, prehashed)
+        return opts.algorithm
     except (InvalidSignature, ValueError):
         return None
 

@@ -38,6 +38,8 @@ log = logging.getLogger("signd.server")
 RECEIVE_SIZE: Final = 65536
 #: During shutdown, a connection whose client sent nothing for this long is done.
 DRAIN_IDLE: Final = 0.05
+#: How long a closing connection discards what its client still sends.
+LINGER: Final = 1.0
 SD_LISTEN_FDS_START: Final = 3
 
 
@@ -137,6 +139,7 @@ class _Connection:
         "_settled",
         "decoder",
         "dirty",
+        "eof",
         "inflight",
         "limits",
         "outbox",
@@ -159,6 +162,7 @@ class _Connection:
         self.pending: list[bytes] = []
         self.pending_bytes = 0
         self.dirty = False
+        self.eof = False
         self.schedule_flush = schedule_flush
         self.inflight = 0
         self._can_read = trio.lowlevel.ParkingLot()
@@ -314,9 +318,23 @@ class Server:
                 self._drain_deadline, trio.current_time() + self.limits.drain_timeout
             )
             await conn.wait_settled()
+            if not conn.eof:
+                await self._linger(conn)
             nursery.cancel_scope.cancel()
         if nursery.cancel_scope.cancelled_caught and conn.inflight:
             log.warning("drain timed out", extra={"inflight": conn.inflight})
+
+    async def _linger(self, conn: _Connection) -> None:
+        """Close politely when the client may still be sending.
+
+        Closing a Unix socket with unread bytes resets the peer, which may
+        then lose the answers it has not read yet.  So: send EOF, and discard
+        what still arrives until the client closes too, or briefly.
+        """
+        await conn.stream.send_eof()
+        with trio.move_on_after(LINGER):
+            while await conn.stream.receive_some(RECEIVE_SIZE):
+                pass
 
     async def _refuse(self, stream: trio.SocketStream, error: Busy | ShuttingDown) -> None:
         with trio.move_on_after(1.0):
@@ -341,6 +359,7 @@ class Server:
                         if not self._dispatch(conn, nursery):
                             return
                         continue
+                    conn.eof = True
                     return
                 return  # idle: the client has sent nothing more
             scope = trio.CancelScope()
@@ -349,6 +368,7 @@ class Server:
                 with scope:
                     data = await conn.stream.receive_some(RECEIVE_SIZE)
                     if not data:
+                        conn.eof = True
                         return
                     conn.decoder.receive_data(data)
                     if not self._dispatch(conn, nursery):

@@ -128,7 +128,7 @@ class Service:
 
         Returns the slow ones, for the caller to run as tasks.
         """
-        entries: list[Entry] = []
+        groups: list[tuple[int, list[Entry]]] = []  # (request id, its entries)
         slow: list[SlowWork] = []
         deadline = time.monotonic() + self.request_timeout
         for req in requests:
@@ -141,11 +141,10 @@ class Service:
                         slow.append(lookup)
                     elif isinstance(args, SignArgs):
                         plan = algorithms.plan_sign(key.kt, args)
-                        entries.append(
-                            Entry(_job(key, plan), _sign_done(req.id, key, plan, reply), deadline)
-                        )
+                        done = _sign_done(req.id, key, plan, reply)
+                        groups.append((req.id, [Entry(_job(key, plan), done, deadline)]))
                     else:
-                        entries.extend(_batch_entries(req.id, key, args, reply, deadline))
+                        groups.append((req.id, _batch_entries(req.id, key, args, reply, deadline)))
                 elif isinstance(args, VerifyArgs):
                     key = self._key_or_none(args.key)
                     if key is None:
@@ -167,12 +166,15 @@ class Service:
             except Exception:
                 log.exception("internal error", extra={"op": req.op})
                 reply(req.id, encode_error(req.id, InternalError("internal error; see daemon log")))
-        if entries:
-            try:
-                self.token.submit(source, entries)
-            except WireError as exc:
-                for entry in entries:
-                    entry.callback(False, exc)
+        if groups:
+            for rid, entries in groups:
+                if not entries:
+                    continue  # a batch whose every item was refused is answered already
+                try:
+                    self.token.enqueue(source, entries)
+                except WireError as exc:  # busy, or no worker: the request fails whole
+                    reply(rid, encode_error(rid, exc))
+            self.token.pump()
         return slow
 
     def _key_or_none(self, name: str) -> LoadedKey | None:
@@ -382,21 +384,17 @@ def _batch_entries(
     if not 0 < len(items) <= MAX_BATCH:
         raise InvalidArgument(f"a batch has 1 to {MAX_BATCH} items, got {len(items)}")
     by_message = args.messages is not None
+    opts = algorithms.options(
+        key.kt, args.hash, args.padding, args.format, by_digest=not by_message
+    )
+    algorithm = opts.algorithm
     plans: list[algorithms.SignPlan | WireError] = []
-    algorithm = None
     for item in items:
-        one = SignArgs(
-            key=args.key,
-            message=item if by_message else None,
-            digest=None if by_message else item,
-            hash=args.hash,
-            padding=args.padding,
-            format=args.format,
-        )
         try:
-            plan = algorithms.plan_sign(key.kt, one)
-            algorithm = plan.algorithm
-            plans.append(plan)
+            if by_message:
+                plans.append(algorithms.plan(opts, item, None))
+            else:
+                plans.append(algorithms.plan(opts, None, item))
         except InvalidDigest as exc:  # this item only; the options are fine
             plans.append(exc)
     results: list[BatchItem | None] = [None] * len(items)
@@ -409,7 +407,7 @@ def _batch_entries(
             answer = SignBatchResult(
                 key=name,
                 version=version,
-                algorithm=algorithm or "",
+                algorithm=algorithm,
                 results=tuple(r if r is not None else BatchItem() for r in results),
             )
             reply(rid, encode_result(rid, answer))

@@ -7,8 +7,9 @@ dies is replaced, with back-off, and what it had in hand is answered
 
 Signatures are *queued* here, never sent one by one:
 
-* ``submit(source, entries)`` appends to the queue of ``source`` (a
-  connection) and returns at once; a full pool answers ``busy``.
+* ``enqueue(source, entries)`` appends to the queue of ``source`` (a
+  connection) and returns at once; a full pool answers ``busy``.  ``pump``
+  then hands out what workers have room for.
 * Whenever a worker has room (fewer than ``depth`` batches in hand), a batch of
   up to ``batch_max`` signatures is taken **round-robin** over the sources with
   queued work, ``quantum`` at a time, so a connection that floods cannot
@@ -41,6 +42,7 @@ from .errors import (
     Busy,
     DeadlineExceeded,
     ErrorCode,
+    InvalidArgument,
     TokenUnavailable,
     WireError,
     error_from_wire,
@@ -145,16 +147,24 @@ class TokenPool:
 
     # ------------------------------------------------------------ hot path
 
-    def submit(self, source: object, entries: Sequence[Entry]) -> None:
-        """Queue ``entries`` for ``source``; callbacks run later, in trio.
+    def enqueue(self, source: object, entries: Sequence[Entry]) -> None:
+        """Queue ``entries`` for ``source``; call ``pump`` once after enqueuing.
+
+        Callbacks run later, in trio.  All of ``entries`` are queued, or none.
 
         Raises:
             Busy: the pool already holds ``queue_limit`` signatures.
+            InvalidArgument: ``entries`` alone exceed ``queue_limit``.
             TokenUnavailable: no worker is up.
         """
         if not self.is_open:
             raise TokenUnavailable("no token worker is running")
         n = len(entries)
+        if n > self.settings.queue_limit:
+            raise InvalidArgument(
+                f"{n} signatures in one request exceed the token queue of "
+                f"{self.settings.queue_limit} (limits.token_queue)"
+            )
         if self.pending + n > self.settings.queue_limit:
             raise Busy(f"the token queue is full ({self.pending} signatures waiting)")
         q = self._queues.get(source)
@@ -163,7 +173,6 @@ class TokenPool:
             self._ready.append(source)
         q.extend(entries)
         self._queued += n
-        self._pump()
 
     def _take(self) -> list[Entry]:
         """Up to ``batch_max`` entries, ``quantum`` per source, round-robin."""
@@ -182,7 +191,7 @@ class TokenPool:
         self._queued -= len(batch)
         return batch
 
-    def _pump(self) -> None:
+    def pump(self) -> None:
         """Hand batches to every worker that has room, while work is queued."""
         depth = self.settings.depth
         while self._ready:
@@ -295,7 +304,7 @@ class TokenPool:
                 else:
                     self.respawns += 1
                     log.info("token worker replaced", extra={"worker": index})
-                    self._pump()
+                    self.pump()
                 try:
                     async with trio.open_nursery() as nursery:
                         nursery.start_soon(self._write, worker)
@@ -353,7 +362,7 @@ class TokenPool:
                 worker.decoder.receive_data(data)
                 for body in worker.decoder.frames():
                     self._deliver(worker, msgpack.unpackb(body, raw=False))
-                self._pump()
+                self.pump()
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
         finally:
@@ -409,7 +418,7 @@ class TokenPool:
         worker.batches = 0
         if not self._closing:
             log.error("token worker stopped", extra={"worker": worker.index})
-        self._pump()  # answers queued work if no worker is left
+        self.pump()  # answers queued work if no worker is left
 
 
 @asynccontextmanager

@@ -4,7 +4,7 @@
 The frames are made by the real encoder (``signd_client.protocol``), once.
 After that the JSON file *is* the contract: the daemon's tests
 (``tests/test_vectors.py``) and the Python client's tests
-(``clients/python/tests/test_vectors.py``) check that encoding each message
+(``clients/python/tests/test_client_vectors.py``) check that encoding each message
 gives exactly these bytes and that decoding these bytes gives the message.
 Every other client should run the same checks against the same file.
 
@@ -38,8 +38,10 @@ from signd_client import errors as e
 from signd_client.protocol import (
     DEFAULT_MAX_FRAME,
     PROTOCOL_VERSION,
+    BatchItem,
     CreateKeyArgs,
     Empty,
+    ErrorInfo,
     Health,
     KeyInfo,
     KeyList,
@@ -49,6 +51,8 @@ from signd_client.protocol import (
     PublicKey,
     PublicKeyArgs,
     SignArgs,
+    SignBatchArgs,
+    SignBatchResult,
     SignResult,
     TokenStatus,
     VerifyArgs,
@@ -99,6 +103,7 @@ SIG_DER = EC_V2.sign(SHA256, ec.ECDSA(utils.Prehashed(hashes.SHA256()), determin
 _r, _s = utils.decode_dss_signature(SIG_DER)
 SIG_RAW = _r.to_bytes(32, "big") + _s.to_bytes(32, "big")
 SIG_ED = ED_V1.sign(MESSAGE)
+SIG_ED_EMPTY = ED_V1.sign(b"")
 
 V1 = VersionInfo(version=1, state="active", created=T1, public_key_pem=_pem(EC_V1))
 V1_OLD = VersionInfo(version=1, state="verify-only", created=T1, public_key_pem=_pem(EC_V1))
@@ -233,6 +238,21 @@ request(
     SignArgs(key=ED_KEY, message=MESSAGE),
 )
 request(
+    "sign_batch.request.digests",
+    "sign_batch of two precomputed sha256 digests with one ec-p256 key; the second is 31 "
+    "bytes, so that item fails alone (see sign_batch.result.item_error).",
+    14,
+    "sign_batch",
+    SignBatchArgs(key=KEY, digests=(SHA256, SHA256[:31]), hash="sha256"),
+)
+request(
+    "sign_batch.request.messages",
+    "sign_batch of two messages with an ed25519 key (the second is empty); no options.",
+    15,
+    "sign_batch",
+    SignBatchArgs(key=ED_KEY, messages=(MESSAGE, b"")),
+)
+request(
     "verify.request.version",
     "verify a DER signature over a message against version 2 only.",
     10,
@@ -343,6 +363,42 @@ result(
     9,
     "sign",
     SignResult(signature=SIG_ED, key=ED_KEY, version=1, algorithm="ed25519"),
+)
+result(
+    "sign_batch.result.item_error",
+    "the answer to sign_batch.request.digests: one result per item, in the request's "
+    "order; item 0 is signed (the signature of sign.result.der), item 1 has its own "
+    "invalid_digest error. key, version and algorithm are the batch's.",
+    14,
+    "sign_batch",
+    SignBatchResult(
+        key=KEY,
+        version=2,
+        algorithm="ecdsa-p256-sha256",
+        results=(
+            BatchItem(signature=SIG_DER),
+            BatchItem(
+                error=ErrorInfo(
+                    code=int(e.ErrorCode.INVALID_DIGEST),
+                    name="invalid_digest",
+                    message="a sha256 digest is 32 bytes, got 31",
+                )
+            ),
+        ),
+    ),
+)
+result(
+    "sign_batch.result.ed25519",
+    "the answer to sign_batch.request.messages: two Ed25519 signatures, each verifies "
+    "against public_key.result.ed25519.",
+    15,
+    "sign_batch",
+    SignBatchResult(
+        key=ED_KEY,
+        version=1,
+        algorithm="ed25519",
+        results=(BatchItem(signature=SIG_ED), BatchItem(signature=SIG_ED_EMPTY)),
+    ),
 )
 result(
     "verify.result.valid",
@@ -742,6 +798,22 @@ reject(
     "version must be an int; 1.0 is a float.",
     _pack({"v": 1, "id": 52, "op": "public_key", "args": {**OK_ARGS, "version": 1.0}}),
     52,
+    e.InvalidArgument,
+)
+
+reject(
+    "args_batch_item_str",
+    "every item of a sign_batch's digests must be a msgpack bin; a str item is refused "
+    "like any other argument of the wrong type.",
+    _pack(
+        {
+            "v": 1,
+            "id": 53,
+            "op": "sign_batch",
+            "args": {"key": KEY, "digests": [SHA256, SHA256.hex()], "hash": "sha256"},
+        }
+    ),
+    53,
     e.InvalidArgument,
 )
 

@@ -21,15 +21,25 @@ import pytest
 from _support import load_public_key
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
-from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
+from cryptography.hazmat.primitives.asymmetric.utils import Prehashed, encode_dss_signature
 
 if TYPE_CHECKING:
     from conftest import Daemon  # the root conftest.py
 
 MESSAGE = b"signed through signctl\n"
 ECDSA_SHA256 = ec.ECDSA(hashes.SHA256())
-COMMANDS = ("keys", "create", "info", "pubkey", "sign", "verify", "rotate", "health")
+COMMANDS = (
+    "keys",
+    "create",
+    "info",
+    "pubkey",
+    "sign",
+    "sign-batch",
+    "verify",
+    "rotate",
+    "health",
+)
 
 
 def signctl_exe() -> str:
@@ -249,6 +259,173 @@ def test_openssl_verifies_signctl_signatures(
     tampered = tmp_path / "tampered.bin"
     tampered.write_bytes(MESSAGE + b"!")
     assert not openssl_ok(tampered)
+
+
+# --------------------------------------------------------------------------
+# sign-batch
+
+ECDSA_PREHASHED_SHA256 = ec.ECDSA(Prehashed(hashes.SHA256()))
+ITEM_ERROR = re.compile(r"error: (\w+) \(error (\d+)\): \S.*")
+
+
+def message_files(tmp_path: Path, count: int) -> list[Path]:
+    paths = []
+    for i in range(count):
+        path = tmp_path / f"item-{i}.txt"
+        path.write_bytes(b"batch item %d\n" % i)
+        paths.append(path)
+    return paths
+
+
+def batch_lines(proc: subprocess.CompletedProcess[bytes], count: int) -> list[str]:
+    lines = proc.stdout.decode().splitlines()
+    assert len(lines) == count, lines
+    return lines
+
+
+def test_sign_batch_files(signd: Daemon, ec_key: str, tmp_path: Path) -> None:
+    files = message_files(tmp_path, 5)
+    proc = signd.signctl("sign-batch", ec_key, "--in", *map(str, files))
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == b""
+    pub = pubkey(signd, ec_key)
+    for path, line in zip(files, batch_lines(proc, len(files)), strict=True):
+        pub.verify(base64.b64decode(line, validate=True), path.read_bytes(), ECDSA_SHA256)
+
+
+def test_sign_batch_files_and_stdin_ed25519(signd: Daemon, key_name: str, tmp_path: Path) -> None:
+    ok(signd.signctl("create", key_name, "--type", "ed25519"))
+    files = message_files(tmp_path, 2)
+    args = ("sign-batch", key_name, "--in", str(files[0]), "-", str(files[1]))
+    lines = batch_lines(signd.signctl(*args, input=MESSAGE), 3)
+    pub = pubkey(signd, key_name)
+    assert isinstance(pub, ed25519.Ed25519PublicKey)
+    for msg, line in zip(
+        [files[0].read_bytes(), MESSAGE, files[1].read_bytes()], lines, strict=True
+    ):
+        pub.verify(base64.b64decode(line, validate=True), msg)
+
+
+def test_sign_batch_rsa_pss(signd: Daemon, key_name: str, tmp_path: Path) -> None:
+    ok(signd.signctl("create", key_name, "--type", "rsa-2048"))
+    files = message_files(tmp_path, 3)
+    proc = signd.signctl("sign-batch", key_name, "--padding", "pss", "--in", *map(str, files))
+    pub = pubkey(signd, key_name)
+    assert isinstance(pub, rsa.RSAPublicKey)
+    pss = padding.PSS(mgf=padding.MGF1(hashes.SHA256()), salt_length=padding.PSS.AUTO)
+    for path, line in zip(files, batch_lines(proc, 3), strict=True):
+        pub.verify(base64.b64decode(line, validate=True), path.read_bytes(), pss, hashes.SHA256())
+
+
+def test_sign_batch_digests_raw(signd: Daemon, ec_key: str, tmp_path: Path) -> None:
+    digests = [hashlib.sha256(b"digest %d" % i).digest() for i in range(50)]
+    listing = tmp_path / "digests.txt"
+    # Blank lines and surrounding spaces are ignored; upper-case hex is fine.
+    listing.write_text("\n".join(f"  {d.hex().upper()} " for d in digests) + "\n\n")
+    proc = signd.signctl(
+        "sign-batch", ec_key, "--digests", str(listing), "--hash", "sha256", "--format", "raw"
+    )
+    assert proc.returncode == 0, proc.stderr
+    pub = pubkey(signd, ec_key)
+    for digest, line in zip(digests, batch_lines(proc, len(digests)), strict=True):
+        sig = base64.b64decode(line, validate=True)
+        assert len(sig) == 64
+        der = encode_dss_signature(int.from_bytes(sig[:32], "big"), int.from_bytes(sig[32:], "big"))
+        pub.verify(der, digest, ECDSA_PREHASHED_SHA256)
+
+
+def test_sign_batch_digests_from_stdin(signd: Daemon, ec_key: str) -> None:
+    digest = hashlib.sha256(MESSAGE).digest()
+    proc = signd.signctl(
+        "sign-batch", ec_key, "--digests", "-", "--hash", "sha256", input=digest.hex().encode()
+    )
+    (line,) = batch_lines(proc, 1)
+    pubkey(signd, ec_key).verify(base64.b64decode(line), MESSAGE, ECDSA_SHA256)
+
+
+def test_sign_batch_item_errors_exit_1(signd: Daemon, ec_key: str, tmp_path: Path) -> None:
+    good = [hashlib.sha256(b"good %d" % i).digest() for i in range(3)]
+    listing = tmp_path / "digests.txt"
+    listing.write_text(
+        f"{good[0].hex()}\n{'ab' * 31}\n{good[1].hex()}\n{'cd' * 33}\n{good[2].hex()}\n"
+    )
+    proc = signd.signctl("sign-batch", ec_key, "--digests", str(listing), "--hash", "sha256")
+    assert proc.returncode == 1, (proc.stdout, proc.stderr)
+    assert "Traceback" not in proc.stderr.decode()
+    assert "2 of 5 items failed" in proc.stderr.decode()
+    lines = batch_lines(proc, 5)
+    for i, size in ((1, 31), (3, 33)):
+        match = ITEM_ERROR.fullmatch(lines[i])
+        assert match is not None, lines[i]
+        assert match.groups() == ("invalid_digest", "201")
+        assert f"got {size}" in lines[i]
+    pub = pubkey(signd, ec_key)
+    for digest, line in zip(good, [lines[0], lines[2], lines[4]], strict=True):
+        pub.verify(base64.b64decode(line, validate=True), digest, ECDSA_PREHASHED_SHA256)
+
+
+def test_sign_batch_json(signd: Daemon, ec_key: str, tmp_path: Path) -> None:
+    digest = hashlib.sha256(MESSAGE).digest()
+    listing = tmp_path / "digests.txt"
+    listing.write_text(f"{digest.hex()}\n{digest.hex()[:62]}\n")
+    proc = signd.signctl(
+        "sign-batch", ec_key, "--json", "--digests", str(listing), "--hash", "sha256"
+    )
+    assert proc.returncode == 1, (proc.stdout, proc.stderr)
+    res = json.loads(proc.stdout)
+    assert (res["key"], res["version"], res["algorithm"]) == (ec_key, 1, "ecdsa-p256-sha256")
+    signed, failed = res["results"]
+    assert set(signed) == {"signature"}
+    sig = base64.b64decode(signed["signature"], validate=True)
+    pubkey(signd, ec_key).verify(sig, MESSAGE, ECDSA_SHA256)
+    assert failed["error"]["code"] == 201
+    assert failed["error"]["name"] == "invalid_digest"
+    assert failed["error"]["message"] == "a sha256 digest is 32 bytes, got 31"
+    assert "signature" not in failed
+
+    all_ok = signd.signctl("sign-batch", ec_key, "--in", str(listing), "--json")
+    assert json.loads(ok(all_ok))["results"][0].keys() == {"signature"}
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        pytest.param(("{key}-absent", "--in", "{msg}"), "key_not_found (error 300)", id="key"),
+        pytest.param(
+            ("{key}", "--in", "{msg}", "--padding", "pss"),
+            "invalid_argument (error 200)",
+            id="options",
+        ),
+    ],
+)
+def test_sign_batch_whole_request_errors_exit_2(
+    signd: Daemon, ec_key: str, msg_file: Path, args: tuple[str, ...], expected: str
+) -> None:
+    proc = signd.signctl("sign-batch", *(a.format(key=ec_key, msg=msg_file) for a in args))
+    msg = error_line(proc)
+    assert re.fullmatch(rf"signctl: {re.escape(expected)}: \S.*", msg), msg
+    assert proc.stdout == b""
+
+
+def test_sign_batch_usage_errors_exit_2(signd: Daemon, ec_key: str, tmp_path: Path) -> None:
+    listing = tmp_path / "digests.txt"
+    listing.write_text(hashlib.sha256(MESSAGE).hexdigest() + "\nnot-hex\n")
+    assert "line 2" in error_line(
+        signd.signctl("sign-batch", ec_key, "--digests", str(listing), "--hash", "sha256")
+    )
+    assert "--hash" in error_line(signd.signctl("sign-batch", ec_key, "--digests", str(listing)))
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n")
+    assert "no digests" in error_line(
+        signd.signctl("sign-batch", ec_key, "--digests", str(empty), "--hash", "sha256")
+    )
+    missing = str(tmp_path / "absent.bin")
+    assert "cannot read" in error_line(signd.signctl("sign-batch", ec_key, "--in", missing))
+    assert "stdin" in error_line(signd.signctl("sign-batch", ec_key, "--in", "-", "-"))
+    # Exactly one of --in and --digests (argparse's own usage errors, also exit 2).
+    assert signd.signctl("sign-batch", ec_key).returncode == 2
+    both = ("sign-batch", ec_key, "--in", str(listing), "--digests", str(listing))
+    assert signd.signctl(*both).returncode == 2
 
 
 # --------------------------------------------------------------------------

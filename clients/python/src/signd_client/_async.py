@@ -27,7 +27,7 @@ from ._common import (
     take_response,
 )
 from .errors import ConnectionFailed, RequestTimeout, SigndError
-from .protocol import DEFAULT_MAX_FRAME, FrameDecoder, Message, Response
+from .protocol import DEFAULT_MAX_FRAME, MAX_RESPONSE_FRAME, FrameDecoder, Message, Response
 
 __all__ = ["AsyncClient"]
 
@@ -121,7 +121,8 @@ def _is_broken(exc: BaseException) -> bool:
 class _AsyncConnection:
     def __init__(self, stream: _Stream, max_frame: int) -> None:
         self.stream = stream
-        self.decoder = FrameDecoder(max_frame)
+        self.max_frame = max_frame  # for requests; answers may be larger
+        self.decoder = FrameDecoder(MAX_RESPONSE_FRAME)
         self.ids = itertools.count(1)
 
     @classmethod
@@ -144,7 +145,7 @@ class _AsyncConnection:
     async def request(self, call: Call[Any], deadline: float) -> Response:
         rid = next(self.ids)
         try:
-            await self.stream.send(encode_call(rid, call, self.decoder.max_frame), _left(deadline))
+            await self.stream.send(encode_call(rid, call, self.max_frame), _left(deadline))
             while True:
                 resp = take_response(self.decoder, rid)
                 if resp is not None:

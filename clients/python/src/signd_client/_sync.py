@@ -21,7 +21,7 @@ from ._common import (
     take_response,
 )
 from .errors import ConnectionFailed, RequestTimeout, SigndError
-from .protocol import DEFAULT_MAX_FRAME, FrameDecoder, Message, Response
+from .protocol import DEFAULT_MAX_FRAME, MAX_RESPONSE_FRAME, FrameDecoder, Message, Response
 
 __all__ = ["Client"]
 
@@ -43,14 +43,15 @@ class _Connection:
         except OSError as exc:
             self.sock.close()
             raise ConnectionFailed(f"cannot connect to signd at {path}: {exc.strerror}") from None
-        self.decoder = FrameDecoder(max_frame)
+        self.max_frame = max_frame  # for requests; answers may be larger
+        self.decoder = FrameDecoder(MAX_RESPONSE_FRAME)
         self.ids = itertools.count(1)
 
     def request(self, call: Call[Any], deadline: float) -> Response:
         rid = next(self.ids)
         try:
             self.sock.settimeout(max(deadline - time.monotonic(), 0.001))
-            self.sock.sendall(encode_call(rid, call, self.decoder.max_frame))
+            self.sock.sendall(encode_call(rid, call, self.max_frame))
             while True:
                 resp = take_response(self.decoder, rid)
                 if resp is not None:

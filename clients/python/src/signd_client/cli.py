@@ -1,8 +1,9 @@
 """``signctl``: the signd command line.
 
 Exit codes: 0 success; 1 a negative answer (``verify``: invalid signature;
-``health``: not ready); 2 an error (bad usage, no daemon, or an error answer,
-printed to stderr as ``signctl: <name> (error <code>): <message>``).
+``health``: not ready; ``sign-batch``: some items failed); 2 an error (bad
+usage, no daemon, or an error answer, printed to stderr as
+``signctl: <name> (error <code>): <message>``).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Any, BinaryIO
 from . import __version__
 from ._sync import Client
 from .errors import SigndError
-from .protocol import KEY_TYPES, Message
+from .protocol import KEY_TYPES, MAX_BATCH, BatchItem, Message
 
 __all__ = ["main"]
 
@@ -28,8 +29,18 @@ EXIT_ERROR = 2
 
 _HASHES = ("sha256", "sha384", "sha512")
 _EXIT_CODES = (
-    "exit codes: 0 success; 1 negative answer (verify: invalid signature, health: not ready);\n"
+    "exit codes: 0 success; 1 negative answer (verify: invalid signature, health: not ready,\n"
+    "            sign-batch: some items failed);\n"
     "            2 error (bad usage, daemon unreachable, or an error answer)"
+)
+_BATCH_EPILOG = (
+    "Prints one line per item, in order: the base64 signature, or\n"
+    "'error: <name> (error <code>): <message>' for an item that failed alone\n"
+    f"(e.g. a digest of the wrong length). At most {MAX_BATCH} items; the options apply to\n"
+    "every item. --json prints the whole answer (key, version, algorithm, results).\n\n"
+    "exit codes: 0 every item signed; 1 some items failed (the others are signed);\n"
+    "            2 error (bad usage, daemon unreachable, or an error answer for the\n"
+    "            whole batch, such as an unknown key or bad options)"
 )
 
 
@@ -57,10 +68,10 @@ def _parser() -> argparse.ArgumentParser:
 
     def add_parser(name: str, **kw: Any) -> argparse.ArgumentParser:
         kw.setdefault("description", kw.get("help"))
+        kw.setdefault("epilog", _EXIT_CODES)
         return add(
             name,
             parents=[common],
-            epilog=_EXIT_CODES,
             formatter_class=argparse.RawDescriptionHelpFormatter,
             **kw,
         )
@@ -122,6 +133,43 @@ def _parser() -> argparse.ArgumentParser:
                 help="check only this version (default: every verifying version)",
             )
 
+    b = sub.add_parser(
+        "sign-batch",
+        help="sign many files, or many digests, in one request",
+        usage=(
+            "signctl sign-batch [-h] [--socket PATH] [--json] [--timeout SECONDS]\n"
+            "                          name (--in FILE [FILE ...] | --digests FILE)\n"
+            "                          [--hash H] [--padding P] [--format F]\n"
+            "(put the key name before --in: --in takes every file that follows it)"
+        ),
+        epilog=_BATCH_EPILOG,
+    )
+    b.add_argument("name")
+    src = b.add_mutually_exclusive_group(required=True)
+    src.add_argument(
+        "--in",
+        dest="infiles",
+        metavar="FILE",
+        nargs="+",
+        help="the messages: each file is one message ('-' for stdin, once)",
+    )
+    src.add_argument(
+        "--digests",
+        metavar="FILE",
+        help="a file with one hex digest per line ('-' for stdin); needs --hash",
+    )
+    b.add_argument(
+        "--hash",
+        choices=_HASHES,
+        help="hash algorithm (required with --digests; default per key type)",
+    )
+    b.add_argument("--padding", choices=("pkcs1v15", "pss"), help="RSA padding (default pkcs1v15)")
+    b.add_argument(
+        "--format",
+        choices=("der", "raw"),
+        help="ECDSA signature encoding: der (default) or raw r||s",
+    )
+
     r = sub.add_parser("rotate", help="add a new version of a key and make it current")
     r.add_argument("name")
 
@@ -164,6 +212,36 @@ def _data_args(args: argparse.Namespace, stdin: BinaryIO) -> dict[str, Any]:
             raise _UsageError("--digest is not valid hex") from None
         return {"digest": digest, "hash": args.hash}
     return {"message": _read(args.infile or "-", stdin), "hash": args.hash}
+
+
+def _batch_args(args: argparse.Namespace, stdin: BinaryIO) -> dict[str, Any]:
+    if args.digests is not None:
+        if args.hash is None:
+            raise _UsageError("--digests needs --hash")
+        digests = []
+        text = _read(args.digests, stdin)
+        for number, line in enumerate(text.splitlines(), 1):
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                digests.append(bytes.fromhex(line.decode("ascii")))
+            except (UnicodeDecodeError, ValueError):
+                raise _UsageError(f"{args.digests}, line {number}: not a hex digest") from None
+        if not digests:
+            raise _UsageError(f"no digests in {args.digests}")
+        return {"digests": digests, "hash": args.hash}
+    if args.infiles.count("-") > 1:
+        raise _UsageError("stdin ('-') can be read only once")
+    return {"messages": [_read(path, stdin) for path in args.infiles], "hash": args.hash}
+
+
+def _item_line(item: BatchItem) -> str:
+    if item.error is not None:
+        e = item.error
+        return f"error: {e.name} (error {e.code}): {e.message}"
+    assert item.signature is not None
+    return base64.b64encode(item.signature).decode()
 
 
 def _jsonable(value: Any) -> Any:
@@ -233,6 +311,22 @@ def _run(args: argparse.Namespace, client: Client, stdin: BinaryIO, stdout: Bina
         else:
             print(f"signed with {res.key} version {res.version} ({res.algorithm})", file=sys.stderr)
         return EXIT_OK
+    if cmd == "sign-batch":
+        batch = client.sign_batch(
+            args.name, padding=args.padding, format=args.format, **_batch_args(args, stdin)
+        )
+        if args.json:
+            _print_json(batch)
+        else:
+            for item in batch.results:
+                print(_item_line(item))
+        failed = sum(item.error is not None for item in batch.results)
+        if failed:
+            print(
+                f"signctl: {failed} of {len(batch.results)} items failed",
+                file=sys.stderr,
+            )
+        return EXIT_NEGATIVE if failed else EXIT_OK
     if cmd == "verify":
         if args.sig is not None:
             sig = _read(args.sig, stdin)

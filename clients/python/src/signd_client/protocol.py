@@ -40,6 +40,7 @@ from .errors import (
 
 __all__ = [
     "DEFAULT_MAX_FRAME",
+    "MAX_RESPONSE_FRAME",
     "MAX_BATCH",
     "BatchItem",
     "ErrorInfo",
@@ -81,6 +82,8 @@ __all__ = [
 
 PROTOCOL_VERSION: Final = 1
 DEFAULT_MAX_FRAME: Final = 1 << 20
+#: Largest answer a client accepts: a full ``sign_batch`` of RSA-4096 is ~5.3 MB.
+MAX_RESPONSE_FRAME: Final = 64 << 20
 HEADER: Final = struct.Struct(">I")
 MAX_REQUEST_ID: Final = (1 << 64) - 1
 KEY_NAME_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
@@ -165,12 +168,15 @@ class Message:
 
     _fields: ClassVar[tuple[tuple[str, Callable[[Any, str, bool], Any], bool], ...]]
 
+    #: (name, nested) per field; nested fields hold messages or arrays of them
+    _wire_names: ClassVar[tuple[tuple[str, bool], ...]]
+
     def to_wire(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
-        for f in dataclasses.fields(self):  # type: ignore[arg-type]
-            value = getattr(self, f.name)
+        for name, nested in self._wire_names:
+            value = getattr(self, name)
             if value is not None:
-                out[f.name] = _to_wire(value)
+                out[name] = _to_wire(value) if nested else value
         return out
 
     @classmethod
@@ -259,6 +265,7 @@ def _checker(tp: Any) -> Callable[[Any, str, bool], Any]:
 def _compile(cls: type[Message]) -> tuple[tuple[str, Callable[[Any, str, bool], Any], bool], ...]:
     hints = typing.get_type_hints(cls)
     compiled = []
+    names: list[tuple[str, bool]] = []
     for f in dataclasses.fields(cls):  # type: ignore[arg-type]
         tp = hints[f.name]
         required = True
@@ -267,8 +274,13 @@ def _compile(cls: type[Message]) -> tuple[tuple[str, Callable[[Any, str, bool], 
             (tp,) = args
             required = False
         compiled.append((f.name, _checker(tp), required))
+        nested = typing.get_origin(tp) is tuple or (
+            isinstance(tp, type) and issubclass(tp, Message)
+        )
+        names.append((f.name, nested))
     result = tuple(compiled)
     cls._fields = result
+    cls._wire_names = tuple(names)
     return result
 
 
