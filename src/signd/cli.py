@@ -63,6 +63,9 @@ async def _run(cfg: Config, pin: Secret) -> int:
         token_label=cfg.token.label,
         pin=pin.reveal(),
         workers=cfg.token.worker_count,
+        batch_max=cfg.token.batch,
+        depth=cfg.token.depth,
+        spin=cfg.token.spin_us / 1e6,
         queue_limit=lim.token_queue,
         log_level=cfg.log.level,
     )
@@ -85,7 +88,7 @@ async def _run(cfg: Config, pin: Secret) -> int:
 
 async def _serve(cfg: Config, sock: socket.socket, inherited: bool, pool: TokenPool) -> int:
     service = Service(pool, request_timeout=cfg.limits.request_timeout)
-    server = Server(service, cfg.limits)
+    server = Server(service, cfg.limits, keep_warm=cfg.token.spin_us / 1e6)
     await service.load()
     info = pool.info
     assert info is not None

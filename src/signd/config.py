@@ -66,15 +66,24 @@ class TokenConfig:
     pin_credential: str | None = None
     #: Worker processes, each with its own session; None means "auto".
     workers: int | None = None
+    #: Most signatures handed to a worker at once.
+    batch: int = 64
+    #: Batches a worker may hold (one signing, the rest waiting to be).
+    depth: int = 2
+    #: Microseconds the daemon and its workers keep polling after activity
+    #: before they sleep: lower latency for a lone client, a little CPU (0: never).
+    spin_us: int = 500
 
     @property
     def worker_count(self) -> int:
-        """``workers``, or for "auto": one per core (at most 4) for SoftHSM,
-        whose file store is safe across processes, else 1 (a serial device)."""
+        """``workers``, or for "auto": for SoftHSM (whose file store is safe
+        across processes) one per core but one, which the daemon's own loop
+        needs, from 1 to 4; for other modules 1 (a serial device like the
+        YubiHSM gains nothing from more)."""
         if self.workers is not None:
             return self.workers
         if "softhsm" in os.path.basename(self.module).lower():
-            return max(1, min(4, os.cpu_count() or 1))
+            return max(1, min(4, (os.cpu_count() or 1) - 1))
         return 1
 
 
@@ -187,6 +196,9 @@ def _parse(doc: Mapping[str, Any], path: str | None, base: Path) -> Config:
         "",
         lambda v: None if v and "/" not in v else "must be a credential name without '/'",
     )
+    batch = t.take("batch", int, 64, _between(1, 4096))
+    depth = t.take("depth", int, 2, _between(1, 16))
+    spin_us = t.take("spin_us", int, 500, _between(0, 10_000))
     workers_raw = t.table.pop("workers", "auto")
     t.done()
     workers: int | None
@@ -204,6 +216,9 @@ def _parse(doc: Mapping[str, Any], path: str | None, base: Path) -> Config:
         pin_file=str(base / pin_file) if pin_file else None,
         pin_credential=pin_cred or None,
         workers=workers,
+        batch=batch,
+        depth=depth,
+        spin_us=spin_us,
     )
 
     lim = _Section("limits", sections.pop("limits", {}))

@@ -20,6 +20,7 @@ import math
 import os
 import socket
 import stat
+import time
 from collections.abc import Callable
 from typing import Final
 
@@ -38,6 +39,8 @@ log = logging.getLogger("signd.server")
 RECEIVE_SIZE: Final = 65536
 #: During shutdown, a connection whose client sent nothing for this long is done.
 DRAIN_IDLE: Final = 0.05
+#: Rounds with at most this many requests or answers count as light traffic.
+WARM_AFTER: Final = 2
 #: How long a closing connection discards what its client still sends.
 LINGER: Final = 1.0
 SD_LISTEN_FDS_START: Final = 3
@@ -211,7 +214,7 @@ class _Connection:
 class Server:
     """Serves ``service`` on a listening socket until ``shutdown`` is called."""
 
-    def __init__(self, service: Service, limits: LimitsConfig) -> None:
+    def __init__(self, service: Service, limits: LimitsConfig, keep_warm: float = 0.0) -> None:
         self.service = service
         self.limits = limits
         self.connections = 0
@@ -221,6 +224,9 @@ class Server:
         self._drain_deadline = math.inf
         self._flushes: list[_Connection] = []
         self._flush_wake = trio.lowlevel.ParkingLot()
+        self.keep_warm = keep_warm
+        self._warm_until = 0.0
+        self._warm_wake = trio.lowlevel.ParkingLot()
 
     def shutdown(self) -> None:
         """Stop accepting; answer what clients already sent, then close.
@@ -245,6 +251,8 @@ class Server:
         listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
         async with trio.open_nursery() as outer:
             outer.start_soon(self._flusher)
+            if self.keep_warm > 0:
+                outer.start_soon(self._keep_warm)
             async with trio.open_nursery() as nursery:
                 with self._accepting:
                     task_status.started()
@@ -288,6 +296,28 @@ class Server:
             flushes, self._flushes = self._flushes, []
             for conn in flushes:
                 conn.flush()
+            if len(flushes) <= WARM_AFTER:
+                self._warm()
+
+    def _warm(self) -> None:
+        """Light traffic: keep the loop polling a little before it sleeps."""
+        if self.keep_warm > 0:
+            self._warm_until = time.perf_counter() + self.keep_warm
+            self._warm_wake.unpark()
+
+    async def _keep_warm(self) -> None:
+        """After light activity, keep the event loop polling instead of sleeping.
+
+        Waking an idle process costs more than a signature here (tens of µs
+        in a VM).  While this task is runnable, trio polls for I/O without
+        blocking, so the worker's answer and the client's next request are
+        picked up at once.  It yields between polls, so it blocks nothing;
+        under heavy load it stays parked (``WARM_AFTER``) and costs nothing.
+        """
+        while True:
+            await self._warm_wake.park()
+            while time.perf_counter() < self._warm_until:
+                await trio.lowlevel.cancel_shielded_checkpoint()
 
     async def _serve_connection(self, stream: trio.SocketStream) -> None:
         # Whatever happens on one connection stays on it: this task never
@@ -395,4 +425,6 @@ class Server:
             conn.inflight += len(requests)
             for work in self.service.handle(requests, conn.reply, conn):
                 nursery.start_soon(work)
+            if len(requests) <= WARM_AFTER:
+                self._warm()
         return keep_open

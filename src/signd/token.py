@@ -66,6 +66,8 @@ log = logging.getLogger("signd.token")
 APPLICATION: Final = "signd"
 #: CKA_EC_PARAMS for Ed25519: PrintableString "edwards25519" (YubiHSM accepts only this).
 ED25519_PARAMS: Final = b"\x13\x0cedwards25519"
+#: A message this small (a few signatures) means light traffic: poll after it.
+LIGHT_BYTES: Final = 1024
 #: The worker channel is trusted; a key listing of many RSA keys is large.
 IPC_MAX_FRAME: Final = 256 << 20
 
@@ -420,7 +422,7 @@ def _frame(obj: Any) -> bytes:
     return HEADER.pack(len(body)) + body
 
 
-def _handler(session: TokenSession) -> Callable[[str, list[Any]], Any]:
+def _handler(session: TokenSession, spin: list[float]) -> Callable[[str, list[Any]], Any]:
     def handle(op: str, args: list[Any]) -> Any:
         if op == "sign":
             return session.sign_batch(args[0])
@@ -434,13 +436,27 @@ def _handler(session: TokenSession) -> Callable[[str, list[Any]], Any]:
         if op == "generate":
             return session.generate(algorithms.key_type(args[0]), args[1], args[2])
         if op == "open":
-            module, label, pin, level = args
+            module, label, pin, level, spin[0] = args
             logging.getLogger().setLevel(level.upper())
             info = session.open(module, label, pin)
             return [info.label, info.manufacturer, info.model, info.serial, info.mechanisms]
         raise InternalError(f"unknown worker operation {op!r}")
 
     return handle
+
+
+def _receive(sock: socket.socket, spin: float) -> bytes:
+    """The next bytes from the daemon.  For ``spin`` seconds the worker polls
+    instead of sleeping: under light traffic, being woken costs more than the
+    signature (under heavy traffic the caller passes 0: the next batch is
+    coming anyway, and polling would take the CPU the daemon needs)."""
+    deadline = time.perf_counter() + spin
+    while time.perf_counter() < deadline:
+        try:
+            return sock.recv(1 << 20, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            continue
+    return sock.recv(1 << 20)
 
 
 def worker_main(fd: int) -> int:
@@ -456,12 +472,15 @@ def worker_main(fd: int) -> int:
     sock = socket.socket(fileno=fd)
     decoder = FrameDecoder(IPC_MAX_FRAME)
     session = TokenSession()
-    handle = _handler(session)
+    spin = [0.0]
+    handle = _handler(session, spin)
+    light = False  # the last message was small: traffic is light
     try:
         while True:
-            data = sock.recv(1 << 20)
+            data = _receive(sock, spin[0] if light else 0.0)
             if not data:
                 return 0
+            light = len(data) <= LIGHT_BYTES
             decoder.receive_data(data)
             # Each batch is answered as soon as it is done, so the daemon can
             # hand over the next one while this worker signs the one after.

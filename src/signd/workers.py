@@ -80,6 +80,8 @@ class PoolSettings:
     batch_max: int = 64
     depth: int = 2
     quantum: int = 4
+    #: seconds a worker polls for the next batch before it sleeps
+    spin: float = 0.0
     log_level: str = "info"
 
 
@@ -125,6 +127,8 @@ class TokenPool:
         self._inflight = 0
         self._tags = 0
         self._closing = False
+        #: workers logged in and serving
+        self.alive_workers = 0
         self.respawns = 0
         #: batches handed to workers, and the signatures in them
         self.batches_sent = 0
@@ -139,11 +143,7 @@ class TokenPool:
 
     @property
     def is_open(self) -> bool:
-        return self.info is not None and any(w is not None and w.alive for w in self._workers)
-
-    @property
-    def alive_workers(self) -> int:
-        return sum(1 for w in self._workers if w is not None and w.alive)
+        return self.info is not None and self.alive_workers > 0
 
     # ------------------------------------------------------------ hot path
 
@@ -297,6 +297,7 @@ class TokenPool:
                 log.error("token worker failed to start", extra={"error": str(exc)})
             else:
                 self._workers[index] = worker
+                self.alive_workers += 1
                 failures = 0
                 if not started:
                     started = True
@@ -324,7 +325,7 @@ class TokenPool:
         """
         s = self.settings
         await worker.stream.send_all(
-            _frame([0, "open", [s.module, s.token_label, s.pin, s.log_level]])
+            _frame([0, "open", [s.module, s.token_label, s.pin, s.log_level, s.spin]])
         )
         while True:
             for body in worker.decoder.frames():
@@ -404,6 +405,8 @@ class TokenPool:
         if not worker.alive:
             return
         worker.alive = False
+        if self._workers[worker.index] is worker:
+            self.alive_workers -= 1
         error = TokenUnavailable("the token worker stopped; retry")
         for pending in worker.waiting.values():
             if isinstance(pending, tuple):
