@@ -71,9 +71,10 @@ def run_client(job: dict[str, Any]) -> dict[str, Any]:
         t0 = time.perf_counter()
         client.sign(args.key, args.message, digest=args.digest, hash=args.hash)
         now = time.perf_counter()
-        if t0 >= measure_from:
+        if now >= measure_from and now <= end:
             count += 1
-            lat.append(now - t0)
+            if t0 >= measure_from:
+                lat.append(now - t0)
     client.close()
     return {"count": count, "seconds": job["seconds"], "latencies": list(lat), "errors": 0}
 
@@ -141,9 +142,12 @@ def run_pipeline(job: dict[str, Any]) -> dict[str, Any]:
                 if resp.error is not None:
                     errors += 1
                     error_names[resp.error.name] = error_names.get(resp.error.name, 0) + 1
-                elif t0 >= measure_from:
+                elif now >= measure_from:
+                    # Throughput: every answer that arrives in the window.
+                    # Latency: only requests sent in it (no warm-up queueing).
                     count += per
-                    lat.append(now - t0)
+                    if t0 >= measure_from:
+                        lat.append(now - t0)
             if answered and now < end:
                 fill(s, sent, answered)
         now = time.perf_counter()
