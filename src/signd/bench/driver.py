@@ -142,7 +142,7 @@ def run_pipeline(job: dict[str, Any]) -> dict[str, Any]:
                 if resp.error is not None:
                     errors += 1
                     error_names[resp.error.name] = error_names.get(resp.error.name, 0) + 1
-                elif now >= measure_from:
+                elif measure_from <= now <= end:
                     # Throughput: every answer that arrives in the window.
                     # Latency: only requests sent in it (no warm-up queueing).
                     count += per
