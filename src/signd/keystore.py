@@ -131,6 +131,7 @@ class LoadedVersion:
     record: VersionRecord
     public_key: PublicKey
     public_key_pem: str
+    spki: bytes
 
 
 @dataclass(slots=True)
@@ -197,7 +198,7 @@ def load_key(record: KeyRecord, public_keys: Mapping[bytes, bytes]) -> LoadedKey
                 "is missing on the token"
             )
         pub = algorithms.load_public_key(kt, spki)
-        versions[v.version] = LoadedVersion(v, pub, algorithms.public_key_pem(pub))
+        versions[v.version] = LoadedVersion(v, pub, algorithms.public_key_pem(pub), spki)
     return LoadedKey(record, kt, versions)
 
 

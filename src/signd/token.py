@@ -49,7 +49,7 @@ from .errors import (
     UnsupportedAlgorithm,
     WireError,
 )
-from .protocol import HEADER, FrameDecoder
+from .protocol import HEADER, FrameDecoder, VerifyArgs
 
 __all__ = [
     "APPLICATION",
@@ -58,6 +58,7 @@ __all__ = [
     "SignJob",
     "TokenInfo",
     "TokenSession",
+    "VerifyJob",
     "worker_main",
 ]
 
@@ -130,7 +131,24 @@ class SignJob:
     data: bytes
 
     def to_ipc(self) -> list[Any]:
-        return [self.object_id, self.scheme.value, self.hash, self.data]
+        return ["s", self.object_id, self.scheme.value, self.hash, self.data]
+
+
+@dataclass(frozen=True, slots=True)
+class VerifyJob:
+    """One verification for a worker: no token, only ``cryptography``.
+
+    Workers take verifications too so that a busy daemon verifies on every
+    core, not only on its own.  ``candidates`` are (version, SPKI DER),
+    newest first; the outcome is ``[version, algorithm]`` or None (invalid).
+    """
+
+    key_type: str
+    candidates: tuple[tuple[int, bytes], ...]
+    args: dict[str, Any]  # the request's VerifyArgs, as on the wire
+
+    def to_ipc(self) -> list[Any]:
+        return ["v", self.key_type, [list(c) for c in self.candidates], self.args]
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,6 +174,7 @@ class TokenSession:
         self._lib: Any = None
         self._session: Any = None
         self._private: dict[bytes, Any] = {}
+        self._verifiers: dict[bytes, algorithms.PublicKey] = {}
 
     def open(self, module_path: str, token_label: str, pin: str) -> TokenInfo:
         """Raises: TokenUnavailable (module, token or login)."""
@@ -201,11 +220,15 @@ class TokenSession:
             raise TokenUnavailable("no session to the token")
         return self._session
 
-    def sign_batch(self, jobs: Sequence[Sequence[Any]]) -> list[list[Any]]:
-        """Sign IPC jobs ``[object_id, scheme, hash, data]``; one outcome each."""
+    def run_jobs(self, jobs: Sequence[Sequence[Any]]) -> list[list[Any]]:
+        """Run IPC jobs (``SignJob`` / ``VerifyJob``.to_ipc()); one outcome each."""
         out: list[list[Any]] = []
         private = self._private
-        for object_id, scheme, hash_name, data in jobs:
+        for job in jobs:
+            if job[0] == "v":
+                out.append(self._verify(job))
+                continue
+            _, object_id, scheme, hash_name, data = job
             try:
                 key = private.get(object_id)
                 if key is None:
@@ -271,6 +294,25 @@ class TokenSession:
                 count += 1
                 latencies.append(now - t0)
         return count, latencies
+
+    def _verify(self, job: Sequence[Any]) -> list[Any]:
+        _, key_type, candidates, wire_args = job
+        try:
+            kt = algorithms.key_type(key_type)
+            args = VerifyArgs.from_wire(wire_args)
+            for version, spki in candidates:
+                pub = self._verifiers.get(spki)
+                if pub is None:
+                    if len(self._verifiers) >= 4096:
+                        self._verifiers.clear()
+                    pub = self._verifiers[spki] = algorithms.load_public_key(kt, spki)
+                algorithm = algorithms.verify(kt, pub, args)
+                if algorithm is not None:
+                    return [True, [version, algorithm]]
+            return [True, None]
+        except BaseException as exc:
+            err = _map_error(exc, "verify")
+            return [False, int(err.code), err.message]
 
     def _find_private(self, object_id: bytes) -> Any:
         session = self._session_or_raise()
@@ -424,8 +466,8 @@ def _frame(obj: Any) -> bytes:
 
 def _handler(session: TokenSession, spin: list[float]) -> Callable[[str, list[Any]], Any]:
     def handle(op: str, args: list[Any]) -> Any:
-        if op == "sign":
-            return session.sign_batch(args[0])
+        if op == "jobs":
+            return session.run_jobs(args[0])
         if op == "public_keys":
             return session.public_keys(args[0])
         if op == "load_metadata":

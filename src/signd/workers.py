@@ -49,7 +49,7 @@ from .errors import (
 )
 from .outbox import Outbox
 from .protocol import HEADER, FrameDecoder
-from .token import IPC_MAX_FRAME, MetadataBlob, SignJob, TokenInfo
+from .token import IPC_MAX_FRAME, MetadataBlob, SignJob, TokenInfo, VerifyJob
 
 __all__ = ["Entry", "PoolSettings", "TokenPool", "open_token_pool"]
 
@@ -63,9 +63,9 @@ Callback = Callable[[bool, Any], None]  # (True, signature) or (False, WireError
 
 @dataclass(slots=True)
 class Entry:
-    """One signature waiting for the token; ``callback`` gets its outcome."""
+    """One job waiting for a worker; ``callback`` gets its outcome."""
 
-    job: SignJob
+    job: SignJob | VerifyJob
     callback: Callback
     deadline: float = math.inf
 
@@ -219,7 +219,7 @@ class TokenPool:
             self.batches_sent += 1
             self.entries_sent += len(batch)
             self._inflight += len(batch)
-            worker.send(_frame([self._tags, "sign", [[e.job.to_ipc() for e in batch]]]))
+            worker.send(_frame([self._tags, "jobs", [[e.job.to_ipc() for e in batch]]]))
 
     def _fail_queued(self, error: WireError) -> None:
         while self._ready:
