@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from signd.config import find_softhsm_module
 from signd_client import Client
 
 ROOT = Path(__file__).resolve().parent
@@ -29,15 +30,12 @@ TOKEN_LABEL = "signd-test"
 
 
 def _softhsm_module() -> str:
-    for path in (
-        "/usr/lib/softhsm/libsofthsm2.so",
-        "/usr/lib/x86_64-linux-gnu/softhsm/libsofthsm2.so",
-    ):
-        if os.path.exists(path):
-            return path
-    pytest.fail(
-        "SoftHSM is not installed: run the README's test command (apt-get install softhsm2)"
-    )
+    module = find_softhsm_module()
+    if module is None:
+        pytest.fail(
+            "SoftHSM is not installed: run the README's test command (apt-get install softhsm2)"
+        )
+    return module
 
 
 @dataclass(frozen=True)

@@ -22,13 +22,21 @@ __all__ = [
     "Secret",
     "ServerConfig",
     "TokenConfig",
+    "find_softhsm_module",
     "load_config",
     "read_pin",
 ]
 
 DEFAULT_SOCKET: Final = "/run/signd/signd.sock"
 DEFAULT_MODULE: Final = "/usr/lib/softhsm/libsofthsm2.so"
+#: Where Debian's softhsm2 puts its PKCS#11 module (the first is a symlink).
+SOFTHSM_MODULES: Final = (DEFAULT_MODULE, "/usr/lib/x86_64-linux-gnu/softhsm/libsofthsm2.so")
 LOG_LEVELS: Final = ("debug", "info", "warning", "error")
+
+
+def find_softhsm_module() -> str | None:
+    """The installed SoftHSM module, or None."""
+    return next((p for p in SOFTHSM_MODULES if os.path.exists(p)), None)
 
 
 class ConfigError(Exception):

@@ -29,6 +29,7 @@ from typing import Any
 
 from signd_client import Client
 
+from ..config import find_softhsm_module
 from ..keystore import object_label
 from ._measure import Row, process_tree, reset_peak_rss, usage_of
 
@@ -57,13 +58,10 @@ def _find_softhsm_init() -> str:
 
 
 def _softhsm_module() -> str:
-    for path in (
-        "/usr/lib/softhsm/libsofthsm2.so",
-        "/usr/lib/x86_64-linux-gnu/softhsm/libsofthsm2.so",
-    ):
-        if os.path.exists(path):
-            return path
-    raise SystemExit("signd-bench: SoftHSM is not installed (apt-get install softhsm2)")
+    module = find_softhsm_module()
+    if module is None:
+        raise SystemExit("signd-bench: SoftHSM is not installed (apt-get install softhsm2)")
+    return module
 
 
 def _raise_fd_limit() -> None:
