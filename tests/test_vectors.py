@@ -59,6 +59,7 @@ ERROR_CLASSES: dict[str, type[errors.WireError]] = {
     "key_not_found": errors.KeyNotFound,
     "version_not_found": errors.VersionNotFound,
     "key_exists": errors.KeyExists,
+    "permission_denied": errors.PermissionDenied,
     "internal_error": errors.InternalError,
     "token_unavailable": errors.TokenUnavailable,
     "token_error": errors.TokenError,

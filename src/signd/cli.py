@@ -22,6 +22,7 @@ from . import __version__
 from .config import Config, ConfigError, Secret, load_config, read_pin
 from .errors import WireError
 from .log import setup_logging
+from .policy import Policy
 from .server import ListenerError, Server, open_listener, systemd_socket
 from .service import Service
 from .workers import PoolSettings, TokenPool, open_token_pool
@@ -53,7 +54,9 @@ def _parser() -> argparse.ArgumentParser:
 async def _run(cfg: Config, pin: Secret) -> int:
     try:
         inherited = systemd_socket()
-        sock = inherited or open_listener(cfg.server.socket, cfg.server.socket_mode)
+        sock = inherited or open_listener(
+            cfg.server.socket, cfg.server.socket_mode, cfg.server.socket_group
+        )
     except ListenerError as exc:
         log.error("cannot listen", extra={"error": str(exc)})
         return EXIT_FAILURE
@@ -87,7 +90,8 @@ async def _run(cfg: Config, pin: Secret) -> int:
 
 
 async def _serve(cfg: Config, sock: socket.socket, inherited: bool, pool: TokenPool) -> int:
-    service = Service(pool, request_timeout=cfg.limits.request_timeout)
+    policy = Policy(cfg.access.rules, trust_root=cfg.access.trust_root)
+    service = Service(pool, policy, request_timeout=cfg.limits.request_timeout)
     server = Server(service, cfg.limits, keep_warm=cfg.token.spin_us / 1e6)
     await service.load()
     info = pool.info

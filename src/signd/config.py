@@ -14,7 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, TypeVar
 
+from .policy import OPERATIONS, Rule
+
 __all__ = [
+    "AccessConfig",
     "Config",
     "ConfigError",
     "LimitsConfig",
@@ -64,6 +67,16 @@ class Secret:
 class ServerConfig:
     socket: str = DEFAULT_SOCKET
     socket_mode: int = 0o660
+    #: group given to the socket file (a name or a gid), so its members can connect
+    socket_group: str | int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class AccessConfig:
+    """Who may do what; see ``policy.py``.  No rules: only trusted users."""
+
+    trust_root: bool = True
+    rules: tuple[Rule, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,6 +129,7 @@ class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     token: TokenConfig = field(default_factory=TokenConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
+    access: AccessConfig = field(default_factory=AccessConfig)
     log: LogConfig = field(default_factory=LogConfig)
     path: str | None = None
 
@@ -189,8 +203,13 @@ def _parse(doc: Mapping[str, Any], path: str | None, base: Path) -> Config:
     s = _Section("server", sections.pop("server", {}))
     sock = s.take("socket", str, DEFAULT_SOCKET, _nonempty)
     mode = s.take("socket_mode", str, "0660", _mode)
+    group = s.table.pop("socket_group", None)
+    if group is not None and not (
+        (type(group) is str and group.strip()) or (type(group) is int and 0 <= group < 2**31)
+    ):
+        raise ConfigError(f"server.socket_group: must be a group name or a gid, got {group!r}")
     s.done()
-    server = ServerConfig(socket=str(base / sock), socket_mode=int(mode, 8))
+    server = ServerConfig(socket=str(base / sock), socket_mode=int(mode, 8), socket_group=group)
 
     t = _Section("token", sections.pop("token", {}))
     module = t.take("module", str, DEFAULT_MODULE, _absolute)
@@ -255,9 +274,61 @@ def _parse(doc: Mapping[str, Any], path: str | None, base: Path) -> Config:
     )
     lg.done()
 
+    access = _access(sections.pop("access", {}))
     if sections:
         raise ConfigError(f"{sorted(sections)[0]}: unknown section")
-    return Config(server=server, token=token, limits=limits, log=LogConfig(level), path=path)
+    return Config(
+        server=server, token=token, limits=limits, access=access, log=LogConfig(level), path=path
+    )
+
+
+def _strings(where: str, value: Any, allowed: tuple[str, ...] | None = None) -> frozenset[str]:
+    if not isinstance(value, list) or not all(type(v) is str and v for v in value):
+        raise ConfigError(f"{where}: must be a list of non-empty strings")
+    if allowed is not None:
+        for v in value:
+            if v not in allowed:
+                raise ConfigError(f"{where}: {v!r} is not one of {', '.join(allowed)}")
+    return frozenset(value)
+
+
+def _access(table: Any) -> AccessConfig:
+    a = _Section("access", table)
+    trust_root = a.take("trust_root", bool, True)
+    raw_rules = a.table.pop("rules", [])
+    a.done()
+    if not isinstance(raw_rules, list):
+        raise ConfigError("access.rules: must be an array of tables ([[access.rules]])")
+    rules = []
+    for i, raw in enumerate(raw_rules):
+        where = f"access.rules[{i}]"
+        r = _Section(where, raw)
+        keys = r.table.pop("keys", None)
+        ops = r.table.pop("operations", None)
+        users = r.table.pop("users", [])
+        groups = r.table.pop("groups", [])
+        uids = r.table.pop("uids", [])
+        r.done()
+        if keys is None:
+            raise ConfigError(f'{where}.keys: required (key names or patterns; "*" for all)')
+        if ops is None:
+            raise ConfigError(f"{where}.operations: required")
+        operations = _strings(f"{where}.operations", ops, (*OPERATIONS, "*"))
+        if "*" in operations:
+            operations = frozenset(OPERATIONS)
+        if not isinstance(uids, list) or not all(type(u) is int and u >= 0 for u in uids):
+            raise ConfigError(f"{where}.uids: must be a list of uids")
+        rule = Rule(
+            keys=tuple(sorted(_strings(f"{where}.keys", keys))),
+            operations=operations,
+            users=_strings(f"{where}.users", users) if users else frozenset(),
+            groups=_strings(f"{where}.groups", groups) if groups else frozenset(),
+            uids=frozenset(uids),
+        )
+        if not (rule.users or rule.groups or rule.uids):
+            raise ConfigError(f"{where}: name at least one of users, groups, uids")
+        rules.append(rule)
+    return AccessConfig(trust_root=trust_root, rules=tuple(rules))
 
 
 def load_config(path: str) -> Config:

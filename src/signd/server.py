@@ -14,7 +14,9 @@ cannot grow the daemon's memory.
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import grp
 import logging
 import math
 import os
@@ -29,6 +31,7 @@ import trio
 from .config import LimitsConfig
 from .errors import Busy, FrameTooLarge, ShuttingDown
 from .outbox import Outbox
+from .policy import principal_of
 from .protocol import BadRequest, FrameDecoder, Request, decode_request, encode_error
 from .service import Service
 
@@ -95,7 +98,18 @@ def systemd_socket(environ: dict[str, str] | None = None) -> socket.socket | Non
     return sock
 
 
-def open_listener(path: str, mode: int, backlog: int = 1024) -> socket.socket:
+def _gid(group: str | int) -> int:
+    if isinstance(group, int):
+        return group
+    try:
+        return grp.getgrnam(group).gr_gid
+    except KeyError:
+        raise ListenerError(f"socket group {group!r} does not exist") from None
+
+
+def open_listener(
+    path: str, mode: int, group: str | int | None = None, backlog: int = 1024
+) -> socket.socket:
     """Bind and listen on ``path``; remove a stale socket file only if dead.
 
     Raises:
@@ -123,11 +137,17 @@ def open_listener(path: str, mode: int, backlog: int = 1024) -> socket.socket:
             sock.bind(path)
         finally:
             os.umask(old)
+        if group is not None:
+            os.chown(path, -1, _gid(group))
         os.chmod(path, mode)
         sock.listen(backlog)
         sock.setblocking(False)
-    except OSError as exc:
+    except (OSError, ListenerError) as exc:
         sock.close()
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        if isinstance(exc, ListenerError):
+            raise
         raise ListenerError(f"cannot listen on {path}: {exc.strerror}") from None
     return sock
 
@@ -148,6 +168,7 @@ class _Connection:
         "outbox",
         "pending",
         "pending_bytes",
+        "principal",
         "schedule_flush",
         "stream",
     )
@@ -166,6 +187,7 @@ class _Connection:
         self.pending_bytes = 0
         self.dirty = False
         self.eof = False
+        self.principal = principal_of(stream.socket)
         self.schedule_flush = schedule_flush
         self.inflight = 0
         self._can_read = trio.lowlevel.ParkingLot()
@@ -423,7 +445,7 @@ class Server:
             keep_open = False
         if requests:
             conn.inflight += len(requests)
-            for work in self.service.handle(requests, conn.reply, conn):
+            for work in self.service.handle(requests, conn.reply, conn, conn.principal):
                 nursery.start_soon(work)
             if len(requests) <= WARM_AFTER:
                 self._warm()

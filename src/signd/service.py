@@ -43,6 +43,7 @@ from .keystore import (
     new_object_id,
     object_label,
 )
+from .policy import Policy, Principal
 from .protocol import (
     MAX_BATCH,
     PROTOCOL_VERSION,
@@ -86,11 +87,13 @@ class Service:
     def __init__(
         self,
         token: TokenPool,
+        policy: Policy | None = None,
         *,
         request_timeout: float = 30.0,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.token = token
+        self.policy = policy if policy is not None else Policy(())
         self.keystore = Keystore()
         self.request_timeout = request_timeout
         self._clock = clock
@@ -123,7 +126,9 @@ class Service:
 
     # ------------------------------------------------------------ dispatch
 
-    def handle(self, requests: Sequence[Request], reply: Reply, source: object) -> list[SlowWork]:
+    def handle(
+        self, requests: Sequence[Request], reply: Reply, source: object, who: Principal
+    ) -> list[SlowWork]:
         """Answer ``requests`` from ``source`` (a connection, for fair queueing).
 
         Returns the slow ones, for the caller to run as tasks.
@@ -135,10 +140,17 @@ class Service:
         for req in requests:
             try:
                 args = req.args
+                name = getattr(args, "key", None)
+                if name is not None:
+                    # Before the key is even looked up: a peer that may not
+                    # use a key learns nothing about it, not even that it exists.
+                    self.policy.check(who, req.op, name)
                 if isinstance(args, SignArgs | SignBatchArgs):
                     key = self._key_or_none(args.key)
                     if key is None:
-                        lookup = partial(self._lookup_then_handle, req, args.key, reply, source)
+                        lookup = partial(
+                            self._lookup_then_handle, req, args.key, reply, source, who
+                        )
                         slow.append(lookup)
                     elif isinstance(args, SignArgs):
                         plan = algorithms.plan_sign(key.kt, args)
@@ -149,7 +161,9 @@ class Service:
                 elif isinstance(args, VerifyArgs):
                     key = self._key_or_none(args.key)
                     if key is None:
-                        slow.append(partial(self._lookup_then_handle, req, args.key, reply, source))
+                        slow.append(
+                            partial(self._lookup_then_handle, req, args.key, reply, source, who)
+                        )
                         continue
                     if inline_ok or not self.token.is_open:
                         # A lone verification is fastest right here; under
@@ -165,10 +179,12 @@ class Service:
                 elif req.op in ("create_key", "rotate"):
                     slow.append(partial(self._admin, req, reply))
                 else:
-                    result = self._read(req)
+                    result = self._read(req, who)
                     if result is None:
                         assert isinstance(req.args, KeyRefArgs | PublicKeyArgs)
-                        lookup = partial(self._lookup_then_handle, req, req.args.key, reply, source)
+                        lookup = partial(
+                            self._lookup_then_handle, req, req.args.key, reply, source, who
+                        )
                         slow.append(lookup)
                         continue
                     reply(req.id, encode_result(req.id, result))
@@ -194,13 +210,18 @@ class Service:
         check_key_name(name)
         return None
 
-    def _read(self, req: Request) -> Message | None:
+    def _read(self, req: Request, who: Principal) -> Message | None:
         """Answer a read; None when the key must first be looked up on the token."""
         args = req.args
         if req.op == "health":
             return self.health()
-        if req.op == "list_keys":
-            return KeyList(keys=tuple(k.summary() for k in self.keystore.all()))
+        if req.op == "list_keys":  # only the keys this peer may read
+            allows = self.policy.allows
+            return KeyList(
+                keys=tuple(
+                    k.summary() for k in self.keystore.all() if allows(who, "read", k.record.name)
+                )
+            )
         assert isinstance(args, KeyRefArgs | PublicKeyArgs)
         key = self._key_or_none(args.key)
         if key is None:
@@ -242,7 +263,7 @@ class Service:
     # ------------------------------------------------------------ slow paths
 
     async def _lookup_then_handle(
-        self, req: Request, name: str, reply: Reply, source: object
+        self, req: Request, name: str, reply: Reply, source: object, who: Principal
     ) -> None:
         """A key this process has not seen: another process may have made it."""
         try:
@@ -261,7 +282,7 @@ class Service:
             log.exception("key look-up failed", extra={"key": name})
             reply(req.id, encode_error(req.id, InternalError("key look-up failed; see daemon log")))
             return
-        for work in self.handle([req], reply, source):  # now known: no slow work
+        for work in self.handle([req], reply, source, who):  # now known: no slow work
             await work()
 
     def _may_look_up(self, name: str) -> bool:

@@ -538,6 +538,12 @@ error(
     e.KeyExists("a key named 'app-signing' already exists"),
 )
 error(
+    "error.permission_denied",
+    "the peer (by SO_PEERCRED) may not do this operation on this key; audited.",
+    99,
+    e.PermissionDenied("nobody (uid 65534, pid 4242) may not sign key 'app-signing'"),
+)
+error(
     "error.internal_error",
     "a bug in signd; the details are in its log.",
     30,

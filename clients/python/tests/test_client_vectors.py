@@ -48,6 +48,7 @@ ERROR_CLASSES: dict[str, tuple[type[errors.WireError], bool]] = {
     "key_not_found": (errors.KeyNotFound, False),
     "version_not_found": (errors.VersionNotFound, False),
     "key_exists": (errors.KeyExists, False),
+    "permission_denied": (errors.PermissionDenied, False),
     "internal_error": (errors.InternalError, False),
     "token_unavailable": (errors.TokenUnavailable, True),
     "token_error": (errors.TokenError, False),

@@ -30,6 +30,7 @@ __all__ = [
     "KeyNotFound",
     "LocalError",
     "MalformedFrame",
+    "PermissionDenied",
     "ProtocolViolation",
     "RequestTimeout",
     "ShuttingDown",
@@ -62,6 +63,8 @@ class ErrorCode(enum.IntEnum):
     KEY_NOT_FOUND = 300
     VERSION_NOT_FOUND = 301
     KEY_EXISTS = 302
+    # 4xx: the peer may not do this.
+    PERMISSION_DENIED = 400
     # 5xx: the daemon or the token could not do it.
     INTERNAL_ERROR = 500
     TOKEN_UNAVAILABLE = 501
@@ -179,6 +182,12 @@ class KeyExists(WireError):
     code = ErrorCode.KEY_EXISTS
 
 
+class PermissionDenied(WireError):
+    """The connection's peer (by SO_PEERCRED) may not do this operation on this key."""
+
+    code = ErrorCode.PERMISSION_DENIED
+
+
 class InternalError(WireError):
     """A bug in signd.  Details are in the daemon's log, not on the wire."""
 
@@ -233,6 +242,7 @@ _BY_CODE: dict[int, type[WireError]] = {
         KeyNotFound,
         VersionNotFound,
         KeyExists,
+        PermissionDenied,
         InternalError,
         TokenUnavailable,
         TokenError,
