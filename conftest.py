@@ -18,6 +18,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -79,10 +80,13 @@ def token_env(tmp_path_factory: pytest.TempPathFactory) -> TokenEnv:
     return TokenEnv(state, conf, TOKEN_LABEL, _softhsm_module())
 
 
-def write_config(path: Path, token: TokenEnv, socket_path: Path, extra: str = "") -> Path:
-    """A daemon config for ``token``; ``extra`` is appended TOML (e.g. [limits])."""
+def write_config(
+    path: Path, token: TokenEnv, socket_path: Path, extra: str = "", server_extra: str = ""
+) -> Path:
+    """A daemon config for ``token``; ``extra`` is appended TOML (e.g. [limits]),
+    ``server_extra`` goes into the [server] table."""
     path.write_text(
-        f'[server]\nsocket = "{socket_path}"\n\n'
+        f'[server]\nsocket = "{socket_path}"\n{server_extra}\n'
         f'[token]\nmodule = "{token.module}"\nlabel = "{token.label}"\n'
         f'pin_file = "{token.pin_file}"\n\n{extra}'
     )
@@ -97,6 +101,7 @@ class Daemon:
     workdir: Path
     extra_config: str = ""
     proc: subprocess.Popen[bytes] | None = None
+    server_extra: str = ""
     env_extra: dict[str, str] = field(default_factory=dict)
     _log_offset: int = 0
 
@@ -120,8 +125,13 @@ class Daemon:
         env.update(self.env_extra)
         return env
 
+    def write_config(self) -> Path:
+        return write_config(
+            self.config, self.token, Path(self.socket), self.extra_config, self.server_extra
+        )
+
     def start(self, *, wait: bool = True, argv: list[str] | None = None) -> None:
-        write_config(self.config, self.token, Path(self.socket), self.extra_config)
+        self.write_config()
         log = open(self.log_path, "ab")
         self._log_offset = self.log_path.stat().st_size
         self.proc = subprocess.Popen(
@@ -204,8 +214,10 @@ def make_daemon(
     """A factory for daemons a test may stop, restart or misconfigure."""
     made: list[Daemon] = []
 
-    def make(extra_config: str = "", start: bool = True, **kw: dict[str, str]) -> Daemon:
-        d = Daemon(token_env, tmp_path_factory.mktemp("signd"), extra_config, **kw)  # type: ignore[arg-type]
+    def make(
+        extra_config: str = "", start: bool = True, workdir: Path | None = None, **kw: Any
+    ) -> Daemon:
+        d = Daemon(token_env, workdir or tmp_path_factory.mktemp("signd"), extra_config, **kw)
         made.append(d)
         if start:
             d.start()

@@ -5,7 +5,8 @@ its supplementary groups, from ``/proc/<pid>/status``: what the kernel says,
 never what the client says.  Rules name keys (exact names or glob patterns,
 ``*`` for every key), operations, and who: users, groups and uids.  Anything
 no rule allows is denied.  Root and the daemon's own user (who can read the
-PIN and the token anyway) are trusted unless ``trust_root = false``.
+PIN and the token anyway) are trusted unless ``trust_root = false``; then
+only the rules grant anything, to them too.
 """
 
 from __future__ import annotations
@@ -123,7 +124,7 @@ class Policy:
 
     def __init__(self, rules: Iterable[Rule], *, trust_root: bool = True) -> None:
         self.rules = tuple(rules)
-        self.trusted = {os.geteuid()} | ({0} if trust_root else set())
+        self.trusted = {0, os.geteuid()} if trust_root else set()
 
     def allows(self, who: Principal, operation: str | None, key: str) -> bool:
         if operation is None or who.uid in self.trusted:
