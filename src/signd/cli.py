@@ -19,6 +19,7 @@ from collections.abc import Sequence
 import trio
 
 from . import __version__
+from .audit import AuditLog
 from .config import Config, ConfigError, Secret, load_config, read_pin
 from .errors import WireError
 from .log import setup_logging
@@ -92,7 +93,28 @@ async def _run(cfg: Config, pin: Secret) -> int:
 async def _serve(cfg: Config, sock: socket.socket, inherited: bool, pool: TokenPool) -> int:
     policy = Policy(cfg.access.rules, trust_root=cfg.access.trust_root)
     service = Service(pool, policy, request_timeout=cfg.limits.request_timeout)
-    server = Server(service, cfg.limits, keep_warm=cfg.token.spin_us / 1e6)
+    audit = None
+    if cfg.audit.dir is not None:
+        audit = AuditLog(cfg.audit.dir, mode=cfg.audit.mode, max_bytes=cfg.audit.max_bytes)
+        await audit.open()
+    else:
+        log.warning("audit log disabled: set [audit] dir to keep one")
+    server = Server(service, cfg.limits, keep_warm=cfg.token.spin_us / 1e6, audit=audit)
+    try:
+        return await _serve_with(cfg, inherited, pool, service, server, sock)
+    finally:
+        if audit is not None:
+            await audit.aclose()
+
+
+async def _serve_with(
+    cfg: Config,
+    inherited: bool,
+    pool: TokenPool,
+    service: Service,
+    server: Server,
+    sock: socket.socket,
+) -> int:
     await service.load()
     info = pool.info
     assert info is not None

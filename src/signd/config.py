@@ -18,6 +18,7 @@ from .policy import OPERATIONS, Rule
 
 __all__ = [
     "AccessConfig",
+    "AuditConfig",
     "Config",
     "ConfigError",
     "LimitsConfig",
@@ -120,6 +121,15 @@ class LimitsConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class AuditConfig:
+    """The audit log: off unless ``dir`` is set."""
+
+    dir: str | None = None
+    mode: str = "strict"
+    max_bytes: int = 64 << 20
+
+
+@dataclass(frozen=True, slots=True)
 class LogConfig:
     level: str = "info"
 
@@ -130,6 +140,7 @@ class Config:
     token: TokenConfig = field(default_factory=TokenConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     access: AccessConfig = field(default_factory=AccessConfig)
+    audit: AuditConfig = field(default_factory=AuditConfig)
     log: LogConfig = field(default_factory=LogConfig)
     path: str | None = None
 
@@ -275,10 +286,29 @@ def _parse(doc: Mapping[str, Any], path: str | None, base: Path) -> Config:
     lg.done()
 
     access = _access(sections.pop("access", {}))
+    au = _Section("audit", sections.pop("audit", {}))
+    audit_dir = au.take("dir", str, "", _nonempty)
+    audit = AuditConfig(
+        dir=str(base / audit_dir) if audit_dir else None,
+        mode=au.take(
+            "mode",
+            str,
+            "strict",
+            lambda v: None if v in ("strict", "relaxed") else 'must be "strict" or "relaxed"',
+        ),
+        max_bytes=au.take("max_bytes", int, 64 << 20, _between(4096, 1 << 40)),
+    )
+    au.done()
     if sections:
         raise ConfigError(f"{sorted(sections)[0]}: unknown section")
     return Config(
-        server=server, token=token, limits=limits, access=access, log=LogConfig(level), path=path
+        server=server,
+        token=token,
+        limits=limits,
+        access=access,
+        audit=audit,
+        log=LogConfig(level),
+        path=path,
     )
 
 

@@ -55,6 +55,7 @@ class Principal:
     user: str | None
     groups: frozenset[int]  # gid and supplementary groups
     group_names: frozenset[str]
+    exe: str | None = None
 
     def describe(self) -> str:
         who = self.user if self.user is not None else f"uid {self.uid}"
@@ -94,7 +95,11 @@ def principal_of(sock: Any) -> Principal:
     pid, uid, gid = struct.unpack("3i", raw)
     groups = {gid} | _supplementary_groups(pid)
     names = {n for n in (_group_name(g) for g in groups) if n is not None}
-    return Principal(uid, gid, pid, _user_name(uid), frozenset(groups), frozenset(names))
+    try:
+        exe: str | None = os.readlink(f"/proc/{pid}/exe")
+    except OSError:
+        exe = None
+    return Principal(uid, gid, pid, _user_name(uid), frozenset(groups), frozenset(names), exe)
 
 
 @dataclass(frozen=True, slots=True)

@@ -24,15 +24,17 @@ import socket
 import stat
 import time
 from collections.abc import Callable
-from typing import Final
+from typing import Any, Final
 
+import msgpack
 import trio
 
+from .audit import AuditLog, data_digest
 from .config import LimitsConfig
-from .errors import Busy, FrameTooLarge, ShuttingDown
+from .errors import Busy, FrameTooLarge, InternalError, ShuttingDown
 from .outbox import Outbox
-from .policy import principal_of
-from .protocol import BadRequest, FrameDecoder, Request, decode_request, encode_error
+from .policy import Principal, principal_of
+from .protocol import HEADER, BadRequest, FrameDecoder, Request, decode_request, encode_error
 from .service import Service
 
 __all__ = ["ListenerError", "Server", "open_listener", "systemd_socket"]
@@ -160,6 +162,8 @@ class _Connection:
     __slots__ = (
         "_can_read",
         "_settled",
+        "audit",
+        "audit_open",
         "decoder",
         "dirty",
         "eof",
@@ -178,6 +182,7 @@ class _Connection:
         stream: trio.SocketStream,
         limits: LimitsConfig,
         schedule_flush: Callable[[_Connection], None],
+        audit: AuditLog | None = None,
     ) -> None:
         self.stream = stream
         self.limits = limits
@@ -188,14 +193,53 @@ class _Connection:
         self.dirty = False
         self.eof = False
         self.principal = principal_of(stream.socket)
+        self.audit = audit
+        self.audit_open: dict[int, list[tuple[Any, ...]]] = {}
         self.schedule_flush = schedule_flush
         self.inflight = 0
         self._can_read = trio.lowlevel.ParkingLot()
         self._settled = trio.lowlevel.ParkingLot()
 
-    def reply(self, _request_id: int | None, frame: bytes) -> None:
-        self.inflight -= 1
-        self.send(frame)
+    def reply(self, request_id: int | None, frame: bytes) -> None:
+        if self.audit is None:
+            self.inflight -= 1
+            self.send(frame)
+            return
+        info = None
+        if request_id is not None:
+            opened = self.audit_open.get(request_id)
+            if opened:
+                info = opened.pop(0)
+                if not opened:
+                    del self.audit_open[request_id]
+
+        def then(ok: bool) -> None:
+            self.inflight -= 1
+            if ok:
+                self.send(frame)
+            else:  # strict: no answer without its record
+                self.send(
+                    encode_error(
+                        request_id,
+                        InternalError("the audit log could not be written; the answer is withheld"),
+                    )
+                )
+
+        self.audit.record(_audit_record(self.principal, info, frame), then)
+
+    def opened(self, req: Request) -> None:
+        """Note when and what ``req`` asked, for its audit record."""
+        digest, items = data_digest(req.args)
+        self.audit_open.setdefault(req.id, []).append(
+            (
+                time.time(),
+                time.perf_counter(),
+                req.op,
+                getattr(req.args, "key", None),
+                digest,
+                items,
+            )
+        )
 
     def send(self, frame: bytes) -> None:
         self.pending.append(frame)
@@ -236,7 +280,14 @@ class _Connection:
 class Server:
     """Serves ``service`` on a listening socket until ``shutdown`` is called."""
 
-    def __init__(self, service: Service, limits: LimitsConfig, keep_warm: float = 0.0) -> None:
+    def __init__(
+        self,
+        service: Service,
+        limits: LimitsConfig,
+        keep_warm: float = 0.0,
+        audit: AuditLog | None = None,
+    ) -> None:
+        self.audit = audit
         self.service = service
         self.limits = limits
         self.connections = 0
@@ -351,7 +402,9 @@ class Server:
             elif self._stopping:
                 await self._refuse(stream, ShuttingDown("signd is shutting down"))
             else:
-                await self._converse(_Connection(stream, self.limits, self._schedule_flush))
+                await self._converse(
+                    _Connection(stream, self.limits, self._schedule_flush, self.audit)
+                )
         except* (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             pass  # the peer went away; there is no one left to answer
         except* Exception as group:
@@ -445,8 +498,49 @@ class Server:
             keep_open = False
         if requests:
             conn.inflight += len(requests)
+            if conn.audit is not None:
+                for req in requests:
+                    conn.opened(req)
             for work in self.service.handle(requests, conn.reply, conn, conn.principal):
                 nursery.start_soon(work)
             if len(requests) <= WARM_AFTER:
                 self._warm()
         return keep_open
+
+
+def _audit_record(who: Principal, info: tuple[Any, ...] | None, frame: bytes) -> dict[str, Any]:
+    """One request's audit record: who, what, on which key and version, and how it ended."""
+    rec: dict[str, Any] = {
+        "uid": who.uid,
+        "gid": who.gid,
+        "pid": who.pid,
+        "user": who.user,
+        "exe": who.exe,
+    }
+    if info is not None:
+        ts, started, op, key, digest, items = info
+        rec.update(
+            ts=round(ts, 6),
+            op=op,
+            key=key,
+            latency_ms=round((time.perf_counter() - started) * 1e3, 3),
+        )
+        if digest is not None:
+            rec["data_sha256"] = digest
+        if items is not None:
+            rec["items"] = items
+    else:
+        rec.update(ts=round(time.time(), 6), op=None, key=None)
+    body = msgpack.unpackb(frame[HEADER.size :], raw=False)
+    error = body.get("error")
+    if error is not None:
+        rec.update(result=error.get("name"), code=error.get("code"))
+    else:
+        result = body.get("result") or {}
+        rec.update(result="ok", code=0)
+        version = result.get("version", result.get("current_version"))
+        if version is not None:
+            rec["version"] = version
+        if "valid" in result:
+            rec["valid"] = result["valid"]
+    return rec

@@ -18,6 +18,7 @@ from typing import Any, BinaryIO
 
 from . import __version__
 from ._sync import Client
+from .audit import verify_files
 from .errors import SigndError
 from .protocol import KEY_TYPES, MAX_BATCH, BatchItem, Message
 
@@ -174,6 +175,16 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("name")
 
     sub.add_parser("health", help="daemon and token status (exit 0 ready, 1 not ready)")
+
+    au = sub.add_parser("audit", help="work with signd's audit log files (offline)")
+    au_sub = au.add_subparsers(dest="audit_command", required=True, metavar="ACTION")
+    av = au_sub.add_parser(
+        "verify",
+        help="check the hash chain of audit files, in order (exit 0 intact, 1 broken)",
+        description="Check that no record was edited, inserted, deleted or reordered. "
+        "Give every file of the log, oldest first (audit-000001.jsonl, ...).",
+    )
+    av.add_argument("files", nargs="+", metavar="FILE")
     return p
 
 
@@ -367,8 +378,32 @@ def _run(args: argparse.Namespace, client: Client, stdin: BinaryIO, stdout: Bina
     return EXIT_OK if h.ready else EXIT_NEGATIVE
 
 
+def _audit_verify(files: Sequence[str], as_json: bool) -> int:
+    state = verify_files(files)
+    unreadable = [p for p in state.problems if p.line == 0]
+    if as_json:
+        _print_json(
+            {
+                "records": state.records,
+                "last_seq": state.seq,
+                "problems": [str(p) for p in state.problems],
+            }
+        )
+    elif state.problems:
+        for p in state.problems:
+            print(p)
+        print(f"{len(state.problems)} problem(s) in {state.records} records")
+    else:
+        print(f"ok: {state.records} records, chain intact up to record {state.seq}")
+    if unreadable:
+        return EXIT_ERROR
+    return EXIT_NEGATIVE if state.problems else EXIT_OK
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "audit":
+        return _audit_verify(args.files, args.json)
     try:
         with Client(args.socket, timeout=args.timeout) as client:
             return _run(args, client, sys.stdin.buffer, sys.stdout.buffer)
