@@ -115,16 +115,17 @@ class Bench:
         self.module = _softhsm_module()
         self.pin = (state / "user.pin").read_text().rstrip("\n")
 
-    def start_daemon(self) -> None:
+    def start_daemon(self, audit: bool = False) -> None:
         cfg = self.workdir / "signd.toml"
         workers = self.workers if self.workers == "auto" else int(self.workers)
+        audit_table = f'\n[audit]\ndir = "{self.workdir / "audit"}"\nmode = "strict"\n'
         cfg.write_text(
             f'[server]\nsocket = "{self.socket}"\n\n'
             f'[token]\nmodule = "{self.module}"\nlabel = "{self.label}"\n'
             f'pin_file = "{self.workdir / "token" / "user.pin"}"\n'
             f"workers = {json.dumps(workers)}\n\n"
             "[limits]\nmax_connections = 2048\nmax_frame = 4194304\n"
-            '\n[log]\nlevel = "warning"\n'
+            '\n[log]\nlevel = "warning"\n' + (audit_table if audit else "")
         )
         log = open(self.workdir / "signd.log", "ab")
         self.daemon = subprocess.Popen(
@@ -495,6 +496,8 @@ def targets(rows: list[Row]) -> list[tuple[str, str, str]]:
             True,
             "x",
         )
+    audited = find(lambda r: r.name.startswith("signd, 64 connections, strict audit"))
+    check("strict audit on vs off at 64 connections (>= 0.8x)", ratio(audited, s64), 0.8, True, "x")
     mem = find(lambda r: r.name.startswith("daemon RSS with"))
     check(
         "daemon RSS, 1,000 open connections (<= 100 MB)",
@@ -522,7 +525,7 @@ def run(b: Bench, types: list[str], peers: bool) -> None:
             for kt in types:
                 keys[kt] = f"bench-{kt}"
                 c.create_key(keys[kt], kt)
-        steps = len(types) * 4 + 6
+        steps = len(types) * 4 + 7
         step = 0
 
         def stage(what: str) -> None:
@@ -594,6 +597,17 @@ def run(b: Bench, types: list[str], peers: bool) -> None:
                 _peer_rows(b, key)
             stage("memory")
             b.memory_rows(key)
+            stage("audit: strict audit log on")
+            b.stop_daemon()
+            b.start_daemon(audit=True)
+            b.drive(
+                "signd, 64 connections, strict audit log",
+                "ec-p256",
+                {**b.sign_job(key, "ec-p256"), "mode": "pipeline"},
+                2,
+                64,
+                note=f"window {b.window}; every answer waits for its fsync'd record",
+            )
     finally:
         b.stop_daemon()
 
