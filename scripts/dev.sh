@@ -170,6 +170,10 @@ module = "$module"
 label = "$LABEL"
 pin_file = "user.pin"
 
+[audit]
+# One hash-chained record per request; check it with: signctl audit verify state/audit/*.jsonl
+dir = "audit"
+
 [log]
 level = "info"
 EOF
