@@ -199,3 +199,26 @@ def test_bad_access_config_names_the_field(
     )
     assert out.returncode == 2
     assert field in out.stderr, out.stderr
+
+
+def test_both_outcomes_of_another_uid_are_audited(
+    access_daemon: Callable[[str], Daemon], key_name: str
+) -> None:
+    import json
+
+    d = access_daemon(
+        '[audit]\ndir = "audit"\n\n[[access.rules]]\n'
+        f'keys = ["{key_name}"]\noperations = ["sign"]\ngroups = ["{GID}"]\n'
+    )
+    _key(d, key_name)
+    assert as_nobody(d, "sign", key_name, "--in", "-", input=b"allowed").returncode == 0
+    assert as_nobody(d, "rotate", key_name).returncode == 2
+    assert d.stop() == 0
+    recs = [
+        json.loads(line)
+        for f in sorted((d.workdir / "audit").glob("audit-*.jsonl"))
+        for line in f.read_text().splitlines()
+    ]
+    mine = [(r["op"], r["result"], r["code"]) for r in recs if r["uid"] == NOBODY]
+    assert mine == [("sign", "ok", 0), ("rotate", "permission_denied", 400)]
+    assert all(r["exe"] and r["gid"] == NOBODY for r in recs if r["uid"] == NOBODY)

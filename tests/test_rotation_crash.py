@@ -1,0 +1,103 @@
+"""Rotation is crash-safe: ``kill -9`` at many points of a rotation leaves the old
+state or the new one, never half a key, a lost or a duplicated version."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import threading
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
+
+from signd_client import Client
+from signd_client.errors import SigndError
+
+if TYPE_CHECKING:
+    from conftest import Daemon
+
+KILLS = 50
+
+
+def _kill_tree(d: Daemon) -> None:
+    """SIGKILL the daemon and its token workers at once: a crash, not a shutdown."""
+    assert d.proc is not None
+    pids = [d.proc.pid]
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == d.proc.pid:
+                        pids.append(int(entry))
+            except (OSError, ValueError):
+                pass
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    d.proc.wait()
+
+
+def _check(pem: str, key_type: str, sig: bytes, msg: bytes) -> None:
+    pub = serialization.load_pem_public_key(pem.encode())
+    if key_type.startswith("rsa"):
+        assert isinstance(pub, rsa.RSAPublicKey)
+        pub.verify(sig, msg, padding.PKCS1v15(), hashes.SHA256())
+    else:
+        assert isinstance(pub, ec.EllipticCurvePublicKey)
+        pub.verify(sig, msg, ec.ECDSA(hashes.SHA256()))
+
+
+def test_kill_9_during_rotation(make_daemon: Callable[..., Daemon], key_name: str) -> None:
+    rng = random.Random(4242)
+    d = make_daemon()
+    keys = {f"{key_name}-ec": "ec-p256", f"{key_name}-rsa": "rsa-2048"}
+    signed: list[tuple[str, int, bytes, bytes]] = []  # key, version, message, signature
+    with d.client() as c:
+        for name, kt in keys.items():
+            c.create_key(name, kt)
+    for i in range(KILLS):
+        name = list(keys)[i % 2]
+        with Client(d.socket, retries=0, timeout=30) as c:
+            msg = b"before kill %d" % i
+            res = c.sign(name, msg)
+            signed.append((name, res.version, msg, res.signature))
+
+        def rotate(name: str = name) -> None:
+            try:
+                with Client(d.socket, retries=0, timeout=30) as c:
+                    c.rotate(name)
+            except SigndError:
+                pass  # killed mid-way: either outcome is fine
+
+        t = threading.Thread(target=rotate)
+        t.start()
+        # Kill anywhere from before the request arrives to after generation.
+        threading.Event().wait(rng.uniform(0, 0.25 if keys[name].startswith("rsa") else 0.03))
+        _kill_tree(d)
+        t.join(30)
+        d.start()
+        with d.client() as c:
+            for key, kt in keys.items():
+                info = c.key_info(key)
+                versions = [v.version for v in info.versions]
+                assert versions == list(range(1, len(versions) + 1)), (i, key, versions)
+                states = [v.state for v in info.versions]
+                assert states[-1] == "active", (i, key, states)
+                assert all(s == "verify-only" for s in states[:-1]), (i, key, states)
+                assert info.current_version == versions[-1]
+                pems = {v.version: v.public_key_pem for v in info.versions}
+                assert len(set(pems.values())) == len(pems), "two versions share a keypair"
+                for k, version, msg, sig in signed:
+                    if k == key:
+                        _check(pems[version], kt, sig, msg)  # independent check
+                        assert c.verify(key, sig, msg).version == version
+    with d.client() as c:
+        landed = sum(c.key_info(k).current_version - 1 for k in keys)
+    # The kills fell at different points: some rotations survived, some did not.
+    assert 0 < landed < KILLS, landed
+    assert d.stop() == 0
