@@ -60,6 +60,7 @@ ERROR_CLASSES: dict[str, type[errors.WireError]] = {
     "version_not_found": errors.VersionNotFound,
     "key_exists": errors.KeyExists,
     "permission_denied": errors.PermissionDenied,
+    "rate_limited": errors.RateLimited,
     "internal_error": errors.InternalError,
     "token_unavailable": errors.TokenUnavailable,
     "token_error": errors.TokenError,
@@ -166,7 +167,9 @@ def test_error_encodes_to_exact_bytes(vector: dict[str, Any]) -> None:
     err = message["error"]
     cls = ERROR_CLASSES[err["name"]]
     assert int(cls.code) == err["code"]
-    assert encode_error(message["id"], cls(err["message"])) == frame_of(vector)
+    exc = errors.error_from_wire(err["code"], err["name"], err["message"], err.get("retry_after"))
+    assert type(exc) is cls
+    assert encode_error(message["id"], exc) == frame_of(vector)
 
 
 REJECTED = DOC["rejected_requests"]

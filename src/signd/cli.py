@@ -24,6 +24,7 @@ from .config import Config, ConfigError, Secret, load_config, read_pin
 from .errors import WireError
 from .log import setup_logging
 from .policy import Policy
+from .ratelimit import RateLimiter
 from .server import ListenerError, Server, open_listener, systemd_socket
 from .service import Service
 from .workers import PoolSettings, TokenPool, open_token_pool
@@ -92,7 +93,11 @@ async def _run(cfg: Config, pin: Secret) -> int:
 
 async def _serve(cfg: Config, sock: socket.socket, inherited: bool, pool: TokenPool) -> int:
     policy = Policy(cfg.access.rules, trust_root=cfg.access.trust_root)
-    service = Service(pool, policy, request_timeout=cfg.limits.request_timeout)
+    rl = cfg.rate_limits
+    limiter = None
+    if rl.per_principal is not None or rl.per_key is not None:
+        limiter = RateLimiter(rl.per_principal, rl.per_key)
+    service = Service(pool, policy, limiter=limiter, request_timeout=cfg.limits.request_timeout)
     audit = None
     if cfg.audit.dir is not None:
         audit = AuditLog(cfg.audit.dir, mode=cfg.audit.mode, max_bytes=cfg.audit.max_bytes)

@@ -19,6 +19,7 @@ from .policy import OPERATIONS, Rule
 __all__ = [
     "AccessConfig",
     "AuditConfig",
+    "RateLimitsConfig",
     "Config",
     "ConfigError",
     "LimitsConfig",
@@ -121,6 +122,14 @@ class LimitsConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class RateLimitsConfig:
+    """Token buckets: (signatures per second, burst) per peer uid and per key."""
+
+    per_principal: tuple[float, float] | None = None
+    per_key: tuple[float, float] | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class AuditConfig:
     """The audit log: off unless ``dir`` is set."""
 
@@ -141,6 +150,7 @@ class Config:
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     access: AccessConfig = field(default_factory=AccessConfig)
     audit: AuditConfig = field(default_factory=AuditConfig)
+    rate_limits: RateLimitsConfig = field(default_factory=RateLimitsConfig)
     log: LogConfig = field(default_factory=LogConfig)
     path: str | None = None
 
@@ -299,6 +309,14 @@ def _parse(doc: Mapping[str, Any], path: str | None, base: Path) -> Config:
         max_bytes=au.take("max_bytes", int, 64 << 20, _between(4096, 1 << 40)),
     )
     au.done()
+    rl = _Section("rate_limits", sections.pop("rate_limits", {}))
+    limits_pair: dict[str, tuple[float, float] | None] = {}
+    for name in ("per_principal", "per_key"):
+        rate = rl.take(name, float, 0.0, _between(0, 10_000_000))
+        burst = rl.take(f"{name}_burst", float, max(1.0, rate), _between(1, 10_000_000))
+        limits_pair[name] = (rate, burst) if rate > 0 else None
+    rl.done()
+    rate_limits = RateLimitsConfig(limits_pair["per_principal"], limits_pair["per_key"])
     if sections:
         raise ConfigError(f"{sorted(sections)[0]}: unknown section")
     return Config(
@@ -307,6 +325,7 @@ def _parse(doc: Mapping[str, Any], path: str | None, base: Path) -> Config:
         limits=limits,
         access=access,
         audit=audit,
+        rate_limits=rate_limits,
         log=LogConfig(level),
         path=path,
     )

@@ -67,6 +67,7 @@ from .protocol import (
     encode_error,
     encode_result,
 )
+from .ratelimit import RateLimiter
 from .token import SignJob, VerifyJob
 from .workers import Entry, TokenPool
 
@@ -89,11 +90,13 @@ class Service:
         token: TokenPool,
         policy: Policy | None = None,
         *,
+        limiter: RateLimiter | None = None,
         request_timeout: float = 30.0,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.token = token
         self.policy = policy if policy is not None else Policy(())
+        self.limiter = limiter
         self.keystore = Keystore()
         self.request_timeout = request_timeout
         self._clock = clock
@@ -153,10 +156,13 @@ class Service:
                         )
                         slow.append(lookup)
                     elif isinstance(args, SignArgs):
+                        self._limit(who, args.key, 1)
                         plan = algorithms.plan_sign(key.kt, args)
                         done = _sign_done(req.id, key, plan, reply)
                         groups.append((req.id, [Entry(_job(key, plan), done, deadline)]))
                     else:
+                        items = args.messages if args.messages is not None else args.digests
+                        self._limit(who, args.key, len(items or ()))
                         groups.append((req.id, _batch_entries(req.id, key, args, reply, deadline)))
                 elif isinstance(args, VerifyArgs):
                     key = self._key_or_none(args.key)
@@ -165,6 +171,7 @@ class Service:
                             partial(self._lookup_then_handle, req, args.key, reply, source, who)
                         )
                         continue
+                    self._limit(who, args.key, 1)
                     if inline_ok or not self.token.is_open:
                         # A lone verification is fastest right here; under
                         # load they go to the workers, so every core verifies
@@ -203,6 +210,11 @@ class Service:
                     reply(rid, encode_error(rid, exc))
             self.token.pump()
         return slow
+
+    def _limit(self, who: Principal, key: str, cost: int) -> None:
+        """Raises: RateLimited."""
+        if self.limiter is not None:
+            self.limiter.check(who.uid, key, cost)
 
     def _key_or_none(self, name: str) -> LoadedKey | None:
         if name in self.keystore:

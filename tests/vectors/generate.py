@@ -544,6 +544,12 @@ error(
     e.PermissionDenied("nobody (uid 65534, pid 4242) may not sign key 'app-signing'"),
 )
 error(
+    "error.rate_limited",
+    "over a rate limit (per peer or per key); retry_after says when; retryable.",
+    98,
+    e.RateLimited("uid 1000 is over its rate limit; retry after 0.250 s", 0.25),
+)
+error(
     "error.internal_error",
     "a bug in signd; the details are in its log.",
     30,

@@ -49,6 +49,7 @@ ERROR_CLASSES: dict[str, tuple[type[errors.WireError], bool]] = {
     "version_not_found": (errors.VersionNotFound, False),
     "key_exists": (errors.KeyExists, False),
     "permission_denied": (errors.PermissionDenied, False),
+    "rate_limited": (errors.RateLimited, True),
     "internal_error": (errors.InternalError, False),
     "token_unavailable": (errors.TokenUnavailable, True),
     "token_error": (errors.TokenError, False),

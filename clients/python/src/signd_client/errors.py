@@ -32,6 +32,7 @@ __all__ = [
     "MalformedFrame",
     "PermissionDenied",
     "ProtocolViolation",
+    "RateLimited",
     "RequestTimeout",
     "ShuttingDown",
     "SigndError",
@@ -65,6 +66,7 @@ class ErrorCode(enum.IntEnum):
     KEY_EXISTS = 302
     # 4xx: the peer may not do this.
     PERMISSION_DENIED = 400
+    RATE_LIMITED = 401
     # 5xx: the daemon or the token could not do it.
     INTERNAL_ERROR = 500
     TOKEN_UNAVAILABLE = 501
@@ -188,6 +190,23 @@ class PermissionDenied(WireError):
     code = ErrorCode.PERMISSION_DENIED
 
 
+class RateLimited(WireError):
+    """Over a rate limit (per peer or per key); retry after ``retry_after`` seconds."""
+
+    code = ErrorCode.RATE_LIMITED
+    retryable = True
+
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+    def to_wire(self) -> dict[str, object]:
+        out = super().to_wire()
+        if self.retry_after is not None:
+            out["retry_after"] = self.retry_after
+        return out
+
+
 class InternalError(WireError):
     """A bug in signd.  Details are in the daemon's log, not on the wire."""
 
@@ -243,6 +262,7 @@ _BY_CODE: dict[int, type[WireError]] = {
         VersionNotFound,
         KeyExists,
         PermissionDenied,
+        RateLimited,
         InternalError,
         TokenUnavailable,
         TokenError,
@@ -270,9 +290,13 @@ class UnknownWireError(WireError):
         return f"{self.raw_name} (error {self.raw_code}): {self.message}"
 
 
-def error_from_wire(code: int, name: str, message: str) -> WireError:
-    """Turn a wire error ``{code, name, message}`` into its exception."""
+def error_from_wire(
+    code: int, name: str, message: str, retry_after: float | None = None
+) -> WireError:
+    """Turn a wire error ``{code, name, message[, retry_after]}`` into its exception."""
     cls = _BY_CODE.get(code)
     if cls is None:
         return UnknownWireError(code, name, message)
+    if cls is RateLimited:
+        return RateLimited(message, retry_after)
     return cls(message)

@@ -583,7 +583,11 @@ def decode_response(body: bytes) -> Response:
             and isinstance(err.get("message"), str)
         ):
             raise ProtocolViolation("response error is not {code, name, message}")
-        return Response(rid, None, error_from_wire(err["code"], err["name"], err["message"]))
+        retry = err.get("retry_after")
+        retry_after = float(retry) if isinstance(retry, int | float) else None
+        return Response(
+            rid, None, error_from_wire(err["code"], err["name"], err["message"], retry_after)
+        )
     result = obj.get("result")
     if not isinstance(result, dict):
         raise ProtocolViolation("response has neither result nor error")

@@ -1,0 +1,82 @@
+"""Token buckets per peer (uid) and per key.
+
+Each bucket holds up to ``burst`` tokens and refills at ``rate`` per second; a
+request takes as many tokens as signatures it asks for (a ``sign_batch`` of
+100 takes 100, at most a full bucket).  A request that finds too few is
+refused with ``rate_limited`` and told when enough will be there.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TypeVar
+
+from .errors import RateLimited
+
+__all__ = ["Bucket", "RateLimiter"]
+
+K = TypeVar("K", int, str)
+
+
+@dataclass(slots=True)
+class Bucket:
+    rate: float
+    burst: float
+    tokens: float
+    stamp: float
+
+    def take(self, cost: float, now: float) -> float:
+        """Take ``cost`` tokens; 0.0 if taken, else the seconds until they are there."""
+        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        cost = min(cost, self.burst)
+        if self.tokens >= cost:
+            self.tokens -= cost
+            return 0.0
+        return (cost - self.tokens) / self.rate
+
+
+class RateLimiter:
+    def __init__(
+        self,
+        per_principal: tuple[float, float] | None,
+        per_key: tuple[float, float] | None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        """``per_*`` is (rate per second, burst), or None for no limit."""
+        self.per_principal = per_principal
+        self.per_key = per_key
+        self._clock = clock
+        self._principals: dict[int, Bucket] = {}
+        self._keys: dict[str, Bucket] = {}
+
+    @staticmethod
+    def _bucket(table: dict[K, Bucket], who: K, limit: tuple[float, float], now: float) -> Bucket:
+        b = table.get(who)
+        if b is None:
+            rate, burst = limit
+            b = table[who] = Bucket(rate, burst, burst, now)
+        return b
+
+    def check(self, uid: int, key: str, cost: int) -> None:
+        """Raises: RateLimited, with ``retry_after``."""
+        now = self._clock()
+        if self.per_principal is not None:
+            b = self._bucket(self._principals, uid, self.per_principal, now)
+            wait = b.take(cost, now)
+            if wait:
+                raise RateLimited(
+                    f"uid {uid} is over its rate limit; retry after {wait:.3f} s", round(wait, 3)
+                )
+        if self.per_key is not None:
+            b = self._bucket(self._keys, key, self.per_key, now)
+            wait = b.take(cost, now)
+            if wait:
+                if self.per_principal is not None:  # give back what the peer was charged
+                    self._principals[uid].tokens += min(cost, self._principals[uid].burst)
+                raise RateLimited(
+                    f"key {key!r} is over its rate limit; retry after {wait:.3f} s",
+                    round(wait, 3),
+                )

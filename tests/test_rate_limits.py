@@ -1,0 +1,135 @@
+"""Rate limits: token buckets per peer and per key, refusing with ``rate_limited``."""
+
+from __future__ import annotations
+
+import hashlib
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import pytest
+
+from signd_client.errors import RateLimited
+from signd_client.protocol import (
+    FrameDecoder,
+    SignArgs,
+    SignBatchArgs,
+    decode_response,
+    encode_request,
+)
+
+if TYPE_CHECKING:
+    from conftest import Daemon
+
+
+def _pipeline(d: Daemon, frames: list[bytes]) -> list[Any]:
+    """Send every frame in one write; the answers, in request-id order."""
+    s = d.connect_raw()
+    try:
+        s.sendall(b"".join(frames))
+        decoder = FrameDecoder(64 << 20)
+        answers: dict[int, Any] = {}
+        while len(answers) < len(frames):
+            data = s.recv(1 << 20)
+            assert data
+            decoder.receive_data(data)
+            for body in decoder.frames():
+                resp = decode_response(body)
+                assert resp.id is not None
+                answers[resp.id] = resp
+        return [answers[i] for i in sorted(answers)]
+    finally:
+        s.close()
+
+
+def _signs(key: str, n: int, start: int = 0) -> list[bytes]:
+    digest = hashlib.sha256(b"rate").digest()
+    return [
+        encode_request(start + i, "sign", SignArgs(key=key, digest=digest, hash="sha256"))
+        for i in range(n)
+    ]
+
+
+def test_per_peer_bucket(make_daemon: Callable[..., Daemon], key_name: str) -> None:
+    d = make_daemon("[rate_limits]\nper_principal = 5\nper_principal_burst = 5\n")
+    with d.client() as c:
+        c.create_key(key_name, "ec-p256")  # not limited: only sign, sign_batch, verify
+    answers = _pipeline(d, _signs(key_name, 10))
+    ok = [a for a in answers if a.error is None]
+    limited = [a.error for a in answers if a.error is not None]
+    assert len(ok) == 5
+    assert len(limited) == 5
+    for err in limited:
+        assert isinstance(err, RateLimited)
+        assert err.retryable
+        assert err.retry_after is not None
+        assert 0 < err.retry_after <= 1.0  # one token at 5/s is 0.2 s away
+    # Waiting as told is enough.
+    time.sleep(max(e.retry_after or 0 for e in limited) + 0.1)
+    with d.client(retries=0) as c:
+        assert c.sign(key_name, b"later").version == 1
+
+
+def test_per_key_bucket_leaves_other_keys_alone(
+    make_daemon: Callable[..., Daemon], key_name: str
+) -> None:
+    d = make_daemon("[rate_limits]\nper_key = 3\nper_key_burst = 3\n")
+    other = key_name + "-b"
+    with d.client() as c:
+        c.create_key(key_name, "ec-p256")
+        c.create_key(other, "ec-p256")
+    answers = _pipeline(d, _signs(key_name, 5) + _signs(other, 3, start=5))
+    assert [a.error is None for a in answers[:5]] == [True] * 3 + [False] * 2
+    assert "over its rate limit" in str(answers[3].error)
+    assert all(a.error is None for a in answers[5:])
+
+
+def test_sign_batch_costs_its_items(make_daemon: Callable[..., Daemon], key_name: str) -> None:
+    d = make_daemon("[rate_limits]\nper_principal = 1\nper_principal_burst = 10\n")
+    with d.client() as c:
+        c.create_key(key_name, "ec-p256")
+    digests = tuple(hashlib.sha256(b"%d" % i).digest() for i in range(8))
+    batch = SignBatchArgs(key=key_name, digests=digests, hash="sha256")
+    first, second = _pipeline(
+        d, [encode_request(0, "sign_batch", batch), encode_request(1, "sign_batch", batch)]
+    )
+    assert first.error is None
+    assert isinstance(second.error, RateLimited)
+
+
+def test_the_client_raises_rate_limited(make_daemon: Callable[..., Daemon], key_name: str) -> None:
+    d = make_daemon("[rate_limits]\nper_principal = 0.5\nper_principal_burst = 1\n")
+    with d.client(retries=0) as c:
+        c.create_key(key_name, "ec-p256")
+        c.sign(key_name, b"one")
+        with pytest.raises(RateLimited) as info:
+            c.sign(key_name, b"two")
+    assert info.value.retry_after is not None
+    assert info.value.retry_after > 0.5
+
+
+@pytest.mark.parametrize(
+    ("table", "field"),
+    [
+        ("per_key = -1\n", "rate_limits.per_key"),
+        ('per_principal = "fast"\n', "rate_limits.per_principal"),
+        ("per_key = 5\nper_key_burst = 0\n", "rate_limits.per_key_burst"),
+        ("everyone = 1\n", "rate_limits.everyone"),
+    ],
+)
+def test_bad_rate_limits_name_the_field(
+    make_daemon: Callable[..., Daemon], table: str, field: str
+) -> None:
+    d = make_daemon("[rate_limits]\n" + table, start=False)
+    d.write_config()
+    out = subprocess.run(
+        [sys.executable, "-m", "signd", "check-config", "--config", str(d.config)],
+        capture_output=True,
+        text=True,
+        check=False,
+        env=d.env(),
+    )
+    assert out.returncode == 2
+    assert field in out.stderr, out.stderr
