@@ -130,6 +130,17 @@ class Daemon:
             self.config, self.token, Path(self.socket), self.extra_config, self.server_extra
         )
 
+    def check_config(self) -> subprocess.CompletedProcess[str]:
+        """Write this daemon's config and run ``signd check-config`` on it."""
+        self.write_config()
+        return subprocess.run(
+            [sys.executable, "-m", "signd", "check-config", "--config", str(self.config)],
+            capture_output=True,
+            text=True,
+            check=False,
+            env=self.env(),
+        )
+
     def start(self, *, wait: bool = True, argv: list[str] | None = None) -> None:
         self.write_config()
         log = open(self.log_path, "ab")

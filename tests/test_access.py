@@ -188,15 +188,7 @@ def test_root_is_refused_when_not_trusted(
 def test_bad_access_config_names_the_field(
     make_daemon: Callable[..., Daemon], access: str, field: str
 ) -> None:
-    d = make_daemon(access, start=False)
-    d.write_config()
-    out = subprocess.run(
-        [sys.executable, "-m", "signd", "check-config", "--config", str(d.config)],
-        capture_output=True,
-        text=True,
-        check=False,
-        env=d.env(),
-    )
+    out = make_daemon(access, start=False).check_config()
     assert out.returncode == 2
     assert field in out.stderr, out.stderr
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -44,15 +45,23 @@ def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any],
     out_dir = tmp_path_factory.mktemp("bench")
     report = out_dir / "bench.json"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("LISTEN_", "SIGND_"))}
-    proc = subprocess.run(
+    # Its own session, so a time-out stops the daemon and drivers it started too.
+    bench = subprocess.Popen(
         [*bench_command(), "--quick", "--types", "ec-p256", "--json", str(report)],
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
-        timeout=180,
         cwd=out_dir,
         env=env,
-        check=False,
+        start_new_session=True,
     )
+    try:
+        stdout, stderr = bench.communicate(timeout=180)
+    except subprocess.TimeoutExpired:
+        os.killpg(bench.pid, signal.SIGKILL)
+        bench.communicate()
+        raise
+    proc = subprocess.CompletedProcess(bench.args, bench.returncode, stdout, stderr)
     assert proc.returncode == 0, f"signd-bench failed ({proc.returncode}):\n{proc.stderr[-4000:]}"
     assert report.exists(), "signd-bench wrote no JSON report"
     return json.loads(report.read_text()), proc.stdout, proc.stderr
