@@ -29,12 +29,17 @@ def canonical(record: Mapping[str, Any]) -> bytes:
 
 
 def seal(record: dict[str, Any], seq: int, prev: str) -> tuple[str, str]:
-    """Chain ``record`` after ``prev``; return (its JSON line, its hash)."""
+    """Chain ``record`` after ``prev``; return (its JSON line, its hash).
+
+    The line is the canonical JSON with ``hash`` appended as the last member:
+    encoded once, and still what ``canonical`` gives back once ``hash`` is dropped.
+    """
     record["seq"] = seq
     record["prev"] = prev
-    digest = hashlib.sha256(canonical(record)).hexdigest()
+    body = canonical(record)
+    digest = hashlib.sha256(body).hexdigest()
     record["hash"] = digest
-    return json.dumps(record, sort_keys=True, separators=(",", ":"), ensure_ascii=False), digest
+    return body[:-1].decode() + ',"hash":"' + digest + '"}', digest
 
 
 @dataclass(frozen=True, slots=True)
