@@ -9,7 +9,6 @@ peak RSS of the processes that did the serving (for in-process rows, none).
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -126,7 +125,3 @@ def process_tree(pid: int) -> list[int]:
         out.append(p)
         todo.extend(children.get(p, []))
     return out
-
-
-def monotonic() -> float:
-    return time.perf_counter()
