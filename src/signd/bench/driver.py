@@ -123,7 +123,16 @@ def run_pipeline(job: dict[str, Any]) -> dict[str, Any]:
     for s, _, sent in state.values():
         fill(s, sent, window)
     now = start
-    while now < end:
+
+    def waiting_for_sample() -> bool:
+        # A request sent inside the window is still owed its latency sample.
+        return any(t >= measure_from for _, _, sent in state.values() for t in sent.values())
+
+    # Measure until the window closes, then collect the answers to requests
+    # sent inside it: a slow request (a 1,000-digest batch on a loaded machine)
+    # still gives its latency instead of leaving the row without samples.
+    drain_until = end + 30.0
+    while now < end or (now < drain_until and waiting_for_sample()):
         for fd, _ in ep.poll(0.5):
             s, dec, sent = state[fd]
             try:
@@ -142,11 +151,12 @@ def run_pipeline(job: dict[str, Any]) -> dict[str, Any]:
                 if resp.error is not None:
                     errors += 1
                     error_names[resp.error.name] = error_names.get(resp.error.name, 0) + 1
-                elif measure_from <= now <= end:
+                else:
                     # Throughput: every answer that arrives in the window.
                     # Latency: only requests sent in it (no warm-up queueing).
-                    count += per
-                    if t0 >= measure_from:
+                    if measure_from <= now <= end:
+                        count += per
+                    if measure_from <= t0 <= end:
                         lat.append(now - t0)
             if answered and now < end:
                 fill(s, sent, answered)
