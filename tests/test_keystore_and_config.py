@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -9,22 +10,105 @@ import pytest
 
 from signd import algorithms
 from signd.config import ConfigError, Secret, TokenConfig, load_config, read_pin
-from signd.errors import InvalidArgument
-from signd.keystore import ACTIVE, VERIFY_ONLY, KeyRecord, check_key_name
+from signd.errors import InvalidArgument, VersionNotFound, VersionNotUsable
+from signd.keystore import (
+    ACTIVE,
+    DESTROYED,
+    DISABLED,
+    ENABLED,
+    RETIRED,
+    VERIFY_ONLY,
+    KeyRecord,
+    KeySettings,
+    check_key_name,
+)
 
 # ---------------------------------------------------------------- key records
 
 
 def test_record_round_trip_and_rotation() -> None:
     rec = KeyRecord.new("k", algorithms.key_type("ec-p256"), 100.0, b"\1" * 8)
-    assert rec.current.version == 1
+    assert rec.latest.version == 1
+    assert rec.states(100.0)[0] == {1: ACTIVE}
     assert KeyRecord.from_bytes("k", rec.revision, rec.to_bytes()) == rec
     r2 = rec.rotated(200.0, b"\2" * 8)
     assert r2.revision == rec.revision + 1
-    assert [(v.version, v.state) for v in r2.versions] == [(1, VERIFY_ONLY), (2, ACTIVE)]
-    assert r2.current.object_id == b"\2" * 8
+    assert r2.states(200.0)[0] == {1: VERIFY_ONLY, 2: ACTIVE}
+    assert r2.latest.object_id == b"\2" * 8
     assert r2.next_version == 3
     assert KeyRecord.from_bytes("k", r2.revision, r2.to_bytes()) == r2
+
+
+def _three_versions(settings: KeySettings = KeySettings()) -> KeyRecord:
+    kt = algorithms.key_type("ec-p256")
+    rec = KeyRecord.new("k", kt, 100.0, b"\1" * 8, settings)
+    return rec.rotated(200.0, b"\2" * 8).rotated(300.0, b"\3" * 8)
+
+
+def test_grace_counts_from_the_rotation_that_superseded_a_version() -> None:
+    rec = _three_versions(KeySettings(verify_grace=50.0))
+    # v1 was superseded at 200, v2 at 300: each verifies 50 s longer.
+    assert rec.states(249.0) == ({1: VERIFY_ONLY, 2: VERIFY_ONLY, 3: ACTIVE}, 250.0)
+    assert rec.states(250.0) == ({1: RETIRED, 2: VERIFY_ONLY, 3: ACTIVE}, 350.0)
+    states, changes = rec.states(350.0)
+    assert states == {1: RETIRED, 2: RETIRED, 3: ACTIVE}
+    assert changes == math.inf  # nothing left to change by itself
+    # No grace limit: older versions verify until something else retires them.
+    assert _three_versions().states(1e12)[0] == {1: VERIFY_ONLY, 2: VERIFY_ONLY, 3: ACTIVE}
+
+
+def test_min_versions_retire_and_keep_signing() -> None:
+    rec = _three_versions(KeySettings(min_verify_version=2))
+    assert rec.states(300.0)[0] == {1: RETIRED, 2: VERIFY_ONLY, 3: ACTIVE}
+    rec = _three_versions(KeySettings(min_verify_version=2, min_sign_version=2))
+    assert rec.states(300.0)[0] == {1: RETIRED, 2: ACTIVE, 3: ACTIVE}
+
+
+def test_stored_states_win_and_destroyed_is_final() -> None:
+    rec = _three_versions().with_state([3], DISABLED).with_state([1], DESTROYED)
+    assert rec.states(300.0)[0] == {1: DESTROYED, 2: VERIFY_ONLY, 3: DISABLED}
+    back = KeyRecord.from_bytes("k", rec.revision, rec.to_bytes())
+    assert back == rec
+    with pytest.raises(VersionNotUsable, match="destroyed"):
+        rec.with_state([1], ENABLED)
+    with pytest.raises(VersionNotFound):
+        rec.with_state([9], DISABLED)
+    assert rec.with_state([3], ENABLED).states(300.0)[0][3] == ACTIVE
+
+
+def test_records_written_before_computed_states_still_load() -> None:
+    blob = (
+        b'{"format": 1, "name": "k", "type": "ec-p256", "created": 1, "versions": ['
+        b'{"version": 1, "created": 1, "state": "verify-only", "id": "01"},'
+        b'{"version": 2, "created": 2, "state": "active", "id": "02"}]}'
+    )
+    rec = KeyRecord.from_bytes("k", 1, blob)
+    assert [v.state for v in rec.versions] == [ENABLED, ENABLED]
+    assert rec.settings == KeySettings()
+    assert rec.states(3.0)[0] == {1: VERIFY_ONLY, 2: ACTIVE}
+
+
+@pytest.mark.parametrize(
+    ("settings", "field"),
+    [
+        (KeySettings(auto_rotate_period=10.0), "auto_rotate_period"),
+        (KeySettings(auto_rotate_period=-1.0), "auto_rotate_period"),
+        (KeySettings(verify_grace=-1.0), "verify_grace"),
+        (KeySettings(min_verify_version=4), "min_verify_version"),
+        (KeySettings(min_sign_version=4), "min_sign_version"),
+        (KeySettings(min_verify_version=3, min_sign_version=2), "min_sign_version"),
+    ],
+)
+def test_settings_that_cannot_apply_name_their_field(settings: KeySettings, field: str) -> None:
+    with pytest.raises(InvalidArgument, match=field):
+        settings.check(latest=3, min_rotate_period=3600.0)
+
+
+def test_good_settings_pass() -> None:
+    s = KeySettings(
+        auto_rotate_period=3600.0, verify_grace=60.0, min_sign_version=2, min_verify_version=2
+    )
+    assert s.check(latest=3, min_rotate_period=3600.0) is s
 
 
 @pytest.mark.parametrize(

@@ -97,7 +97,14 @@ async def _serve(cfg: Config, sock: socket.socket, inherited: bool, pool: TokenP
     limiter = None
     if rl.per_principal is not None or rl.per_key is not None:
         limiter = RateLimiter(rl.per_principal, rl.per_key)
-    service = Service(pool, policy, limiter=limiter, request_timeout=cfg.limits.request_timeout)
+    service = Service(
+        pool,
+        policy,
+        limiter=limiter,
+        request_timeout=cfg.limits.request_timeout,
+        min_rotate_period=cfg.keys.min_rotate_period,
+        sync_interval=cfg.keys.sync_interval,
+    )
     audit = None
     if cfg.audit.dir is not None:
         audit = AuditLog(cfg.audit.dir, mode=cfg.audit.mode, max_bytes=cfg.audit.max_bytes)
@@ -143,6 +150,7 @@ async def _serve_with(
     socket_name = "systemd socket" if inherited else cfg.server.socket
     async with trio.open_nursery() as nursery:
         nursery.start_soon(watch_signals)
+        nursery.start_soon(service.run_lifecycle)
         await server.serve(
             sock,
             on_ready=lambda: log.info("ready", extra={"socket": socket_name, "pid": os.getpid()}),

@@ -139,6 +139,18 @@ class AuditConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class KeysConfig:
+    """The key lifecycle (per-key settings live on the token, not here)."""
+
+    #: shortest ``auto_rotate_period`` a key may be given, in seconds: a typo
+    #: must not fill the token with a new version every minute
+    min_rotate_period: float = 3600.0
+    #: seconds between re-reads of the key records on the token, so changes
+    #: made by another process sharing the token take effect here
+    sync_interval: float = 5.0
+
+
+@dataclass(frozen=True, slots=True)
 class LogConfig:
     level: str = "info"
 
@@ -151,6 +163,7 @@ class Config:
     access: AccessConfig = field(default_factory=AccessConfig)
     audit: AuditConfig = field(default_factory=AuditConfig)
     rate_limits: RateLimitsConfig = field(default_factory=RateLimitsConfig)
+    keys: KeysConfig = field(default_factory=KeysConfig)
     log: LogConfig = field(default_factory=LogConfig)
     path: str | None = None
 
@@ -317,6 +330,15 @@ def _parse(doc: Mapping[str, Any], path: str | None, base: Path) -> Config:
         limits_pair[name] = (rate, burst) if rate > 0 else None
     rl.done()
     rate_limits = RateLimitsConfig(limits_pair["per_principal"], limits_pair["per_key"])
+    ks = _Section("keys", sections.pop("keys", {}))
+    dk = KeysConfig()
+    keys = KeysConfig(
+        min_rotate_period=ks.take(
+            "min_rotate_period", float, dk.min_rotate_period, _between(1, 10 * 365 * 86400)
+        ),
+        sync_interval=ks.take("sync_interval", float, dk.sync_interval, _between(0.1, 3600)),
+    )
+    ks.done()
     if sections:
         raise ConfigError(f"{sorted(sections)[0]}: unknown section")
     return Config(
@@ -326,6 +348,7 @@ def _parse(doc: Mapping[str, Any], path: str | None, base: Path) -> Config:
         access=access,
         audit=audit,
         rate_limits=rate_limits,
+        keys=keys,
         log=LogConfig(level),
         path=path,
     )

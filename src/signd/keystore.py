@@ -1,15 +1,32 @@
 """Named keys and their versions: pure logic, no token, no I/O.
 
-A key is a name, a key type and a list of versions.  Each version is one
-keypair on the token, found by its PKCS#11 ``CKA_ID``.  The record below is
-what the token stores as the key's metadata (see ``token.py``); the token is
-the single source of truth, and ``Keystore`` is only this process's cache of
-it, with each version's public key loaded for verification.
+A key is a name, a key type, its settings and a list of versions.  Each
+version is one keypair on the token, found by its PKCS#11 ``CKA_ID``.  The
+record below is what the token stores as the key's metadata (see
+``token.py``); the token is the single source of truth, and ``Keystore`` is
+only this process's cache of it, with each version's public key loaded for
+verification.
+
+**Version states.**  The record stores what an operator decided about a
+version: ``enabled``, ``disabled`` (reversible) or ``destroyed`` (its private
+key deleted, its public key kept).  What an enabled version may do follows
+from the key's settings and the clock, so it is computed, never stored, and
+no timer has to fire for a version to retire:
+
+* ``active``: signs.  The newest version always, when enabled; older ones too
+  when ``min_sign_version`` is set and they are at or above it (a request then
+  names them; the newest is the default).
+* ``verify-only``: verifies.  An older version, until ``verify_grace`` after
+  the rotation that superseded it (no limit when ``verify_grace`` is 0).
+* ``retired``: neither; below ``min_verify_version``, or its grace is over.
+* ``disabled``: neither, until enabled again.
+* ``destroyed``: neither, ever.  The public key stays for audit.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import secrets
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
@@ -17,14 +34,35 @@ from typing import Any, Final
 
 from . import algorithms
 from .algorithms import KeyType, PublicKey
-from .errors import InvalidArgument, KeyNotFound, VersionNotFound
+from .errors import InvalidArgument, KeyNotFound, VersionNotFound, VersionNotUsable
 from .protocol import KEY_NAME_RE, KeyInfo, KeySummary, VersionInfo
 
-__all__ = ["ACTIVE", "VERIFY_ONLY", "KeyRecord", "Keystore", "LoadedKey", "VersionRecord"]
+__all__ = [
+    "ACTIVE",
+    "DESTROYED",
+    "DISABLED",
+    "ENABLED",
+    "RETIRED",
+    "VERIFY_ONLY",
+    "KeyRecord",
+    "KeySettings",
+    "Keystore",
+    "LoadedKey",
+    "VersionRecord",
+]
 
+# What the record stores about a version.
+ENABLED: Final = "enabled"
+DISABLED: Final = "disabled"
+DESTROYED: Final = "destroyed"
+STORED_STATES: Final = (ENABLED, DISABLED, DESTROYED)
+#: Stored by signd before version states were computed; both mean "enabled".
+_LEGACY_ENABLED: Final = ("active", "verify-only")
+
+# What a version may do now (see the module docstring).
 ACTIVE: Final = "active"
 VERIFY_ONLY: Final = "verify-only"
-STATES: Final = (ACTIVE, VERIFY_ONLY)
+RETIRED: Final = "retired"
 METADATA_FORMAT: Final = 1
 
 
@@ -51,8 +89,78 @@ def object_label(name: str, version: int) -> str:
 class VersionRecord:
     version: int
     created: float
-    state: str
+    state: str  # ENABLED, DISABLED or DESTROYED
     object_id: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class KeySettings:
+    """A key's lifecycle settings; 0 means "off" / "no limit" for each number."""
+
+    #: seconds between automatic rotations
+    auto_rotate_period: float = 0.0
+    #: seconds an older version keeps verifying after it is superseded
+    verify_grace: float = 0.0
+    #: versions below this may not sign; at or above it they may, when named
+    min_sign_version: int = 0
+    #: versions below this neither sign nor verify
+    min_verify_version: int = 0
+    #: whether ``destroy`` may delete private keys
+    deletion_allowed: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "auto_rotate_period": self.auto_rotate_period,
+            "verify_grace": self.verify_grace,
+            "min_sign_version": self.min_sign_version,
+            "min_verify_version": self.min_verify_version,
+            "deletion_allowed": self.deletion_allowed,
+        }
+
+    @classmethod
+    def from_json(cls, doc: Mapping[str, Any]) -> KeySettings:
+        """Raises: ValueError, KeyError, TypeError on a malformed document."""
+        s = cls(
+            auto_rotate_period=float(doc.get("auto_rotate_period", 0.0)),
+            verify_grace=float(doc.get("verify_grace", 0.0)),
+            min_sign_version=int(doc.get("min_sign_version", 0)),
+            min_verify_version=int(doc.get("min_verify_version", 0)),
+            deletion_allowed=bool(doc.get("deletion_allowed", False)),
+        )
+        if min(s.auto_rotate_period, s.verify_grace, s.min_sign_version, s.min_verify_version) < 0:
+            raise ValueError("a setting is negative")
+        return s
+
+    def check(self, latest: int, min_rotate_period: float) -> KeySettings:
+        """Raises: InvalidArgument naming the first setting that cannot be applied."""
+        p = self.auto_rotate_period
+        if p < 0 or (0 < p < min_rotate_period):
+            raise InvalidArgument(
+                f"auto_rotate_period must be 0 (off) or at least {min_rotate_period:g} seconds"
+                " (the daemon's [keys] min_rotate_period)"
+            )
+        if p > MAX_DURATION or not 0 <= self.verify_grace <= MAX_DURATION:
+            raise InvalidArgument(
+                f"auto_rotate_period and verify_grace are 0 to {MAX_DURATION:g} seconds"
+            )
+        if not 0 <= self.min_verify_version <= latest:
+            raise InvalidArgument(
+                f"min_verify_version must be 0 to {latest}, the newest version; got "
+                f"{self.min_verify_version}"
+            )
+        if self.min_sign_version != 0 and not (
+            max(1, self.min_verify_version) <= self.min_sign_version <= latest
+        ):
+            raise InvalidArgument(
+                f"min_sign_version must be 0 or from min_verify_version "
+                f"({self.min_verify_version}) to the newest version ({latest}); got "
+                f"{self.min_sign_version}"
+            )
+        return self
+
+
+#: Longest period or grace a key may have: 100 years.
+MAX_DURATION: Final = 100 * 365.25 * 86400
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,26 +172,95 @@ class KeyRecord:
     created: float
     versions: tuple[VersionRecord, ...]
     revision: int = 1
+    settings: KeySettings = KeySettings()
 
     @property
-    def current(self) -> VersionRecord:
-        return max((v for v in self.versions if v.state == ACTIVE), key=lambda v: v.version)
+    def latest(self) -> VersionRecord:
+        return max(self.versions, key=lambda v: v.version)
 
     @property
     def next_version(self) -> int:
-        return max(v.version for v in self.versions) + 1
+        return self.latest.version + 1
 
     @classmethod
-    def new(cls, name: str, kt: KeyType, created: float, object_id: bytes) -> KeyRecord:
-        return cls(name, kt.name, created, (VersionRecord(1, created, ACTIVE, object_id),))
+    def new(
+        cls,
+        name: str,
+        kt: KeyType,
+        created: float,
+        object_id: bytes,
+        settings: KeySettings = KeySettings(),
+    ) -> KeyRecord:
+        return cls(
+            name, kt.name, created, (VersionRecord(1, created, ENABLED, object_id),), 1, settings
+        )
 
     def rotated(self, created: float, object_id: bytes) -> KeyRecord:
-        """The record after a rotation: a new active version, the rest verify-only."""
-        older = tuple(
-            replace(v, state=VERIFY_ONLY) if v.state == ACTIVE else v for v in self.versions
-        )
-        new = VersionRecord(self.next_version, created, ACTIVE, object_id)
-        return replace(self, versions=(*older, new), revision=self.revision + 1)
+        """The record after a rotation: a new newest version, enabled."""
+        new = VersionRecord(self.next_version, created, ENABLED, object_id)
+        return replace(self, versions=(*self.versions, new), revision=self.revision + 1)
+
+    def with_state(self, versions: Iterable[int], state: str) -> KeyRecord:
+        """The record with ``versions`` set to ``state``.
+
+        Raises: VersionNotFound; VersionNotUsable for a destroyed version
+            (destroying it again is allowed: nothing changes).
+        """
+        wanted = set(versions)
+        known = {v.version for v in self.versions}
+        missing = sorted(wanted - known)
+        if missing:
+            raise VersionNotFound(f"key {self.name!r} has no version {missing[0]}")
+        out = []
+        for v in self.versions:
+            if v.version in wanted and v.state != state:
+                if v.state == DESTROYED:
+                    raise VersionNotUsable(
+                        f"key {self.name!r} version {v.version} is destroyed; it cannot be {state}"
+                    )
+                v = replace(v, state=state)
+            out.append(v)
+        return replace(self, versions=tuple(out), revision=self.revision + 1)
+
+    def with_settings(self, settings: KeySettings) -> KeyRecord:
+        return replace(self, settings=settings, revision=self.revision + 1)
+
+    def superseded_at(self, version: int) -> float | None:
+        """When a newer version was created: where ``version``'s grace starts."""
+        newer = [v.created for v in self.versions if v.version > version]
+        return min(newer) if newer else None
+
+    def states(self, now: float) -> tuple[dict[int, str], float]:
+        """Every version's state at ``now``, and when the next one changes by itself."""
+        st = self.settings
+        latest = self.latest.version
+        out: dict[int, str] = {}
+        changes = math.inf
+        for v in self.versions:
+            if v.state != ENABLED:
+                out[v.version] = v.state
+            elif v.version < st.min_verify_version:
+                out[v.version] = RETIRED
+            elif v.version == latest or 0 < st.min_sign_version <= v.version:
+                out[v.version] = ACTIVE
+            elif st.verify_grace > 0:
+                since = self.superseded_at(v.version)
+                ends = (since if since is not None else v.created) + st.verify_grace
+                if now < ends:
+                    out[v.version] = VERIFY_ONLY
+                    changes = min(changes, ends)
+                else:
+                    out[v.version] = RETIRED
+            else:
+                out[v.version] = VERIFY_ONLY
+        return out, changes
+
+    def next_rotation(self) -> float | None:
+        """When auto-rotation is next due, or None when it is off."""
+        period = self.settings.auto_rotate_period
+        if period <= 0:
+            return None
+        return self.latest.created + period
 
     def to_bytes(self) -> bytes:
         doc = {
@@ -91,6 +268,7 @@ class KeyRecord:
             "name": self.name,
             "type": self.type,
             "created": self.created,
+            "settings": self.settings.to_json(),
             "versions": [
                 {
                     "version": v.version,
@@ -112,17 +290,25 @@ class KeyRecord:
                 raise ValueError("format or name mismatch")
             versions = tuple(
                 VersionRecord(
-                    int(v["version"]), float(v["created"]), str(v["state"]), bytes.fromhex(v["id"])
+                    int(v["version"]),
+                    float(v["created"]),
+                    ENABLED if v["state"] in _LEGACY_ENABLED else str(v["state"]),
+                    bytes.fromhex(v["id"]),
                 )
                 for v in doc["versions"]
             )
-            record = cls(name, str(doc["type"]), float(doc["created"]), versions, revision)
-        except (KeyError, TypeError, AttributeError, json.JSONDecodeError) as exc:
+            settings = KeySettings.from_json(doc.get("settings") or {})
+            record = cls(
+                name, str(doc["type"]), float(doc["created"]), versions, revision, settings
+            )
+        except (KeyError, TypeError, AttributeError, ValueError) as exc:
             raise ValueError(f"unreadable metadata for key {name!r}: {exc}") from None
         if record.type not in algorithms.KEY_TYPES:
             raise ValueError(f"key {name!r} has unknown type {record.type!r}")
-        if not versions or any(v.state not in STATES for v in versions):
+        if not versions or any(v.state not in STORED_STATES for v in versions):
             raise ValueError(f"key {name!r} has no versions or an unknown state")
+        if len({v.version for v in versions}) != len(versions):
+            raise ValueError(f"key {name!r} lists a version twice")
         return record
 
 
@@ -132,19 +318,39 @@ class LoadedVersion:
     public_key: PublicKey
     public_key_pem: str
     spki: bytes
+    #: what it may do now; kept current by ``LoadedKey.at``
+    state: str = ACTIVE
 
 
 @dataclass(slots=True)
 class LoadedKey:
-    """A key as this process serves it: its record plus loaded public keys."""
+    """A key as this process serves it: its record plus loaded public keys.
+
+    The states of its versions depend on the clock; ``at(now)`` brings them up
+    to date, and costs one comparison until a grace window actually ends.
+    """
 
     record: KeyRecord
     kt: KeyType
     versions: dict[int, LoadedVersion] = field(default_factory=dict)
-    current: LoadedVersion = field(init=False)
+    #: the version a sign request without ``version`` uses, if it may sign
+    signer: LoadedVersion | None = field(init=False, default=None)
+    #: versions that may verify, newest first
+    verifiers: list[LoadedVersion] = field(init=False, default_factory=list)
+    _valid_until: float = field(init=False, default=-math.inf)
 
-    def __post_init__(self) -> None:
-        self.current = self.versions[self.record.current.version]
+    def at(self, now: float) -> LoadedKey:
+        if now >= self._valid_until:
+            states, self._valid_until = self.record.states(now)
+            for number, v in self.versions.items():
+                v.state = states[number]
+            newest = self.versions[self.record.latest.version]
+            self.signer = newest if newest.state == ACTIVE else None
+            self.verifiers = sorted(
+                (v for v in self.versions.values() if v.state in (ACTIVE, VERIFY_ONLY)),
+                key=lambda v: -v.record.version,
+            )
+        return self
 
     def version(self, number: int) -> LoadedVersion:
         """Raises: VersionNotFound."""
@@ -153,40 +359,99 @@ class LoadedKey:
             raise VersionNotFound(f"key {self.record.name!r} has no version {number}")
         return v
 
-    def verifying(self) -> list[LoadedVersion]:
-        """Versions allowed to verify, newest first."""
-        return sorted(self.versions.values(), key=lambda v: -v.record.version)
+    def signing(self, number: int | None) -> LoadedVersion:
+        """The version a sign request gets (call ``at`` first).
+
+        Raises: VersionNotFound, VersionNotUsable.
+        """
+        if number is None:
+            if self.signer is not None:
+                return self.signer
+            latest = self.versions[self.record.latest.version]
+            raise VersionNotUsable(
+                f"key {self.record.name!r} cannot sign: its newest version "
+                f"{latest.record.version} is {latest.state}; enable it or rotate the key"
+            )
+        v = self.version(number)
+        if v.state != ACTIVE:
+            raise VersionNotUsable(
+                f"key {self.record.name!r} version {number} may not sign: it is {v.state}"
+                + _why(self.record.settings, v)
+            )
+        return v
+
+    def verifying(self, number: int | None) -> list[LoadedVersion]:
+        """Versions to try for a verification, newest first (call ``at`` first).
+
+        Raises: VersionNotFound, VersionNotUsable (a named version that may not verify).
+        """
+        if number is None:
+            return self.verifiers
+        v = self.version(number)
+        if v.state not in (ACTIVE, VERIFY_ONLY):
+            raise VersionNotUsable(
+                f"key {self.record.name!r} version {number} may not verify: it is {v.state}"
+                + _why(self.record.settings, v)
+            )
+        return [v]
 
     def info(self) -> KeyInfo:
         r = self.record
+        st = r.settings
         return KeyInfo(
             name=r.name,
             type=r.type,
             created=r.created,
-            current_version=self.current.record.version,
+            current_version=r.latest.version,
             versions=tuple(
                 VersionInfo(
                     version=v.record.version,
-                    state=v.record.state,
+                    state=v.state,
                     created=v.record.created,
                     public_key_pem=v.public_key_pem,
+                    verify_until=self._verify_until(v),
                 )
                 for v in sorted(self.versions.values(), key=lambda v: v.record.version)
             ),
+            auto_rotate_period=st.auto_rotate_period,
+            verify_grace=st.verify_grace,
+            min_sign_version=st.min_sign_version,
+            min_verify_version=st.min_verify_version,
+            deletion_allowed=st.deletion_allowed,
+            next_rotation=r.next_rotation(),
         )
+
+    def _verify_until(self, v: LoadedVersion) -> float | None:
+        grace = self.record.settings.verify_grace
+        if v.state != VERIFY_ONLY or grace <= 0:
+            return None
+        since = self.record.superseded_at(v.record.version)
+        return (since if since is not None else v.record.created) + grace
 
     def summary(self) -> KeySummary:
         r = self.record
         return KeySummary(
-            name=r.name, type=r.type, created=r.created, current_version=self.current.record.version
+            name=r.name, type=r.type, created=r.created, current_version=r.latest.version
         )
 
 
-def load_key(record: KeyRecord, public_keys: Mapping[bytes, bytes]) -> LoadedKey:
+def _why(settings: KeySettings, v: LoadedVersion) -> str:
+    if v.state == RETIRED:
+        if v.record.version < settings.min_verify_version:
+            return f" (below min_verify_version {settings.min_verify_version})"
+        return f" (its verify_grace of {settings.verify_grace:g} s is over)"
+    if v.state == VERIFY_ONLY:
+        if settings.min_sign_version:
+            return f" (below min_sign_version {settings.min_sign_version})"
+        return " (only the newest version signs while min_sign_version is 0)"
+    return ""
+
+
+def load_key(record: KeyRecord, public_keys: Mapping[bytes, bytes], now: float) -> LoadedKey:
     """Combine a record with the SPKI DER of its versions, by object id.
 
     Raises:
-        ValueError: a version's keypair is missing or does not match its type.
+        ValueError: a version's public key is missing or does not match its type.
     """
     kt = algorithms.key_type(record.type)
     versions: dict[int, LoadedVersion] = {}
@@ -199,7 +464,7 @@ def load_key(record: KeyRecord, public_keys: Mapping[bytes, bytes]) -> LoadedKey
             )
         pub = algorithms.load_public_key(kt, spki)
         versions[v.version] = LoadedVersion(v, pub, algorithms.public_key_pem(pub), spki)
-    return LoadedKey(record, kt, versions)
+    return LoadedKey(record, kt, versions).at(now)
 
 
 class Keystore:
@@ -221,8 +486,14 @@ class Keystore:
     def __contains__(self, name: str) -> bool:
         return name in self._keys
 
+    def get_or_none(self, name: str) -> LoadedKey | None:
+        return self._keys.get(name)
+
     def put(self, key: LoadedKey) -> None:
         self._keys[key.record.name] = key
+
+    def forget(self, name: str) -> None:
+        self._keys.pop(name, None)
 
     def all(self) -> Iterable[LoadedKey]:
         return (self._keys[n] for n in sorted(self._keys))

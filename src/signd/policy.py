@@ -39,6 +39,10 @@ _OPERATION_OF: Final[dict[str, str | None]] = {
     "list_keys": "read",
     "create_key": "create",
     "rotate": "rotate",
+    "update_key": "admin",
+    "disable": "admin",
+    "enable": "admin",
+    "destroy": "admin",
     "health": None,
 }
 

@@ -19,13 +19,14 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from functools import partial
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 import trio
 
 from . import __version__, algorithms
 from .errors import (
     DeadlineExceeded,
+    DeletionNotAllowed,
     InternalError,
     InvalidArgument,
     InvalidDigest,
@@ -34,7 +35,11 @@ from .errors import (
     WireError,
 )
 from .keystore import (
+    DESTROYED,
+    DISABLED,
+    ENABLED,
     KeyRecord,
+    KeySettings,
     Keystore,
     LoadedKey,
     LoadedVersion,
@@ -49,6 +54,7 @@ from .protocol import (
     PROTOCOL_VERSION,
     BatchItem,
     CreateKeyArgs,
+    DestroyArgs,
     ErrorInfo,
     Health,
     KeyList,
@@ -62,8 +68,10 @@ from .protocol import (
     SignBatchResult,
     SignResult,
     TokenStatus,
+    UpdateKeyArgs,
     VerifyArgs,
     VerifyResult,
+    VersionRefArgs,
     encode_error,
     encode_result,
 )
@@ -82,6 +90,8 @@ SlowWork = Callable[[], Awaitable[None]]
 #: A key this process does not know is looked up on the token at most this often.
 REFRESH_INTERVAL: Final = 1.0
 MAX_LOOKUPS_TRACKED: Final = 4096
+#: Operations that change a key: one at a time, each re-reading the key from the token.
+ADMIN_OPS: Final = frozenset({"create_key", "rotate", "update_key", "disable", "enable", "destroy"})
 
 
 class Service:
@@ -92,6 +102,8 @@ class Service:
         *,
         limiter: RateLimiter | None = None,
         request_timeout: float = 30.0,
+        min_rotate_period: float = 3600.0,
+        sync_interval: float = 5.0,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.token = token
@@ -99,9 +111,15 @@ class Service:
         self.limiter = limiter
         self.keystore = Keystore()
         self.request_timeout = request_timeout
+        self.min_rotate_period = min_rotate_period
+        self.sync_interval = sync_interval
         self._clock = clock
         self._started = time.monotonic()
         self._admin_lock = trio.Lock()
+        #: set when a key changes here, so the lifecycle task re-plans its sleep
+        self._changed = trio.Event()
+        #: called with each automatic rotation (the audit log's hook)
+        self.on_auto_rotate: Callable[[LoadedKey], Awaitable[None]] | None = None
         self._looked_up: dict[str, float] = {}
         self.loaded = False
 
@@ -121,7 +139,7 @@ class Service:
         public = await self.token.public_keys(ids)
         for record in records:
             try:
-                self.keystore.put(load_key(record, public))
+                self.keystore.put(await self._load(record, public))
             except ValueError as exc:
                 log.error("skipping key", extra={"key": record.name, "error": str(exc)})
         self.loaded = True
@@ -139,6 +157,7 @@ class Service:
         groups: list[tuple[int, list[Entry]]] = []  # (request id, its entries)
         slow: list[SlowWork] = []
         deadline = time.monotonic() + self.request_timeout
+        now = self._clock()
         inline_ok = len(requests) == 1 and self.token.pending == 0
         for req in requests:
             try:
@@ -155,15 +174,20 @@ class Service:
                             self._lookup_then_handle, req, args.key, reply, source, who
                         )
                         slow.append(lookup)
-                    elif isinstance(args, SignArgs):
+                        continue
+                    # The version's state is checked on every request, so a
+                    # disable takes effect on the very next one.
+                    version = key.at(now).signing(args.version)
+                    if isinstance(args, SignArgs):
                         self._limit(who, args.key, 1)
                         plan = algorithms.plan_sign(key.kt, args)
-                        done = _sign_done(req.id, key, plan, reply)
-                        groups.append((req.id, [Entry(_job(key, plan), done, deadline)]))
+                        done = _sign_done(req.id, key, version, plan, reply)
+                        groups.append((req.id, [Entry(_job(version, plan), done, deadline)]))
                     else:
                         items = args.messages if args.messages is not None else args.digests
                         self._limit(who, args.key, len(items or ()))
-                        groups.append((req.id, _batch_entries(req.id, key, args, reply, deadline)))
+                        entries = _batch_entries(req.id, key, version, args, reply, deadline)
+                        groups.append((req.id, entries))
                 elif isinstance(args, VerifyArgs):
                     key = self._key_or_none(args.key)
                     if key is None:
@@ -171,19 +195,22 @@ class Service:
                             partial(self._lookup_then_handle, req, args.key, reply, source, who)
                         )
                         continue
+                    candidates = key.at(now).verifying(args.version)
                     self._limit(who, args.key, 1)
                     if inline_ok or not self.token.is_open:
                         # A lone verification is fastest right here; under
                         # load they go to the workers, so every core verifies
                         # and this loop keeps to the sockets (measured: doing
                         # a share here too only slows the loop down).
-                        reply(req.id, encode_result(req.id, _verify(key, args)))
+                        reply(req.id, encode_result(req.id, _verify(key, candidates, args)))
                     else:
                         entry = Entry(
-                            _verify_job(key, args), _verify_done(req.id, key, reply), deadline
+                            _verify_job(key, candidates, args),
+                            _verify_done(req.id, key, reply),
+                            deadline,
                         )
                         groups.append((req.id, [entry]))
-                elif req.op in ("create_key", "rotate"):
+                elif req.op in ADMIN_OPS:
                     slow.append(partial(self._admin, req, reply))
                 else:
                     result = self._read(req, who)
@@ -238,8 +265,12 @@ class Service:
         key = self._key_or_none(args.key)
         if key is None:
             return None
+        key.at(self._clock())
         if isinstance(args, PublicKeyArgs):
-            v = key.current if args.version is None else key.version(args.version)
+            if args.version is not None:
+                v = key.version(args.version)
+            else:  # the version sign uses, or else the newest
+                v = key.signer or key.version(key.record.latest.version)
             return PublicKey(
                 name=key.record.name,
                 version=v.record.version,
@@ -317,25 +348,53 @@ class Service:
         return True
 
     async def _refresh(self, name: str) -> LoadedKey | None:
+        """Read one key from the token into the cache; None if it does not exist."""
+        record = await self._read_record(name)
+        if record is None:
+            return None
+        key = await self._load(record)
+        self.keystore.put(key)
+        return key
+
+    async def _read_record(self, name: str) -> KeyRecord | None:
         blobs = await self.token.load_metadata(name)
         if not blobs:
             return None
-        record = KeyRecord.from_bytes(name, blobs[0].revision, blobs[0].value)
-        public = await self.token.public_keys([v.object_id for v in record.versions])
-        key = load_key(record, public)
-        self.keystore.put(key)
-        return key
+        return KeyRecord.from_bytes(name, blobs[0].revision, blobs[0].value)
+
+    async def _load(
+        self, record: KeyRecord, public: dict[bytes, tuple[bytes, bool]] | None = None
+    ) -> LoadedKey:
+        """The record with its public keys; finishes a destroy a crash interrupted.
+
+        Raises: ValueError (a version's keys are missing on the token).
+        """
+        if public is None:
+            public = await self.token.public_keys([v.object_id for v in record.versions])
+        for v in record.versions:
+            spki, has_private = public.get(v.object_id, (None, False))
+            if v.state == DESTROYED and has_private:
+                # The record says destroyed: the deletion after it did not happen.
+                await self.token.destroy_private(v.object_id)
+                log.warning(
+                    "finished destroying a private key",
+                    extra={"key": record.name, "version": v.version},
+                )
+            elif v.state != DESTROYED and spki is not None and not has_private:
+                raise ValueError(
+                    f"key {record.name!r} version {v.version}: its private key is missing "
+                    "on the token"
+                )
+        spkis = {oid: spki for oid, (spki, _) in public.items()}
+        return load_key(record, spkis, self._clock())
 
     async def _admin(self, req: Request, reply: Reply) -> None:
         try:
             # Shielded: a key half made must not be left behind by a cancel.
             with trio.CancelScope(shield=True):
                 async with self._admin_lock:
-                    if isinstance(req.args, CreateKeyArgs):
-                        key = await self._create(req.args)
-                    else:
-                        assert isinstance(req.args, KeyRefArgs)
-                        key = await self._rotate(req.args.key)
+                    key = await self._change(req.op, req.args)
+            self._changed.set()
             reply(req.id, encode_result(req.id, key.info()))
         except WireError as exc:
             reply(req.id, encode_error(req.id, exc))
@@ -343,46 +402,177 @@ class Service:
             log.exception("internal error", extra={"op": req.op})
             reply(req.id, encode_error(req.id, InternalError("internal error; see daemon log")))
 
+    async def _change(self, op: str, args: Message) -> LoadedKey:
+        """Run one admin operation (under the admin lock)."""
+        if isinstance(args, CreateKeyArgs):
+            return await self._create(args)
+        name = check_key_name(getattr(args, "key", ""))
+        # Always from the token, never the cache: another process may have changed it.
+        record = await self._read_record(name)
+        if record is None:
+            self.keystore.forget(name)
+            raise KeyNotFound(f"no key named {name!r}")
+        if isinstance(args, KeyRefArgs):  # rotate
+            return await self._rotate(record)
+        if isinstance(args, UpdateKeyArgs):
+            settings = _settings(args, record.settings).check(
+                record.latest.version, self.min_rotate_period
+            )
+            if settings == record.settings:
+                return await self._store(record, None)
+            return await self._store(record.with_settings(settings), "key settings changed")
+        if isinstance(args, VersionRefArgs):
+            return await self._set_state(
+                record, args.version, DISABLED if op == "disable" else ENABLED
+            )
+        assert isinstance(args, DestroyArgs)
+        return await self._destroy(record, args.version)
+
+    async def _store(self, record: KeyRecord, what: str | None) -> LoadedKey:
+        """Write ``record`` (a new revision) unless ``what`` is None; cache it."""
+        if what is not None:
+            await self.token.write_metadata(record.name, record.revision, record.to_bytes())
+        key = await self._load(record)
+        self.keystore.put(key)
+        if what is not None:
+            log.info(what, extra={"key": record.name, "revision": record.revision})
+        return key
+
+    async def _set_state(self, record: KeyRecord, version: int, state: str) -> LoadedKey:
+        new = record.with_state([version], state)
+        if new.versions == record.versions:
+            return await self._store(record, None)  # already so: nothing to write
+        verb = "disabled" if state == DISABLED else "enabled"
+        return await self._store(new, f"key version {version} {verb}")
+
+    async def _destroy(self, record: KeyRecord, version: int | None) -> LoadedKey:
+        if not record.settings.deletion_allowed:
+            raise DeletionNotAllowed(
+                f"key {record.name!r} does not allow deletion; set deletion_allowed first "
+                "(an admin operation)"
+            )
+        numbers = [v.version for v in record.versions] if version is None else [version]
+        new = record.with_state(numbers, DESTROYED)
+        if new.versions != record.versions:
+            # The record first: once it says destroyed, the version never signs
+            # again, and a crash before the deletion is finished on next load.
+            await self.token.write_metadata(new.name, new.revision, new.to_bytes())
+        for v in new.versions:
+            if v.version in numbers:
+                await self.token.destroy_private(v.object_id)
+        key = await self._load(new)
+        self.keystore.put(key)
+        log.warning("key versions destroyed", extra={"key": record.name, "versions": numbers})
+        return key
+
     async def _create(self, args: CreateKeyArgs) -> LoadedKey:
         name = check_key_name(args.key)
         kt = algorithms.key_type(args.type)
+        settings = _settings(args, KeySettings()).check(1, self.min_rotate_period)
         if await self.token.load_metadata(name):
             await self._refresh(name)
             raise KeyExists(f"a key named {name!r} already exists")
         object_id = new_object_id()
         spki = await self.token.generate(kt.name, object_id, object_label(name, 1))
-        record = KeyRecord.new(name, kt, self._clock(), object_id)
+        record = KeyRecord.new(name, kt, self._clock(), object_id, settings)
         await self.token.write_metadata(name, record.revision, record.to_bytes())
-        key = load_key(record, {object_id: spki})
+        key = load_key(record, {object_id: spki}, self._clock())
         self.keystore.put(key)
         log.info("key created", extra={"key": name, "type": kt.name})
         return key
 
-    async def _rotate(self, name: str) -> LoadedKey:
-        check_key_name(name)
-        blobs = await self.token.load_metadata(name)
-        if not blobs:
-            raise KeyNotFound(f"no key named {name!r}")
-        record = KeyRecord.from_bytes(name, blobs[0].revision, blobs[0].value)
+    async def _rotate(self, record: KeyRecord) -> LoadedKey:
         kt = algorithms.key_type(record.type)
         object_id = new_object_id()
         # The new version exists on the token before any record points to it.
-        await self.token.generate(kt.name, object_id, object_label(name, record.next_version))
+        await self.token.generate(
+            kt.name, object_id, object_label(record.name, record.next_version)
+        )
         record = record.rotated(self._clock(), object_id)
-        await self.token.write_metadata(name, record.revision, record.to_bytes())
-        public = await self.token.public_keys([v.object_id for v in record.versions])
-        key = load_key(record, public)
+        await self.token.write_metadata(record.name, record.revision, record.to_bytes())
+        key = await self._load(record)
         self.keystore.put(key)
-        log.info("key rotated", extra={"key": name, "version": key.current.record.version})
+        log.info("key rotated", extra={"key": record.name, "version": record.latest.version})
         return key
 
+    # ------------------------------------------------------------ lifecycle task
 
-def _verify(key: LoadedKey, args: VerifyArgs) -> VerifyResult:
-    candidates: list[LoadedVersion]
-    if args.version is not None:
-        candidates = [key.version(args.version)]
-    else:
-        candidates = key.verifying()
+    async def run_lifecycle(self) -> None:
+        """Rotate keys on schedule, and keep the cache in step with the token.
+
+        Every ``sync_interval`` the key records are re-read from the token, so
+        a change made by another process sharing it (a second daemon, an
+        operator's tool) takes effect here too.  Runs until cancelled.
+        """
+        while True:
+            due = [
+                (t, k.record.name)
+                for k in self.keystore.all()
+                if (t := k.record.next_rotation()) is not None
+            ]
+            wake = min([self._clock() + self.sync_interval, *(t for t, _ in due)])
+            self._changed = trio.Event()
+            with trio.move_on_after(max(0.0, wake - self._clock())):
+                await self._changed.wait()
+            try:
+                await self._sync()
+                for _, name in due:
+                    await self._rotate_if_due(name)
+            except WireError as exc:  # the token is away: try again next time
+                log.warning("key lifecycle pass failed", extra={"error": str(exc)})
+            except Exception:
+                log.exception("key lifecycle pass failed")
+                await trio.sleep(self.sync_interval)
+
+    async def _sync(self) -> None:
+        """Re-read every key record; reload the keys whose revision moved."""
+        for blob in await self.token.load_metadata():
+            cached = self.keystore.get_or_none(blob.name)
+            if cached is not None and cached.record.revision == blob.revision:
+                continue
+            async with self._admin_lock:
+                try:
+                    record = KeyRecord.from_bytes(blob.name, blob.revision, blob.value)
+                    self.keystore.put(await self._load(record))
+                except ValueError as exc:
+                    log.error("skipping key", extra={"key": blob.name, "error": str(exc)})
+
+    async def _rotate_if_due(self, name: str) -> None:
+        with trio.CancelScope(shield=True):
+            async with self._admin_lock:
+                record = await self._read_record(name)  # fresh: another process may have
+                due = record.next_rotation() if record is not None else None
+                if record is None or due is None or due > self._clock():
+                    return
+                key = await self._rotate(record)
+        log.info(
+            "key rotated on schedule", extra={"key": name, "version": key.record.latest.version}
+        )
+        if self.on_auto_rotate is not None:
+            await self.on_auto_rotate(key)
+
+
+def _settings(args: CreateKeyArgs | UpdateKeyArgs, old: KeySettings) -> KeySettings:
+    """``old`` with every setting ``args`` gives."""
+    return KeySettings(
+        auto_rotate_period=_pick(args.auto_rotate_period, old.auto_rotate_period),
+        verify_grace=_pick(args.verify_grace, old.verify_grace),
+        min_sign_version=_pick(getattr(args, "min_sign_version", None), old.min_sign_version),
+        min_verify_version=_pick(
+            getattr(args, "min_verify_version", None), old.min_verify_version
+        ),
+        deletion_allowed=_pick(args.deletion_allowed, old.deletion_allowed),
+    )
+
+
+T = TypeVar("T")
+
+
+def _pick(new: T | None, old: T) -> T:
+    return old if new is None else new
+
+
+def _verify(key: LoadedKey, candidates: list[LoadedVersion], args: VerifyArgs) -> VerifyResult:
     for v in candidates:
         algorithm = algorithms.verify(key.kt, v.public_key, args)
         if algorithm is not None:
@@ -392,14 +582,9 @@ def _verify(key: LoadedKey, args: VerifyArgs) -> VerifyResult:
     return VerifyResult(valid=False, key=key.record.name)
 
 
-def _verify_job(key: LoadedKey, args: VerifyArgs) -> VerifyJob:
-    """Raises: VersionNotFound."""
-    if args.version is not None:
-        v = key.version(args.version)
-        candidates: tuple[tuple[int, bytes], ...] = ((v.record.version, v.spki),)
-    else:
-        candidates = tuple((v.record.version, v.spki) for v in key.verifying())
-    return VerifyJob(key.kt.name, candidates, args.to_wire())
+def _verify_job(key: LoadedKey, candidates: list[LoadedVersion], args: VerifyArgs) -> VerifyJob:
+    pairs = tuple((v.record.version, v.spki) for v in candidates)
+    return VerifyJob(key.kt.name, pairs, args.to_wire())
 
 
 def _verify_done(rid: int, key: LoadedKey, reply: Reply) -> Callable[[bool, Any], None]:
@@ -418,15 +603,15 @@ def _verify_done(rid: int, key: LoadedKey, reply: Reply) -> Callable[[bool, Any]
     return done
 
 
-def _job(key: LoadedKey, plan: algorithms.SignPlan) -> SignJob:
+def _job(version: LoadedVersion, plan: algorithms.SignPlan) -> SignJob:
     h = plan.hash.name if plan.hash is not None else None
-    return SignJob(key.current.record.object_id, plan.scheme, h, plan.data)
+    return SignJob(version.record.object_id, plan.scheme, h, plan.data)
 
 
 def _sign_done(
-    rid: int, key: LoadedKey, plan: algorithms.SignPlan, reply: Reply
+    rid: int, key: LoadedKey, signer: LoadedVersion, plan: algorithms.SignPlan, reply: Reply
 ) -> Callable[[bool, Any], None]:
-    name, version = key.record.name, key.current.record.version
+    name, version = key.record.name, signer.record.version
 
     def done(ok: bool, value: Any) -> None:
         if ok:
@@ -440,7 +625,12 @@ def _sign_done(
 
 
 def _batch_entries(
-    rid: int, key: LoadedKey, args: SignBatchArgs, reply: Reply, deadline: float
+    rid: int,
+    key: LoadedKey,
+    signer: LoadedVersion,
+    args: SignBatchArgs,
+    reply: Reply,
+    deadline: float,
 ) -> list[Entry]:
     """One entry per item; the reply goes out when the last item is answered.
 
@@ -469,7 +659,7 @@ def _batch_entries(
             plans.append(exc)
     results: list[BatchItem | None] = [None] * len(items)
     left = [len(items)]
-    name, version = key.record.name, key.current.record.version
+    name, version = key.record.name, signer.record.version
 
     def finish() -> None:
         left[0] -= 1
@@ -498,7 +688,7 @@ def _batch_entries(
             results[i] = BatchItem(error=_error_info(p))
             finish()
         else:
-            entries.append(Entry(_job(key, p), item_done(i, p), deadline))
+            entries.append(Entry(_job(signer, p), item_done(i, p), deadline))
     return entries
 
 

@@ -326,10 +326,14 @@ class TokenSession:
         self._private[object_id] = found[0]
         return found[0]
 
-    def public_keys(self, object_ids: Sequence[bytes]) -> list[list[bytes]]:
-        """``[object_id, SPKI DER]`` of every complete keypair; handles cached."""
+    def public_keys(self, object_ids: Sequence[bytes]) -> list[list[Any]]:
+        """``[object_id, SPKI DER, has_private]`` of each id with one public key.
+
+        A destroyed version has its public key and no private key; the caller
+        knows which versions that is allowed for.  Private handles are cached.
+        """
         session = self._session_or_raise()
-        out: list[list[bytes]] = []
+        out: list[list[Any]] = []
         for oid in object_ids:
             pubs = list(
                 session.get_objects({Attribute.CLASS: ObjectClass.PUBLIC_KEY, Attribute.ID: oid})
@@ -337,15 +341,30 @@ class TokenSession:
             privs = list(
                 session.get_objects({Attribute.CLASS: ObjectClass.PRIVATE_KEY, Attribute.ID: oid})
             )
-            if len(pubs) != 1 or len(privs) != 1:
+            if len(pubs) != 1 or len(privs) > 1:
                 log.warning(
                     "keypair incomplete on the token",
                     extra={"id": oid.hex(), "public": len(pubs), "private": len(privs)},
                 )
                 continue
-            self._private[oid] = privs[0]
-            out.append([oid, _spki(pubs[0])])
+            if privs:
+                self._private[oid] = privs[0]
+            out.append([oid, _spki(pubs[0]), bool(privs)])
         return out
+
+    def destroy_private(self, object_id: bytes) -> int:
+        """Delete the private key with ``object_id``; the public key stays.
+
+        Returns how many objects were deleted (0: already gone).
+        """
+        session = self._session_or_raise()
+        self._private.pop(object_id, None)
+        found = list(
+            session.get_objects({Attribute.CLASS: ObjectClass.PRIVATE_KEY, Attribute.ID: object_id})
+        )
+        for obj in found:
+            obj.destroy()
+        return len(found)
 
     def generate(self, kt: algorithms.KeyType, object_id: bytes, label: str) -> bytes:
         """Generate a sign-only, non-extractable keypair; return its SPKI DER."""
@@ -477,6 +496,8 @@ def _handler(session: TokenSession, spin: list[float]) -> Callable[[str, list[An
             return None
         if op == "generate":
             return session.generate(algorithms.key_type(args[0]), args[1], args[2])
+        if op == "destroy_private":
+            return session.destroy_private(args[0])
         if op == "open":
             module, label, pin, level, spin[0] = args
             logging.getLogger().setLevel(level.upper())

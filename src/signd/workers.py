@@ -235,10 +235,16 @@ class TokenPool:
     async def write_metadata(self, name: str, revision: int, value: bytes) -> None:
         await self._call("write_metadata", [name, revision, value])
 
-    async def public_keys(self, object_ids: Sequence[bytes]) -> dict[bytes, bytes]:
-        """SPKI DER of each complete keypair, by object id."""
+    async def public_keys(self, object_ids: Sequence[bytes]) -> dict[bytes, tuple[bytes, bool]]:
+        """(SPKI DER, whether its private key exists) by object id."""
         rows = await self._call("public_keys", [list(object_ids)])
-        return {oid: spki for oid, spki in rows}
+        return {oid: (spki, has_private) for oid, spki, has_private in rows}
+
+    async def destroy_private(self, object_id: bytes) -> int:
+        """Delete a private key on the token (every worker's cached handle dies with it)."""
+        result = await self._call("destroy_private", [object_id])
+        assert isinstance(result, int)
+        return result
 
     async def generate(self, key_type: str, object_id: bytes, label: str) -> bytes:
         result = await self._call("generate", [key_type, object_id, label])

@@ -13,6 +13,7 @@ from typing import Generic, TypeVar
 from .protocol import (
     IDEMPOTENT_OPS,
     CreateKeyArgs,
+    DestroyArgs,
     Empty,
     Health,
     KeyInfo,
@@ -25,8 +26,10 @@ from .protocol import (
     SignBatchArgs,
     SignBatchResult,
     SignResult,
+    UpdateKeyArgs,
     VerifyArgs,
     VerifyResult,
+    VersionRefArgs,
 )
 
 R = TypeVar("R", bound=Message)
@@ -43,13 +46,27 @@ class Call(Generic[R]):
         return self.op in IDEMPOTENT_OPS
 
 
-def create_key(name: str, type: str) -> Call[KeyInfo]:
+def create_key(
+    name: str,
+    type: str,
+    *,
+    auto_rotate_period: float | None = None,
+    verify_grace: float | None = None,
+    deletion_allowed: bool | None = None,
+) -> Call[KeyInfo]:
     """Generate a new key on the token.  ``type``: ec-p256, ec-p384, ed25519,
-    rsa-2048, rsa-3072 or rsa-4096.
+    rsa-2048, rsa-3072 or rsa-4096.  The settings are those of ``update_key``.
 
     Raises: KeyExists, InvalidArgument, UnsupportedAlgorithm, TokenError.
     """
-    return Call("create_key", CreateKeyArgs(key=name, type=type), KeyInfo)
+    args = CreateKeyArgs(
+        key=name,
+        type=type,
+        auto_rotate_period=auto_rotate_period,
+        verify_grace=verify_grace,
+        deletion_allowed=deletion_allowed,
+    )
+    return Call("create_key", args, KeyInfo)
 
 
 def list_keys() -> Call[KeyList]:
@@ -81,23 +98,28 @@ def sign(
     hash: str | None = None,
     padding: str | None = None,
     format: str | None = None,
+    version: int | None = None,
 ) -> Call[SignResult]:
     """Sign ``message`` (hashed by the daemon) or a precomputed ``digest``.
 
     ``hash``: sha256, sha384 or sha512 (required with ``digest``).
     ``padding`` (RSA): pkcs1v15 (default) or pss.  ``format`` (ECDSA): der
-    (default) or raw (r || s, as JOSE uses).
+    (default) or raw (r || s, as JOSE uses).  ``version``: sign with this
+    version, which must be active; by default the newest.
 
-    Raises: KeyNotFound, InvalidDigest, InvalidArgument, UnsupportedAlgorithm,
-    TokenUnavailable, Busy.
+    Raises: KeyNotFound, VersionNotFound, VersionNotUsable, InvalidDigest,
+    InvalidArgument, UnsupportedAlgorithm, TokenUnavailable, Busy.
     """
-    return Call(
-        "sign",
-        SignArgs(
-            key=name, message=message, digest=digest, hash=hash, padding=padding, format=format
-        ),
-        SignResult,
+    args = SignArgs(
+        key=name,
+        message=message,
+        digest=digest,
+        hash=hash,
+        padding=padding,
+        format=format,
+        version=version,
     )
+    return Call("sign", args, SignResult)
 
 
 def sign_batch(
@@ -108,6 +130,7 @@ def sign_batch(
     hash: str | None = None,
     padding: str | None = None,
     format: str | None = None,
+    version: int | None = None,
 ) -> Call[SignBatchResult]:
     """Sign many messages, or many digests, with one key in one request.
 
@@ -127,6 +150,7 @@ def sign_batch(
             hash=hash,
             padding=padding,
             format=format,
+            version=version,
         ),
         SignBatchResult,
     )
@@ -147,7 +171,8 @@ def verify(
 
     An invalid signature is an answer (``valid=False``), not an error.
 
-    Raises: KeyNotFound, VersionNotFound, InvalidDigest, InvalidArgument.
+    Raises: KeyNotFound, VersionNotFound, VersionNotUsable (a named version
+    that may not verify), InvalidDigest, InvalidArgument.
     """
     return Call(
         "verify",
@@ -166,11 +191,64 @@ def verify(
 
 
 def rotate(name: str) -> Call[KeyInfo]:
-    """Add a new version and make it current; older versions keep verifying.
+    """Add a new version and make it current; older versions keep verifying
+    for the key's ``verify_grace``.
 
     Raises: KeyNotFound, TokenError.
     """
     return Call("rotate", KeyRefArgs(key=name), KeyInfo)
+
+
+def update_key(
+    name: str,
+    *,
+    auto_rotate_period: float | None = None,
+    verify_grace: float | None = None,
+    min_sign_version: int | None = None,
+    min_verify_version: int | None = None,
+    deletion_allowed: bool | None = None,
+) -> Call[KeyInfo]:
+    """Change a key's lifecycle settings; ``None`` keeps a setting as it is.
+
+    Durations are seconds; 0 turns rotation off and lifts the grace limit.
+    Versions: 0 is no minimum.
+
+    Raises: KeyNotFound, InvalidArgument (naming the setting).
+    """
+    args = UpdateKeyArgs(
+        key=name,
+        auto_rotate_period=auto_rotate_period,
+        verify_grace=verify_grace,
+        min_sign_version=min_sign_version,
+        min_verify_version=min_verify_version,
+        deletion_allowed=deletion_allowed,
+    )
+    return Call("update_key", args, KeyInfo)
+
+
+def disable(name: str, version: int) -> Call[KeyInfo]:
+    """Stop ``version`` signing and verifying, from the next request on; reversible.
+
+    Raises: KeyNotFound, VersionNotFound, VersionNotUsable (destroyed).
+    """
+    return Call("disable", VersionRefArgs(key=name, version=version), KeyInfo)
+
+
+def enable(name: str, version: int) -> Call[KeyInfo]:
+    """Undo ``disable``.
+
+    Raises: KeyNotFound, VersionNotFound, VersionNotUsable (destroyed).
+    """
+    return Call("enable", VersionRefArgs(key=name, version=version), KeyInfo)
+
+
+def destroy(name: str, version: int | None = None) -> Call[KeyInfo]:
+    """Delete the private key of ``version`` (of every version when None) from
+    the token, for good.  Public keys stay.  Only when ``deletion_allowed``.
+
+    Raises: KeyNotFound, VersionNotFound, DeletionNotAllowed.
+    """
+    return Call("destroy", DestroyArgs(key=name, version=version), KeyInfo)
 
 
 def health() -> Call[Health]:

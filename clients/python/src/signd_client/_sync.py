@@ -175,4 +175,8 @@ class Client:
     sign_batch = _method(_calls.sign_batch)
     verify = _method(_calls.verify)
     rotate = _method(_calls.rotate)
+    update_key = _method(_calls.update_key)
+    disable = _method(_calls.disable)
+    enable = _method(_calls.enable)
+    destroy = _method(_calls.destroy)
     health = _method(_calls.health)

@@ -20,6 +20,7 @@ __all__ = [
     "Busy",
     "ConnectionFailed",
     "DeadlineExceeded",
+    "DeletionNotAllowed",
     "ErrorCode",
     "FrameTooLarge",
     "InternalError",
@@ -42,6 +43,7 @@ __all__ = [
     "UnsupportedAlgorithm",
     "UnsupportedVersion",
     "VersionNotFound",
+    "VersionNotUsable",
     "WireError",
     "error_from_wire",
 ]
@@ -64,6 +66,8 @@ class ErrorCode(enum.IntEnum):
     KEY_NOT_FOUND = 300
     VERSION_NOT_FOUND = 301
     KEY_EXISTS = 302
+    VERSION_NOT_USABLE = 303
+    DELETION_NOT_ALLOWED = 304
     # 4xx: the peer may not do this.
     PERMISSION_DENIED = 400
     RATE_LIMITED = 401
@@ -184,6 +188,19 @@ class KeyExists(WireError):
     code = ErrorCode.KEY_EXISTS
 
 
+class VersionNotUsable(WireError):
+    """The version exists, but its state forbids this: disabled, destroyed,
+    retired, or (for signing) not active."""
+
+    code = ErrorCode.VERSION_NOT_USABLE
+
+
+class DeletionNotAllowed(WireError):
+    """``destroy`` on a key whose ``deletion_allowed`` setting is off."""
+
+    code = ErrorCode.DELETION_NOT_ALLOWED
+
+
 class PermissionDenied(WireError):
     """The connection's peer (by SO_PEERCRED) may not do this operation on this key."""
 
@@ -261,6 +278,8 @@ _BY_CODE: dict[int, type[WireError]] = {
         KeyNotFound,
         VersionNotFound,
         KeyExists,
+        VersionNotUsable,
+        DeletionNotAllowed,
         PermissionDenied,
         RateLimited,
         InternalError,

@@ -55,6 +55,7 @@ __all__ = [
     "PROTOCOL_VERSION",
     "BadRequest",
     "CreateKeyArgs",
+    "DestroyArgs",
     "Empty",
     "FrameDecoder",
     "Health",
@@ -70,9 +71,11 @@ __all__ = [
     "SignArgs",
     "SignResult",
     "TokenStatus",
+    "UpdateKeyArgs",
     "VerifyArgs",
     "VerifyResult",
     "VersionInfo",
+    "VersionRefArgs",
     "decode_request",
     "decode_response",
     "encode_error",
@@ -305,8 +308,45 @@ class Empty(Message):
 
 @message
 class CreateKeyArgs(Message):
+    """A new key; the settings are those of ``UpdateKeyArgs`` (off when absent)."""
+
     key: str
     type: str
+    auto_rotate_period: float | None = None
+    verify_grace: float | None = None
+    deletion_allowed: bool | None = None
+
+
+@message
+class UpdateKeyArgs(Message):
+    """Change a key's lifecycle settings; an absent field keeps its value.
+
+    Durations are seconds, and 0 turns the setting off (no automatic rotation;
+    no grace limit).  Versions: 0 means no minimum.
+    """
+
+    key: str
+    auto_rotate_period: float | None = None
+    verify_grace: float | None = None
+    min_sign_version: int | None = None
+    min_verify_version: int | None = None
+    deletion_allowed: bool | None = None
+
+
+@message
+class VersionRefArgs(Message):
+    """Arguments of ``disable`` and ``enable``: one version of a key."""
+
+    key: str
+    version: int
+
+
+@message
+class DestroyArgs(Message):
+    """Arguments of ``destroy``: one version, or every version when absent."""
+
+    key: str
+    version: int | None = None
 
 
 @message
@@ -330,6 +370,7 @@ class SignArgs(Message):
     hash: str | None = None
     padding: str | None = None
     format: str | None = None
+    version: int | None = None
 
 
 @message
@@ -354,6 +395,7 @@ class SignBatchArgs(Message):
     hash: str | None = None
     padding: str | None = None
     format: str | None = None
+    version: int | None = None
 
 
 # ---- results ----
@@ -362,9 +404,12 @@ class SignBatchArgs(Message):
 @message
 class VersionInfo(Message):
     version: int
+    #: active, verify-only, retired, disabled or destroyed
     state: str
     created: float
     public_key_pem: str
+    #: when a verify-only version retires (its grace ends); absent: no limit
+    verify_until: float | None = None
 
 
 @message
@@ -372,8 +417,16 @@ class KeyInfo(Message):
     name: str
     type: str
     created: float
+    #: the newest version: what ``sign`` uses unless the request names one
     current_version: int
     versions: tuple[VersionInfo, ...]
+    auto_rotate_period: float | None = None
+    verify_grace: float | None = None
+    min_sign_version: int | None = None
+    min_verify_version: int | None = None
+    deletion_allowed: bool | None = None
+    #: when the next automatic rotation is due; absent when it is off
+    next_rotation: float | None = None
 
 
 @message
@@ -470,12 +523,29 @@ OPS: Final[Mapping[str, tuple[type[Message], type[Message]]]] = {
     "sign_batch": (SignBatchArgs, SignBatchResult),
     "verify": (VerifyArgs, VerifyResult),
     "rotate": (KeyRefArgs, KeyInfo),
+    "update_key": (UpdateKeyArgs, KeyInfo),
+    "disable": (VersionRefArgs, KeyInfo),
+    "enable": (VersionRefArgs, KeyInfo),
+    "destroy": (DestroyArgs, KeyInfo),
     "health": (Empty, Health),
 }
 
 #: Operations a client may safely send again after a broken connection.
+#: (``disable``, ``enable``, ``destroy`` and ``update_key`` set absolute states.)
 IDEMPOTENT_OPS: Final = frozenset(
-    {"list_keys", "key_info", "public_key", "sign", "sign_batch", "verify", "health"}
+    {
+        "list_keys",
+        "key_info",
+        "public_key",
+        "sign",
+        "sign_batch",
+        "verify",
+        "health",
+        "update_key",
+        "disable",
+        "enable",
+        "destroy",
+    }
 )
 
 
