@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -206,4 +207,33 @@ def test_kill_9_loses_no_record_of_an_answered_signature(
     with d.client() as c:
         c.sign(key_name, b"after the kill")
     assert d.stop() == 0
+    assert verify(*audit_files(d)).returncode == 0
+
+
+def test_a_client_whose_path_is_not_utf8_is_audited(
+    make_daemon: Callable[..., Daemon], key_name: str, tmp_path: Path
+) -> None:
+    """The kernel names a client's executable in bytes; the record must still be written."""
+    d = make_daemon('[audit]\ndir = "audit"\n')
+    with d.client() as c:
+        c.create_key(key_name, "ec-p256")
+    odd_dir = os.fsencode(tmp_path) + b"/bin-\xff"
+    os.mkdir(odd_dir)
+    exe = odd_dir + b"/python"
+    shutil.copy2(os.path.realpath(sys.executable), exe)
+    code = (
+        "import sys; from signd_client import Client\n"
+        "with Client(sys.argv[1], timeout=20, retries=0) as c: c.sign(sys.argv[2], b'odd')\n"
+    )
+    env = {**d.token.env(), "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    out = subprocess.run(
+        [exe, "-c", code, d.socket, key_name], env=env, capture_output=True, timeout=60, check=False
+    )
+    assert out.returncode == 0, out.stderr.decode(errors="replace")
+    assert d.stop() == 0
+    rec = records(d)[-1]
+    assert (rec["op"], rec["result"]) == ("sign", "ok")
+    assert rec["exe"] == os.fsdecode(exe).encode("utf-8", "surrogateescape").decode(
+        "utf-8", "backslashreplace"
+    )
     assert verify(*audit_files(d)).returncode == 0

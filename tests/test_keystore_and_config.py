@@ -39,9 +39,9 @@ def test_record_round_trip_and_rotation() -> None:
     assert KeyRecord.from_bytes("k", r2.revision, r2.to_bytes()) == r2
 
 
-def _three_versions(settings: KeySettings = KeySettings()) -> KeyRecord:
+def _three_versions(settings: KeySettings | None = None) -> KeyRecord:
     kt = algorithms.key_type("ec-p256")
-    rec = KeyRecord.new("k", kt, 100.0, b"\1" * 8, settings)
+    rec = KeyRecord.new("k", kt, 100.0, b"\1" * 8, settings or KeySettings())
     return rec.rotated(200.0, b"\2" * 8).rotated(300.0, b"\3" * 8)
 
 
@@ -93,7 +93,9 @@ def test_records_written_before_computed_states_still_load() -> None:
     [
         (KeySettings(auto_rotate_period=10.0), "auto_rotate_period"),
         (KeySettings(auto_rotate_period=-1.0), "auto_rotate_period"),
+        (KeySettings(auto_rotate_period=math.nan), "auto_rotate_period"),
         (KeySettings(verify_grace=-1.0), "verify_grace"),
+        (KeySettings(verify_grace=math.nan), "verify_grace"),
         (KeySettings(min_verify_version=4), "min_verify_version"),
         (KeySettings(min_sign_version=4), "min_sign_version"),
         (KeySettings(min_verify_version=3, min_sign_version=2), "min_sign_version"),

@@ -59,6 +59,8 @@ ERROR_CLASSES: dict[str, type[errors.WireError]] = {
     "key_not_found": errors.KeyNotFound,
     "version_not_found": errors.VersionNotFound,
     "key_exists": errors.KeyExists,
+    "version_not_usable": errors.VersionNotUsable,
+    "deletion_not_allowed": errors.DeletionNotAllowed,
     "permission_denied": errors.PermissionDenied,
     "rate_limited": errors.RateLimited,
     "internal_error": errors.InternalError,
@@ -284,14 +286,26 @@ def test_daemon_answers_oversized_frame_then_closes(signd: Daemon) -> None:
 
 
 def test_daemon_sends_the_key_errors_of_the_vectors(signd: Daemon) -> None:
-    """key_not_found and invalid_digest, byte for byte, for the vectors' requests."""
+    """key_not_found, invalid_digest, version_not_usable and deletion_not_allowed,
+    byte for byte, for the vectors' requests."""
     with signd.client() as c:
+        # The vectors' app-signing: two versions, every setting off.
         try:
             c.create_key("app-signing", "ec-p256")
         except errors.KeyExists:
             pass
+        if c.key_info("app-signing").current_version < 2:
+            c.rotate("app-signing")
+        info = c.key_info("app-signing")
+    assert [v.state for v in info.versions] == ["verify-only", "active"]
+    assert (info.min_sign_version, info.deletion_allowed) == (0, False)
     vectors = [v for v in REQUESTS if "signd_response" in v]
-    assert {v["name"] for v in vectors} == {"key_info.request.missing", "sign.request.short_digest"}
+    assert {v["name"] for v in vectors} == {
+        "key_info.request.missing",
+        "sign.request.short_digest",
+        "sign.request.version_not_active",
+        "destroy.request.not_allowed",
+    }
     with signd.connect_raw() as sock:
         sock.sendall(b"".join(frame_of(v) for v in vectors))
         answers = _read_frames(sock, len(vectors))

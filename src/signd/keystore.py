@@ -127,22 +127,25 @@ class KeySettings:
             min_verify_version=int(doc.get("min_verify_version", 0)),
             deletion_allowed=bool(doc.get("deletion_allowed", False)),
         )
-        if min(s.auto_rotate_period, s.verify_grace, s.min_sign_version, s.min_verify_version) < 0:
-            raise ValueError("a setting is negative")
+        if not (
+            0 <= s.auto_rotate_period <= MAX_DURATION
+            and 0 <= s.verify_grace <= MAX_DURATION
+            and min(s.min_sign_version, s.min_verify_version) >= 0
+        ):
+            raise ValueError("a setting is out of range")
         return s
 
     def check(self, latest: int, min_rotate_period: float) -> KeySettings:
         """Raises: InvalidArgument naming the first setting that cannot be applied."""
         p = self.auto_rotate_period
-        if p < 0 or (0 < p < min_rotate_period):
+        # (Written so that NaN, for which every comparison is false, fails too.)
+        if not (p == 0 or min_rotate_period <= p <= MAX_DURATION):
             raise InvalidArgument(
-                f"auto_rotate_period must be 0 (off) or at least {min_rotate_period:g} seconds"
-                " (the daemon's [keys] min_rotate_period)"
+                f"auto_rotate_period must be 0 (off) or {min_rotate_period:g} (the daemon's "
+                f"[keys] min_rotate_period) to {MAX_DURATION:g} seconds"
             )
-        if p > MAX_DURATION or not 0 <= self.verify_grace <= MAX_DURATION:
-            raise InvalidArgument(
-                f"auto_rotate_period and verify_grace are 0 to {MAX_DURATION:g} seconds"
-            )
+        if not 0 <= self.verify_grace <= MAX_DURATION:
+            raise InvalidArgument(f"verify_grace must be 0 (no limit) to {MAX_DURATION:g} seconds")
         if not 0 <= self.min_verify_version <= latest:
             raise InvalidArgument(
                 f"min_verify_version must be 0 to {latest}, the newest version; got "
@@ -177,6 +180,11 @@ class KeyRecord:
     @property
     def latest(self) -> VersionRecord:
         return max(self.versions, key=lambda v: v.version)
+
+    @property
+    def destroyed(self) -> bool:
+        """Every version destroyed: the key is gone but for its public keys."""
+        return all(v.state == DESTROYED for v in self.versions)
 
     @property
     def next_version(self) -> int:
@@ -258,7 +266,7 @@ class KeyRecord:
     def next_rotation(self) -> float | None:
         """When auto-rotation is next due, or None when it is off."""
         period = self.settings.auto_rotate_period
-        if period <= 0:
+        if period <= 0 or self.destroyed:
             return None
         return self.latest.created + period
 
@@ -368,9 +376,12 @@ class LoadedKey:
             if self.signer is not None:
                 return self.signer
             latest = self.versions[self.record.latest.version]
+            remedy = (
+                "rotate the key" if latest.state == DESTROYED else "enable it or rotate the key"
+            )
             raise VersionNotUsable(
                 f"key {self.record.name!r} cannot sign: its newest version "
-                f"{latest.record.version} is {latest.state}; enable it or rotate the key"
+                f"{latest.record.version} is {latest.state}; {remedy}"
             )
         v = self.version(number)
         if v.state != ACTIVE:

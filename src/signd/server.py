@@ -24,17 +24,16 @@ import socket
 import stat
 import time
 from collections.abc import Callable
-from typing import Any, Final
+from typing import Final
 
-import msgpack
 import trio
 
-from .audit import AuditLog, data_digest
+from .audit import AuditLog, Opened, who_fields
 from .config import LimitsConfig
 from .errors import Busy, FrameTooLarge, InternalError, ShuttingDown
 from .outbox import Outbox
-from .policy import Principal, principal_of
-from .protocol import HEADER, BadRequest, FrameDecoder, Request, decode_request, encode_error
+from .policy import principal_of
+from .protocol import BadRequest, FrameDecoder, Request, decode_request, encode_error
 from .service import Service
 
 __all__ = ["ListenerError", "Server", "open_listener", "systemd_socket"]
@@ -163,7 +162,9 @@ class _Connection:
         "_can_read",
         "_settled",
         "audit",
+        "audit_more",
         "audit_open",
+        "audit_who",
         "decoder",
         "dirty",
         "eof",
@@ -194,24 +195,31 @@ class _Connection:
         self.eof = False
         self.principal = principal_of(stream.socket)
         self.audit = audit
-        self.audit_open: dict[int, list[tuple[Any, ...]]] = {}
+        # Requests in flight, by id, for their audit records; a client that
+        # reuses an id still in flight has the later ones wait in audit_more.
+        self.audit_open: dict[int, Opened] = {}
+        self.audit_more: dict[int, list[Opened]] = {}
+        self.audit_who = who_fields(self.principal) if audit is not None else None
         self.schedule_flush = schedule_flush
         self.inflight = 0
         self._can_read = trio.lowlevel.ParkingLot()
         self._settled = trio.lowlevel.ParkingLot()
 
     def reply(self, request_id: int | None, frame: bytes) -> None:
-        if self.audit is None:
+        audit = self.audit
+        if audit is None:
             self.inflight -= 1
             self.send(frame)
             return
-        info = None
+        opened = None
         if request_id is not None:
-            opened = self.audit_open.get(request_id)
-            if opened:
-                info = opened.pop(0)
-                if not opened:
-                    del self.audit_open[request_id]
+            opened = self.audit_open.pop(request_id, None)
+            if self.audit_more:
+                waiting = self.audit_more.get(request_id)
+                if waiting:  # the next request that reused this id
+                    self.audit_open[request_id] = waiting.pop(0)
+                    if not waiting:
+                        del self.audit_more[request_id]
 
         def then(ok: bool) -> None:
             self.inflight -= 1
@@ -225,21 +233,16 @@ class _Connection:
                     )
                 )
 
-        self.audit.record(_audit_record(self.principal, info, frame), then)
+        assert self.audit_who is not None
+        audit.record(self.audit_who, opened, frame, then)
 
-    def opened(self, req: Request) -> None:
-        """Note when and what ``req`` asked, for its audit record."""
-        digest, items = data_digest(req.args)
-        self.audit_open.setdefault(req.id, []).append(
-            (
-                time.time(),
-                time.perf_counter(),
-                req.op,
-                getattr(req.args, "key", None),
-                digest,
-                items,
-            )
-        )
+    def opened(self, requests: list[Request]) -> None:
+        """Note when ``requests`` (all read at once) came, for their audit records."""
+        now = time.perf_counter_ns()
+        for req in requests:
+            entry = (req, now)
+            if self.audit_open.setdefault(req.id, entry) is not entry:
+                self.audit_more.setdefault(req.id, []).append(entry)
 
     def send(self, frame: bytes) -> None:
         self.pending.append(frame)
@@ -499,48 +502,9 @@ class Server:
         if requests:
             conn.inflight += len(requests)
             if conn.audit is not None:
-                for req in requests:
-                    conn.opened(req)
+                conn.opened(requests)
             for work in self.service.handle(requests, conn.reply, conn, conn.principal):
                 nursery.start_soon(work)
             if len(requests) <= WARM_AFTER:
                 self._warm()
         return keep_open
-
-
-def _audit_record(who: Principal, info: tuple[Any, ...] | None, frame: bytes) -> dict[str, Any]:
-    """One request's audit record: who, what, on which key and version, and how it ended."""
-    rec: dict[str, Any] = {
-        "uid": who.uid,
-        "gid": who.gid,
-        "pid": who.pid,
-        "user": who.user,
-        "exe": who.exe,
-    }
-    if info is not None:
-        ts, started, op, key, digest, items = info
-        rec.update(
-            ts=round(ts, 6),
-            op=op,
-            key=key,
-            latency_ms=round((time.perf_counter() - started) * 1e3, 3),
-        )
-        if digest is not None:
-            rec["data_sha256"] = digest
-        if items is not None:
-            rec["items"] = items
-    else:
-        rec.update(ts=round(time.time(), 6), op=None, key=None)
-    body = msgpack.unpackb(frame[HEADER.size :], raw=False)
-    error = body.get("error")
-    if error is not None:
-        rec.update(result=error.get("name"), code=error.get("code"))
-    else:
-        result = body.get("result") or {}
-        rec.update(result="ok", code=0)
-        version = result.get("version", result.get("current_version"))
-        if version is not None:
-            rec["version"] = version
-        if "valid" in result:
-            rec["valid"] = result["valid"]
-    return rec

@@ -415,9 +415,10 @@ class Service:
         if isinstance(args, KeyRefArgs):  # rotate
             return await self._rotate(record)
         if isinstance(args, UpdateKeyArgs):
-            settings = _settings(args, record.settings).check(
-                record.latest.version, self.min_rotate_period
-            )
+            # The rotation floor applies to a period being set, not to one set
+            # before the floor was raised (that would block every other change).
+            floor = self.min_rotate_period if args.auto_rotate_period is not None else 0.0
+            settings = _settings(args, record.settings).check(record.latest.version, floor)
             if settings == record.settings:
                 return await self._store(record, None)
             return await self._store(record.with_settings(settings), "key settings changed")
@@ -426,6 +427,8 @@ class Service:
                 record, args.version, DISABLED if op == "disable" else ENABLED
             )
         assert isinstance(args, DestroyArgs)
+        if (args.version is None) == (args.all is not True):
+            raise InvalidArgument("destroy: give exactly one of 'version' and 'all': true")
         return await self._destroy(record, args.version)
 
     async def _store(self, record: KeyRecord, what: str | None) -> LoadedKey:
@@ -457,12 +460,14 @@ class Service:
             # The record first: once it says destroyed, the version never signs
             # again, and a crash before the deletion is finished on next load.
             await self.token.write_metadata(new.name, new.revision, new.to_bytes())
+        deleted = 0
         for v in new.versions:
             if v.version in numbers:
-                await self.token.destroy_private(v.object_id)
+                deleted += await self.token.destroy_private(v.object_id)
         key = await self._load(new)
         self.keystore.put(key)
-        log.warning("key versions destroyed", extra={"key": record.name, "versions": numbers})
+        if deleted:
+            log.warning("private keys destroyed", extra={"key": record.name, "versions": numbers})
         return key
 
     async def _create(self, args: CreateKeyArgs) -> LoadedKey:
@@ -518,8 +523,9 @@ class Service:
                 await self._sync()
                 for _, name in due:
                     await self._rotate_if_due(name)
-            except WireError as exc:  # the token is away: try again next time
+            except WireError as exc:  # the token is away: try again a little later
                 log.warning("key lifecycle pass failed", extra={"error": str(exc)})
+                await trio.sleep(self.sync_interval)
             except Exception:
                 log.exception("key lifecycle pass failed")
                 await trio.sleep(self.sync_interval)
@@ -558,9 +564,7 @@ def _settings(args: CreateKeyArgs | UpdateKeyArgs, old: KeySettings) -> KeySetti
         auto_rotate_period=_pick(args.auto_rotate_period, old.auto_rotate_period),
         verify_grace=_pick(args.verify_grace, old.verify_grace),
         min_sign_version=_pick(getattr(args, "min_sign_version", None), old.min_sign_version),
-        min_verify_version=_pick(
-            getattr(args, "min_verify_version", None), old.min_verify_version
-        ),
+        min_verify_version=_pick(getattr(args, "min_verify_version", None), old.min_verify_version),
         deletion_allowed=_pick(args.deletion_allowed, old.deletion_allowed),
     )
 

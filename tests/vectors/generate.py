@@ -40,6 +40,7 @@ from signd_client.protocol import (
     PROTOCOL_VERSION,
     BatchItem,
     CreateKeyArgs,
+    DestroyArgs,
     Empty,
     ErrorInfo,
     Health,
@@ -55,9 +56,11 @@ from signd_client.protocol import (
     SignBatchResult,
     SignResult,
     TokenStatus,
+    UpdateKeyArgs,
     VerifyArgs,
     VerifyResult,
     VersionInfo,
+    VersionRefArgs,
     encode_error,
     encode_request,
     encode_result,
@@ -110,6 +113,71 @@ V1_OLD = VersionInfo(version=1, state="verify-only", created=T1, public_key_pem=
 V2 = VersionInfo(version=2, state="active", created=T2, public_key_pem=_pem(EC_V2))
 INFO_V1 = KeyInfo(name=KEY, type="ec-p256", created=T1, current_version=1, versions=(V1,))
 INFO_V2 = KeyInfo(name=KEY, type="ec-p256", created=T1, current_version=2, versions=(V1_OLD, V2))
+
+# The key lifecycle.  Since update_key, disable, enable and destroy came, signd
+# always sends a KeyInfo's settings; the vectors above keep the short form an
+# older daemon sends, which every client must still decode.
+DAY = 86400.0
+GRACE = 7 * DAY  # verify_grace: 604800 seconds
+PERIOD = 90 * DAY  # auto_rotate_period: 7776000 seconds
+OFF: dict[str, Any] = {
+    "auto_rotate_period": 0.0,
+    "verify_grace": 0.0,
+    "min_sign_version": 0,
+    "min_verify_version": 0,
+    "deletion_allowed": False,
+}
+ON: dict[str, Any] = {
+    **OFF,
+    "auto_rotate_period": PERIOD,
+    "verify_grace": GRACE,
+    "deletion_allowed": True,
+}
+V1_GRACE = VersionInfo(
+    version=1,
+    state="verify-only",
+    created=T1,
+    public_key_pem=_pem(EC_V1),
+    verify_until=T2 + GRACE,
+)
+INFO_ON = KeyInfo(
+    name=KEY,
+    type="ec-p256",
+    created=T1,
+    current_version=2,
+    versions=(V1_GRACE, V2),
+    **ON,
+    next_rotation=T2 + PERIOD,
+)
+
+# build-signing: five versions, one in each state, as key_info shows them on
+# 2025-05-02 (a day after version 5 was made).
+KEY5 = "build-signing"
+T4 = 1743465600.0  # 2025-04-01T00:00:00Z
+T5 = 1746057600.0  # 2025-05-01T00:00:00Z
+MONTH = 30 * DAY
+B = [_ec_key(f"build-signing v{n}") for n in range(1, 6)]
+INFO_5 = KeyInfo(
+    name=KEY5,
+    type="ec-p256",
+    created=T1,
+    current_version=5,
+    versions=(
+        VersionInfo(version=1, state="destroyed", created=T1, public_key_pem=_pem(B[0])),
+        VersionInfo(version=2, state="retired", created=T2, public_key_pem=_pem(B[1])),
+        VersionInfo(version=3, state="disabled", created=T3, public_key_pem=_pem(B[2])),
+        VersionInfo(
+            version=4,
+            state="verify-only",
+            created=T4,
+            public_key_pem=_pem(B[3]),
+            verify_until=T5 + GRACE,
+        ),
+        VersionInfo(version=5, state="active", created=T5, public_key_pem=_pem(B[4])),
+    ),
+    **{**ON, "auto_rotate_period": MONTH},
+    next_rotation=T5 + MONTH,
+)
 
 # ---------------------------------------------------------------- the vectors
 
@@ -298,6 +366,101 @@ request(
     Empty(),
 )
 
+# ---- requests of the key lifecycle
+
+request(
+    "create_key.request.settings",
+    "create_key with lifecycle settings: rotate every 90 days (7776000 s), older versions "
+    "verify for 7 days (604800 s) after the next version is made, deletion allowed. "
+    "Durations are float 64 seconds.",
+    16,
+    "create_key",
+    CreateKeyArgs(
+        key=KEY5,
+        type="ec-p256",
+        auto_rotate_period=PERIOD,
+        verify_grace=GRACE,
+        deletion_allowed=True,
+    ),
+)
+request(
+    "update_key.request",
+    "update_key: set three settings; every setting left out (here min_sign_version and "
+    "min_verify_version) keeps its value.",
+    17,
+    "update_key",
+    UpdateKeyArgs(key=KEY, auto_rotate_period=PERIOD, verify_grace=GRACE, deletion_allowed=True),
+)
+request(
+    "update_key.request.min_versions",
+    "update_key: turn automatic rotation off (0) and retire every version below 2, "
+    "which may then neither sign nor verify.",
+    18,
+    "update_key",
+    UpdateKeyArgs(key=KEY, auto_rotate_period=0.0, min_verify_version=2),
+)
+request(
+    "disable.request",
+    "disable version 1: it neither signs nor verifies until enabled again.",
+    19,
+    "disable",
+    VersionRefArgs(key=KEY, version=1),
+)
+request(
+    "enable.request",
+    "enable version 1 again: it gets back the state its settings give it.",
+    20,
+    "enable",
+    VersionRefArgs(key=KEY, version=1),
+)
+request(
+    "destroy.request.version",
+    "destroy version 1: delete its private key from the token, for good (the key's "
+    "deletion_allowed must be on).",
+    35,
+    "destroy",
+    DestroyArgs(key=KEY, version=1),
+)
+request(
+    "destroy.request.all",
+    "destroy every version of the key: 'all' must be true and 'version' absent.",
+    36,
+    "destroy",
+    DestroyArgs(key=KEY5, all=True),
+)
+request(
+    "destroy.request.not_allowed",
+    "destroy version 1 of a key whose deletion_allowed is off (the default); signd "
+    "answers error.deletion_not_allowed.",
+    37,
+    "destroy",
+    DestroyArgs(key=KEY, version=1),
+    "error.deletion_not_allowed",
+)
+request(
+    "sign.request.version",
+    "sign with a named version, which must be active; answered like sign.result.der.",
+    38,
+    "sign",
+    SignArgs(key=KEY, message=MESSAGE, version=2),
+)
+request(
+    "sign.request.version_not_active",
+    "sign with version 1 of a key at version 2 whose min_sign_version is 0: version 1 is "
+    "verify-only and may not sign; signd answers error.version_not_usable.",
+    39,
+    "sign",
+    SignArgs(key=KEY, message=MESSAGE, version=1),
+    "error.version_not_usable",
+)
+request(
+    "sign_batch.request.version",
+    "sign_batch with a named version, which must be active.",
+    54,
+    "sign_batch",
+    SignBatchArgs(key=KEY, digests=(SHA256,), hash="sha256", version=2),
+)
+
 # ---- results: one or more for every operation
 
 result(
@@ -461,6 +624,101 @@ result(
     ),
 )
 
+# ---- results of the key lifecycle
+
+result(
+    "create_key.result.settings",
+    "the answer to create_key.request.settings: a daemon with the key lifecycle always "
+    "sends the five settings; next_rotation is when automatic rotation is due (absent "
+    "when it is off).",
+    16,
+    "create_key",
+    KeyInfo(
+        name=KEY5,
+        type="ec-p256",
+        created=T1,
+        current_version=1,
+        versions=(VersionInfo(version=1, state="active", created=T1, public_key_pem=_pem(B[0])),),
+        **ON,
+        next_rotation=T1 + PERIOD,
+    ),
+)
+result(
+    "update_key.result",
+    "the answer to update_key.request: version 1 is verify-only until verify_until, "
+    "verify_grace after version 2 was created.",
+    17,
+    "update_key",
+    INFO_ON,
+)
+result(
+    "disable.result",
+    "the answer to disable.request: version 1 is disabled (no verify_until).",
+    19,
+    "disable",
+    KeyInfo(
+        name=KEY,
+        type="ec-p256",
+        created=T1,
+        current_version=2,
+        versions=(
+            VersionInfo(version=1, state="disabled", created=T1, public_key_pem=_pem(EC_V1)),
+            V2,
+        ),
+        **ON,
+        next_rotation=T2 + PERIOD,
+    ),
+)
+result(
+    "enable.result",
+    "the answer to enable.request: version 1 is verify-only again.",
+    20,
+    "enable",
+    INFO_ON,
+)
+result(
+    "destroy.result",
+    "the answer to destroy.request.version: version 1 is destroyed; its public key stays.",
+    35,
+    "destroy",
+    KeyInfo(
+        name=KEY,
+        type="ec-p256",
+        created=T1,
+        current_version=2,
+        versions=(
+            VersionInfo(version=1, state="destroyed", created=T1, public_key_pem=_pem(EC_V1)),
+            V2,
+        ),
+        **ON,
+        next_rotation=T2 + PERIOD,
+    ),
+)
+result(
+    "key_info.result.lifecycle",
+    "a key with a version in each state, on 2025-05-02: 1 destroyed; 2 retired (its "
+    "grace ended 7 days after version 3 was made); 3 disabled; 4 verify-only until 7 days "
+    "after version 5 was made; 5 active and current. Automatic rotation every 30 days.",
+    3,
+    "key_info",
+    INFO_5,
+)
+result(
+    "key_info.result.defaults",
+    "a key with every setting off, as a daemon with the key lifecycle sends it: the "
+    "settings are present, next_rotation and verify_until are absent.",
+    3,
+    "key_info",
+    KeyInfo(
+        name=KEY,
+        type="ec-p256",
+        created=T1,
+        current_version=2,
+        versions=(V1_OLD, V2),
+        **OFF,
+    ),
+)
+
 # ---- errors: every code
 
 error(
@@ -536,6 +794,25 @@ error(
     "create_key with a name already taken.",
     29,
     e.KeyExists("a key named 'app-signing' already exists"),
+)
+error(
+    "error.version_not_usable",
+    "the version exists but its state forbids the operation: here the answer to "
+    "sign.request.version_not_active.",
+    39,
+    e.VersionNotUsable(
+        "key 'app-signing' version 1 may not sign: it is verify-only (only the newest "
+        "version signs while min_sign_version is 0)"
+    ),
+)
+error(
+    "error.deletion_not_allowed",
+    "destroy on a key whose deletion_allowed setting is off: the answer to "
+    "destroy.request.not_allowed.",
+    37,
+    e.DeletionNotAllowed(
+        "key 'app-signing' does not allow deletion; set deletion_allowed first (an admin operation)"
+    ),
 )
 error(
     "error.permission_denied",
@@ -826,6 +1103,21 @@ reject(
         }
     ),
     53,
+    e.InvalidArgument,
+)
+
+reject(
+    "args_bool_int",
+    "deletion_allowed must be a msgpack bool; the int 1 is not one.",
+    _pack({"v": 1, "id": 55, "op": "update_key", "args": {**OK_ARGS, "deletion_allowed": 1}}),
+    55,
+    e.InvalidArgument,
+)
+reject(
+    "args_disable_without_version",
+    "disable and enable need the version; there is no default.",
+    _pack({"v": 1, "id": 56, "op": "disable", "args": OK_ARGS}),
+    56,
     e.InvalidArgument,
 )
 

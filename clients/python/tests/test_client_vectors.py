@@ -48,6 +48,8 @@ ERROR_CLASSES: dict[str, tuple[type[errors.WireError], bool]] = {
     "key_not_found": (errors.KeyNotFound, False),
     "version_not_found": (errors.VersionNotFound, False),
     "key_exists": (errors.KeyExists, False),
+    "version_not_usable": (errors.VersionNotUsable, False),
+    "deletion_not_allowed": (errors.DeletionNotAllowed, False),
     "permission_denied": (errors.PermissionDenied, False),
     "rate_limited": (errors.RateLimited, True),
     "internal_error": (errors.InternalError, False),

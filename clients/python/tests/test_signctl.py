@@ -14,6 +14,9 @@ import re
 import shutil
 import subprocess
 import sys
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -38,6 +41,10 @@ COMMANDS = (
     "sign-batch",
     "verify",
     "rotate",
+    "update",
+    "disable",
+    "enable",
+    "destroy",
     "health",
 )
 
@@ -532,6 +539,310 @@ def test_health(signd: Daemon) -> None:
     assert health["ready"] is True
     assert health["live"] is True
     assert health["token"]["label"] == "signd-test"
+
+
+# --------------------------------------------------------------------------
+# key lifecycle: create settings, update, disable, enable, destroy, sign --version
+
+DAY = 86400
+
+
+def info_json(daemon: Daemon, name: str) -> dict[str, Any]:
+    info = json.loads(ok(daemon.signctl("--json", "info", name)))
+    assert isinstance(info, dict), info
+    return info
+
+
+def states(daemon: Daemon, name: str) -> list[str]:
+    return [v["state"] for v in info_json(daemon, name)["versions"]]
+
+
+def utc(t: float) -> str:
+    """How signctl shows a wire time; written out here, not taken from signctl."""
+    return datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def version_line(out: str, version: int) -> str:
+    (line,) = [x for x in out.splitlines() if re.match(rf"\s+v{version}\s", x)]
+    return line
+
+
+def test_create_with_settings(signd: Daemon, key_name: str) -> None:
+    out = ok(
+        signd.signctl(
+            "create",
+            key_name,
+            "--type",
+            "ec-p256",
+            "--auto-rotate-period",
+            "90d",
+            "--verify-grace",
+            "12h",
+            "--deletion-allowed",
+            "true",
+        )
+    )
+    info = info_json(signd, key_name)
+    assert info["auto_rotate_period"] == 90 * DAY
+    assert info["verify_grace"] == 12 * 3600
+    assert info["deletion_allowed"] is True
+    assert (info["min_sign_version"], info["min_verify_version"]) == (0, 0)
+    created = info["versions"][0]["created"]
+    assert info["next_rotation"] == created + 90 * DAY
+    # The human output shows every setting, in the form the options take.
+    assert f"auto-rotate-period  90d (next rotation {utc(created + 90 * DAY)})" in out
+    assert "verify-grace        12h" in out
+    assert "deletion-allowed    true" in out
+    assert re.search(r"^\s+v1\s+active\s+created \d{4}-\d\d-\d\dT", out, re.MULTILINE), out
+
+
+def test_info_shows_settings_next_rotation_and_verify_until(signd: Daemon, ec_key: str) -> None:
+    out = ok(signd.signctl("info", ec_key))
+    assert "auto-rotate-period  0 (off)" in out
+    assert "verify-grace        0 (no limit)" in out
+    assert "min-sign-version    0 (only the newest version signs)" in out
+    assert "min-verify-version  0 (no minimum)" in out
+    assert "deletion-allowed    false" in out
+    assert "next rotation" not in out
+
+    ok(signd.signctl("rotate", ec_key))
+    ok(signd.signctl("update", ec_key, "--verify-grace", "7d", "--auto-rotate-period", "30d"))
+    info = info_json(signd, ec_key)
+    v1, v2 = info["versions"]
+    assert (v1["state"], v2["state"]) == ("verify-only", "active")
+    # The grace runs from the creation of the next version.
+    assert v1["verify_until"] == v2["created"] + 7 * DAY
+    assert "verify_until" not in v2
+    assert info["next_rotation"] == v2["created"] + 30 * DAY
+
+    out = ok(signd.signctl("info", ec_key))
+    assert f"verifies until {utc(v1['verify_until'])}" in version_line(out, 1)
+    assert "verifies until" not in version_line(out, 2)
+    assert f"30d (next rotation {utc(info['next_rotation'])})" in out
+    assert out.count("-----BEGIN PUBLIC KEY-----") == 2
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [
+        ("90", 90),
+        ("45s", 45),
+        ("30m", 1800),
+        ("1.5h", 5400),
+        ("12h", 12 * 3600),
+        ("90d", 90 * DAY),
+        ("0", 0),
+    ],
+)
+def test_update_durations(signd: Daemon, ec_key: str, text: str, seconds: int) -> None:
+    out = ok(signd.signctl("update", ec_key, "--verify-grace", text))
+    assert "verify-grace" in out
+    assert info_json(signd, ec_key)["verify_grace"] == seconds
+
+
+def test_update_keeps_what_it_is_not_given(signd: Daemon, ec_key: str) -> None:
+    ok(signd.signctl("update", ec_key, "--auto-rotate-period", "2h", "--verify-grace", "1d"))
+    ok(signd.signctl("update", ec_key, "--deletion-allowed", "true"))
+    info = info_json(signd, ec_key)
+    assert (info["auto_rotate_period"], info["verify_grace"]) == (7200, DAY)
+    assert info["deletion_allowed"] is True
+    assert info["next_rotation"] == info["versions"][0]["created"] + 7200
+
+    out = ok(signd.signctl("update", ec_key, "--auto-rotate-period", "0"))
+    assert "auto-rotate-period  0 (off)" in out
+    info = info_json(signd, ec_key)
+    assert info["auto_rotate_period"] == 0
+    assert "next_rotation" not in info
+    assert (info["verify_grace"], info["deletion_allowed"]) == (DAY, True)
+
+    as_json = json.loads(
+        ok(signd.signctl("--json", "update", ec_key, "--deletion-allowed", "FALSE"))
+    )
+    assert as_json["deletion_allowed"] is False
+    assert as_json["name"] == ec_key
+
+
+@pytest.mark.parametrize("bad", ["1w", "-5", "abc", "", "5 d", "1.5.2", "90dd", "inf", "nan", "d"])
+def test_bad_durations_are_usage_errors(signd: Daemon, ec_key: str, bad: str) -> None:
+    for args in (
+        ("update", ec_key, "--verify-grace", bad),
+        ("update", ec_key, "--auto-rotate-period", bad),
+        ("create", ec_key + "-new", "--type", "ec-p256", "--auto-rotate-period", bad),
+    ):
+        proc = signd.signctl(*args)
+        assert proc.returncode == 2, (args, proc.stdout, proc.stderr)
+        err = proc.stderr.decode()
+        assert "Traceback" not in err
+        assert f"invalid duration {bad!r}" in err, err
+        assert "90d" in err, err  # says what would be right
+    assert ec_key + "-new" not in ok(signd.signctl("keys"))
+    assert info_json(signd, ec_key)["verify_grace"] == 0
+
+
+def test_other_bad_settings(signd: Daemon, ec_key: str) -> None:
+    proc = signd.signctl("update", ec_key, "--deletion-allowed", "yes")
+    assert proc.returncode == 2
+    assert "invalid value 'yes': use true or false" in proc.stderr.decode()
+    proc = signd.signctl("update", ec_key, "--min-sign-version", "-1")
+    assert proc.returncode == 2
+    assert "invalid version '-1'" in proc.stderr.decode()
+    assert "nothing to change" in error_line(signd.signctl("update", ec_key))
+    # Well-formed but refused by the daemon: below its [keys] min_rotate_period (1 h).
+    msg = error_line(signd.signctl("update", ec_key, "--auto-rotate-period", "10m"))
+    assert msg.startswith("signctl: invalid_argument (error 200): auto_rotate_period"), msg
+    assert "min_rotate_period" in msg
+    msg = error_line(signd.signctl("update", ec_key, "--min-verify-version", "2"))
+    assert msg.startswith("signctl: invalid_argument (error 200): min_verify_version"), msg
+    assert info_json(signd, ec_key)["auto_rotate_period"] == 0
+
+
+def test_min_versions_and_sign_with_a_version(
+    signd: Daemon, ec_key: str, msg_file: Path, tmp_path: Path
+) -> None:
+    ok(signd.signctl("rotate", ec_key))
+    ok(signd.signctl("rotate", ec_key))
+    # By default only the newest version signs; naming an older one is refused.
+    msg = error_line(signd.signctl("sign", ec_key, "--in", str(msg_file), "--version", "2"))
+    assert msg.startswith("signctl: version_not_usable (error 303): "), msg
+
+    out = ok(
+        signd.signctl("update", ec_key, "--min-verify-version", "2", "--min-sign-version", "2")
+    )
+    assert re.search(r"^\s+v1\s+retired\b", out, re.MULTILINE), out
+    assert states(signd, ec_key) == ["retired", "active", "active"]
+
+    res = json.loads(
+        ok(signd.signctl("--json", "sign", ec_key, "--in", str(msg_file), "--version", "2"))
+    )
+    assert res["version"] == 2
+    pubkey(signd, ec_key, "--version", "2").verify(
+        base64.b64decode(res["signature"]), MESSAGE, ECDSA_SHA256
+    )
+    sig = b64_signature(signd.signctl("sign", ec_key, "--in", str(msg_file)))
+    pubkey(signd, ec_key, "--version", "3").verify(sig, MESSAGE, ECDSA_SHA256)  # the newest
+    msg = error_line(signd.signctl("sign", ec_key, "--in", str(msg_file), "--version", "1"))
+    assert msg.startswith("signctl: version_not_usable (error 303): "), msg
+    assert "retired" in msg
+
+    files = message_files(tmp_path, 3)
+    batch = signd.signctl(
+        "--json", "sign-batch", ec_key, "--version", "2", "--in", *map(str, files)
+    )
+    res = json.loads(ok(batch))
+    assert res["version"] == 2
+    v2 = pubkey(signd, ec_key, "--version", "2")
+    for path, item in zip(files, res["results"], strict=True):
+        v2.verify(base64.b64decode(item["signature"]), path.read_bytes(), ECDSA_SHA256)
+    refused = signd.signctl("sign-batch", ec_key, "--version", "1", "--in", str(files[0]))
+    assert error_line(refused).startswith("signctl: version_not_usable (error 303): ")
+
+
+def test_disable_and_enable(signd: Daemon, ec_key: str, msg_file: Path, tmp_path: Path) -> None:
+    old_sig = tmp_path / "v1.sig"
+    ok(signd.signctl("sign", ec_key, "--in", str(msg_file), "--out", str(old_sig)))
+    ok(signd.signctl("rotate", ec_key))
+    verify_old = ("verify", ec_key, "--sig", str(old_sig), "--in", str(msg_file))
+    assert signd.signctl(*verify_old).returncode == 0
+
+    out = ok(signd.signctl("disable", ec_key, "--version", "1"))
+    assert re.search(r"^\s+v1\s+disabled\b", out, re.MULTILINE), out
+    assert states(signd, ec_key) == ["disabled", "active"]
+    assert signd.signctl(*verify_old).returncode == 1  # no version that verifies it
+    msg = error_line(signd.signctl(*verify_old, "--version", "1"))
+    assert msg.startswith("signctl: version_not_usable (error 303): "), msg
+    ok(signd.signctl("disable", ec_key, "--version", "1"))  # again: nothing changes
+    assert states(signd, ec_key) == ["disabled", "active"]
+
+    out = ok(signd.signctl("enable", ec_key, "--version", "1"))
+    assert re.search(r"^\s+v1\s+verify-only\b", out, re.MULTILINE), out
+    assert json.loads(ok(signd.signctl("--json", *verify_old)))["version"] == 1
+
+    # Disabling the newest version stops signing without a version.
+    ok(signd.signctl("disable", ec_key, "--version", "2"))
+    msg = error_line(signd.signctl("sign", ec_key, "--in", str(msg_file)))
+    assert msg.startswith("signctl: version_not_usable (error 303): "), msg
+    as_json = json.loads(ok(signd.signctl("enable", ec_key, "--version", "2", "--json")))
+    assert [v["state"] for v in as_json["versions"]] == ["verify-only", "active"]
+    b64_signature(signd.signctl("sign", ec_key, "--in", str(msg_file)))
+
+    msg = error_line(signd.signctl("disable", ec_key, "--version", "9"))
+    assert msg.startswith("signctl: version_not_found (error 301): "), msg
+    assert signd.signctl("disable", ec_key).returncode == 2  # --version is required
+
+
+def test_destroy_refused_until_deletion_allowed(
+    signd: Daemon, ec_key: str, msg_file: Path, tmp_path: Path
+) -> None:
+    old_sig = tmp_path / "v1.sig"
+    ok(signd.signctl("sign", ec_key, "--in", str(msg_file), "--out", str(old_sig)))
+    v1_pem = ok(signd.signctl("pubkey", ec_key))
+    ok(signd.signctl("rotate", ec_key))
+
+    refused = signd.signctl("destroy", ec_key, "--version", "1")
+    msg = error_line(refused)
+    assert msg.startswith("signctl: deletion_not_allowed (error 304): "), msg
+    assert "deletion_allowed" in msg
+    assert refused.stdout == b""
+    assert states(signd, ec_key) == ["verify-only", "active"]
+
+    ok(signd.signctl("update", ec_key, "--deletion-allowed", "true"))
+    out = ok(signd.signctl("destroy", ec_key, "--version", "1"))
+    assert out.splitlines()[0] == (
+        f"destroyed {ec_key} version 1: private key deleted from the token, public key kept"
+    )
+    assert re.search(r"^\s+v1\s+destroyed\b", out, re.MULTILINE), out
+    assert states(signd, ec_key) == ["destroyed", "active"]
+
+    # The daemon no longer accepts the old signature ...
+    verify_old = ("verify", ec_key, "--sig", str(old_sig), "--in", str(msg_file))
+    assert signd.signctl(*verify_old).returncode == 1
+    # ... but the public key is kept, and still checks it independently.
+    kept = ok(signd.signctl("pubkey", ec_key, "--version", "1"))
+    assert kept == v1_pem
+    load_public_key(kept).verify(old_sig.read_bytes(), MESSAGE, ECDSA_SHA256)
+    # Gone for good: it cannot be enabled again, and destroying it again changes nothing.
+    msg = error_line(signd.signctl("enable", ec_key, "--version", "1"))
+    assert msg.startswith("signctl: version_not_usable (error 303): "), msg
+    ok(signd.signctl("destroy", ec_key, "--version", "1"))
+    # The other version still signs.
+    sig = b64_signature(signd.signctl("sign", ec_key, "--in", str(msg_file)))
+    pubkey(signd, ec_key, "--version", "2").verify(sig, MESSAGE, ECDSA_SHA256)
+
+
+def test_destroy_all_needs_yes(signd: Daemon, key_name: str, msg_file: Path) -> None:
+    ok(signd.signctl("create", key_name, "--type", "ed25519", "--deletion-allowed", "true"))
+    ok(signd.signctl("rotate", key_name))
+
+    # Neither --version nor --all, or both: usage errors; nothing is destroyed.
+    assert signd.signctl("destroy", key_name).returncode == 2
+    assert signd.signctl("destroy", key_name, "--all", "--version", "1", "--yes").returncode == 2
+    msg = error_line(signd.signctl("destroy", key_name, "--all"))
+    assert "--yes" in msg
+    assert states(signd, key_name) == ["verify-only", "active"]
+
+    out = ok(signd.signctl("destroy", key_name, "--all", "--yes"))
+    assert out.splitlines()[0] == (
+        f"destroyed {key_name} versions 1, 2: private keys deleted from the token, public keys kept"
+    )
+    assert states(signd, key_name) == ["destroyed", "destroyed"]
+    msg = error_line(signd.signctl("sign", key_name, "--in", str(msg_file)))
+    assert msg.startswith("signctl: version_not_usable (error 303): "), msg
+    as_json = json.loads(ok(signd.signctl("--json", "destroy", key_name, "--all", "--yes")))
+    assert [v["state"] for v in as_json["versions"]] == ["destroyed", "destroyed"]
+
+
+def test_auto_rotation_shows_in_info(make_daemon: Callable[..., Daemon], key_name: str) -> None:
+    """A daemon whose [keys] min_rotate_period allows a 1 s period rotates on its own."""
+    d = make_daemon("[keys]\nmin_rotate_period = 1\nsync_interval = 0.2\n")
+    ok(d.signctl("create", key_name, "--type", "ec-p256", "--auto-rotate-period", "1s"))
+    deadline = time.monotonic() + 30
+    while info_json(d, key_name)["current_version"] < 2:
+        assert time.monotonic() < deadline, d.logs()
+        time.sleep(0.1)
+    ok(d.signctl("update", key_name, "--auto-rotate-period", "0"))
+    info = info_json(d, key_name)
+    assert "next_rotation" not in info
+    assert info["versions"][-1]["state"] == "active"
 
 
 # --------------------------------------------------------------------------

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
+from .errors import InvalidArgument
 from .protocol import (
     IDEMPOTENT_OPS,
     CreateKeyArgs,
@@ -242,13 +243,17 @@ def enable(name: str, version: int) -> Call[KeyInfo]:
     return Call("enable", VersionRefArgs(key=name, version=version), KeyInfo)
 
 
-def destroy(name: str, version: int | None = None) -> Call[KeyInfo]:
-    """Delete the private key of ``version`` (of every version when None) from
-    the token, for good.  Public keys stay.  Only when ``deletion_allowed``.
+def destroy(name: str, version: int | None = None, *, all: bool = False) -> Call[KeyInfo]:
+    """Delete the private key of ``version``, or with ``all=True`` of every
+    version, from the token, for good.  Public keys stay.  Only when the key's
+    ``deletion_allowed`` is set.
 
-    Raises: KeyNotFound, VersionNotFound, DeletionNotAllowed.
+    Raises: KeyNotFound, VersionNotFound, DeletionNotAllowed, InvalidArgument
+    (neither or both of ``version`` and ``all``).
     """
-    return Call("destroy", DestroyArgs(key=name, version=version), KeyInfo)
+    if (version is None) != all:
+        raise InvalidArgument("destroy: give exactly one of version and all=True")
+    return Call("destroy", DestroyArgs(key=name, version=version, all=all or None), KeyInfo)
 
 
 def health() -> Call[Health]:

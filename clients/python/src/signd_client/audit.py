@@ -17,7 +17,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-__all__ = ["GENESIS", "ChainState", "Problem", "canonical", "seal", "verify_files"]
+__all__ = ["GENESIS", "ChainState", "Problem", "canonical", "line_of", "seal", "verify_files"]
 
 GENESIS: Final = "0" * 64
 
@@ -28,18 +28,24 @@ def canonical(record: Mapping[str, Any]) -> bytes:
     return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
 
 
-def seal(record: dict[str, Any], seq: int, prev: str) -> tuple[str, str]:
-    """Chain ``record`` after ``prev``; return (its JSON line, its hash).
+def line_of(body: bytes) -> tuple[bytes, str]:
+    """The log line (ending in a newline) of the record whose ``canonical`` bytes,
+    ``seq`` and ``prev`` included, are ``body``; and the record's hash.
 
-    The line is the canonical JSON with ``hash`` appended as the last member:
-    encoded once, and still what ``canonical`` gives back once ``hash`` is dropped.
+    The line is ``body`` with ``hash`` appended as the last member: encoded
+    once, and still what ``canonical`` gives back once ``hash`` is dropped.
     """
+    digest = hashlib.sha256(body).hexdigest()
+    return body[:-1] + b',"hash":"' + digest.encode() + b'"}\n', digest
+
+
+def seal(record: dict[str, Any], seq: int, prev: str) -> tuple[str, str]:
+    """Chain ``record`` after ``prev``; return (its JSON line, its hash)."""
     record["seq"] = seq
     record["prev"] = prev
-    body = canonical(record)
-    digest = hashlib.sha256(body).hexdigest()
+    line, digest = line_of(canonical(record))
     record["hash"] = digest
-    return body[:-1].decode() + ',"hash":"' + digest + '"}', digest
+    return line[:-1].decode(), digest
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,7 +11,10 @@ from __future__ import annotations
 import argparse
 import base64
 import binascii
+import datetime
 import json
+import math
+import re
 import sys
 from collections.abc import Sequence
 from typing import Any, BinaryIO
@@ -20,7 +23,7 @@ from . import __version__
 from ._sync import Client
 from .audit import verify_files
 from .errors import SigndError
-from .protocol import KEY_TYPES, MAX_BATCH, BatchItem, Message
+from .protocol import KEY_TYPES, MAX_BATCH, BatchItem, KeyInfo, Message
 
 __all__ = ["main"]
 
@@ -45,8 +48,88 @@ _BATCH_EPILOG = (
 )
 
 
+_DESTROY_EPILOG = (
+    "Deletes the private key of one version (--version N), or of every version\n"
+    "(--all, which also needs --yes), from the token. There is no undo and no\n"
+    "confirmation prompt: the public keys stay, so old signatures can still be\n"
+    "checked with standard tools, but the versions never sign or verify again.\n"
+    "The key must allow it first: signctl update NAME --deletion-allowed true\n"
+    "(else the answer is deletion_not_allowed, error 304).\n\n" + _EXIT_CODES
+)
+_DURATION_HELP = "seconds, or a number with s, m, h or d (90d, 12h, 30m)"
+_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+_DURATION_RE = re.compile(r"(\d+(?:\.\d*)?|\.\d+)([smhd]?)")
+
+
 class _UsageError(Exception):
     pass
+
+
+def _duration(text: str) -> float:
+    """A duration option: ``90d``, ``12h``, ``30m``, ``45s`` or plain seconds."""
+    match = _DURATION_RE.fullmatch(text.strip().lower())
+    seconds = float(match[1]) * _UNITS[match[2]] if match else math.nan
+    if not math.isfinite(seconds):
+        raise argparse.ArgumentTypeError(
+            f"invalid duration {text!r}: use seconds, or a number with s, m, h or d "
+            "(e.g. 90d, 12h; 0 = off)"
+        )
+    return seconds
+
+
+def _boolean(text: str) -> bool:
+    value = {"true": True, "false": False}.get(text.strip().lower())
+    if value is None:
+        raise argparse.ArgumentTypeError(f"invalid value {text!r}: use true or false")
+    return value
+
+
+def _version_number(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"invalid version {text!r}: use a number, 0 or more")
+    return value
+
+
+def _settings_options(p: argparse.ArgumentParser, *, versions: bool) -> None:
+    """The key lifecycle settings of ``create`` and ``update``."""
+    p.add_argument(
+        "--auto-rotate-period",
+        type=_duration,
+        metavar="DUR",
+        help="rotate the key this often, automatically; " + _DURATION_HELP + "; 0 = off",
+    )
+    p.add_argument(
+        "--verify-grace",
+        type=_duration,
+        metavar="DUR",
+        help="how long an older version keeps verifying after the next version is made; "
+        + _DURATION_HELP
+        + "; 0 = no limit",
+    )
+    if versions:
+        p.add_argument(
+            "--min-sign-version",
+            type=_version_number,
+            metavar="N",
+            help="versions from N up to the newest may sign, when a request names them; "
+            "0 = only the newest signs",
+        )
+        p.add_argument(
+            "--min-verify-version",
+            type=_version_number,
+            metavar="N",
+            help="versions below N neither sign nor verify (retired); 0 = no minimum",
+        )
+    p.add_argument(
+        "--deletion-allowed",
+        type=_boolean,
+        metavar="true|false",
+        help="whether 'signctl destroy' may delete this key's private keys",
+    )
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -84,9 +167,36 @@ def _parser() -> argparse.ArgumentParser:
     c = sub.add_parser("create", help="make a new key on the token")
     c.add_argument("name")
     c.add_argument("--type", required=True, choices=KEY_TYPES, help="key type")
+    _settings_options(c, versions=False)
 
-    i = sub.add_parser("info", help="versions, states, algorithm and public keys of a key")
+    i = sub.add_parser("info", help="settings, versions, their states and public keys of a key")
     i.add_argument("name")
+
+    u = sub.add_parser(
+        "update",
+        help="change a key's lifecycle settings (the ones not given stay as they are)",
+    )
+    u.add_argument("name")
+    _settings_options(u, versions=True)
+
+    for cmd, helptext in (
+        ("disable", "stop a version signing and verifying (undo with enable)"),
+        ("enable", "let a disabled version sign or verify again, as its settings allow"),
+    ):
+        d = sub.add_parser(cmd, help=helptext)
+        d.add_argument("name")
+        d.add_argument("--version", type=int, required=True, metavar="N", help="the version")
+
+    x = sub.add_parser(
+        "destroy",
+        help="delete private keys from the token, for good",
+        epilog=_DESTROY_EPILOG,
+    )
+    x.add_argument("name")
+    which = x.add_mutually_exclusive_group(required=True)
+    which.add_argument("--version", type=int, metavar="N", help="destroy this version")
+    which.add_argument("--all", action="store_true", help="destroy every version (needs --yes)")
+    x.add_argument("--yes", action="store_true", help="confirm --all")
 
     k = sub.add_parser("pubkey", help="print a version's public key as PEM")
     k.add_argument("name")
@@ -124,6 +234,12 @@ def _parser() -> argparse.ArgumentParser:
                 metavar="FILE",
                 help="write the raw signature here (default: base64 to stdout)",
             )
+            s.add_argument(
+                "--version",
+                type=int,
+                metavar="N",
+                help="sign with this version, which must be active (default: the newest)",
+            )
         else:
             g = s.add_mutually_exclusive_group(required=True)
             g.add_argument("--sig", metavar="FILE", help="file holding the raw signature")
@@ -140,7 +256,7 @@ def _parser() -> argparse.ArgumentParser:
         usage=(
             "signctl sign-batch [-h] [--socket PATH] [--json] [--timeout SECONDS]\n"
             "                          name (--in FILE [FILE ...] | --digests FILE)\n"
-            "                          [--hash H] [--padding P] [--format F]\n"
+            "                          [--hash H] [--padding P] [--format F] [--version N]\n"
             "(put the key name before --in: --in takes every file that follows it)"
         ),
         epilog=_BATCH_EPILOG,
@@ -169,6 +285,12 @@ def _parser() -> argparse.ArgumentParser:
         "--format",
         choices=("der", "raw"),
         help="ECDSA signature encoding: der (default) or raw r||s",
+    )
+    b.add_argument(
+        "--version",
+        type=int,
+        metavar="N",
+        help="sign with this version, which must be active (default: the newest)",
     )
 
     r = sub.add_parser("rotate", help="add a new version of a key and make it current")
@@ -271,6 +393,104 @@ def _print_json(value: Any) -> None:
     print(json.dumps(_jsonable(value), indent=2, sort_keys=True))
 
 
+def _when(t: float) -> str:
+    """A wire time as UTC, to the second: 2025-01-31T12:00:00Z."""
+    moment = datetime.datetime.fromtimestamp(t, datetime.UTC)
+    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _span(seconds: float) -> str:
+    """A duration the way the options take it: 90d, 12h, 30m, 45s, 1.5s."""
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size and seconds % size == 0:
+            return f"{seconds / size:g}{unit}"
+    return f"{seconds:g}s"
+
+
+def _settings_lines(info: KeyInfo) -> list[str]:
+    """The lifecycle settings (absent from an older daemon's answer: then none)."""
+    lines = []
+    period = info.auto_rotate_period
+    if period is not None:
+        if period == 0:
+            text = "0 (off)"
+        elif info.next_rotation is not None:
+            text = f"{_span(period)} (next rotation {_when(info.next_rotation)})"
+        else:
+            text = _span(period)
+        lines.append(f"auto-rotate-period  {text}")
+    if info.verify_grace is not None:
+        grace = info.verify_grace
+        lines.append(f"verify-grace        {_span(grace) if grace else '0 (no limit)'}")
+    if info.min_sign_version is not None:
+        n = info.min_sign_version
+        lines.append(f"min-sign-version    {n if n else '0 (only the newest version signs)'}")
+    if info.min_verify_version is not None:
+        n = info.min_verify_version
+        lines.append(f"min-verify-version  {n if n else '0 (no minimum)'}")
+    if info.deletion_allowed is not None:
+        lines.append(f"deletion-allowed    {str(info.deletion_allowed).lower()}")
+    return lines
+
+
+def _print_key(info: KeyInfo, *, pems: bool) -> None:
+    print(f"{info.name}  type {info.type}  current version {info.current_version}")
+    for line in _settings_lines(info):
+        print(f"  {line}")
+    width = max(len(v.state) for v in info.versions) if info.versions else 0
+    for v in info.versions:
+        line = f"  v{v.version}  {v.state:<{width}}  created {_when(v.created)}"
+        if v.verify_until is not None:
+            line += f"  verifies until {_when(v.verify_until)}"
+        print(line)
+    if pems:
+        for v in info.versions:
+            print(f"\nversion {v.version}:\n{v.public_key_pem}", end="")
+
+
+def _settings_args(args: argparse.Namespace) -> dict[str, Any]:
+    names = (
+        "auto_rotate_period",
+        "verify_grace",
+        "min_sign_version",
+        "min_verify_version",
+        "deletion_allowed",
+    )
+    return {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
+
+
+def _admin(args: argparse.Namespace, client: Client) -> KeyInfo:
+    """create, info, rotate, update, disable, enable, destroy: all answer KeyInfo."""
+    cmd = args.command
+    if cmd == "create":
+        return client.create_key(args.name, args.type, **_settings_args(args))
+    if cmd == "rotate":
+        return client.rotate(args.name)
+    if cmd == "info":
+        return client.key_info(args.name)
+    if cmd == "update":
+        settings = _settings_args(args)
+        if not settings:
+            raise _UsageError(
+                "nothing to change: give at least one of --auto-rotate-period, "
+                "--verify-grace, --min-sign-version, --min-verify-version, --deletion-allowed"
+            )
+        return client.update_key(args.name, **settings)
+    if cmd == "disable":
+        return client.disable(args.name, args.version)
+    if cmd == "enable":
+        return client.enable(args.name, args.version)
+    assert cmd == "destroy"
+    if args.all and not args.yes:
+        raise _UsageError(
+            f"--all destroys the private key of every version of {args.name!r}, for good; "
+            "add --yes to do it"
+        )
+    if args.all:
+        return client.destroy(args.name, all=True)
+    return client.destroy(args.name, args.version)
+
+
 def _run(args: argparse.Namespace, client: Client, stdin: BinaryIO, stdout: BinaryIO) -> int:
     cmd = args.command
     if cmd == "keys":
@@ -281,22 +501,20 @@ def _run(args: argparse.Namespace, client: Client, stdin: BinaryIO, stdout: Bina
             for k in keys:
                 print(f"{k.name}\t{k.type}\tv{k.current_version}")
         return EXIT_OK
-    if cmd in ("create", "info", "rotate"):
-        if cmd == "create":
-            info = client.create_key(args.name, args.type)
-        elif cmd == "rotate":
-            info = client.rotate(args.name)
-        else:
-            info = client.key_info(args.name)
+    if cmd in ("create", "info", "rotate", "update", "disable", "enable", "destroy"):
+        info = _admin(args, client)
         if args.json:
             _print_json(info)
-        else:
-            print(f"{info.name}  type {info.type}  current version {info.current_version}")
-            for v in info.versions:
-                print(f"  v{v.version}  {v.state}  created {v.created:.0f}")
-            if cmd == "info":
-                for v in info.versions:
-                    print(f"\nversion {v.version}:\n{v.public_key_pem}", end="")
+            return EXIT_OK
+        if cmd == "destroy":
+            numbers = [v.version for v in info.versions] if args.all else [args.version]
+            label = "version" if len(numbers) == 1 else "versions"
+            print(
+                f"destroyed {info.name} {label} {', '.join(map(str, numbers))}: private "
+                f"key{'s' if len(numbers) > 1 else ''} deleted from the token, public "
+                f"key{'s' if len(numbers) > 1 else ''} kept"
+            )
+        _print_key(info, pems=cmd == "info")
         return EXIT_OK
     if cmd == "pubkey":
         pk = client.public_key(args.name, args.version)
@@ -307,7 +525,11 @@ def _run(args: argparse.Namespace, client: Client, stdin: BinaryIO, stdout: Bina
         return EXIT_OK
     if cmd == "sign":
         res = client.sign(
-            args.name, padding=args.padding, format=args.format, **_data_args(args, stdin)
+            args.name,
+            padding=args.padding,
+            format=args.format,
+            version=args.version,
+            **_data_args(args, stdin),
         )
         if args.out:
             try:
@@ -324,7 +546,11 @@ def _run(args: argparse.Namespace, client: Client, stdin: BinaryIO, stdout: Bina
         return EXIT_OK
     if cmd == "sign-batch":
         batch = client.sign_batch(
-            args.name, padding=args.padding, format=args.format, **_batch_args(args, stdin)
+            args.name,
+            padding=args.padding,
+            format=args.format,
+            version=args.version,
+            **_batch_args(args, stdin),
         )
         if args.json:
             _print_json(batch)

@@ -343,10 +343,15 @@ class VersionRefArgs(Message):
 
 @message
 class DestroyArgs(Message):
-    """Arguments of ``destroy``: one version, or every version when absent."""
+    """Arguments of ``destroy``: exactly one of ``version`` and ``all=true``.
+
+    "Every version" is never the default: a client that leaves out a field it
+    did not set cannot destroy a whole key by mistake.
+    """
 
     key: str
     version: int | None = None
+    all: bool | None = None
 
 
 @message
