@@ -61,6 +61,7 @@ ERROR_CLASSES: dict[str, type[errors.WireError]] = {
     "key_exists": errors.KeyExists,
     "version_not_usable": errors.VersionNotUsable,
     "deletion_not_allowed": errors.DeletionNotAllowed,
+    "conflict": errors.Conflict,
     "permission_denied": errors.PermissionDenied,
     "rate_limited": errors.RateLimited,
     "internal_error": errors.InternalError,

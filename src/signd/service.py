@@ -25,6 +25,7 @@ import trio
 
 from . import __version__, algorithms
 from .errors import (
+    Conflict,
     DeadlineExceeded,
     DeletionNotAllowed,
     InternalError,
@@ -375,7 +376,7 @@ class Service:
             spki, has_private = public.get(v.object_id, (None, False))
             if v.state == DESTROYED and has_private:
                 # The record says destroyed: the deletion after it did not happen.
-                await self.token.destroy_private(v.object_id)
+                await self.token.destroy_keys(v.object_id)
                 log.warning(
                     "finished destroying a private key",
                     extra={"key": record.name, "version": v.version},
@@ -463,7 +464,7 @@ class Service:
         deleted = 0
         for v in new.versions:
             if v.version in numbers:
-                deleted += await self.token.destroy_private(v.object_id)
+                deleted += await self.token.destroy_keys(v.object_id)
         key = await self._load(new)
         self.keystore.put(key)
         if deleted:
@@ -480,7 +481,7 @@ class Service:
         object_id = new_object_id()
         spki = await self.token.generate(kt.name, object_id, object_label(name, 1))
         record = KeyRecord.new(name, kt, self._clock(), object_id, settings)
-        await self.token.write_metadata(name, record.revision, record.to_bytes())
+        await self._write_new_version(record, object_id)
         key = load_key(record, {object_id: spki}, self._clock())
         self.keystore.put(key)
         log.info("key created", extra={"key": name, "type": kt.name})
@@ -494,11 +495,22 @@ class Service:
             kt.name, object_id, object_label(record.name, record.next_version)
         )
         record = record.rotated(self._clock(), object_id)
-        await self.token.write_metadata(record.name, record.revision, record.to_bytes())
+        await self._write_new_version(record, object_id)
         key = await self._load(record)
         self.keystore.put(key)
         log.info("key rotated", extra={"key": record.name, "version": record.latest.version})
         return key
+
+    async def _write_new_version(self, record: KeyRecord, object_id: bytes) -> None:
+        """Write a record that adds the keypair ``object_id``.
+
+        Raises: Conflict, after deleting the keypair no record will ever name.
+        """
+        try:
+            await self.token.write_metadata(record.name, record.revision, record.to_bytes())
+        except Conflict:
+            await self.token.destroy_keys(object_id, public=True)
+            raise
 
     # ------------------------------------------------------------ lifecycle task
 
@@ -522,7 +534,10 @@ class Service:
             try:
                 await self._sync()
                 for _, name in due:
-                    await self._rotate_if_due(name)
+                    try:
+                        await self._rotate_if_due(name)
+                    except Conflict:  # another daemon rotated it: the next sync sees that
+                        log.info("key rotated elsewhere meanwhile", extra={"key": name})
             except WireError as exc:  # the token is away: try again a little later
                 log.warning("key lifecycle pass failed", extra={"error": str(exc)})
                 await trio.sleep(self.sync_interval)

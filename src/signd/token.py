@@ -43,6 +43,7 @@ from pkcs11.util.ec import encode_ec_public_key, encode_named_curve_parameters
 from . import algorithms
 from .algorithms import Family, Scheme
 from .errors import (
+    Conflict,
     InternalError,
     TokenError,
     TokenUnavailable,
@@ -352,16 +353,19 @@ class TokenSession:
             out.append([oid, _spki(pubs[0]), bool(privs)])
         return out
 
-    def destroy_private(self, object_id: bytes) -> int:
-        """Delete the private key with ``object_id``; the public key stays.
+    def destroy_keys(self, object_id: bytes, public: bool) -> int:
+        """Delete the private key with ``object_id``, and its public key if ``public``.
 
         Returns how many objects were deleted (0: already gone).
         """
         session = self._session_or_raise()
         self._private.pop(object_id, None)
-        found = list(
-            session.get_objects({Attribute.CLASS: ObjectClass.PRIVATE_KEY, Attribute.ID: object_id})
-        )
+        classes = [ObjectClass.PRIVATE_KEY] + ([ObjectClass.PUBLIC_KEY] if public else [])
+        found = [
+            obj
+            for cls in classes
+            for obj in session.get_objects({Attribute.CLASS: cls, Attribute.ID: object_id})
+        ]
         for obj in found:
             obj.destroy()
         return len(found)
@@ -420,29 +424,54 @@ class TokenSession:
         return sorted(newest.values(), key=lambda b: b.name)
 
     def write_metadata(self, name: str, revision: int, value: bytes) -> None:
-        """Store revision ``revision`` of a key's metadata, then drop older ones."""
+        """Store revision ``revision`` of a key's metadata, then drop older ones.
+
+        A compare-and-swap, as far as PKCS#11 allows: the newest revision on
+        the token must be ``revision - 1`` (what the caller read), and if a
+        writer in another process got the same revision in at the same moment,
+        ours is taken back.  Either way ``Conflict`` says nothing was changed.
+
+        Raises: Conflict.
+        """
         session = self._session_or_raise()
-        session.create_object(
+        template = {
+            Attribute.CLASS: ObjectClass.DATA,
+            Attribute.APPLICATION: APPLICATION,
+            Attribute.LABEL: name,
+        }
+        newest = max((b.revision for _, b in self._metadata_objects(template)), default=0)
+        if newest != revision - 1:
+            raise Conflict(
+                f"key {name!r} was changed by another process (its record is at revision "
+                f"{newest}, this change was made on {revision - 1}); nothing was changed"
+            )
+        ours = session.create_object(
             {
-                Attribute.CLASS: ObjectClass.DATA,
+                **template,
                 Attribute.TOKEN: True,
                 Attribute.PRIVATE: True,
                 Attribute.MODIFIABLE: False,
-                Attribute.APPLICATION: APPLICATION,
-                Attribute.LABEL: name,
                 Attribute.VALUE: revision.to_bytes(8, "big") + value,
             }
         )
-        for obj in session.get_objects(
-            {
-                Attribute.CLASS: ObjectClass.DATA,
-                Attribute.APPLICATION: APPLICATION,
-                Attribute.LABEL: name,
-            }
-        ):
-            blob = _parse_blob(name, obj[Attribute.VALUE])
-            if blob is not None and blob.revision < revision:
+        objects = self._metadata_objects(template)
+        if any(b.revision >= revision and obj != ours for obj, b in objects):
+            ours.destroy()
+            raise Conflict(
+                f"key {name!r} was changed by another process at the same moment; "
+                "nothing was changed"
+            )
+        for obj, b in objects:
+            if b.revision < revision:
                 obj.destroy()
+
+    def _metadata_objects(self, template: dict[Attribute, Any]) -> list[tuple[Any, MetadataBlob]]:
+        out = []
+        for obj in self._session_or_raise().get_objects(template):
+            blob = _parse_blob(template[Attribute.LABEL], obj[Attribute.VALUE])
+            if blob is not None:
+                out.append((obj, blob))
+        return out
 
 
 def _parse_blob(label: str, value: bytes) -> MetadataBlob | None:
@@ -496,8 +525,8 @@ def _handler(session: TokenSession, spin: list[float]) -> Callable[[str, list[An
             return None
         if op == "generate":
             return session.generate(algorithms.key_type(args[0]), args[1], args[2])
-        if op == "destroy_private":
-            return session.destroy_private(args[0])
+        if op == "destroy_keys":
+            return session.destroy_keys(args[0], args[1])
         if op == "open":
             module, label, pin, level, spin[0] = args
             logging.getLogger().setLevel(level.upper())

@@ -240,9 +240,10 @@ class TokenPool:
         rows = await self._call("public_keys", [list(object_ids)])
         return {oid: (spki, has_private) for oid, spki, has_private in rows}
 
-    async def destroy_private(self, object_id: bytes) -> int:
-        """Delete a private key on the token (every worker's cached handle dies with it)."""
-        result = await self._call("destroy_private", [object_id])
+    async def destroy_keys(self, object_id: bytes, *, public: bool = False) -> int:
+        """Delete a private key on the token, and its public key if ``public``
+        (every worker's cached handle dies with it); returns how many objects."""
+        result = await self._call("destroy_keys", [object_id, public])
         assert isinstance(result, int)
         return result
 

@@ -815,6 +815,15 @@ error(
     ),
 )
 error(
+    "error.conflict",
+    "another process sharing the token changed the key at the same moment (here: two "
+    "daemons rotating it at once); this request changed nothing; retryable.",
+    11,
+    e.Conflict(
+        "key 'app-signing' was changed by another process at the same moment; nothing was changed"
+    ),
+)
+error(
     "error.permission_denied",
     "the peer (by SO_PEERCRED) may not do this operation on this key; audited.",
     99,

@@ -50,6 +50,7 @@ ERROR_CLASSES: dict[str, tuple[type[errors.WireError], bool]] = {
     "key_exists": (errors.KeyExists, False),
     "version_not_usable": (errors.VersionNotUsable, False),
     "deletion_not_allowed": (errors.DeletionNotAllowed, False),
+    "conflict": (errors.Conflict, True),
     "permission_denied": (errors.PermissionDenied, False),
     "rate_limited": (errors.RateLimited, True),
     "internal_error": (errors.InternalError, False),

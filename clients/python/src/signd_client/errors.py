@@ -18,6 +18,7 @@ from typing import ClassVar
 
 __all__ = [
     "Busy",
+    "Conflict",
     "ConnectionFailed",
     "DeadlineExceeded",
     "DeletionNotAllowed",
@@ -68,6 +69,7 @@ class ErrorCode(enum.IntEnum):
     KEY_EXISTS = 302
     VERSION_NOT_USABLE = 303
     DELETION_NOT_ALLOWED = 304
+    CONFLICT = 305
     # 4xx: the peer may not do this.
     PERMISSION_DENIED = 400
     RATE_LIMITED = 401
@@ -201,6 +203,14 @@ class DeletionNotAllowed(WireError):
     code = ErrorCode.DELETION_NOT_ALLOWED
 
 
+class Conflict(WireError):
+    """Another process sharing the token changed the key at the same moment;
+    this request changed nothing.  Read the key again and decide whether to retry."""
+
+    code = ErrorCode.CONFLICT
+    retryable = True
+
+
 class PermissionDenied(WireError):
     """The connection's peer (by SO_PEERCRED) may not do this operation on this key."""
 
@@ -280,6 +290,7 @@ _BY_CODE: dict[int, type[WireError]] = {
         KeyExists,
         VersionNotUsable,
         DeletionNotAllowed,
+        Conflict,
         PermissionDenied,
         RateLimited,
         InternalError,
