@@ -21,6 +21,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -535,21 +536,21 @@ def test_destroy_interrupted_after_the_record_is_finished_on_start(
 # automatic rotation
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def own_token(token_env: TokenEnv, tmp_path_factory: pytest.TempPathFactory) -> TokenEnv:
-    """A token of its own, for a key that rotates every second or so.
+    """A token of this test's own (same module and PIN handling, another directory).
 
     Every daemon on a token re-reads its keys and rotates those that are due,
-    so on the shared token the session's daemon would take part in this key's
-    schedule.  Here one daemon's schedule is measured alone; several daemons
-    sharing one are ``test_two_daemons_rotating_one_key_make_each_version_once``.
+    so on the shared token the session's daemon would take part in a fast
+    schedule (and keep it up after the test); and where several daemons write
+    at once, nothing they leave behind reaches the next test.
     """
-    state = tmp_path_factory.mktemp("softhsm-rotate")
+    state = tmp_path_factory.mktemp("softhsm-own")
     root = Path(__file__).resolve().parent.parent
     out = subprocess.run(
         [
             *("bash", str(root / "softhsm-init.sh")),
-            *("--state-dir", str(state), "--label", "signd-rotate", "--quiet"),
+            *("--state-dir", str(state), "--label", "signd-own", "--quiet"),
         ],
         capture_output=True,
         text=True,
@@ -557,16 +558,21 @@ def own_token(token_env: TokenEnv, tmp_path_factory: pytest.TempPathFactory) -> 
     )
     assert out.returncode == 0, out.stderr
     conf = Path(out.stdout.strip().split("=", 1)[1])
-    return dataclasses.replace(token_env, state_dir=state, conf=conf, label="signd-rotate")
+    return dataclasses.replace(token_env, state_dir=state, conf=conf, label="signd-own")
+
+
+def on_token(make_daemon: Callable[..., Daemon], token: TokenEnv, config: str) -> Daemon:
+    d = make_daemon(config, start=False)
+    d.token = token
+    d.start()
+    return d
 
 
 def test_auto_rotation_rotates_on_schedule(
     make_daemon: Callable[..., Daemon], own_token: TokenEnv, key_name: str
 ) -> None:
     period = 1.5
-    d = make_daemon(FAST_KEYS, start=False)
-    d.token = own_token
-    d.start()
+    d = on_token(make_daemon, own_token, FAST_KEYS)
     with d.client() as c:
         # Below the daemon's min_rotate_period (1 s): refused, naming the setting.
         with pytest.raises(InvalidArgument, match="auto_rotate_period"):
@@ -646,48 +652,119 @@ def _try_sign(c: Client, name: str) -> tuple[int, bytes, bytes] | None:
         return None
 
 
+#: SoftHSM's file store tells a process about other processes' changes by a
+#: generation counter, and a process's own write takes in every change made
+#: since it last looked: it then never sees those until the token changes again.
+#: Run with a token's environment: the private key labels under a prefix, as
+#: a process that has never written to the token sees them.
+LIST_PRIVATE_KEYS = """
+import json, sys, pkcs11
+from pkcs11 import Attribute, ObjectClass
+module, label, pin_file, prefix = sys.argv[1:]
+with open(pin_file) as f:
+    pin = f.read().rstrip("\\n")
+s = pkcs11.lib(module).get_token(token_label=label).open(user_pin=pin)
+objs = s.get_objects({Attribute.CLASS: ObjectClass.PRIVATE_KEY})
+print(json.dumps(sorted(o[Attribute.LABEL] for o in objs if o[Attribute.LABEL].startswith(prefix))))
+"""
+
+
+def private_key_labels(token: TokenEnv, prefix: str) -> list[str]:
+    out = subprocess.run(
+        [
+            *(sys.executable, "-c", LIST_PRIVATE_KEYS),
+            *(token.module, token.label, str(token.pin_file), prefix),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env=token.env(),
+    )
+    assert out.returncode == 0, out.stderr
+    labels = json.loads(out.stdout)
+    assert isinstance(labels, list)
+    return labels
+
+
 def test_two_daemons_rotating_one_key_make_each_version_once(
-    make_daemon: Callable[..., Daemon], key_name: str, p11: Any
+    make_daemon: Callable[..., Daemon], own_token: TokenEnv, key_name: str
 ) -> None:
     """Both daemons wake when the key is due; exactly one rotation may land each
     time.  Without exclusion each made its own keypair for the same version
     number, the two records had the same revision, and b kept signing with
     keypairs a never knew (and that no record names after a restart)."""
-    a = make_daemon(FAST_KEYS)
-    b = make_daemon(FAST_KEYS)
+    a = on_token(make_daemon, own_token, FAST_KEYS)
+    b = on_token(make_daemon, own_token, FAST_KEYS)
     sigs: list[tuple[int, bytes, bytes]] = []
-    try:
-        with a.client() as ca, b.client() as cb:
-            # RSA: generating a keypair takes long enough for both to be in it.
-            ca.create_key(key_name, "rsa-2048", auto_rotate_period=1)
-            cb.key_info(key_name)  # b knows the key before it is due
-
-            def rotated_twice() -> bool | None:
-                sigs.append(signed(cb, key_name))
-                return True if ca.key_info(key_name).current_version >= 3 else None
-
-            wait_for(rotated_twice, "two automatic rotations")
-    finally:
-        with a.client() as ca:
-            ca.update_key(key_name, auto_rotate_period=0)
-    # Once both daemons have the record that stopped rotation, compare them.
     with a.client() as ca, b.client() as cb:
-        wait_for(
-            lambda: True if cb.key_info(key_name).auto_rotate_period == 0 else None,
-            "b to see rotation stopped",
+        # RSA: generating a keypair takes long enough for both to be in it.
+        ca.create_key(key_name, "rsa-2048", auto_rotate_period=1)
+        cb.key_info(key_name)  # b knows the key before it is due
+
+        def rotated_twice() -> bool | None:
+            sigs.append(signed(cb, key_name))
+            return True if ca.key_info(key_name).current_version >= 3 else None
+
+        wait_for(rotated_twice, "two automatic rotations")
+        ca.update_key(key_name, auto_rotate_period=0)
+        at_a = ca.key_info(key_name)
+    assert a.stop() == 0
+    assert b.stop() == 0
+    # What is on the token, read by processes that never wrote to it.
+    c = on_token(make_daemon, own_token, FAST_KEYS)
+    with c.client() as cc:
+        info = cc.key_info(key_name)
+        assert info.auto_rotate_period == 0  # the change that stopped it was not lost
+        numbers = [v.version for v in info.versions]
+        assert numbers == list(range(1, len(numbers) + 1))
+        assert info.versions == at_a.versions
+        assert private_key_labels(own_token, key_name + "/") == sorted(
+            f"{key_name}/v{n}" for n in numbers
         )
-        info = ca.key_info(key_name)
-        labels = [
-            o[Attribute.LABEL]
-            for o in p11.get_objects({Attribute.CLASS: ObjectClass.PRIVATE_KEY})
-            if o[Attribute.LABEL].startswith(key_name + "/")
-        ]
-        assert sorted(labels) == sorted(f"{key_name}/v{v.version}" for v in info.versions)
-        assert cb.key_info(key_name) == info
-        # What b signed verifies at a and with a's public keys.
+        # What b signed verifies with the versions the token kept.
         for sig in sigs:
-            assert verifies_as(ca, key_name, sig) == sig[0]
+            assert verifies_as(cc, key_name, sig) == sig[0]
             check_signed(info, sig)
+
+
+def test_a_daemon_busy_writing_still_sees_another_daemons_disable(
+    make_daemon: Callable[..., Daemon], own_token: TokenEnv, key_name: str
+) -> None:
+    """b generates a keypair (a rotation of another key) while a disables a
+    version: b must still stop signing with that version within sync_interval."""
+    a = on_token(make_daemon, own_token, FAST_KEYS)
+    b = on_token(make_daemon, own_token, FAST_KEYS)
+    other = key_name + "-big"
+    with a.client() as ca, b.client() as cb:
+        ca.create_key(key_name, "ec-p256")
+        ca.create_key(other, "rsa-4096")  # slow to generate: a wide window
+        signed(cb, key_name)
+        cb.key_info(other)
+        errors: list[BaseException] = []
+
+        def rotate_at_b() -> None:
+            try:
+                with b.client(timeout=120.0) as c:
+                    c.rotate(other)
+            except BaseException as exc:
+                errors.append(exc)
+
+        t = threading.Thread(target=rotate_at_b)
+        t.start()
+        time.sleep(0.1)  # b has read the record and is generating the keypair
+        ca.disable(key_name, 1)
+        t.join(120)
+        assert not errors
+
+        def refused() -> bool | None:
+            try:
+                cb.sign(key_name, b"still signing?")
+            except VersionNotUsable:
+                return True
+            return None
+
+        wait_for(refused, "b to refuse the disabled version", 6 * SYNC_INTERVAL)
 
 
 # --------------------------------------------------------------------------
@@ -701,7 +778,6 @@ SETPRIV = shutil.which("setpriv")
 AS_NOBODY = """
 import json, sys
 from signd_client import Client
-from signd_client._calls import Call
 from signd_client.errors import WireError
 sock, key = sys.argv[1], sys.argv[2]
 out = {}

@@ -263,12 +263,16 @@ class KeyRecord:
                 out[v.version] = VERIFY_ONLY
         return out, changes
 
-    def next_rotation(self) -> float | None:
-        """When auto-rotation is next due, or None when it is off."""
+    def next_rotation(self, floor: float = 0.0) -> float | None:
+        """When auto-rotation is next due, or None when it is off.
+
+        ``floor``: the shortest period this daemon rotates at (its
+        ``min_rotate_period``), whatever another daemon allowed to be set.
+        """
         period = self.settings.auto_rotate_period
         if period <= 0 or self.destroyed:
             return None
-        return self.latest.created + period
+        return self.latest.created + max(period, floor)
 
     def to_bytes(self) -> bytes:
         doc = {

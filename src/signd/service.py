@@ -525,7 +525,7 @@ class Service:
             due = [
                 (t, k.record.name)
                 for k in self.keystore.all()
-                if (t := k.record.next_rotation()) is not None
+                if (t := k.record.next_rotation(self.min_rotate_period)) is not None
             ]
             wake = min([self._clock() + self.sync_interval, *(t for t, _ in due)])
             self._changed = trio.Event()
@@ -562,7 +562,7 @@ class Service:
         with trio.CancelScope(shield=True):
             async with self._admin_lock:
                 record = await self._read_record(name)  # fresh: another process may have
-                due = record.next_rotation() if record is not None else None
+                due = record.next_rotation(self.min_rotate_period) if record else None
                 if record is None or due is None or due > self._clock():
                     return
                 key = await self._rotate(record)

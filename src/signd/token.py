@@ -43,7 +43,6 @@ from pkcs11.util.ec import encode_ec_public_key, encode_named_curve_parameters
 from . import algorithms
 from .algorithms import Family, Scheme
 from .errors import (
-    Conflict,
     InternalError,
     TokenError,
     TokenUnavailable,
@@ -176,6 +175,7 @@ class TokenSession:
         self._session: Any = None
         self._private: dict[bytes, Any] = {}
         self._verifiers: dict[bytes, algorithms.PublicKey] = {}
+        self._created: Any = None  # the record object ``create_metadata`` made last
 
     def open(self, module_path: str, token_label: str, pin: str) -> TokenInfo:
         """Raises: TokenUnavailable (module, token or login)."""
@@ -423,52 +423,48 @@ class TokenSession:
                 newest[blob.name] = blob
         return sorted(newest.values(), key=lambda b: b.name)
 
-    def write_metadata(self, name: str, revision: int, value: bytes) -> None:
-        """Store revision ``revision`` of a key's metadata, then drop older ones.
+    # Writing a record is three steps, each a call, so that the checks between
+    # them can be made by a process that never writes (see workers.py).
 
-        A compare-and-swap, as far as PKCS#11 allows: the newest revision on
-        the token must be ``revision - 1`` (what the caller read), and if a
-        writer in another process got the same revision in at the same moment,
-        ours is taken back.  Either way ``Conflict`` says nothing was changed.
+    def revisions(self, name: str) -> list[int]:
+        """The revisions of a key's record on the token (normally one)."""
+        return [b.revision for _, b in self._metadata_objects(name)]
 
-        Raises: Conflict.
-        """
-        session = self._session_or_raise()
+    def create_metadata(self, name: str, revision: int, value: bytes) -> None:
+        """Store revision ``revision`` of a key's record; ``drop_created`` takes it back."""
+        self._created = self._session_or_raise().create_object(
+            {
+                Attribute.CLASS: ObjectClass.DATA,
+                Attribute.TOKEN: True,
+                Attribute.PRIVATE: True,
+                Attribute.MODIFIABLE: False,
+                Attribute.APPLICATION: APPLICATION,
+                Attribute.LABEL: name,
+                Attribute.VALUE: revision.to_bytes(8, "big") + value,
+            }
+        )
+
+    def drop_created(self) -> None:
+        if self._created is not None:
+            self._created.destroy()
+            self._created = None
+
+    def drop_older(self, name: str, revision: int) -> None:
+        """Delete the revisions of a key's record older than ``revision``."""
+        self._created = None
+        for obj, blob in self._metadata_objects(name):
+            if blob.revision < revision:
+                obj.destroy()
+
+    def _metadata_objects(self, name: str) -> list[tuple[Any, MetadataBlob]]:
         template = {
             Attribute.CLASS: ObjectClass.DATA,
             Attribute.APPLICATION: APPLICATION,
             Attribute.LABEL: name,
         }
-        newest = max((b.revision for _, b in self._metadata_objects(template)), default=0)
-        if newest != revision - 1:
-            raise Conflict(
-                f"key {name!r} was changed by another process (its record is at revision "
-                f"{newest}, this change was made on {revision - 1}); nothing was changed"
-            )
-        ours = session.create_object(
-            {
-                **template,
-                Attribute.TOKEN: True,
-                Attribute.PRIVATE: True,
-                Attribute.MODIFIABLE: False,
-                Attribute.VALUE: revision.to_bytes(8, "big") + value,
-            }
-        )
-        objects = self._metadata_objects(template)
-        if any(b.revision >= revision and obj != ours for obj, b in objects):
-            ours.destroy()
-            raise Conflict(
-                f"key {name!r} was changed by another process at the same moment; "
-                "nothing was changed"
-            )
-        for obj, b in objects:
-            if b.revision < revision:
-                obj.destroy()
-
-    def _metadata_objects(self, template: dict[Attribute, Any]) -> list[tuple[Any, MetadataBlob]]:
         out = []
         for obj in self._session_or_raise().get_objects(template):
-            blob = _parse_blob(template[Attribute.LABEL], obj[Attribute.VALUE])
+            blob = _parse_blob(name, obj[Attribute.VALUE])
             if blob is not None:
                 out.append((obj, blob))
         return out
@@ -520,8 +516,16 @@ def _handler(session: TokenSession, spin: list[float]) -> Callable[[str, list[An
             return session.public_keys(args[0])
         if op == "load_metadata":
             return [[b.name, b.revision, b.value] for b in session.load_metadata(args[0])]
-        if op == "write_metadata":
-            session.write_metadata(args[0], args[1], args[2])
+        if op == "revisions":
+            return session.revisions(args[0])
+        if op == "create_metadata":
+            session.create_metadata(args[0], args[1], args[2])
+            return None
+        if op == "drop_created":
+            session.drop_created()
+            return None
+        if op == "drop_older":
+            session.drop_older(args[0], args[1])
             return None
         if op == "generate":
             return session.generate(algorithms.key_type(args[0]), args[1], args[2])

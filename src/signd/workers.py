@@ -19,6 +19,16 @@ Signatures are *queued* here, never sent one by one:
 
 An entry still queued at its deadline is answered ``deadline_exceeded`` and
 never reaches the token.
+
+**Writes go to a process of their own.**  SoftHSM's file store rescans the
+token when its generation counter has moved; a process that writes moves the
+counter for itself, and then misses what *other* processes wrote before, until
+the token changes again (measured: it would go on signing with a version
+another daemon disabled).  So the signing workers never write: they see every
+change on their next search, and they make every read that a decision rests
+on.  Each write (a key generated, a record stored, keys destroyed) is made by
+a fresh worker process, started for it and stopped after it (~150 ms: writes
+are rare administrative operations).
 """
 
 from __future__ import annotations
@@ -30,7 +40,7 @@ import socket
 import sys
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -40,6 +50,7 @@ import trio
 
 from .errors import (
     Busy,
+    Conflict,
     DeadlineExceeded,
     ErrorCode,
     InvalidArgument,
@@ -233,7 +244,32 @@ class TokenPool:
         return [MetadataBlob(n, r, v) for n, r, v in rows]
 
     async def write_metadata(self, name: str, revision: int, value: bytes) -> None:
-        await self._call("write_metadata", [name, revision, value])
+        """Store revision ``revision`` of a key's record, then drop older ones.
+
+        A compare-and-swap, as far as PKCS#11 allows: the newest revision on
+        the token must be ``revision - 1`` (the one the change was made on),
+        and if a writer in another process got the same revision in at the
+        same moment, ours is taken back.  Both checks are made by a signing
+        worker, which never writes and so sees what other processes wrote.
+
+        Raises: Conflict (nothing was changed), TokenUnavailable, TokenError.
+        """
+        newest = max(await self._call("revisions", [name]), default=0)
+        if newest != revision - 1:
+            raise Conflict(
+                f"key {name!r} was changed by another process (its record is at revision "
+                f"{newest}, this change was made on {revision - 1}); nothing was changed"
+            )
+        async with self._writer() as call:
+            await call("create_metadata", [name, revision, value])
+            revisions = await self._call("revisions", [name])
+            if revisions.count(revision) != 1 or max(revisions) != revision:
+                await call("drop_created", [])
+                raise Conflict(
+                    f"key {name!r} was changed by another process at the same moment; "
+                    "nothing was changed"
+                )
+            await call("drop_older", [name, revision])
 
     async def public_keys(self, object_ids: Sequence[bytes]) -> dict[bytes, tuple[bytes, bool]]:
         """(SPKI DER, whether its private key exists) by object id."""
@@ -241,16 +277,33 @@ class TokenPool:
         return {oid: (spki, has_private) for oid, spki, has_private in rows}
 
     async def destroy_keys(self, object_id: bytes, *, public: bool = False) -> int:
-        """Delete a private key on the token, and its public key if ``public``
-        (every worker's cached handle dies with it); returns how many objects."""
-        result = await self._call("destroy_keys", [object_id, public])
+        """Delete a private key on the token, and its public key if ``public``;
+        returns how many objects were deleted."""
+        async with self._writer() as call:
+            result = await call("destroy_keys", [object_id, public])
         assert isinstance(result, int)
         return result
 
     async def generate(self, key_type: str, object_id: bytes, label: str) -> bytes:
-        result = await self._call("generate", [key_type, object_id, label])
+        async with self._writer() as call:
+            result = await call("generate", [key_type, object_id, label])
         assert isinstance(result, bytes)
         return result
+
+    @asynccontextmanager
+    async def _writer(self) -> AsyncIterator[Callable[[str, list[Any]], Awaitable[Any]]]:
+        """A fresh, logged-in worker process for one write; stopped afterwards."""
+        worker = await self._spawn(-1)
+        try:
+            await self._login(worker)
+
+            async def call(op: str, args: list[Any]) -> Any:
+                return await self._call_direct(worker, op, args)
+
+            yield call
+        finally:
+            with trio.CancelScope(shield=True):
+                await self._reap(worker)
 
     async def _call(self, op: str, args: list[Any]) -> Any:
         worker = next((w for w in self._workers if w is not None and w.alive), None)
@@ -331,21 +384,29 @@ class TokenPool:
             TokenUnavailable: the module, the token or the login failed.
         """
         s = self.settings
-        await worker.stream.send_all(
-            _frame([0, "open", [s.module, s.token_label, s.pin, s.log_level, s.spin]])
+        info = await self._call_direct(
+            worker, "open", [s.module, s.token_label, s.pin, s.log_level, s.spin]
         )
+        return TokenInfo(*info)
+
+    async def _call_direct(self, worker: _Worker, op: str, args: list[Any]) -> Any:
+        """One call to a worker that nothing else talks to: send, then read its answer.
+
+        Raises: the call's error; TokenUnavailable if the worker exits.
+        """
+        await worker.stream.send_all(_frame([0, op, args]))
         while True:
             for body in worker.decoder.frames():
                 msg = msgpack.unpackb(body, raw=False)
                 if not msg[1]:
                     raise _error(msg[2], msg[3])
-                return TokenInfo(*msg[2])
+                return msg[2]
             try:
                 data = await worker.stream.receive_some(1 << 16)
             except trio.BrokenResourceError:
                 data = b""
             if not data:
-                raise TokenUnavailable("the token worker exited while logging in")
+                raise TokenUnavailable(f"the token worker exited during {op!r}")
             worker.decoder.receive_data(data)
 
     async def _reap(self, worker: _Worker) -> None:
