@@ -12,11 +12,18 @@ import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+import msgpack
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
+from signd.audit import Entry, _seal_entry, who_fields
+from signd.policy import Principal
+from signd.protocol import HEADER, SignArgs, encode_request
 from signd_client import Client
+from signd_client.audit import GENESIS, canonical, line_of, verify_files
 from signd_client.errors import SigndError
 
 if TYPE_CHECKING:
@@ -30,7 +37,9 @@ def audit_files(d: Daemon) -> list[Path]:
 
 
 def records(d: Daemon) -> list[dict[str, object]]:
-    return [json.loads(ln) for f in audit_files(d) for ln in f.read_text().splitlines() if ln]
+    # Split at newlines only: str.splitlines would also split at U+2028 and the
+    # like, which canonical JSON (ensure_ascii=False) leaves unescaped in strings.
+    return [json.loads(ln) for f in audit_files(d) for ln in f.read_bytes().split(b"\n") if ln]
 
 
 def verify(*files: Path) -> subprocess.CompletedProcess[str]:
@@ -220,7 +229,7 @@ def test_a_client_whose_path_is_not_utf8_is_audited(
     odd_dir = os.fsencode(tmp_path) + b"/bin-\xff"
     os.mkdir(odd_dir)
     exe = odd_dir + b"/python"
-    shutil.copy2(os.path.realpath(sys.executable), exe)
+    shutil.copy2(os.fsencode(os.path.realpath(sys.executable)), exe)
     code = (
         "import sys; from signd_client import Client\n"
         "with Client(sys.argv[1], timeout=20, retries=0) as c: c.sign(sys.argv[2], b'odd')\n"
@@ -237,3 +246,206 @@ def test_a_client_whose_path_is_not_utf8_is_audited(
         "utf-8", "backslashreplace"
     )
     assert verify(*audit_files(d)).returncode == 0
+
+
+def test_a_request_naming_a_version_is_recorded_with_that_version(
+    make_daemon: Callable[..., Daemon], key_name: str
+) -> None:
+    d = make_daemon('[audit]\ndir = "audit"\n')
+    with d.client() as c:
+        c.create_key(key_name, "ec-p256")
+        c.rotate(key_name)
+        c.public_key(key_name, version=1)
+        with pytest.raises(SigndError):
+            c.public_key(key_name, version=99)
+        c.key_info(key_name)
+        c.sign(key_name, b"no version named")
+    assert d.stop() == 0
+    named_1, named_99, info, sign = records(d)[2:]
+    assert (named_1["op"], named_1["result"], named_1["version"]) == ("public_key", "ok", 1)
+    # No answer names a version here: the record has the one the request named.
+    assert named_99["result"] != "ok"
+    assert named_99["version"] == 99
+    # Without one in the request, the version is the answer's, as before.
+    assert (info["op"], info["version"]) == ("key_info", 2)
+    assert (sign["op"], sign["version"]) == ("sign", 2)
+    assert verify(*audit_files(d)).returncode == 0
+
+
+TRICKY_KEYS = [
+    "ключ",
+    'quote"and\\backslash',
+    "tab\tnewline\ncarriage\rnul\x00unit\x1fdel\x7f",
+    "line\u2028paragraph\u2029separators",
+    "emoji-\U0001f511-bom-\ufeff-private-\ue000-last-\uffff",
+]
+
+
+def test_key_names_that_need_escaping_are_recorded_exactly(
+    make_daemon: Callable[..., Daemon],
+) -> None:
+    d = make_daemon('[audit]\ndir = "audit"\n')
+    with d.client() as c:
+        for name in TRICKY_KEYS:
+            with pytest.raises(SigndError):
+                c.sign(name, b"data")
+    assert d.stop() == 0
+    assert [r["key"] for r in records(d)] == TRICKY_KEYS
+    assert verify(*audit_files(d)).returncode == 0
+
+
+def test_an_id_reused_while_in_flight_gets_a_record_per_request(
+    make_daemon: Callable[..., Daemon], key_name: str
+) -> None:
+    d = make_daemon('[audit]\ndir = "audit"\n')
+    with d.client() as c:
+        c.create_key(key_name, "ec-p256")
+    messages = [b"first", b"second", b"third"]
+    with d.connect_raw() as s:
+        s.sendall(b"".join(encode_request(7, "sign", SignArgs(key_name, m)) for m in messages))
+        got = b""
+        while got.count(b"signature") < len(messages):
+            chunk = s.recv(65536)
+            assert chunk, "the daemon closed the connection"
+            got += chunk
+    assert d.stop() == 0
+    signs = [r for r in records(d) if r["op"] == "sign"]
+    assert sorted(str(r["data_sha256"]) for r in signs) == sorted(
+        hashlib.sha256(m).hexdigest() for m in messages
+    )
+    assert verify(*audit_files(d)).returncode == 0
+
+
+def test_relaxed_mode_writes_the_same_chain(
+    make_daemon: Callable[..., Daemon], key_name: str
+) -> None:
+    d = make_daemon('[audit]\ndir = "audit"\nmode = "relaxed"\n')
+    with d.client() as c:
+        c.create_key(key_name, "ec-p256")
+        for i in range(10):
+            c.sign(key_name, b"%d" % i)
+    assert d.stop() == 0
+    assert [r["op"] for r in records(d)] == ["create_key"] + ["sign"] * 10
+    assert verify(*audit_files(d)).returncode == 0
+
+
+# ---------------------------------------------------------------- the record encoder
+#
+# The writer builds each record's JSON with a template instead of json.dumps.
+# Whatever goes in, the line must be exactly what ``canonical`` makes of the
+# record, or its hash would not verify; and the record must say what the old
+# dict-and-json.dumps encoder said.
+
+TRICKY_CHARS = '"\\/\b\f\n\r\t\x00\x1f\x7f\x80\xff\u2028\u2029\ud7ff\ue000\ufeff\uffff\U0001f511é'
+texts = st.text(
+    alphabet=st.one_of(st.sampled_from(TRICKY_CHARS), st.characters(exclude_categories=["Cs"])),
+    max_size=24,
+)
+# What the kernel or passwd may give: any bytes, decoded as Python decodes paths.
+os_texts = st.binary(max_size=24).map(os.fsdecode)
+ints = st.integers(min_value=0, max_value=(1 << 64) - 1)
+maybe_ints = st.none() | ints
+
+
+def _as_recorded(text: str | None) -> str | None:
+    if text is None:
+        return None
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+@st.composite
+def entries(draw: st.DrawFn) -> tuple[Entry, dict[str, Any], int]:
+    """An entry for the writer, the record it must give, and the clock offset."""
+    who = Principal(
+        uid=draw(st.integers(0, (1 << 32) - 1)),
+        gid=draw(st.integers(0, (1 << 32) - 1)),
+        pid=draw(st.integers(1, (1 << 22))),
+        user=draw(st.none() | os_texts),
+        groups=frozenset(),
+        group_names=frozenset(),
+        exe=draw(st.none() | os_texts),
+    )
+    offset = draw(st.integers(0, 4 << 60))
+    ended = draw(st.integers(0, 1 << 62))
+    expected: dict[str, Any] = {
+        "uid": who.uid,
+        "gid": who.gid,
+        "pid": who.pid,
+        "user": _as_recorded(who.user),
+        "exe": _as_recorded(who.exe),
+    }
+    named_version = None
+    if draw(st.booleans()):
+        started = ended - draw(st.integers(0, 10**12))
+        op, key = draw(texts), draw(st.none() | texts)
+        digest = draw(st.none() | st.binary(min_size=32, max_size=32).map(bytes.hex))
+        items, named_version = draw(maybe_ints), draw(maybe_ints)
+        notes = (op, key, digest, items, named_version, started)
+        expected.update(op=op, key=key, latency_ms=(ended - started) // 1000 / 1e3)
+        if digest is not None:
+            expected["data_sha256"] = digest
+        if items is not None:
+            expected["items"] = items
+    else:
+        started, notes = ended, None
+        expected.update(op=None, key=None)
+    expected["ts"] = (started + offset) // 1000 / 1e6
+    version = named_version
+    if draw(st.booleans()):
+        name, code = draw(texts), draw(ints)
+        answer: dict[str, Any] = {"error": {"code": code, "name": name, "message": draw(texts)}}
+        expected.update(result=name, code=code)
+    else:
+        result: dict[str, Any] = {"signature": draw(st.binary(max_size=8)), "key": draw(texts)}
+        for field in ("version", "current_version"):
+            value = draw(maybe_ints)
+            if value is not None:
+                result[field] = value
+        valid = draw(st.sampled_from([None, True, False]))
+        if valid is not None:
+            result["valid"] = expected["valid"] = valid
+        answer = {"result": result}
+        expected.update(result="ok", code=0)
+        if version is None:
+            version = result.get("version", result.get("current_version"))
+    if version is not None:
+        expected["version"] = version
+    body = msgpack.packb({"v": 1, "id": draw(maybe_ints), **answer}, use_bin_type=True)
+    frame = HEADER.pack(len(body)) + body
+    return (who_fields(who), notes, ended, frame, None, None), expected, offset
+
+
+@settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(entries(), st.integers(1, 1 << 62), st.binary(min_size=32, max_size=32).map(bytes.hex))
+def test_records_are_encoded_exactly_as_canonical_encodes_them(
+    case: tuple[Entry, dict[str, Any], int], seq: int, prev: str
+) -> None:
+    entry, expected, offset = case
+    line, digest = _seal_entry(entry, seq, prev, offset)
+    expected.update(seq=seq, prev=prev)
+    assert (line, digest) == line_of(canonical(expected))
+    assert line.endswith(b"\n")
+    assert line.count(b"\n") == 1
+    assert json.loads(line) == {**expected, "hash": digest}
+
+
+def test_encoded_records_verify_as_a_chain(tmp_path: Path) -> None:
+    """Lines of the template encoder, chained, pass ``verify_files`` (what signctl runs)."""
+    who = who_fields(
+        # Not UTF-8: bytes decoded by surrogateescape, and a surrogate of no such origin.
+        Principal(1000, 1000, 4242, "ünïcode\udcff", frozenset(), frozenset(), "/b\udcfe/\ud800")
+    )
+    ok = msgpack.packb({"v": 1, "id": 1, "result": {"valid": True, "version": 3}})
+    err = msgpack.packb({"v": 1, "id": 2, "error": {"code": 300, "name": 'bad "name"\n'}})
+    lines, prev = [], GENESIS
+    for seq, (notes, body) in enumerate(
+        [(("verify", "k\u2028", "ab" * 32, None, None, 10**9), ok), (None, err)] * 3, 1
+    ):
+        line, prev = _seal_entry(
+            (who, notes, 2 * 10**9, HEADER.pack(len(body)) + body, None, None), seq, prev, 1
+        )
+        lines.append(line)
+    path = tmp_path / "audit-000001.jsonl"
+    path.write_bytes(b"".join(lines))
+    state = verify_files([str(path)])
+    assert (state.records, state.problems) == (6, [])

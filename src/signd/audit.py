@@ -8,12 +8,23 @@ mode (the default) an answer is sent only after its record is durable, so a
 once and syncs every second.  The format and its verification live in
 ``signd_client.audit`` (``signctl audit verify``).
 
-The event loop does as little per request as it can: it queues the request,
-one clock reading and the encoded answer (``Entry``).  The writer thread
-turns that into the record: it decodes the answer, hashes the signed data and
-writes the canonical JSON with a fixed template (``_seal_entry``) instead of
-``json.dumps``, several times cheaper.  It holds the GIL while it does so, so
-this work is not free for the loop either: cheap is what counts, not where.
+What it costs per request is kept small, in three ways:
+
+* The event loop does little: when a request is read it notes what its record
+  needs (``notes_of``), and with its answer it queues one tuple (``Entry``).
+  The writer thread decodes the answer and builds the record.
+* The record's canonical JSON is filled into a template (``_seal_entry``)
+  rather than made by ``json.dumps``, several times cheaper; the principal's
+  part is encoded once per connection (``who_fields``).
+* Few objects for the garbage collector per request.  In strict mode an
+  answer waits a millisecond or so for its ``fsync``, and what it holds
+  meanwhile is traversed, and promoted, by the collections that run in
+  between.  So there is no closure per answer (the writer calls
+  ``Recipient.audited``), and the notes on a request are plain values, not
+  the request.
+
+The writer thread holds the GIL while it builds lines, so that work is not
+free for the event loop either: what counts is that it is cheap.
 
 Records never hold signed data or PINs: only the SHA-256 of what was signed.
 """
@@ -28,10 +39,9 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Callable
 from json.encoder import encode_basestring
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 import msgpack
 import trio
@@ -41,22 +51,41 @@ from signd_client.audit import GENESIS, line_of
 from .policy import Principal
 from .protocol import HEADER, Message, Request
 
-__all__ = ["AuditLog", "Entry", "Opened", "Who", "data_digest", "who_fields"]
+__all__ = [
+    "AuditLog",
+    "Entry",
+    "Notes",
+    "Recipient",
+    "Who",
+    "data_digest",
+    "notes_of",
+    "who_fields",
+]
 
 log = logging.getLogger("signd.audit")
 
 MODES: Final = ("strict", "relaxed")
 _STOP: Final = object()
-Done = Callable[[bool], None]  # True: the record is written (durably, in strict mode)
+
+
+class Recipient(Protocol):
+    """Who gets an answer once its record is written (a connection)."""
+
+    def audited(self, request_id: int | None, frame: bytes, ok: bool) -> None:
+        """``frame``'s record is written (durably, in strict mode) if ``ok``;
+        if not, the answer must be withheld.  Runs in trio."""
+
 
 #: A connection's principal as canonical JSON values, (exe, gid, pid, uid, user):
 #: the same on every record of the connection, so encoded once (``who_fields``).
 Who = tuple[str, str, str, str, str]
-#: A request as it was read: the request, and ``time.perf_counter_ns()`` then.
-Opened = tuple[Request, int]
-#: What the loop queues per answer: (who, opened or None when the answer has no
-#: known request, perf_counter_ns of the answer, the answer's frame, done or None).
-Entry = tuple[Who, Opened | None, int, bytes, Done | None]
+#: What a request's record needs from the request, noted when it is read
+#: (``notes_of``): (op, key, data_sha256, items, version, time.perf_counter_ns()).
+Notes = tuple[str, str | None, str | None, int | None, int | None, int]
+#: What the loop queues per answer: (who, the request's notes or None when the
+#: answer is to no known request, perf_counter_ns of the answer, the answer's
+#: frame, whom to hand it back to or None (relaxed mode), the request id).
+Entry = tuple[Who, Notes | None, int, bytes, Recipient | None, int | None]
 
 
 def data_digest(args: Message) -> tuple[str | None, int | None]:
@@ -73,6 +102,17 @@ def data_digest(args: Message) -> tuple[str | None, int | None]:
                 h.update(hashlib.sha256(v).digest())
             return h.hexdigest(), len(values)
     return None, None
+
+
+def notes_of(request: Request, now: int) -> Notes:
+    """What ``request``'s record needs from it; ``now`` is ``time.perf_counter_ns()``
+    when it was read.  Plain values only, so that the request itself can go."""
+    args = request.args
+    digest, items = data_digest(args)
+    # A request naming a key version (disable, enable, destroy...) is recorded
+    # with that version; others with the version their answer names.
+    version = getattr(args, "version", None)
+    return (request.op, getattr(args, "key", None), digest, items, version, now)
 
 
 # ---------------------------------------------------------------- record encoding
@@ -111,7 +151,7 @@ def _utf8(text: str | None) -> str | None:
         return None
     try:
         raw = text.encode("utf-8", "surrogateescape")
-    except UnicodeEncodeError:  # a surrogate surrogateescape did not make
+    except UnicodeEncodeError:  # a surrogate that surrogateescape did not make
         raw = text.encode("utf-8", "surrogatepass")
     return raw.decode("utf-8", "backslashreplace")
 
@@ -137,23 +177,19 @@ def _seal_entry(entry: Entry, seq: int, prev: str, clock_offset: int) -> tuple[b
         Exception: the answer cannot be decoded or the record encoded; the
             caller withholds that answer.
     """
-    (exe, gid, pid, uid, user), opened, ended, frame, _ = entry
-    if opened is not None:
-        request, started = opened
-        args = request.args
-        op = _json(request.op)
-        key = _json(getattr(args, "key", None))
-        digest, items = data_digest(args)
+    (exe, gid, pid, uid, user), notes, ended, frame, _, _ = entry
+    if notes is not None:
+        op_, key_, digest, items, version, started = notes
+        op, key = _json(op_), _json(key_)
         data = "" if digest is None else f'"data_sha256":"{digest}",'
-        counted = "" if items is None else f'"items":{items},'
-        # µs resolution for both, as float.__repr__ writes them (what json.dumps does).
+        counted = "" if items is None else f'"items":{_json(items)},'
+        # µs resolution for both, written by float.__repr__ as json.dumps does.
         latency = f'"latency_ms":{float.__repr__((ended - started) // 1000 / 1e3)},'
-        version = getattr(args, "version", None)  # a request naming a version: that one
     else:  # an answer to no known request: when it was answered, nothing else
         op = key = "null"
         data = counted = latency = ""
-        started = ended
         version = None
+        started = ended
     ts = float.__repr__((started + clock_offset) // 1000 / 1e6)
 
     answer = msgpack.unpackb(frame[HEADER.size :])
@@ -171,7 +207,7 @@ def _seal_entry(entry: Entry, seq: int, prev: str, clock_offset: int) -> tuple[b
             valid = f',"valid":{_json(value["valid"])}'
     versioned = "" if version is None else f',"version":{_json(version)}'
 
-    # Keys in sorted order; a template per optional member would be no faster.
+    # Every member in sorted key order; the optional ones carry their own comma.
     body = (
         f'{{"code":{code},{data}"exe":{exe},"gid":{gid},{counted}"key":{key},{latency}'
         f'"op":{op},"pid":{pid},"prev":"{prev}","result":{result},"seq":{seq},"ts":{ts},'
@@ -225,17 +261,24 @@ class AuditLog:
 
     # ------------------------------------------------------------ hot path
 
-    def record(self, who: Who, opened: Opened | None, frame: bytes, done: Done) -> None:
-        """Queue the record of answer ``frame`` to ``opened``, by ``who``; ``done``
-        runs in trio once it is written (strict: durable).
+    def record(
+        self,
+        who: Who,
+        notes: Notes | None,
+        frame: bytes,
+        recipient: Recipient,
+        request_id: int | None,
+    ) -> None:
+        """Queue the record of answer ``frame`` (to the request ``notes`` describe);
+        ``recipient.audited`` runs in trio once it is written (strict: durable).
 
-        In relaxed mode ``done`` runs at once.
+        In relaxed mode it runs at once.
         """
         if self.mode == "relaxed":
-            self._queue.put((who, opened, time.perf_counter_ns(), frame, None))
-            done(True)
+            self._queue.put((who, notes, time.perf_counter_ns(), frame, None, request_id))
+            recipient.audited(request_id, frame, True)
         else:
-            self._queue.put((who, opened, time.perf_counter_ns(), frame, done))
+            self._queue.put((who, notes, time.perf_counter_ns(), frame, recipient, request_id))
 
     # ------------------------------------------------------------ writer thread
 
@@ -265,7 +308,7 @@ class AuditLog:
                     break
             stop = any(i is _STOP for i in items)
             batch: list[Entry] = [i for i in items if i is not _STOP]
-            lines, dones, withheld = self._seal_batch(batch)
+            lines, answered, withheld = self._seal_batch(batch)
             ok = True
             if lines:
                 try:
@@ -282,10 +325,10 @@ class AuditLog:
                     ok = False
                     self.failures += len(lines)
                     log.error("audit write failed", extra={"error": str(exc)})
-            for callbacks, written in ((dones, ok), (withheld, False)):
-                if callbacks:
+            for done, written in ((answered, ok), (withheld, False)):
+                if done:
                     try:
-                        self._trio_token.run_sync_soon(_finish, callbacks, written)
+                        self._trio_token.run_sync_soon(_finish, done, written)
                     except trio.RunFinishedError:
                         pass
             if stop:
@@ -295,17 +338,16 @@ class AuditLog:
                     self._file.close()
                 return
 
-    def _seal_batch(self, batch: list[Entry]) -> tuple[list[bytes], list[Done], list[Done]]:
-        """Chain ``batch``: (its lines, the dones of those, the dones of entries
-        that could not be recorded, whose answers are withheld)."""
+    def _seal_batch(self, batch: list[Entry]) -> tuple[list[bytes], list[Entry], list[Entry]]:
+        """Chain ``batch``: (its lines; the entries to answer once they are written;
+        those that could not be recorded, whose answers are withheld)."""
         lines: list[bytes] = []
-        dones: list[Done] = []
-        withheld: list[Done] = []
+        answered: list[Entry] = []
+        withheld: list[Entry] = []
         if not batch:
-            return lines, dones, withheld
+            return lines, answered, withheld
         clock_offset = time.time_ns() - time.perf_counter_ns()
         for entry in batch:
-            done = entry[4]
             try:
                 line, digest = _seal_entry(entry, self._seq + 1, self._prev, clock_offset)
             except Exception:
@@ -313,15 +355,15 @@ class AuditLog:
                 # would wait for it forever.
                 log.exception("an audit record could not be encoded")
                 self.failures += 1
-                if done is not None:
-                    withheld.append(done)
+                if entry[4] is not None:
+                    withheld.append(entry)
                 continue
             self._seq += 1
             self._prev = digest
             lines.append(line)
-            if done is not None:
-                dones.append(done)
-        return lines, dones, withheld
+            if entry[4] is not None:
+                answered.append(entry)
+        return lines, answered, withheld
 
     def _rotate(self) -> None:
         os.fsync(self._file.fileno())
@@ -362,9 +404,10 @@ def _chain_end(last: Path, older: list[Path]) -> tuple[int, str]:
     return 0, GENESIS
 
 
-def _finish(dones: list[Done], ok: bool) -> None:
-    for done in dones:
+def _finish(entries: list[Entry], ok: bool) -> None:
+    for _, _, _, frame, recipient, request_id in entries:
         try:
-            done(ok)
+            if recipient is not None:  # always: only those are handed back
+                recipient.audited(request_id, frame, ok)
         except Exception:
             log.exception("an audited answer could not be sent")

@@ -28,7 +28,7 @@ from typing import Final
 
 import trio
 
-from .audit import AuditLog, Opened, who_fields
+from .audit import AuditLog, Notes, notes_of, who_fields
 from .config import LimitsConfig
 from .errors import Busy, FrameTooLarge, InternalError, ShuttingDown
 from .outbox import Outbox
@@ -197,8 +197,8 @@ class _Connection:
         self.audit = audit
         # Requests in flight, by id, for their audit records; a client that
         # reuses an id still in flight has the later ones wait in audit_more.
-        self.audit_open: dict[int, Opened] = {}
-        self.audit_more: dict[int, list[Opened]] = {}
+        self.audit_open: dict[int, Notes] = {}
+        self.audit_more: dict[int, list[Notes]] = {}
         self.audit_who = who_fields(self.principal) if audit is not None else None
         self.schedule_flush = schedule_flush
         self.inflight = 0
@@ -206,43 +206,42 @@ class _Connection:
         self._settled = trio.lowlevel.ParkingLot()
 
     def reply(self, request_id: int | None, frame: bytes) -> None:
-        audit = self.audit
-        if audit is None:
+        audit, who = self.audit, self.audit_who
+        if audit is None or who is None:
             self.inflight -= 1
             self.send(frame)
             return
-        opened = None
+        notes = None
         if request_id is not None:
-            opened = self.audit_open.pop(request_id, None)
+            notes = self.audit_open.pop(request_id, None)
             if self.audit_more:
                 waiting = self.audit_more.get(request_id)
                 if waiting:  # the next request that reused this id
                     self.audit_open[request_id] = waiting.pop(0)
                     if not waiting:
                         del self.audit_more[request_id]
+        audit.record(who, notes, frame, self, request_id)
 
-        def then(ok: bool) -> None:
-            self.inflight -= 1
-            if ok:
-                self.send(frame)
-            else:  # strict: no answer without its record
-                self.send(
-                    encode_error(
-                        request_id,
-                        InternalError("the audit log could not be written; the answer is withheld"),
-                    )
+    def audited(self, request_id: int | None, frame: bytes, ok: bool) -> None:
+        """The audit log has the record of answer ``frame``: send it."""
+        self.inflight -= 1
+        if ok:
+            self.send(frame)
+        else:  # strict: no answer without its record
+            self.send(
+                encode_error(
+                    request_id,
+                    InternalError("the audit log could not be written; the answer is withheld"),
                 )
-
-        assert self.audit_who is not None
-        audit.record(self.audit_who, opened, frame, then)
+            )
 
     def opened(self, requests: list[Request]) -> None:
-        """Note when ``requests`` (all read at once) came, for their audit records."""
+        """Note what ``requests`` (read together) ask, and when, for their audit records."""
         now = time.perf_counter_ns()
         for req in requests:
-            entry = (req, now)
-            if self.audit_open.setdefault(req.id, entry) is not entry:
-                self.audit_more.setdefault(req.id, []).append(entry)
+            notes = notes_of(req, now)
+            if self.audit_open.setdefault(req.id, notes) is not notes:
+                self.audit_more.setdefault(req.id, []).append(notes)
 
     def send(self, frame: bytes) -> None:
         self.pending.append(frame)
