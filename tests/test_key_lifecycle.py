@@ -38,6 +38,7 @@ from pkcs11.exceptions import UserAlreadyLoggedIn
 
 from signd_client import Client
 from signd_client._calls import Call
+from signd_client.audit import verify_files
 from signd_client.errors import (
     DeletionNotAllowed,
     ErrorCode,
@@ -572,7 +573,7 @@ def test_auto_rotation_rotates_on_schedule(
     make_daemon: Callable[..., Daemon], own_token: TokenEnv, key_name: str
 ) -> None:
     period = 1.5
-    d = on_token(make_daemon, own_token, FAST_KEYS)
+    d = on_token(make_daemon, own_token, FAST_KEYS + '\n[audit]\ndir = "audit"\n')
     with d.client() as c:
         # Below the daemon's min_rotate_period (1 s): refused, naming the setting.
         with pytest.raises(InvalidArgument, match="auto_rotate_period"):
@@ -607,8 +608,20 @@ def test_auto_rotation_rotates_on_schedule(
             sig = signed(c, key_name, n)
             check_signed(info, sig)
             assert verifies_as(c, key_name, sig) == n
+    assert d.proc is not None
+    daemon_pid = d.proc.pid
     assert d.stop() == 0
     assert d.logs().count('"key rotated on schedule"') == len(numbers) - 1
+
+    # Each scheduled rotation is audited, in the chain, as the daemon's own act.
+    files = sorted((d.workdir / "audit").glob("audit-*.jsonl"))
+    assert verify_files(map(str, files)).problems == []
+    records = [json.loads(ln) for f in files for ln in f.read_bytes().split(b"\n") if ln]
+    auto = [r for r in records if r.get("op") == "auto_rotate"]
+    assert [r["version"] for r in auto] == numbers[1:]
+    for r in auto:
+        assert (r["key"], r["result"], r["code"]) == (key_name, "ok", 0)
+        assert (r["uid"], r["pid"], r["user"]) == (os.getuid(), daemon_pid, "signd")
 
 
 # --------------------------------------------------------------------------

@@ -37,6 +37,7 @@ import json
 import logging
 import os
 import queue
+import sys
 import threading
 import time
 from json.encoder import encode_basestring
@@ -59,6 +60,7 @@ __all__ = [
     "Who",
     "data_digest",
     "notes_of",
+    "record_own_action",
     "who_fields",
 ]
 
@@ -411,3 +413,38 @@ def _finish(entries: list[Entry], ok: bool) -> None:
                 recipient.audited(request_id, frame, ok)
         except Exception:
             log.exception("an audited answer could not be sent")
+
+
+class _Wait:
+    """A ``Recipient`` that just waits for its record."""
+
+    def __init__(self) -> None:
+        self.done = trio.Event()
+        self.ok = False
+
+    def audited(self, request_id: int | None, frame: bytes, ok: bool) -> None:
+        self.ok = ok
+        self.done.set()
+
+
+async def record_own_action(audit: AuditLog, op: str, key: str, frame: bytes) -> bool:
+    """Record something the daemon did by itself (a scheduled rotation) and wait
+    until the record is written; its principal is the daemon's own process.
+
+    Returns False if the record could not be written (the failure is logged).
+    """
+    me = Principal(
+        uid=os.getuid(),
+        gid=os.getgid(),
+        pid=os.getpid(),
+        user="signd",
+        groups=frozenset(),
+        group_names=frozenset(),
+        exe=sys.executable,
+    )
+    wait = _Wait()
+    audit.record(
+        who_fields(me), (op, key, None, None, None, time.perf_counter_ns()), frame, wait, None
+    )
+    await wait.done.wait()
+    return wait.ok

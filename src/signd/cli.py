@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import logging
 import os
 import signal
@@ -19,11 +20,13 @@ from collections.abc import Sequence
 import trio
 
 from . import __version__
-from .audit import AuditLog
+from .audit import AuditLog, record_own_action
 from .config import Config, ConfigError, Secret, load_config, read_pin
 from .errors import WireError
+from .keystore import LoadedKey
 from .log import setup_logging
 from .policy import Policy
+from .protocol import encode_result
 from .ratelimit import RateLimiter
 from .server import ListenerError, Server, open_listener, systemd_socket
 from .service import Service
@@ -109,6 +112,7 @@ async def _serve(cfg: Config, sock: socket.socket, inherited: bool, pool: TokenP
     if cfg.audit.dir is not None:
         audit = AuditLog(cfg.audit.dir, mode=cfg.audit.mode, max_bytes=cfg.audit.max_bytes)
         await audit.open()
+        service.on_auto_rotate = functools.partial(_audit_auto_rotation, audit)
     else:
         log.warning("audit log disabled: set [audit] dir to keep one")
     server = Server(service, cfg.limits, keep_warm=cfg.token.spin_us / 1e6, audit=audit)
@@ -117,6 +121,13 @@ async def _serve(cfg: Config, sock: socket.socket, inherited: bool, pool: TokenP
     finally:
         if audit is not None:
             await audit.aclose()
+
+
+async def _audit_auto_rotation(audit: AuditLog, key: LoadedKey) -> None:
+    """A scheduled rotation has no request; its record names the daemon itself."""
+    frame = encode_result(None, key.info())
+    if not await record_own_action(audit, "auto_rotate", key.record.name, frame):
+        log.error("a scheduled rotation could not be audited", extra={"key": key.record.name})
 
 
 async def _serve_with(

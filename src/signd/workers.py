@@ -24,11 +24,16 @@ never reaches the token.
 token when its generation counter has moved; a process that writes moves the
 counter for itself, and then misses what *other* processes wrote before, until
 the token changes again (measured: it would go on signing with a version
-another daemon disabled).  So the signing workers never write: they see every
-change on their next search, and they make every read that a decision rests
-on.  Each write (a key generated, a record stored, keys destroyed) is made by
-a fresh worker process, started for it and stopped after it (~150 ms: writes
-are rare administrative operations).
+another daemon disabled).  So the signing workers never write after their
+login: they see every change on their next search, and they make every read a
+decision rests on.  Every write (a key generated, a record stored, keys
+destroyed) goes to one more worker, the *writer*, which never signs.
+
+The writer is started with the others, not per write, because a login is a
+write too: SoftHSM rewrites ``token.object`` in place at every ``C_Login``
+(measured), and a ``kill -9`` in the middle of that leaves it empty, and the
+token unusable.  Logins therefore happen only at start (or to replace a worker
+that died), never as part of a key change.
 """
 
 from __future__ import annotations
@@ -40,7 +45,7 @@ import socket
 import sys
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -132,6 +137,8 @@ class TokenPool:
         self.settings = settings
         self.info: TokenInfo | None = None
         self._workers: list[_Worker | None] = [None] * settings.workers
+        #: the worker that makes every write to the token (index ``settings.workers``)
+        self._writer: _Worker | None = None
         self._queues: dict[object, deque[Entry]] = {}
         self._ready: deque[object] = deque()
         self._queued = 0
@@ -260,16 +267,15 @@ class TokenPool:
                 f"key {name!r} was changed by another process (its record is at revision "
                 f"{newest}, this change was made on {revision - 1}); nothing was changed"
             )
-        async with self._writer() as call:
-            await call("create_metadata", [name, revision, value])
-            revisions = await self._call("revisions", [name])
-            if revisions.count(revision) != 1 or max(revisions) != revision:
-                await call("drop_created", [])
-                raise Conflict(
-                    f"key {name!r} was changed by another process at the same moment; "
-                    "nothing was changed"
-                )
-            await call("drop_older", [name, revision])
+        await self._on_writer("create_metadata", [name, revision, value])
+        revisions = await self._call("revisions", [name])
+        if revisions.count(revision) != 1 or max(revisions) != revision:
+            await self._on_writer("drop_created", [])
+            raise Conflict(
+                f"key {name!r} was changed by another process at the same moment; "
+                "nothing was changed"
+            )
+        await self._on_writer("drop_older", [name, revision])
 
     async def public_keys(self, object_ids: Sequence[bytes]) -> dict[bytes, tuple[bytes, bool]]:
         """(SPKI DER, whether its private key exists) by object id."""
@@ -279,31 +285,20 @@ class TokenPool:
     async def destroy_keys(self, object_id: bytes, *, public: bool = False) -> int:
         """Delete a private key on the token, and its public key if ``public``;
         returns how many objects were deleted."""
-        async with self._writer() as call:
-            result = await call("destroy_keys", [object_id, public])
+        result = await self._on_writer("destroy_keys", [object_id, public])
         assert isinstance(result, int)
         return result
 
     async def generate(self, key_type: str, object_id: bytes, label: str) -> bytes:
-        async with self._writer() as call:
-            result = await call("generate", [key_type, object_id, label])
+        result = await self._on_writer("generate", [key_type, object_id, label])
         assert isinstance(result, bytes)
         return result
 
-    @asynccontextmanager
-    async def _writer(self) -> AsyncIterator[Callable[[str, list[Any]], Awaitable[Any]]]:
-        """A fresh, logged-in worker process for one write; stopped afterwards."""
-        worker = await self._spawn(-1)
-        try:
-            await self._login(worker)
-
-            async def call(op: str, args: list[Any]) -> Any:
-                return await self._call_direct(worker, op, args)
-
-            yield call
-        finally:
-            with trio.CancelScope(shield=True):
-                await self._reap(worker)
+    async def _on_writer(self, op: str, args: list[Any]) -> Any:
+        writer = self._writer
+        if writer is None or not writer.alive:
+            raise TokenUnavailable("the token writer is not running; retry")
+        return await self._call_on(writer, op, args)
 
     async def _call(self, op: str, args: list[Any]) -> Any:
         worker = next((w for w in self._workers if w is not None and w.alive), None)
@@ -356,8 +351,11 @@ class TokenPool:
                     raise
                 log.error("token worker failed to start", extra={"error": str(exc)})
             else:
-                self._workers[index] = worker
-                self.alive_workers += 1
+                if index == self.settings.workers:
+                    self._writer = worker
+                else:
+                    self._workers[index] = worker
+                    self.alive_workers += 1
                 failures = 0
                 if not started:
                     started = True
@@ -445,7 +443,7 @@ class TokenPool:
             "token workers stopping",
             extra={"batches": self.batches_sent, "signatures": self.entries_sent},
         )
-        for w in self._workers:
+        for w in [*self._workers, self._writer]:
             if w is not None:
                 await w.stream.aclose()
 
@@ -473,7 +471,7 @@ class TokenPool:
         if not worker.alive:
             return
         worker.alive = False
-        if self._workers[worker.index] is worker:
+        if worker.index < len(self._workers) and self._workers[worker.index] is worker:
             self.alive_workers -= 1
         error = TokenUnavailable("the token worker stopped; retry")
         for pending in worker.waiting.values():
@@ -503,7 +501,8 @@ async def open_token_pool(settings: PoolSettings) -> AsyncIterator[TokenPool]:
     pool = TokenPool(settings)
     async with trio.open_nursery() as nursery:
         try:
-            for index in range(settings.workers):
+            # The signing workers, then the writer (index ``workers``).
+            for index in range(settings.workers + 1):
                 info = await nursery.start(pool._supervise, index)
                 if pool.info is None:
                     pool.info = info
