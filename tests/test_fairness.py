@@ -68,7 +68,8 @@ def sign_frames(key: str, tag: str, ids: range) -> bytes:
 
 
 def token_workers(daemon: Daemon) -> list[int]:
-    """Pids of the daemon's token worker processes (``python -m signd.token``)."""
+    """Pids of the daemon's signing token workers (``python -m signd.token FD sign``;
+    the writer, ``... write``, never signs)."""
     assert daemon.proc is not None
     children = []
     for task in Path(f"/proc/{daemon.proc.pid}/task").iterdir():
@@ -78,7 +79,8 @@ def token_workers(daemon: Daemon) -> list[int]:
     return [
         int(c)
         for c in children
-        if b"signd.token" in Path(f"/proc/{c}/cmdline").read_bytes().split(b"\0")
+        if Path(f"/proc/{c}/cmdline").read_bytes().split(b"\0")[-2:] == [b"sign", b""]
+        and b"signd.token" in Path(f"/proc/{c}/cmdline").read_bytes()
     ]
 
 

@@ -7,6 +7,8 @@ import os
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from signd import algorithms
 from signd.config import ConfigError, Secret, TokenConfig, load_config, read_pin
@@ -20,7 +22,9 @@ from signd.keystore import (
     VERIFY_ONLY,
     KeyRecord,
     KeySettings,
+    Keystore,
     check_key_name,
+    load_key,
 )
 
 # ---------------------------------------------------------------- key records
@@ -240,3 +244,22 @@ def test_secret_never_prints() -> None:
     assert "hunter2" not in repr(s)
     assert "hunter2" not in str(s)
     assert "hunter2" not in f"{s}"
+
+
+def test_the_cache_never_goes_back_to_an_older_revision() -> None:
+    """A read that started before a change finished must not undo it in the cache."""
+    kt = algorithms.key_type("ed25519")
+    spki = (
+        ed25519.Ed25519PrivateKey.generate()
+        .public_key()
+        .public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    )
+    r1 = KeyRecord.new("k", kt, 100.0, b"\1" * 8)
+    r2 = r1.rotated(200.0, b"\2" * 8)
+    store = Keystore()
+    store.put(load_key(r2, {b"\1" * 8: spki, b"\2" * 8: spki}, 300.0))
+    store.put(load_key(r1, {b"\1" * 8: spki}, 300.0))  # a stale read arrives late
+    assert store.get("k").record == r2
+    r3 = r2.with_state([1], DISABLED)
+    store.put(load_key(r3, {b"\1" * 8: spki, b"\2" * 8: spki}, 300.0))
+    assert store.get("k").record == r3

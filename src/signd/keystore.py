@@ -505,7 +505,14 @@ class Keystore:
         return self._keys.get(name)
 
     def put(self, key: LoadedKey) -> None:
-        self._keys[key.record.name] = key
+        """Cache ``key``, unless a newer revision of it is cached already.
+
+        Records only move forward; a read that started before a change here
+        finished (the periodic sync, a look-up) must not bring back the old one.
+        """
+        cached = self._keys.get(key.record.name)
+        if cached is None or cached.record.revision <= key.record.revision:
+            self._keys[key.record.name] = key
 
     def forget(self, name: str) -> None:
         self._keys.pop(name, None)

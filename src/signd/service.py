@@ -549,8 +549,8 @@ class Service:
         """Re-read every key record; reload the keys whose revision moved."""
         for blob in await self.token.load_metadata():
             cached = self.keystore.get_or_none(blob.name)
-            if cached is not None and cached.record.revision == blob.revision:
-                continue
+            if cached is not None and cached.record.revision >= blob.revision:
+                continue  # (older: read before a change made here meanwhile)
             async with self._admin_lock:
                 try:
                     record = KeyRecord.from_bytes(blob.name, blob.revision, blob.value)

@@ -323,8 +323,10 @@ class TokenPool:
     async def _spawn(self, index: int) -> _Worker:
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
+            # The role is only for people reading ``ps``: "sign" or "write".
+            role = "write" if index == self.settings.workers else "sign"
             process = await trio.lowlevel.open_process(
-                [sys.executable, "-m", "signd.token", str(child.fileno())],
+                [sys.executable, "-m", "signd.token", str(child.fileno()), role],
                 pass_fds=(child.fileno(),),
             )
         finally:
