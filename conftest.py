@@ -7,6 +7,7 @@ Unix socket.  Nothing is mocked.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -89,6 +90,8 @@ def write_config(
         f'[server]\nsocket = "{socket_path}"\n{server_extra}\n'
         f'[token]\nmodule = "{token.module}"\nlabel = "{token.label}"\n'
         f'pin_file = "{token.pin_file}"\n\n{extra}'
+        # Many daemons run at once in the tests: each takes a free metrics port.
+        + ("" if "[metrics]" in extra else '\n[metrics]\nlisten = "127.0.0.1:0"\n')
     )
     return path
 
@@ -162,6 +165,15 @@ class Daemon:
                 return
             time.sleep(0.02)
         pytest.fail(f"signd did not become ready in {timeout}s:\n{self.logs()}")
+
+    def metrics_url(self) -> str:
+        """Where this run of the daemon serves /metrics (from its log line)."""
+        for line in reversed(self.log_path.read_text(errors="replace").splitlines()):
+            if '"msg": "metrics endpoint"' in line:
+                url = json.loads(line)["url"]
+                assert isinstance(url, str)
+                return url
+        pytest.fail(f"signd logged no metrics endpoint:\n{self.logs()}")
 
     def logs(self) -> str:
         """Everything this daemon logged, across restarts."""

@@ -185,7 +185,12 @@ def test_defaults_and_relative_paths(tmp_path: Path) -> None:
         ('[token]\nmodule = "relative.so"\n', "token.module"),
         ('[token]\nlabel = "' + "x" * 33 + '"\n', "token.label"),
         ('[log]\nlevel = "loud"\n', "log.level"),
-        ("[metrics]\n", "metrics"),
+        ("[telemetry]\n", "telemetry"),
+        ('[metrics]\nlisten = "9464"\n', "metrics.listen"),
+        ('[metrics]\nlisten = "::1:9464"\n', "metrics.listen"),
+        ('[metrics]\nenabled = "yes"\n', "metrics.enabled"),
+        ("[keys]\nmin_rotate_period = 0\n", "keys.min_rotate_period"),
+        ("[keys]\nsync_interval = 0\n", "keys.sync_interval"),
     ],
 )
 def test_bad_values_name_the_field(tmp_path: Path, extra: str, field: str) -> None:

@@ -40,6 +40,7 @@ import queue
 import sys
 import threading
 import time
+from collections.abc import Callable
 from json.encoder import encode_basestring
 from pathlib import Path
 from typing import Any, Final, Protocol
@@ -234,6 +235,8 @@ class AuditLog:
         self._file: Any = None
         self.records_written = 0
         self.failures = 0
+        #: called from the writer thread with the seconds each group commit took
+        self.on_write: Callable[[float], None] | None = None
 
     # ------------------------------------------------------------ lifecycle
 
@@ -313,6 +316,7 @@ class AuditLog:
             lines, answered, withheld = self._seal_batch(batch)
             ok = True
             if lines:
+                started = time.perf_counter()
                 try:
                     self._file.write(b"".join(lines))
                     self._file.flush()
@@ -321,6 +325,8 @@ class AuditLog:
                         os.fsync(self._file.fileno())
                         last_sync = now
                     self.records_written += len(lines)
+                    if self.on_write is not None:
+                        self.on_write(time.perf_counter() - started)
                     if self._file.tell() >= self.max_bytes:
                         self._rotate()
                 except OSError as exc:

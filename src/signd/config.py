@@ -151,6 +151,15 @@ class KeysConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class MetricsConfig:
+    """The Prometheus endpoint: loopback only unless an address says otherwise."""
+
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = 9464
+
+
+@dataclass(frozen=True, slots=True)
 class LogConfig:
     level: str = "info"
 
@@ -164,6 +173,7 @@ class Config:
     audit: AuditConfig = field(default_factory=AuditConfig)
     rate_limits: RateLimitsConfig = field(default_factory=RateLimitsConfig)
     keys: KeysConfig = field(default_factory=KeysConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
     log: LogConfig = field(default_factory=LogConfig)
     path: str | None = None
 
@@ -339,6 +349,14 @@ def _parse(doc: Mapping[str, Any], path: str | None, base: Path) -> Config:
         sync_interval=ks.take("sync_interval", float, dk.sync_interval, _between(0.1, 3600)),
     )
     ks.done()
+    mt = _Section("metrics", sections.pop("metrics", {}))
+    enabled = mt.take("enabled", bool, True)
+    listen = mt.take("listen", str, "127.0.0.1:9464", _listen_address)
+    mt.done()
+    host, _, port_text = listen.rpartition(":")
+    metrics = MetricsConfig(
+        enabled=enabled and bool(listen), host=host.strip("[]"), port=int(port_text)
+    )
     if sections:
         raise ConfigError(f"{sorted(sections)[0]}: unknown section")
     return Config(
@@ -349,9 +367,20 @@ def _parse(doc: Mapping[str, Any], path: str | None, base: Path) -> Config:
         audit=audit,
         rate_limits=rate_limits,
         keys=keys,
+        metrics=metrics,
         log=LogConfig(level),
         path=path,
     )
+
+
+def _listen_address(v: str) -> str | None:
+    """host:port, [v6]:port; the host must be written (no silent all-interfaces)."""
+    host, sep, port = v.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        return 'must be "host:port" (e.g. "127.0.0.1:9464", "[::1]:9464")'
+    if ":" in host and not (host.startswith("[") and host.endswith("]")):
+        return "an IPv6 address must be in brackets, e.g. [::1]:9464"
+    return None
 
 
 def _strings(where: str, value: Any, allowed: tuple[str, ...] | None = None) -> frozenset[str]:

@@ -293,6 +293,8 @@ class Server:
         self.service = service
         self.limits = limits
         self.connections = 0
+        #: the connections being served (for the in-flight gauge)
+        self.live: set[_Connection] = set()
         self._accepting = trio.CancelScope()
         self._readers: set[trio.CancelScope] = set()
         self._stopping = False
@@ -404,9 +406,12 @@ class Server:
             elif self._stopping:
                 await self._refuse(stream, ShuttingDown("signd is shutting down"))
             else:
-                await self._converse(
-                    _Connection(stream, self.limits, self._schedule_flush, self.audit)
-                )
+                conn = _Connection(stream, self.limits, self._schedule_flush, self.audit)
+                self.live.add(conn)
+                try:
+                    await self._converse(conn)
+                finally:
+                    self.live.discard(conn)
         except* (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             pass  # the peer went away; there is no one left to answer
         except* Exception as group:
@@ -444,6 +449,7 @@ class Server:
                 pass
 
     async def _refuse(self, stream: trio.SocketStream, error: Busy | ShuttingDown) -> None:
+        self.service.metrics.error(None, error)
         with trio.move_on_after(1.0):
             await stream.send_all(encode_error(None, error))
 
@@ -491,11 +497,13 @@ class Server:
             for body in conn.decoder.frames():
                 event = decode_request(body)
                 if isinstance(event, BadRequest):
+                    self.service.metrics.error(None, event.error)
                     conn.send(encode_error(event.id, event.error))
                 else:
                     requests.append(event)
         except FrameTooLarge as exc:
             # The stream cannot be resynchronised: answer, then close this one only.
+            self.service.metrics.error(None, exc)
             conn.send(encode_error(None, exc))
             keep_open = False
         if requests:

@@ -49,6 +49,7 @@ from .keystore import (
     new_object_id,
     object_label,
 )
+from .metrics import Metrics
 from .policy import Policy, Principal
 from .protocol import (
     MAX_BATCH,
@@ -105,6 +106,7 @@ class Service:
         request_timeout: float = 30.0,
         min_rotate_period: float = 3600.0,
         sync_interval: float = 5.0,
+        metrics: Metrics | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.token = token
@@ -112,6 +114,7 @@ class Service:
         self.limiter = limiter
         self.keystore = Keystore()
         self.request_timeout = request_timeout
+        self.metrics = metrics if metrics is not None else Metrics()
         self.min_rotate_period = min_rotate_period
         self.sync_interval = sync_interval
         self._clock = clock
@@ -155,10 +158,12 @@ class Service:
 
         Returns the slow ones, for the caller to run as tasks.
         """
-        groups: list[tuple[int, list[Entry]]] = []  # (request id, its entries)
+        groups: list[tuple[Request, list[Entry]]] = []  # (request, its entries)
         slow: list[SlowWork] = []
         deadline = time.monotonic() + self.request_timeout
         now = self._clock()
+        started = time.perf_counter()
+        metrics = self.metrics
         inline_ok = len(requests) == 1 and self.token.pending == 0
         for req in requests:
             try:
@@ -182,13 +187,15 @@ class Service:
                     if isinstance(args, SignArgs):
                         self._limit(who, args.key, 1)
                         plan = algorithms.plan_sign(key.kt, args)
-                        done = _sign_done(req.id, key, version, plan, reply)
-                        groups.append((req.id, [Entry(_job(version, plan), done, deadline)]))
+                        done = _sign_done(req.id, key, version, plan, reply, metrics, started)
+                        groups.append((req, [Entry(_job(version, plan), done, deadline)]))
                     else:
                         items = args.messages if args.messages is not None else args.digests
                         self._limit(who, args.key, len(items or ()))
-                        entries = _batch_entries(req.id, key, version, args, reply, deadline)
-                        groups.append((req.id, entries))
+                        entries = _batch_entries(
+                            req.id, key, version, args, reply, deadline, metrics, started
+                        )
+                        groups.append((req, entries))
                 elif isinstance(args, VerifyArgs):
                     key = self._key_or_none(args.key)
                     if key is None:
@@ -203,14 +210,16 @@ class Service:
                         # load they go to the workers, so every core verifies
                         # and this loop keeps to the sockets (measured: doing
                         # a share here too only slows the loop down).
-                        reply(req.id, encode_result(req.id, _verify(key, candidates, args)))
+                        answer = _verify(key, candidates, args)
+                        metrics.verified(args.key, "valid" if answer.valid else "invalid")
+                        reply(req.id, encode_result(req.id, answer))
                     else:
                         entry = Entry(
                             _verify_job(key, candidates, args),
-                            _verify_done(req.id, key, reply),
+                            _verify_done(req.id, key, reply, metrics),
                             deadline,
                         )
-                        groups.append((req.id, [entry]))
+                        groups.append((req, [entry]))
                 elif req.op in ADMIN_OPS:
                     slow.append(partial(self._admin, req, reply))
                 else:
@@ -224,20 +233,35 @@ class Service:
                         continue
                     reply(req.id, encode_result(req.id, result))
             except WireError as exc:
+                self._refused(req, exc)
                 reply(req.id, encode_error(req.id, exc))
             except Exception:
                 log.exception("internal error", extra={"op": req.op})
-                reply(req.id, encode_error(req.id, InternalError("internal error; see daemon log")))
+                bug = InternalError("internal error; see daemon log")
+                self._refused(req, bug)
+                reply(req.id, encode_error(req.id, bug))
         if groups:
-            for rid, entries in groups:
+            for req, entries in groups:
                 if not entries:
                     continue  # a batch whose every item was refused is answered already
                 try:
                     self.token.enqueue(source, entries)
                 except WireError as exc:  # busy, or no worker: the request fails whole
-                    reply(rid, encode_error(rid, exc))
+                    self._refused(req, exc)
+                    reply(req.id, encode_error(req.id, exc))
             self.token.pump()
         return slow
+
+    def _refused(self, req: Request, exc: WireError) -> None:
+        """Count a request answered with an error before it reached the token."""
+        self.metrics.error(req.op, exc)
+        name = getattr(req.args, "key", None)
+        if name is None or name not in self.keystore:
+            return  # an unknown key never becomes a label
+        if req.op in ("sign", "sign_batch"):
+            self.metrics.sign_failed(name, getattr(req.args, "version", None), "", exc)
+        elif req.op == "verify":
+            self.metrics.verified(name, exc.name)
 
     def _limit(self, who: Principal, key: str, cost: int) -> None:
         """Raises: RateLimited."""
@@ -317,14 +341,19 @@ class Service:
             if name not in self.keystore:
                 raise KeyNotFound(f"no key named {name!r}")
         except trio.TooSlowError:
-            reply(req.id, encode_error(req.id, DeadlineExceeded("key look-up timed out")))
-            return
-        except WireError as exc:
+            exc: WireError = DeadlineExceeded("key look-up timed out")
+            self._refused(req, exc)
             reply(req.id, encode_error(req.id, exc))
+            return
+        except WireError as error:
+            self._refused(req, error)
+            reply(req.id, encode_error(req.id, error))
             return
         except Exception:
             log.exception("key look-up failed", extra={"key": name})
-            reply(req.id, encode_error(req.id, InternalError("key look-up failed; see daemon log")))
+            exc = InternalError("key look-up failed; see daemon log")
+            self._refused(req, exc)
+            reply(req.id, encode_error(req.id, exc))
             return
         for work in self.handle([req], reply, source, who):  # now known: no slow work
             await work()
@@ -396,12 +425,17 @@ class Service:
                 async with self._admin_lock:
                     key = await self._change(req.op, req.args)
             self._changed.set()
+            if req.op == "rotate":
+                self.metrics.rotated(key.record.name, "manual")
             reply(req.id, encode_result(req.id, key.info()))
         except WireError as exc:
+            self._refused(req, exc)
             reply(req.id, encode_error(req.id, exc))
         except Exception:
             log.exception("internal error", extra={"op": req.op})
-            reply(req.id, encode_error(req.id, InternalError("internal error; see daemon log")))
+            error = InternalError("internal error; see daemon log")
+            self._refused(req, error)
+            reply(req.id, encode_error(req.id, error))
 
     async def _change(self, op: str, args: Message) -> LoadedKey:
         """Run one admin operation (under the admin lock)."""
@@ -566,6 +600,7 @@ class Service:
                 if record is None or due is None or due > self._clock():
                     return
                 key = await self._rotate(record)
+        self.metrics.rotated(name, "scheduled")
         log.info(
             "key rotated on schedule", extra={"key": name, "version": key.record.latest.version}
         )
@@ -606,15 +641,21 @@ def _verify_job(key: LoadedKey, candidates: list[LoadedVersion], args: VerifyArg
     return VerifyJob(key.kt.name, pairs, args.to_wire())
 
 
-def _verify_done(rid: int, key: LoadedKey, reply: Reply) -> Callable[[bool, Any], None]:
+def _verify_done(
+    rid: int, key: LoadedKey, reply: Reply, metrics: Metrics
+) -> Callable[[bool, Any], None]:
     name = key.record.name
 
     def done(ok: bool, value: Any) -> None:
         if not ok:
+            metrics.verified(name, value.name)
+            metrics.error("verify", value)
             reply(rid, encode_error(rid, value))
         elif value is None:
+            metrics.verified(name, "invalid")
             reply(rid, encode_result(rid, VerifyResult(valid=False, key=name)))
         else:
+            metrics.verified(name, "valid")
             version, algorithm = value
             result = VerifyResult(valid=True, key=name, version=version, algorithm=algorithm)
             reply(rid, encode_result(rid, result))
@@ -628,7 +669,13 @@ def _job(version: LoadedVersion, plan: algorithms.SignPlan) -> SignJob:
 
 
 def _sign_done(
-    rid: int, key: LoadedKey, signer: LoadedVersion, plan: algorithms.SignPlan, reply: Reply
+    rid: int,
+    key: LoadedKey,
+    signer: LoadedVersion,
+    plan: algorithms.SignPlan,
+    reply: Reply,
+    metrics: Metrics,
+    started: float,
 ) -> Callable[[bool, Any], None]:
     name, version = key.record.name, signer.record.version
 
@@ -636,8 +683,11 @@ def _sign_done(
         if ok:
             sig = algorithms.finish_signature(plan, value)
             result = SignResult(signature=sig, key=name, version=version, algorithm=plan.algorithm)
+            metrics.signed(name, version, plan.algorithm, 1, started, time.perf_counter())
             reply(rid, encode_result(rid, result))
         else:
+            metrics.sign_failed(name, version, plan.algorithm, value)
+            metrics.error("sign", value)
             reply(rid, encode_error(rid, value))
 
     return done
@@ -650,6 +700,8 @@ def _batch_entries(
     args: SignBatchArgs,
     reply: Reply,
     deadline: float,
+    metrics: Metrics,
+    started: float,
 ) -> list[Entry]:
     """One entry per item; the reply goes out when the last item is answered.
 
@@ -683,6 +735,8 @@ def _batch_entries(
     def finish() -> None:
         left[0] -= 1
         if left[0] == 0:
+            signed = sum(1 for r in results if r is not None and r.signature is not None)
+            metrics.signed(name, version, algorithm, signed, started, time.perf_counter())
             answer = SignBatchResult(
                 key=name,
                 version=version,

@@ -510,8 +510,10 @@ def _frame(obj: Any) -> bytes:
 
 def _handler(session: TokenSession, spin: list[float]) -> Callable[[str, list[Any]], Any]:
     def handle(op: str, args: list[Any]) -> Any:
-        if op == "jobs":
-            return session.run_jobs(args[0])
+        if op == "jobs":  # the outcomes, and how long the token took for them
+            started = time.perf_counter()
+            outcomes = session.run_jobs(args[0])
+            return [time.perf_counter() - started, outcomes]
         if op == "public_keys":
             return session.public_keys(args[0])
         if op == "load_metadata":

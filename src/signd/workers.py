@@ -63,6 +63,7 @@ from .errors import (
     WireError,
     error_from_wire,
 )
+from .metrics import Metrics
 from .outbox import Outbox
 from .protocol import HEADER, FrameDecoder
 from .token import IPC_MAX_FRAME, MetadataBlob, SignJob, TokenInfo, VerifyJob
@@ -139,6 +140,8 @@ class TokenPool:
         self._workers: list[_Worker | None] = [None] * settings.workers
         #: the worker that makes every write to the token (index ``settings.workers``)
         self._writer: _Worker | None = None
+        #: where batch sizes and token times are counted (set by the daemon)
+        self.metrics: Metrics | None = None
         self._queues: dict[object, deque[Entry]] = {}
         self._ready: deque[object] = deque()
         self._queued = 0
@@ -459,7 +462,10 @@ class TokenPool:
             return
         worker.batches -= 1
         self._inflight -= len(pending)
-        for entry, outcome in zip(pending, msg[2], strict=True):
+        seconds, outcomes = msg[2]
+        if self.metrics is not None:
+            self.metrics.token_batch(len(pending), seconds)
+        for entry, outcome in zip(pending, outcomes, strict=True):
             try:
                 if outcome[0]:
                     entry.callback(True, outcome[1])

@@ -1,0 +1,458 @@
+"""Prometheus metrics: counted on the hot path in plain dicts, exported at scrape time.
+
+A ``prometheus_client`` counter or histogram costs about a microsecond per
+update with its labels and locks; at 20,000 signatures a second that would be
+a visible share of the event loop.  So the loop only bumps numbers in plain
+dicts (it is the only writer, one thread), and ``Collector`` turns them into
+metric families when Prometheus scrapes.  Nothing is global: ``Metrics`` is
+made by the daemon and handed to what counts, and its registry is its own.
+
+Labels are bounded: key names the daemon knows, their versions, algorithms,
+wire error names and codes, and fixed enums; never pids, uids or request ids.
+A request refused before its key is known (bad name, ``key_not_found``,
+``permission_denied``) is counted in ``signd_errors_total`` only, so a client
+cannot grow a label set by asking for random names.
+"""
+
+from __future__ import annotations
+
+import bisect
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Final
+
+import trio
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+
+from . import __version__
+from .errors import WireError
+
+__all__ = ["DURATION_BUCKETS", "KeyState", "Metrics", "Snapshot", "serve_http"]
+
+DURATION_BUCKETS: Final = (
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+)
+BATCH_BUCKETS: Final = (1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0)
+#: Seconds the per-key signatures-per-second gauge averages over.
+WINDOW: Final = 10
+
+
+class Histogram:
+    """Bucket counts and a sum; ``observe`` is a bisect and two additions."""
+
+    __slots__ = ("bounds", "counts", "sum")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)  # the last one is +Inf
+        self.sum = 0.0
+
+    def observe(self, value: float, times: int = 1) -> None:
+        self.counts[bisect.bisect_left(self.bounds, value)] += times
+        self.sum += value * times
+
+    def cumulative(self) -> list[tuple[str, float]]:
+        out = []
+        total = 0
+        for bound, n in zip((*map(str, self.bounds), "+Inf"), self.counts, strict=True):
+            total += n
+            out.append((bound, float(total)))
+        return out
+
+
+class Window:
+    """Events per second over the last ``WINDOW`` whole seconds."""
+
+    __slots__ = ("counts", "stamps")
+
+    def __init__(self) -> None:
+        self.counts = [0] * WINDOW
+        self.stamps = [-1] * WINDOW
+
+    def add(self, n: int, now: float) -> None:
+        second = int(now)
+        i = second % WINDOW
+        if self.stamps[i] != second:
+            self.stamps[i] = second
+            self.counts[i] = 0
+        self.counts[i] += n
+
+    def rate(self, now: float) -> float:
+        second = int(now)
+        done = sum(
+            c
+            for c, s in zip(self.counts, self.stamps, strict=True)
+            if second - WINDOW <= s < second
+        )
+        return done / WINDOW
+
+
+@dataclass(frozen=True, slots=True)
+class KeyState:
+    """What the gauges say about one key, read at scrape time."""
+
+    name: str
+    current_version: int
+    current_created: float
+    next_rotation: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """The gauges that are read, not counted: filled by the daemon's parts."""
+
+    token_up: bool = False
+    ready: bool = False
+    connections_open: int = 0
+    requests_in_flight: int = 0
+    token_queue_depth: int = 0
+    token_reconnects: int = 0
+    audit_records: int = 0
+    audit_failures: int = 0
+    keys: tuple[KeyState, ...] = ()
+
+
+@dataclass
+class Metrics:
+    """Every number signd exports.  Update methods run in the event loop only,
+    except ``audit_write`` (the audit writer thread: a float and a list index,
+    safe under the GIL)."""
+
+    clock: Callable[[], float] = time.time
+    #: (key, version, algorithm, result) -> requests
+    sign_requests: dict[tuple[str, str, str, str], int] = field(default_factory=dict)
+    #: (key, version, algorithm) -> signatures
+    signatures: dict[tuple[str, str, str], int] = field(default_factory=dict)
+    #: (key, result) -> requests
+    verify_requests: dict[tuple[str, str], int] = field(default_factory=dict)
+    #: (key, trigger) -> rotations
+    rotations: dict[tuple[str, str], int] = field(default_factory=dict)
+    #: (code, name, op) -> error answers
+    errors: dict[tuple[int, str, str], int] = field(default_factory=dict)
+    rate_limited: dict[str, int] = field(default_factory=dict)
+    sign_duration: dict[str, Histogram] = field(default_factory=dict)
+    token_sign_duration: Histogram = field(default_factory=lambda: Histogram(DURATION_BUCKETS))
+    token_batch_size: Histogram = field(default_factory=lambda: Histogram(BATCH_BUCKETS))
+    audit_write_duration: Histogram = field(default_factory=lambda: Histogram(DURATION_BUCKETS))
+    windows: dict[str, Window] = field(default_factory=dict)
+    #: reads the gauges at scrape time (set by the daemon once its parts exist)
+    snapshot: Callable[[], Snapshot] = Snapshot
+
+    # ------------------------------------------------------------ hot path
+
+    def signed(
+        self, key: str, version: int, algorithm: str, count: int, started: float, now: float
+    ) -> None:
+        """A sign (``count`` 1) or sign_batch request answered with ``count`` signatures."""
+        v = str(version)
+        k = (key, v, algorithm, "ok")
+        self.sign_requests[k] = self.sign_requests.get(k, 0) + 1
+        if count:
+            s = (key, v, algorithm)
+            self.signatures[s] = self.signatures.get(s, 0) + count
+            w = self.windows.get(key)
+            if w is None:
+                w = self.windows[key] = Window()
+            w.add(count, self.clock())
+        h = self.sign_duration.get(key)
+        if h is None:
+            h = self.sign_duration[key] = Histogram(DURATION_BUCKETS)
+        h.observe(now - started)
+
+    def sign_failed(self, key: str, version: int | None, algorithm: str, error: WireError) -> None:
+        """A sign or sign_batch request of a known key answered with ``error``."""
+        k = (key, "" if version is None else str(version), algorithm, error.name)
+        self.sign_requests[k] = self.sign_requests.get(k, 0) + 1
+
+    def verified(self, key: str, result: str) -> None:
+        """``result``: valid, invalid, or a wire error name."""
+        k = (key, result)
+        self.verify_requests[k] = self.verify_requests.get(k, 0) + 1
+
+    def error(self, op: str | None, error: WireError) -> None:
+        k = (int(error.code), error.name, op or "")
+        self.errors[k] = self.errors.get(k, 0) + 1
+        if error.name == "rate_limited":
+            scope = "key" if "per key" in error.message else "principal"
+            self.rate_limited[scope] = self.rate_limited.get(scope, 0) + 1
+
+    def rotated(self, key: str, trigger: str) -> None:
+        k = (key, trigger)
+        self.rotations[k] = self.rotations.get(k, 0) + 1
+
+    def token_batch(self, size: int, seconds: float) -> None:
+        """A worker answered a batch of ``size`` jobs after ``seconds`` of work."""
+        self.token_batch_size.observe(size)
+        if size:
+            self.token_sign_duration.observe(seconds / size)
+
+    def audit_write(self, seconds: float) -> None:
+        self.audit_write_duration.observe(seconds)
+
+    # ------------------------------------------------------------ export
+
+    def registry(self) -> CollectorRegistry:
+        """A registry of its own with these metrics in it (never the global one)."""
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(Collector(self))
+        return registry
+
+
+class Collector:
+    """Turns ``Metrics`` into metric families when Prometheus scrapes."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.m = metrics
+
+    def collect(self) -> Iterator[Metric]:
+        m = self.m
+        now = m.clock()
+        snap = m.snapshot()
+        yield _counter(
+            "signd_sign_requests",
+            "Sign and sign_batch requests of known keys, by result (ok or the error name).",
+            ("key", "version", "algorithm", "result"),
+            list(m.sign_requests.items()),
+        )
+        yield _counter(
+            "signd_signatures",
+            "Signatures made (every sign_batch item counts).",
+            ("key", "version", "algorithm"),
+            list(m.signatures.items()),
+        )
+        yield _counter(
+            "signd_verify_requests",
+            "Verify requests of known keys, by result (valid, invalid or the error name).",
+            ("key", "result"),
+            list(m.verify_requests.items()),
+        )
+        yield _counter(
+            "signd_rotations",
+            "Key rotations, manual or scheduled.",
+            ("key", "trigger"),
+            list(m.rotations.items()),
+        )
+        yield _counter(
+            "signd_errors",
+            "Error answers, by wire code, name and operation.",
+            ("code", "name", "op"),
+            [((str(c), n, o), v) for (c, n, o), v in list(m.errors.items())],
+        )
+        yield _counter(
+            "signd_rate_limited",
+            "Requests refused by a rate limit, by scope (principal or key).",
+            ("scope",),
+            [((s,), v) for s, v in list(m.rate_limited.items())],
+        )
+        yield _counter(
+            "signd_token_reconnects",
+            "Token workers started again after one died or lost its session.",
+            (),
+            [((), snap.token_reconnects)],
+        )
+        yield _counter(
+            "signd_audit_records", "Audit records written.", (), [((), snap.audit_records)]
+        )
+        yield _counter(
+            "signd_audit_write_failures",
+            "Audit records that could not be written (their answers were withheld).",
+            (),
+            [((), snap.audit_failures)],
+        )
+        yield from _key_gauges(m, snap.keys, now)
+        for name, doc, value in (
+            ("signd_token_up", "1 when a token worker is logged in.", float(snap.token_up)),
+            ("signd_ready", "1 when the token is reachable and the keys are loaded.", snap.ready),
+            ("signd_connections_open", "Open client connections.", snap.connections_open),
+            (
+                "signd_requests_in_flight",
+                "Requests read, not yet answered.",
+                snap.requests_in_flight,
+            ),
+            (
+                "signd_token_queue_depth",
+                "Signatures and verifications queued for the token workers.",
+                snap.token_queue_depth,
+            ),
+        ):
+            g = GaugeMetricFamily(name, doc)
+            g.add_metric([], float(value))
+            yield g
+        info = GaugeMetricFamily("signd_build_info", "signd's version.", labels=["version"])
+        info.add_metric([__version__], 1.0)
+        yield info
+        sign = HistogramMetricFamily(
+            "signd_sign_duration_seconds",
+            "Sign request latency, from the read that brought it to its answer.",
+            labels=["key"],
+        )
+        for key, h in list(m.sign_duration.items()):
+            sign.add_metric([key], h.cumulative(), h.sum)
+        yield sign
+        for name, doc, h in (
+            (
+                "signd_token_sign_duration_seconds",
+                "Token time per signature: a worker's time for a batch over its size.",
+                m.token_sign_duration,
+            ),
+            (
+                "signd_token_batch_size",
+                "Jobs per batch handed to a token worker.",
+                m.token_batch_size,
+            ),
+            (
+                "signd_audit_write_duration_seconds",
+                "Writing and syncing one group commit of audit records.",
+                m.audit_write_duration,
+            ),
+        ):
+            fam = HistogramMetricFamily(name, doc)
+            fam.add_metric([], h.cumulative(), h.sum)
+            yield fam
+
+
+def _counter(
+    name: str, doc: str, labels: tuple[str, ...], values: Iterable[tuple[tuple[str, ...], int]]
+) -> CounterMetricFamily:
+    fam = CounterMetricFamily(name, doc, labels=list(labels))
+    for label_values, value in values:
+        fam.add_metric(list(label_values), float(value))
+    return fam
+
+
+def _key_gauges(m: Metrics, keys: Iterable[KeyState], now: float) -> Iterator[Metric]:
+    current = GaugeMetricFamily(
+        "signd_key_current_version", "The key's newest version.", labels=["key"]
+    )
+    age = GaugeMetricFamily(
+        "signd_key_active_version_age_seconds",
+        "Seconds since the key's newest version was made.",
+        labels=["key"],
+    )
+    due = GaugeMetricFamily(
+        "signd_key_next_rotation_timestamp_seconds",
+        "When the key's automatic rotation is due (keys with auto-rotation only).",
+        labels=["key"],
+    )
+    rate = GaugeMetricFamily(
+        "signd_key_signatures_per_second",
+        f"Signatures per second over the last {WINDOW} seconds.",
+        labels=["key"],
+    )
+    for k in keys:
+        current.add_metric([k.name], float(k.current_version))
+        age.add_metric([k.name], max(0.0, now - k.current_created))
+        if k.next_rotation is not None:
+            due.add_metric([k.name], k.next_rotation)
+        w = m.windows.get(k.name)
+        rate.add_metric([k.name], w.rate(now) if w is not None else 0.0)
+    yield from (current, age, due, rate)
+
+
+# ---------------------------------------------------------------- the endpoint
+
+#: Longest request head the endpoint reads, and how long it waits for it.
+MAX_HEAD: Final = 8192
+HEAD_TIMEOUT: Final = 5.0
+CONTENT_TYPE: Final = "text/plain; version=0.0.4; charset=utf-8"
+
+
+async def serve_http(
+    host: str,
+    port: int,
+    registry: CollectorRegistry,
+    ready: Callable[[], bool],
+    *,
+    task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve ``GET /metrics`` (and ``/healthz``, ``/readyz``) on ``host:port``.
+
+    A deliberately small HTTP/1.1 server: one request per connection, a
+    bounded head read within a time-out, nothing else parsed.  Reports the
+    port it bound (``port`` 0 picks a free one).
+
+    Raises: OSError if the address cannot be bound.
+    """
+    listeners = await trio.open_tcp_listeners(port, host=host)
+    bound = listeners[0].socket.getsockname()[1]
+    task_status.started(bound)
+
+    async def handle(stream: trio.SocketStream) -> None:
+        try:
+            with trio.move_on_after(HEAD_TIMEOUT):
+                head = b""
+                while b"\r\n\r\n" not in head and len(head) < MAX_HEAD:
+                    data = await stream.receive_some(MAX_HEAD)
+                    if not data:
+                        break
+                    head += data
+                await stream.send_all(_respond(head, registry, ready))
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            pass
+        finally:
+            await stream.aclose()
+
+    await trio.serve_listeners(handle, listeners)
+
+
+def _respond(head: bytes, registry: CollectorRegistry, ready: Callable[[], bool]) -> bytes:
+    parts = head.split(b"\r\n", 1)[0].split()
+    if len(parts) != 3 or not parts[2].startswith(b"HTTP/"):
+        return _http(400, "text/plain", b"bad request\n")
+    method, target = parts[0], parts[1].split(b"?", 1)[0]
+    if method not in (b"GET", b"HEAD"):
+        return _http(405, "text/plain", b"only GET\n")
+    if target == b"/metrics":
+        body = generate_latest(registry)
+        status = 200
+        kind = CONTENT_TYPE
+    elif target == b"/healthz":
+        status, kind, body = 200, "text/plain", b"live\n"
+    elif target == b"/readyz":
+        is_ready = ready()
+        status, kind = (200 if is_ready else 503), "text/plain"
+        body = b"ready\n" if is_ready else b"not ready\n"
+    else:
+        return _http(404, "text/plain", b"not found: try /metrics\n")
+    return _http(status, kind, b"" if method == b"HEAD" else body, len(body))
+
+
+_REASONS: Final = {
+    200: "OK",
+    400: "Bad Request",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    503: "Service Unavailable",
+}
+
+
+def _http(status: int, kind: str, body: bytes, length: int | None = None) -> bytes:
+    head = (
+        f"HTTP/1.1 {status} {_REASONS[status]}\r\n"
+        f"Content-Type: {kind}\r\n"
+        f"Content-Length: {len(body) if length is None else length}\r\n"
+        "Connection: close\r\n\r\n"
+    )
+    return head.encode() + body
