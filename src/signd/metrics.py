@@ -175,7 +175,7 @@ class Metrics:
             w = self.windows.get(key)
             if w is None:
                 w = self.windows[key] = Window()
-            w.add(count, self.clock())
+            w.add(count, now)  # perf_counter seconds, as at scrape time
         h = self.sign_duration.get(key)
         if h is None:
             h = self.sign_duration[key] = Histogram(DURATION_BUCKETS)
@@ -367,7 +367,7 @@ def _key_gauges(m: Metrics, keys: Iterable[KeyState], now: float) -> Iterator[Me
         if k.next_rotation is not None:
             due.add_metric([k.name], k.next_rotation)
         w = m.windows.get(k.name)
-        rate.add_metric([k.name], w.rate(now) if w is not None else 0.0)
+        rate.add_metric([k.name], w.rate(time.perf_counter()) if w is not None else 0.0)
     yield from (current, age, due, rate)
 
 
