@@ -7,6 +7,7 @@ Unix socket.  Nothing is mocked.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -258,3 +259,27 @@ def key_name(request: pytest.FixtureRequest) -> str:
     """A key name unique to this test, so tests sharing one token never collide."""
     base = "".join(c if c.isalnum() else "-" for c in request.node.name)[:40].strip("-")
     return f"{base}-{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture
+def own_token(token_env: TokenEnv, tmp_path_factory: pytest.TempPathFactory) -> TokenEnv:
+    """A token of this test's own (same module and PIN handling, another directory).
+
+    Every daemon on a token re-reads its keys and rotates those that are due,
+    so on the shared token the session's daemon would take part in a fast
+    schedule (and keep it up after the test); and where several daemons write
+    at once, nothing they leave behind reaches the next test.
+    """
+    state = tmp_path_factory.mktemp("softhsm-own")
+    out = subprocess.run(
+        [
+            *("bash", str(SOFTHSM_INIT)),
+            *("--state-dir", str(state), "--label", "signd-own", "--quiet"),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr
+    conf = Path(out.stdout.strip().split("=", 1)[1])
+    return dataclasses.replace(token_env, state_dir=state, conf=conf, label="signd-own")

@@ -43,7 +43,7 @@ VENV="$ROOT/.venv"
 STATE="$ROOT/state"
 STAMP="$VENV/.signd-dev-installed"
 LABEL=signd-dev
-APT_PACKAGES=(softhsm2 openssl python3 python3-venv systemd p11-kit)
+APT_PACKAGES=(softhsm2 openssl python3 python3-venv systemd p11-kit prometheus)
 
 say() { printf 'dev.sh: %s\n' "$*" >&2; }
 die() {

@@ -13,7 +13,6 @@ polling with a bounded time-out; nothing asserts how long anything took.
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import json
 import os
@@ -535,31 +534,6 @@ def test_destroy_interrupted_after_the_record_is_finished_on_start(
 
 # --------------------------------------------------------------------------
 # automatic rotation
-
-
-@pytest.fixture
-def own_token(token_env: TokenEnv, tmp_path_factory: pytest.TempPathFactory) -> TokenEnv:
-    """A token of this test's own (same module and PIN handling, another directory).
-
-    Every daemon on a token re-reads its keys and rotates those that are due,
-    so on the shared token the session's daemon would take part in a fast
-    schedule (and keep it up after the test); and where several daemons write
-    at once, nothing they leave behind reaches the next test.
-    """
-    state = tmp_path_factory.mktemp("softhsm-own")
-    root = Path(__file__).resolve().parent.parent
-    out = subprocess.run(
-        [
-            *("bash", str(root / "softhsm-init.sh")),
-            *("--state-dir", str(state), "--label", "signd-own", "--quiet"),
-        ],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    assert out.returncode == 0, out.stderr
-    conf = Path(out.stdout.strip().split("=", 1)[1])
-    return dataclasses.replace(token_env, state_dir=state, conf=conf, label="signd-own")
 
 
 def on_token(make_daemon: Callable[..., Daemon], token: TokenEnv, config: str) -> Daemon:

@@ -30,7 +30,8 @@ def scrape(d: Daemon, path: str = "/metrics") -> tuple[int, str, str]:
         with urllib.request.urlopen(d.metrics_url().replace("/metrics", path), timeout=10) as r:
             return r.status, r.headers["Content-Type"], r.read().decode()
     except urllib.error.HTTPError as exc:
-        return exc.code, exc.headers["Content-Type"], exc.read().decode()
+        with exc:
+            return exc.code, exc.headers["Content-Type"], exc.read().decode()
 
 
 def samples(text: str) -> Samples:

@@ -25,11 +25,13 @@ from .config import Config, ConfigError, Secret, load_config, read_pin
 from .errors import WireError
 from .keystore import LoadedKey
 from .log import setup_logging
+from .metrics import KeyState, Metrics, Snapshot, serve_http
 from .policy import Policy
 from .protocol import encode_result
 from .ratelimit import RateLimiter
 from .server import ListenerError, Server, open_listener, systemd_socket
 from .service import Service
+from .systemd import Notifier
 from .workers import PoolSettings, TokenPool, open_token_pool
 
 __all__ = ["main"]
@@ -57,6 +59,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 async def _run(cfg: Config, pin: Secret) -> int:
+    # Before the token workers start: they must not inherit $NOTIFY_SOCKET.
+    notifier = Notifier.from_environ()
     try:
         inherited = systemd_socket()
         sock = inherited or open_listener(
@@ -81,7 +85,7 @@ async def _run(cfg: Config, pin: Secret) -> int:
     try:
         try:
             async with open_token_pool(settings) as pool:
-                return await _serve(cfg, sock, inherited is not None, pool)
+                return await _serve(cfg, sock, inherited is not None, pool, notifier=notifier)
         except* WireError as group:
             for err in group.exceptions:
                 log.error("token unavailable", extra={"error": str(err)})
@@ -94,7 +98,14 @@ async def _run(cfg: Config, pin: Secret) -> int:
     return EXIT_FAILURE
 
 
-async def _serve(cfg: Config, sock: socket.socket, inherited: bool, pool: TokenPool) -> int:
+async def _serve(
+    cfg: Config,
+    sock: socket.socket,
+    inherited: bool,
+    pool: TokenPool,
+    *,
+    notifier: Notifier,
+) -> int:
     policy = Policy(cfg.access.rules, trust_root=cfg.access.trust_root)
     rl = cfg.rate_limits
     limiter = None
@@ -116,11 +127,74 @@ async def _serve(cfg: Config, sock: socket.socket, inherited: bool, pool: TokenP
     else:
         log.warning("audit log disabled: set [audit] dir to keep one")
     server = Server(service, cfg.limits, keep_warm=cfg.token.spin_us / 1e6, audit=audit)
+    _count(service.metrics, service, server, pool, audit)
     try:
-        return await _serve_with(cfg, inherited, pool, service, server, sock)
+        async with trio.open_nursery() as nursery:
+            if cfg.metrics.enabled:
+                await _start_metrics(nursery, cfg, service)
+            try:
+                return await _serve_with(
+                    cfg, inherited, pool, service, server, sock, notifier=notifier
+                )
+            finally:
+                nursery.cancel_scope.cancel()
     finally:
         if audit is not None:
             await audit.aclose()
+
+
+def _count(
+    metrics: Metrics, service: Service, server: Server, pool: TokenPool, audit: AuditLog | None
+) -> None:
+    """Connect ``metrics`` to what it counts and to what its gauges read."""
+    pool.metrics = metrics
+    if audit is not None:
+        audit.on_write = metrics.audit_write
+
+    def snapshot() -> Snapshot:
+        floor = service.min_rotate_period
+        return Snapshot(
+            token_up=pool.alive_workers > 0,
+            ready=service.ready,
+            connections_open=server.connections,
+            requests_in_flight=sum(c.inflight for c in list(server.live)),
+            token_queue_depth=pool.pending,
+            token_reconnects=pool.respawns,
+            audit_records=audit.records_written if audit is not None else 0,
+            audit_failures=audit.failures if audit is not None else 0,
+            keys=tuple(
+                KeyState(
+                    k.record.name,
+                    k.record.latest.version,
+                    k.record.latest.created,
+                    k.record.next_rotation(floor),
+                )
+                for k in service.keystore.all()
+            ),
+        )
+
+    metrics.snapshot = snapshot
+
+
+async def _start_metrics(nursery: trio.Nursery, cfg: Config, service: Service) -> None:
+    """Serve /metrics; an address that cannot be bound is logged, not fatal:
+    signing goes on, and Prometheus's own ``up`` shows the endpoint is missing."""
+    host, port = cfg.metrics.host, cfg.metrics.port
+    registry = service.metrics.registry()
+    try:
+        bound = await nursery.start(serve_http, host, port, registry, lambda: service.ready)
+    except OSError as exc:
+        log.error(
+            "metrics endpoint not started", extra={"host": host, "port": port, "error": str(exc)}
+        )
+        return
+    if host in ("0.0.0.0", "::"):  # noqa: S104 - a check, not a bind
+        log.warning("metrics endpoint open on every interface", extra={"port": bound})
+    log.info("metrics endpoint", extra={"url": f"http://{_netloc(host, bound)}/metrics"})
+
+
+def _netloc(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 async def _audit_auto_rotation(audit: AuditLog, key: LoadedKey) -> None:
@@ -137,6 +211,8 @@ async def _serve_with(
     service: Service,
     server: Server,
     sock: socket.socket,
+    *,
+    notifier: Notifier,
 ) -> int:
     await service.load()
     info = pool.info
@@ -154,18 +230,26 @@ async def _serve_with(
     async def watch_signals() -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async for signum in signals:
-                log.info("stopping", extra={"signal": signal.Signals(signum).name})
+                name = signal.Signals(signum).name
+                log.info("stopping", extra={"signal": name})
+                notifier.stopping(f"Stopping on {name}: answering requests in flight")
                 server.shutdown()
                 return
 
     socket_name = "systemd socket" if inherited else cfg.server.socket
+
     async with trio.open_nursery() as nursery:
+
+        def ready() -> None:
+            log.info("ready", extra={"socket": socket_name, "pid": os.getpid()})
+            keys = service.health().keys
+            notifier.ready(f"Serving {keys} key{'s' * (keys != 1)} of token {info.label!r}")
+            # After READY=1: systemd arms the watchdog only then.
+            nursery.start_soon(notifier.run_watchdog)
+
         nursery.start_soon(watch_signals)
         nursery.start_soon(service.run_lifecycle)
-        await server.serve(
-            sock,
-            on_ready=lambda: log.info("ready", extra={"socket": socket_name, "pid": os.getpid()}),
-        )
+        await server.serve(sock, on_ready=ready)
         nursery.cancel_scope.cancel()
     log.info("stopped")
     return EXIT_OK

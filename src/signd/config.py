@@ -354,9 +354,7 @@ def _parse(doc: Mapping[str, Any], path: str | None, base: Path) -> Config:
     listen = mt.take("listen", str, "127.0.0.1:9464", _listen_address)
     mt.done()
     host, _, port_text = listen.rpartition(":")
-    metrics = MetricsConfig(
-        enabled=enabled and bool(listen), host=host.strip("[]"), port=int(port_text)
-    )
+    metrics = MetricsConfig(enabled=enabled, host=host.strip("[]"), port=int(port_text))
     if sections:
         raise ConfigError(f"{sorted(sections)[0]}: unknown section")
     return Config(

@@ -1,0 +1,115 @@
+"""Health: liveness and readiness on the wire, in ``signctl health`` and in metrics,
+while the token goes away and comes back.
+
+The token is made unreachable for real: its directory is moved away, and the
+daemon's token workers are killed, so the daemon must log in again and cannot
+until the directory is back.  (Issue 6 adds recovery from a token that fails
+under a live session; this is the readiness signal operators script against.)
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+if TYPE_CHECKING:
+    from conftest import Daemon, TokenEnv
+
+WAIT = 30.0
+
+
+def wait_until(probe: Callable[[], bool], what: str) -> None:
+    deadline = time.monotonic() + WAIT
+    while not probe():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def gauge(d: Daemon, name: str) -> float:
+    with urllib.request.urlopen(d.metrics_url(), timeout=10) as r:
+        text = r.read().decode()
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name == name:
+                return float(s.value)
+    raise AssertionError(f"{name} not exported")
+
+
+def token_workers(d: Daemon) -> list[int]:
+    assert d.proc is not None
+    out = []
+    for task in Path(f"/proc/{d.proc.pid}/task").iterdir():
+        try:
+            children = (task / "children").read_text().split()
+        except FileNotFoundError:
+            continue
+        for c in children:
+            try:
+                if b"signd.token" in Path(f"/proc/{c}/cmdline").read_bytes():
+                    out.append(int(c))
+            except FileNotFoundError:
+                pass
+    return out
+
+
+def health_exit(d: Daemon) -> int:
+    return d.signctl("health").returncode
+
+
+def test_not_ready_while_the_token_is_away_and_ready_when_it_returns(
+    make_daemon: Callable[..., Daemon], own_token: TokenEnv, key_name: str
+) -> None:
+    d = make_daemon(start=False)
+    d.token = own_token
+    d.start()
+    with d.client() as c:
+        c.create_key(key_name, "ec-p256")
+        c.sign(key_name, b"before")
+        h = c.health()
+    assert (h.live, h.ready, h.status) == (True, True, "ok")
+    assert health_exit(d) == 0
+    assert gauge(d, "signd_ready") == 1
+    assert gauge(d, "signd_token_up") == 1
+    reconnects = gauge(d, "signd_token_reconnects_total")
+
+    tokens = own_token.state_dir / "tokens"
+    away = own_token.state_dir / "tokens.away"
+    tokens.rename(away)
+    try:
+        for pid in token_workers(d):
+            os.kill(pid, signal.SIGKILL)
+        # No worker can log in again: not ready (exit 1), yet alive and answering.
+        wait_until(lambda: health_exit(d) == 1, "signctl health to say not ready")
+        with d.client() as c:
+            h = c.health()
+        assert (h.live, h.ready, h.status) == (True, False, "unavailable")
+        assert h.detail
+        assert gauge(d, "signd_ready") == 0
+        assert gauge(d, "signd_token_up") == 0
+        # The same for HTTP probes: /healthz (live) 200, /readyz 503.
+        base = d.metrics_url().removesuffix("/metrics")
+        with urllib.request.urlopen(base + "/healthz", timeout=10) as r:
+            assert r.status == 200
+        with pytest.raises(urllib.error.HTTPError) as info:
+            urllib.request.urlopen(base + "/readyz", timeout=10).close()
+        info.value.close()
+        assert info.value.code == 503
+    finally:
+        away.rename(tokens)
+    # The workers log in again on their own (with back-off): ready, and signing.
+    wait_until(lambda: health_exit(d) == 0, "signctl health to say ready again")
+    with d.client() as c:
+        assert c.health().ready
+        assert c.sign(key_name, b"after").version == 1
+    assert gauge(d, "signd_token_up") == 1
+    assert gauge(d, "signd_token_reconnects_total") > reconnects
+    assert d.stop() == 0
