@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from signd_client.errors import KeyNotFound, VersionNotFound, VersionNotUsable
+from signd_client.errors import KeyNotFound, RateLimited, VersionNotFound, VersionNotUsable
 
 if TYPE_CHECKING:
     from conftest import Daemon
@@ -175,4 +175,21 @@ def test_metrics_can_be_disabled(make_daemon: Callable[..., Daemon]) -> None:
     assert '"metrics endpoint"' not in d.logs()
     with d.client() as c:
         assert c.health().ready
+    assert d.stop() == 0
+
+
+def test_rate_limited_requests_are_counted_by_scope(
+    make_daemon: Callable[..., Daemon], key_name: str
+) -> None:
+    d = make_daemon("[rate_limits]\nper_key = 0.001\nper_key_burst = 2\n")
+    with d.client(retries=0) as c:
+        c.create_key(key_name, "ec-p256")
+        c.sign(key_name, b"1")
+        c.sign(key_name, b"2")
+        with pytest.raises(RateLimited):
+            c.sign(key_name, b"3")
+    m = samples(scrape(d)[2])
+    assert value(m, "signd_rate_limited_total", scope="key") == 1
+    assert value(m, "signd_rate_limited_total", scope="principal") == 0
+    assert value(m, "signd_sign_requests_total", key=key_name, result="rate_limited") == 1
     assert d.stop() == 0

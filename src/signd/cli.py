@@ -162,6 +162,7 @@ def _count(
             token_reconnects=pool.respawns,
             audit_records=audit.records_written if audit is not None else 0,
             audit_failures=audit.failures if audit is not None else 0,
+            rate_limited=tuple(service.limiter.refused.items()) if service.limiter else (),
             keys=tuple(
                 KeyState(
                     k.record.name,

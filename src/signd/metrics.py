@@ -131,6 +131,8 @@ class Snapshot:
     token_reconnects: int = 0
     audit_records: int = 0
     audit_failures: int = 0
+    #: (scope, requests refused) per rate limit: "principal", "key"
+    rate_limited: tuple[tuple[str, int], ...] = ()
     keys: tuple[KeyState, ...] = ()
 
 
@@ -151,7 +153,6 @@ class Metrics:
     rotations: dict[tuple[str, str], int] = field(default_factory=dict)
     #: (code, name, op) -> error answers
     errors: dict[tuple[int, str, str], int] = field(default_factory=dict)
-    rate_limited: dict[str, int] = field(default_factory=dict)
     sign_duration: dict[str, Histogram] = field(default_factory=dict)
     token_sign_duration: Histogram = field(default_factory=lambda: Histogram(DURATION_BUCKETS))
     token_batch_size: Histogram = field(default_factory=lambda: Histogram(BATCH_BUCKETS))
@@ -194,9 +195,6 @@ class Metrics:
     def error(self, op: str | None, error: WireError) -> None:
         k = (int(error.code), error.name, op or "")
         self.errors[k] = self.errors.get(k, 0) + 1
-        if error.name == "rate_limited":
-            scope = "key" if "per key" in error.message else "principal"
-            self.rate_limited[scope] = self.rate_limited.get(scope, 0) + 1
 
     def rotated(self, key: str, trigger: str) -> None:
         k = (key, trigger)
@@ -264,7 +262,7 @@ class Collector:
             "signd_rate_limited",
             "Requests refused by a rate limit, by scope (principal or key).",
             ("scope",),
-            [((s,), v) for s, v in list(m.rate_limited.items())],
+            [((s,), v) for s, v in snap.rate_limited],
         )
         yield _counter(
             "signd_token_reconnects",

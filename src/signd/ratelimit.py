@@ -51,6 +51,8 @@ class RateLimiter:
         self._clock = clock
         self._principals: dict[int, Bucket] = {}
         self._keys: dict[str, Bucket] = {}
+        #: requests refused, by the limit that refused them ("principal" or "key")
+        self.refused = {"principal": 0, "key": 0}
 
     @staticmethod
     def _bucket(table: dict[K, Bucket], who: K, limit: tuple[float, float], now: float) -> Bucket:
@@ -67,6 +69,7 @@ class RateLimiter:
             b = self._bucket(self._principals, uid, self.per_principal, now)
             wait = b.take(cost, now)
             if wait:
+                self.refused["principal"] += 1
                 raise RateLimited(
                     f"uid {uid} is over its rate limit; retry after {wait:.3f} s", round(wait, 3)
                 )
@@ -76,6 +79,7 @@ class RateLimiter:
             if wait:
                 if self.per_principal is not None:  # give back what the peer was charged
                     self._principals[uid].tokens += min(cost, self._principals[uid].burst)
+                self.refused["key"] += 1
                 raise RateLimited(
                     f"key {key!r} is over its rate limit; retry after {wait:.3f} s",
                     round(wait, 3),
