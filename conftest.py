@@ -23,6 +23,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from signd.config import find_softhsm_module
 from signd_client import Client
@@ -175,6 +177,23 @@ class Daemon:
                 assert isinstance(url, str)
                 return url
         pytest.fail(f"signd logged no metrics endpoint:\n{self.logs()}")
+
+    def new_ec_key(self, prefix: str) -> tuple[str, ec.EllipticCurvePublicKey]:
+        """A fresh ec-p256 key through this daemon: its name and public key."""
+        name = f"{prefix}-{uuid.uuid4().hex[:8]}"
+        with self.client(timeout=30.0) as c:
+            info = c.create_key(name, "ec-p256")
+        public = serialization.load_pem_public_key(info.versions[0].public_key_pem.encode())
+        assert isinstance(public, ec.EllipticCurvePublicKey)
+        return name, public
+
+    def check_signs(self, key: tuple[str, ec.EllipticCurvePublicKey]) -> None:
+        """One signature through this daemon's socket, verified with cryptography."""
+        name, public = key
+        msg = f"check {uuid.uuid4()}".encode()
+        with self.client(timeout=30.0) as c:
+            sig = c.sign(name, msg).signature
+        public.verify(sig, msg, ec.ECDSA(hashes.SHA256()))
 
     def logs(self) -> str:
         """Everything this daemon logged, across restarts."""

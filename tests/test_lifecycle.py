@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import msgpack
 import pytest
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 
 if TYPE_CHECKING:
@@ -145,21 +145,7 @@ def daemons(
 @pytest.fixture(scope="module")
 def key(signd: Daemon) -> tuple[str, ec.EllipticCurvePublicKey]:
     """An ec-p256 key on the token; every daemon started later loads it."""
-    name = f"life-{uuid.uuid4().hex[:8]}"
-    with signd.client() as c:
-        info = c.create_key(name, "ec-p256")
-    public = serialization.load_pem_public_key(info.versions[0].public_key_pem.encode())
-    assert isinstance(public, ec.EllipticCurvePublicKey)
-    return name, public
-
-
-def check_signs(d: Daemon, key: tuple[str, ec.EllipticCurvePublicKey]) -> None:
-    """One signature through the daemon's socket, verified with cryptography."""
-    name, public = key
-    msg = f"check {uuid.uuid4()}".encode()
-    with d.client(timeout=15.0) as c:
-        sig = c.sign(name, msg).signature
-    public.verify(sig, msg, ec.ECDSA(hashes.SHA256()))
+    return signd.new_ec_key("life")
 
 
 # --------------------------------------------------------------------------
@@ -172,7 +158,7 @@ def test_signal_stops_cleanly(
 ) -> None:
     d = daemons()
     assert stat.S_ISSOCK(os.lstat(d.socket).st_mode)
-    check_signs(d, key)
+    d.check_signs(key)
     assert d.stop(sig) == 0, d.logs()
     assert not os.path.lexists(d.socket), "the socket file was left behind"
     records = log_records(d.logs())
@@ -243,7 +229,7 @@ def test_new_connections_refused_after_sigterm(
     daemons: Callable[..., Daemon], key: tuple[str, ec.EllipticCurvePublicKey]
 ) -> None:
     d = daemons()
-    check_signs(d, key)
+    d.check_signs(key)
     assert d.stop(signal.SIGTERM) == 0
     with (
         socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s,
@@ -266,7 +252,7 @@ def test_stale_socket_is_removed(
     before = os.lstat(d.socket)
     assert stat.S_ISSOCK(before.st_mode)
     d.start()
-    check_signs(d, key)
+    d.check_signs(key)
     assert len(find(log_records(d.logs()), "removing stale socket")) == 1
     assert d.stop() == 0
 
@@ -290,7 +276,7 @@ def test_second_daemon_on_a_live_socket_refuses(
     assert_no_pin(out.stderr, token_env.pin)
     # The first one is untouched and keeps serving, on the same socket file.
     assert os.lstat(first.socket).st_ino == inode
-    check_signs(first, key)
+    first.check_signs(key)
     assert first.proc is not None
     assert first.proc.poll() is None
 
@@ -321,7 +307,7 @@ def test_socket_mode_is_applied(
     )
     d.start(argv=signd_cmd("serve", cfg))
     assert stat.S_IMODE(os.lstat(d.socket).st_mode) == 0o600
-    check_signs(d, key)
+    d.check_signs(key)
     assert d.stop() == 0
 
 
@@ -354,14 +340,14 @@ def test_socket_activation(
     wait_for(lambda: os.path.exists(d.socket), "systemd-socket-activate to listen")
     # The first connection makes systemd-socket-activate exec signd with the socket as fd 3;
     # a signd that ignored it would find the path in use and exit.
-    check_signs(d, key)
+    d.check_signs(key)
     assert d.proc.poll() is None
     signd_lines = "\n".join(line for line in d.logs().splitlines() if not ACTIVATE_LINE.match(line))
     ready = find(log_records(signd_lines), "ready")
     assert len(ready) == 1
     assert ready[0]["socket"] == "systemd socket"
     assert ready[0]["pid"] == d.proc.pid  # exec'd in place: the same process
-    check_signs(d, key)
+    d.check_signs(key)
     assert d.stop() == 0, d.logs()
 
 
@@ -532,7 +518,7 @@ def test_small_max_frame_is_enforced(
         assert read_frame(s) is None  # and this connection is closed
     finally:
         s.close()
-    check_signs(d, key)  # the daemon itself goes on
+    d.check_signs(key)  # the daemon itself goes on
 
 
 def test_session_daemon_log(signd: Daemon, token_env: TokenEnv) -> None:

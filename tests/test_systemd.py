@@ -43,8 +43,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
 
 from signd.config import load_config
 from signd.systemd import Notifier
@@ -306,23 +304,6 @@ def abstract_notify_socket() -> Iterator[NotifySocket]:
     s.close()
 
 
-def new_key(d: Daemon) -> tuple[str, ec.EllipticCurvePublicKey]:
-    name = f"systemd-{uuid.uuid4().hex[:8]}"
-    with d.client(timeout=30.0) as c:
-        info = c.create_key(name, "ec-p256")
-    public = serialization.load_pem_public_key(info.versions[0].public_key_pem.encode())
-    assert isinstance(public, ec.EllipticCurvePublicKey)
-    return name, public
-
-
-def check_signs(d: Daemon, key: tuple[str, ec.EllipticCurvePublicKey]) -> None:
-    name, public = key
-    msg = f"systemd {uuid.uuid4()}".encode()
-    with d.client(timeout=30.0) as c:
-        sig = c.sign(name, msg).signature
-    public.verify(sig, msg, ec.ECDSA(hashes.SHA256()))
-
-
 def children(pid: int) -> list[int]:
     out = []
     for entry in os.listdir("/proc"):
@@ -362,7 +343,7 @@ def test_ready_watchdog_stopping(
     assert first["STATUS"].startswith("Serving ")
     with d.client(timeout=10.0) as c:
         assert c.health().ready
-    check_signs(d, new_key(d))
+    d.check_signs(d.new_ec_key("systemd"))
 
     for _ in range(2):
         assert notify_socket.wait_for("WATCHDOG") == {"WATCHDOG": "1"}
@@ -406,10 +387,10 @@ def test_socket_activation_with_notify(
         time.sleep(0.01)
     assert notify.receive(0.0) is None  # signd starts at the first connection
     # The first connection starts signd, which serves on the socket it was passed.
-    key = new_key(d)
+    key = d.new_ec_key("systemd")
     ready = notify.wait_for("READY")
     assert notify.received == [ready]
-    check_signs(d, key)
+    d.check_signs(key)
     d.proc.send_signal(signal.SIGTERM)
     assert notify.wait_for("STOPPING")["STOPPING"] == "1"
     assert d.proc.wait(20) == 0, d.logs()
@@ -650,9 +631,9 @@ def test_signd_works_in_the_units_sandbox(
     assert re.search(r"^NoNewPrivs:\s+1$", status, re.M), status
     assert os.readlink(f"/proc/{d.proc.pid}/ns/mnt") != os.readlink("/proc/self/ns/mnt")
     assert notify_socket.wait_for("READY")["READY"] == "1"
-    key = new_key(d)  # made by the token writer process, under the same restrictions
+    key = d.new_ec_key("systemd")  # made by the token writer process, under the same restrictions
     for _ in range(3):
-        check_signs(d, key)
+        d.check_signs(key)
     with urllib.request.urlopen(d.metrics_url(), timeout=10) as resp:
         assert resp.status == 200
         assert resp.read()
