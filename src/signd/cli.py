@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import functools
 import logging
 import os
@@ -16,6 +17,7 @@ import signal
 import socket
 import sys
 from collections.abc import Sequence
+from typing import Final
 
 import trio
 
@@ -237,6 +239,12 @@ async def _serve_with(
                 server.shutdown()
                 return
 
+    async def watch_reload() -> None:
+        nonlocal cfg
+        with trio.open_signal_receiver(signal.SIGHUP) as signals:
+            async for _ in signals:
+                cfg = _reload(cfg, service, server)
+
     socket_name = "systemd socket" if inherited else cfg.server.socket
 
     async with trio.open_nursery() as nursery:
@@ -249,11 +257,56 @@ async def _serve_with(
             nursery.start_soon(notifier.run_watchdog)
 
         nursery.start_soon(watch_signals)
+        nursery.start_soon(watch_reload)
         nursery.start_soon(service.run_lifecycle)
         await server.serve(sock, on_ready=ready)
         nursery.cancel_scope.cancel()
     log.info("stopped")
     return EXIT_OK
+
+
+#: Sections a reload applies; the others need a restart.
+RELOADABLE: Final = ("access", "rate_limits", "limits", "log")
+
+
+def _reload(cfg: Config, service: Service, server: Server) -> Config:
+    """SIGHUP: read the config again and apply policy, rate limits, limits and
+    the log level, without dropping a connection.  A config that does not load
+    is refused with its reason, and the one in force stays; changes to other
+    sections are named in a warning and wait for a restart.  Returns the config
+    now in force."""
+    assert cfg.path is not None
+    try:
+        new = load_config(cfg.path)
+    except ConfigError as exc:
+        log.error("config reload refused; the running config stays", extra={"error": str(exc)})
+        return cfg
+    changed = [
+        f.name for f in dataclasses.fields(new) if getattr(new, f.name) != getattr(cfg, f.name)
+    ]
+    pending = [name for name in changed if name not in RELOADABLE and name != "path"]
+    service.policy = Policy(new.access.rules, trust_root=new.access.trust_root)
+    rl = new.rate_limits
+    if rl != cfg.rate_limits:  # the buckets start full again only when the limits changed
+        old = service.limiter
+        service.limiter = None
+        if rl.per_principal is not None or rl.per_key is not None:
+            service.limiter = RateLimiter(rl.per_principal, rl.per_key)
+            if old is not None:  # the refusal counters are metrics: they carry on
+                service.limiter.refused = old.refused
+    service.request_timeout = new.limits.request_timeout
+    server.apply_limits(new.limits)
+    logging.getLogger().setLevel(new.log.level.upper())
+    log.info("config reloaded", extra={"changed": [n for n in changed if n not in pending]})
+    if pending:
+        log.warning(
+            "config changes that need a restart were not applied", extra={"sections": pending}
+        )
+        # What is in force: the new reloadable sections, the old rest.
+        return dataclasses.replace(
+            cfg, access=new.access, rate_limits=new.rate_limits, limits=new.limits, log=new.log
+        )
+    return new
 
 
 def main(argv: Sequence[str] | None = None) -> int:

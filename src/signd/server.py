@@ -305,6 +305,13 @@ class Server:
         self._warm_until = 0.0
         self._warm_wake = trio.lowlevel.ParkingLot()
 
+    def apply_limits(self, limits: LimitsConfig) -> None:
+        """New limits, for the connections already open too (a reload)."""
+        self.limits = limits
+        for conn in list(self.live):
+            conn.limits = limits
+            conn.decoder.max_frame = limits.max_frame
+
     def shutdown(self) -> None:
         """Stop accepting; answer what clients already sent, then close.
 
