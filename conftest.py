@@ -7,6 +7,7 @@ Unix socket.  Nothing is mocked.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -177,6 +178,25 @@ class Daemon:
                 assert isinstance(url, str)
                 return url
         pytest.fail(f"signd logged no metrics endpoint:\n{self.logs()}")
+
+    def token_workers(self, role: str | None = None) -> list[int]:
+        """Pids of this daemon's token workers (``python -m signd.token FD ROLE``),
+        of one role ("sign" or "write") or all of them."""
+        assert self.proc is not None
+        children: list[str] = []
+        for task in Path(f"/proc/{self.proc.pid}/task").iterdir():
+            # Every thread's children: workers may be started from a helper thread.
+            with contextlib.suppress(FileNotFoundError):  # a thread that just ended
+                children += (task / "children").read_text().split()
+        out = []
+        for c in children:
+            try:
+                argv = Path(f"/proc/{c}/cmdline").read_bytes().split(b"\0")[:-1]
+            except FileNotFoundError:
+                continue  # it just exited
+            if b"signd.token" in argv and (role is None or argv[-1] == role.encode()):
+                out.append(int(c))
+        return out
 
     def new_ec_key(self, prefix: str) -> tuple[str, ec.EllipticCurvePublicKey]:
         """A fresh ec-p256 key through this daemon: its name and public key."""

@@ -30,7 +30,6 @@ import struct
 import termios
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
@@ -67,27 +66,10 @@ def sign_frames(key: str, tag: str, ids: range) -> bytes:
     )
 
 
-def token_workers(daemon: Daemon) -> list[int]:
-    """Pids of the daemon's signing token workers (``python -m signd.token FD sign``;
-    the writer, ``... write``, never signs)."""
-    assert daemon.proc is not None
-    children = []
-    for task in Path(f"/proc/{daemon.proc.pid}/task").iterdir():
-        # Every thread's children: the daemon may start workers from a helper thread.
-        with contextlib.suppress(FileNotFoundError):  # a thread that just ended
-            children += (task / "children").read_text().split()
-    return [
-        int(c)
-        for c in children
-        if Path(f"/proc/{c}/cmdline").read_bytes().split(b"\0")[-2:] == [b"sign", b""]
-        and b"signd.token" in Path(f"/proc/{c}/cmdline").read_bytes()
-    ]
-
-
 @contextlib.contextmanager
 def token_paused(daemon: Daemon) -> Iterator[None]:
     """The daemon's one token worker is stopped (SIGSTOP) inside the block."""
-    workers = token_workers(daemon)
+    workers = daemon.token_workers("sign")
     assert len(workers) == 1, f"expected one token worker, found {workers}"
     os.kill(workers[0], signal.SIGSTOP)
     try:

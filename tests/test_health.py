@@ -15,7 +15,6 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
@@ -44,23 +43,6 @@ def gauge(d: Daemon, name: str) -> float:
     raise AssertionError(f"{name} not exported")
 
 
-def token_workers(d: Daemon) -> list[int]:
-    assert d.proc is not None
-    out = []
-    for task in Path(f"/proc/{d.proc.pid}/task").iterdir():
-        try:
-            children = (task / "children").read_text().split()
-        except FileNotFoundError:
-            continue
-        for c in children:
-            try:
-                if b"signd.token" in Path(f"/proc/{c}/cmdline").read_bytes():
-                    out.append(int(c))
-            except FileNotFoundError:
-                pass
-    return out
-
-
 def health_exit(d: Daemon) -> int:
     return d.signctl("health").returncode
 
@@ -85,7 +67,7 @@ def test_not_ready_while_the_token_is_away_and_ready_when_it_returns(
     away = own_token.state_dir / "tokens.away"
     tokens.rename(away)
     try:
-        for pid in token_workers(d):
+        for pid in d.token_workers():  # the signing workers and the writer
             os.kill(pid, signal.SIGKILL)
         # No worker can log in again: not ready (exit 1), yet alive and answering.
         wait_until(lambda: health_exit(d) == 1, "signctl health to say not ready")

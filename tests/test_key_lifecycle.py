@@ -529,7 +529,15 @@ def test_destroy_interrupted_after_the_record_is_finished_on_start(
     assert count(p11, ObjectClass.PRIVATE_KEY, ids[2]) == 1
     # Whichever daemon on the token read the record first finished the job: this
     # one as it started, or the session's daemon in its periodic re-read.
-    assert any("finished destroying a private key" in x.logs() for x in (d, signd))
+    finished = [
+        rec
+        for x in (d, signd)
+        for line in x.logs().splitlines()
+        if line.startswith("{")
+        and (rec := json.loads(line)).get("msg") == "private key destroyed"
+        and rec.get("key") == key_name
+    ]
+    assert {r["version"] for r in finished} == {1}  # by one daemon or both, never another version
 
 
 # --------------------------------------------------------------------------

@@ -25,15 +25,7 @@ KILLS = 50
 def _kill_tree(d: Daemon) -> None:
     """SIGKILL the daemon and its token workers at once: a crash, not a shutdown."""
     assert d.proc is not None
-    pids = [d.proc.pid]
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    if int(f.read().rsplit(")", 1)[1].split()[1]) == d.proc.pid:
-                        pids.append(int(entry))
-            except (OSError, ValueError):
-                pass
+    pids = [d.proc.pid, *d.token_workers()]
     for pid in pids:
         try:
             os.kill(pid, signal.SIGKILL)

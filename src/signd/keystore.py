@@ -233,10 +233,17 @@ class KeyRecord:
     def with_settings(self, settings: KeySettings) -> KeyRecord:
         return replace(self, settings=settings, revision=self.revision + 1)
 
-    def superseded_at(self, version: int) -> float | None:
-        """When a newer version was created: where ``version``'s grace starts."""
-        newer = [v.created for v in self.versions if v.version > version]
-        return min(newer) if newer else None
+    def grace_ends(self) -> dict[int, float]:
+        """When each version stops verifying under ``verify_grace`` (grace > 0):
+        that long after the first newer version was made.  One pass, newest
+        first, so a key with thousands of versions costs no more than a sort."""
+        grace = self.settings.verify_grace
+        out: dict[int, float] = {}
+        since = math.inf  # creation of the earliest version newer than this one
+        for v in sorted(self.versions, key=lambda v: -v.version):
+            out[v.version] = (since if since != math.inf else v.created) + grace
+            since = min(since, v.created)
+        return out
 
     def states(self, now: float) -> tuple[dict[int, str], float]:
         """Every version's state at ``now``, and when the next one changes by itself."""
@@ -244,6 +251,7 @@ class KeyRecord:
         latest = self.latest.version
         out: dict[int, str] = {}
         changes = math.inf
+        ends_at = self.grace_ends() if st.verify_grace > 0 else {}
         for v in self.versions:
             if v.state != ENABLED:
                 out[v.version] = v.state
@@ -252,8 +260,7 @@ class KeyRecord:
             elif v.version == latest or 0 < st.min_sign_version <= v.version:
                 out[v.version] = ACTIVE
             elif st.verify_grace > 0:
-                since = self.superseded_at(v.version)
-                ends = (since if since is not None else v.created) + st.verify_grace
+                ends = ends_at[v.version]
                 if now < ends:
                     out[v.version] = VERIFY_ONLY
                     changes = min(changes, ends)
@@ -413,6 +420,7 @@ class LoadedKey:
     def info(self) -> KeyInfo:
         r = self.record
         st = r.settings
+        ends_at = r.grace_ends() if st.verify_grace > 0 else {}
         return KeyInfo(
             name=r.name,
             type=r.type,
@@ -424,7 +432,7 @@ class LoadedKey:
                     state=v.state,
                     created=v.record.created,
                     public_key_pem=v.public_key_pem,
-                    verify_until=self._verify_until(v),
+                    verify_until=ends_at.get(v.record.version) if v.state == VERIFY_ONLY else None,
                 )
                 for v in sorted(self.versions.values(), key=lambda v: v.record.version)
             ),
@@ -435,13 +443,6 @@ class LoadedKey:
             deletion_allowed=st.deletion_allowed,
             next_rotation=r.next_rotation(),
         )
-
-    def _verify_until(self, v: LoadedVersion) -> float | None:
-        grace = self.record.settings.verify_grace
-        if v.state != VERIFY_ONLY or grace <= 0:
-            return None
-        since = self.record.superseded_at(v.record.version)
-        return (since if since is not None else v.record.created) + grace
 
     def summary(self) -> KeySummary:
         r = self.record

@@ -404,11 +404,11 @@ class Service:
         for v in record.versions:
             spki, has_private = public.get(v.object_id, (None, False))
             if v.state == DESTROYED and has_private:
-                # The record says destroyed: the deletion after it did not happen.
+                # The record says destroyed, so the private key goes: right after
+                # a destroy, or on the next load if a crash came in between.
                 await self.token.destroy_keys(v.object_id)
                 log.warning(
-                    "finished destroying a private key",
-                    extra={"key": record.name, "version": v.version},
+                    "private key destroyed", extra={"key": record.name, "version": v.version}
                 )
             elif v.state != DESTROYED and spki is not None and not has_private:
                 raise ValueError(
@@ -491,19 +491,11 @@ class Service:
             )
         numbers = [v.version for v in record.versions] if version is None else [version]
         new = record.with_state(numbers, DESTROYED)
-        if new.versions != record.versions:
-            # The record first: once it says destroyed, the version never signs
-            # again, and a crash before the deletion is finished on next load.
-            await self.token.write_metadata(new.name, new.revision, new.to_bytes())
-        deleted = 0
-        for v in new.versions:
-            if v.version in numbers:
-                deleted += await self.token.destroy_keys(v.object_id)
-        key = await self._load(new)
-        self.keystore.put(key)
-        if deleted:
-            log.warning("private keys destroyed", extra={"key": record.name, "versions": numbers})
-        return key
+        if new.versions == record.versions:
+            return await self._store(record, None)  # already destroyed (or being finished)
+        # The record first: once it says destroyed the version never signs again,
+        # and loading it deletes the private keys (see ``_load``).
+        return await self._store(new, "key versions destroyed")
 
     async def _create(self, args: CreateKeyArgs) -> LoadedKey:
         name = check_key_name(args.key)

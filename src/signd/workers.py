@@ -326,7 +326,7 @@ class TokenPool:
     async def _spawn(self, index: int) -> _Worker:
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            # The role is only for people reading ``ps``: "sign" or "write".
+            # The role, "sign" or "write", is for people reading ``ps`` (and the tests).
             role = "write" if index == self.settings.workers else "sign"
             process = await trio.lowlevel.open_process(
                 [sys.executable, "-m", "signd.token", str(child.fileno()), role],
@@ -387,29 +387,21 @@ class TokenPool:
             TokenUnavailable: the module, the token or the login failed.
         """
         s = self.settings
-        info = await self._call_direct(
-            worker, "open", [s.module, s.token_label, s.pin, s.log_level, s.spin]
+        await worker.stream.send_all(
+            _frame([0, "open", [s.module, s.token_label, s.pin, s.log_level, s.spin]])
         )
-        return TokenInfo(*info)
-
-    async def _call_direct(self, worker: _Worker, op: str, args: list[Any]) -> Any:
-        """One call to a worker that nothing else talks to: send, then read its answer.
-
-        Raises: the call's error; TokenUnavailable if the worker exits.
-        """
-        await worker.stream.send_all(_frame([0, op, args]))
         while True:
             for body in worker.decoder.frames():
                 msg = msgpack.unpackb(body, raw=False)
                 if not msg[1]:
                     raise _error(msg[2], msg[3])
-                return msg[2]
+                return TokenInfo(*msg[2])
             try:
                 data = await worker.stream.receive_some(1 << 16)
             except trio.BrokenResourceError:
                 data = b""
             if not data:
-                raise TokenUnavailable(f"the token worker exited during {op!r}")
+                raise TokenUnavailable("the token worker exited while logging in")
             worker.decoder.receive_data(data)
 
     async def _reap(self, worker: _Worker) -> None:
