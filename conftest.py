@@ -86,14 +86,19 @@ def token_env(tmp_path_factory: pytest.TempPathFactory) -> TokenEnv:
 
 
 def write_config(
-    path: Path, token: TokenEnv, socket_path: Path, extra: str = "", server_extra: str = ""
+    path: Path,
+    token: TokenEnv,
+    socket_path: Path,
+    extra: str = "",
+    server_extra: str = "",
+    token_extra: str = "",
 ) -> Path:
     """A daemon config for ``token``; ``extra`` is appended TOML (e.g. [limits]),
-    ``server_extra`` goes into the [server] table."""
+    ``server_extra`` goes into the [server] table, ``token_extra`` into [token]."""
     path.write_text(
         f'[server]\nsocket = "{socket_path}"\n{server_extra}\n'
         f'[token]\nmodule = "{token.module}"\nlabel = "{token.label}"\n'
-        f'pin_file = "{token.pin_file}"\n\n{extra}'
+        f'pin_file = "{token.pin_file}"\n{token_extra}\n{extra}'
         # Many daemons run at once in the tests: each takes a free metrics port.
         + ("" if "[metrics]" in extra else '\n[metrics]\nlisten = "127.0.0.1:0"\n')
     )
@@ -109,6 +114,7 @@ class Daemon:
     extra_config: str = ""
     proc: subprocess.Popen[bytes] | None = None
     server_extra: str = ""
+    token_extra: str = ""
     env_extra: dict[str, str] = field(default_factory=dict)
     _log_offset: int = 0
 
@@ -134,7 +140,12 @@ class Daemon:
 
     def write_config(self) -> Path:
         return write_config(
-            self.config, self.token, Path(self.socket), self.extra_config, self.server_extra
+            self.config,
+            self.token,
+            Path(self.socket),
+            self.extra_config,
+            self.server_extra,
+            self.token_extra,
         )
 
     def check_config(self) -> subprocess.CompletedProcess[str]:

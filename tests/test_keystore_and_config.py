@@ -167,6 +167,7 @@ def test_defaults_and_relative_paths(tmp_path: Path) -> None:
     assert cfg.server.socket_mode == 0o660
     assert cfg.token.pin_file == str(tmp_path / "pin")
     assert cfg.limits.max_frame == 1 << 20
+    assert (cfg.token.probe_interval, cfg.token.stall_timeout) == (1.0, 5.0)
     assert read_pin(cfg.token).reveal() == "1234"
 
 
@@ -184,6 +185,8 @@ def test_defaults_and_relative_paths(tmp_path: Path) -> None:
         ("[server]\nport = 5\n", "server.port"),
         ('[token]\nmodule = "relative.so"\n', "token.module"),
         ('[token]\nlabel = "' + "x" * 33 + '"\n', "token.label"),
+        ("[token]\nprobe_interval = 0\n", "token.probe_interval"),
+        ('[token]\nstall_timeout = "5s"\n', "token.stall_timeout"),
         ('[log]\nlevel = "loud"\n', "log.level"),
         ("[telemetry]\n", "telemetry"),
         ('[metrics]\nlisten = "9464"\n', "metrics.listen"),

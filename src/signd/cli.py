@@ -13,6 +13,7 @@ import dataclasses
 import functools
 import logging
 import os
+import resource
 import signal
 import socket
 import sys
@@ -82,6 +83,8 @@ async def _run(cfg: Config, pin: Secret) -> int:
         spin=cfg.token.spin_us / 1e6,
         queue_limit=lim.token_queue,
         log_level=cfg.log.level,
+        probe_interval=cfg.token.probe_interval,
+        stall_timeout=cfg.token.stall_timeout,
     )
     failed = False
     try:
@@ -309,6 +312,29 @@ def _reload(cfg: Config, service: Service, server: Server) -> Config:
     return new
 
 
+def _raise_fd_limit(max_connections: int) -> None:
+    """Lift RLIMIT_NOFILE's soft limit to the hard limit.
+
+    Every connection holds a descriptor, and the usual soft limit (1024) is
+    below ``max_connections``' default plus the daemon's own files; the token
+    workers, started later, inherit the raised limit.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError) as exc:  # e.g. an unlimited hard limit
+            log.debug("file descriptor limit not raised", extra={"soft": soft, "error": str(exc)})
+        else:
+            log.debug("file descriptor limit raised", extra={"from": soft, "to": hard})
+            soft = hard
+    if soft != resource.RLIM_INFINITY and soft < max_connections + 64:
+        log.warning(
+            "file descriptor limit below max_connections; connections beyond it will fail",
+            extra={"limit": soft, "max_connections": max_connections},
+        )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
@@ -321,6 +347,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"signd: {args.config} is valid")
         return EXIT_OK
     setup_logging(cfg.log.level)
+    _raise_fd_limit(cfg.limits.max_connections)
     return trio.run(_run, cfg, pin)
 
 

@@ -96,6 +96,11 @@ class TokenConfig:
     #: Microseconds the daemon and its workers keep polling after activity
     #: before they sleep: lower latency for a lone client, a little CPU (0: never).
     spin_us: int = 500
+    #: Seconds between checks that the token is still there (idle workers ask it).
+    probe_interval: float = 1.0
+    #: Seconds a worker may hold work without answering before the token is
+    #: taken for hung: its requests fail ``token_unavailable`` and it is replaced.
+    stall_timeout: float = 5.0
 
     @property
     def worker_count(self) -> int:
@@ -119,6 +124,9 @@ class LimitsConfig:
     token_queue: int = 65536
     request_timeout: float = 30.0
     drain_timeout: float = 10.0
+    #: seconds a connection with nothing in flight may stay silent before the
+    #: daemon closes it (0: never)
+    idle_timeout: float = 300.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -270,6 +278,8 @@ def _parse(doc: Mapping[str, Any], path: str | None, base: Path) -> Config:
     batch = t.take("batch", int, 64, _between(1, 4096))
     depth = t.take("depth", int, 2, _between(1, 16))
     spin_us = t.take("spin_us", int, 500, _between(0, 10_000))
+    probe_interval = t.take("probe_interval", float, 1.0, _between(0.05, 3600))
+    stall_timeout = t.take("stall_timeout", float, 5.0, _between(0.1, 3600))
     workers_raw = t.table.pop("workers", "auto")
     t.done()
     workers: int | None
@@ -290,6 +300,8 @@ def _parse(doc: Mapping[str, Any], path: str | None, base: Path) -> Config:
         batch=batch,
         depth=depth,
         spin_us=spin_us,
+        probe_interval=probe_interval,
+        stall_timeout=stall_timeout,
     )
 
     lim = _Section("limits", sections.pop("limits", {}))
@@ -306,6 +318,7 @@ def _parse(doc: Mapping[str, Any], path: str | None, base: Path) -> Config:
         token_queue=lim.take("token_queue", int, d.token_queue, _between(1, 10_000_000)),
         request_timeout=lim.take("request_timeout", float, d.request_timeout, _between(0.01, 3600)),
         drain_timeout=lim.take("drain_timeout", float, d.drain_timeout, _between(0, 3600)),
+        idle_timeout=lim.take("idle_timeout", float, d.idle_timeout, _between(0, 86400)),
     )
     lim.done()
 

@@ -176,6 +176,9 @@ class TokenSession:
         self._private: dict[bytes, Any] = {}
         self._verifiers: dict[bytes, algorithms.PublicKey] = {}
         self._created: Any = None  # the record object ``create_metadata`` made last
+        self._slot: Any = None
+        #: why the token is taken for lost (set once; the worker then exits)
+        self.lost: str | None = None
 
     def open(self, module_path: str, token_label: str, pin: str) -> TokenInfo:
         """Raises: TokenUnavailable (module, token or login)."""
@@ -196,6 +199,7 @@ class TokenSession:
         except p11e.PinLocked:
             raise TokenUnavailable(f"the user PIN of token {token_label!r} is locked") from None
         self._private.clear()
+        self._slot = token.slot
         serial = token.serial
         return TokenInfo(
             label=token.label.strip(),
@@ -216,6 +220,34 @@ class TokenSession:
             self._session = None
         self._private.clear()
 
+    def check(self) -> None:
+        """Ask the token for its info (``C_GetTokenInfo``): the cheapest call
+        that fails once the token is gone, both through p11-kit's client
+        (``DeviceError``) and with SoftHSM whose token directory went away
+        (``GeneralError``; its key handles then fail ``ObjectHandleInvalid``,
+        which alone could also mean a key another process deleted).
+
+        Raises: TokenUnavailable (and ``lost`` is set).
+        """
+        if self.lost is None:
+            try:
+                self._slot.get_token()
+            except p11e.PKCS11Error as exc:
+                self.lost = f"{type(exc).__name__} from C_GetTokenInfo"
+        if self.lost is not None:
+            raise TokenUnavailable(f"the token is unavailable ({self.lost}); retry")
+
+    def failure(self, exc: BaseException, what: str) -> WireError:
+        """The error to answer for ``exc``: ``token_unavailable`` if the token
+        turns out to be gone (it is asked, once, after any token error)."""
+        err = _map_error(exc, what)
+        if self._slot is not None and isinstance(err, TokenError | TokenUnavailable):
+            try:
+                self.check()
+            except TokenUnavailable as lost:
+                return lost
+        return err
+
     def _session_or_raise(self) -> Any:
         if self._session is None:
             raise TokenUnavailable("no session to the token")
@@ -230,6 +262,11 @@ class TokenSession:
                 out.append(self._verify(job))
                 continue
             _, object_id, scheme, hash_name, data = job
+            if self.lost is not None:  # no more calls into a token that is gone
+                out.append(
+                    [False, int(TokenUnavailable.code), f"the token is unavailable ({self.lost})"]
+                )
+                continue
             try:
                 key = private.get(object_id)
                 if key is None:
@@ -248,7 +285,10 @@ class TokenSession:
                     raise InternalError(f"unknown signature scheme {scheme!r}")
                 out.append([True, sig])
             except BaseException as exc:
-                err = _map_error(exc, "sign")
+                # A cached handle may be what failed (a key deleted by
+                # another process): the next use looks it up again.
+                private.pop(object_id, None)
+                err = self.failure(exc, "sign")
                 out.append([False, int(err.code), err.message])
         return out
 
@@ -514,12 +554,21 @@ def _handler(session: TokenSession, spin: list[float]) -> Callable[[str, list[An
             started = time.perf_counter()
             outcomes = session.run_jobs(args[0])
             return [time.perf_counter() - started, outcomes]
+        # A token that went away can answer a search with nothing rather than
+        # an error (SoftHSM without its directory): a read is only trusted if
+        # the token is still there after it.
         if op == "public_keys":
-            return session.public_keys(args[0])
+            keys = session.public_keys(args[0])
+            session.check()
+            return keys
         if op == "load_metadata":
-            return [[b.name, b.revision, b.value] for b in session.load_metadata(args[0])]
+            blobs = session.load_metadata(args[0])
+            session.check()
+            return [[b.name, b.revision, b.value] for b in blobs]
         if op == "revisions":
-            return session.revisions(args[0])
+            revisions = session.revisions(args[0])
+            session.check()
+            return revisions
         if op == "create_metadata":
             session.create_metadata(args[0], args[1], args[2])
             return None
@@ -533,6 +582,9 @@ def _handler(session: TokenSession, spin: list[float]) -> Callable[[str, list[An
             return session.generate(algorithms.key_type(args[0]), args[1], args[2])
         if op == "destroy_keys":
             return session.destroy_keys(args[0], args[1])
+        if op == "probe":
+            session.check()
+            return None
         if op == "open":
             module, label, pin, level, spin[0] = args
             logging.getLogger().setLevel(level.upper())
@@ -557,6 +609,15 @@ def _receive(sock: socket.socket, spin: float) -> bytes:
     return sock.recv(1 << 20)
 
 
+def _unraisable(u: Any) -> None:
+    """python-pkcs11 finishes searches in ``__del__``; once the token is gone
+    that fails too, and the traceback would say nothing more than "token lost"."""
+    if isinstance(u.exc_value, p11e.PKCS11Error):
+        log.debug("ignored in a finalizer", extra={"error": type(u.exc_value).__name__})
+    else:
+        log.warning("ignored in a finalizer", extra={"error": repr(u.exc_value)})
+
+
 def worker_main(fd: int) -> int:
     """Serve one daemon over the socket ``fd`` until it closes; returns the exit code."""
     # The daemon alone decides when workers stop (it closes the socket after
@@ -567,6 +628,7 @@ def worker_main(fd: int) -> int:
     from .log import setup_logging
 
     setup_logging("info")
+    sys.unraisablehook = _unraisable
     sock = socket.socket(fileno=fd)
     decoder = FrameDecoder(IPC_MAX_FRAME)
     session = TokenSession()
@@ -587,9 +649,21 @@ def worker_main(fd: int) -> int:
                 try:
                     answer = _frame([tag, True, handle(op, args)])
                 except BaseException as exc:
-                    err = _map_error(exc, op)
+                    err = session.failure(exc, op)
                     answer = _frame([tag, False, int(err.code), err.message])
                 sock.sendall(answer)
+                if session.lost is not None:
+                    # Tag 0 tells the daemon the token is gone.  This process
+                    # cannot recover it (p11-kit's client, for one, fails
+                    # every call after its server went away, until the module
+                    # is loaded afresh): it exits, and a new one logs in.
+                    log.error("token lost", extra={"reason": session.lost})
+                    sock.sendall(
+                        _frame(
+                            [0, False, int(TokenUnavailable.code), f"token lost: {session.lost}"]
+                        )
+                    )
+                    return 0
     except (BrokenPipeError, ConnectionResetError):
         return 0
     finally:

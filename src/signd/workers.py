@@ -72,8 +72,16 @@ __all__ = ["Entry", "PoolSettings", "TokenPool", "open_token_pool"]
 
 log = logging.getLogger("signd.workers")
 
-#: Back-off between attempts to replace a dead worker.
-RESPAWN_BACKOFF: Final = (0.1, 0.5, 1.0, 2.0, 5.0)
+#: Back-off between attempts to replace a dead worker (or to find a lost
+#: token again): capped at 1 s, so a token that is back serves within ~1.5 s.
+RESPAWN_BACKOFF: Final = (0.05, 0.1, 0.2, 0.5, 1.0)
+#: A login that takes longer than this is taken for a hung token.
+LOGIN_TIMEOUT: Final = 30.0
+#: Seconds a signing worker may take over a call (reading keys, not signing)
+#: before it is taken for hung.
+CALL_STALL: Final = 60.0
+#: While the token is away, a failed attempt to log in again is logged this often.
+OUTAGE_LOG_EVERY: Final = 30.0
 
 Callback = Callable[[bool, Any], None]  # (True, signature) or (False, WireError)
 
@@ -100,6 +108,10 @@ class PoolSettings:
     #: seconds a worker polls for the next batch before it sleeps
     spin: float = 0.0
     log_level: str = "info"
+    #: seconds between ``C_GetTokenInfo`` probes by idle workers
+    probe_interval: float = 1.0
+    #: seconds a signing worker may hold work without answering (then: hung)
+    stall_timeout: float = 5.0
 
 
 @dataclass(eq=False)
@@ -113,9 +125,20 @@ class _Worker:
     waiting: dict[int, Any] = field(default_factory=dict)
     batches: int = 0
     alive: bool = True
+    #: when it last answered, or was handed work while it had none
+    progress_at: float = 0.0
+    #: cancels its reader and writer tasks (set while it serves)
+    scope: trio.CancelScope | None = None
 
-    def send(self, frame: bytes) -> None:
+    def hand(self, tag: int, pending: Any, frame: bytes) -> None:
+        if not self.waiting:
+            self.progress_at = time.monotonic()
+        self.waiting[tag] = pending
         self.outbox.write(frame)
+
+
+#: what a worker's ``waiting`` holds for a probe
+_PROBE: Final = "probe"
 
 
 def _frame(obj: Any) -> bytes:
@@ -151,6 +174,12 @@ class TokenPool:
         #: workers logged in and serving
         self.alive_workers = 0
         self.respawns = 0
+        #: the token was lost and has not been found again
+        self.down = False
+        self.down_since = 0.0
+        self.losses = 0
+        self._back = trio.Event()  # set when the token is found again
+        self._outage_logged = 0.0
         #: batches handed to workers, and the signatures in them
         self.batches_sent = 0
         self.entries_sent = 0
@@ -179,7 +208,7 @@ class TokenPool:
             TokenUnavailable: no worker is up.
         """
         if not self.is_open:
-            raise TokenUnavailable("no token worker is running")
+            raise self._unavailable()
         n = len(entries)
         if n > self.settings.queue_limit:
             raise InvalidArgument(
@@ -223,7 +252,7 @@ class TokenPool:
                         worker = w
             if worker is None:
                 if self.alive_workers == 0:
-                    self._fail_queued(TokenUnavailable("no token worker is running"))
+                    self._fail_queued(self._unavailable())
                 return
             now = time.monotonic()
             batch = []
@@ -235,12 +264,21 @@ class TokenPool:
             if not batch:
                 continue
             self._tags += 1
-            worker.waiting[self._tags] = batch
             worker.batches += 1
             self.batches_sent += 1
             self.entries_sent += len(batch)
             self._inflight += len(batch)
-            worker.send(_frame([self._tags, "jobs", [[e.job.to_ipc() for e in batch]]]))
+            worker.hand(
+                self._tags, batch, _frame([self._tags, "jobs", [[e.job.to_ipc() for e in batch]]])
+            )
+
+    def _unavailable(self) -> TokenUnavailable:
+        if self.down:
+            return TokenUnavailable(
+                f"the token is unavailable (lost {time.monotonic() - self.down_since:.1f} s ago; "
+                "signd is reconnecting); retry"
+            )
+        return TokenUnavailable("no token worker is running; retry")
 
     def _fail_queued(self, error: WireError) -> None:
         while self._ready:
@@ -300,21 +338,24 @@ class TokenPool:
     async def _on_writer(self, op: str, args: list[Any]) -> Any:
         writer = self._writer
         if writer is None or not writer.alive:
-            raise TokenUnavailable("the token writer is not running; retry")
+            raise (
+                self._unavailable()
+                if self.down
+                else TokenUnavailable("the token writer is not running; retry")
+            )
         return await self._call_on(writer, op, args)
 
     async def _call(self, op: str, args: list[Any]) -> Any:
         worker = next((w for w in self._workers if w is not None and w.alive), None)
         if worker is None:
-            raise TokenUnavailable("no token worker is running")
+            raise self._unavailable()
         return await self._call_on(worker, op, args)
 
     async def _call_on(self, worker: _Worker, op: str, args: list[Any]) -> Any:
         self._tags += 1
         done = trio.Event()
         box: list[Any] = []
-        worker.waiting[self._tags] = (done, box)
-        worker.send(_frame([self._tags, op, args]))
+        worker.hand(self._tags, (done, box), _frame([self._tags, op, args]))
         await done.wait()
         ok, value = box
         if not ok:
@@ -346,16 +387,31 @@ class TokenPool:
         started = False
         failures = 0
         while not self._closing:
+            if started and self.down and index != 0:
+                # While the token is away only worker 0 looks for it: a
+                # process start per attempt is not free.
+                await self._back.wait()
+                if self._closing:
+                    return
             worker = await self._spawn(index)
             try:
-                info = await self._login(worker)
-            except WireError as exc:
+                with trio.fail_after(LOGIN_TIMEOUT):
+                    info = await self._login(worker)
+            except (WireError, trio.TooSlowError) as exc:
                 with trio.CancelScope(shield=True):
                     await self._reap(worker)
                 if not started:
+                    if isinstance(exc, trio.TooSlowError):
+                        raise TokenUnavailable(
+                            f"the token did not answer the login within {LOGIN_TIMEOUT:.0f} s"
+                        ) from None
                     raise
-                log.error("token worker failed to start", extra={"error": str(exc)})
+                self._login_failed(index, exc)
             else:
+                if self._closing:  # it logged in while the pool was closing
+                    with trio.CancelScope(shield=True):
+                        await self._reap(worker)
+                    return
                 if index == self.settings.workers:
                     self._writer = worker
                 else:
@@ -367,10 +423,11 @@ class TokenPool:
                     task_status.started(info)
                 else:
                     self.respawns += 1
-                    log.info("token worker replaced", extra={"worker": index})
+                    self._found(index)
                     self.pump()
                 try:
                     async with trio.open_nursery() as nursery:
+                        worker.scope = nursery.cancel_scope
                         nursery.start_soon(self._write, worker)
                         nursery.start_soon(self._read, worker, nursery.cancel_scope)
                 finally:
@@ -379,6 +436,58 @@ class TokenPool:
             if not self._closing:
                 await trio.sleep(RESPAWN_BACKOFF[min(failures, len(RESPAWN_BACKOFF) - 1)])
                 failures += 1
+
+    def _login_failed(self, index: int, exc: BaseException) -> None:
+        """Log a failed attempt to start a worker; while the token is away,
+        only the first one and then one every ``OUTAGE_LOG_EVERY`` seconds."""
+        error = str(exc) or f"no answer within {LOGIN_TIMEOUT:.0f} s"
+        if not self.down:
+            log.error("token worker failed to start", extra={"worker": index, "error": error})
+            return
+        now = time.monotonic()
+        if now - self._outage_logged >= OUTAGE_LOG_EVERY:
+            self._outage_logged = now
+            log.warning(
+                "token still unavailable",
+                extra={"for_seconds": round(now - self.down_since, 1), "error": error},
+            )
+
+    def _found(self, index: int) -> None:
+        """A worker logged in again (after a loss, or a crash of its own)."""
+        if self.down:
+            self.down = False
+            self._back.set()
+            log.warning(
+                "token back; serving again",
+                extra={"after_seconds": round(time.monotonic() - self.down_since, 2)},
+            )
+        else:
+            log.info("token worker replaced", extra={"worker": index})
+
+    def token_lost(self, reason: str) -> None:
+        """The token is gone (or hung): answer everything in the workers' hands
+        ``token_unavailable``, stop them all, and look for the token again.
+
+        Every worker goes, not only the one that noticed: their sessions are
+        dead too, and a module instance that lost its token may not recover
+        in the same process (p11-kit's client does not).  Until a worker logs
+        in again, requests fail at once, and readiness is false.
+        """
+        if self.down or self._closing:
+            return
+        self.down = True
+        self.down_since = time.monotonic()
+        self.losses += 1
+        self._back = trio.Event()
+        self._outage_logged = self.down_since
+        log.error(
+            "token lost; requests fail token_unavailable until it is back", extra={"reason": reason}
+        )
+        for w in [*self._workers, self._writer]:
+            if w is not None:
+                self._lost(w)
+                if w.scope is not None:
+                    w.scope.cancel()
 
     async def _login(self, worker: _Worker) -> TokenInfo:
         """The ``open`` handshake, before the worker takes any other work.
@@ -423,8 +532,11 @@ class TokenPool:
                 data = await worker.stream.receive_some(1 << 20)
                 if not data:
                     return
+                worker.progress_at = time.monotonic()
                 worker.decoder.receive_data(data)
                 for body in worker.decoder.frames():
+                    if not worker.alive:
+                        return
                     self._deliver(worker, msgpack.unpackb(body, raw=False))
                 self.pump()
         except (trio.BrokenResourceError, trio.ClosedResourceError):
@@ -436,6 +548,7 @@ class TokenPool:
     async def _close(self) -> None:
         """Stop every worker: they exit when their socket closes."""
         self._closing = True
+        self._back.set()
         log.info(
             "token workers stopping",
             extra={"batches": self.batches_sent, "signatures": self.entries_sent},
@@ -446,7 +559,12 @@ class TokenPool:
 
     def _deliver(self, worker: _Worker, msg: list[Any]) -> None:
         tag, ok = msg[0], msg[1]
+        if tag == 0:  # the worker found the token gone, and exits
+            self.token_lost(msg[3])
+            return
         pending = worker.waiting.pop(tag)
+        if pending is _PROBE:
+            return  # a failed probe is followed by the tag-0 message
         if isinstance(pending, tuple):
             done, box = pending
             box.extend([True, msg[2]] if ok else [False, _error(msg[2], msg[3])])
@@ -475,6 +593,8 @@ class TokenPool:
             self.alive_workers -= 1
         error = TokenUnavailable("the token worker stopped; retry")
         for pending in worker.waiting.values():
+            if pending is _PROBE:
+                continue
             if isinstance(pending, tuple):
                 done, box = pending
                 box.extend([False, error])
@@ -485,9 +605,56 @@ class TokenPool:
                     entry.callback(False, error)
         worker.waiting.clear()
         worker.batches = 0
-        if not self._closing:
+        if not self._closing and not self.down:
             log.error("token worker stopped", extra={"worker": worker.index})
         self.pump()  # answers queued work if no worker is left
+
+    def _patience(self, worker: _Worker) -> float:
+        """How long ``worker`` may go without answering: signatures and probes
+        are quick, but reading every key of a large token is not."""
+        if any(isinstance(p, tuple) for p in worker.waiting.values()):
+            return max(CALL_STALL, self.settings.stall_timeout)
+        return self.settings.stall_timeout
+
+    async def _watch(self, scope: trio.CancelScope) -> None:
+        """Find a token that went away while nobody signed, and one that hangs.
+
+        Every ``probe_interval`` each idle signing worker asks the token for
+        its info; a worker that finds it gone says so (and the pool reacts as
+        to any loss).  A signing worker that holds work without answering for
+        ``stall_timeout`` (``CALL_STALL`` for a call such as reading the keys)
+        is taken for hung on the token: it is killed (signing workers never
+        write, so that is safe), and the token is treated as lost.  The writer is exempt: generating
+        a large RSA key may take seconds, and killing it mid-write could
+        damage SoftHSM's files.
+        """
+        with scope:
+            await self._watch_loop()
+
+    async def _watch_loop(self) -> None:
+        s = self.settings
+        tick = min(s.probe_interval, s.stall_timeout / 4)
+        next_probe = time.monotonic() + s.probe_interval
+        while True:
+            await trio.sleep(tick)
+            now = time.monotonic()
+            probe = now >= next_probe
+            if probe:
+                next_probe = now + s.probe_interval
+            for w in self._workers:
+                if w is None or not w.alive:
+                    continue
+                if not w.waiting:
+                    if probe:
+                        self._tags += 1
+                        w.hand(self._tags, _PROBE, _frame([self._tags, "probe", []]))
+                elif now - w.progress_at > self._patience(w):
+                    log.error(
+                        "token worker stalled; killing it",
+                        extra={"worker": w.index, "seconds": round(now - w.progress_at, 1)},
+                    )
+                    self.token_lost(f"a token call gave no answer for {s.stall_timeout} s")
+                    w.process.kill()
 
 
 @asynccontextmanager
@@ -509,8 +676,11 @@ async def open_token_pool(settings: PoolSettings) -> AsyncIterator[TokenPool]:
         except BaseException:
             await pool._close()
             raise
+        watch = trio.CancelScope()
+        nursery.start_soon(pool._watch, watch)
         try:
             yield pool
         finally:
+            watch.cancel()
             with trio.CancelScope(shield=True):
                 await pool._close()
