@@ -179,7 +179,8 @@ class TokenPool:
         self.down_since = 0.0
         self.losses = 0
         self._back = trio.Event()  # set when the token is found again
-        self._outage_logged = 0.0
+        #: when a failed start was last logged, by worker index
+        self._failure_logged: dict[int, float] = {}
         #: batches handed to workers, and the signatures in them
         self.batches_sent = 0
         self.entries_sent = 0
@@ -386,6 +387,7 @@ class TokenPool:
         """
         started = False
         failures = 0
+        delay = 0.0
         while not self._closing:
             if started and self.down and index != 0:
                 # While the token is away only worker 0 looks for it: a
@@ -393,13 +395,19 @@ class TokenPool:
                 await self._back.wait()
                 if self._closing:
                     return
+                delay = 0.0
             worker = await self._spawn(index)
             try:
+                # The back-off runs while the new process starts up (Python
+                # and its imports take longer than the login itself).
+                await trio.sleep(delay)
                 with trio.fail_after(LOGIN_TIMEOUT):
                     info = await self._login(worker)
-            except (WireError, trio.TooSlowError) as exc:
+            except BaseException as exc:
                 with trio.CancelScope(shield=True):
                     await self._reap(worker)
+                if not isinstance(exc, WireError | trio.TooSlowError):
+                    raise
                 if not started:
                     if isinstance(exc, trio.TooSlowError):
                         raise TokenUnavailable(
@@ -433,24 +441,29 @@ class TokenPool:
                 finally:
                     with trio.CancelScope(shield=True):
                         await self._reap(worker)
-            if not self._closing:
-                await trio.sleep(RESPAWN_BACKOFF[min(failures, len(RESPAWN_BACKOFF) - 1)])
-                failures += 1
+            delay = RESPAWN_BACKOFF[min(failures, len(RESPAWN_BACKOFF) - 1)]
+            failures += 1
 
     def _login_failed(self, index: int, exc: BaseException) -> None:
-        """Log a failed attempt to start a worker; while the token is away,
-        only the first one and then one every ``OUTAGE_LOG_EVERY`` seconds."""
+        """A worker could not be started again.  With no signing worker left,
+        that is a lost token (whatever killed the last one): from then on
+        only one worker tries, and the log says so every ``OUTAGE_LOG_EVERY``
+        seconds rather than at every attempt."""
         error = str(exc) or f"no answer within {LOGIN_TIMEOUT:.0f} s"
-        if not self.down:
-            log.error("token worker failed to start", extra={"worker": index, "error": error})
+        if not self.down and self.alive_workers == 0 and index < self.settings.workers:
+            self.token_lost(error)
             return
         now = time.monotonic()
-        if now - self._outage_logged >= OUTAGE_LOG_EVERY:
-            self._outage_logged = now
+        if now - self._failure_logged.get(index, -math.inf) < OUTAGE_LOG_EVERY:
+            return
+        self._failure_logged[index] = now
+        if self.down:
             log.warning(
                 "token still unavailable",
                 extra={"for_seconds": round(now - self.down_since, 1), "error": error},
             )
+        else:
+            log.error("token worker failed to start", extra={"worker": index, "error": error})
 
     def _found(self, index: int) -> None:
         """A worker logged in again (after a loss, or a crash of its own)."""
@@ -479,7 +492,7 @@ class TokenPool:
         self.down_since = time.monotonic()
         self.losses += 1
         self._back = trio.Event()
-        self._outage_logged = self.down_since
+        self._failure_logged = {0: self.down_since}
         log.error(
             "token lost; requests fail token_unavailable until it is back", extra={"reason": reason}
         )
