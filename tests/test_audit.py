@@ -397,7 +397,7 @@ def entries(draw: st.DrawFn) -> tuple[Entry, dict[str, Any], int]:
         expected.update(result=name, code=code)
     else:
         result: dict[str, Any] = {"signature": draw(st.binary(max_size=8)), "key": draw(texts)}
-        for field in ("version", "current_version"):
+        for field in ("version", "created_version", "current_version"):
             value = draw(maybe_ints)
             if value is not None:
                 result[field] = value
@@ -407,7 +407,9 @@ def entries(draw: st.DrawFn) -> tuple[Entry, dict[str, Any], int]:
         answer = {"result": result}
         expected.update(result="ok", code=0)
         if version is None:
-            version = result.get("version", result.get("current_version"))
+            version = result.get(
+                "version", result.get("created_version", result.get("current_version"))
+            )
     if version is not None:
         expected["version"] = version
     body = msgpack.packb({"v": 1, "id": draw(maybe_ints), **answer}, use_bin_type=True)

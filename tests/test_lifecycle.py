@@ -331,7 +331,7 @@ def test_socket_activation(
 ) -> None:
     activate = shutil.which("systemd-socket-activate")
     if activate is None:
-        pytest.skip("systemd-socket-activate is not installed (Debian package systemd)")
+        pytest.fail("systemd-socket-activate is missing: run the README's test command (systemd)")
     # Its own "Listening on ..." lines are not signd's, so the JSON check is done below.
     d = daemons(start=False, json_log=False)
     argv = [activate, "-l", d.socket, "-E", "SOFTHSM2_CONF", *d.command()]

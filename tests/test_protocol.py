@@ -27,6 +27,7 @@ from signd.protocol import (
     PublicKeyArgs,
     Request,
     Response,
+    RotateArgs,
     SignArgs,
     VerifyArgs,
     decode_request,
@@ -185,7 +186,7 @@ ACCEPTED: list[tuple[str, dict[str, Any], Request]] = [
     (
         "id-u64-max",
         req("rotate", {"key": "a"}, rid=U64_MAX),
-        Request(U64_MAX, "rotate", KeyRefArgs("a")),
+        Request(U64_MAX, "rotate", RotateArgs("a")),
     ),
     (
         "optional-nil-is-absent",

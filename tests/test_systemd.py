@@ -60,7 +60,9 @@ MAX_EXPOSURE = 2.0
 def tool(name: str) -> str:
     path = shutil.which(name)
     if path is None:
-        pytest.skip(f"{name} is not installed (Debian package systemd)")
+        pytest.fail(
+            f"{name} is not installed: run the README's test command (Debian package systemd)"
+        )
     return path
 
 
@@ -601,7 +603,7 @@ def test_signd_works_in_the_units_sandbox(
     seccomp filters, without capabilities, and with /proc and the file system
     restricted as the unit restricts them."""
     if ctypes.util.find_library("seccomp") is None:
-        pytest.skip("libseccomp is not installed (Debian package libseccomp2)")
+        pytest.fail("libseccomp is missing: run the README's test command (libseccomp2)")
     setpriv, unshare = tool("setpriv"), tool("unshare")
     settings = unit_settings(SERVICE)
     assert one(settings, "Service.ProtectSystem") == "strict"

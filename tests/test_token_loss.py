@@ -360,3 +360,38 @@ def test_hung_token_fails_requests_instead_of_hanging(
     check_signature(pub, b"after the hang", r.signature)
     assert "token worker stalled; killing it" in d.logs()
     assert d.stop() == 0
+
+
+def test_a_worker_that_grows_is_replaced_without_a_gap(
+    make_daemon: Callable[..., Daemon], own_token: TokenEnv, key_name: str
+) -> None:
+    """SoftHSM 2.6.1 leaks about 66 bytes per Ed25519 signature (fixed
+    upstream): a signing worker whose memory grew ``recycle_mb`` past its
+    warm-up hands over to a fresh process, and no request fails meanwhile."""
+    d = make_daemon(start=False, token_extra="recycle_mb = 0.5\nprobe_interval = 0.1")
+    d.token = own_token
+    d.start()
+    with d.client() as c:
+        c.create_key(key_name, "ed25519")
+        pub = public_keys(c, key_name)[1]
+    first = set(d.token_workers("sign"))
+    deadline = time.monotonic() + 300
+    with Load(d, [key_name], threads=3) as load:
+        while "token worker recycled" not in d.logs():
+            assert time.monotonic() < deadline, "no worker was recycled"
+            time.sleep(0.2)
+        wait_until(lambda: first.isdisjoint(d.token_workers("sign")), "the old worker to stop")
+        handed_over = time.monotonic()
+        wait_until(
+            lambda: sum(o.sent > handed_over for o in load.outcomes) > 100,
+            "signatures from the new worker",
+        )
+    assert not load.unexpected, load.unexpected
+    assert [o.error for o in load.outcomes if o.error is not None] == []
+    for o in load.outcomes[:: max(1, len(load.outcomes) // 500)] + load.outcomes[-50:]:
+        check_signature(pub, o.message, o.signature)
+    logs = d.logs()
+    assert "token worker stopped" not in logs
+    assert "token lost" not in logs
+    assert gauge(d, "signd_token_reconnects_total") == 0  # a hand-over, not a reconnect
+    assert d.stop() == 0

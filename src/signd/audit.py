@@ -205,7 +205,11 @@ def _seal_entry(entry: Entry, seq: int, prev: str, clock_offset: int) -> tuple[b
         result, code = '"ok"', "0"
         value = answer.get("result") or {}
         if version is None:
-            version = value.get("version", value.get("current_version"))
+            # A create or rotate names the version it made (a replay of one
+            # by its idempotency key too, whatever was rotated since).
+            version = value.get(
+                "version", value.get("created_version", value.get("current_version"))
+            )
         if "valid" in value:
             valid = f',"valid":{_json(value["valid"])}'
     versioned = "" if version is None else f',"version":{_json(version)}'

@@ -85,6 +85,7 @@ async def _run(cfg: Config, pin: Secret) -> int:
         log_level=cfg.log.level,
         probe_interval=cfg.token.probe_interval,
         stall_timeout=cfg.token.stall_timeout,
+        recycle_mb=cfg.token.recycle_mb,
     )
     failed = False
     try:
@@ -245,6 +246,9 @@ async def _serve_with(
     async def watch_reload() -> None:
         nonlocal cfg
         with trio.open_signal_receiver(signal.SIGHUP) as signals:
+            if _take_startup_hangup():  # asked for while starting: the config may be newer
+                log.info("SIGHUP came during startup: reloading the config now")
+                cfg = _reload(cfg, service, server)
             async for _ in signals:
                 cfg = _reload(cfg, service, server)
 
@@ -335,8 +339,30 @@ def _raise_fd_limit(max_connections: int) -> None:
         )
 
 
+#: A SIGHUP came before the reload handler was in place (see ``main``).
+_startup_hangup = False
+
+
+def _note_startup_hangup(signum: int, frame: object) -> None:
+    global _startup_hangup
+    _startup_hangup = True
+
+
+def _take_startup_hangup() -> bool:
+    global _startup_hangup
+    pending, _startup_hangup = _startup_hangup, False
+    return pending
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "serve":
+        # SIGHUP's default action is to end the process: while signd starts
+        # (reading its config, opening the token) a reload asked for early
+        # (systemd's ExecReload, logrotate) would kill it.  It is noted
+        # instead, and applied once the reload handler takes over.  Token
+        # workers are exec'd, so they start with the default action again.
+        signal.signal(signal.SIGHUP, _note_startup_hangup)
     try:
         cfg = load_config(args.config)
         pin = read_pin(cfg.token)

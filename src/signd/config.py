@@ -101,6 +101,9 @@ class TokenConfig:
     #: Seconds a worker may hold work without answering before the token is
     #: taken for hung: its requests fail ``token_unavailable`` and it is replaced.
     stall_timeout: float = 5.0
+    #: MB a signing worker's memory may grow (after warming up) before a
+    #: fresh process takes over from it, without a gap (0: never).
+    recycle_mb: float = 4.0
 
     @property
     def worker_count(self) -> int:
@@ -280,6 +283,7 @@ def _parse(doc: Mapping[str, Any], path: str | None, base: Path) -> Config:
     spin_us = t.take("spin_us", int, 500, _between(0, 10_000))
     probe_interval = t.take("probe_interval", float, 1.0, _between(0.05, 3600))
     stall_timeout = t.take("stall_timeout", float, 5.0, _between(0.1, 3600))
+    recycle_mb = t.take("recycle_mb", float, 4.0, _between(0, 1 << 20))
     workers_raw = t.table.pop("workers", "auto")
     t.done()
     workers: int | None
@@ -302,6 +306,7 @@ def _parse(doc: Mapping[str, Any], path: str | None, base: Path) -> Config:
         spin_us=spin_us,
         probe_interval=probe_interval,
         stall_timeout=stall_timeout,
+        recycle_mb=recycle_mb,
     )
 
     lim = _Section("limits", sections.pop("limits", {}))

@@ -25,6 +25,7 @@ no timer has to fire for a version to retire:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import secrets
@@ -49,6 +50,7 @@ __all__ = [
     "Keystore",
     "LoadedKey",
     "VersionRecord",
+    "request_digest",
 ]
 
 # What the record stores about a version.
@@ -91,6 +93,36 @@ class VersionRecord:
     created: float
     state: str  # ENABLED, DISABLED or DESTROYED
     object_id: bytes
+    #: the ``idempotency_key`` of the create_key or rotate that made this
+    #: version, if it had one: kept as long as the version, so a repeat of that
+    #: request (to this process or another, before or after a restart) is
+    #: answered instead of done again
+    idempotency_key: str | None = None
+    #: ``request_digest`` of that request, to tell a repeat from a reuse of
+    #: the key for something else
+    request: str | None = None
+
+    def made_by(self, idempotency_key: str, request: str) -> bool:
+        """Whether this version was made by a request with ``idempotency_key``.
+
+        Raises: InvalidArgument if it was, by a request other than ``request``.
+        """
+        if self.idempotency_key != idempotency_key:
+            return False
+        if self.request is not None and self.request != request:
+            raise InvalidArgument(
+                f"idempotency key {idempotency_key!r} was used with different parameters "
+                f"(it made version {self.version} by another request); use a new key for a "
+                "new request"
+            )
+        return True
+
+
+def request_digest(op: str, **params: Any) -> str:
+    """What an idempotent request asked, in short: ``op`` and its parameters
+    (JSON values) other than the key name and the idempotency key."""
+    doc = json.dumps({"op": op, **params}, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(doc.encode()).hexdigest()[:32]
 
 
 @dataclass(frozen=True, slots=True)
@@ -198,15 +230,33 @@ class KeyRecord:
         created: float,
         object_id: bytes,
         settings: KeySettings = KeySettings(),
+        idempotency: tuple[str, str] | None = None,
     ) -> KeyRecord:
-        return cls(
-            name, kt.name, created, (VersionRecord(1, created, ENABLED, object_id),), 1, settings
-        )
+        """``idempotency``: (idempotency key, request digest) of the create_key."""
+        ik, req = idempotency if idempotency is not None else (None, None)
+        v1 = VersionRecord(1, created, ENABLED, object_id, ik, req)
+        return cls(name, kt.name, created, (v1,), 1, settings)
 
-    def rotated(self, created: float, object_id: bytes) -> KeyRecord:
-        """The record after a rotation: a new newest version, enabled."""
-        new = VersionRecord(self.next_version, created, ENABLED, object_id)
+    def rotated(
+        self, created: float, object_id: bytes, idempotency: tuple[str, str] | None = None
+    ) -> KeyRecord:
+        """The record after a rotation: a new newest version, enabled.
+
+        ``idempotency``: (idempotency key, request digest) of the rotate.
+        """
+        ik, req = idempotency if idempotency is not None else (None, None)
+        new = VersionRecord(self.next_version, created, ENABLED, object_id, ik, req)
         return replace(self, versions=(*self.versions, new), revision=self.revision + 1)
+
+    def made_by(self, idempotency_key: str, request: str) -> VersionRecord | None:
+        """The version a request with ``idempotency_key`` made, if any.
+
+        Raises: InvalidArgument if the key made a version by another request.
+        """
+        for v in self.versions:
+            if v.made_by(idempotency_key, request):
+                return v
+        return None
 
     def with_state(self, versions: Iterable[int], state: str) -> KeyRecord:
         """The record with ``versions`` set to ``state``.
@@ -288,15 +338,7 @@ class KeyRecord:
             "type": self.type,
             "created": self.created,
             "settings": self.settings.to_json(),
-            "versions": [
-                {
-                    "version": v.version,
-                    "created": v.created,
-                    "state": v.state,
-                    "id": v.object_id.hex(),
-                }
-                for v in self.versions
-            ],
+            "versions": [_version_json(v) for v in self.versions],
         }
         return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
 
@@ -313,6 +355,8 @@ class KeyRecord:
                     float(v["created"]),
                     ENABLED if v["state"] in _LEGACY_ENABLED else str(v["state"]),
                     bytes.fromhex(v["id"]),
+                    _optional_str(v, "idempotency_key"),
+                    _optional_str(v, "request"),
                 )
                 for v in doc["versions"]
             )
@@ -329,6 +373,30 @@ class KeyRecord:
         if len({v.version for v in versions}) != len(versions):
             raise ValueError(f"key {name!r} lists a version twice")
         return record
+
+
+def _version_json(v: VersionRecord) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "version": v.version,
+        "created": v.created,
+        "state": v.state,
+        "id": v.object_id.hex(),
+    }
+    # Only when set: a record without them is byte for byte what signd wrote
+    # before idempotency keys, and older daemons read it (ignoring the fields).
+    if v.idempotency_key is not None:
+        out["idempotency_key"] = v.idempotency_key
+    if v.request is not None:
+        out["request"] = v.request
+    return out
+
+
+def _optional_str(doc: Mapping[str, Any], name: str) -> str | None:
+    """Raises: TypeError if present but not a string."""
+    value = doc.get(name)
+    if value is None or isinstance(value, str):
+        return value
+    raise TypeError(f"{name} is not a string")
 
 
 @dataclass(slots=True)

@@ -20,7 +20,7 @@ import bisect
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Final
+from typing import Final, Literal, get_args
 
 import trio
 from prometheus_client import CollectorRegistry, generate_latest
@@ -34,7 +34,7 @@ from prometheus_client.core import (
 from . import __version__
 from .errors import WireError
 
-__all__ = ["DURATION_BUCKETS", "KeyState", "Metrics", "Snapshot", "serve_http"]
+__all__ = ["DURATION_BUCKETS", "LIMITS", "KeyState", "Limit", "Metrics", "Snapshot", "serve_http"]
 
 DURATION_BUCKETS: Final = (
     0.0001,
@@ -57,6 +57,18 @@ DURATION_BUCKETS: Final = (
 BATCH_BUCKETS: Final = (1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0)
 #: Seconds the per-key signatures-per-second gauge averages over.
 WINDOW: Final = 10
+#: The ``limit`` label values of ``signd_limit_hits_total``: each the setting
+#: of ``[limits]`` it counts (``max_inflight`` is ``max_inflight_per_connection``).
+Limit = Literal[
+    "max_connections",
+    "max_inflight",
+    "max_frame",
+    "idle_timeout",
+    "request_timeout",
+    "max_output_buffer",
+    "token_queue",
+]
+LIMITS: Final[tuple[Limit, ...]] = get_args(Limit)
 
 
 class Histogram:
@@ -153,6 +165,8 @@ class Metrics:
     rotations: dict[tuple[str, str], int] = field(default_factory=dict)
     #: (code, name, op) -> error answers
     errors: dict[tuple[int, str, str], int] = field(default_factory=dict)
+    #: limit (one of ``LIMITS``) -> times it stopped something
+    limit_hits: dict[Limit, int] = field(default_factory=lambda: dict.fromkeys(LIMITS, 0))
     sign_duration: dict[str, Histogram] = field(default_factory=dict)
     token_sign_duration: Histogram = field(default_factory=lambda: Histogram(DURATION_BUCKETS))
     token_batch_size: Histogram = field(default_factory=lambda: Histogram(BATCH_BUCKETS))
@@ -195,6 +209,10 @@ class Metrics:
     def error(self, op: str | None, error: WireError) -> None:
         k = (int(error.code), error.name, op or "")
         self.errors[k] = self.errors.get(k, 0) + 1
+
+    def limit_hit(self, limit: Limit) -> None:
+        """A limit of ``LIMITS`` refused, paused, timed out or closed something."""
+        self.limit_hits[limit] += 1
 
     def rotated(self, key: str, trigger: str) -> None:
         k = (key, trigger)
@@ -263,6 +281,13 @@ class Collector:
             "Requests refused by a rate limit, by scope (principal or key).",
             ("scope",),
             [((s,), v) for s, v in snap.rate_limited],
+        )
+        yield _counter(
+            "signd_limit_hits",
+            "Times a [limits] setting refused a connection or request, paused reading "
+            "a connection, answered deadline_exceeded or closed an idle connection.",
+            ("limit",),
+            [((k,), v) for k, v in list(m.limit_hits.items())],
         )
         yield _counter(
             "signd_token_reconnects",

@@ -10,18 +10,30 @@ Per connection, requests in flight are bounded (``max_inflight``) and so are
 unsent answers (``max_output``): past either, the reader stops reading, so a
 flooding or non-reading client is slowed by the socket's own flow control and
 cannot grow the daemon's memory.
+
+A connection with nothing in flight and nothing unsent that has sent nothing
+for ``idle_timeout`` is closed by a sweeper task, which looks at every
+connection a tenth of that apart: nothing on the hot path but one counter per
+read.  The close never consumes a byte the client sent: a request that crosses
+it stays unread, so the client's read fails with ECONNRESET (or its send with
+EPIPE), never with a plain EOF, and knows that the request was not carried out.
+
+Every limit that stops something is counted in ``signd_limit_hits_total``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import grp
 import logging
 import math
 import os
 import socket
 import stat
+import struct
+import termios
 import time
 from collections.abc import Callable
 from typing import Final
@@ -31,6 +43,7 @@ import trio
 from .audit import AuditLog, Notes, notes_of, who_fields
 from .config import LimitsConfig
 from .errors import Busy, FrameTooLarge, InternalError, ShuttingDown
+from .metrics import Limit, Metrics
 from .outbox import Outbox
 from .policy import principal_of
 from .protocol import BadRequest, FrameDecoder, Request, decode_request, encode_error
@@ -41,17 +54,30 @@ __all__ = ["ListenerError", "Server", "open_listener", "systemd_socket"]
 log = logging.getLogger("signd.server")
 
 RECEIVE_SIZE: Final = 65536
-#: During shutdown, a connection whose client sent nothing for this long is done.
-DRAIN_IDLE: Final = 0.05
 #: Rounds with at most this many requests or answers count as light traffic.
 WARM_AFTER: Final = 2
 #: How long a closing connection discards what its client still sends.
 LINGER: Final = 1.0
+#: The idle sweeper looks at the connections ``idle_timeout / IDLE_SWEEPS``
+#: apart, and at least every ``IDLE_SWEEP_MAX`` seconds: an idle connection is
+#: closed after ``idle_timeout`` and at most about a fifth more.
+IDLE_SWEEPS: Final = 10
+IDLE_SWEEP_MAX: Final = 5.0
 SD_LISTEN_FDS_START: Final = 3
 
 
 class ListenerError(Exception):
     """The listening socket could not be set up; the message says why."""
+
+
+def _unread(sock: trio.socket.SocketType) -> int:
+    """Bytes the peer has sent on ``sock`` that are not read yet."""
+    try:
+        raw = fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0")
+    except OSError:
+        return 0
+    count: int = struct.unpack("i", raw)[0]
+    return count
 
 
 def _probe_live(path: str) -> bool:
@@ -168,12 +194,18 @@ class _Connection:
         "decoder",
         "dirty",
         "eof",
+        "idle_closed",
+        "idle_mark",
         "inflight",
         "limits",
+        "metrics",
         "outbox",
+        "owed",
         "pending",
         "pending_bytes",
         "principal",
+        "read_scope",
+        "reads",
         "schedule_flush",
         "stream",
     )
@@ -184,15 +216,19 @@ class _Connection:
         limits: LimitsConfig,
         schedule_flush: Callable[[_Connection], None],
         audit: AuditLog | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.stream = stream
         self.limits = limits
+        self.metrics = metrics if metrics is not None else Metrics()
         self.decoder = FrameDecoder(limits.max_frame)
         self.outbox = Outbox(stream)
         self.pending: list[bytes] = []
         self.pending_bytes = 0
         self.dirty = False
         self.eof = False
+        #: On shutdown: the bytes the client had sent and the daemon not read yet.
+        self.owed = 0
         self.principal = principal_of(stream.socket)
         self.audit = audit
         # Requests in flight, by id, for their audit records; a client that
@@ -202,6 +238,14 @@ class _Connection:
         self.audit_who = who_fields(self.principal) if audit is not None else None
         self.schedule_flush = schedule_flush
         self.inflight = 0
+        #: reads that brought bytes; the idle sweeper compares it between sweeps
+        self.reads = 0
+        #: (reads, when) as the idle sweeper last found this connection quiet
+        self.idle_mark: tuple[int, float] | None = None
+        #: set by the idle sweeper: the reader stops, and the connection is closed
+        self.idle_closed = False
+        #: the scope of the read waiting now, for the idle sweeper to cancel
+        self.read_scope: trio.CancelScope | None = None
         self._can_read = trio.lowlevel.ParkingLot()
         self._settled = trio.lowlevel.ParkingLot()
 
@@ -261,13 +305,38 @@ class _Connection:
         if self.inflight == 0:
             self._settled.unpark_all()
 
+    def quiet(self) -> bool:
+        """Nothing in flight, nothing unsent: all that is left is to read."""
+        return (
+            self.inflight == 0
+            and not self.dirty
+            and not self.pending
+            and self.outbox.backlog_bytes == 0
+        )
+
     async def wait_readable(self) -> None:
-        """Wait while too many requests are in flight or too many bytes unsent."""
+        """Wait while too many requests are in flight or too many bytes unsent.
+
+        Each pause is counted once, under the limit that caused it.
+        """
         lim = self.limits
+        paused: Limit | None = None
         while True:
             if self.outbox.backlog_bytes + self.pending_bytes >= lim.max_output_buffer:
-                await self.outbox.wait_empty()
+                if paused != "max_output_buffer":
+                    paused = "max_output_buffer"
+                    self.metrics.limit_hit(paused)
+                if self.dirty:
+                    # Answers of this round not yet handed to the outbox (one
+                    # read can make more than the limit): the flusher must run
+                    # first, or wait_empty would return at once, forever.
+                    await self._can_read.park()
+                else:
+                    await self.outbox.wait_empty()
             elif self.inflight >= lim.max_inflight_per_connection:
+                if paused != "max_inflight":
+                    paused = "max_inflight"
+                    self.metrics.limit_hit(paused)
                 await self._can_read.park()
             else:
                 return
@@ -304,13 +373,19 @@ class Server:
         self.keep_warm = keep_warm
         self._warm_until = 0.0
         self._warm_wake = trio.lowlevel.ParkingLot()
+        self._sweep_wake = trio.lowlevel.ParkingLot()
 
     def apply_limits(self, limits: LimitsConfig) -> None:
-        """New limits, for the connections already open too (a reload)."""
+        """New limits, for the connections already open too (a reload).
+
+        Must be called from trio (it wakes the idle sweeper, so a new
+        ``idle_timeout`` applies at once).
+        """
         self.limits = limits
         for conn in list(self.live):
             conn.limits = limits
             conn.decoder.max_frame = limits.max_frame
+        self._sweep_wake.unpark_all()
 
     def shutdown(self) -> None:
         """Stop accepting; answer what clients already sent, then close.
@@ -322,6 +397,10 @@ class Server:
         self._stopping = True
         self._drain_deadline = trio.current_time() + self.limits.drain_timeout
         self._accepting.cancel()
+        # What each client sent before now is answered; what it sends later
+        # is not read (it waits for the next process, or the client retries).
+        for conn in self.live:
+            conn.owed = _unread(conn.stream.socket)
         for scope in list(self._readers):
             scope.cancel()
 
@@ -335,6 +414,7 @@ class Server:
         listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
         async with trio.open_nursery() as outer:
             outer.start_soon(self._flusher)
+            outer.start_soon(self._sweep_idle)
             if self.keep_warm > 0:
                 outer.start_soon(self._keep_warm)
             async with trio.open_nursery() as nursery:
@@ -403,6 +483,40 @@ class Server:
             while time.perf_counter() < self._warm_until:
                 await trio.lowlevel.cancel_shielded_checkpoint()
 
+    async def _sweep_idle(self) -> None:
+        """Close the connections that have been quiet for ``idle_timeout``.
+
+        A connection is marked when first found quiet (nothing in flight or
+        unsent) with its read count; if a later sweep finds it still quiet
+        and not read from since, it has been idle at least since the mark,
+        and once that is ``idle_timeout`` ago its reader is stopped.  A
+        connection is never closed early, at worst a sweep or two late.
+        """
+        while True:
+            idle = self.limits.idle_timeout
+            if idle <= 0 or self._stopping:
+                await self._sweep_wake.park()  # until a reload sets one
+                continue
+            with trio.move_on_after(min(idle / IDLE_SWEEPS, IDLE_SWEEP_MAX)):
+                await self._sweep_wake.park()
+            idle = self.limits.idle_timeout
+            if idle <= 0 or self._stopping:
+                continue
+            now = trio.current_time()
+            for conn in list(self.live):
+                if conn.idle_closed:
+                    continue
+                if not conn.quiet():
+                    conn.idle_mark = None
+                    continue
+                mark = conn.idle_mark
+                if mark is None or mark[0] != conn.reads:
+                    conn.idle_mark = (conn.reads, now)
+                elif now - mark[1] >= idle:
+                    conn.idle_closed = True
+                    if conn.read_scope is not None:
+                        conn.read_scope.cancel()
+
     async def _serve_connection(self, stream: trio.SocketStream) -> None:
         # Whatever happens on one connection stays on it: this task never
         # raises, so no client can take the daemon or its other clients down.
@@ -413,7 +527,9 @@ class Server:
             elif self._stopping:
                 await self._refuse(stream, ShuttingDown("signd is shutting down"))
             else:
-                conn = _Connection(stream, self.limits, self._schedule_flush, self.audit)
+                conn = _Connection(
+                    stream, self.limits, self._schedule_flush, self.audit, self.service.metrics
+                )
                 self.live.add(conn)
                 try:
                     await self._converse(conn)
@@ -432,6 +548,17 @@ class Server:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(conn.outbox.run)
             await self._read(conn, nursery)
+            if conn.idle_closed and conn.quiet():
+                # Quiet, and nothing read since: no answer is owed, and no
+                # linger either, so a request that crossed the close is left
+                # unread (the client's read fails with ECONNRESET: not done).
+                self.service.metrics.limit_hit("idle_timeout")
+                log.debug(
+                    "idle connection closed",
+                    extra={"pid": conn.principal.pid, "idle_timeout": conn.limits.idle_timeout},
+                )
+                nursery.cancel_scope.cancel()
+                return
             # Every answer in flight is still sent, within the drain time-out.
             nursery.cancel_scope.deadline = min(
                 self._drain_deadline, trio.current_time() + self.limits.drain_timeout
@@ -457,44 +584,58 @@ class Server:
 
     async def _refuse(self, stream: trio.SocketStream, error: Busy | ShuttingDown) -> None:
         self.service.metrics.error(None, error)
+        if isinstance(error, Busy):
+            self.service.metrics.limit_hit("max_connections")
         with trio.move_on_after(1.0):
             await stream.send_all(encode_error(None, error))
 
     async def _read(self, conn: _Connection, nursery: trio.Nursery) -> None:
         """Read and dispatch until EOF, a fatal frame, or the end of a shutdown.
 
-        On shutdown a blocked read is interrupted, and the reader goes on only
-        while the client's bytes keep arriving (requests it already sent are
-        in flight, and are answered), until the socket stays idle for
-        ``DRAIN_IDLE`` or the drain deadline passes.
+        On shutdown a blocked read is interrupted, and the reader takes only
+        the bytes the client had sent by then (``owed``: its requests already
+        sent are in flight, and are answered), within the drain deadline.
+        Requests sent later are left unread: a client that keeps its
+        connection busy cannot hold the shutdown up, and since they were never
+        read, none of them was carried out; the client retries them on a new
+        connection, which the next process accepts.
         """
         while True:
-            await conn.wait_readable()
             if self._stopping:
-                idle = min(DRAIN_IDLE, self._drain_deadline - trio.current_time())
-                with trio.move_on_after(max(idle, 0)):
-                    data = await conn.stream.receive_some(RECEIVE_SIZE)
-                    if data:
+                with trio.move_on_at(self._drain_deadline):
+                    while conn.owed > 0:
+                        await conn.wait_readable()
+                        data = await conn.stream.receive_some(min(conn.owed, RECEIVE_SIZE))
+                        if not data:
+                            conn.eof = True
+                            return
+                        conn.owed -= len(data)
                         conn.decoder.receive_data(data)
                         if not self._dispatch(conn, nursery):
                             return
-                        continue
-                    conn.eof = True
-                    return
-                return  # idle: the client has sent nothing more
+                return
+            await conn.wait_readable()
+            if conn.idle_closed:
+                return  # found idle while this reader was about to read again
             scope = trio.CancelScope()
             self._readers.add(scope)
+            conn.read_scope = scope
             try:
                 with scope:
                     data = await conn.stream.receive_some(RECEIVE_SIZE)
                     if not data:
                         conn.eof = True
                         return
+                    conn.reads += 1
+                    conn.idle_closed = False  # the bytes came first: not idle after all
                     conn.decoder.receive_data(data)
                     if not self._dispatch(conn, nursery):
                         return
             finally:
+                conn.read_scope = None
                 self._readers.discard(scope)
+            if conn.idle_closed:
+                return
 
     def _dispatch(self, conn: _Connection, nursery: trio.Nursery) -> bool:
         """Handle every complete frame; False when the stream must be closed."""
@@ -511,6 +652,7 @@ class Server:
         except FrameTooLarge as exc:
             # The stream cannot be resynchronised: answer, then close this one only.
             self.service.metrics.error(None, exc)
+            self.service.metrics.limit_hit("max_frame")
             conn.send(encode_error(None, exc))
             keep_open = False
         if requests:

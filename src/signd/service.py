@@ -15,6 +15,7 @@ Each request gets exactly one ``reply``; the transport counts on that.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -25,6 +26,7 @@ import trio
 
 from . import __version__, algorithms
 from .errors import (
+    Busy,
     Conflict,
     DeadlineExceeded,
     DeletionNotAllowed,
@@ -48,6 +50,7 @@ from .keystore import (
     load_key,
     new_object_id,
     object_label,
+    request_digest,
 )
 from .metrics import Metrics
 from .policy import Policy, Principal
@@ -65,6 +68,7 @@ from .protocol import (
     PublicKey,
     PublicKeyArgs,
     Request,
+    RotateArgs,
     SignArgs,
     SignBatchArgs,
     SignBatchResult,
@@ -74,6 +78,7 @@ from .protocol import (
     VerifyArgs,
     VerifyResult,
     VersionRefArgs,
+    check_idempotency_key,
     encode_error,
     encode_result,
 )
@@ -247,6 +252,8 @@ class Service:
                 try:
                     self.token.enqueue(source, entries)
                 except WireError as exc:  # busy, or no worker: the request fails whole
+                    if isinstance(exc, Busy):
+                        metrics.limit_hit("token_queue")
                     self._refused(req, exc)
                     reply(req.id, encode_error(req.id, exc))
             self.token.pump()
@@ -342,6 +349,7 @@ class Service:
                 raise KeyNotFound(f"no key named {name!r}")
         except trio.TooSlowError:
             exc: WireError = DeadlineExceeded("key look-up timed out")
+            self.metrics.limit_hit("request_timeout")
             self._refused(req, exc)
             reply(req.id, encode_error(req.id, exc))
             return
@@ -423,11 +431,15 @@ class Service:
             # Shielded: a key half made must not be left behind by a cancel.
             with trio.CancelScope(shield=True):
                 async with self._admin_lock:
-                    key = await self._change(req.op, req.args)
+                    key, made = await self._change(req.op, req.args)
             self._changed.set()
-            if req.op == "rotate":
-                self.metrics.rotated(key.record.name, "manual")
-            reply(req.id, encode_result(req.id, key.info()))
+            info = key.info()
+            if made is not None:  # create_key, rotate: the version they made
+                version, replayed = made
+                info = dataclasses.replace(info, created_version=version)
+                if req.op == "rotate" and not replayed:
+                    self.metrics.rotated(key.record.name, "manual")
+            reply(req.id, encode_result(req.id, info))
         except WireError as exc:
             self._refused(req, exc)
             reply(req.id, encode_error(req.id, exc))
@@ -437,18 +449,82 @@ class Service:
             self._refused(req, error)
             reply(req.id, encode_error(req.id, error))
 
-    async def _change(self, op: str, args: Message) -> LoadedKey:
-        """Run one admin operation (under the admin lock)."""
-        if isinstance(args, CreateKeyArgs):
-            return await self._create(args)
+    async def _change(self, op: str, args: Message) -> tuple[LoadedKey, tuple[int, bool] | None]:
+        """Run one admin operation (under the admin lock).
+
+        Returns the key, and for create_key and rotate (version made, replayed).
+        """
+        if isinstance(args, CreateKeyArgs | RotateArgs):
+            return await self._make_version(args)
+        return await self._change_key(op, args), None
+
+    async def _make_version(
+        self, args: CreateKeyArgs | RotateArgs
+    ) -> tuple[LoadedKey, tuple[int, bool]]:
+        """create_key or rotate, answered again if its idempotency key made a version.
+
+        The key is stored with the version, in the same compare-and-swap
+        write of the key's record: a repeat (here, in another process on the
+        token, or after a restart) finds it there.  If that write loses a race
+        (``Conflict``), the winner may have been this very request, sent again
+        to another process: the record is read once more before giving up.
+        """
+        name = check_key_name(args.key)
+        idempotency = None
+        if args.idempotency_key is not None:
+            check_idempotency_key(args.idempotency_key)
+            idempotency = (args.idempotency_key, _request_digest(args))
+        try:
+            if isinstance(args, CreateKeyArgs):
+                key = await self._create(args, idempotency)
+            else:
+                key = await self._rotate_request(name, idempotency)
+        except _Replay as replay:
+            return await self._replay(replay.record, replay.version, raced=False)
+        except Conflict:
+            if idempotency is None:
+                raise
+            record = await self._read_record(name)
+            made = record.made_by(*idempotency) if record is not None else None
+            if record is None or made is None:
+                raise
+            return await self._replay(record, made.version, raced=True)
+        return key, (key.record.latest.version, False)
+
+    async def _replay(
+        self, record: KeyRecord, version: int, *, raced: bool
+    ) -> tuple[LoadedKey, tuple[int, bool]]:
+        """The answer to a request repeated under its idempotency key: nothing is done.
+
+        ``raced``: the repeat was in progress here when the first one's write landed.
+        """
+        key = await self._store(record, None)
+        log.info(
+            "idempotent request repeated; answered again",
+            extra={"key": record.name, "version": version, "raced": raced},
+        )
+        return key, (version, True)
+
+    async def _rotate_request(self, name: str, idempotency: tuple[str, str] | None) -> LoadedKey:
+        # Always from the token, never the cache: another process may have changed it.
+        record = await self._read_record(name)
+        if record is None:
+            self.keystore.forget(name)
+            raise KeyNotFound(f"no key named {name!r}")
+        if idempotency is not None:
+            made = record.made_by(*idempotency)
+            if made is not None:
+                raise _Replay(record, made.version)
+        return await self._rotate(record, idempotency)
+
+    async def _change_key(self, op: str, args: Message) -> LoadedKey:
+        """update_key, disable, enable or destroy."""
         name = check_key_name(getattr(args, "key", ""))
         # Always from the token, never the cache: another process may have changed it.
         record = await self._read_record(name)
         if record is None:
             self.keystore.forget(name)
             raise KeyNotFound(f"no key named {name!r}")
-        if isinstance(args, KeyRefArgs):  # rotate
-            return await self._rotate(record)
         if isinstance(args, UpdateKeyArgs):
             # The rotation floor applies to a period being set, not to one set
             # before the floor was raised (that would block every other change).
@@ -497,30 +573,45 @@ class Service:
         # and loading it deletes the private keys (see ``_load``).
         return await self._store(new, "key versions destroyed")
 
-    async def _create(self, args: CreateKeyArgs) -> LoadedKey:
+    async def _create(
+        self, args: CreateKeyArgs, idempotency: tuple[str, str] | None = None
+    ) -> LoadedKey:
+        """Raises: _Replay when the key exists, made by this same request."""
         name = check_key_name(args.key)
         kt = algorithms.key_type(args.type)
         settings = _settings(args, KeySettings()).check(1, self.min_rotate_period)
-        if await self.token.load_metadata(name):
+        blobs = await self.token.load_metadata(name)
+        if blobs:
+            if idempotency is not None:
+                try:
+                    record = KeyRecord.from_bytes(name, blobs[0].revision, blobs[0].value)
+                except ValueError:
+                    pass  # whatever it is, the name is taken
+                else:
+                    made = record.made_by(*idempotency)
+                    if made is not None:
+                        raise _Replay(record, made.version)
             await self._refresh(name)
             raise KeyExists(f"a key named {name!r} already exists")
         object_id = new_object_id()
         spki = await self.token.generate(kt.name, object_id, object_label(name, 1))
-        record = KeyRecord.new(name, kt, self._clock(), object_id, settings)
+        record = KeyRecord.new(name, kt, self._clock(), object_id, settings, idempotency)
         await self._write_new_version(record, object_id)
         key = load_key(record, {object_id: spki}, self._clock())
         self.keystore.put(key)
         log.info("key created", extra={"key": name, "type": kt.name})
         return key
 
-    async def _rotate(self, record: KeyRecord) -> LoadedKey:
+    async def _rotate(
+        self, record: KeyRecord, idempotency: tuple[str, str] | None = None
+    ) -> LoadedKey:
         kt = algorithms.key_type(record.type)
         object_id = new_object_id()
         # The new version exists on the token before any record points to it.
         await self.token.generate(
             kt.name, object_id, object_label(record.name, record.next_version)
         )
-        record = record.rotated(self._clock(), object_id)
+        record = record.rotated(self._clock(), object_id, idempotency)
         await self._write_new_version(record, object_id)
         key = await self._load(record)
         self.keystore.put(key)
@@ -600,6 +691,25 @@ class Service:
             await self.on_auto_rotate(key)
 
 
+class _Replay(Exception):
+    """A create_key or rotate whose idempotency key made ``version`` already."""
+
+    def __init__(self, record: KeyRecord, version: int) -> None:
+        super().__init__(record.name, version)
+        self.record = record
+        self.version = version
+
+
+def _request_digest(args: CreateKeyArgs | RotateArgs) -> str:
+    """What a create_key or rotate asks, for telling a repeat from a reuse of
+    its idempotency key.  create_key: the type and the settings it asks for
+    (an absent setting and its default are the same request)."""
+    if isinstance(args, RotateArgs):
+        return request_digest("rotate")
+    settings = _settings(args, KeySettings())
+    return request_digest("create_key", type=args.type, settings=settings.to_json())
+
+
 def _settings(args: CreateKeyArgs | UpdateKeyArgs, old: KeySettings) -> KeySettings:
     """``old`` with every setting ``args`` gives."""
     return KeySettings(
@@ -640,6 +750,8 @@ def _verify_done(
 
     def done(ok: bool, value: Any) -> None:
         if not ok:
+            if isinstance(value, DeadlineExceeded):
+                metrics.limit_hit("request_timeout")
             metrics.verified(name, value.name)
             metrics.error("verify", value)
             reply(rid, encode_error(rid, value))
@@ -678,6 +790,8 @@ def _sign_done(
             metrics.signed(name, version, plan.algorithm, 1, started, time.perf_counter())
             reply(rid, encode_result(rid, result))
         else:
+            if isinstance(value, DeadlineExceeded):
+                metrics.limit_hit("request_timeout")
             metrics.sign_failed(name, version, plan.algorithm, value)
             metrics.error("sign", value)
             reply(rid, encode_error(rid, value))
@@ -722,11 +836,14 @@ def _batch_entries(
             plans.append(exc)
     results: list[BatchItem | None] = [None] * len(items)
     left = [len(items)]
+    timed_out = [False]  # an item answered deadline_exceeded: counted once per request
     name, version = key.record.name, signer.record.version
 
     def finish() -> None:
         left[0] -= 1
         if left[0] == 0:
+            if timed_out[0]:
+                metrics.limit_hit("request_timeout")
             signed = sum(1 for r in results if r is not None and r.signature is not None)
             metrics.signed(name, version, algorithm, signed, started, time.perf_counter())
             answer = SignBatchResult(
@@ -742,6 +859,7 @@ def _batch_entries(
             if ok:
                 results[i] = BatchItem(signature=algorithms.finish_signature(plan, value))
             else:
+                timed_out[0] = timed_out[0] or isinstance(value, DeadlineExceeded)
                 results[i] = BatchItem(error=_error_info(value))
             finish()
 

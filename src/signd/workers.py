@@ -41,6 +41,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import socket
 import sys
 import time
@@ -77,6 +78,10 @@ log = logging.getLogger("signd.workers")
 RESPAWN_BACKOFF: Final = (0.05, 0.1, 0.2, 0.5, 1.0)
 #: A login that takes longer than this is taken for a hung token.
 LOGIN_TIMEOUT: Final = 30.0
+#: Signatures a worker answers before its RSS is taken as its baseline.
+RECYCLE_WARMUP: Final = 10_000
+#: Waits for a signing worker to see a record the writer just stored.
+SEEN_WRITE_BACKOFF: Final = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2)
 #: Seconds a signing worker may take over a call (reading keys, not signing)
 #: before it is taken for hung.
 CALL_STALL: Final = 60.0
@@ -112,6 +117,9 @@ class PoolSettings:
     probe_interval: float = 1.0
     #: seconds a signing worker may hold work without answering (then: hung)
     stall_timeout: float = 5.0
+    #: MB a signing worker's RSS may grow (past its warm-up) before a fresh
+    #: process takes over from it; 0: never
+    recycle_mb: float = 0.0
 
 
 @dataclass(eq=False)
@@ -129,6 +137,15 @@ class _Worker:
     progress_at: float = 0.0
     #: cancels its reader and writer tasks (set while it serves)
     scope: trio.CancelScope | None = None
+    #: signatures it answered, and its RSS once it had answered ``RECYCLE_WARMUP``
+    signed: int = 0
+    rss_base: int | None = None
+    #: set when it should hand over to a fresh process (see ``_recycle``)
+    recycle: trio.Event = field(default_factory=trio.Event)
+    #: it hands over to a fresh process: it gets no more work
+    retiring: bool = False
+    #: set when it holds nothing more (only while it hands over)
+    drained: trio.Event | None = None
 
     def hand(self, tag: int, pending: Any, frame: bytes) -> None:
         if not self.waiting:
@@ -137,6 +154,16 @@ class _Worker:
         self.outbox.write(frame)
 
 
+def _rss(pid: int) -> int | None:
+    """Resident set size of process ``pid`` in bytes (None: it is gone)."""
+    try:
+        with open(f"/proc/{pid}/statm", "rb") as f:
+            return int(f.read().split()[1]) * PAGE_SIZE
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+PAGE_SIZE: Final = os.sysconf("SC_PAGE_SIZE")
 #: what a worker's ``waiting`` holds for a probe
 _PROBE: Final = "probe"
 
@@ -174,6 +201,8 @@ class TokenPool:
         #: workers logged in and serving
         self.alive_workers = 0
         self.respawns = 0
+        #: signing workers replaced by a fresh process because their RSS grew
+        self.recycles = 0
         #: the token was lost and has not been found again
         self.down = False
         self.down_since = 0.0
@@ -248,7 +277,7 @@ class TokenPool:
         while self._ready:
             worker = None
             for w in self._workers:
-                if w is not None and w.alive and w.batches < depth:
+                if w is not None and w.alive and w.batches < depth and not w.retiring:
                     if worker is None or w.batches < worker.batches:
                         worker = w
             if worker is None:
@@ -303,14 +332,15 @@ class TokenPool:
 
         Raises: Conflict (nothing was changed), TokenUnavailable, TokenError.
         """
-        newest = max(await self._call("revisions", [name]), default=0)
+        revisions = await self._revisions(name, revision - 1)
+        newest = max(revisions, default=0)
         if newest != revision - 1:
             raise Conflict(
                 f"key {name!r} was changed by another process (its record is at revision "
                 f"{newest}, this change was made on {revision - 1}); nothing was changed"
             )
         await self._on_writer("create_metadata", [name, revision, value])
-        revisions = await self._call("revisions", [name])
+        revisions = await self._revisions(name, revision)
         if revisions.count(revision) != 1 or max(revisions) != revision:
             await self._on_writer("drop_created", [])
             raise Conflict(
@@ -318,6 +348,23 @@ class TokenPool:
                 "nothing was changed"
             )
         await self._on_writer("drop_older", [name, revision])
+
+    async def _revisions(self, name: str, expected: int) -> list[int]:
+        """The revisions of a key's record, as a signing worker sees them.
+
+        SoftHSM lets another process see a new object only once the token's
+        generation counter has moved, which can lag the write a little
+        (measured: about 1 rotation in 200 looked like a conflict).  So
+        while the newest revision seen is below ``expected`` (the one just
+        written), it is asked again, briefly; a newer one is a real conflict.
+        """
+        revisions: list[int] = []
+        for wait in (0.0, *SEEN_WRITE_BACKOFF):
+            await trio.sleep(wait)
+            revisions = await self._call("revisions", [name])
+            if max(revisions, default=0) >= expected:
+                break
+        return revisions
 
     async def public_keys(self, object_ids: Sequence[bytes]) -> dict[bytes, tuple[bytes, bool]]:
         """(SPKI DER, whether its private key exists) by object id."""
@@ -347,7 +394,9 @@ class TokenPool:
         return await self._call_on(writer, op, args)
 
     async def _call(self, op: str, args: list[Any]) -> Any:
-        worker = next((w for w in self._workers if w is not None and w.alive), None)
+        alive = [w for w in self._workers if w is not None and w.alive]
+        # One handing over still answers, if it is the only one.
+        worker = next((w for w in alive if not w.retiring), alive[0] if alive else None)
         if worker is None:
             raise self._unavailable()
         return await self._call_on(worker, op, args)
@@ -388,7 +437,12 @@ class TokenPool:
         started = False
         failures = 0
         delay = 0.0
+        successor: list[_Worker] = []  # a fresh worker taking over (``_recycle``)
         while not self._closing:
+            if successor:  # it took over from the worker that just stopped
+                self.pump()
+                await self._serve_worker(successor.pop(), index, successor)
+                continue
             if started and self.down and index != 0:
                 # While the token is away only worker 0 looks for it: a
                 # process start per attempt is not free.
@@ -433,16 +487,60 @@ class TokenPool:
                     self.respawns += 1
                     self._found(index)
                     self.pump()
-                try:
-                    async with trio.open_nursery() as nursery:
-                        worker.scope = nursery.cancel_scope
-                        nursery.start_soon(self._write, worker)
-                        nursery.start_soon(self._read, worker, nursery.cancel_scope)
-                finally:
-                    with trio.CancelScope(shield=True):
-                        await self._reap(worker)
+                await self._serve_worker(worker, index, successor)
+                if successor:
+                    continue
             delay = RESPAWN_BACKOFF[min(failures, len(RESPAWN_BACKOFF) - 1)]
             failures += 1
+
+    async def _serve_worker(self, worker: _Worker, index: int, successor: list[_Worker]) -> None:
+        """Run ``worker`` until it stops; a successor it handed over to is
+        appended to ``successor``."""
+        try:
+            async with trio.open_nursery() as nursery:
+                worker.scope = nursery.cancel_scope
+                nursery.start_soon(self._write, worker)
+                nursery.start_soon(self._read, worker, nursery.cancel_scope)
+                if index < self.settings.workers:
+                    nursery.start_soon(self._recycle, worker, index, successor)
+        finally:
+            with trio.CancelScope(shield=True):
+                await self._reap(worker)
+
+    async def _recycle(self, old: _Worker, index: int, successor: list[_Worker]) -> None:
+        """When asked (``old.recycle``), start a fresh process for worker
+        ``index``, log it in while ``old`` goes on signing, then swap them:
+        ``old`` gets no more work, answers what it holds, and stops.  No gap,
+        even with one signing worker.
+
+        Why: SoftHSM 2.6.1 leaks about 66 bytes per Ed25519 signature
+        (fixed upstream, not in Debian 12), so a long-lived worker grows
+        without bound; see ``PoolSettings.recycle_mb``.
+        """
+        await old.recycle.wait()
+        new = await self._spawn(index)  # (reaped by the supervisor once it serves)
+        try:
+            with trio.fail_after(LOGIN_TIMEOUT):
+                await self._login(new)
+        except (WireError, trio.TooSlowError) as exc:
+            with trio.CancelScope(shield=True):
+                await self._reap(new)
+            log.warning("token worker not recycled", extra={"worker": index, "error": str(exc)})
+            return  # the old one goes on; it is not asked again
+        old.retiring = True  # no more work for it (queued work waits: briefly)
+        with trio.move_on_after(max(CALL_STALL, self.settings.stall_timeout)):
+            if old.waiting:
+                old.drained = trio.Event()
+                await old.drained.wait()
+        if self._closing or not old.alive or self._workers[index] is not old:
+            with trio.CancelScope(shield=True):
+                await self._reap(new)
+            return
+        self._workers[index] = new  # before ``old`` stops, so it never counts as lost
+        self.recycles += 1
+        successor.append(new)
+        assert old.scope is not None
+        old.scope.cancel()
 
     def _login_failed(self, index: int, exc: BaseException) -> None:
         """A worker could not be started again.  With no signing worker left,
@@ -540,9 +638,13 @@ class TokenPool:
             await worker.outbox.run()  # the reader sees the end too
 
     async def _read(self, worker: _Worker, scope: trio.CancelScope) -> None:
+        # Into one buffer: ``receive_some(n)`` allocates n bytes a call and
+        # shrinks them, which fragments the heap (see token._receive).
+        buf = memoryview(bytearray(1 << 16))
+        sock = worker.stream.socket
         try:
             while True:
-                data = await worker.stream.receive_some(1 << 20)
+                data = buf[: await sock.recv_into(buf)]
                 if not data:
                     return
                 worker.progress_at = time.monotonic()
@@ -552,7 +654,7 @@ class TokenPool:
                         return
                     self._deliver(worker, msgpack.unpackb(body, raw=False))
                 self.pump()
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             pass
         finally:
             self._lost(worker)
@@ -576,6 +678,8 @@ class TokenPool:
             self.token_lost(msg[3])
             return
         pending = worker.waiting.pop(tag)
+        if worker.drained is not None and not worker.waiting:
+            worker.drained.set()
         if pending is _PROBE:
             return  # a failed probe is followed by the tag-0 message
         if isinstance(pending, tuple):
@@ -584,6 +688,7 @@ class TokenPool:
             done.set()
             return
         worker.batches -= 1
+        worker.signed += len(pending)
         self._inflight -= len(pending)
         seconds, outcomes = msg[2]
         if self.metrics is not None:
@@ -618,9 +723,31 @@ class TokenPool:
                     entry.callback(False, error)
         worker.waiting.clear()
         worker.batches = 0
-        if not self._closing and not self.down:
+        retired = worker.index < len(self._workers) and self._workers[worker.index] is not worker
+        if not self._closing and not self.down and not retired:
             log.error("token worker stopped", extra={"worker": worker.index})
         self.pump()  # answers queued work if no worker is left
+
+    def _check_growth(self, w: _Worker) -> None:
+        """Ask a signing worker to hand over once its RSS grew ``recycle_mb``."""
+        if w.signed < RECYCLE_WARMUP or w.recycle.is_set():
+            return
+        rss = _rss(w.process.pid)
+        if rss is None:
+            return
+        if w.rss_base is None:
+            w.rss_base = rss
+        elif rss - w.rss_base > self.settings.recycle_mb * 1e6:
+            log.info(
+                "token worker recycled: its memory grew",
+                extra={
+                    "worker": w.index,
+                    "rss_mb": round(rss / 1e6, 1),
+                    "grew_mb": round((rss - w.rss_base) / 1e6, 1),
+                    "signatures": w.signed,
+                },
+            )
+            w.recycle.set()
 
     def _patience(self, worker: _Worker) -> float:
         """How long ``worker`` may go without answering: signatures and probes
@@ -655,8 +782,10 @@ class TokenPool:
             if probe:
                 next_probe = now + s.probe_interval
             for w in self._workers:
-                if w is None or not w.alive:
+                if w is None or not w.alive or w.retiring:
                     continue
+                if probe and s.recycle_mb > 0:
+                    self._check_growth(w)
                 if not w.waiting:
                     if probe:
                         self._tags += 1

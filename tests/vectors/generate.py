@@ -51,6 +51,7 @@ from signd_client.protocol import (
     Message,
     PublicKey,
     PublicKeyArgs,
+    RotateArgs,
     SignArgs,
     SignBatchArgs,
     SignBatchResult,
@@ -461,6 +462,27 @@ request(
     SignBatchArgs(key=KEY, digests=(SHA256,), hash="sha256", version=2),
 )
 
+# ---- requests with an idempotency key
+
+IDEM_CREATE = "5e0a8f4c2d1b4e6f9a7c3b2d1e0f4a5b"  # what the Python client makes: uuid4 hex
+IDEM_ROTATE = "deploy-2025-02-01/rotate-app-signing"  # any 1-128 printable ASCII, no spaces
+request(
+    "create_key.request.idempotent",
+    "create_key with an idempotency key: sent again with the same key and arguments, it "
+    "is answered as the first one was (create_key.result.idempotent), not with key_exists.",
+    61,
+    "create_key",
+    CreateKeyArgs(key=KEY, type="ec-p256", idempotency_key=IDEM_CREATE),
+)
+request(
+    "rotate.request.idempotent",
+    "rotate with an idempotency key: if a version of the key was made by a rotate with "
+    "this idempotency key, nothing is rotated and the answer names that version.",
+    62,
+    "rotate",
+    RotateArgs(key=KEY, idempotency_key=IDEM_ROTATE),
+)
+
 # ---- results: one or more for every operation
 
 result(
@@ -716,6 +738,51 @@ result(
         current_version=2,
         versions=(V1_OLD, V2),
         **OFF,
+    ),
+)
+
+# ---- results of requests with an idempotency key
+
+result(
+    "create_key.result.idempotent",
+    "the answer to create_key.request.idempotent, the first time and every time it is "
+    "sent again: created_version is the version the request made (always 1 here).",
+    61,
+    "create_key",
+    KeyInfo(
+        name=KEY,
+        type="ec-p256",
+        created=T1,
+        current_version=1,
+        versions=(V1,),
+        **OFF,
+        created_version=1,
+    ),
+)
+result(
+    "rotate.result.idempotent",
+    "the answer to rotate.request.idempotent sent again after the key was rotated once "
+    "more: nothing was rotated; created_version is the version the first request made "
+    "(2), current_version the newest (3).",
+    62,
+    "rotate",
+    KeyInfo(
+        name=KEY,
+        type="ec-p256",
+        created=T1,
+        current_version=3,
+        versions=(
+            V1_OLD,
+            VersionInfo(version=2, state="verify-only", created=T2, public_key_pem=_pem(EC_V2)),
+            VersionInfo(
+                version=3,
+                state="active",
+                created=T3,
+                public_key_pem=_pem(_ec_key("app-signing v3")),
+            ),
+        ),
+        **OFF,
+        created_version=2,
     ),
 )
 
@@ -1127,6 +1194,21 @@ reject(
     "disable and enable need the version; there is no default.",
     _pack({"v": 1, "id": 56, "op": "disable", "args": OK_ARGS}),
     56,
+    e.InvalidArgument,
+)
+
+reject(
+    "args_idempotency_key_bin",
+    "idempotency_key must be a msgpack str, not bin.",
+    _pack(
+        {
+            "v": 1,
+            "id": 57,
+            "op": "rotate",
+            "args": {"key": KEY, "idempotency_key": IDEM_ROTATE.encode()},
+        }
+    ),
+    57,
     e.InvalidArgument,
 )
 

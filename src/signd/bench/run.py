@@ -84,6 +84,8 @@ class Bench:
     pin: str = ""
     daemon: subprocess.Popen[bytes] | None = None
     rows: list[Row] = field(default_factory=list)
+    #: TOML appended to the daemon's config (the soak test keeps the default limits)
+    config_extra: str = "[limits]\nmax_connections = 2048\nmax_frame = 4194304\n"
     baselines: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -124,7 +126,7 @@ class Bench:
             f'[token]\nmodule = "{self.module}"\nlabel = "{self.label}"\n'
             f'pin_file = "{self.workdir / "token" / "user.pin"}"\n'
             f"workers = {json.dumps(workers)}\n\n"
-            "[limits]\nmax_connections = 2048\nmax_frame = 4194304\n"
+            f"{self.config_extra}"
             '\n[log]\nlevel = "warning"\n' + (audit_table if audit else "")
         )
         log = open(self.workdir / "signd.log", "ab")

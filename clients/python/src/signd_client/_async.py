@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import select
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -20,11 +21,14 @@ from ._calls import Call
 from ._common import (
     RETRY_BACKOFF,
     Settings,
+    Unsent,
     encode_call,
     parse_response,
     resolve_socket,
     retry_allowed,
     take_response,
+    was_reset,
+    with_idempotency_key,
 )
 from .errors import ConnectionFailed, RequestTimeout, SigndError
 from .protocol import DEFAULT_MAX_FRAME, MAX_RESPONSE_FRAME, FrameDecoder, Message, Response
@@ -39,6 +43,14 @@ class _Stream(Protocol):
     async def send(self, data: bytes, timeout: float) -> None: ...
     async def receive(self, timeout: float) -> bytes: ...
     async def close(self) -> None: ...
+    def alive(self) -> bool: ...
+
+
+def _quiet(fd: int) -> bool:
+    """True if nothing (no byte, no end of stream, no error) waits on ``fd``."""
+    poll = select.poll()
+    poll.register(fd, select.POLLIN)
+    return not poll.poll(0)
 
 
 class _AsyncioStream:
@@ -63,6 +75,13 @@ class _AsyncioStream:
 
     async def close(self) -> None:
         self.writer.close()
+
+    def alive(self) -> bool:
+        r, w = self.reader, self.writer
+        if w.is_closing() or r.at_eof() or r.exception() is not None:
+            return False
+        sock = w.get_extra_info("socket")
+        return sock is None or _quiet(sock.fileno())
 
 
 class _TrioStream:
@@ -95,6 +114,9 @@ class _TrioStream:
         with trio.CancelScope(shield=True):
             await self.stream.aclose()
 
+    def alive(self) -> bool:
+        return _quiet(self.stream.socket.fileno())
+
 
 def _running_asyncio() -> bool:
     try:
@@ -124,6 +146,8 @@ class _AsyncConnection:
         self.max_frame = max_frame  # for requests; answers may be larger
         self.decoder = FrameDecoder(MAX_RESPONSE_FRAME)
         self.ids = itertools.count(1)
+        #: requests sent on it: more than none means it came from the pool
+        self.requests = 0
 
     @classmethod
     async def open(cls, settings: Settings, timeout: float) -> _AsyncConnection:
@@ -143,9 +167,14 @@ class _AsyncConnection:
         return cls(stream, settings.max_frame)
 
     async def request(self, call: Call[Any], deadline: float) -> Response:
+        """Raises: ``Unsent`` when the daemon surely did not read the request."""
         rid = next(self.ids)
+        self.requests += 1
+        frame = encode_call(rid, call, self.max_frame)
+        sent = answered = False
         try:
-            await self.stream.send(encode_call(rid, call, self.max_frame), _left(deadline))
+            await self.stream.send(frame, _left(deadline))
+            sent = True
             while True:
                 resp = take_response(self.decoder, rid)
                 if resp is not None:
@@ -153,6 +182,7 @@ class _AsyncConnection:
                 data = await self.stream.receive(_left(deadline))
                 if not data:
                     raise ConnectionFailed("signd closed the connection")
+                answered = True
                 self.decoder.receive_data(data)
         except SigndError:
             raise
@@ -160,6 +190,10 @@ class _AsyncConnection:
             if _is_timeout(exc):
                 raise RequestTimeout(f"no answer to {call.op} in time") from None
             if _is_broken(exc):
+                # A failed send left the frame incomplete; a reset with no
+                # answer yet means the daemon closed with it unread.
+                if not sent or (not answered and was_reset(exc)):
+                    raise Unsent(f"signd closed the connection unread: {exc}") from None
                 raise ConnectionFailed(f"connection to signd broke: {exc}") from None
             raise
 
@@ -223,18 +257,17 @@ class AsyncClient:
 
     async def call(self, call: Call[R]) -> R:
         s = self.settings
+        call = with_idempotency_key(call)
         deadline = time.monotonic() + s.timeout
         attempt = 0
+        fresh = False
         while True:
             attempt += 1
             if self._closed:
                 raise ConnectionFailed("client is closed")
             try:
-                conn = (
-                    self._idle.pop()
-                    if self._idle
-                    else await _AsyncConnection.open(s, _left(deadline))
-                )
+                conn = await self._checkout(deadline, fresh)
+                fresh = False
             except SigndError as exc:
                 if retry_allowed(call, exc, attempt, s.retries, deadline):
                     await _sleep(RETRY_BACKOFF * attempt)
@@ -244,6 +277,13 @@ class AsyncClient:
                 resp = await conn.request(call, deadline)
             except SigndError as exc:
                 await conn.stream.close()
+                if isinstance(exc, Unsent) and conn.requests > 1:
+                    # A pooled connection the daemon closed as the request
+                    # went out (its idle time-out): not a failure, and not
+                    # an attempt.  Once, on a new connection.
+                    attempt -= 1
+                    fresh = True
+                    continue
                 if retry_allowed(call, exc, attempt, s.retries, deadline):
                     await _sleep(RETRY_BACKOFF * attempt)
                     continue
@@ -262,6 +302,15 @@ class AsyncClient:
                     await _sleep(RETRY_BACKOFF * attempt)
                     continue
                 raise
+
+    async def _checkout(self, deadline: float, fresh: bool) -> _AsyncConnection:
+        """A pooled connection that is still open, else (or if ``fresh``) a new one."""
+        while not fresh and self._idle:
+            conn = self._idle.pop()
+            if conn.stream.alive():
+                return conn
+            await conn.stream.close()  # closed by the daemon while idle: a new one, transparently
+        return await _AsyncConnection.open(self.settings, _left(deadline))
 
     create_key = _method(_calls.create_key)
     list_keys = _method(_calls.list_keys)

@@ -12,6 +12,7 @@ from typing import Generic, TypeVar
 
 from .errors import InvalidArgument
 from .protocol import (
+    IDEMPOTENCY_KEY_OPS,
     IDEMPOTENT_OPS,
     CreateKeyArgs,
     DestroyArgs,
@@ -23,6 +24,7 @@ from .protocol import (
     Message,
     PublicKey,
     PublicKeyArgs,
+    RotateArgs,
     SignArgs,
     SignBatchArgs,
     SignBatchResult,
@@ -31,6 +33,7 @@ from .protocol import (
     VerifyArgs,
     VerifyResult,
     VersionRefArgs,
+    check_idempotency_key,
 )
 
 R = TypeVar("R", bound=Message)
@@ -44,7 +47,15 @@ class Call(Generic[R]):
 
     @property
     def idempotent(self) -> bool:
-        return self.op in IDEMPOTENT_OPS
+        """Safe to send again: by its nature, or by the idempotency key it carries."""
+        if self.op in IDEMPOTENT_OPS:
+            return True
+        return self.op in IDEMPOTENCY_KEY_OPS and self.idempotency_key is not None
+
+    @property
+    def idempotency_key(self) -> str | None:
+        key = getattr(self.args, "idempotency_key", None)
+        return key if isinstance(key, str) else None
 
 
 def create_key(
@@ -54,18 +65,28 @@ def create_key(
     auto_rotate_period: float | None = None,
     verify_grace: float | None = None,
     deletion_allowed: bool | None = None,
+    idempotency_key: str | None = None,
 ) -> Call[KeyInfo]:
     """Generate a new key on the token.  ``type``: ec-p256, ec-p384, ed25519,
     rsa-2048, rsa-3072 or rsa-4096.  The settings are those of ``update_key``.
 
-    Raises: KeyExists, InvalidArgument, UnsupportedAlgorithm, TokenError.
+    ``idempotency_key``: sent again with the same key (and arguments), the
+    call answers as the first did instead of raising KeyExists.  ``Client``
+    and ``AsyncClient`` make one up when none is given, so their own retries
+    after a lost answer are safe.
+
+    Raises: KeyExists, InvalidArgument (also: the idempotency key was used with
+    other arguments), UnsupportedAlgorithm, TokenError.
     """
+    if idempotency_key is not None:
+        check_idempotency_key(idempotency_key)
     args = CreateKeyArgs(
         key=name,
         type=type,
         auto_rotate_period=auto_rotate_period,
         verify_grace=verify_grace,
         deletion_allowed=deletion_allowed,
+        idempotency_key=idempotency_key,
     )
     return Call("create_key", args, KeyInfo)
 
@@ -191,13 +212,21 @@ def verify(
     )
 
 
-def rotate(name: str) -> Call[KeyInfo]:
+def rotate(name: str, *, idempotency_key: str | None = None) -> Call[KeyInfo]:
     """Add a new version and make it current; older versions keep verifying
-    for the key's ``verify_grace``.
+    for the key's ``verify_grace``.  ``created_version`` of the answer is the
+    new version.
 
-    Raises: KeyNotFound, TokenError.
+    ``idempotency_key``: if a version of this key was made by a rotation with
+    the same key, nothing is rotated and the answer names that version.
+    ``Client`` and ``AsyncClient`` make one up when none is given, so their own
+    retries after a lost answer cannot rotate twice.
+
+    Raises: KeyNotFound, InvalidArgument, TokenError.
     """
-    return Call("rotate", KeyRefArgs(key=name), KeyInfo)
+    if idempotency_key is not None:
+        check_idempotency_key(idempotency_key)
+    return Call("rotate", RotateArgs(key=name, idempotency_key=idempotency_key), KeyInfo)
 
 
 def update_key(

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
+import uuid
 from dataclasses import dataclass
 from typing import Any, Final, TypeVar
 
@@ -19,6 +21,7 @@ from .errors import (
 from .protocol import (
     DEFAULT_MAX_FRAME,
     HEADER,
+    IDEMPOTENCY_KEY_OPS,
     FrameDecoder,
     Message,
     Response,
@@ -30,6 +33,15 @@ DEFAULT_SOCKET: Final = "/run/signd/signd.sock"
 RETRY_BACKOFF: Final = 0.05
 
 R = TypeVar("R", bound=Message)
+
+
+class Unsent(ConnectionFailed):
+    """The connection broke before the daemon had read the request whole, so
+    it was not carried out: the send failed, or the daemon closed the
+    connection with the request still unread (on a Unix socket the kernel then
+    resets it, ECONNRESET, where a daemon that had read it and then died would
+    give a plain end of stream).  Any request may be sent again, even one that
+    is not idempotent."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,13 +57,42 @@ def resolve_socket(path: str | None) -> str:
     return path or os.environ.get("SIGND_SOCKET") or DEFAULT_SOCKET
 
 
+def with_idempotency_key(call: Call[R]) -> Call[R]:
+    """``call`` carrying a fresh idempotency key, if its op takes one and it has none.
+
+    Made once per call, not per attempt: every retry of it carries the same
+    key, so a ``create_key`` or ``rotate`` whose answer was lost is answered
+    again instead of done twice.
+    """
+    if call.op not in IDEMPOTENCY_KEY_OPS or call.idempotency_key is not None:
+        return call
+    args = dataclasses.replace(call.args, idempotency_key=uuid.uuid4().hex)  # type: ignore[type-var]
+    return dataclasses.replace(call, args=args)
+
+
 def retry_allowed(
     call: Call[Any], exc: SigndError, attempt: int, retries: int, deadline: float
 ) -> bool:
-    """Retry idempotent calls after a broken connection or a retryable answer."""
-    if not call.idempotent or attempt > retries or time.monotonic() >= deadline:
+    """Retry idempotent calls after a broken connection or a retryable answer
+    (``create_key`` and ``rotate`` are, when they carry an idempotency key), and
+    any call that provably never reached the daemon (``Unsent``)."""
+    if attempt > retries or time.monotonic() >= deadline:
+        return False
+    if isinstance(exc, Unsent):
+        return True
+    if not call.idempotent:
         return False
     return isinstance(exc, ConnectionFailed) or (isinstance(exc, WireError) and exc.retryable)
+
+
+def was_reset(exc: BaseException | None) -> bool:
+    """True if ``exc`` or one of its causes is a connection reset: on a Unix
+    socket, the daemon closed it with bytes of ours unread."""
+    while exc is not None:
+        if isinstance(exc, ConnectionResetError):
+            return True
+        exc = exc.__cause__
+    return False
 
 
 def encode_call(request_id: int, call: Call[Any], max_frame: int) -> bytes:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import select
 import socket
 import threading
 import time
@@ -14,11 +15,14 @@ from ._calls import Call
 from ._common import (
     RETRY_BACKOFF,
     Settings,
+    Unsent,
     encode_call,
     parse_response,
     resolve_socket,
     retry_allowed,
     take_response,
+    was_reset,
+    with_idempotency_key,
 )
 from .errors import ConnectionFailed, RequestTimeout, SigndError
 from .protocol import DEFAULT_MAX_FRAME, MAX_RESPONSE_FRAME, FrameDecoder, Message, Response
@@ -46,12 +50,31 @@ class _Connection:
         self.max_frame = max_frame  # for requests; answers may be larger
         self.decoder = FrameDecoder(MAX_RESPONSE_FRAME)
         self.ids = itertools.count(1)
+        #: requests sent on it: more than none means it came from the pool
+        self.requests = 0
+
+    def alive(self) -> bool:
+        """False when the daemon has closed this idle connection (its idle
+        time-out, or a restart), or sent on it unasked: do not reuse it."""
+        poll = select.poll()
+        poll.register(self.sock, select.POLLIN)
+        return not poll.poll(0)
 
     def request(self, call: Call[Any], deadline: float) -> Response:
+        """Raises: ``Unsent`` when the daemon surely did not read the request."""
         rid = next(self.ids)
+        self.requests += 1
+        frame = encode_call(rid, call, self.max_frame)
+        answered = False
         try:
             self.sock.settimeout(max(deadline - time.monotonic(), 0.001))
-            self.sock.sendall(encode_call(rid, call, self.max_frame))
+            try:
+                self.sock.sendall(frame)
+            except OSError as exc:
+                if isinstance(exc, TimeoutError):
+                    raise
+                # Not all of the frame went out: the daemon cannot have read it.
+                raise Unsent(f"connection to signd broke: {exc.strerror}") from None
             while True:
                 resp = take_response(self.decoder, rid)
                 if resp is not None:
@@ -60,10 +83,13 @@ class _Connection:
                 data = self.sock.recv(65536)
                 if not data:
                     raise ConnectionFailed("signd closed the connection")
+                answered = True
                 self.decoder.receive_data(data)
         except TimeoutError:
             raise RequestTimeout(f"no answer to {call.op} in time") from None
         except OSError as exc:
+            if not answered and was_reset(exc):
+                raise Unsent(f"signd closed the connection unread: {exc.strerror}") from None
             raise ConnectionFailed(f"connection to signd broke: {exc.strerror}") from None
 
     def close(self) -> None:
@@ -83,8 +109,11 @@ class Client:
     """Blocking signd client.  Thread-safe: each call borrows a pooled connection.
 
     The socket is ``socket_path``, else ``$SIGND_SOCKET``, else
-    ``/run/signd/signd.sock``.  Idempotent calls (sign, verify, reads) are
-    retried on a new connection if the old one broke.
+    ``/run/signd/signd.sock``.  Idempotent calls (sign, verify, reads, and the
+    other admin calls) are retried on a new connection if the old one broke;
+    so are ``create_key`` and ``rotate``, which always carry an idempotency key
+    (one is made up per call when the caller gives none), so a retry after a
+    lost answer gets that answer instead of a second key or rotation.
 
     Raises (every method): the ``signd_client.errors`` class of the daemon's
     answer; ``ConnectionFailed``; ``RequestTimeout``.
@@ -121,17 +150,27 @@ class Client:
     def call(self, call: Call[R]) -> R:
         """Send one prepared call; the typed methods below all come here."""
         s = self.settings
+        call = with_idempotency_key(call)
         deadline = time.monotonic() + s.timeout
         attempt = 0
+        fresh = False
         while True:
             attempt += 1
             conn = None
             try:
-                conn = self._checkout(deadline)
+                conn = self._checkout(deadline, fresh)
+                fresh = False
                 resp = conn.request(call, deadline)
             except SigndError as exc:
                 if conn is not None:
                     conn.close()
+                if isinstance(exc, Unsent) and conn is not None and conn.requests > 1:
+                    # A pooled connection the daemon closed as the request
+                    # went out (its idle time-out): not a failure, and not
+                    # an attempt.  Once, on a new connection.
+                    attempt -= 1
+                    fresh = True
+                    continue
                 if retry_allowed(call, exc, attempt, s.retries, deadline):
                     time.sleep(RETRY_BACKOFF * attempt)
                     continue
@@ -148,12 +187,21 @@ class Client:
                     continue
                 raise
 
-    def _checkout(self, deadline: float) -> _Connection:
+    def _checkout(self, deadline: float, fresh: bool = False) -> _Connection:
+        """A pooled connection that is still open, else (or if ``fresh``) a new one."""
+        while not fresh:
+            with self._lock:
+                if self._closed:
+                    raise ConnectionFailed("client is closed")
+                if not self._idle:
+                    break
+                conn = self._idle.pop()
+            if conn.alive():
+                return conn
+            conn.close()  # closed by the daemon while idle: a new one, transparently
         with self._lock:
             if self._closed:
                 raise ConnectionFailed("client is closed")
-            if self._idle:
-                return self._idle.pop()
         return _Connection(
             self.settings.socket_path,
             self.settings.max_frame,

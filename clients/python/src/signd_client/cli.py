@@ -168,6 +168,7 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("name")
     c.add_argument("--type", required=True, choices=KEY_TYPES, help="key type")
     _settings_options(c, versions=False)
+    _idempotency_option(c, "create")
 
     i = sub.add_parser("info", help="settings, versions, their states and public keys of a key")
     i.add_argument("name")
@@ -295,6 +296,7 @@ def _parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("rotate", help="add a new version of a key and make it current")
     r.add_argument("name")
+    _idempotency_option(r, "rotate")
 
     sub.add_parser("health", help="daemon and token status (exit 0 ready, 1 not ready)")
 
@@ -459,13 +461,28 @@ def _settings_args(args: argparse.Namespace) -> dict[str, Any]:
     return {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
 
 
+def _idempotency_option(p: argparse.ArgumentParser, verb: str) -> None:
+    p.add_argument(
+        "--idempotency-key",
+        metavar="KEY",
+        help=f"run this again with the same KEY and it will not {verb} twice, but answer "
+        "as the first run did (1-128 printable ASCII characters, no spaces; default: a "
+        "new random one, which still makes signctl's own retries safe)",
+    )
+
+
 def _admin(args: argparse.Namespace, client: Client) -> KeyInfo:
     """create, info, rotate, update, disable, enable, destroy: all answer KeyInfo."""
     cmd = args.command
     if cmd == "create":
-        return client.create_key(args.name, args.type, **_settings_args(args))
+        return client.create_key(
+            args.name,
+            args.type,
+            idempotency_key=args.idempotency_key,
+            **_settings_args(args),
+        )
     if cmd == "rotate":
-        return client.rotate(args.name)
+        return client.rotate(args.name, idempotency_key=args.idempotency_key)
     if cmd == "info":
         return client.key_info(args.name)
     if cmd == "update":
@@ -515,6 +532,9 @@ def _run(args: argparse.Namespace, client: Client, stdin: BinaryIO, stdout: Bina
                 f"key{'s' if len(numbers) > 1 else ''} kept"
             )
         _print_key(info, pems=cmd == "info")
+        made = info.created_version
+        if made is not None and made != info.current_version:  # a replay, rotated since
+            print(f"this request made version {made}")
         return EXIT_OK
     if cmd == "pubkey":
         pk = client.public_key(args.name, args.version)

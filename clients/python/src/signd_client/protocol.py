@@ -47,6 +47,8 @@ __all__ = [
     "SignBatchArgs",
     "SignBatchResult",
     "HEADER",
+    "IDEMPOTENCY_KEY_OPS",
+    "IDEMPOTENCY_KEY_RE",
     "IDEMPOTENT_OPS",
     "KEY_NAME_RE",
     "KEY_TYPES",
@@ -68,6 +70,7 @@ __all__ = [
     "PublicKeyArgs",
     "Request",
     "Response",
+    "RotateArgs",
     "SignArgs",
     "SignResult",
     "TokenStatus",
@@ -76,6 +79,7 @@ __all__ = [
     "VerifyResult",
     "VersionInfo",
     "VersionRefArgs",
+    "check_idempotency_key",
     "decode_request",
     "decode_response",
     "encode_error",
@@ -93,6 +97,18 @@ KEY_NAME_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 #: Most items one ``sign_batch`` may carry.
 MAX_BATCH: Final = 10000
 KEY_TYPES: Final = ("ec-p256", "ec-p384", "ed25519", "rsa-2048", "rsa-3072", "rsa-4096")
+#: An ``idempotency_key``: 1 to 128 printable ASCII characters, space excluded.
+IDEMPOTENCY_KEY_RE: Final = re.compile(r"[\x21-\x7e]{1,128}")
+
+
+def check_idempotency_key(value: str) -> str:
+    """Raises: InvalidArgument (naming the field) unless ``value`` is a valid idempotency key."""
+    if not IDEMPOTENCY_KEY_RE.fullmatch(value):
+        raise InvalidArgument(
+            "field 'idempotency_key': use 1 to 128 printable ASCII characters (0x21-0x7e, "
+            f"no spaces), got {value[:40]!r}{'...' if len(value) > 40 else ''}"
+        )
+    return value
 
 
 # --------------------------------------------------------------------------
@@ -114,7 +130,7 @@ class FrameDecoder:
         self._buf = bytearray()
         self._pos = 0
 
-    def receive_data(self, data: bytes) -> None:
+    def receive_data(self, data: bytes | bytearray | memoryview) -> None:
         self._buf += data
 
     @property
@@ -308,13 +324,18 @@ class Empty(Message):
 
 @message
 class CreateKeyArgs(Message):
-    """A new key; the settings are those of ``UpdateKeyArgs`` (off when absent)."""
+    """A new key; the settings are those of ``UpdateKeyArgs`` (off when absent).
+
+    ``idempotency_key``: sent again with the same key, the request answers as
+    the first one did instead of failing with ``key_exists``.
+    """
 
     key: str
     type: str
     auto_rotate_period: float | None = None
     verify_grace: float | None = None
     deletion_allowed: bool | None = None
+    idempotency_key: str | None = None
 
 
 @message
@@ -356,9 +377,21 @@ class DestroyArgs(Message):
 
 @message
 class KeyRefArgs(Message):
-    """Arguments of ``key_info`` and ``rotate``: a key name."""
+    """Arguments of ``key_info``: a key name."""
 
     key: str
+
+
+@message
+class RotateArgs(Message):
+    """Arguments of ``rotate``.
+
+    ``idempotency_key``: a rotation of this key made with the same key already
+    is answered again, not repeated (see ``IDEMPOTENCY_KEY_OPS``).
+    """
+
+    key: str
+    idempotency_key: str | None = None
 
 
 @message
@@ -432,6 +465,9 @@ class KeyInfo(Message):
     deletion_allowed: bool | None = None
     #: when the next automatic rotation is due; absent when it is off
     next_rotation: float | None = None
+    #: answers to ``create_key`` and ``rotate``: the version the request made
+    #: (for a replay under an ``idempotency_key``, the one the first request made)
+    created_version: int | None = None
 
 
 @message
@@ -527,7 +563,7 @@ OPS: Final[Mapping[str, tuple[type[Message], type[Message]]]] = {
     "sign": (SignArgs, SignResult),
     "sign_batch": (SignBatchArgs, SignBatchResult),
     "verify": (VerifyArgs, VerifyResult),
-    "rotate": (KeyRefArgs, KeyInfo),
+    "rotate": (RotateArgs, KeyInfo),
     "update_key": (UpdateKeyArgs, KeyInfo),
     "disable": (VersionRefArgs, KeyInfo),
     "enable": (VersionRefArgs, KeyInfo),
@@ -552,6 +588,11 @@ IDEMPOTENT_OPS: Final = frozenset(
         "destroy",
     }
 )
+
+#: Operations that take an ``idempotency_key``.  With one they are idempotent
+#: too: the daemon records the key with the version the request makes (on the
+#: token, in the same write), and answers a repeat without making another.
+IDEMPOTENCY_KEY_OPS: Final = frozenset({"create_key", "rotate"})
 
 
 # --------------------------------------------------------------------------
