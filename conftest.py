@@ -17,6 +17,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from prometheus_client.parser import text_string_to_metric_families
 
 from signd.config import find_softhsm_module
 from signd_client import Client
@@ -180,6 +182,16 @@ class Daemon:
                 return
             time.sleep(0.02)
         pytest.fail(f"signd did not become ready in {timeout}s:\n{self.logs()}")
+
+    def gauge(self, name: str) -> float:
+        """The value of the sample ``name`` (no labels) in this daemon's /metrics."""
+        with urllib.request.urlopen(self.metrics_url(), timeout=10) as r:
+            text = r.read().decode()
+        for family in text_string_to_metric_families(text):
+            for s in family.samples:
+                if s.name == name:
+                    return float(s.value)
+        raise AssertionError(f"{name} not exported")
 
     def metrics_url(self) -> str:
         """Where this run of the daemon serves /metrics (from its log line)."""

@@ -18,7 +18,6 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 if TYPE_CHECKING:
     from conftest import Daemon, TokenEnv
@@ -31,16 +30,6 @@ def wait_until(probe: Callable[[], bool], what: str) -> None:
     while not probe():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(0.05)
-
-
-def gauge(d: Daemon, name: str) -> float:
-    with urllib.request.urlopen(d.metrics_url(), timeout=10) as r:
-        text = r.read().decode()
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            if s.name == name:
-                return float(s.value)
-    raise AssertionError(f"{name} not exported")
 
 
 def health_exit(d: Daemon) -> int:
@@ -59,9 +48,9 @@ def test_not_ready_while_the_token_is_away_and_ready_when_it_returns(
         h = c.health()
     assert (h.live, h.ready, h.status) == (True, True, "ok")
     assert health_exit(d) == 0
-    assert gauge(d, "signd_ready") == 1
-    assert gauge(d, "signd_token_up") == 1
-    reconnects = gauge(d, "signd_token_reconnects_total")
+    assert d.gauge("signd_ready") == 1
+    assert d.gauge("signd_token_up") == 1
+    reconnects = d.gauge("signd_token_reconnects_total")
 
     tokens = own_token.state_dir / "tokens"
     away = own_token.state_dir / "tokens.away"
@@ -75,8 +64,8 @@ def test_not_ready_while_the_token_is_away_and_ready_when_it_returns(
             h = c.health()
         assert (h.live, h.ready, h.status) == (True, False, "unavailable")
         assert h.detail
-        assert gauge(d, "signd_ready") == 0
-        assert gauge(d, "signd_token_up") == 0
+        assert d.gauge("signd_ready") == 0
+        assert d.gauge("signd_token_up") == 0
         # The same for HTTP probes: /healthz (live) 200, /readyz 503.
         base = d.metrics_url().removesuffix("/metrics")
         with urllib.request.urlopen(base + "/healthz", timeout=10) as r:
@@ -92,6 +81,6 @@ def test_not_ready_while_the_token_is_away_and_ready_when_it_returns(
     with d.client() as c:
         assert c.health().ready
         assert c.sign(key_name, b"after").version == 1
-    assert gauge(d, "signd_token_up") == 1
-    assert gauge(d, "signd_token_reconnects_total") > reconnects
+    assert d.gauge("signd_token_up") == 1
+    assert d.gauge("signd_token_reconnects_total") > reconnects
     assert d.stop() == 0

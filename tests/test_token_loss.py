@@ -26,7 +26,6 @@ import signal
 import subprocess
 import threading
 import time
-import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -34,7 +33,6 @@ from typing import TYPE_CHECKING, Any
 import pytest
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
-from prometheus_client.parser import text_string_to_metric_families
 
 from signd_client import Client
 from signd_client.errors import TokenUnavailable, WireError
@@ -50,16 +48,6 @@ def wait_until(probe: Callable[[], bool], what: str) -> None:
     while not probe():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(0.02)
-
-
-def gauge(d: Daemon, name: str) -> float:
-    with urllib.request.urlopen(d.metrics_url(), timeout=10) as r:
-        text = r.read().decode()
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            if s.name == name:
-                return float(s.value)
-    raise AssertionError(f"{name} not exported")
 
 
 def p11kit_client_module() -> str:
@@ -201,7 +189,7 @@ def pull_and_return(
     with d.client() as c:
         before = {k: c.key_info(k) for k in keys}
         pubs = {k: public_keys(c, k) for k in keys}
-    reconnects = gauge(d, "signd_token_reconnects_total")
+    reconnects = d.gauge("signd_token_reconnects_total")
 
     with Load(d, keys) as load:
         wait_until(lambda: sum(o.error is None for o in load.outcomes) > 200, "signatures")
@@ -209,7 +197,7 @@ def pull_and_return(
         pull()
         # The loss is seen: requests fail, readiness turns false.
         wait_until(lambda: any(o.error for o in load.since(pulled)), "a failed request")
-        wait_until(lambda: gauge(d, "signd_ready") == 0, "readiness to turn false")
+        wait_until(lambda: d.gauge("signd_ready") == 0, "readiness to turn false")
         assert d.signctl("health").returncode == 1
         time.sleep(1.0)  # a second more of requests against the missing token
         returned = time.monotonic()
@@ -234,8 +222,8 @@ def pull_and_return(
         check_signature(pubs[o.key][o.version], o.message, o.signature)
 
     # Recovered by itself, counted, ready: every key and version as before.
-    assert gauge(d, "signd_token_reconnects_total") > reconnects
-    assert gauge(d, "signd_ready") == 1
+    assert d.gauge("signd_token_reconnects_total") > reconnects
+    assert d.gauge("signd_ready") == 1
     assert d.signctl("health").returncode == 0
     with d.client() as c:
         for k in keys:
@@ -314,11 +302,11 @@ def test_idle_daemon_notices_the_loss(
     with d.client() as c:
         c.create_key(key_name, "ec-p256")
     p11kit.kill()
-    wait_until(lambda: gauge(d, "signd_ready") == 0, "readiness to turn false")
+    wait_until(lambda: d.gauge("signd_ready") == 0, "readiness to turn false")
     with d.client(retries=0) as c, pytest.raises(TokenUnavailable):
         c.sign(key_name, b"while away")
     p11kit.start()
-    wait_until(lambda: gauge(d, "signd_ready") == 1, "readiness to return")
+    wait_until(lambda: d.gauge("signd_ready") == 1, "readiness to return")
     with d.client(retries=0) as c:
         assert c.sign(key_name, b"back").version == 1
     assert d.stop() == 0
@@ -345,7 +333,7 @@ def test_hung_token_fails_requests_instead_of_hanging(
             stopped = time.monotonic()
             p11kit.signal(signal.SIGSTOP)
             wait_until(lambda: len(load.since(stopped)) > 20, "answers while the device hangs")
-            assert gauge(d, "signd_ready") == 0
+            assert d.gauge("signd_ready") == 0
         assert not load.unexpected, load.unexpected
         # Sent after the stop: none can succeed, and each failed, none hung.
         after = [o for o in load.outcomes if o.sent >= stopped]
@@ -354,7 +342,7 @@ def test_hung_token_fails_requests_instead_of_hanging(
         assert all(o.error is None or isinstance(o.error, TokenUnavailable) for o in load.outcomes)
     finally:
         p11kit.signal(signal.SIGCONT)
-    wait_until(lambda: gauge(d, "signd_ready") == 1, "readiness to return")
+    wait_until(lambda: d.gauge("signd_ready") == 1, "readiness to return")
     with d.client() as c:
         r = c.sign(key_name, b"after the hang")
     check_signature(pub, b"after the hang", r.signature)
@@ -393,5 +381,5 @@ def test_a_worker_that_grows_is_replaced_without_a_gap(
     logs = d.logs()
     assert "token worker stopped" not in logs
     assert "token lost" not in logs
-    assert gauge(d, "signd_token_reconnects_total") == 0  # a hand-over, not a reconnect
+    assert d.gauge("signd_token_reconnects_total") == 0  # a hand-over, not a reconnect
     assert d.stop() == 0
