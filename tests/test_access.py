@@ -147,6 +147,13 @@ def test_group_rule_allows_exactly_what_it_names(
     create = as_nobody(d, "create", key_name + "-new", "--type", "ec-p256")
     assert create.returncode == 2
     assert b"may not create" in create.stderr
+    # jwks needs "read" on every key it names, checked before any is looked up.
+    jwks = as_nobody(d, "jwks", key_name)
+    assert jwks.returncode == 0, jwks.stderr
+    assert [k["kid"] for k in json.loads(jwks.stdout)["keys"]] == [f"{key_name}:1"]
+    mixed = as_nobody(d, "jwks", key_name, other)
+    assert mixed.returncode == 2
+    assert f"may not read key {other!r}".encode() in mixed.stderr
 
 
 def test_user_rule_and_glob(access_daemon: Callable[[str], Daemon], key_name: str) -> None:

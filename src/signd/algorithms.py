@@ -8,6 +8,7 @@ cached public key, with no token round trip.
 
 from __future__ import annotations
 
+import base64
 import enum
 import hashlib
 from collections.abc import Callable
@@ -20,7 +21,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa,
 
 from .errors import InvalidArgument, InvalidDigest
 from .errors import UnsupportedAlgorithm as UnsupportedAlgorithmError
-from .protocol import SignArgs, VerifyArgs
+from .protocol import Jwk, SignArgs, VerifyArgs
 
 __all__ = [
     "HASHES",
@@ -32,6 +33,7 @@ __all__ = [
     "Scheme",
     "SignPlan",
     "finish_signature",
+    "jwk",
     "key_type",
     "load_public_key",
     "options",
@@ -332,3 +334,45 @@ def public_key_pem(key: PublicKey) -> str:
     return key.public_bytes(
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
     ).decode("ascii")
+
+
+#: JOSE names (RFC 7518 section 3.1, 6.2.1.1; RFC 8037) by key type; RSA has no
+#: single ``alg``, since one RSA key signs both RS256 and PS256.
+_JOSE: Final[dict[str, tuple[str | None, str | None]]] = {
+    "ec-p256": ("ES256", "P-256"),
+    "ec-p384": ("ES384", "P-384"),
+    "ed25519": ("EdDSA", "Ed25519"),
+}
+
+
+def _b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def _b64url_uint(n: int, size: int | None = None) -> str:
+    """RFC 7518 Base64urlUInt: big-endian, minimal length unless ``size`` is given."""
+    return _b64url(n.to_bytes(size if size is not None else max(1, (n.bit_length() + 7) // 8)))
+
+
+def jwk(kt: KeyType, key: PublicKey, kid: str) -> Jwk:
+    """``key`` as a JSON Web Key for signature verification."""
+    alg, crv = _JOSE.get(kt.name, (None, None))
+    if isinstance(key, ec.EllipticCurvePublicKey):
+        nums = key.public_numbers()
+        size = kt.coordinate_size  # RFC 7518 6.2.1.2: x and y are full length
+        return Jwk(
+            kty="EC",
+            kid=kid,
+            use="sig",
+            alg=alg,
+            crv=crv,
+            x=_b64url_uint(nums.x, size),
+            y=_b64url_uint(nums.y, size),
+        )
+    if isinstance(key, ed25519.Ed25519PublicKey):
+        raw = key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+        return Jwk(kty="OKP", kid=kid, use="sig", alg=alg, crv=crv, x=_b64url(raw))
+    rsa_nums = key.public_numbers()
+    return Jwk(
+        kty="RSA", kid=kid, use="sig", n=_b64url_uint(rsa_nums.n), e=_b64url_uint(rsa_nums.e)
+    )

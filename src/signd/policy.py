@@ -36,6 +36,7 @@ _OPERATION_OF: Final[dict[str, str | None]] = {
     "verify": "verify",
     "key_info": "read",
     "public_key": "read",
+    "jwks": "read",
     "list_keys": "read",
     "create_key": "create",
     "rotate": "rotate",

@@ -56,12 +56,16 @@ from .metrics import Metrics
 from .policy import Policy, Principal
 from .protocol import (
     MAX_BATCH,
+    MAX_JWKS_KEYS,
     PROTOCOL_VERSION,
     BatchItem,
     CreateKeyArgs,
     DestroyArgs,
     ErrorInfo,
     Health,
+    Jwk,
+    Jwks,
+    JwksArgs,
     KeyList,
     KeyRefArgs,
     Message,
@@ -229,11 +233,8 @@ class Service:
                     slow.append(partial(self._admin, req, reply))
                 else:
                     result = self._read(req, who)
-                    if result is None:
-                        assert isinstance(req.args, KeyRefArgs | PublicKeyArgs)
-                        lookup = partial(
-                            self._lookup_then_handle, req, req.args.key, reply, source, who
-                        )
+                    if isinstance(result, str):  # a key to look up on the token first
+                        lookup = partial(self._lookup_then_handle, req, result, reply, source, who)
                         slow.append(lookup)
                         continue
                     reply(req.id, encode_result(req.id, result))
@@ -281,8 +282,8 @@ class Service:
         check_key_name(name)
         return None
 
-    def _read(self, req: Request, who: Principal) -> Message | None:
-        """Answer a read; None when the key must first be looked up on the token."""
+    def _read(self, req: Request, who: Principal) -> Message | str:
+        """Answer a read, or name a key that must first be looked up on the token."""
         args = req.args
         if req.op == "health":
             return self.health()
@@ -293,10 +294,12 @@ class Service:
                     k.summary() for k in self.keystore.all() if allows(who, "read", k.record.name)
                 )
             )
+        if isinstance(args, JwksArgs):
+            return self._jwks(args, who)
         assert isinstance(args, KeyRefArgs | PublicKeyArgs)
         key = self._key_or_none(args.key)
         if key is None:
-            return None
+            return args.key
         key.at(self._clock())
         if isinstance(args, PublicKeyArgs):
             if args.version is not None:
@@ -310,6 +313,27 @@ class Service:
                 public_key_pem=v.public_key_pem,
             )
         return key.info()
+
+    def _jwks(self, args: JwksArgs, who: Principal) -> Jwks | str:
+        """Every version of the named keys that may verify now, as JWKs."""
+        names = list(dict.fromkeys(args.keys))  # repeats named once, order kept
+        if not 1 <= len(names) <= MAX_JWKS_KEYS:
+            raise InvalidArgument(f"'keys' must name 1 to {MAX_JWKS_KEYS} keys, got {len(names)}")
+        for name in names:
+            check_key_name(name)
+            self.policy.check(who, "jwks", name)
+        now = self._clock()
+        out: list[Jwk] = []
+        for name in names:
+            key = self._key_or_none(name)
+            if key is None:
+                return name
+            kt = key.at(now).kt
+            out.extend(
+                algorithms.jwk(kt, v.public_key, f"{name}:{v.record.version}")
+                for v in key.verifiers
+            )
+        return Jwks(keys=tuple(out))
 
     def health(self) -> Health:
         info = self.token.info

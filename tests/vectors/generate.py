@@ -23,6 +23,7 @@ the file.
 from __future__ import annotations
 
 import argparse
+import base64
 import hashlib
 import json
 import struct
@@ -44,6 +45,9 @@ from signd_client.protocol import (
     Empty,
     ErrorInfo,
     Health,
+    Jwk,
+    Jwks,
+    JwksArgs,
     KeyInfo,
     KeyList,
     KeyRefArgs,
@@ -276,6 +280,13 @@ request(
     5,
     "public_key",
     PublicKeyArgs(key=KEY, version=1),
+)
+request(
+    "jwks.request",
+    "jwks of two keys: every version of each that may still verify, in one JWK Set.",
+    63,
+    "jwks",
+    JwksArgs(keys=(KEY, ED_KEY)),
 )
 request(
     "sign.request.message",
@@ -606,6 +617,48 @@ result(
     12,
     "rotate",
     INFO_V2,
+)
+
+
+def _b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def _ec_jwk(key: ec.EllipticCurvePrivateKey, kid: str) -> Jwk:
+    nums = key.public_key().public_numbers()
+    return Jwk(
+        kty="EC",
+        kid=kid,
+        use="sig",
+        alg="ES256",
+        crv="P-256",
+        x=_b64url(nums.x.to_bytes(32, "big")),
+        y=_b64url(nums.y.to_bytes(32, "big")),
+    )
+
+
+ED_RAW = ED_V1.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+result(
+    "jwks.result",
+    "the JWK Set for jwks.request: app-signing after one rotation (version 2 active, version 1 "
+    "verify-only, newest first) and release-ed25519 version 1. kid is NAME:VERSION; binary "
+    "members are base64url strings without padding, so the result as JSON is a JWK Set.",
+    63,
+    "jwks",
+    Jwks(
+        keys=(
+            _ec_jwk(EC_V2, f"{KEY}:2"),
+            _ec_jwk(EC_V1, f"{KEY}:1"),
+            Jwk(
+                kty="OKP",
+                kid=f"{ED_KEY}:1",
+                use="sig",
+                alg="EdDSA",
+                crv="Ed25519",
+                x=_b64url(ED_RAW),
+            ),
+        )
+    ),
 )
 result(
     "health.result.ready",

@@ -99,10 +99,12 @@ def _field(tp: Any, value: Any) -> Any:
 def call_for(op: str, args: dict[str, Any]) -> _calls.Call[Any]:
     """The client's own builder for ``op``, called the way a user calls it.
 
-    The builders name the key ``name`` where the wire says ``key``.
+    The builders name the key ``name`` where the wire says ``key``, and the
+    keys ``names`` where it says ``keys``.
     """
     builder = getattr(_calls, op)
-    kwargs = {("name" if k == "key" else k): v for k, v in args.items()}
+    renamed = {"key": "name", "keys": "names"}
+    kwargs = {renamed.get(k, k): v for k, v in args.items()}
     return typing.cast(_calls.Call[Any], builder(**kwargs))
 
 

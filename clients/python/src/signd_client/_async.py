@@ -31,6 +31,7 @@ from ._common import (
     with_idempotency_key,
 )
 from .errors import ConnectionFailed, RequestTimeout, SigndError
+from .keys import AsyncSigndPrivateKey, load_async_private_key
 from .protocol import DEFAULT_MAX_FRAME, MAX_RESPONSE_FRAME, FrameDecoder, Message, Response
 
 __all__ = ["AsyncClient"]
@@ -316,6 +317,7 @@ class AsyncClient:
     list_keys = _method(_calls.list_keys)
     key_info = _method(_calls.key_info)
     public_key = _method(_calls.public_key)
+    jwks = _method(_calls.jwks)
     sign = _method(_calls.sign)
     sign_batch = _method(_calls.sign_batch)
     verify = _method(_calls.verify)
@@ -325,3 +327,11 @@ class AsyncClient:
     enable = _method(_calls.enable)
     destroy = _method(_calls.destroy)
     health = _method(_calls.health)
+
+    async def private_key(self, name: str, version: int | None = None) -> AsyncSigndPrivateKey:
+        """The key's ``version`` (by default its current version now) with its
+        public key, for this client; see ``signd_client.keys``.
+
+        Raises: KeyNotFound, VersionNotFound.
+        """
+        return await load_async_private_key(self, name, version)

@@ -18,6 +18,8 @@ from .protocol import (
     DestroyArgs,
     Empty,
     Health,
+    Jwks,
+    JwksArgs,
     KeyInfo,
     KeyList,
     KeyRefArgs,
@@ -110,6 +112,14 @@ def public_key(name: str, version: int | None = None) -> Call[PublicKey]:
     Raises: KeyNotFound, VersionNotFound.
     """
     return Call("public_key", PublicKeyArgs(key=name, version=version), PublicKey)
+
+
+def jwks(names: Sequence[str]) -> Call[Jwks]:
+    """A JWK Set of every version of ``names`` that may still verify.
+
+    Raises: KeyNotFound (naming the first unknown key).
+    """
+    return Call("jwks", JwksArgs(keys=tuple(names)), Jwks)
 
 
 def sign(

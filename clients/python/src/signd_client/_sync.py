@@ -25,6 +25,7 @@ from ._common import (
     with_idempotency_key,
 )
 from .errors import ConnectionFailed, RequestTimeout, SigndError
+from .keys import SigndPrivateKey, load_private_key
 from .protocol import DEFAULT_MAX_FRAME, MAX_RESPONSE_FRAME, FrameDecoder, Message, Response
 
 __all__ = ["Client"]
@@ -219,6 +220,7 @@ class Client:
     list_keys = _method(_calls.list_keys)
     key_info = _method(_calls.key_info)
     public_key = _method(_calls.public_key)
+    jwks = _method(_calls.jwks)
     sign = _method(_calls.sign)
     sign_batch = _method(_calls.sign_batch)
     verify = _method(_calls.verify)
@@ -228,3 +230,12 @@ class Client:
     enable = _method(_calls.enable)
     destroy = _method(_calls.destroy)
     health = _method(_calls.health)
+
+    def private_key(self, name: str, version: int | None = None) -> SigndPrivateKey:
+        """A ``cryptography`` private key object for ``name`` that signs
+        through this client, bound to ``version`` (by default the key's
+        current version now).  See ``signd_client.keys``.
+
+        Raises: KeyNotFound, VersionNotFound.
+        """
+        return load_private_key(self, name, version)

@@ -203,6 +203,12 @@ def _parser() -> argparse.ArgumentParser:
     k.add_argument("name")
     k.add_argument("--version", type=int, help="version (default: current)")
 
+    j = sub.add_parser(
+        "jwks",
+        help="print a JWK Set (JSON) of every version of the keys that may still verify",
+    )
+    j.add_argument("names", nargs="+", metavar="NAME")
+
     for cmd, helptext in (
         ("sign", "sign a message or a digest"),
         ("verify", "check a signature (exit 0 valid, 1 invalid, 2 error)"),
@@ -542,6 +548,9 @@ def _run(args: argparse.Namespace, client: Client, stdin: BinaryIO, stdout: Bina
             _print_json(pk)
         else:
             sys.stdout.write(pk.public_key_pem)
+        return EXIT_OK
+    if cmd == "jwks":  # always JSON: the output is a JWK Set document (RFC 7517)
+        print(json.dumps(client.jwks(args.names).to_wire(), indent=2))
         return EXIT_OK
     if cmd == "sign":
         res = client.sign(

@@ -42,6 +42,7 @@ __all__ = [
     "DEFAULT_MAX_FRAME",
     "MAX_RESPONSE_FRAME",
     "MAX_BATCH",
+    "MAX_JWKS_KEYS",
     "BatchItem",
     "ErrorInfo",
     "SignBatchArgs",
@@ -66,6 +67,9 @@ __all__ = [
     "KeyRefArgs",
     "KeySummary",
     "Message",
+    "Jwk",
+    "Jwks",
+    "JwksArgs",
     "PublicKey",
     "PublicKeyArgs",
     "Request",
@@ -96,6 +100,8 @@ MAX_REQUEST_ID: Final = (1 << 64) - 1
 KEY_NAME_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 #: Most items one ``sign_batch`` may carry.
 MAX_BATCH: Final = 10000
+#: Most key names one ``jwks`` request may name.
+MAX_JWKS_KEYS: Final = 100
 KEY_TYPES: Final = ("ec-p256", "ec-p384", "ed25519", "rsa-2048", "rsa-3072", "rsa-4096")
 #: An ``idempotency_key``: 1 to 128 printable ASCII characters, space excluded.
 IDEMPOTENCY_KEY_RE: Final = re.compile(r"[\x21-\x7e]{1,128}")
@@ -401,6 +407,13 @@ class PublicKeyArgs(Message):
 
 
 @message
+class JwksArgs(Message):
+    """Names of keys whose verifying versions go into one JWK Set (1 to ``MAX_JWKS_KEYS``)."""
+
+    keys: tuple[str, ...]
+
+
+@message
 class SignArgs(Message):
     key: str
     message: bytes | None = None
@@ -492,6 +505,34 @@ class PublicKey(Message):
 
 
 @message
+class Jwk(Message):
+    """One version's public key as a JSON Web Key (RFC 7517, 7518, 8037).
+
+    Binary members (``x``, ``y``, ``n``, ``e``) are base64url strings without
+    padding, as in JSON, so a result serialised to JSON is a valid JWK.
+    ``kid`` is ``NAME:VERSION``; ``alg`` is absent for RSA keys, which sign
+    both RS256 and PS256.
+    """
+
+    kty: str
+    kid: str
+    use: str
+    alg: str | None = None
+    crv: str | None = None
+    x: str | None = None
+    y: str | None = None
+    n: str | None = None
+    e: str | None = None
+
+
+@message
+class Jwks(Message):
+    """A JWK Set: every version of the named keys that may still verify."""
+
+    keys: tuple[Jwk, ...]
+
+
+@message
 class SignResult(Message):
     signature: bytes
     key: str
@@ -560,6 +601,7 @@ OPS: Final[Mapping[str, tuple[type[Message], type[Message]]]] = {
     "list_keys": (Empty, KeyList),
     "key_info": (KeyRefArgs, KeyInfo),
     "public_key": (PublicKeyArgs, PublicKey),
+    "jwks": (JwksArgs, Jwks),
     "sign": (SignArgs, SignResult),
     "sign_batch": (SignBatchArgs, SignBatchResult),
     "verify": (VerifyArgs, VerifyResult),
@@ -578,6 +620,7 @@ IDEMPOTENT_OPS: Final = frozenset(
         "list_keys",
         "key_info",
         "public_key",
+        "jwks",
         "sign",
         "sign_batch",
         "verify",
