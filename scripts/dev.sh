@@ -24,10 +24,13 @@ Commands:
   -h, --help     Show this help.
 
 Set-up (each part only when needed, so re-running is cheap):
-  1. apt-get install the Debian packages signd needs (as root, or via sudo)
+  1. apt-get install the Debian packages signd needs (as root, or via sudo),
+     plus nodejs and npm when there is no `node` on PATH
   2. a virtualenv at .venv (python3 -m venv)
   3. pip install -e clients/python -e '.[test]' into it, again only when a
      pyproject.toml changed since the last install
+  4. npm ci in clients/node (the Node.js client), only when its
+     package-lock.json changed since the last install
 
 Environment:
   PYTHON         interpreter used to create .venv (default: python3)
@@ -42,6 +45,8 @@ ROOT=$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")/.." && pwd -P)
 VENV="$ROOT/.venv"
 STATE="$ROOT/state"
 STAMP="$VENV/.signd-dev-installed"
+NODE_DIR="$ROOT/clients/node"
+NODE_STAMP="$NODE_DIR/node_modules/.signd-dev-installed"
 LABEL=signd-dev
 APT_PACKAGES=(softhsm2 openssl python3 python3-venv systemd p11-kit prometheus)
 
@@ -72,11 +77,13 @@ ensure_packages() {
         return
     fi
     if ! command -v dpkg-query >/dev/null 2>&1 || ! command -v apt-get >/dev/null 2>&1; then
-        say "not a Debian system: skipping apt; install these yourself: ${APT_PACKAGES[*]}"
+        say "not a Debian system: skipping apt; install these yourself: ${APT_PACKAGES[*]} (and Node.js >= 18 with npm)"
         return
     fi
-    local missing=() p
-    for p in "${APT_PACKAGES[@]}"; do
+    local missing=() p wanted=("${APT_PACKAGES[@]}")
+    # Node.js for clients/node: Debian's, unless a node is installed already.
+    command -v node >/dev/null 2>&1 || wanted+=(nodejs npm)
+    for p in "${wanted[@]}"; do
         pkg_installed "$p" || missing+=("$p")
     done
     if ((${#missing[@]} == 0)); then
@@ -117,6 +124,18 @@ ensure_venv() {
     printf '%s\n' "$want" >"$STAMP"
 }
 
+ensure_node_modules() {
+    local want
+    want=$(sha256sum "$NODE_DIR/package-lock.json" | cut -d' ' -f1)
+    if [[ -f $NODE_STAMP && $(<"$NODE_STAMP") == "$want" ]]; then
+        return
+    fi
+    command -v npm >/dev/null 2>&1 || die "npm not found: install Node.js >= 18 and npm"
+    say "installing the Node.js client's dependencies (npm ci in $NODE_DIR)"
+    (cd "$NODE_DIR" && npm ci --no-audit --no-fund --loglevel=error)
+    printf '%s\n' "$want" >"$NODE_STAMP"
+}
+
 setup() {
     # Serialize set-up between concurrent runs (say `serve` in one shell and
     # `test` in another) by locking this script itself; released afterwards so
@@ -125,6 +144,7 @@ setup() {
     flock 9
     ensure_packages
     ensure_venv
+    ensure_node_modules
     exec 9<&-
 }
 
@@ -208,6 +228,7 @@ cmd_test() {
     run_step "lint" "$VENV/bin/ruff" check .
     run_step "format" "$VENV/bin/ruff" format --check .
     run_step "types" "$VENV/bin/mypy"
+    run_step "types (examples)" "$VENV/bin/mypy" --strict clients/python/examples
     run_step "tests" "$VENV/bin/pytest" "$@"
     section "summary"
     if ((${#failed[@]} > 0)); then

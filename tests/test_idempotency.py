@@ -13,6 +13,7 @@ checked with ``cryptography`` against the PEM the daemon reported.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -219,6 +220,9 @@ class DropFirstAnswer:
             upstream.close()
 
     def close(self) -> None:
+        # close() alone does not wake a thread blocked in accept(); shutdown() does.
+        with contextlib.suppress(OSError):
+            self._listener.shutdown(socket.SHUT_RDWR)
         self._listener.close()
         self._accept.join(10)
         for t in self._threads:

@@ -123,3 +123,15 @@ def test_bad_rate_limits_name_the_field(
     out = make_daemon("[rate_limits]\n" + table, start=False).check_config()
     assert out.returncode == 2
     assert field in out.stderr, out.stderr
+
+
+def test_the_client_waits_as_told_before_retrying(
+    make_daemon: Callable[..., Daemon], key_name: str
+) -> None:
+    """A retry after ``rate_limited`` waits ``retry_after`` (0.2 s here), not only the
+    short back-off (50 ms, then 100 ms), so back-to-back calls all get through."""
+    d = make_daemon("[rate_limits]\nper_principal = 5\nper_principal_burst = 1\n")
+    with d.client(retries=2) as c:
+        c.create_key(key_name, "ec-p256")
+        for i in range(3):
+            assert c.sign(key_name, b"%d" % i).version == 1

@@ -19,7 +19,7 @@ from signd_client.errors import SigndError
 if TYPE_CHECKING:
     from conftest import Daemon
 
-KILLS = 50
+KILLS = 30
 
 
 def _kill_tree(d: Daemon) -> None:

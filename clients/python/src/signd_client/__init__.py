@@ -9,6 +9,15 @@ asyncio.  Every operation returns a frozen dataclass from
 from ._async import AsyncClient
 from ._sync import Client
 from .errors import SigndError, WireError
+from .keys import (
+    AsyncSigndPrivateKey,
+    SigndEd25519PrivateKey,
+    SigndEllipticCurvePrivateKey,
+    SigndPrivateKey,
+    SigndRSAPrivateKey,
+    UnsupportedKeyOperation,
+    load_private_key,
+)
 from .protocol import (
     BatchItem,
     Health,
@@ -25,6 +34,7 @@ from .protocol import (
 __version__ = "0.1.0"
 __all__ = [
     "AsyncClient",
+    "AsyncSigndPrivateKey",
     "BatchItem",
     "SignBatchResult",
     "Client",
@@ -34,9 +44,15 @@ __all__ = [
     "KeySummary",
     "PublicKey",
     "SignResult",
+    "SigndEd25519PrivateKey",
+    "SigndEllipticCurvePrivateKey",
+    "SigndPrivateKey",
+    "SigndRSAPrivateKey",
     "SigndError",
+    "UnsupportedKeyOperation",
     "VerifyResult",
     "VersionInfo",
     "WireError",
     "__version__",
+    "load_private_key",
 ]

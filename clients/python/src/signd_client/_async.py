@@ -19,13 +19,13 @@ from typing import Any, Concatenate, ParamSpec, Protocol, TypeVar
 from . import _calls
 from ._calls import Call
 from ._common import (
-    RETRY_BACKOFF,
     Settings,
     Unsent,
     encode_call,
     parse_response,
     resolve_socket,
     retry_allowed,
+    retry_delay,
     take_response,
     was_reset,
     with_idempotency_key,
@@ -271,7 +271,7 @@ class AsyncClient:
                 fresh = False
             except SigndError as exc:
                 if retry_allowed(call, exc, attempt, s.retries, deadline):
-                    await _sleep(RETRY_BACKOFF * attempt)
+                    await _sleep(retry_delay(exc, attempt))
                     continue
                 raise
             try:
@@ -286,7 +286,7 @@ class AsyncClient:
                     fresh = True
                     continue
                 if retry_allowed(call, exc, attempt, s.retries, deadline):
-                    await _sleep(RETRY_BACKOFF * attempt)
+                    await _sleep(retry_delay(exc, attempt))
                     continue
                 raise
             except BaseException:
@@ -300,7 +300,7 @@ class AsyncClient:
                 return parse_response(call, resp)
             except SigndError as exc:
                 if retry_allowed(call, exc, attempt, s.retries, deadline):
-                    await _sleep(RETRY_BACKOFF * attempt)
+                    await _sleep(retry_delay(exc, attempt))
                     continue
                 raise
 

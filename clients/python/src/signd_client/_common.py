@@ -15,6 +15,7 @@ from .errors import (
     FrameTooLarge,
     InvalidArgument,
     ProtocolViolation,
+    RateLimited,
     SigndError,
     WireError,
 )
@@ -76,13 +77,22 @@ def retry_allowed(
     """Retry idempotent calls after a broken connection or a retryable answer
     (``create_key`` and ``rotate`` are, when they carry an idempotency key), and
     any call that provably never reached the daemon (``Unsent``)."""
-    if attempt > retries or time.monotonic() >= deadline:
+    if attempt > retries or time.monotonic() + retry_delay(exc, attempt) >= deadline:
         return False
     if isinstance(exc, Unsent):
         return True
     if not call.idempotent:
         return False
     return isinstance(exc, ConnectionFailed) or (isinstance(exc, WireError) and exc.retryable)
+
+
+def retry_delay(exc: SigndError, attempt: int) -> float:
+    """How long to wait before retry ``attempt``: a short back-off, and never
+    less than a rate limit's ``retry_after``."""
+    delay = RETRY_BACKOFF * attempt
+    if isinstance(exc, RateLimited) and exc.retry_after is not None:
+        delay = max(delay, exc.retry_after)
+    return delay
 
 
 def was_reset(exc: BaseException | None) -> bool:

@@ -13,13 +13,13 @@ from typing import Any, Concatenate, ParamSpec, TypeVar
 from . import _calls
 from ._calls import Call
 from ._common import (
-    RETRY_BACKOFF,
     Settings,
     Unsent,
     encode_call,
     parse_response,
     resolve_socket,
     retry_allowed,
+    retry_delay,
     take_response,
     was_reset,
     with_idempotency_key,
@@ -173,7 +173,7 @@ class Client:
                     fresh = True
                     continue
                 if retry_allowed(call, exc, attempt, s.retries, deadline):
-                    time.sleep(RETRY_BACKOFF * attempt)
+                    time.sleep(retry_delay(exc, attempt))
                     continue
                 raise
             if resp.id is None:  # a connection-level answer: this connection is done
@@ -184,7 +184,7 @@ class Client:
                 return parse_response(call, resp)
             except SigndError as exc:
                 if retry_allowed(call, exc, attempt, s.retries, deadline):
-                    time.sleep(RETRY_BACKOFF * attempt)
+                    time.sleep(retry_delay(exc, attempt))
                     continue
                 raise
 
