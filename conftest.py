@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import glob
 import json
 import os
 import shutil
@@ -345,3 +346,66 @@ def own_token(token_env: TokenEnv, tmp_path_factory: pytest.TempPathFactory) -> 
     assert out.returncode == 0, out.stderr
     conf = Path(out.stdout.strip().split("=", 1)[1])
     return dataclasses.replace(token_env, state_dir=state, conf=conf, label="signd-own")
+
+
+class P11KitServer:
+    """``p11-kit server`` exporting one SoftHSM token on a Unix socket: a token
+    behind a transport, which tests can kill, stop or slow down.  A daemon uses
+    it with ``client_module`` as its module and ``P11_KIT_SERVER_ADDRESS`` set
+    to ``address`` (or to a relay in front of it)."""
+
+    def __init__(self, token: TokenEnv, path: Path) -> None:
+        self.token = token
+        self.path = path
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def address(self) -> str:
+        return f"unix:path={self.path}"
+
+    @property
+    def client_module(self) -> str:
+        found = sorted(glob.glob("/usr/lib/*/pkcs11/p11-kit-client.so"))
+        if not found:
+            pytest.fail("p11-kit-client.so is missing: run the README's test command (p11-kit)")
+        return found[0]
+
+    def start(self) -> None:
+        self.path.unlink(missing_ok=True)
+        self.proc = subprocess.Popen(
+            [
+                *("p11-kit", "server", "--foreground", "--name", str(self.path)),
+                *("--provider", self.token.module, f"pkcs11:token={self.token.label}"),
+            ],
+            env=self.token.env(),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,  # its own group: the forked servers go with it
+        )
+        deadline = time.monotonic() + 30
+        while not self.path.exists():
+            assert time.monotonic() < deadline, "p11-kit server did not listen"
+            time.sleep(0.02)
+
+    def signal(self, sig: int) -> None:
+        assert self.proc is not None
+        os.killpg(self.proc.pid, sig)
+
+    def kill(self) -> None:
+        self.signal(signal.SIGKILL)
+        assert self.proc is not None
+        self.proc.wait()
+
+    def close(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.signal(signal.SIGCONT)
+            self.kill()
+
+
+@pytest.fixture
+def p11kit(own_token: TokenEnv, tmp_path: Path) -> Iterator[P11KitServer]:
+    """A running ``p11-kit server`` in front of this test's own token."""
+    server = P11KitServer(own_token, tmp_path / "p11-kit.sock")
+    server.start()
+    yield server
+    server.close()

@@ -9,6 +9,7 @@ under a live session; this is the readiness signal operators script against.)
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import time
@@ -19,8 +20,10 @@ from typing import TYPE_CHECKING
 
 import pytest
 
+from signd_client.errors import KeyNotFound, UnsupportedAlgorithm
+
 if TYPE_CHECKING:
-    from conftest import Daemon, TokenEnv
+    from conftest import Daemon, P11KitServer, TokenEnv
 
 WAIT = 30.0
 
@@ -84,3 +87,42 @@ def test_not_ready_while_the_token_is_away_and_ready_when_it_returns(
     assert d.gauge("signd_token_up") == 1
     assert d.gauge("signd_token_reconnects_total") > reconnects
     assert d.stop() == 0
+
+
+def test_health_lists_what_the_token_can_do(signd: Daemon) -> None:
+    """Read from the token's mechanism list: SoftHSM 2.6.1 makes every type."""
+    with signd.client() as c:
+        token = c.health().token
+    assert token is not None
+    assert token.profile == "softhsm"
+    assert token.key_types == ("ec-p256", "ec-p384", "ed25519", "rsa-2048", "rsa-3072", "rsa-4096")
+    assert token.mechanisms is not None
+    assert {"CKM_ECDSA", "CKM_EDDSA", "CKM_RSA_PKCS_PSS"} <= set(token.mechanisms)
+    assert list(token.mechanisms) == sorted(token.mechanisms)
+
+
+def test_a_type_the_token_lacks_is_unsupported_algorithm(
+    make_daemon: Callable[..., Daemon], p11kit: P11KitServer, key_name: str
+) -> None:
+    """p11-kit's remoting does not carry the Edwards mechanisms: through it,
+    SoftHSM cannot make Ed25519 keys, health says so, and create_key says why."""
+    d = make_daemon(start=False, env_extra={"P11_KIT_SERVER_ADDRESS": p11kit.address})
+    d.token = dataclasses.replace(p11kit.token, module=p11kit.client_module)
+    d.start()
+    with d.client() as c:
+        token = c.health().token
+        assert token is not None
+        assert token.profile == "generic"  # p11-kit-client.so: no profile of its own
+        assert token.key_types is not None
+        assert "ed25519" not in token.key_types
+        assert "ec-p256" in token.key_types
+        with pytest.raises(UnsupportedAlgorithm, match="cannot make ed25519 keys") as info:
+            c.create_key(key_name, "ed25519")
+        assert "it can make: ec-p256" in str(info.value)
+        with pytest.raises(KeyNotFound):
+            c.key_info(key_name)  # nothing was made
+        c.create_key(key_name, "ec-p256")  # the daemon is fine
+        assert c.sign(key_name, b"still signing").version == 1
+    out = d.signctl("health", "--json")
+    assert out.returncode == 0, out.stderr
+    assert b'"key_types"' in out.stdout

@@ -20,14 +20,10 @@ are measured and printed, not asserted: they go into the issue's note.
 from __future__ import annotations
 
 import dataclasses
-import glob
-import os
 import signal
-import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import pytest
@@ -38,7 +34,7 @@ from signd_client import Client
 from signd_client.errors import TokenUnavailable, WireError
 
 if TYPE_CHECKING:
-    from conftest import Daemon, TokenEnv
+    from conftest import Daemon, P11KitServer, TokenEnv
 
 WAIT = 30.0
 
@@ -48,62 +44,6 @@ def wait_until(probe: Callable[[], bool], what: str) -> None:
     while not probe():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(0.02)
-
-
-def p11kit_client_module() -> str:
-    found = sorted(glob.glob("/usr/lib/*/pkcs11/p11-kit-client.so"))
-    if not found:
-        pytest.fail("p11-kit-client.so is missing: run the README's test command (p11-kit)")
-    return found[0]
-
-
-class P11KitServer:
-    """``p11-kit server`` exporting one SoftHSM token on a Unix socket."""
-
-    def __init__(self, token: TokenEnv, path: Path) -> None:
-        self.token = token
-        self.path = path
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def address(self) -> str:
-        return f"unix:path={self.path}"
-
-    def start(self) -> None:
-        self.path.unlink(missing_ok=True)
-        self.proc = subprocess.Popen(
-            [
-                *("p11-kit", "server", "--foreground", "--name", str(self.path)),
-                *("--provider", self.token.module, f"pkcs11:token={self.token.label}"),
-            ],
-            env=self.token.env(),
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,  # its own group: the forked servers go with it
-        )
-        wait_until(self.path.exists, "p11-kit server to listen")
-
-    def signal(self, sig: int) -> None:
-        assert self.proc is not None
-        os.killpg(self.proc.pid, sig)
-
-    def kill(self) -> None:
-        self.signal(signal.SIGKILL)
-        assert self.proc is not None
-        self.proc.wait()
-
-    def close(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.signal(signal.SIGCONT)
-            self.kill()
-
-
-@pytest.fixture
-def p11kit(own_token: TokenEnv, tmp_path: Path) -> Iterator[P11KitServer]:
-    server = P11KitServer(own_token, tmp_path / "p11-kit.sock")
-    server.start()
-    yield server
-    server.close()
 
 
 @dataclasses.dataclass
@@ -257,7 +197,7 @@ def test_p11kit_server_killed_under_load_and_restarted(
         env_extra={"P11_KIT_SERVER_ADDRESS": p11kit.address},
         token_extra="workers = 2",
     )
-    d.token = dataclasses.replace(p11kit.token, module=p11kit_client_module())
+    d.token = dataclasses.replace(p11kit.token, module=p11kit.client_module)
     d.start()
     keys = [f"{key_name}-p256", f"{key_name}-p384"]
     with d.client() as c:
@@ -297,7 +237,7 @@ def test_idle_daemon_notices_the_loss(
 ) -> None:
     """No request is needed to notice: idle workers probe the token."""
     d = make_daemon(start=False, env_extra={"P11_KIT_SERVER_ADDRESS": p11kit.address})
-    d.token = dataclasses.replace(p11kit.token, module=p11kit_client_module())
+    d.token = dataclasses.replace(p11kit.token, module=p11kit.client_module)
     d.start()
     with d.client() as c:
         c.create_key(key_name, "ec-p256")
@@ -322,7 +262,7 @@ def test_hung_token_fails_requests_instead_of_hanging(
         env_extra={"P11_KIT_SERVER_ADDRESS": p11kit.address},
         token_extra="stall_timeout = 0.5",
     )
-    d.token = dataclasses.replace(p11kit.token, module=p11kit_client_module())
+    d.token = dataclasses.replace(p11kit.token, module=p11kit.client_module)
     d.start()
     with d.client() as c:
         c.create_key(key_name, "ec-p256")

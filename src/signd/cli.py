@@ -86,6 +86,7 @@ async def _run(cfg: Config, pin: Secret) -> int:
         probe_interval=cfg.token.probe_interval,
         stall_timeout=cfg.token.stall_timeout,
         recycle_mb=cfg.token.recycle_mb,
+        ed25519_params=cfg.token.profile.ed25519_params,
     )
     failed = False
     try:
@@ -124,6 +125,7 @@ async def _serve(
         request_timeout=cfg.limits.request_timeout,
         min_rotate_period=cfg.keys.min_rotate_period,
         sync_interval=cfg.keys.sync_interval,
+        profile=cfg.token.profile,
     )
     audit = None
     if cfg.audit.dir is not None:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Final, TypeVar
 
 from .policy import OPERATIONS, Rule
+from .profiles import PROFILES, Profile, ProfileError, profile_for
 
 __all__ = [
     "AccessConfig",
@@ -84,6 +85,10 @@ class AccessConfig:
 @dataclass(frozen=True, slots=True)
 class TokenConfig:
     module: str = DEFAULT_MODULE
+    #: how this kind of token is driven (see ``profiles.py``)
+    profile: Profile = PROFILES["softhsm"]
+    #: YubiHSM: the auth key whose password the PIN file holds
+    auth_key_id: int | None = None
     label: str = "signd"
     pin_file: str | None = None
     pin_credential: str | None = None
@@ -113,9 +118,9 @@ class TokenConfig:
         YubiHSM gains nothing from more)."""
         if self.workers is not None:
             return self.workers
-        if "softhsm" in os.path.basename(self.module).lower():
-            return max(1, min(4, (os.cpu_count() or 1) - 1))
-        return 1
+        if self.profile.auto_workers is not None:
+            return self.profile.auto_workers
+        return max(1, min(4, (os.cpu_count() or 1) - 1))
 
 
 @dataclass(frozen=True, slots=True)
@@ -278,10 +283,22 @@ def _parse(doc: Mapping[str, Any], path: str | None, base: Path) -> Config:
         "",
         lambda v: None if v and "/" not in v else "must be a credential name without '/'",
     )
-    batch = t.take("batch", int, 64, _between(1, 4096))
+    try:
+        profile = profile_for(t.take("profile", str, "auto", _nonempty), module)
+    except ProfileError as exc:
+        raise ConfigError(str(exc)) from None
+    auth_key_id = t.table.pop("auth_key_id", None)
+    if auth_key_id is not None and not (type(auth_key_id) is int and 1 <= auth_key_id <= 0xFFFF):
+        raise ConfigError(f"token.auth_key_id: must be an integer 1 to 65535, got {auth_key_id!r}")
+    if auth_key_id is not None and not profile.auth_key_pin:
+        raise ConfigError(
+            f"token.auth_key_id: only the yubihsm profile logs in with an auth key id "
+            f"(this is the {profile.name} profile)"
+        )
+    batch = t.take("batch", int, profile.batch, _between(1, 4096))
     depth = t.take("depth", int, 2, _between(1, 16))
     spin_us = t.take("spin_us", int, 500, _between(0, 10_000))
-    probe_interval = t.take("probe_interval", float, 1.0, _between(0.05, 3600))
+    probe_interval = t.take("probe_interval", float, profile.probe_interval, _between(0.05, 3600))
     stall_timeout = t.take("stall_timeout", float, 5.0, _between(0.1, 3600))
     recycle_mb = t.take("recycle_mb", float, 4.0, _between(0, 1 << 20))
     workers_raw = t.table.pop("workers", "auto")
@@ -293,10 +310,17 @@ def _parse(doc: Mapping[str, Any], path: str | None, base: Path) -> Config:
         workers = workers_raw
     else:
         raise ConfigError(f'token.workers: must be "auto" or 1 to 64, got {workers_raw!r}')
+    if workers is not None and profile.max_workers is not None and workers > profile.max_workers:
+        raise ConfigError(
+            f"token.workers: the {profile.name} profile allows {profile.max_workers} "
+            f"(the device runs one command at a time), got {workers}"
+        )
     if bool(pin_file) == bool(pin_cred):
         raise ConfigError("token: set exactly one of pin_file and pin_credential")
     token = TokenConfig(
         module=module,
+        profile=profile,
+        auth_key_id=auth_key_id,
         label=label,
         pin_file=str(base / pin_file) if pin_file else None,
         pin_credential=pin_cred or None,
@@ -510,4 +534,7 @@ def read_pin(token: TokenConfig, environ: Mapping[str, str] | None = None) -> Se
         text = text[:-1]
     if not text:
         raise ConfigError(f"{where}: {path} is empty")
-    return Secret(text)
+    try:
+        return Secret(token.profile.login_pin(text, token.auth_key_id))
+    except ProfileError as exc:
+        raise ConfigError(f"{where}: {exc}") from None

@@ -25,6 +25,7 @@ from typing import Any, Final, TypeVar
 import trio
 
 from . import __version__, algorithms
+from .algorithms import KeyType
 from .errors import (
     Busy,
     Conflict,
@@ -35,6 +36,7 @@ from .errors import (
     InvalidDigest,
     KeyExists,
     KeyNotFound,
+    UnsupportedAlgorithm,
     WireError,
 )
 from .keystore import (
@@ -48,12 +50,11 @@ from .keystore import (
     LoadedVersion,
     check_key_name,
     load_key,
-    new_object_id,
-    object_label,
     request_digest,
 )
 from .metrics import Metrics
 from .policy import Policy, Principal
+from .profiles import PROFILES, Profile
 from .protocol import (
     MAX_BATCH,
     MAX_JWKS_KEYS,
@@ -100,6 +101,9 @@ SlowWork = Callable[[], Awaitable[None]]
 
 #: A key this process does not know is looked up on the token at most this often.
 REFRESH_INTERVAL: Final = 1.0
+#: Random object ids drawn for a new keypair before giving up (ids the token
+#: already uses are re-drawn; with 16-bit ids and ~1,000 objects, one in 65).
+ID_DRAWS: Final = 8
 MAX_LOOKUPS_TRACKED: Final = 4096
 #: Operations that change a key: one at a time, each re-reading the key from the token.
 ADMIN_OPS: Final = frozenset({"create_key", "rotate", "update_key", "disable", "enable", "destroy"})
@@ -117,8 +121,10 @@ class Service:
         sync_interval: float = 5.0,
         metrics: Metrics | None = None,
         clock: Callable[[], float] = time.time,
+        profile: Profile = PROFILES["softhsm"],
     ) -> None:
         self.token = token
+        self.profile = profile
         self.policy = policy if policy is not None else Policy(())
         self.limiter = limiter
         self.keystore = Keystore()
@@ -345,6 +351,9 @@ class Service:
                 model=info.model,
                 serial=info.serial,
                 logged_in=True,
+                profile=self.profile.name,
+                key_types=tuple(t for t, why in info.key_types.items() if why is None),
+                mechanisms=tuple(info.mechanisms),
             )
         ready = self.ready
         return Health(
@@ -603,6 +612,7 @@ class Service:
         """Raises: _Replay when the key exists, made by this same request."""
         name = check_key_name(args.key)
         kt = algorithms.key_type(args.type)
+        self.profile.check_key_name(name)
         settings = _settings(args, KeySettings()).check(1, self.min_rotate_period)
         blobs = await self.token.load_metadata(name)
         if blobs:
@@ -617,8 +627,7 @@ class Service:
                         raise _Replay(record, made.version)
             await self._refresh(name)
             raise KeyExists(f"a key named {name!r} already exists")
-        object_id = new_object_id()
-        spki = await self.token.generate(kt.name, object_id, object_label(name, 1))
+        object_id, spki = await self._generate(kt, name, 1)
         record = KeyRecord.new(name, kt, self._clock(), object_id, settings, idempotency)
         await self._write_new_version(record, object_id)
         key = load_key(record, {object_id: spki}, self._clock())
@@ -630,17 +639,37 @@ class Service:
         self, record: KeyRecord, idempotency: tuple[str, str] | None = None
     ) -> LoadedKey:
         kt = algorithms.key_type(record.type)
-        object_id = new_object_id()
         # The new version exists on the token before any record points to it.
-        await self.token.generate(
-            kt.name, object_id, object_label(record.name, record.next_version)
-        )
+        object_id, _ = await self._generate(kt, record.name, record.next_version)
         record = record.rotated(self._clock(), object_id, idempotency)
         await self._write_new_version(record, object_id)
         key = await self._load(record)
         self.keystore.put(key)
         log.info("key rotated", extra={"key": record.name, "version": record.latest.version})
         return key
+
+    async def _generate(self, kt: KeyType, name: str, version: int) -> tuple[bytes, bytes]:
+        """A new keypair for ``name`` version ``version``: its CKA_ID and SPKI DER.
+
+        Raises: UnsupportedAlgorithm (the token cannot make ``kt``),
+        InvalidArgument (the label does not fit the token).
+        """
+        info = self.token.info
+        if info is not None and info.key_types.get(kt.name) is not None:
+            can = [t for t, why in info.key_types.items() if why is None]
+            raise UnsupportedAlgorithm(
+                f"this token ({info.manufacturer} {info.model}) cannot make {kt.name} keys: "
+                f"{info.key_types[kt.name]}; it can make: {', '.join(can) or 'none'}"
+            )
+        label = self.profile.object_label(name, version)
+        for _ in range(ID_DRAWS - 1):
+            object_id = self.profile.new_object_id()
+            try:
+                return object_id, await self.token.generate(kt.name, object_id, label)
+            except Conflict:  # the id is taken: short ids (YubiHSM: 16 bits) collide
+                continue
+        object_id = self.profile.new_object_id()
+        return object_id, await self.token.generate(kt.name, object_id, label)
 
     async def _write_new_version(self, record: KeyRecord, object_id: bytes) -> None:
         """Write a record that adds the keypair ``object_id``.

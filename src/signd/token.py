@@ -40,9 +40,10 @@ from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 from pkcs11 import MGF, Attribute, KeyType, Mechanism, ObjectClass
 from pkcs11.util.ec import encode_ec_public_key, encode_named_curve_parameters
 
-from . import algorithms
+from . import algorithms, profiles
 from .algorithms import Family, Scheme
 from .errors import (
+    Conflict,
     InternalError,
     TokenError,
     TokenUnavailable,
@@ -65,8 +66,6 @@ __all__ = [
 log = logging.getLogger("signd.token")
 
 APPLICATION: Final = "signd"
-#: CKA_EC_PARAMS for Ed25519: PrintableString "edwards25519" (YubiHSM accepts only this).
-ED25519_PARAMS: Final = b"\x13\x0cedwards25519"
 #: A message this small (a few signatures) means light traffic: poll after it.
 LIGHT_BYTES: Final = 1024
 #: Bytes a worker reads at once (a batch of 64 is a few KB).
@@ -159,7 +158,10 @@ class TokenInfo:
     manufacturer: str
     model: str
     serial: str
-    mechanisms: int
+    #: mechanism names (``CKM_ECDSA``; ``CKM_0x...`` for one python-pkcs11 has no name for)
+    mechanisms: list[str]
+    #: key type -> None if the token can make and sign with it, else why not
+    key_types: dict[str, str | None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -179,11 +181,15 @@ class TokenSession:
         self._verifiers: dict[bytes, algorithms.PublicKey] = {}
         self._created: Any = None  # the record object ``create_metadata`` made last
         self._slot: Any = None
+        self._ed25519_params = profiles.ED25519_STRING
         #: why the token is taken for lost (set once; the worker then exits)
         self.lost: str | None = None
 
-    def open(self, module_path: str, token_label: str, pin: str) -> TokenInfo:
+    def open(
+        self, module_path: str, token_label: str, pin: str, ed25519_params: bytes
+    ) -> TokenInfo:
         """Raises: TokenUnavailable (module, token or login)."""
+        self._ed25519_params = ed25519_params
         try:
             self._lib = pkcs11.lib(module_path)
         except Exception as exc:
@@ -210,7 +216,7 @@ class TokenSession:
             serial=serial.decode("ascii", "replace").strip()
             if isinstance(serial, bytes)
             else str(serial),
-            mechanisms=len(token.slot.get_mechanisms()),
+            **_capabilities(token.slot),
         )
 
     def close(self) -> None:
@@ -413,8 +419,14 @@ class TokenSession:
         return len(found)
 
     def generate(self, kt: algorithms.KeyType, object_id: bytes, label: str) -> bytes:
-        """Generate a sign-only, non-extractable keypair; return its SPKI DER."""
+        """Generate a sign-only, non-extractable keypair; return its SPKI DER.
+
+        Raises: Conflict if an object has the id already (short ids, as on a
+        YubiHSM, can collide: the caller draws another).
+        """
         session = self._session_or_raise()
+        for _ in session.get_objects({Attribute.ID: object_id}):
+            raise Conflict(f"object id {object_id.hex()} is taken")
         common: dict[str, Any] = {
             "store": True,
             "label": label,
@@ -435,7 +447,7 @@ class TokenSession:
                 pub, priv = params.generate_keypair(**common)
             else:
                 params = session.create_domain_parameters(
-                    KeyType.EC_EDWARDS, {Attribute.EC_PARAMS: ED25519_PARAMS}, local=True
+                    KeyType.EC_EDWARDS, {Attribute.EC_PARAMS: self._ed25519_params}, local=True
                 )
                 pub, priv = params.generate_keypair(
                     mechanism=Mechanism.EC_EDWARDS_KEY_PAIR_GEN, **common
@@ -510,6 +522,22 @@ class TokenSession:
             if blob is not None:
                 out.append((obj, blob))
         return out
+
+
+def _capabilities(slot: Any) -> dict[str, Any]:
+    """The token's mechanisms by name, and the key types they make possible."""
+    sizes: dict[str, tuple[int, int]] = {}
+    for mech in slot.get_mechanisms():
+        if isinstance(mech, Mechanism):
+            name = f"CKM_{mech.name}"
+        else:  # a vendor mechanism python-pkcs11 has no name for
+            name = f"CKM_0x{int(mech):08x}"
+        try:
+            info = slot.get_mechanism_info(mech)
+            sizes[name] = (int(info.min_key_length), int(info.max_key_length))
+        except p11e.PKCS11Error:
+            sizes[name] = (0, 0)
+    return {"mechanisms": sorted(sizes), "key_types": profiles.capable_key_types(sizes)}
 
 
 def _parse_blob(label: str, value: bytes) -> MetadataBlob | None:
@@ -588,10 +616,17 @@ def _handler(session: TokenSession, spin: list[float]) -> Callable[[str, list[An
             session.check()
             return None
         if op == "open":
-            module, label, pin, level, spin[0] = args
+            module, label, pin, level, spin[0], ed25519_params = args
             logging.getLogger().setLevel(level.upper())
-            info = session.open(module, label, pin)
-            return [info.label, info.manufacturer, info.model, info.serial, info.mechanisms]
+            info = session.open(module, label, pin, ed25519_params)
+            return [
+                info.label,
+                info.manufacturer,
+                info.model,
+                info.serial,
+                info.mechanisms,
+                info.key_types,
+            ]
         raise InternalError(f"unknown worker operation {op!r}")
 
     return handle

@@ -54,6 +54,7 @@ from typing import Any, Final
 import msgpack
 import trio
 
+from . import profiles
 from .errors import (
     Busy,
     Conflict,
@@ -120,6 +121,8 @@ class PoolSettings:
     #: MB a signing worker's RSS may grow (past its warm-up) before a fresh
     #: process takes over from it; 0: never
     recycle_mb: float = 0.0
+    #: CKA_EC_PARAMS for Ed25519 keys (the profile's choice)
+    ed25519_params: bytes = profiles.ED25519_STRING
 
 
 @dataclass(eq=False)
@@ -196,6 +199,8 @@ class TokenPool:
         self._ready: deque[object] = deque()
         self._queued = 0
         self._inflight = 0
+        #: seconds of token time per job, a moving average (0: not measured yet)
+        self._per_job = 0.0
         self._tags = 0
         self._closing = False
         #: workers logged in and serving
@@ -247,6 +252,17 @@ class TokenPool:
             )
         if self.pending + n > self.settings.queue_limit:
             raise Busy(f"the token queue is full ({self.pending} signatures waiting)")
+        if self._per_job and n:
+            # A slow device (a YubiHSM signs ~10/s) must not collect requests
+            # it cannot finish in time: each would wait out its deadline, and
+            # the queue would grow with work nobody waits for any more.
+            wait = (self.pending + n) * self._per_job / max(1, self.alive_workers)
+            left = min(e.deadline for e in entries) - time.monotonic()
+            if wait > left:
+                raise Busy(
+                    f"the token is saturated: about {wait:.2f} s of work is queued, more "
+                    f"than the {max(0.0, left):.2f} s this request may wait; retry later"
+                )
         q = self._queues.get(source)
         if q is None:
             q = self._queues[source] = deque()
@@ -608,7 +624,13 @@ class TokenPool:
         """
         s = self.settings
         await worker.stream.send_all(
-            _frame([0, "open", [s.module, s.token_label, s.pin, s.log_level, s.spin]])
+            _frame(
+                [
+                    0,
+                    "open",
+                    [s.module, s.token_label, s.pin, s.log_level, s.spin, s.ed25519_params],
+                ]
+            )
         )
         while True:
             for body in worker.decoder.frames():
@@ -691,6 +713,8 @@ class TokenPool:
         worker.signed += len(pending)
         self._inflight -= len(pending)
         seconds, outcomes = msg[2]
+        per_job = seconds / len(pending)
+        self._per_job = per_job if not self._per_job else 0.8 * self._per_job + 0.2 * per_job
         if self.metrics is not None:
             self.metrics.token_batch(len(pending), seconds)
         for entry, outcome in zip(pending, outcomes, strict=True):

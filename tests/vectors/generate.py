@@ -683,6 +683,38 @@ result(
     ),
 )
 result(
+    "health.result.capabilities",
+    "a ready daemon on a token without Ed25519: its profile, the key types it can make "
+    "(read from its mechanisms) and its mechanisms, as CKM_ names.",
+    64,
+    "health",
+    Health(
+        status="ok",
+        live=True,
+        ready=True,
+        daemon_version="0.1.0",
+        protocol_version=PROTOCOL_VERSION,
+        uptime=12.25,
+        keys=0,
+        token=TokenStatus(
+            label="signd",
+            manufacturer="IBM",
+            model="Soft",
+            serial="123",
+            logged_in=True,
+            profile="generic",
+            key_types=("ec-p256", "ec-p384", "rsa-2048", "rsa-3072", "rsa-4096"),
+            mechanisms=(
+                "CKM_ECDSA",
+                "CKM_EC_KEY_PAIR_GEN",
+                "CKM_RSA_PKCS",
+                "CKM_RSA_PKCS_KEY_PAIR_GEN",
+                "CKM_RSA_PKCS_PSS",
+            ),
+        ),
+    ),
+)
+result(
     "health.result.unavailable",
     "a live daemon that is not ready: token absent, detail present.",
     0,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import sys
 
+from .. import profiles
 from ..token import TokenSession
 
 
@@ -18,7 +19,7 @@ def main() -> None:
     job = json.loads(sys.stdin.readline())
     pin = sys.stdin.readline().rstrip("\n")
     session = TokenSession()
-    session.open(job["module"], job["label"], pin)
+    session.open(job["module"], job["label"], pin, profiles.ED25519_STRING)
     try:
         count, lat = session.time_raw_signatures(
             job["key_label"],

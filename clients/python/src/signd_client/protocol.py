@@ -580,6 +580,12 @@ class TokenStatus(Message):
     model: str
     serial: str
     logged_in: bool
+    #: the token profile signd drives it with: softhsm, yubihsm or generic
+    profile: str | None = None
+    #: the key types the token can make and sign with (read from its mechanisms)
+    key_types: tuple[str, ...] | None = None
+    #: the token's mechanisms, as CKM_ names
+    mechanisms: tuple[str, ...] | None = None
 
 
 @message
