@@ -45,13 +45,18 @@ def test_auto_picks_by_module_file_name() -> None:
 
 def test_yubihsm_pin_is_the_auth_key_id_then_the_password() -> None:
     assert YUBI.login_pin("password", 1) == "0001password"
-    assert YUBI.login_pin("s3cret", 0x1A2B) == "1a2bs3cret"
+    assert YUBI.login_pin("s3cretpass", 0x1A2B) == "1a2bs3cretpass"
     # Without auth_key_id the file holds the whole form.
     assert YUBI.login_pin("0002password", None) == "0002password"
     for bad in ("hunter2xyz", "7f3e", "zz01hunter2xyz"):
         with pytest.raises(ProfileError, match="auth_key_id") as info:
             YUBI.login_pin(bad, None)
         assert bad not in str(info.value)  # the secret never shows
+    # The device takes passwords of 8 to 64 characters.
+    with pytest.raises(ProfileError, match="8 to 64 characters; this one has 7"):
+        YUBI.login_pin("passwor", 2)
+    with pytest.raises(ProfileError, match="has 65"):
+        YUBI.login_pin("0002" + "p" * 65, None)
     # Other profiles take the PIN as it is, and no auth key id.
     assert SOFT.login_pin("1234", None) == "1234"
     with pytest.raises(ProfileError, match="only the yubihsm profile"):
@@ -96,6 +101,15 @@ def test_ed25519_parameters() -> None:
     assert ED25519_OID in der
 
 
+def test_yubihsm_records_and_probe() -> None:
+    """The YubiHSM module refuses CKA_MODIFIABLE and a private CKA_PRIVATE on
+    data objects, and answers C_GetTokenInfo from a cache: its profile writes
+    records without them and probes with a search that reaches the device."""
+    assert (YUBI.standard_records, YUBI.deep_probe) == (False, True)
+    assert (SOFT.standard_records, SOFT.deep_probe) == (True, False)
+    assert (GENERIC.standard_records, GENERIC.deep_probe) == (True, False)
+
+
 def test_serial_device_gets_one_worker_and_small_batches() -> None:
     assert (YUBI.auto_workers, YUBI.max_workers, YUBI.batch) == (1, 1, 4)
     assert YUBI.probe_interval < 30  # keeps the device session from its 30 s idle expiry
@@ -119,6 +133,13 @@ def test_capabilities_come_from_the_mechanisms() -> None:
     caps = capable_key_types(no_edwards)
     assert caps["ed25519"] == "the token has no CKM_EC_EDWARDS_KEY_PAIR_GEN or CKM_EDDSA"
     assert caps["ec-p256"] is None
+    # The YubiHSM module gives Ed25519 as 255 to 255 bits.
+    yubihsm_edwards = {
+        **softhsm,
+        "CKM_EC_EDWARDS_KEY_PAIR_GEN": (255, 255),
+        "CKM_EDDSA": (255, 255),
+    }
+    assert capable_key_types(yubihsm_edwards)["ed25519"] is None
     small_rsa = {**softhsm, "CKM_RSA_PKCS_KEY_PAIR_GEN": (512, 2048)}
     caps = capable_key_types(small_rsa)
     assert caps["rsa-2048"] is None
@@ -140,6 +161,7 @@ def test_config_yubihsm(tmp_path: Path) -> None:
     cfg = load_config(str(_config(tmp_path, f'module = "{YUBIHSM_MODULE}"\nauth_key_id = 2\n')))
     assert cfg.token.profile is YUBI
     assert (cfg.token.batch, cfg.token.probe_interval, cfg.token.worker_count) == (4, 10.0, 1)
+    assert (cfg.token.stall_timeout, cfg.token.label) == (30.0, "YubiHSM")
     assert read_pin(cfg.token).reveal() == "0002password"
     with pytest.raises(ConfigError, match="allows 1"):
         load_config(str(_config(tmp_path, f'module = "{YUBIHSM_MODULE}"\nworkers = 2\n')))

@@ -86,7 +86,7 @@ async def _run(cfg: Config, pin: Secret) -> int:
         probe_interval=cfg.token.probe_interval,
         stall_timeout=cfg.token.stall_timeout,
         recycle_mb=cfg.token.recycle_mb,
-        ed25519_params=cfg.token.profile.ed25519_params,
+        profile=cfg.token.profile.name,
     )
     failed = False
     try:

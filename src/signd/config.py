@@ -273,8 +273,15 @@ def _parse(doc: Mapping[str, Any], path: str | None, base: Path) -> Config:
 
     t = _Section("token", sections.pop("token", {}))
     module = t.take("module", str, DEFAULT_MODULE, _absolute)
+    try:
+        profile = profile_for(t.take("profile", str, "auto", _nonempty), module)
+    except ProfileError as exc:
+        raise ConfigError(str(exc)) from None
     label = t.take(
-        "label", str, "signd", lambda v: None if 0 < len(v.encode()) <= 32 else "must be 1-32 bytes"
+        "label",
+        str,
+        profile.default_label,
+        lambda v: None if 0 < len(v.encode()) <= 32 else "must be 1-32 bytes",
     )
     pin_file = t.take("pin_file", str, "", _nonempty)
     pin_cred = t.take(
@@ -283,10 +290,6 @@ def _parse(doc: Mapping[str, Any], path: str | None, base: Path) -> Config:
         "",
         lambda v: None if v and "/" not in v else "must be a credential name without '/'",
     )
-    try:
-        profile = profile_for(t.take("profile", str, "auto", _nonempty), module)
-    except ProfileError as exc:
-        raise ConfigError(str(exc)) from None
     auth_key_id = t.table.pop("auth_key_id", None)
     if auth_key_id is not None and not (type(auth_key_id) is int and 1 <= auth_key_id <= 0xFFFF):
         raise ConfigError(f"token.auth_key_id: must be an integer 1 to 65535, got {auth_key_id!r}")
@@ -299,7 +302,7 @@ def _parse(doc: Mapping[str, Any], path: str | None, base: Path) -> Config:
     depth = t.take("depth", int, 2, _between(1, 16))
     spin_us = t.take("spin_us", int, 500, _between(0, 10_000))
     probe_interval = t.take("probe_interval", float, profile.probe_interval, _between(0.05, 3600))
-    stall_timeout = t.take("stall_timeout", float, 5.0, _between(0.1, 3600))
+    stall_timeout = t.take("stall_timeout", float, profile.stall_timeout, _between(0.1, 3600))
     recycle_mb = t.take("recycle_mb", float, 4.0, _between(0, 1 << 20))
     workers_raw = t.table.pop("workers", "auto")
     t.done()

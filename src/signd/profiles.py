@@ -62,9 +62,17 @@ class Profile:
     auto_workers: int | None
     #: most worker processes the device takes (None: no limit)
     max_workers: int | None
-    #: default ``[token] batch``, ``probe_interval``
+    #: default ``[token] batch``, ``probe_interval``, ``stall_timeout``, ``label``
     batch: int
     probe_interval: float
+    stall_timeout: float
+    default_label: str
+    #: key records (CKO_DATA) are private objects with CKA_MODIFIABLE false;
+    #: the YubiHSM module refuses both attributes on data objects
+    standard_records: bool
+    #: the idle probe also lists objects, a command that reaches the device
+    #: (a YubiHSM answers C_GetTokenInfo from its module's cache)
+    deep_probe: bool
     #: what the profile says about the device, for ``health`` and the log
     summary: str
 
@@ -84,12 +92,17 @@ class Profile:
                 )
             return secret
         if auth_key_id is not None:
-            return f"{auth_key_id:04x}{secret}"
+            secret = f"{auth_key_id:04x}{secret}"
         if len(secret) <= 4 or not _HEX4.fullmatch(secret[:4]):
             raise ProfileError(
                 "token: the yubihsm profile logs in with the auth key id and its password: "
                 "set token.auth_key_id, or make the PIN file hold 4 hex digits of the id "
                 "followed by the password (e.g. 0002 then the password)"
+            )
+        if not 8 <= len(secret) - 4 <= 64:
+            raise ProfileError(
+                f"token: a YubiHSM auth key password has 8 to 64 characters; "
+                f"this one has {len(secret) - 4}"
             )
         return secret
 
@@ -137,6 +150,10 @@ PROFILES: Final[Mapping[str, Profile]] = {
             max_workers=None,
             batch=_GENERIC_BATCH,
             probe_interval=1.0,
+            stall_timeout=5.0,
+            default_label="signd",
+            standard_records=True,
+            deep_probe=False,
             summary="SoftHSM 2: a file store, safe across processes; one worker per core but one",
         ),
         Profile(
@@ -149,8 +166,15 @@ PROFILES: Final[Mapping[str, Profile]] = {
             auto_workers=1,
             max_workers=1,
             batch=4,
-            # The device drops a session after 30 s idle: the idle probe keeps it.
+            # The device drops a session after 30 s idle: the idle probe, which
+            # lists objects on the device, keeps it (and notices a lost device).
             probe_interval=10.0,
+            # Generating an RSA key holds the device for seconds, and a batch
+            # waiting behind it must not be taken for a hang.
+            stall_timeout=30.0,
+            default_label="YubiHSM",  # the module labels every device so
+            standard_records=False,
+            deep_probe=True,
             summary=(
                 "YubiHSM 2: one command at a time (~10 signatures/s), 16-bit object ids, "
                 "40-byte labels, sessions expire after 30 s idle"
@@ -167,6 +191,10 @@ PROFILES: Final[Mapping[str, Profile]] = {
             max_workers=None,
             batch=_GENERIC_BATCH,
             probe_interval=1.0,
+            stall_timeout=5.0,
+            default_label="signd",
+            standard_records=True,
+            deep_probe=False,
             summary="a PKCS#11 module signd has no profile for: one worker unless configured",
         ),
     )
@@ -191,14 +219,16 @@ def profile_for(name: str, module: str) -> Profile:
     return profile
 
 
-#: key type -> (keypair generation mechanism, signing mechanism, key size in bits)
-_NEEDS: Final[dict[str, tuple[str, str, int]]] = {
-    "ec-p256": ("CKM_EC_KEY_PAIR_GEN", "CKM_ECDSA", 256),
-    "ec-p384": ("CKM_EC_KEY_PAIR_GEN", "CKM_ECDSA", 384),
-    "ed25519": ("CKM_EC_EDWARDS_KEY_PAIR_GEN", "CKM_EDDSA", 256),  # SoftHSM: 256-456
-    "rsa-2048": ("CKM_RSA_PKCS_KEY_PAIR_GEN", "CKM_RSA_PKCS", 2048),
-    "rsa-3072": ("CKM_RSA_PKCS_KEY_PAIR_GEN", "CKM_RSA_PKCS", 3072),
-    "rsa-4096": ("CKM_RSA_PKCS_KEY_PAIR_GEN", "CKM_RSA_PKCS", 4096),
+#: key type -> (keypair generation mechanism, signing mechanism, key sizes in
+#: bits that mean this type: tokens differ, SoftHSM gives Ed25519 256-456,
+#: the YubiHSM module 255-255)
+_NEEDS: Final[dict[str, tuple[str, str, tuple[int, ...]]]] = {
+    "ec-p256": ("CKM_EC_KEY_PAIR_GEN", "CKM_ECDSA", (256,)),
+    "ec-p384": ("CKM_EC_KEY_PAIR_GEN", "CKM_ECDSA", (384,)),
+    "ed25519": ("CKM_EC_EDWARDS_KEY_PAIR_GEN", "CKM_EDDSA", (255, 256)),
+    "rsa-2048": ("CKM_RSA_PKCS_KEY_PAIR_GEN", "CKM_RSA_PKCS", (2048,)),
+    "rsa-3072": ("CKM_RSA_PKCS_KEY_PAIR_GEN", "CKM_RSA_PKCS", (3072,)),
+    "rsa-4096": ("CKM_RSA_PKCS_KEY_PAIR_GEN", "CKM_RSA_PKCS", (4096,)),
 }
 
 
@@ -217,7 +247,7 @@ def capable_key_types(mechanisms: Mapping[str, tuple[int, int]]) -> dict[str, st
             out[kt] = f"the token has no {' or '.join(missing)}"
             continue
         low, high = mechanisms[gen]
-        if high and not low <= bits <= high:  # (0, 0): the token gave no sizes
+        if high and not any(low <= b <= high for b in bits):  # (0, 0): no sizes given
             out[kt] = f"{gen} takes keys of {low} to {high} bits"
             continue
         out[kt] = None

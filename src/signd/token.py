@@ -52,6 +52,9 @@ from .errors import (
 )
 from .protocol import HEADER, FrameDecoder, VerifyArgs
 
+#: a label no object has: the deep probe searches for it
+PROBE_LABEL: Final = "signd probe: matches nothing"
+
 __all__ = [
     "APPLICATION",
     "IPC_MAX_FRAME",
@@ -181,15 +184,15 @@ class TokenSession:
         self._verifiers: dict[bytes, algorithms.PublicKey] = {}
         self._created: Any = None  # the record object ``create_metadata`` made last
         self._slot: Any = None
-        self._ed25519_params = profiles.ED25519_STRING
+        self._profile = profiles.PROFILES["softhsm"]
         #: why the token is taken for lost (set once; the worker then exits)
         self.lost: str | None = None
 
     def open(
-        self, module_path: str, token_label: str, pin: str, ed25519_params: bytes
+        self, module_path: str, token_label: str, pin: str, profile: profiles.Profile
     ) -> TokenInfo:
         """Raises: TokenUnavailable (module, token or login)."""
-        self._ed25519_params = ed25519_params
+        self._profile = profile
         try:
             self._lib = pkcs11.lib(module_path)
         except Exception as exc:
@@ -242,6 +245,14 @@ class TokenSession:
                 self._slot.get_token()
             except p11e.PKCS11Error as exc:
                 self.lost = f"{type(exc).__name__} from C_GetTokenInfo"
+        if self.lost is None and self._profile.deep_probe and self._session is not None:
+            # A command the device itself answers (a YubiHSM's module answers
+            # C_GetTokenInfo from its cache); it also keeps the session alive.
+            try:
+                for _ in self._session.get_objects({Attribute.LABEL: PROBE_LABEL}):
+                    break
+            except p11e.PKCS11Error as exc:
+                self.lost = f"{type(exc).__name__} from C_FindObjects"
         if self.lost is not None:
             raise TokenUnavailable(f"the token is unavailable ({self.lost}); retry")
 
@@ -447,7 +458,9 @@ class TokenSession:
                 pub, priv = params.generate_keypair(**common)
             else:
                 params = session.create_domain_parameters(
-                    KeyType.EC_EDWARDS, {Attribute.EC_PARAMS: self._ed25519_params}, local=True
+                    KeyType.EC_EDWARDS,
+                    {Attribute.EC_PARAMS: self._profile.ed25519_params},
+                    local=True,
                 )
                 pub, priv = params.generate_keypair(
                     mechanism=Mechanism.EC_EDWARDS_KEY_PAIR_GEN, **common
@@ -486,17 +499,19 @@ class TokenSession:
 
     def create_metadata(self, name: str, revision: int, value: bytes) -> None:
         """Store revision ``revision`` of a key's record; ``drop_created`` takes it back."""
-        self._created = self._session_or_raise().create_object(
-            {
-                Attribute.CLASS: ObjectClass.DATA,
-                Attribute.TOKEN: True,
-                Attribute.PRIVATE: True,
-                Attribute.MODIFIABLE: False,
-                Attribute.APPLICATION: APPLICATION,
-                Attribute.LABEL: name,
-                Attribute.VALUE: revision.to_bytes(8, "big") + value,
-            }
-        )
+        template: dict[Attribute, Any] = {
+            Attribute.CLASS: ObjectClass.DATA,
+            Attribute.TOKEN: True,
+            Attribute.APPLICATION: APPLICATION,
+            Attribute.LABEL: name,
+            Attribute.VALUE: revision.to_bytes(8, "big") + value,
+        }
+        if self._profile.standard_records:
+            template[Attribute.PRIVATE] = True
+            template[Attribute.MODIFIABLE] = False
+        else:  # YubiHSM: no CKA_MODIFIABLE, CKA_PRIVATE false; objects need a login anyway
+            template[Attribute.PRIVATE] = False
+        self._created = self._session_or_raise().create_object(template)
 
     def drop_created(self) -> None:
         if self._created is not None:
@@ -616,9 +631,9 @@ def _handler(session: TokenSession, spin: list[float]) -> Callable[[str, list[An
             session.check()
             return None
         if op == "open":
-            module, label, pin, level, spin[0], ed25519_params = args
+            module, label, pin, level, spin[0], profile = args
             logging.getLogger().setLevel(level.upper())
-            info = session.open(module, label, pin, ed25519_params)
+            info = session.open(module, label, pin, profiles.PROFILES[profile])
             return [
                 info.label,
                 info.manufacturer,

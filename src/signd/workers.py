@@ -54,7 +54,6 @@ from typing import Any, Final
 import msgpack
 import trio
 
-from . import profiles
 from .errors import (
     Busy,
     Conflict,
@@ -121,8 +120,8 @@ class PoolSettings:
     #: MB a signing worker's RSS may grow (past its warm-up) before a fresh
     #: process takes over from it; 0: never
     recycle_mb: float = 0.0
-    #: CKA_EC_PARAMS for Ed25519 keys (the profile's choice)
-    ed25519_params: bytes = profiles.ED25519_STRING
+    #: the token profile's name (see ``profiles.py``)
+    profile: str = "softhsm"
 
 
 @dataclass(eq=False)
@@ -628,7 +627,7 @@ class TokenPool:
                 [
                     0,
                     "open",
-                    [s.module, s.token_label, s.pin, s.log_level, s.spin, s.ed25519_params],
+                    [s.module, s.token_label, s.pin, s.log_level, s.spin, s.profile],
                 ]
             )
         )

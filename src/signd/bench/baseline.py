@@ -19,7 +19,7 @@ def main() -> None:
     job = json.loads(sys.stdin.readline())
     pin = sys.stdin.readline().rstrip("\n")
     session = TokenSession()
-    session.open(job["module"], job["label"], pin, profiles.ED25519_STRING)
+    session.open(job["module"], job["label"], pin, profiles.PROFILES["softhsm"])
     try:
         count, lat = session.time_raw_signatures(
             job["key_label"],
