@@ -1,0 +1,658 @@
+// The Client: one Unix-socket connection, many requests in flight on it
+// (pipelining), answers matched by id, per-call time-outs, and retries of the
+// calls that are safe to send again.
+
+import { randomUUID } from "node:crypto";
+import net from "node:net";
+
+import {
+  ClientClosed,
+  ConnectionFailed,
+  FrameTooLarge,
+  ProtocolViolation,
+  RateLimited,
+  RequestTimeout,
+  SigndError,
+  WireError,
+} from "./errors.js";
+import {
+  DEFAULT_MAX_FRAME,
+  FrameReader,
+  IDEMPOTENCY_KEY_OPS,
+  IDEMPOTENT_OPS,
+  MAX_RESPONSE_FRAME,
+  calls,
+  checkArgs,
+  decodeResponse,
+  decodeResult,
+  encodeRequest,
+} from "./protocol.js";
+import { loadSigningKey } from "./jose.js";
+
+export const DEFAULT_SOCKET = "/run/signd/signd.sock";
+/** Default time-out of a call, all its retries included (milliseconds). */
+export const DEFAULT_TIMEOUT = 30_000;
+/** Default number of retries after the first attempt. */
+export const DEFAULT_RETRIES = 3;
+/** Back-off before retry n is n times this (milliseconds). */
+export const RETRY_BACKOFF = 50;
+
+/**
+ * The socket path: the argument, else $SIGND_SOCKET, else /run/signd/signd.sock.
+ * @param {string | null | undefined} [path]
+ * @returns {string}
+ */
+export function resolveSocket(path) {
+  return path || process.env.SIGND_SOCKET || DEFAULT_SOCKET;
+}
+
+/**
+ * The connection broke before the daemon had read the request whole, so it
+ * was not carried out: its send failed, or the daemon reset the connection
+ * (closed it with our bytes unread, as its idle close does) before any byte
+ * arrived after the request went out. Any request may be sent again.
+ */
+class Unsent extends ConnectionFailed {}
+
+/**
+ * @typedef {object} Pending
+ * @property {(r: import("./protocol.js").Response) => void} resolve
+ * @property {(e: Error) => void} reject
+ * @property {number} rxAtSend bytes received on the connection when the request was written
+ * @property {boolean} writeFailed
+ * @property {boolean} alone no other request was in flight when it was sent
+ */
+
+/** One socket: frames out, frames in, answers matched to requests by id. */
+class Connection {
+  /**
+   * @param {net.Socket} socket connected
+   * @param {number} maxResponseFrame
+   */
+  constructor(socket, maxResponseFrame) {
+    this.socket = socket;
+    this.reader = new FrameReader(maxResponseFrame);
+    this.nextId = 1;
+    /** requests written on it so far */
+    this.requests = 0;
+    /** bytes received so far */
+    this.rx = 0;
+    /** @type {Map<number, Pending>} */
+    this.pending = new Map();
+    /** ids whose caller gave up (time-out): their late answers are dropped. @type {Set<number>} */
+    this.abandoned = new Set();
+    /** @type {Error | null} why it is no longer usable */
+    this.dead = null;
+    /** @type {NodeJS.ErrnoException | null} */
+    this.socketError = null;
+    /** @type {Promise<void>} */
+    this.closed = new Promise((resolve) => socket.once("close", () => resolve()));
+
+    socket.on("data", (chunk) => this.#onData(chunk));
+    socket.on("error", (err) => {
+      this.socketError = err;
+    });
+    socket.on("end", () => {
+      this.#fail(new ConnectionFailed("signd closed the connection"));
+    });
+    socket.on("close", () => {
+      const err = this.socketError;
+      this.#fail(
+        new ConnectionFailed(
+          err ? `connection to signd broke: ${err.code ?? err.message}` : "connection to signd closed",
+          { cause: err ?? undefined },
+        ),
+      );
+    });
+    socket.unref(); // idle: do not keep the process alive
+  }
+
+  /**
+   * Open a connection to `path`.
+   * @param {string} path
+   * @param {number} timeout milliseconds
+   * @param {number} maxResponseFrame
+   * @returns {Promise<Connection>}
+   */
+  static open(path, timeout, maxResponseFrame) {
+    return new Promise((resolve, reject) => {
+      const socket = net.createConnection({ path });
+      const timer = setTimeout(() => {
+        socket.destroy();
+        reject(new RequestTimeout(`connecting to ${path} timed out`));
+      }, timeout);
+      socket.once("connect", () => {
+        clearTimeout(timer);
+        socket.removeAllListeners("error");
+        resolve(new Connection(socket, maxResponseFrame));
+      });
+      socket.once("error", (/** @type {NodeJS.ErrnoException} */ err) => {
+        clearTimeout(timer);
+        reject(
+          new ConnectionFailed(`cannot connect to signd at ${path}: ${err.code ?? err.message}`, {
+            cause: err,
+          }),
+        );
+      });
+    });
+  }
+
+  /**
+   * Write one request; the promise settles with its answer.
+   * @param {string} op
+   * @param {Record<string, unknown>} args
+   * @param {number} maxFrame
+   * @returns {{id: number, answer: Promise<import("./protocol.js").Response>}}
+   * @throws {FrameTooLarge} the request is larger than maxFrame (nothing was sent)
+   */
+  send(op, args, maxFrame) {
+    if (this.dead) throw new Unsent("the connection closed before the request was sent");
+    const id = this.nextId++;
+    const frame = encodeRequest(id, op, args);
+    if (frame.length - 4 > maxFrame) {
+      throw new FrameTooLarge(
+        `${op} request of ${frame.length - 4} bytes exceeds the frame limit of ${maxFrame} bytes`,
+      );
+    }
+    this.requests++;
+    /** @type {Pending} */
+    let pending;
+    const answer = new Promise((resolve, reject) => {
+      pending = {
+        resolve,
+        reject,
+        rxAtSend: this.rx,
+        writeFailed: false,
+        alone: this.pending.size === 0,
+      };
+    });
+    // @ts-ignore assigned in the executor above
+    this.pending.set(id, pending);
+    this.socket.ref();
+    this.socket.write(frame, (err) => {
+      if (err) {
+        // Not all of the frame went out: the daemon cannot have read it.
+        pending.writeFailed = true;
+        this.socketError ??= /** @type {NodeJS.ErrnoException} */ (err);
+        this.socket.destroy();
+      } else {
+        pending.rxAtSend = this.rx;
+      }
+    });
+    return { id, answer };
+  }
+
+  /**
+   * The caller no longer waits for `id` (its time-out): drop its answer when it comes.
+   * @param {number} id
+   */
+  abandon(id) {
+    if (this.pending.delete(id)) {
+      this.abandoned.add(id);
+      this.#idle();
+    }
+  }
+
+  /** No request in flight: let the process exit if nothing else runs. */
+  #idle() {
+    if (this.pending.size === 0) this.socket.unref();
+  }
+
+  /** @param {Buffer} chunk */
+  #onData(chunk) {
+    this.rx += chunk.length;
+    this.reader.push(chunk);
+    try {
+      for (const body of this.reader.frames()) {
+        const resp = decodeResponse(body);
+        if (resp.id === null) {
+          // A connection-level error: it belongs to no request, so every
+          // request outstanding here fails with it (or is retried).
+          this.#fail(/** @type {WireError} */ (resp.error));
+          this.socket.destroy();
+          return;
+        }
+        const id = /** @type {number} */ (resp.id);
+        const p = this.pending.get(id);
+        if (p === undefined) {
+          if (this.abandoned.delete(id)) continue;
+          throw new ProtocolViolation(`answer to unknown request id ${resp.id}`);
+        }
+        this.pending.delete(id);
+        this.#idle();
+        p.resolve(resp);
+      }
+    } catch (exc) {
+      const err =
+        exc instanceof SigndError ? exc : new ProtocolViolation(String(/** @type {Error} */ (exc)));
+      this.#fail(err);
+      this.socket.destroy();
+    }
+  }
+
+  /**
+   * Mark the connection unusable and fail every request still waiting on it.
+   * @param {Error} err
+   */
+  #fail(err) {
+    this.dead ??= err;
+    const reset = this.socketError?.code === "ECONNRESET" || this.socketError?.code === "EPIPE";
+    for (const [id, p] of this.pending) {
+      this.pending.delete(id);
+      // A reset means the daemon closed with bytes of ours unread; it closes a
+      // connection with requests unread when it was idle (nothing in flight),
+      // so a request sent on an idle connection, with no byte received
+      // since, was not read. With others in flight, a reset proves nothing.
+      const unread = reset && err instanceof ConnectionFailed && p.alone && p.rxAtSend === this.rx;
+      if (p.writeFailed || unread) {
+        p.reject(new Unsent(`signd closed the connection unread: ${this.socketError?.code}`));
+      } else {
+        p.reject(err);
+      }
+    }
+  }
+
+  /** Close after the answers in flight, gracefully. */
+  end() {
+    this.dead ??= new ClientClosed("client is closed");
+    this.socket.ref(); // until it has closed
+    this.socket.end();
+    return this.closed;
+  }
+
+  destroy() {
+    this.#fail(new ClientClosed("client is closed"));
+    this.socket.destroy();
+    return this.closed;
+  }
+}
+
+/**
+ * @param {number} ms
+ * @returns {Promise<void>}
+ */
+function sleep(ms) {
+  return new Promise((resolve) => setTimeout(resolve, ms));
+}
+
+/**
+ * A signd client. One connection, shared by every call: calls made without
+ * awaiting each other are pipelined on it. See README.md.
+ */
+export class Client {
+  /**
+   * @param {object} [options]
+   * @param {string} [options.socket] socket path; default $SIGND_SOCKET, else /run/signd/signd.sock
+   * @param {number} [options.timeout] per call, retries included, in milliseconds (default 30000)
+   * @param {number} [options.retries] retries after the first attempt (default 3)
+   * @param {number} [options.maxFrame] largest request body sent (the daemon's [limits] max_frame, default 1048576)
+   * @param {number} [options.maxResponseFrame] largest response body accepted (default 64 MiB)
+   */
+  constructor(options = {}) {
+    this.socketPath = resolveSocket(options.socket);
+    this.timeout = options.timeout ?? DEFAULT_TIMEOUT;
+    this.retries = options.retries ?? DEFAULT_RETRIES;
+    this.maxFrame = options.maxFrame ?? DEFAULT_MAX_FRAME;
+    this.maxResponseFrame = options.maxResponseFrame ?? MAX_RESPONSE_FRAME;
+    /** @type {Connection | null} */
+    this._conn = null;
+    /** @type {Promise<Connection> | null} */
+    this._connecting = null;
+    /** @type {Set<Promise<unknown>>} */
+    this._active = new Set();
+    this._closing = false;
+    this._closed = false;
+  }
+
+  /**
+   * A client, connected.
+   * @param {ConstructorParameters<typeof Client>[0]} [options]
+   * @returns {Promise<Client>}
+   */
+  static async connect(options) {
+    const client = new Client(options);
+    await client.connect();
+    return client;
+  }
+
+  /**
+   * Open the connection now (calls open it when needed anyway).
+   * @returns {Promise<this>}
+   */
+  async connect() {
+    if (this._closing) throw new ClientClosed("client is closed");
+    await this._connection(performance.now() + this.timeout);
+    return this;
+  }
+
+  /**
+   * The open connection, or a new one (a connection that broke is never reused).
+   * @param {number} deadline
+   * @returns {Promise<Connection>}
+   */
+  async _connection(deadline) {
+    if (this._closed) throw new ClientClosed("client is closed");
+    const conn = this._conn;
+    if (conn && !conn.dead) return conn;
+    this._conn = null;
+    if (this._connecting === null) {
+      const connecting = Connection.open(
+        this.socketPath,
+        Math.max(deadline - performance.now(), 1),
+        this.maxResponseFrame,
+      );
+      this._connecting = connecting;
+      connecting.then(
+        (c) => {
+          if (this._connecting === connecting) this._connecting = null;
+          if (this._closed) c.destroy();
+          else this._conn = c;
+        },
+        () => {
+          if (this._connecting === connecting) this._connecting = null;
+        },
+      );
+    }
+    return this._connecting;
+  }
+
+  /**
+   * Send one operation: the typed methods all come here.
+   *
+   * @param {string} op wire op name
+   * @param {Record<string, unknown>} [args] wire arguments
+   * @param {CallOptions} [options]
+   * @returns {Promise<any>} the result, as a plain object with the wire field names
+   */
+  call(op, args = {}, options = {}) {
+    if (this._closing) return Promise.reject(new ClientClosed("client is closed"));
+    let checked;
+    try {
+      checked = checkArgs(op, args);
+    } catch (exc) {
+      return Promise.reject(exc);
+    }
+    const run = this._run(op, checked, options.timeout ?? this.timeout);
+    this._active.add(run);
+    const forget = () => this._active.delete(run);
+    run.then(forget, forget);
+    return run;
+  }
+
+  /**
+   * @param {string} op
+   * @param {Record<string, unknown>} args
+   * @param {number} timeout
+   */
+  async _run(op, args, timeout) {
+    if (IDEMPOTENCY_KEY_OPS.has(op) && args.idempotency_key == null) {
+      // Made once per call: every retry carries the same key, so a create_key
+      // or rotate whose answer was lost is answered again, not done twice.
+      args = { ...args, idempotency_key: randomUUID().replaceAll("-", "") };
+    }
+    const idempotent = IDEMPOTENT_OPS.has(op) || args.idempotency_key != null;
+    const deadline = performance.now() + timeout;
+    let attempt = 0;
+    let freeResend = true;
+    for (;;) {
+      attempt++;
+      /** @type {Connection | null} */
+      let conn = null;
+      try {
+        conn = await this._connection(deadline);
+        const resp = await this._exchange(conn, op, args, deadline);
+        if (resp.error) throw resp.error;
+        return decodeResult(op, /** @type {Record<string, unknown>} */ (resp.result));
+      } catch (exc) {
+        const err = /** @type {Error} */ (exc);
+        if (err instanceof Unsent && freeResend && conn !== null && conn.requests > 1) {
+          // A connection that carried earlier requests, closed by the daemon
+          // as this one went out (its idle time-out): not a failure and not
+          // an attempt. Once, on a new connection.
+          attempt--;
+          freeResend = false;
+          continue;
+        }
+        const wait = this._retryDelay(err, attempt, idempotent, deadline);
+        if (wait === null) throw err instanceof Unsent ? toConnectionFailed(err) : err;
+        await sleep(wait);
+      }
+    }
+  }
+
+  /**
+   * Milliseconds to wait before retrying, or null: do not retry.
+   * @param {Error} err
+   * @param {number} attempt
+   * @param {boolean} idempotent
+   * @param {number} deadline
+   * @returns {number | null}
+   */
+  _retryDelay(err, attempt, idempotent, deadline) {
+    if (attempt > this.retries || this._closed) return null;
+    let ok;
+    if (err instanceof Unsent) ok = true;
+    else if (!idempotent) ok = false;
+    else if (err instanceof ClientClosed) ok = false;
+    else ok = err instanceof ConnectionFailed || (err instanceof WireError && err.retryable);
+    if (!ok) return null;
+    let wait = RETRY_BACKOFF * attempt;
+    if (err instanceof RateLimited && err.retryAfter !== null) {
+      wait = Math.max(wait, err.retryAfter * 1000);
+    }
+    return performance.now() + wait < deadline ? wait : null;
+  }
+
+  /**
+   * One request on `conn`, waited for until `deadline`.
+   * @param {Connection} conn
+   * @param {string} op
+   * @param {Record<string, unknown>} args
+   * @param {number} deadline
+   * @returns {Promise<import("./protocol.js").Response>}
+   */
+  _exchange(conn, op, args, deadline) {
+    const { id, answer } = conn.send(op, args, this.maxFrame);
+    return new Promise((resolve, reject) => {
+      const timer = setTimeout(
+        () => {
+          conn.abandon(id);
+          reject(new RequestTimeout(`no answer to ${op} in time`));
+        },
+        Math.max(deadline - performance.now(), 0),
+      );
+      answer.then(
+        (r) => {
+          clearTimeout(timer);
+          resolve(r);
+        },
+        (e) => {
+          clearTimeout(timer);
+          reject(e);
+        },
+      );
+    });
+  }
+
+  /**
+   * Stop taking calls, let the calls in flight finish (or time out), then
+   * close the connection. With `{force: true}`, close at once instead: calls
+   * in flight fail with ClientClosed. Resolves once the socket is closed.
+   * @param {{force?: boolean}} [options]
+   * @returns {Promise<void>}
+   */
+  async close(options = {}) {
+    this._closing = true;
+    if (options.force) {
+      this._closed = true;
+    }
+    while (!this._closed && this._active.size > 0) {
+      await Promise.allSettled([...this._active]);
+    }
+    this._closed = true;
+    const conn = this._conn ?? (await this._connecting?.catch(() => null)) ?? null;
+    this._conn = null;
+    if (conn) await (options.force ? conn.destroy() : conn.end());
+  }
+
+  // ------------------------------------------------------------ operations
+
+  /**
+   * Generate a new key on the token.
+   * @param {string} name
+   * @param {string} type ec-p256, ec-p384, ed25519, rsa-2048, rsa-3072 or rsa-4096
+   * @param {Record<string, unknown>} [options] auto_rotate_period, verify_grace, deletion_allowed, idempotency_key
+   * @param {CallOptions} [callOptions]
+   */
+  createKey(name, type, options, callOptions) {
+    return this.#send(() => calls.createKey(name, type, options), callOptions);
+  }
+
+  /** @param {CallOptions} [callOptions] */
+  listKeys(callOptions) {
+    return this.#send(() => calls.listKeys(), callOptions);
+  }
+
+  /**
+   * @param {string} name
+   * @param {CallOptions} [callOptions]
+   */
+  keyInfo(name, callOptions) {
+    return this.#send(() => calls.keyInfo(name), callOptions);
+  }
+
+  /**
+   * @param {string} name
+   * @param {{version?: number}} [options]
+   * @param {CallOptions} [callOptions]
+   */
+  publicKey(name, options, callOptions) {
+    return this.#send(() => calls.publicKey(name, options), callOptions);
+  }
+
+  /**
+   * A JWK Set of every version of `names` that may still verify.
+   * @param {string[]} names
+   * @param {CallOptions} [callOptions]
+   */
+  jwks(names, callOptions) {
+    return this.#send(() => calls.jwks(names), callOptions);
+  }
+
+  /**
+   * @param {string} name
+   * @param {Record<string, unknown>} options message or digest; hash, padding, format, version
+   * @param {CallOptions} [callOptions]
+   */
+  sign(name, options, callOptions) {
+    return this.#send(() => calls.sign(name, options), callOptions);
+  }
+
+  /**
+   * @param {string} name
+   * @param {Record<string, unknown>} options messages or digests; hash, padding, format, version
+   * @param {CallOptions} [callOptions]
+   */
+  signBatch(name, options, callOptions) {
+    return this.#send(() => calls.signBatch(name, options), callOptions);
+  }
+
+  /**
+   * @param {string} name
+   * @param {Record<string, unknown>} options signature; message or digest; hash, padding, format, version
+   * @param {CallOptions} [callOptions]
+   */
+  verify(name, options, callOptions) {
+    return this.#send(() => calls.verify(name, options), callOptions);
+  }
+
+  /**
+   * @param {string} name
+   * @param {{idempotency_key?: string}} [options]
+   * @param {CallOptions} [callOptions]
+   */
+  rotate(name, options, callOptions) {
+    return this.#send(() => calls.rotate(name, options), callOptions);
+  }
+
+  /**
+   * @param {string} name
+   * @param {Record<string, unknown>} settings
+   * @param {CallOptions} [callOptions]
+   */
+  updateKey(name, settings, callOptions) {
+    return this.#send(() => calls.updateKey(name, settings), callOptions);
+  }
+
+  /**
+   * @param {string} name
+   * @param {number} version
+   * @param {CallOptions} [callOptions]
+   */
+  disable(name, version, callOptions) {
+    return this.#send(() => calls.disable(name, version), callOptions);
+  }
+
+  /**
+   * @param {string} name
+   * @param {number} version
+   * @param {CallOptions} [callOptions]
+   */
+  enable(name, version, callOptions) {
+    return this.#send(() => calls.enable(name, version), callOptions);
+  }
+
+  /**
+   * @param {string} name
+   * @param {{version?: number, all?: boolean}} options
+   * @param {CallOptions} [callOptions]
+   */
+  destroy(name, options, callOptions) {
+    return this.#send(() => calls.destroy(name, options), callOptions);
+  }
+
+  /** @param {CallOptions} [callOptions] */
+  health(callOptions) {
+    return this.#send(() => calls.health(), callOptions);
+  }
+
+  /**
+   * A handle on one version of `name` that signs JWS and JWTs (signJws,
+   * signJwt): by default the key's current version, and then it follows
+   * rotation; with `{version}`, that version only (pinned). One public_key
+   * request.
+   * @param {string} name
+   * @param {{version?: number | null}} [options]
+   * @returns {Promise<import("./jose.js").SigningKey>}
+   */
+  signingKey(name, options) {
+    return loadSigningKey(this, name, options);
+  }
+
+  /**
+   * @param {() => import("./protocol.js").Call} build
+   * @param {CallOptions} [callOptions]
+   */
+  #send(build, callOptions) {
+    let c;
+    try {
+      c = build();
+    } catch (exc) {
+      return Promise.reject(exc);
+    }
+    return this.call(c.op, c.args, callOptions);
+  }
+}
+
+/**
+ * @typedef {object} CallOptions
+ * @property {number} [timeout] milliseconds, retries included (default: the client's)
+ */
+
+/**
+ * What the caller sees of an Unsent that could not be retried.
+ * @param {Unsent} err
+ */
+function toConnectionFailed(err) {
+  return new ConnectionFailed(err.message, { cause: err.cause });
+}

@@ -1,0 +1,23 @@
+// signd-client: a Node.js client for signd (see README.md and PROTOCOL.md).
+
+export { Client, DEFAULT_SOCKET, DEFAULT_RETRIES, DEFAULT_TIMEOUT, resolveSocket } from "./client.js";
+export * from "./errors.js";
+export { JWS_ALGORITHMS, SigningKey, defaultAlgorithm, signJws, signJwt } from "./jose.js";
+export {
+  DEFAULT_MAX_FRAME,
+  FrameReader,
+  IDEMPOTENCY_KEY_OPS,
+  IDEMPOTENT_OPS,
+  KEY_TYPES,
+  MAX_BATCH,
+  MAX_JWKS_KEYS,
+  MAX_RESPONSE_FRAME,
+  METHODS,
+  OPS,
+  PROTOCOL_VERSION,
+  calls,
+  checkArgs,
+  decodeResponse,
+  decodeResult,
+  encodeRequest,
+} from "./protocol.js";

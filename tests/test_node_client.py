@@ -1,0 +1,48 @@
+"""The Node.js client's own tests (clients/node/test), run against the session daemon.
+
+``node --test`` runs the golden-frame tests, the end-to-end tests and the
+JWS/JWT tests; the last two talk to the real ``signd`` fixture through
+``$SIGND_TEST_SOCKET``.  Missing ``node`` or ``clients/node/node_modules`` is a
+failure, not a skip: set-up (``scripts/dev.sh``) installs both.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pytest
+
+if TYPE_CHECKING:
+    from conftest import Daemon
+
+NODE_DIR = Path(__file__).resolve().parents[1] / "clients" / "node"
+SETUP_HINT = (
+    "run the README's test command (scripts/dev.sh test), which installs Node.js and "
+    "runs `npm ci` in clients/node"
+)
+
+
+def test_node_client(signd: Daemon) -> None:
+    node = shutil.which("node")
+    if node is None:
+        pytest.fail(f"node is not installed: {SETUP_HINT}")
+    if not (NODE_DIR / "node_modules" / "@msgpack" / "msgpack").is_dir():
+        pytest.fail(f"{NODE_DIR / 'node_modules'} is missing: {SETUP_HINT}")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SIGND_")}
+    env["SIGND_TEST_SOCKET"] = signd.socket
+    proc = subprocess.run(
+        [node, "--test", "test/vectors.test.js", "test/e2e.test.js", "test/jose.test.js"],
+        cwd=NODE_DIR,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert proc.returncode == 0, (
+        f"node --test failed (exit {proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
+    )
