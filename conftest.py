@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fcntl
 import glob
 import json
 import os
+import shlex
 import shutil
 import signal
 import socket
@@ -36,6 +38,11 @@ from signd_client import Client
 ROOT = Path(__file__).resolve().parent
 SOFTHSM_INIT = ROOT / "softhsm-init.sh"
 TOKEN_LABEL = "signd-test"
+OPENCRYPTOKI_INIT = ROOT / "opencryptoki-init.sh"
+OCK_LABEL = "signd-test-ock"
+#: held while a test session uses opencryptoki's soft token: there is one per
+#: machine, and another session's ``--reset`` would wipe it under our daemons
+OCK_SESSION_LOCK = Path("/run/lock/signd-tests-opencryptoki.lock")
 
 
 def _softhsm_module() -> str:
@@ -346,6 +353,86 @@ def own_token(token_env: TokenEnv, tmp_path_factory: pytest.TempPathFactory) -> 
     assert out.returncode == 0, out.stderr
     conf = Path(out.stdout.strip().split("=", 1)[1])
     return dataclasses.replace(token_env, state_dir=state, conf=conf, label="signd-own")
+
+
+@dataclass(frozen=True)
+class OckTokenEnv(TokenEnv):
+    """opencryptoki's soft token (made by ``opencryptoki-init.sh``): ``module``,
+    ``label`` and ``pin_file`` (``state_dir/user.pin``) as for SoftHSM; the
+    token itself is system-wide, served by ``pkcsslotd``, and needs no
+    environment variable (``conf`` is the script's ``opencryptoki.env``)."""
+
+    def env(self) -> dict[str, str]:
+        env = super().env()
+        del env["SOFTHSM2_CONF"]
+        return env
+
+
+@pytest.fixture(scope="session")
+def ock_token(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OckTokenEnv]:
+    """opencryptoki's soft token, wiped and initialised once per session.
+
+    Needs root (the script configures and starts ``pkcsslotd``); fails, never
+    skips, when that or opencryptoki is missing."""
+    how = "run the README's test command, scripts/dev.sh test (as root; it installs opencryptoki)"
+    if os.geteuid() != 0:
+        pytest.fail(f"opencryptoki's soft token needs root (pkcsslotd): {how}")
+    sbin = f"{os.environ.get('PATH', '')}:/usr/sbin:/sbin"
+    if shutil.which("pkcsslotd", path=sbin) is None or shutil.which("pkcsconf", path=sbin) is None:
+        pytest.fail(f"opencryptoki is not installed (no pkcsslotd/pkcsconf): {how}")
+    with open(OCK_SESSION_LOCK, "w") as lock:
+        deadline = time.monotonic() + 600
+        while True:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    pytest.fail(f"another test session kept {OCK_SESSION_LOCK} for 600 s")
+                time.sleep(0.5)
+        state = tmp_path_factory.mktemp("opencryptoki")
+        out = subprocess.run(
+            [
+                *("bash", str(OPENCRYPTOKI_INIT), "--state-dir", str(state)),
+                *("--label", OCK_LABEL, "--quiet", "--reset"),
+            ],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert out.returncode == 0, f"opencryptoki-init.sh failed: {out.stderr}"
+        # KEY=VALUE lines quoted for the shell (printf %q)
+        exported = dict(
+            shlex.split(line)[-1].split("=", 1) for line in out.stdout.splitlines() if line
+        )
+        token = OckTokenEnv(
+            state, state / "opencryptoki.env", exported["OCK_LABEL"], exported["OCK_MODULE"]
+        )
+        assert Path(exported["OCK_PIN_FILE"]).resolve() == token.pin_file.resolve(), exported
+        yield token
+
+
+@pytest.fixture(scope="module")
+def module_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., Daemon]]:
+    """A factory for daemons on any token (``token_env``, ``ock_token``) that
+    last the whole test module; stopped (killed if need be) after it."""
+    made: list[Daemon] = []
+
+    def make(token: TokenEnv, extra_config: str = "", **kw: Any) -> Daemon:
+        d = Daemon(token, tmp_path_factory.mktemp("signd"), extra_config, **kw)
+        made.append(d)
+        d.start()
+        return d
+
+    yield make
+    for d in made:
+        if d.proc is not None and d.proc.poll() is None:
+            d.proc.terminate()
+            try:
+                d.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                d.proc.kill()
+                d.proc.wait()
 
 
 class P11KitServer:

@@ -48,7 +48,7 @@ STAMP="$VENV/.signd-dev-installed"
 NODE_DIR="$ROOT/clients/node"
 NODE_STAMP="$NODE_DIR/node_modules/.signd-dev-installed"
 LABEL=signd-dev
-APT_PACKAGES=(softhsm2 openssl python3 python3-venv systemd p11-kit prometheus)
+APT_PACKAGES=(softhsm2 opencryptoki openssl python3 python3-venv systemd p11-kit prometheus)
 
 say() { printf 'dev.sh: %s\n' "$*" >&2; }
 die() {

@@ -196,7 +196,17 @@ class TokenSession:
         try:
             self._lib = pkcs11.lib(module_path)
         except Exception as exc:
-            raise TokenUnavailable(f"cannot load PKCS#11 module {module_path}: {exc}") from None
+            # C_Initialize answers CKR_HOST_MEMORY when a module cannot reach
+            # its daemon (opencryptoki without pkcsslotd), not for lack of memory.
+            hint = (
+                " (is the token's daemon running? opencryptoki needs pkcsslotd)"
+                if isinstance(exc, p11e.HostMemory)
+                else ""
+            )
+            what = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+            raise TokenUnavailable(
+                f"cannot load PKCS#11 module {module_path}: {what}{hint}"
+            ) from None
         try:
             token = self._lib.get_token(token_label=token_label)
         except p11e.NoSuchToken:
