@@ -78,6 +78,9 @@ log = logging.getLogger("signd.workers")
 RESPAWN_BACKOFF: Final = (0.05, 0.1, 0.2, 0.5, 1.0)
 #: A login that takes longer than this is taken for a hung token.
 LOGIN_TIMEOUT: Final = 30.0
+#: Jobs the token must have done before the pool refuses work its queue
+#: cannot finish in time (one early sample is not a speed).
+ADMISSION_JOBS: Final = 32
 #: Signatures a worker answers before its RSS is taken as its baseline.
 RECYCLE_WARMUP: Final = 10_000
 #: Waits for a signing worker to see a record the writer just stored.
@@ -198,8 +201,12 @@ class TokenPool:
         self._ready: deque[object] = deque()
         self._queued = 0
         self._inflight = 0
-        #: seconds of token time per job, a moving average (0: not measured yet)
+        #: seconds of token time per job: a low estimate, which falls at once
+        #: to a faster batch and rises by 10% a batch, so one slow batch (a
+        #: pause, a busy machine) never makes the pool refuse work
         self._per_job = 0.0
+        #: jobs measured so far; the estimate is used from ADMISSION_JOBS on
+        self._measured = 0
         self._tags = 0
         self._closing = False
         #: workers logged in and serving
@@ -251,7 +258,7 @@ class TokenPool:
             )
         if self.pending + n > self.settings.queue_limit:
             raise Busy(f"the token queue is full ({self.pending} signatures waiting)")
-        if self._per_job and n:
+        if self._measured >= ADMISSION_JOBS and n:
             # A slow device (a YubiHSM signs ~10/s) must not collect requests
             # it cannot finish in time: each would wait out its deadline, and
             # the queue would grow with work nobody waits for any more.
@@ -713,7 +720,8 @@ class TokenPool:
         self._inflight -= len(pending)
         seconds, outcomes = msg[2]
         per_job = seconds / len(pending)
-        self._per_job = per_job if not self._per_job else 0.8 * self._per_job + 0.2 * per_job
+        self._per_job = per_job if not self._measured else min(per_job, 1.1 * self._per_job)
+        self._measured += len(pending)
         if self.metrics is not None:
             self.metrics.token_batch(len(pending), seconds)
         for entry, outcome in zip(pending, outcomes, strict=True):
