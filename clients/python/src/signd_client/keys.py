@@ -97,7 +97,8 @@ class UnsupportedKeyOperation(LocalError, _CryptographyUnsupported):
     """
 
 
-PubT = TypeVar("PubT", ec.EllipticCurvePublicKey, ed25519.Ed25519PublicKey, rsa.RSAPublicKey)
+AnyPublicKey: TypeAlias = ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey | rsa.RSAPublicKey
+PubT = TypeVar("PubT", bound=AnyPublicKey)
 
 
 def _load_public(answer: PublicKey) -> PublicKeyTypes:
@@ -110,10 +111,13 @@ def _load_public(answer: PublicKey) -> PublicKeyTypes:
         ) from None
 
 
-class _SigndKey(Generic[PubT]):
-    """What the three key classes share: the binding to one key version."""
+ClientT = TypeVar("ClientT")
 
-    def __init__(self, client: Client, answer: PublicKey, public: PubT, *, pinned: bool) -> None:
+
+class _Binding(Generic[ClientT, PubT]):
+    """One version of a signd key, bound to a client: what every key class here shares."""
+
+    def __init__(self, client: ClientT, answer: PublicKey, public: PubT, *, pinned: bool) -> None:
         self._client = client
         self._name = answer.name
         self._version = answer.version
@@ -122,7 +126,7 @@ class _SigndKey(Generic[PubT]):
         self._pinned = pinned
 
     @property
-    def client(self) -> Client:
+    def client(self) -> ClientT:
         """The client that signs with this key."""
         return self._client
 
@@ -147,6 +151,22 @@ class _SigndKey(Generic[PubT]):
         key's current version at the time the object was made."""
         return self._pinned
 
+    def __repr__(self) -> str:
+        return (
+            f"<{type(self).__name__} {self._name!r} version {self._version} "
+            f"({self._key_type}{', pinned' if self._pinned else ''})>"
+        )
+
+    def __copy__(self) -> Self:  # immutable
+        return self
+
+    def __deepcopy__(self, memo: dict[int, object]) -> Self:
+        return self
+
+
+class _SigndKey(_Binding["Client", PubT]):
+    """What the three ``cryptography`` key classes share."""
+
     def latest(self) -> Self:
         """A new object of the same class for the key's current version.
 
@@ -158,12 +178,6 @@ class _SigndKey(Generic[PubT]):
                 f"signd key {self._name!r} changed type from {self._key_type} to {new.key_type}"
             )
         return new
-
-    def __repr__(self) -> str:
-        return (
-            f"<{type(self).__name__} {self._name!r} version {self._version} "
-            f"({self._key_type}{', pinned' if self._pinned else ''})>"
-        )
 
     def _unsupported(self, what: str) -> UnsupportedKeyOperation:
         return UnsupportedKeyOperation(f"signd key {self._name!r}: {what}")
@@ -288,12 +302,6 @@ class SigndEllipticCurvePrivateKey(
     ) -> bytes:
         self._private_half("private_bytes()")
 
-    def __copy__(self) -> Self:
-        return self  # immutable: one key version
-
-    def __deepcopy__(self, memo: dict[int, object]) -> Self:
-        return self
-
 
 class SigndEd25519PrivateKey(_SigndKey[ed25519.Ed25519PublicKey], ed25519.Ed25519PrivateKey):
     """An Ed25519 key on the token, bound to one version."""
@@ -320,12 +328,6 @@ class SigndEd25519PrivateKey(_SigndKey[ed25519.Ed25519PublicKey], ed25519.Ed2551
 
     def private_bytes_raw(self) -> bytes:
         self._private_half("private_bytes_raw()")
-
-    def __copy__(self) -> Self:
-        return self  # immutable: one key version
-
-    def __deepcopy__(self, memo: dict[int, object]) -> Self:
-        return self
 
 
 class SigndRSAPrivateKey(_SigndKey[rsa.RSAPublicKey], rsa.RSAPrivateKey):
@@ -410,12 +412,6 @@ class SigndRSAPrivateKey(_SigndKey[rsa.RSAPublicKey], rsa.RSAPrivateKey):
     ) -> bytes:
         self._private_half("private_bytes()")
 
-    def __copy__(self) -> Self:
-        return self  # immutable: one key version
-
-    def __deepcopy__(self, memo: dict[int, object]) -> Self:
-        return self
-
 
 SigndPrivateKey: TypeAlias = (
     SigndEllipticCurvePrivateKey | SigndEd25519PrivateKey | SigndRSAPrivateKey
@@ -447,46 +443,11 @@ def load_private_key(client: Client, name: str, version: int | None = None) -> S
     return _key_from_answer(client, answer, pinned=version is not None)
 
 
-class AsyncSigndPrivateKey:
+class AsyncSigndPrivateKey(_Binding["AsyncClient", AnyPublicKey]):
     """A key version for ``AsyncClient``: the same binding and attributes as
     the ``cryptography`` key classes, without their synchronous ``sign()``.
     Sign with ``await key.client.sign(key.name, data, version=key.version)``.
     """
-
-    def __init__(
-        self,
-        client: AsyncClient,
-        answer: PublicKey,
-        public: ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey | rsa.RSAPublicKey,
-        *,
-        pinned: bool,
-    ) -> None:
-        self._client = client
-        self._name = answer.name
-        self._version = answer.version
-        self._key_type = answer.type
-        self._public = public
-        self._pinned = pinned
-
-    @property
-    def client(self) -> AsyncClient:
-        return self._client
-
-    @property
-    def name(self) -> str:
-        return self._name
-
-    @property
-    def version(self) -> int:
-        return self._version
-
-    @property
-    def key_type(self) -> str:
-        return self._key_type
-
-    @property
-    def pinned(self) -> bool:
-        return self._pinned
 
     def public_key(
         self,
@@ -497,18 +458,6 @@ class AsyncSigndPrivateKey:
     async def latest(self) -> AsyncSigndPrivateKey:
         """A new object for the key's current version."""
         return await load_async_private_key(self._client, self._name)
-
-    def __copy__(self) -> Self:
-        return self
-
-    def __deepcopy__(self, memo: dict[int, object]) -> Self:
-        return self
-
-    def __repr__(self) -> str:
-        return (
-            f"<AsyncSigndPrivateKey {self._name!r} version {self._version} "
-            f"({self._key_type}{', pinned' if self._pinned else ''})>"
-        )
 
 
 async def load_async_private_key(
