@@ -31,16 +31,21 @@ Records never hold signed data or PINs: only the SHA-256 of what was signed.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import hashlib
 import json
 import logging
+import math
 import os
 import queue
+import re
+import stat
 import sys
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from json.encoder import encode_basestring
 from pathlib import Path
 from typing import Any, Final, Protocol
@@ -48,13 +53,26 @@ from typing import Any, Final, Protocol
 import msgpack
 import trio
 
-from signd_client.audit import GENESIS, line_of
+from signd_client.audit import (
+    AUDIT_KEY,
+    CHAIN_MISMATCH,
+    CHECKPOINT,
+    GENESIS,
+    checkpoint_message,
+    line_of,
+    seal,
+)
 
+from .errors import Conflict, WireError
 from .policy import Principal
-from .protocol import HEADER, Message, Request
+from .protocol import HEADER, AuditHead, Message, Request
 
 __all__ = [
+    "AUDIT_KEY",
+    "AuditError",
     "AuditLog",
+    "Checkpointer",
+    "TokenHead",
     "Entry",
     "Notes",
     "Recipient",
@@ -69,6 +87,15 @@ log = logging.getLogger("signd.audit")
 
 MODES: Final = ("strict", "relaxed")
 _STOP: Final = object()
+#: An audit file's name: audit-NNNNNN.jsonl (more digits past 999,999).
+FILE_RE: Final = re.compile(r"audit-(\d{6,})\.jsonl")
+#: Seconds a checkpoint's signature and head write may take before it is given up.
+CHECKPOINT_TIMEOUT: Final = 10.0
+
+
+class AuditError(Exception):
+    """The audit log cannot be used as it is (its directory or a file in it is
+    unsafe, or the log does not match the chain head on the token)."""
 
 
 class Recipient(Protocol):
@@ -224,12 +251,32 @@ def _seal_entry(entry: Entry, seq: int, prev: str, clock_offset: int) -> tuple[b
 
 
 class AuditLog:
-    def __init__(self, directory: str, *, mode: str = "strict", max_bytes: int = 64 << 20) -> None:
+    def __init__(
+        self,
+        directory: str,
+        *,
+        mode: str = "strict",
+        max_bytes: int = 64 << 20,
+        checkpoint_every: int = 1000,
+        checkpoint_interval: float = 60.0,
+    ) -> None:
         if mode not in MODES:
             raise ValueError(f"audit mode must be one of {MODES}")
         self.directory = Path(directory)
         self.mode = mode
         self.max_bytes = max_bytes
+        self.checkpoint_every = checkpoint_every
+        self.checkpoint_interval = checkpoint_interval
+        self._dirfd = -1
+        #: checkpoint state, writer thread only (see ``_checkpoint_step``)
+        self._ask: Callable[[_Ask], None] | None = None
+        self._since_checkpoint = 0
+        self._asked_at = time.monotonic()
+        self._pending = False
+        self._older_file = ""  # the file before the current one, if any
+        self.checkpoints_written = 0
+        #: signs the checkpoints (set once the token's keys are loaded)
+        self.checkpointer: Checkpointer | None = None
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._trio_token: trio.lowlevel.TrioToken | None = None
@@ -267,6 +314,9 @@ class AuditLog:
         with trio.CancelScope(shield=True):
             await trio.to_thread.run_sync(self._thread.join)
         self._thread = None
+        if self._dirfd >= 0:
+            os.close(self._dirfd)
+            self._dirfd = -1
 
     # ------------------------------------------------------------ hot path
 
@@ -292,18 +342,31 @@ class AuditLog:
     # ------------------------------------------------------------ writer thread
 
     def _path(self, index: int) -> Path:
-        return self.directory / f"audit-{index:06d}.jsonl"
+        return self.directory / _name(index)
 
     def _resume(self) -> None:
-        self.directory.mkdir(mode=0o750, parents=True, exist_ok=True)
-        files = sorted(self.directory.glob("audit-*.jsonl"))
-        if not files:
+        """Check the directory, find where the chain ends, open the current file.
+
+        Every file is opened relative to the directory, never through a
+        symlink, and must be a regular file with one link.
+
+        Raises:
+            AuditError, OSError.
+        """
+        self._dirfd = _open_directory(self.directory)
+        names = _log_files(self._dirfd, self.directory)
+        if not names:
             self._index = 1
         else:
-            last = files[-1]
-            self._index = int(last.stem.split("-")[1])
-            self._seq, self._prev = _chain_end(last, files[:-1])
-        self._file = _open_log(self._path(self._index))
+            self._index = int(FILE_RE.fullmatch(names[-1])[1])  # type: ignore[index]
+            self._seq, self._prev = _chain_end(self._dirfd, self.directory, names)
+            if len(names) > 1:
+                self._older_file = names[-2]
+        self._file = _open_log(self._dirfd, self.directory, _name(self._index))
+
+    def files(self) -> list[str]:
+        """The names of the log's files, oldest first."""
+        return _log_files(self._dirfd, self.directory)
 
     def _main(self) -> None:
         assert self._trio_token is not None
@@ -316,7 +379,8 @@ class AuditLog:
                 except queue.Empty:
                     break
             stop = any(i is _STOP for i in items)
-            batch: list[Entry] = [i for i in items if i is not _STOP]
+            controls = [i for i in items if isinstance(i, _Control)]
+            batch: list[Entry] = [i for i in items if i is not _STOP and type(i) is tuple]
             lines, answered, withheld = self._seal_batch(batch)
             ok = True
             if lines:
@@ -343,6 +407,8 @@ class AuditLog:
                         self._trio_token.run_sync_soon(_finish, done, written)
                     except trio.RunFinishedError:
                         pass
+            if controls or lines:
+                self._checkpoint_step(controls, len(lines) if ok else 0)
             if stop:
                 with contextlib.suppress(OSError):
                     self._file.flush()
@@ -379,40 +445,293 @@ class AuditLog:
 
     def _rotate(self) -> None:
         os.fsync(self._file.fileno())
+        # The file ends here: a checkpoint says so (signed later, written
+        # into the next file).
+        self._ask_checkpoint("rotation")
         self._file.close()
+        self._older_file = _name(self._index)
         self._index += 1
-        self._file = _open_log(self._path(self._index))
-        dirfd = os.open(self.directory, os.O_RDONLY)
-        try:
-            os.fsync(dirfd)
-        finally:
-            os.close(dirfd)
+        self._file = _open_log(self._dirfd, self.directory, _name(self._index))
+        os.fsync(self._dirfd)
+
+    # ------------------------------------------------------------ checkpoints
+    #
+    # The writer thread decides when a checkpoint is due (every
+    # ``checkpoint_every`` records, every ``checkpoint_interval`` seconds when
+    # records were written, at rotation, at start and at shutdown) and asks
+    # trio for it with the chain head at that moment; it goes on writing.  A
+    # trio task (``Checkpointer``) signs the head on the token, stores it on
+    # the token as the chain head, and queues the checkpoint record back here,
+    # where it is chained like any record.
+
+    def _head_file(self) -> str:
+        """The file the newest record is in."""
+        if self._file is not None and self._file.tell() == 0 and self._older_file:
+            return self._older_file
+        return _name(self._index)
+
+    def _ask_checkpoint(self, reason: str, done: trio.Event | None = None) -> None:
+        if self._ask is None:
+            if done is not None:
+                self._wake(done)
+            return
+        if self.mode == "relaxed":
+            # The token will say this head exists: it must be on disk first.
+            self._file.flush()
+            os.fsync(self._file.fileno())
+        self._pending = True
+        self._since_checkpoint = 0
+        self._asked_at = time.monotonic()
+        self._ask(_Ask(self._seq, self._prev, self._head_file(), reason, done))
+
+    def _wake(self, done: trio.Event) -> None:
+        assert self._trio_token is not None
+        with contextlib.suppress(trio.RunFinishedError):
+            self._trio_token.run_sync_soon(done.set)
+
+    def _checkpoint_step(self, controls: list[_Control], written: int) -> None:
+        """After a group commit: append what trio handed back, ask for what is due."""
+        self._since_checkpoint += written
+        for c in controls:
+            if isinstance(c, _Append):
+                try:
+                    self._append(c.record)
+                except OSError as exc:
+                    self.failures += 1
+                    log.error("audit write failed", extra={"error": str(exc)})
+                if c.record.get("kind") == CHECKPOINT:
+                    self._pending = False
+                    self.checkpoints_written += 1
+                if c.done is not None:
+                    self._wake(c.done)
+            elif isinstance(c, _Unsigned):
+                self._pending = False
+            elif isinstance(c, _Now):
+                if c.reason == "shutdown" and self._since_checkpoint == 0 and not self._pending:
+                    self._wake(c.done)  # the newest record is a checkpoint already
+                else:
+                    self._ask_checkpoint(c.reason, c.done)
+            elif (  # _Tick
+                self._since_checkpoint
+                and not self._pending
+                and time.monotonic() - self._asked_at >= self.checkpoint_interval
+            ):
+                self._ask_checkpoint("interval")
+        if self._since_checkpoint >= self.checkpoint_every and not self._pending:
+            self._ask_checkpoint("count")
+
+    def _append(self, record: dict[str, Any]) -> None:
+        """Chain and write one record the daemon made (a checkpoint), durably."""
+        line, digest = seal(record, self._seq + 1, self._prev)
+        self._file.write(line.encode() + b"\n")
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._seq += 1
+        self._prev = digest
+
+    def find(self, seq: int) -> tuple[str, str] | None:
+        """(hash, file name) of record ``seq``, searched from the newest file back;
+        None if no file holds it.  Any thread."""
+        names = self.files()
+        for name in reversed(names):
+            first = None
+            for rec in _records(self._dirfd, self.directory, name):
+                s = rec.get("seq")
+                if type(s) is not int:
+                    continue
+                first = s if first is None else first
+                if s == seq:
+                    return str(rec.get("hash")), name
+            if first is not None and first <= seq:
+                return None
+        return None
+
+    @property
+    def head(self) -> tuple[int, str]:
+        """(seq, hash) of the newest record; read before the writer starts."""
+        return self._seq, self._prev
 
 
-def _open_log(path: Path) -> Any:
-    """Open an audit file for appending; never through a symlink, mode 0640."""
-    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
-    fd = os.open(path, flags, 0o640)
+class _Control:
+    """What trio hands the writer thread besides answers."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Ask:
+    """The writer asks trio to sign this head (a checkpoint)."""
+
+    seq: int
+    hash: str
+    file: str
+    reason: str
+    done: trio.Event | None
+
+
+@dataclass(frozen=True, slots=True)
+class _Append(_Control):
+    """A record the daemon made, to chain and write (a checkpoint, a mismatch)."""
+
+    record: dict[str, Any]
+    done: trio.Event | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class _Unsigned(_Control):
+    """A checkpoint asked for could not be made."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Now(_Control):
+    """Checkpoint now (start, shutdown); ``done`` is set once it is written."""
+
+    reason: str
+    done: trio.Event
+
+
+@dataclass(frozen=True, slots=True)
+class _Tick(_Control):
+    """Time passed: a checkpoint may be due (``checkpoint_interval``)."""
+
+
+# ---------------------------------------------------------------- files, safely
+
+
+def _name(index: int) -> str:
+    return f"audit-{index:06d}.jsonl"
+
+
+def _open_directory(directory: Path) -> int:
+    """The audit directory, opened (made if missing, mode 0750), after checking
+    that its owner is root or this process's user and that no one else may
+    write in it.
+
+    Raises:
+        AuditError, OSError.
+    """
+    directory.mkdir(mode=0o750, parents=True, exist_ok=True)
+    try:
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as exc:
+        if os.path.islink(directory):
+            raise AuditError(
+                f"audit directory {directory} is a symlink: give [audit] dir the real path"
+            ) from None
+        raise AuditError(f"audit directory {directory}: {exc.strerror}") from None
+    st = os.fstat(fd)
+    why = None
+    if st.st_uid not in (0, os.geteuid()):
+        why = (
+            f"is owned by uid {st.st_uid}, not by root or signd's user (uid {os.geteuid()}); "
+            f"fix: chown {os.geteuid()} {directory}"
+        )
+    elif st.st_mode & 0o022:
+        why = (
+            f"is writable by its group or by others (mode {stat.S_IMODE(st.st_mode):04o}), "
+            f"so another user could plant or remove files; fix: chmod go-w {directory}"
+        )
+    if why is not None:
+        os.close(fd)
+        raise AuditError(f"audit directory {directory} {why}")
+    return fd
+
+
+def _log_files(dirfd: int, directory: Path) -> list[str]:
+    """The log's files by index; anything by that name that is not a plain
+    regular file (a symlink, a FIFO, a hard link) is refused.
+
+    Raises:
+        AuditError.
+    """
+    found = []
+    for name in os.listdir(dirfd):
+        m = FILE_RE.fullmatch(name)
+        if m is None:
+            continue
+        _check_file(os.stat(name, dir_fd=dirfd, follow_symlinks=False), directory / name)
+        found.append((int(m[1]), name))
+    return [name for _, name in sorted(found)]
+
+
+def _check_file(st: os.stat_result, path: Path) -> None:
+    if stat.S_ISLNK(st.st_mode):
+        raise AuditError(f"{path} is a symlink; the audit log never follows one: remove it")
+    if not stat.S_ISREG(st.st_mode):
+        raise AuditError(f"{path} is not a regular file: remove it")
+    if st.st_nlink != 1:
+        raise AuditError(f"{path} has {st.st_nlink} hard links; an audit file has one")
+
+
+def _open_at(dirfd: int, directory: Path, name: str, flags: int, mode: int = 0o640) -> int:
+    """Open ``name`` in the directory: never through a symlink, never a
+    FIFO or device (O_NONBLOCK: no wait on one), checked once open.
+
+    Raises:
+        AuditError, OSError.
+    """
+    flags |= os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+    try:
+        fd = os.open(name, flags, mode, dir_fd=dirfd)
+    except OSError as exc:
+        if exc.errno == 40:  # ELOOP: a symlink
+            raise AuditError(
+                f"{directory / name} is a symlink; the audit log never follows one: remove it"
+            ) from None
+        raise
+    try:
+        _check_file(os.fstat(fd), directory / name)
+    except AuditError:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _open_log(dirfd: int, directory: Path, name: str) -> Any:
+    """Open an audit file for appending; mode 0640."""
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT
+    fd = _open_at(dirfd, directory, name, flags)
     os.fchmod(fd, 0o640)
     return os.fdopen(fd, "ab")
 
 
-def _chain_end(last: Path, older: list[Path]) -> tuple[int, str]:
-    """(seq, hash) of the last intact record; a torn tail (a crash mid-write,
-    never acknowledged) is cut off.  An empty last file continues the one before."""
-    data = last.read_bytes()
-    keep = len(data)
-    for line in reversed(data.splitlines(keepends=True)):
+def _records(dirfd: int, directory: Path, name: str) -> list[dict[str, Any]]:
+    """The records of one file that parse (others are skipped: verify names them)."""
+    fd = _open_at(dirfd, directory, name, os.O_RDONLY)
+    with os.fdopen(fd, "rb") as f:
+        data = f.read()
+    out = []
+    for line in data.split(b"\n"):
         try:
             rec = json.loads(line)
-            return int(rec["seq"]), str(rec["hash"])
-        except (ValueError, KeyError, TypeError):
-            keep -= len(line)
-            log.warning("cutting a torn audit record", extra={"file": str(last)})
-            with open(last, "r+b") as f:
+        except (ValueError, RecursionError):
+            continue
+        if isinstance(rec, dict):
+            out.append(rec)
+    return out
+
+
+def _chain_end(dirfd: int, directory: Path, names: list[str]) -> tuple[int, str]:
+    """(seq, hash) of the last intact record.  A torn tail (a last line with no
+    newline: a crash mid-write, never acknowledged) is cut off; a complete line
+    that is not a record is left for ``signctl audit verify`` to report, and
+    the chain goes on from the record before it.  An empty last file continues
+    the one before."""
+    for name in reversed(names):
+        fd = _open_at(dirfd, directory, name, os.O_RDWR)
+        with os.fdopen(fd, "r+b") as f:
+            data = f.read()
+            if data and not data.endswith(b"\n"):
+                keep = data.rfind(b"\n") + 1
+                log.warning("cutting a torn audit record", extra={"file": str(directory / name)})
                 f.truncate(keep)
-    if older:
-        return _chain_end(older[-1], older[:-1])
+                data = data[:keep]
+        for line in reversed(data.split(b"\n")):
+            try:
+                rec = json.loads(line)
+                seq, digest = rec["seq"], rec["hash"]
+            except (ValueError, KeyError, TypeError, RecursionError):
+                continue
+            if type(seq) is int and isinstance(digest, str):
+                return seq, digest
     return 0, GENESIS
 
 
@@ -458,3 +777,259 @@ async def record_own_action(audit: AuditLog, op: str, key: str, frame: bytes) ->
     )
     await wait.done.wait()
     return wait.ok
+
+
+# ---------------------------------------------------------------- checkpoints, trio side
+
+
+class Signer(Protocol):
+    """Signs checkpoints with the audit key (the service)."""
+
+    def audit_key_version(self) -> int:
+        """The audit key's version that signs now.  Raises: WireError."""
+
+    async def sign_audit(self, version: int, message: bytes) -> bytes:
+        """A signature of ``message`` by that version.  Raises: WireError."""
+
+
+class MetadataStore(Protocol):
+    """Where the chain head is kept: data objects on the token (the token pool)."""
+
+    async def load_metadata(self, name: str | None = None) -> list[Any]: ...
+
+    async def write_metadata(self, name: str, revision: int, value: bytes) -> None: ...
+
+
+def head_label(directory: Path) -> str:
+    """The token object that holds a log's chain head: one per audit directory,
+    so daemons sharing a token keep one each.  Not a valid key name (``:``),
+    so no client's key record can ever take it."""
+    where = os.fsencode(os.path.realpath(directory))
+    return "signd:audit-head:" + hashlib.sha256(where).hexdigest()[:16]
+
+
+class TokenHead:
+    """The chain head on the token: the newest checkpoint's (seq, hash, file)."""
+
+    def __init__(self, store: MetadataStore, label: str) -> None:
+        self.store = store
+        self.label = label
+        self.revision = 0
+        self.head: AuditHead | None = None
+
+    async def read(self) -> AuditHead | None:
+        """Raises: WireError (the token), AuditError (the object is unreadable)."""
+        blobs = await self.store.load_metadata(self.label)
+        if not blobs:
+            return None
+        self.revision = blobs[0].revision
+        try:
+            value = json.loads(blobs[0].value)
+            self.head = AuditHead(
+                chain=str(value["chain"]),
+                seq=int(value["seq"]),
+                hash=str(value["hash"]),
+                file=str(value["file"]),
+                time=float(value["time"]),
+            )
+        except (ValueError, KeyError, TypeError) as exc:
+            raise AuditError(
+                f"the chain head on the token ({self.label}) is unreadable: {exc}"
+            ) from None
+        return self.head
+
+    async def write(self, head: AuditHead) -> None:
+        """Raises: WireError."""
+        value = json.dumps(
+            {
+                "chain": head.chain,
+                "seq": head.seq,
+                "hash": head.hash,
+                "file": head.file,
+                "time": head.time,
+            },
+            sort_keys=True,
+        ).encode()
+        try:
+            await self.store.write_metadata(self.label, self.revision + 1, value)
+        except Conflict:  # written elsewhere meanwhile (a second daemon on the same dir?)
+            await self.read()
+            await self.store.write_metadata(self.label, self.revision + 1, value)
+        self.revision += 1
+        self.head = head
+
+
+class Checkpointer:
+    """Signs the checkpoints the writer thread asks for, keeps the chain head
+    on the token, and checks at start that the log matches that head.
+
+    ``on_mismatch``: ``refuse`` (``start`` raises AuditError) or
+    ``continue`` (a ``chain_mismatch`` record is written and the chain goes on).
+    """
+
+    def __init__(
+        self,
+        audit: AuditLog,
+        signer: Signer,
+        head: TokenHead,
+        *,
+        token: str,
+        on_mismatch: str = "refuse",
+    ) -> None:
+        self.audit = audit
+        self.signer = signer
+        self.token_head = head
+        self.token = token
+        self.on_mismatch = on_mismatch
+        self.chain = head.label
+        self.chain_ok = True
+        self.mismatches = 0
+        self.failures = 0
+        self._send, self._receive = trio.open_memory_channel[_Ask](math.inf)
+        self._trio_token: trio.lowlevel.TrioToken | None = None
+
+    @property
+    def head(self) -> AuditHead | None:
+        """The chain head as the newest checkpoint signed it."""
+        return self.token_head.head
+
+    async def start(self, nursery: trio.Nursery) -> None:
+        """Check the log against the token's head, then checkpoint its start.
+
+        Raises:
+            AuditError: the log does not match and ``on_mismatch`` is refuse.
+            WireError: the token cannot be read.
+        """
+        self._trio_token = trio.lowlevel.current_trio_token()
+        head = await self.token_head.read()
+        problem = None
+        if head is not None:
+            problem = await trio.to_thread.run_sync(self._mismatch, head)
+        if problem is not None:
+            self.chain_ok = False
+            self.mismatches += 1
+            log.error(
+                "AUDIT LOG DOES NOT MATCH THE CHAIN HEAD ON THE TOKEN",
+                extra={
+                    "problem": problem,
+                    "dir": str(self.audit.directory),
+                    "on_mismatch": self.on_mismatch,
+                },
+            )
+            if self.on_mismatch != "continue":
+                raise AuditError(
+                    f"the audit log in {self.audit.directory} does not match the chain head "
+                    f"on the token: {problem}. Restore the missing or altered files, or set "
+                    '[audit] on_mismatch = "continue" to start a new chain segment (see '
+                    "OPERATIONS.md)"
+                )
+        self.audit._ask = self._ask_from_writer
+        nursery.start_soon(self._run)
+        nursery.start_soon(self._tick)
+        if problem is not None and head is not None:
+            self.audit._queue.put(
+                _Append(
+                    {
+                        "kind": CHAIN_MISMATCH,
+                        "detail": problem,
+                        "expected_seq": head.seq,
+                        "expected_hash": head.hash,
+                        "ts": round(time.time(), 6),
+                    }
+                )
+            )
+        await self.now("start")
+
+    def _mismatch(self, head: AuditHead) -> str | None:
+        """What is wrong with the log, given the token's chain head; None if nothing."""
+        seq, _ = self.audit.head
+        if head.seq > seq:
+            return (
+                f"the token's chain head is record {head.seq} (checkpoint of "
+                f"{_utc(head.time)}, in {head.file}), but the log ends at record {seq}: "
+                "records or files were removed"
+            )
+        found = self.audit.find(head.seq)
+        if found is None:
+            return (
+                f"record {head.seq}, the token's chain head (in {head.file}), is not in the "
+                "log: its files were removed or replaced"
+            )
+        digest, name = found
+        if digest != head.hash:
+            return (
+                f"record {head.seq} in {name} is not the one the token's chain head names "
+                "(another hash): the log was rewritten"
+            )
+        if name != head.file:
+            return f"record {head.seq} is in {name}, but the token's chain head says {head.file}"
+        return None
+
+    async def now(self, reason: str) -> bool:
+        """Checkpoint the chain as it is now and wait until it is written
+        (``reason``: start, shutdown); False if that did not happen in time."""
+        done = trio.Event()
+        self.audit._queue.put(_Now(reason, done))
+        with trio.move_on_after(2 * CHECKPOINT_TIMEOUT):
+            await done.wait()
+        return done.is_set()
+
+    def _ask_from_writer(self, ask: _Ask) -> None:
+        """The writer thread asks for a checkpoint."""
+        assert self._trio_token is not None
+        try:
+            self._trio_token.run_sync_soon(self._send.send_nowait, ask)
+        except trio.RunFinishedError:
+            self.audit._queue.put(_Unsigned())
+
+    async def _tick(self) -> None:
+        while True:
+            await trio.sleep(max(0.01, self.audit.checkpoint_interval / 4))
+            self.audit._queue.put(_Tick())
+
+    async def _run(self) -> None:
+        async for ask in self._receive:
+            await self._checkpoint(ask)
+
+    async def _checkpoint(self, ask: _Ask) -> None:
+        fields: dict[str, Any] = {
+            "chain": self.chain,
+            "file": ask.file,
+            "head_hash": ask.hash,
+            "head_seq": ask.seq,
+            "key": AUDIT_KEY,
+            "reason": ask.reason,
+            "token": self.token,
+            "ts": round(time.time(), 6),
+        }
+        try:
+            with trio.fail_after(CHECKPOINT_TIMEOUT):
+                fields["version"] = self.signer.audit_key_version()
+                sig = await self.signer.sign_audit(fields["version"], checkpoint_message(fields))
+        except (WireError, trio.TooSlowError) as exc:
+            self.failures += 1
+            log.error("an audit checkpoint could not be signed", extra={"error": str(exc)})
+            self.audit._queue.put(_Unsigned())
+            if ask.done is not None:
+                ask.done.set()
+            return
+        # The head on the token first: once the record is in the log, the
+        # token must not be behind it (a crash in between leaves the token
+        # naming a record the log has, which is no mismatch).
+        head = AuditHead(self.chain, ask.seq, ask.hash, ask.file, fields["ts"])
+        try:
+            with trio.fail_after(CHECKPOINT_TIMEOUT):
+                await self.token_head.write(head)
+        except (WireError, trio.TooSlowError) as exc:
+            self.failures += 1
+            log.error(
+                "the audit chain head could not be stored on the token",
+                extra={"error": str(exc), "seq": ask.seq},
+            )
+        record = {"kind": CHECKPOINT, **fields, "sig": base64.b64encode(sig).decode()}
+        self.audit._queue.put(_Append(record, ask.done))
+        log.debug("audit checkpoint", extra={"seq": ask.seq, "reason": ask.reason})
+
+
+def _utc(t: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))

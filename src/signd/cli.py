@@ -23,7 +23,7 @@ from typing import Final
 import trio
 
 from . import __version__
-from .audit import AuditLog, record_own_action
+from .audit import AuditError, AuditLog, Checkpointer, TokenHead, head_label, record_own_action
 from .config import Config, ConfigError, Secret, load_config, read_pin
 from .errors import WireError
 from .keystore import LoadedKey
@@ -129,8 +129,18 @@ async def _serve(
     )
     audit = None
     if cfg.audit.dir is not None:
-        audit = AuditLog(cfg.audit.dir, mode=cfg.audit.mode, max_bytes=cfg.audit.max_bytes)
-        await audit.open()
+        audit = AuditLog(
+            cfg.audit.dir,
+            mode=cfg.audit.mode,
+            max_bytes=cfg.audit.max_bytes,
+            checkpoint_every=cfg.audit.checkpoint_every,
+            checkpoint_interval=cfg.audit.checkpoint_interval,
+        )
+        try:
+            await audit.open()
+        except (AuditError, OSError) as exc:
+            log.error("the audit log cannot be used", extra={"error": str(exc)})
+            return EXIT_FAILURE
         service.on_auto_rotate = functools.partial(_audit_auto_rotation, audit)
     else:
         log.warning("audit log disabled: set [audit] dir to keep one")
@@ -161,6 +171,7 @@ def _count(
 
     def snapshot() -> Snapshot:
         floor = service.min_rotate_period
+        cp = audit.checkpointer if audit is not None else None
         return Snapshot(
             token_up=pool.alive_workers > 0,
             ready=service.ready,
@@ -170,6 +181,10 @@ def _count(
             token_reconnects=pool.respawns,
             audit_records=audit.records_written if audit is not None else 0,
             audit_failures=audit.failures if audit is not None else 0,
+            audit_checkpoints=audit.checkpoints_written if audit is not None else 0,
+            audit_checkpoint_failures=cp.failures if cp is not None else 0,
+            audit_chain_ok=cp.chain_ok if cp is not None else True,
+            audit_chain_mismatches=cp.mismatches if cp is not None else 0,
             rate_limited=tuple(service.limiter.refused.items()) if service.limiter else (),
             keys=tuple(
                 KeyState(
@@ -265,13 +280,47 @@ async def _serve_with(
             # After READY=1: systemd arms the watchdog only then.
             nursery.start_soon(notifier.run_watchdog)
 
+        checkpoints = None
+        if server.audit is not None:
+            try:
+                checkpoints = await _start_checkpoints(cfg, server.audit, service, pool, nursery)
+            except (AuditError, WireError) as exc:
+                log.error("the audit log cannot be used", extra={"error": str(exc)})
+                nursery.cancel_scope.cancel()
+                return EXIT_FAILURE
         nursery.start_soon(watch_signals)
         nursery.start_soon(watch_reload)
         nursery.start_soon(service.run_lifecycle)
         await server.serve(sock, on_ready=ready)
+        if checkpoints is not None and not await checkpoints.now("shutdown"):
+            log.error("the audit log's last checkpoint could not be written")
         nursery.cancel_scope.cancel()
     log.info("stopped")
     return EXIT_OK
+
+
+async def _start_checkpoints(
+    cfg: Config, audit: AuditLog, service: Service, pool: TokenPool, nursery: trio.Nursery
+) -> Checkpointer:
+    """The audit key and the chain head on the token; the log checked against
+    that head, and its start checkpointed.
+
+    Raises: AuditError (the log does not match and on_mismatch is refuse), WireError.
+    """
+    await service.ensure_audit_key()
+    info = pool.info
+    token = f"{info.label}/{info.serial}" if info is not None else "?"
+    checkpoints = Checkpointer(
+        audit,
+        service,
+        TokenHead(pool, head_label(audit.directory)),
+        token=token,
+        on_mismatch=cfg.audit.on_mismatch,
+    )
+    audit.checkpointer = checkpoints
+    await checkpoints.start(nursery)
+    service.audit_head = lambda: checkpoints.head
+    return checkpoints
 
 
 #: Sections a reload applies; the others need a restart.

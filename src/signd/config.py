@@ -152,6 +152,13 @@ class AuditConfig:
     dir: str | None = None
     mode: str = "strict"
     max_bytes: int = 64 << 20
+    #: a checkpoint (the chain head signed on the token) after this many records...
+    checkpoint_every: int = 1000
+    #: ...or this many seconds after the last, if records were written since
+    checkpoint_interval: float = 60.0
+    #: the log does not match the chain head kept on the token: "refuse" to
+    #: start, or "continue" with a record of the mismatch in the log
+    on_mismatch: str = "refuse"
 
 
 @dataclass(frozen=True, slots=True)
@@ -375,6 +382,14 @@ def _parse(doc: Mapping[str, Any], path: str | None, base: Path) -> Config:
             lambda v: None if v in ("strict", "relaxed") else 'must be "strict" or "relaxed"',
         ),
         max_bytes=au.take("max_bytes", int, 64 << 20, _between(4096, 1 << 40)),
+        checkpoint_every=au.take("checkpoint_every", int, 1000, _between(1, 1 << 30)),
+        checkpoint_interval=au.take("checkpoint_interval", float, 60.0, _between(0.05, 86400)),
+        on_mismatch=au.take(
+            "on_mismatch",
+            str,
+            "refuse",
+            lambda v: None if v in ("refuse", "continue") else 'must be "refuse" or "continue"',
+        ),
     )
     au.done()
     rl = _Section("rate_limits", sections.pop("rate_limits", {}))

@@ -143,6 +143,11 @@ class Snapshot:
     token_reconnects: int = 0
     audit_records: int = 0
     audit_failures: int = 0
+    audit_checkpoints: int = 0
+    audit_checkpoint_failures: int = 0
+    #: False once the daemon found its log not matching the chain head on the token
+    audit_chain_ok: bool = True
+    audit_chain_mismatches: int = 0
     #: (scope, requests refused) per rate limit: "principal", "key"
     rate_limited: tuple[tuple[str, int], ...] = ()
     keys: tuple[KeyState, ...] = ()
@@ -304,9 +309,33 @@ class Collector:
             (),
             [((), snap.audit_failures)],
         )
+        yield _counter(
+            "signd_audit_checkpoints",
+            "Audit checkpoints (the chain head signed on the token) written to the log.",
+            (),
+            [((), snap.audit_checkpoints)],
+        )
+        yield _counter(
+            "signd_audit_checkpoint_failures",
+            "Audit checkpoints that could not be signed or whose head could not be stored.",
+            (),
+            [((), snap.audit_checkpoint_failures)],
+        )
+        yield _counter(
+            "signd_audit_chain_mismatches",
+            "Starts on an audit log that did not match the chain head kept on the token.",
+            (),
+            [((), snap.audit_chain_mismatches)],
+        )
         yield from _key_gauges(m, snap.keys, now)
         for name, doc, value in (
             ("signd_token_up", "1 when a token worker is logged in.", float(snap.token_up)),
+            (
+                "signd_audit_chain_ok",
+                "0 when this daemon started on an audit log that did not match the chain "
+                "head on the token (records removed or rewritten); 1 otherwise.",
+                float(snap.audit_chain_ok),
+            ),
             ("signd_ready", "1 when the token is reachable and the keys are loaded.", snap.ready),
             ("signd_connections_open", "Open client connections.", snap.connections_open),
             (

@@ -26,6 +26,7 @@ import trio
 
 from . import __version__, algorithms
 from .algorithms import KeyType
+from .audit import AUDIT_KEY
 from .errors import (
     Busy,
     Conflict,
@@ -36,6 +37,7 @@ from .errors import (
     InvalidDigest,
     KeyExists,
     KeyNotFound,
+    PermissionDenied,
     UnsupportedAlgorithm,
     WireError,
 )
@@ -59,6 +61,7 @@ from .protocol import (
     MAX_BATCH,
     MAX_JWKS_KEYS,
     PROTOCOL_VERSION,
+    AuditHead,
     BatchItem,
     CreateKeyArgs,
     DestroyArgs,
@@ -107,6 +110,16 @@ ID_DRAWS: Final = 8
 MAX_LOOKUPS_TRACKED: Final = 4096
 #: Operations that change a key: one at a time, each re-reading the key from the token.
 ADMIN_OPS: Final = frozenset({"create_key", "rotate", "update_key", "disable", "enable", "destroy"})
+#: Keys the daemon keeps for itself (the audit key signs checkpoints): a client
+#: may read them (key_info, public_key, jwks) and verify with them, whatever
+#: its grants, never sign with or change them, root included.
+RESERVED_KEYS: Final = frozenset({AUDIT_KEY})
+RESERVED_KEY_OPS: Final = frozenset({"key_info", "public_key", "verify"})
+#: Token data objects of the daemon's own (the audit chain head) start so: not a
+#: valid key name, so no key record can take one.
+INTERNAL_RECORD_PREFIX: Final = "signd:"
+#: The token queue's source for the daemon's own signatures (fair queueing).
+_OWN_WORK: Final = object()
 
 
 class Service:
@@ -141,6 +154,8 @@ class Service:
         self.on_auto_rotate: Callable[[LoadedKey], Awaitable[None]] | None = None
         self._looked_up: dict[str, float] = {}
         self.loaded = False
+        #: the audit log's chain head, for ``health`` (set when there is a log)
+        self.audit_head: Callable[[], AuditHead | None] | None = None
 
     @property
     def ready(self) -> bool:
@@ -150,6 +165,8 @@ class Service:
         """Read every key's metadata and public keys from the token."""
         records: list[KeyRecord] = []
         for blob in await self.token.load_metadata():
+            if blob.name.startswith(INTERNAL_RECORD_PREFIX):
+                continue  # not a key (the audit chain head)
             try:
                 records.append(KeyRecord.from_bytes(blob.name, blob.revision, blob.value))
             except ValueError as exc:
@@ -185,6 +202,11 @@ class Service:
                 args = req.args
                 name = getattr(args, "key", None)
                 if name is not None:
+                    if name in RESERVED_KEYS and req.op not in RESERVED_KEY_OPS:
+                        raise PermissionDenied(
+                            f"key {name!r} is reserved for signd itself (it signs the audit "
+                            f"log's checkpoints): no client may {req.op} it"
+                        )
                     # Before the key is even looked up: a peer that may not
                     # use a key learns nothing about it, not even that it exists.
                     self.policy.check(who, req.op, name)
@@ -292,7 +314,10 @@ class Service:
         """Answer a read, or name a key that must first be looked up on the token."""
         args = req.args
         if req.op == "health":
-            return self.health()
+            health = self.health()
+            if self.audit_head is not None and self.policy.allows(who, "read", AUDIT_KEY):
+                health = dataclasses.replace(health, audit=self.audit_head())
+            return health
         if req.op == "list_keys":  # only the keys this peer may read
             allows = self.policy.allows
             return KeyList(
@@ -682,6 +707,66 @@ class Service:
             await self.token.destroy_keys(object_id, public=True)
             raise
 
+    # ------------------------------------------------------------ the daemon's own key
+
+    async def ensure_audit_key(self) -> LoadedKey:
+        """The audit key, made on the token if it is not there yet (ec-p256, or
+        rsa-2048 on a token without EC), the way ``create_key`` makes a key.
+
+        Raises: WireError.
+        """
+        async with self._admin_lock:
+            key = await self._refresh(AUDIT_KEY)
+            if key is not None:
+                return key
+            info = self.token.info
+            ec_ok = info is None or info.key_types.get("ec-p256") is None
+            kt = algorithms.key_type("ec-p256" if ec_ok else "rsa-2048")
+            object_id, spki = await self._generate(kt, AUDIT_KEY, 1)
+            record = KeyRecord.new(AUDIT_KEY, kt, self._clock(), object_id, KeySettings())
+            try:
+                await self._write_new_version(record, object_id)
+            except Conflict:  # another daemon on this token made it meanwhile
+                key = await self._refresh(AUDIT_KEY)
+                if key is None:
+                    raise
+                return key
+            key = load_key(record, {object_id: spki}, self._clock())
+            self.keystore.put(key)
+            log.info("audit key created", extra={"key": AUDIT_KEY, "type": kt.name})
+            return key
+
+    def audit_key_version(self) -> int:
+        """The audit key's version that signs now.  Raises: WireError."""
+        key = self.keystore.get(AUDIT_KEY)
+        return key.at(self._clock()).signing(None).record.version
+
+    async def sign_audit(self, version: int, message: bytes) -> bytes:
+        """Sign ``message`` with the audit key (SHA-256; ECDSA DER or PKCS#1 v1.5),
+        through the token queue like any signature.  Only the daemon calls this.
+
+        Raises: WireError.
+        """
+        key = self.keystore.get(AUDIT_KEY)
+        signer = key.at(self._clock()).signing(version)
+        plan = algorithms.plan_sign(key.kt, SignArgs(key=AUDIT_KEY, message=message))
+        answered = trio.Event()
+        outcome: list[Any] = []
+
+        def done(ok: bool, value: Any) -> None:
+            outcome[:] = [ok, value]
+            answered.set()
+
+        deadline = time.monotonic() + self.request_timeout
+        self.token.enqueue(_OWN_WORK, [Entry(_job(signer, plan), done, deadline)])
+        self.token.pump()
+        await answered.wait()
+        ok, value = outcome
+        if not ok:
+            assert isinstance(value, WireError)
+            raise value
+        return algorithms.finish_signature(plan, value)
+
     # ------------------------------------------------------------ lifecycle task
 
     async def run_lifecycle(self) -> None:
@@ -718,6 +803,8 @@ class Service:
     async def _sync(self) -> None:
         """Re-read every key record; reload the keys whose revision moved."""
         for blob in await self.token.load_metadata():
+            if blob.name.startswith(INTERNAL_RECORD_PREFIX):
+                continue
             cached = self.keystore.get_or_none(blob.name)
             if cached is not None and cached.record.revision >= blob.revision:
                 continue  # (older: read before a change made here meanwhile)

@@ -7,19 +7,87 @@ zeros for the first) and ``hash``: the SHA-256 of the record's canonical JSON
 matches its hash, and a deleted, inserted or reordered one breaks the chain
 of ``seq`` and ``prev``.  ``verify_files`` checks files in order, across
 rotation: a file continues the chain of the one before it.
+
+The chain alone has no secret: whoever can write the files can rewrite them
+and hash them again.  So the daemon also writes *checkpoints*: records of kind
+``checkpoint`` that attest the chain head (``head_seq``, ``head_hash``, the
+``file`` that record is in) with a signature made on the token by the
+reserved key ``signd.audit`` (``AUDIT_KEY``), over ``checkpoint_message``: a
+fixed prefix and the canonical JSON of ``SIGNED_FIELDS``.  A rewritten chain no
+longer matches the heads its checkpoints attest, and a forged checkpoint does
+not verify; what comes after the last checkpoint is not covered by any
+signature, and ``ChainState.unprotected`` says how much that is.  The daemon
+keeps its newest head on the token too, and hands it out in ``health``
+(``audit``): with it, ``verify_files`` (``head``) also tells a log whose end
+was cut off.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 import json
-from collections.abc import Iterable, Mapping
+import os
+import unicodedata
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Any, BinaryIO, Final
 
-__all__ = ["GENESIS", "ChainState", "Problem", "canonical", "line_of", "seal", "verify_files"]
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
+from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
+
+__all__ = [
+    "AUDIT_KEY",
+    "CHAIN_MISMATCH",
+    "CHECKPOINT",
+    "CHECKPOINT_DOMAIN",
+    "GENESIS",
+    "MAX_LINE",
+    "SIGNED_FIELDS",
+    "AuditKeys",
+    "ChainState",
+    "Head",
+    "Problem",
+    "canonical",
+    "checkpoint_message",
+    "line_of",
+    "printable",
+    "seal",
+    "verify_files",
+]
 
 GENESIS: Final = "0" * 64
+#: The reserved name of the key on the token that signs checkpoints: the
+#: daemon creates it; no client may sign with it or change it.
+AUDIT_KEY: Final = "signd.audit"
+#: ``kind`` of a checkpoint record, and of the record a daemon writes when it
+#: starts on a log that does not match the chain head kept on the token.
+CHECKPOINT: Final = "checkpoint"
+CHAIN_MISMATCH: Final = "chain_mismatch"
+#: What a checkpoint signature covers starts with this: the bytes can never be
+#: mistaken for anything else the key might sign.
+CHECKPOINT_DOMAIN: Final = b"signd audit checkpoint v1\n"
+#: The members of a checkpoint record its signature covers (``sig`` and the
+#: chain's own ``seq``, ``prev``, ``hash`` are not).
+SIGNED_FIELDS: Final = (
+    "chain",
+    "file",
+    "head_hash",
+    "head_seq",
+    "key",
+    "reason",
+    "token",
+    "ts",
+    "version",
+)
+#: A line longer than this is not a record (the daemon's are well under 4 KiB).
+MAX_LINE: Final = 1 << 20
+#: Hashes of this many recent records are kept to check the heads that later
+#: checkpoints attest (the daemon gives up on a checkpoint long before that).
+RECENT: Final = 1 << 20
 
 
 def canonical(record: Mapping[str, Any]) -> bytes:
@@ -48,14 +116,142 @@ def seal(record: dict[str, Any], seq: int, prev: str) -> tuple[str, str]:
     return line[:-1].decode(), digest
 
 
+def checkpoint_message(record: Mapping[str, Any]) -> bytes:
+    """The bytes a checkpoint's signature covers: ``CHECKPOINT_DOMAIN`` and the
+    canonical JSON of its ``SIGNED_FIELDS``.
+
+    Raises:
+        KeyError: a signed field is missing.
+    """
+    body = {k: record[k] for k in SIGNED_FIELDS}
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return CHECKPOINT_DOMAIN + text.encode("utf-8", "backslashreplace")
+
+
+def printable(text: str) -> str:
+    """``text`` safe for a terminal: control, format (bidi), private-use,
+    unassigned and separator characters, and lone surrogates, as ``\\x..``,
+    ``\\u....`` escapes; a backslash doubled, so an escape cannot be faked."""
+    out = []
+    for ch in text:
+        if ch == "\\":
+            out.append("\\\\")
+        elif ch == " " or unicodedata.category(ch) not in _UNPRINTABLE:
+            out.append(ch)
+        else:
+            n = ord(ch)
+            if n < 0x100:
+                out.append(f"\\x{n:02x}")
+            elif n < 0x10000:
+                out.append(f"\\u{n:04x}")
+            else:
+                out.append(f"\\U{n:08x}")
+    return "".join(out)
+
+
+_UNPRINTABLE: Final = frozenset({"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp", "Zs"})
+
+
+def _show(value: object) -> str:
+    """A record's value in a message: as JSON, cut short."""
+    try:
+        text = json.dumps(value, ensure_ascii=False)
+    except (TypeError, ValueError):
+        text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+class AuditKeys:
+    """The public keys checkpoint signatures are checked with: by version of
+    the audit key (from the daemon), or for any version (from a file)."""
+
+    def __init__(
+        self,
+        by_version: Mapping[int, PublicKeyTypes] | None = None,
+        any_version: Sequence[PublicKeyTypes] = (),
+    ) -> None:
+        self.by_version = dict(by_version or {})
+        self.any_version = list(any_version)
+
+    @classmethod
+    def from_pem(cls, data: bytes) -> AuditKeys:
+        """Every public key in a PEM file.
+
+        Raises:
+            ValueError: no public key in ``data``.
+        """
+        keys = []
+        marker = b"-----BEGIN PUBLIC KEY-----"
+        for part in data.split(marker)[1:]:
+            keys.append(serialization.load_pem_public_key(marker + part))
+        if not keys:
+            raise ValueError("no PEM public key (-----BEGIN PUBLIC KEY-----) found")
+        return cls(any_version=keys)
+
+    def __bool__(self) -> bool:
+        return bool(self.by_version or self.any_version)
+
+    def verify(self, version: object, signature: bytes, message: bytes) -> bool:
+        """Whether one of the keys for ``version`` made ``signature`` over ``message``."""
+        candidates = list(self.any_version)
+        if type(version) is int and version in self.by_version:
+            candidates.insert(0, self.by_version[version])
+        return any(_verifies(k, signature, message) for k in candidates)
+
+
+def _verifies(key: PublicKeyTypes, signature: bytes, message: bytes) -> bool:
+    try:
+        if isinstance(key, ec.EllipticCurvePublicKey):
+            key.verify(signature, message, ec.ECDSA(hashes.SHA256()))
+        elif isinstance(key, rsa.RSAPublicKey):
+            key.verify(signature, message, padding.PKCS1v15(), hashes.SHA256())
+        elif isinstance(key, ed25519.Ed25519PublicKey):
+            key.verify(signature, message)
+        else:
+            return False
+    except (InvalidSignature, ValueError):
+        return False
+    return True
+
+
+@dataclass(frozen=True, slots=True)
+class Head:
+    """A point of the chain: record ``seq``, whose hash is ``hash``."""
+
+    seq: int
+    hash: str
+
+    @classmethod
+    def parse(cls, text: str) -> Head:
+        """``SEQ:HASH``.
+
+        Raises:
+            ValueError: not that.
+        """
+        seq, _, digest = text.partition(":")
+        if not seq.isdigit() or not _is_hash(digest):
+            raise ValueError(f"expected SEQ:HASH (a record number and 64 hex digits), got {text!r}")
+        return cls(int(seq), digest)
+
+    def __str__(self) -> str:
+        return f"{self.seq}:{self.hash}"
+
+
+def _is_hash(value: object) -> bool:
+    return type(value) is str and len(value) == 64 and all(c in "0123456789abcdef" for c in value)
+
+
 @dataclass(frozen=True, slots=True)
 class Problem:
     file: str
     line: int
     message: str
+    #: the file cannot be read as an audit log at all (not UTF-8, not JSON,
+    #: a line too long...): signctl exits 2
+    fatal: bool = False
 
     def __str__(self) -> str:
-        return f"{self.file}:{self.line}: {self.message}"
+        return printable(f"{self.file}:{self.line}: {self.message}")
 
 
 @dataclass
@@ -64,58 +260,320 @@ class ChainState:
     hash: str = GENESIS
     records: int = 0
     problems: list[Problem] = field(default_factory=list)
+    #: the first record's seq (0: none)
+    first_seq: int = 0
+    #: checkpoints whose signature verified
+    checkpoints: int = 0
+    #: checkpoints not checked (no public key given)
+    unchecked: int = 0
+    #: the newest record a verified checkpoint covers (0: none)
+    covered: int = 0
+    #: records after ``covered`` that no signature covers
+    unprotected: int = 0
+    #: the daemon's head was given, and the files reach it
+    head_reached: bool = False
 
 
-def verify_files(paths: Iterable[str]) -> ChainState:
+class _Fatal(Exception):
+    pass
+
+
+def _lines(f: BinaryIO) -> Iterable[tuple[int, bytes | None, str | None]]:
+    """(line number, line without its newline or None, why it is unreadable)."""
+    n = 0
+    while True:
+        raw = f.readline(MAX_LINE + 1)
+        if not raw:
+            return
+        n += 1
+        if len(raw) > MAX_LINE:
+            while raw and not raw.endswith(b"\n"):  # skip the rest of it
+                raw = f.readline(MAX_LINE)
+            yield n, None, f"a line longer than {MAX_LINE} bytes: not an audit record"
+            continue
+        if not raw.endswith(b"\n"):
+            yield n, None, "the last line is incomplete (a write cut short, or a cut file)"
+            return
+        yield n, raw[:-1], None
+
+
+def _parse(raw: bytes) -> dict[str, Any]:
+    """One line as an audit record.
+
+    Raises:
+        _Fatal: it is not one, with why.
+    """
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise _Fatal(
+            f"not UTF-8 (byte 0x{raw[exc.start]:02x} at column {exc.start + 1}): "
+            "not an audit record"
+        ) from None
+    if "\x00" in text:
+        raise _Fatal("a NUL byte: not an audit record")
+    try:
+        rec = json.loads(text)
+    except RecursionError:
+        raise _Fatal("JSON nested too deeply: not an audit record") from None
+    except ValueError as exc:
+        raise _Fatal(f"not JSON ({exc}): not an audit record") from None
+    if not isinstance(rec, dict):
+        raise _Fatal(f"JSON {type(rec).__name__}, not an object: not an audit record")
+    seq, prev, digest = rec.get("seq"), rec.get("prev"), rec.get("hash")
+    if type(seq) is not int or seq < 1 or not _is_hash(prev) or not _is_hash(digest):
+        raise _Fatal("no valid seq, prev and hash: not an audit record")
+    return rec
+
+
+def verify_files(
+    paths: Iterable[str],
+    *,
+    keys: AuditKeys | None = None,
+    after: Head | None = None,
+    head: Head | None = None,
+) -> ChainState:
     """Check the chain through ``paths``, in order; every problem is listed.
 
-    The first record may continue an older, absent file (its ``prev`` is then
-    taken as given); after that every link must hold.
+    The chain must start at record 1, unless ``after`` says where the files
+    that came before (archived) ended: then the first record must follow it.
+    With ``keys``, every checkpoint's signature is checked, and the heads they
+    attest must be the records found; a log with no verified checkpoint is a
+    problem.  With ``head`` (the daemon's chain head), the files must reach it.
+    Never raises on what the files contain.
     """
     state = ChainState()
-    first = True
+    files: list[str] = []
+    #: seq -> (hash, index in ``files``) of recent records
+    recent: dict[int, tuple[str, int]] = {}
+    checkpoint_seqs: list[int] = []
     for path in paths:
+        files.append(path)
         try:
-            with open(path, encoding="utf-8") as f:
-                lines = f.readlines()
+            f = open(path, "rb")
         except OSError as exc:
-            state.problems.append(Problem(path, 0, f"cannot read: {exc.strerror}"))
+            state.problems.append(Problem(path, 0, f"cannot read: {exc.strerror}", fatal=True))
             continue
-        for n, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
+        with f:
             try:
-                rec = json.loads(line)
-                if not isinstance(rec, dict):
-                    raise ValueError("not an object")
-                seq, prev, digest = rec["seq"], rec["prev"], rec["hash"]
-            except (ValueError, KeyError) as exc:
-                state.problems.append(Problem(path, n, f"not an audit record ({exc})"))
-                continue
-            state.records += 1
-            if hashlib.sha256(canonical(rec)).hexdigest() != digest:
-                state.problems.append(Problem(path, n, f"record {seq} was altered (hash mismatch)"))
-            if first:
-                first = False
-                if seq == 1 and prev != GENESIS:
-                    state.problems.append(Problem(path, n, "record 1 does not start the chain"))
-            else:
-                if seq != state.seq + 1:
-                    state.problems.append(
-                        Problem(
-                            path,
-                            n,
-                            f"sequence jumps from {state.seq} to {seq} "
-                            "(records deleted, inserted or reordered)",
-                        )
-                    )
-                if prev != state.hash:
-                    state.problems.append(
-                        Problem(
-                            path,
-                            n,
-                            f"record {seq} does not follow record {state.seq} (chain broken)",
-                        )
-                    )
-            state.seq, state.hash = seq, digest
+                for n, raw, unreadable in _lines(f):
+                    if unreadable is not None or raw is None:
+                        fatal = not unreadable or "incomplete" not in unreadable
+                        state.problems.append(Problem(path, n, str(unreadable), fatal=fatal))
+                        continue
+                    if not raw.strip():
+                        continue
+                    try:
+                        rec = _parse(raw)
+                    except _Fatal as exc:
+                        state.problems.append(Problem(path, n, str(exc), fatal=True))
+                        continue
+                    _check(rec, path, n, files, state, recent, keys, after)
+                    if (
+                        rec.get("kind") == CHECKPOINT
+                        and state.checkpoints
+                        and (not checkpoint_seqs or checkpoint_seqs[-1] != rec["seq"])
+                    ):
+                        checkpoint_seqs.append(rec["seq"])
+                    if len(recent) > RECENT:
+                        del recent[next(iter(recent))]
+            except OSError as exc:
+                state.problems.append(Problem(path, 0, f"cannot read: {exc.strerror}", fatal=True))
+    last = files[-1] if files else "-"
+    if keys and state.records and state.checkpoints == 0:
+        state.problems.append(
+            Problem(
+                last,
+                0,
+                f"no verified checkpoint in {state.records} records: nothing in these files "
+                "is covered by a signature (rewritten, or cut before the first checkpoint)",
+            )
+        )
+    after_cover = sum(1 for c in checkpoint_seqs if c > state.covered)
+    state.unprotected = max(0, state.seq - max(state.covered, state.first_seq - 1) - after_cover)
+    if state.checkpoints == 0:
+        state.unprotected = state.records
+    if head is not None:
+        _check_head(head, state, recent, last)
     return state
+
+
+def _check(
+    rec: dict[str, Any],
+    path: str,
+    n: int,
+    files: list[str],
+    state: ChainState,
+    recent: dict[int, tuple[str, int]],
+    keys: AuditKeys | None,
+    after: Head | None,
+) -> None:
+    seq: int = rec["seq"]
+    prev: str = rec["prev"]
+    digest: str = rec["hash"]
+    problems = state.problems
+    state.records += 1
+    try:
+        altered = hashlib.sha256(canonical(rec)).hexdigest() != digest
+    except (UnicodeEncodeError, ValueError):  # a lone surrogate: no record of the daemon's
+        altered = True
+    if altered:
+        problems.append(Problem(path, n, f"record {seq} was altered (hash mismatch)"))
+    if state.records == 1:
+        state.first_seq = seq
+        start = after if after is not None else Head(0, GENESIS)
+        if seq != start.seq + 1 or prev != start.hash:
+            if after is None:
+                problems.append(
+                    Problem(
+                        path,
+                        n,
+                        f"the log does not start at record 1 but at record {seq}: the oldest "
+                        "file or the first records are missing (if older files were archived, "
+                        "give --after SEQ:HASH, the last record they hold)",
+                    )
+                    if seq != 1
+                    else Problem(path, n, "record 1 does not start the chain")
+                )
+            else:
+                problems.append(
+                    Problem(
+                        path,
+                        n,
+                        f"the first record ({seq}) does not follow record {after.seq} with hash "
+                        f"{after.hash[:16]}... (--after): records missing or replaced",
+                    )
+                )
+    else:
+        if seq != state.seq + 1:
+            problems.append(
+                Problem(
+                    path,
+                    n,
+                    f"sequence jumps from {state.seq} to {seq} "
+                    "(records deleted, inserted or reordered)",
+                )
+            )
+        if prev != state.hash:
+            problems.append(
+                Problem(path, n, f"record {seq} does not follow record {state.seq} (chain broken)")
+            )
+    state.seq, state.hash = seq, digest
+    recent[seq] = (digest, len(files) - 1)
+    kind = rec.get("kind")
+    if kind == CHECKPOINT:
+        _check_checkpoint(rec, path, n, files, state, recent, keys, after)
+    elif kind == CHAIN_MISMATCH:
+        problems.append(
+            Problem(
+                path,
+                n,
+                f"record {seq}: the daemon started on a log that did not match the chain head "
+                f"kept on the token ({_show(rec.get('detail'))}); what came before was removed "
+                "or rewritten",
+            )
+        )
+
+
+def _check_checkpoint(
+    rec: dict[str, Any],
+    path: str,
+    n: int,
+    files: list[str],
+    state: ChainState,
+    recent: dict[int, tuple[str, int]],
+    keys: AuditKeys | None,
+    after: Head | None,
+) -> None:
+    seq: int = rec["seq"]
+    problems = state.problems
+    head_seq, head_hash, file = rec.get("head_seq"), rec.get("head_hash"), rec.get("file")
+    try:
+        message = checkpoint_message(rec)
+        sig = base64.b64decode(rec["sig"], validate=True)
+        if type(head_seq) is not int or not _is_hash(head_hash) or type(file) is not str:
+            raise ValueError("bad head")
+    except (KeyError, TypeError, ValueError, binascii.Error):
+        problems.append(Problem(path, n, f"record {seq}: a malformed checkpoint"))
+        return
+    if not keys:
+        state.unchecked += 1
+        return
+    if not keys.verify(rec.get("version"), sig, message):
+        problems.append(
+            Problem(
+                path,
+                n,
+                f"record {seq}: the checkpoint's signature does not verify with the audit key "
+                f"(version {_show(rec.get('version'))}): a forged or altered checkpoint",
+            )
+        )
+        return
+    if not 0 <= head_seq < seq:
+        problems.append(Problem(path, n, f"record {seq}: a checkpoint of a later record"))
+        return
+    state.checkpoints += 1
+    state.covered = max(state.covered, head_seq)
+    found = recent.get(head_seq)
+    expected: str
+    if head_seq == 0:
+        expected = GENESIS
+    elif found is not None:
+        expected = found[0]
+    elif after is not None and head_seq == after.seq:
+        expected = after.hash
+    else:
+        return  # in files not given (archived), or too long ago to check
+    if head_hash != expected:
+        problems.append(
+            Problem(
+                path,
+                n,
+                f"record {seq}: the checkpoint signs record {head_seq} with hash "
+                f"{str(head_hash)[:16]}..., but that record's hash is {expected[:16]}...: "
+                "records were rewritten",
+            )
+        )
+    elif found is not None and head_seq != 0:
+        # The checkpoint names the file its head is in: a file renamed or
+        # swapped for another with the same records shows here.
+        name = os.path.basename(files[found[1]])
+        if name != file:
+            problems.append(
+                Problem(
+                    path,
+                    n,
+                    f"record {seq}: the checkpoint says record {head_seq} is in {_show(file)}, "
+                    f"but it is in {_show(name)}",
+                )
+            )
+
+
+def _check_head(
+    head: Head, state: ChainState, recent: dict[int, tuple[str, int]], last: str
+) -> None:
+    """The files against the daemon's chain head (its newest checkpoint)."""
+    if head.seq > state.seq:
+        state.problems.append(
+            Problem(
+                last,
+                0,
+                f"these files end at record {state.seq}, but the daemon's newest checkpoint "
+                f"covers record {head.seq}: records were removed from the end (the last "
+                "records, or the newest file)",
+            )
+        )
+        return
+    found = recent.get(head.seq)
+    if found is not None:
+        if found[0] != head.hash:
+            state.problems.append(
+                Problem(
+                    last,
+                    0,
+                    f"record {head.seq} is not the one the daemon's newest checkpoint covers "
+                    "(its hash differs): records were rewritten",
+                )
+            )
+            return
+        state.head_reached = True

@@ -43,6 +43,7 @@ __all__ = [
     "MAX_RESPONSE_FRAME",
     "MAX_BATCH",
     "MAX_JWKS_KEYS",
+    "AuditHead",
     "BatchItem",
     "ErrorInfo",
     "SignBatchArgs",
@@ -589,6 +590,19 @@ class TokenStatus(Message):
 
 
 @message
+class AuditHead(Message):
+    """The audit log's chain head, as the newest checkpoint signed it (and as
+    the daemon keeps it on the token): record ``seq`` has hash ``hash`` and is
+    in ``file``; signed at ``time``."""
+
+    chain: str
+    seq: int
+    hash: str
+    file: str
+    time: float
+
+
+@message
 class Health(Message):
     status: str
     live: bool
@@ -599,6 +613,8 @@ class Health(Message):
     keys: int
     token: TokenStatus | None = None
     detail: str | None = None
+    #: only to a peer that may read the audit key, and only with an audit log
+    audit: AuditHead | None = None
 
 
 #: op name -> (argument type, result type)
