@@ -23,7 +23,7 @@ from signd.audit import Entry, _seal_entry, who_fields
 from signd.policy import Principal
 from signd.protocol import HEADER, SignArgs, encode_request
 from signd_client import Client
-from signd_client.audit import GENESIS, canonical, line_of, verify_files
+from signd_client.audit import AUDIT_KEY, GENESIS, canonical, line_of, verify_files
 from signd_client.errors import SigndError
 
 if TYPE_CHECKING:
@@ -36,15 +36,46 @@ def audit_files(d: Daemon) -> list[Path]:
     return sorted((d.workdir / "audit").glob("audit-*.jsonl"))
 
 
-def records(d: Daemon) -> list[dict[str, object]]:
+def all_records(d: Daemon) -> list[dict[str, object]]:
     # Split at newlines only: str.splitlines would also split at U+2028 and the
     # like, which canonical JSON (ensure_ascii=False) leaves unescaped in strings.
     return [json.loads(ln) for f in audit_files(d) for ln in f.read_bytes().split(b"\n") if ln]
 
 
-def verify(*files: Path) -> subprocess.CompletedProcess[str]:
+def records(d: Daemon) -> list[dict[str, object]]:
+    """The records of requests (not the daemon's checkpoints, nor the test's
+    own look-up of the audit key in ``stop``)."""
+    return [r for r in all_records(d) if "kind" not in r and r.get("key") != AUDIT_KEY]
+
+
+#: The audit key's public key (one key on the session's shared token), saved
+#: by ``stop`` from a running daemon; verify checks checkpoints with it.
+_AUDIT_PEM: list[Path] = []
+
+
+def save_audit_key(d: Daemon) -> Path:
+    if not _AUDIT_PEM:
+        with d.client() as c:
+            pem = c.public_key(AUDIT_KEY).public_key_pem
+        path = d.workdir / "audit-key.pem"
+        path.write_text(pem)
+        _AUDIT_PEM.append(path)
+    return _AUDIT_PEM[0]
+
+
+def stop(d: Daemon) -> None:
+    save_audit_key(d)
+    assert d.stop() == 0, d.logs()
+
+
+def verify(*files: Path, extra: tuple[str, ...] = ()) -> subprocess.CompletedProcess[str]:
+    assert _AUDIT_PEM, "stop() a daemon first: it saves the audit key"
     return subprocess.run(
-        [SIGNCTL, "audit", "verify", *map(str, files)], capture_output=True, text=True, check=False
+        [SIGNCTL, "audit", "verify", "--public-key", str(_AUDIT_PEM[0]), *extra, *map(str, files)],
+        capture_output=True,
+        text=True,
+        check=False,
+        env={k: v for k, v in os.environ.items() if k != "SIGND_SOCKET"},
     )
 
 
@@ -60,7 +91,7 @@ def test_one_record_per_request_and_no_signed_data(
         assert not c.verify(key_name, sig.signature, secret + b"!").valid
         with pytest.raises(SigndError):
             c.sign(key_name + "-none", secret)
-    assert d.stop() == 0
+    stop(d)
     recs = records(d)
     assert [r["op"] for r in recs] == ["create_key", "sign", "verify", "verify", "sign"]
     create, sign, ok, bad, missing = recs
@@ -80,14 +111,15 @@ def test_one_record_per_request_and_no_signed_data(
     assert d.token.pin not in text
     out = verify(*audit_files(d))
     assert out.returncode == 0, out.stdout
-    assert "5 records, chain intact" in out.stdout
+    assert "chain intact" in out.stdout  # with 2 checkpoints: start, shutdown
+    assert "2 checkpoint(s) verified" in out.stdout
 
 
 def test_denied_requests_are_audited(make_daemon: Callable[..., Daemon], key_name: str) -> None:
     d = make_daemon('[audit]\ndir = "audit"\n\n[access]\ntrust_root = false\n')
     with d.client() as c, pytest.raises(SigndError, match="permission_denied"):
         c.create_key(key_name, "ec-p256")
-    assert d.stop() == 0
+    stop(d)
     (rec,) = records(d)
     assert (rec["op"], rec["key"], rec["result"], rec["code"]) == (
         "create_key",
@@ -104,7 +136,7 @@ def log_of_20(make_daemon: Callable[..., Daemon], key_name: str, tmp_path: Path)
         c.create_key(key_name, "ec-p256")
         for i in range(19):
             c.sign(key_name, b"%d" % i)
-    assert d.stop() == 0
+    stop(d)
     files = audit_files(d)
     assert len(files) > 1, "4 KiB files: the log must have rotated"
     copies = []
@@ -168,10 +200,13 @@ def test_chain_continues_across_restarts(make_daemon: Callable[..., Daemon], key
     d.restart()
     with d.client() as c:
         c.sign(key_name, b"after restart")
-    assert d.stop() == 0
-    recs = records(d)
-    assert [r["seq"] for r in recs] == [1, 2]
-    assert recs[1]["prev"] == recs[0]["hash"]
+    stop(d)
+    recs = all_records(d)
+    assert [r["seq"] for r in recs] == list(range(1, len(recs) + 1))
+    assert [r.get("kind", r.get("op")) for r in recs] == [
+        *("checkpoint", "create_key", "checkpoint"),  # start, request, shutdown
+        *("checkpoint", "sign", "checkpoint"),
+    ]
     assert verify(*audit_files(d)).returncode == 0
 
 
@@ -183,12 +218,12 @@ def test_kill_9_loses_no_record_of_an_answered_signature(
     with d.client() as c:
         c.create_key(key_name, "ec-p256")
     received: list[bytes] = []
-    stop = threading.Event()
+    stopping = threading.Event()
 
     def load(n: int) -> None:
         with Client(d.socket, retries=0, timeout=10) as c:
             i = 0
-            while not stop.is_set():
+            while not stopping.is_set():
                 msg = b"%d-%d" % (n, i)
                 try:
                     c.sign(key_name, msg)
@@ -205,7 +240,7 @@ def test_kill_9_loses_no_record_of_an_answered_signature(
     assert d.proc is not None
     d.proc.send_signal(signal.SIGKILL)
     d.proc.wait()
-    stop.set()
+    stopping.set()
     for t in threads:
         t.join(30)
     audited = {r.get("data_sha256") for r in records(d) if r.get("result") == "ok"}
@@ -215,7 +250,7 @@ def test_kill_9_loses_no_record_of_an_answered_signature(
     d.start()
     with d.client() as c:
         c.sign(key_name, b"after the kill")
-    assert d.stop() == 0
+    stop(d)
     assert verify(*audit_files(d)).returncode == 0
 
 
@@ -239,7 +274,7 @@ def test_a_client_whose_path_is_not_utf8_is_audited(
         [exe, "-c", code, d.socket, key_name], env=env, capture_output=True, timeout=60, check=False
     )
     assert out.returncode == 0, out.stderr.decode(errors="replace")
-    assert d.stop() == 0
+    stop(d)
     rec = records(d)[-1]
     assert (rec["op"], rec["result"]) == ("sign", "ok")
     assert rec["exe"] == os.fsdecode(exe).encode("utf-8", "surrogateescape").decode(
@@ -260,7 +295,7 @@ def test_a_request_naming_a_version_is_recorded_with_that_version(
             c.public_key(key_name, version=99)
         c.key_info(key_name)
         c.sign(key_name, b"no version named")
-    assert d.stop() == 0
+    stop(d)
     named_1, named_99, info, sign = records(d)[2:]
     assert (named_1["op"], named_1["result"], named_1["version"]) == ("public_key", "ok", 1)
     # No answer names a version here: the record has the one the request named.
@@ -289,7 +324,7 @@ def test_key_names_that_need_escaping_are_recorded_exactly(
         for name in TRICKY_KEYS:
             with pytest.raises(SigndError):
                 c.sign(name, b"data")
-    assert d.stop() == 0
+    stop(d)
     assert [r["key"] for r in records(d)] == TRICKY_KEYS
     assert verify(*audit_files(d)).returncode == 0
 
@@ -308,7 +343,7 @@ def test_an_id_reused_while_in_flight_gets_a_record_per_request(
             chunk = s.recv(65536)
             assert chunk, "the daemon closed the connection"
             got += chunk
-    assert d.stop() == 0
+    stop(d)
     signs = [r for r in records(d) if r["op"] == "sign"]
     assert sorted(str(r["data_sha256"]) for r in signs) == sorted(
         hashlib.sha256(m).hexdigest() for m in messages
@@ -324,7 +359,7 @@ def test_relaxed_mode_writes_the_same_chain(
         c.create_key(key_name, "ec-p256")
         for i in range(10):
             c.sign(key_name, b"%d" % i)
-    assert d.stop() == 0
+    stop(d)
     assert [r["op"] for r in records(d)] == ["create_key"] + ["sign"] * 10
     assert verify(*audit_files(d)).returncode == 0
 

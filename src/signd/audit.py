@@ -943,6 +943,8 @@ class Checkpointer:
     def _mismatch(self, head: AuditHead) -> str | None:
         """What is wrong with the log, given the token's chain head; None if nothing."""
         seq, _ = self.audit.head
+        if head.seq == 0:
+            return None  # the head of an empty log: every log starts there
         if head.seq > seq:
             return (
                 f"the token's chain head is record {head.seq} (checkpoint of "
