@@ -195,6 +195,16 @@ export interface Health {
   keys: number;
   token?: TokenStatus;
   detail?: string;
+  /** The audit log's chain head (to a peer that may read `signd.audit`). */
+  audit?: AuditHead;
+}
+
+export interface AuditHead {
+  chain: string;
+  seq: number;
+  hash: string;
+  file: string;
+  time: number;
 }
 
 // ------------------------------------------------------------------- client

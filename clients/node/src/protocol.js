@@ -235,6 +235,17 @@ const RESULTS = {
       false,
     ],
     ["detail", "str", false],
+    [
+      "audit",
+      [
+        ["chain", "str", true],
+        ["seq", "int", true],
+        ["hash", "str", true],
+        ["file", "str", true],
+        ["time", "float", true],
+      ],
+      false,
+    ],
   ],
 };
 

@@ -331,7 +331,7 @@ def _parser() -> argparse.ArgumentParser:
         "--public-key",
         metavar="FILE",
         help=f"PEM public key(s) of the audit key ({AUDIT_KEY!r}), e.g. saved with "
-        f"'signctl public-key {AUDIT_KEY}'; without it they are asked of the daemon",
+        f"'signctl pubkey {AUDIT_KEY}'; without it they are asked of the daemon",
     )
     av.add_argument(
         "--after",
