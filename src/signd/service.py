@@ -36,7 +36,9 @@ from .errors import (
     InvalidDigest,
     KeyExists,
     KeyNotFound,
+    PermissionDenied,
     UnsupportedAlgorithm,
+    VersionNotFound,
     WireError,
 )
 from .keystore import (
@@ -270,10 +272,15 @@ class Service:
         """Count a request answered with an error before it reached the token."""
         self.metrics.error(req.op, exc)
         name = getattr(req.args, "key", None)
-        if name is None or name not in self.keystore:
-            return  # an unknown key never becomes a label
+        if name is None or name not in self.keystore or isinstance(exc, PermissionDenied):
+            # An unknown key never becomes a label, and a peer the policy
+            # refused moves no key's series (nor learns that the key exists).
+            return
+        version = getattr(req.args, "version", None)
+        if isinstance(exc, VersionNotFound):
+            version = None  # a version the key does not have never becomes a label
         if req.op in ("sign", "sign_batch"):
-            self.metrics.sign_failed(name, getattr(req.args, "version", None), "", exc)
+            self.metrics.sign_failed(name, version, "", exc)
         elif req.op == "verify":
             self.metrics.verified(name, exc.name)
 
