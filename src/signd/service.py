@@ -329,9 +329,12 @@ class Service:
 
     def _jwks(self, args: JwksArgs, who: Principal) -> Jwks | str:
         """Every version of the named keys that may verify now, as JWKs."""
+        # The limit counts the names as sent, repeats included (PROTOCOL.md).
+        if not 1 <= len(args.keys) <= MAX_JWKS_KEYS:
+            raise InvalidArgument(
+                f"'keys' must name 1 to {MAX_JWKS_KEYS} keys, got {len(args.keys)}"
+            )
         names = list(dict.fromkeys(args.keys))  # repeats named once, order kept
-        if not 1 <= len(names) <= MAX_JWKS_KEYS:
-            raise InvalidArgument(f"'keys' must name 1 to {MAX_JWKS_KEYS} keys, got {len(names)}")
         for name in names:
             check_key_name(name)
             self.policy.check(who, "jwks", name)
