@@ -20,6 +20,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
@@ -126,6 +127,9 @@ class Daemon:
     server_extra: str = ""
     token_extra: str = ""
     env_extra: dict[str, str] = field(default_factory=dict)
+    #: set: the daemon's /metrics wants this bearer token (``[metrics] token_file``,
+    #: added to its config) and shows per-key series; ``http_get`` sends it
+    metrics_token: str | None = None
     _log_offset: int = 0
 
     @property
@@ -149,11 +153,21 @@ class Daemon:
         return env
 
     def write_config(self) -> Path:
+        extra = self.extra_config
+        if self.metrics_token is not None:
+            token_file = self.workdir / "metrics.token"
+            token_file.write_text(self.metrics_token + "\n")
+            token_file.chmod(0o600)
+            line = f'token_file = "{token_file}"\n'
+            if "[metrics]" in extra:
+                extra = extra.replace("[metrics]\n", "[metrics]\n" + line, 1)
+            else:
+                extra += '\n[metrics]\nlisten = "127.0.0.1:0"\n' + line
         return write_config(
             self.config,
             self.token,
             Path(self.socket),
-            self.extra_config,
+            extra,
             self.server_extra,
             self.token_extra,
         )
@@ -191,10 +205,24 @@ class Daemon:
             time.sleep(0.02)
         pytest.fail(f"signd did not become ready in {timeout}s:\n{self.logs()}")
 
+    def http_get(self, path: str = "/metrics") -> tuple[int, str, str]:
+        """GET ``path`` from this daemon's metrics endpoint, with its metrics
+        token if it has one: (status, Content-Type, body)."""
+        url = self.metrics_url().removesuffix("/metrics") + path
+        headers = {}
+        if self.metrics_token is not None:
+            headers["Authorization"] = f"Bearer {self.metrics_token}"
+        request = urllib.request.Request(url, headers=headers)
+        try:
+            with urllib.request.urlopen(request, timeout=10) as r:  # loopback
+                return r.status, r.headers["Content-Type"], r.read().decode()
+        except urllib.error.HTTPError as exc:
+            with exc:
+                return exc.code, exc.headers["Content-Type"], exc.read().decode()
+
     def gauge(self, name: str) -> float:
         """The value of the sample ``name`` (no labels) in this daemon's /metrics."""
-        with urllib.request.urlopen(self.metrics_url(), timeout=10) as r:
-            text = r.read().decode()
+        text = self.http_get()[2]
         for family in text_string_to_metric_families(text):
             for s in family.samples:
                 if s.name == name:

@@ -20,6 +20,7 @@ import contextlib
 import json
 import math
 import re
+import secrets
 import shutil
 import socket
 import subprocess
@@ -269,9 +270,11 @@ def test_dashboard_has_the_issues_panels() -> None:
 # ---------------------------------------------------------------- a real signd
 
 
-def fetch(url: str, timeout: float = 10.0) -> tuple[int, str]:
+def fetch(url: str, timeout: float = 10.0, token: str | None = None) -> tuple[int, str]:
+    headers = {} if token is None else {"Authorization": f"Bearer {token}"}
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as r:  # loopback only
+        request = urllib.request.Request(url, headers=headers)
+        with urllib.request.urlopen(request, timeout=timeout) as r:  # loopback only
             return r.status, r.read().decode()
     except urllib.error.HTTPError as e:
         return e.code, e.read().decode(errors="replace")
@@ -286,6 +289,8 @@ def free_port() -> int:
 
 
 METRICS_CONFIG = '[audit]\ndir = "audit"\n\n[metrics]\nlisten = "127.0.0.1:0"\nenabled = true\n'
+#: The bearer token that shows the per-key series (``[metrics] token_file``).
+TOKEN = secrets.token_hex(16)
 
 
 def metrics_target(d: Daemon) -> str:
@@ -332,9 +337,10 @@ def parse_exposition(text: str) -> tuple[dict[str, str], list[tuple[str, dict[st
 def test_real_metrics_output_is_clean_and_matches_the_list(
     make_daemon: Callable[..., Daemon], key_name: str
 ) -> None:
-    d = make_daemon(METRICS_CONFIG)
+    d = make_daemon(METRICS_CONFIG, metrics_token=TOKEN)
     exercise(d, key_name)
-    status, text = fetch(d.metrics_url())
+    assert fetch(d.metrics_url())[0] == 401  # the token is required
+    status, text = fetch(d.metrics_url(), token=TOKEN)
     assert status == 200, text
 
     out = promtool("check", "metrics", input=text)
@@ -382,18 +388,44 @@ def test_real_metrics_output_is_clean_and_matches_the_list(
     assert value("signd_build_info") == 1
 
 
+@needs_promtool
+def test_metrics_without_a_token_are_clean_and_name_no_key(
+    make_daemon: Callable[..., Daemon], key_name: str
+) -> None:
+    d = make_daemon(METRICS_CONFIG)
+    exercise(d, key_name)
+    status, text = fetch(d.metrics_url())
+    assert status == 200, text
+    assert key_name not in text
+    out = promtool("check", "metrics", input=text)
+    assert out.returncode == 0, out.stdout + out.stderr
+    types, samples = parse_exposition(text)
+    fams = families()
+    assert types == {f.name: f.type for f in fams.values()}, "the same families"
+    for name, labels, _ in samples:
+        if "key" in labels:
+            assert labels["key"] == "", (name, labels)
+    assert d.stop() == 0
+
+
 # ---------------------------------------------------------------- a real Prometheus
 
 
 class Prometheus:
     """Debian's prometheus server on a free loopback port with its own storage."""
 
-    def __init__(self, workdir: Path, target: str) -> None:
+    def __init__(self, workdir: Path, target: str, token: str | None = None) -> None:
         assert PROMETHEUS is not None
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         self.log = workdir / "prometheus.log"
         config = workdir / "prometheus.yml"
+        auth = ""
+        if token is not None:  # as OPERATIONS.md says: the token in a file only it reads
+            credentials = workdir / "signd-metrics.token"
+            credentials.write_text(token + "\n")
+            credentials.chmod(0o600)
+            auth = f"    authorization:\n      credentials_file: {json.dumps(str(credentials))}\n"
         config.write_text(
             "global:\n"
             "  scrape_interval: 1s\n"
@@ -402,6 +434,7 @@ class Prometheus:
             f"rule_files:\n  - {json.dumps(str(RULES))}\n"
             "scrape_configs:\n"
             "  - job_name: signd\n"
+            f"{auth}"
             "    static_configs:\n"
             f"      - targets: [{json.dumps(target)}]\n"
         )
@@ -461,8 +494,8 @@ class Prometheus:
 
 
 @contextlib.contextmanager
-def prometheus(workdir: Path, target: str) -> Iterator[Prometheus]:
-    p = Prometheus(workdir, target)
+def prometheus(workdir: Path, target: str, token: str | None = None) -> Iterator[Prometheus]:
+    p = Prometheus(workdir, target, token)
     try:
         p.wait_ready()
         yield p
@@ -518,7 +551,7 @@ def first_value(result: list[dict[str, Any]]) -> float | None:
 def test_real_prometheus_scrapes_signd_under_load(
     make_daemon: Callable[..., Daemon], key_name: str, tmp_path: Path
 ) -> None:
-    d = make_daemon(METRICS_CONFIG)
+    d = make_daemon(METRICS_CONFIG, metrics_token=TOKEN)
     with d.client() as c:
         c.create_key(key_name, "ed25519")
         pem = c.public_key(key_name).public_key_pem
@@ -529,7 +562,7 @@ def test_real_prometheus_scrapes_signd_under_load(
         return f"histogram_quantile({q}, sum by (le) (rate({histogram}_bucket{sel}[10s])))"
 
     seen: dict[str, float] = {}
-    with prometheus(tmp_path, metrics_target(d)) as prom, Load(d, key_name) as load:
+    with prometheus(tmp_path, metrics_target(d), TOKEN) as prom, Load(d, key_name) as load:
         deadline = time.monotonic() + 90
         while time.monotonic() < deadline and len(seen) < 5:
             assert not load.errors, load.errors

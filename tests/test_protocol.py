@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 from signd import errors
 from signd.protocol import (
     DEFAULT_MAX_FRAME,
+    MAX_VERSION,
     OPS,
     BadRequest,
     CreateKeyArgs,
@@ -209,10 +210,10 @@ ACCEPTED: list[tuple[str, dict[str, Any], Request]] = [
                 "hash": "sha512",
                 "padding": "pss",
                 "format": "der",
-                "version": 0,
+                "version": 1,
             },
         ),
-        Request(7, "verify", VerifyArgs("a", b"s", None, b"d", "sha512", "pss", "der", 0)),
+        Request(7, "verify", VerifyArgs("a", b"s", None, b"d", "sha512", "pss", "der", 1)),
     ),
 ]
 
@@ -310,6 +311,8 @@ BAD: list[tuple[str, bytes, type[errors.WireError], int | None, str]] = [
     ("format-int", args("sign", **SIGN, format=1), BAD_ARG, 7, "format"),
     ("version-true", pack(req("public_key", {"key": "a", "version": True})), BAD_ARG, 7, "version"),
     ("version-false", args("verify", **VERIFY, version=False), BAD_ARG, 7, "version"),
+    ("version-0", args("verify", **VERIFY, version=0), BAD_ARG, 7, "version"),
+    ("version-2**31", args("sign", key="k", message=b"m", version=1 << 31), BAD_ARG, 7, "version"),
     ("version-float", pack(req("public_key", {"key": "a", "version": 1.0})), BAD_ARG, 7, "version"),
     ("version-str", pack(req("public_key", {"key": "a", "version": "1"})), BAD_ARG, 7, "version"),
     ("type-map", pack(req("create_key", {"key": "a", "type": {}})), BAD_ARG, 7, "type"),
@@ -447,7 +450,7 @@ _verify_args = st.builds(
     hash=_opt_str,
     padding=_opt_str,
     format=_opt_str,
-    version=st.none() | st.integers(-(1 << 63), U64_MAX),
+    version=st.none() | st.integers(1, MAX_VERSION),
 )
 
 

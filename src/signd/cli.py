@@ -24,7 +24,7 @@ import trio
 
 from . import __version__
 from .audit import AuditError, AuditLog, Checkpointer, TokenHead, head_label, record_own_action
-from .config import Config, ConfigError, Secret, load_config, read_pin
+from .config import Config, ConfigError, Secret, load_config, read_metrics_token, read_pin
 from .errors import WireError
 from .keystore import LoadedKey
 from .log import setup_logging
@@ -61,7 +61,7 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-async def _run(cfg: Config, pin: Secret) -> int:
+async def _run(cfg: Config, pin: Secret, metrics_token: Secret | None = None) -> int:
     # Before the token workers start: they must not inherit $NOTIFY_SOCKET.
     notifier = Notifier.from_environ()
     try:
@@ -92,7 +92,14 @@ async def _run(cfg: Config, pin: Secret) -> int:
     try:
         try:
             async with open_token_pool(settings) as pool:
-                return await _serve(cfg, sock, inherited is not None, pool, notifier=notifier)
+                return await _serve(
+                    cfg,
+                    sock,
+                    inherited is not None,
+                    pool,
+                    notifier=notifier,
+                    metrics_token=metrics_token,
+                )
         except* WireError as group:
             for err in group.exceptions:
                 log.error("token unavailable", extra={"error": str(err)})
@@ -112,6 +119,7 @@ async def _serve(
     pool: TokenPool,
     *,
     notifier: Notifier,
+    metrics_token: Secret | None = None,
 ) -> int:
     policy = Policy(cfg.access.rules, trust_root=cfg.access.trust_root)
     rl = cfg.rate_limits
@@ -149,7 +157,7 @@ async def _serve(
     try:
         async with trio.open_nursery() as nursery:
             if cfg.metrics.enabled:
-                await _start_metrics(nursery, cfg, service)
+                await _start_metrics(nursery, cfg, service, metrics_token)
             try:
                 return await _serve_with(
                     cfg, inherited, pool, service, server, sock, notifier=notifier
@@ -200,13 +208,23 @@ def _count(
     metrics.snapshot = snapshot
 
 
-async def _start_metrics(nursery: trio.Nursery, cfg: Config, service: Service) -> None:
+async def _start_metrics(
+    nursery: trio.Nursery, cfg: Config, service: Service, token: Secret | None
+) -> None:
     """Serve /metrics; an address that cannot be bound is logged, not fatal:
-    signing goes on, and Prometheus's own ``up`` shows the endpoint is missing."""
+    signing goes on, and Prometheus's own ``up`` shows the endpoint is missing.
+    Per-key series only to scrapes that bring ``token``; none without one."""
     host, port = cfg.metrics.host, cfg.metrics.port
-    registry = service.metrics.registry()
+    serve = functools.partial(
+        serve_http,
+        host,
+        port,
+        service.metrics,
+        lambda: service.ready,
+        token=None if token is None else token.reveal().encode("ascii"),
+    )
     try:
-        bound = await nursery.start(serve_http, host, port, registry, lambda: service.ready)
+        bound = await nursery.start(serve)
     except OSError as exc:
         log.error(
             "metrics endpoint not started", extra={"host": host, "port": port, "error": str(exc)}
@@ -214,6 +232,12 @@ async def _start_metrics(nursery: trio.Nursery, cfg: Config, service: Service) -
         return
     if host in ("0.0.0.0", "::"):  # noqa: S104 - a check, not a bind
         log.warning("metrics endpoint open on every interface", extra={"port": bound})
+    if token is None:
+        log.warning(
+            "metrics: no key names on /metrics (per-key series are summed into one "
+            "with an empty key label); to see them, set [metrics] token_file or "
+            "token_credential and scrape with that bearer token (OPERATIONS.md)"
+        )
     log.info("metrics endpoint", extra={"url": f"http://{_netloc(host, bound)}/metrics"})
 
 
@@ -417,6 +441,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         cfg = load_config(args.config)
         pin = read_pin(cfg.token)
+        metrics_token = read_metrics_token(cfg.metrics)
     except ConfigError as exc:
         print(f"signd: config error: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -425,7 +450,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_OK
     setup_logging(cfg.log.level)
     _raise_fd_limit(cfg.limits.max_connections)
-    return trio.run(_run, cfg, pin)
+    return trio.run(_run, cfg, pin, metrics_token)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -25,11 +25,13 @@ __all__ = [
     "ConfigError",
     "LimitsConfig",
     "LogConfig",
+    "MetricsConfig",
     "Secret",
     "ServerConfig",
     "TokenConfig",
     "find_softhsm_module",
     "load_config",
+    "read_metrics_token",
     "read_pin",
 ]
 
@@ -180,6 +182,10 @@ class MetricsConfig:
     enabled: bool = True
     host: str = "127.0.0.1"
     port: int = 9464
+    #: where the bearer token that unlocks per-key series is read from (at most
+    #: one of the two; neither: /metrics shows no key names)
+    token_file: str | None = None
+    token_credential: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -412,9 +418,24 @@ def _parse(doc: Mapping[str, Any], path: str | None, base: Path) -> Config:
     mt = _Section("metrics", sections.pop("metrics", {}))
     enabled = mt.take("enabled", bool, True)
     listen = mt.take("listen", str, "127.0.0.1:9464", _listen_address)
+    token_file = mt.take("token_file", str, "", _nonempty)
+    token_cred = mt.take(
+        "token_credential",
+        str,
+        "",
+        lambda v: None if v and "/" not in v else "must be a credential name without '/'",
+    )
     mt.done()
+    if token_file and token_cred:
+        raise ConfigError("metrics: set at most one of token_file and token_credential")
     host, _, port_text = listen.rpartition(":")
-    metrics = MetricsConfig(enabled=enabled, host=host.strip("[]"), port=int(port_text))
+    metrics = MetricsConfig(
+        enabled=enabled,
+        host=host.strip("[]"),
+        port=int(port_text),
+        token_file=str(base / token_file) if token_file else None,
+        token_credential=token_cred or None,
+    )
     if sections:
         raise ConfigError(f"{sorted(sections)[0]}: unknown section")
     return Config(
@@ -556,3 +577,68 @@ def read_pin(token: TokenConfig, environ: Mapping[str, str] | None = None) -> Se
         return Secret(token.profile.login_pin(text, token.auth_key_id))
     except ProfileError as exc:
         raise ConfigError(f"{where}: {exc}") from None
+
+
+#: A metrics token: printable ASCII without spaces (it travels in an HTTP
+#: header), long enough that guessing it over loopback is hopeless.
+METRICS_TOKEN_MIN: Final = 16
+METRICS_TOKEN_MAX: Final = 4096
+
+
+def read_metrics_token(
+    metrics: MetricsConfig, environ: Mapping[str, str] | None = None
+) -> Secret | None:
+    """Read the bearer token that /metrics asks for, or None if none is configured.
+
+    The file (or systemd credential) must be a regular file, not a symlink,
+    owned by root or the daemon's user, and not readable or writable by
+    others.  Surrounding whitespace is stripped, as Prometheus does with its
+    ``credentials_file``.  The token never appears in an error message.
+
+    Raises:
+        ConfigError: missing, unreadable, too open, or not a usable token.
+    """
+    env = os.environ if environ is None else environ
+    if metrics.token_credential is not None:
+        creds = env.get("CREDENTIALS_DIRECTORY")
+        if not creds:
+            raise ConfigError(
+                "metrics.token_credential: $CREDENTIALS_DIRECTORY is not set; "
+                "is signd running under systemd with LoadCredential=?"
+            )
+        where, path = "metrics.token_credential", os.path.join(creds, metrics.token_credential)
+    elif metrics.token_file is not None:
+        where, path = "metrics.token_file", metrics.token_file
+    else:
+        return None
+    try:  # O_NONBLOCK: a FIFO put in its place must not hang the daemon
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError as exc:
+        raise ConfigError(f"{where}: cannot open {path}: {exc.strerror}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ConfigError(f"{where}: {path} is not a regular file")
+        if st.st_uid not in (0, os.geteuid()):
+            raise ConfigError(
+                f"{where}: {path} is owned by uid {st.st_uid}, not by root or signd's "
+                f"user (uid {os.geteuid()}); chown it"
+            )
+        if st.st_mode & 0o007:
+            raise ConfigError(
+                f"{where}: {path} is open to others (mode {st.st_mode & 0o777:04o}); "
+                "run chmod 600 on it"
+            )
+        data = os.read(fd, METRICS_TOKEN_MAX + 2)
+    finally:
+        os.close(fd)
+    token = data.strip(b" \t\r\n")
+    if not METRICS_TOKEN_MIN <= len(token) <= METRICS_TOKEN_MAX or not all(
+        0x21 <= b <= 0x7E for b in token
+    ):
+        raise ConfigError(
+            f"{where}: {path} must hold one token of {METRICS_TOKEN_MIN} to "
+            f"{METRICS_TOKEN_MAX} printable ASCII characters without spaces "
+            "(e.g. the output of: openssl rand -hex 32)"
+        )
+    return Secret(token.decode("ascii"))

@@ -39,6 +39,7 @@ from .errors import (
     KeyNotFound,
     PermissionDenied,
     UnsupportedAlgorithm,
+    VersionNotFound,
     WireError,
 )
 from .keystore import (
@@ -292,10 +293,15 @@ class Service:
         """Count a request answered with an error before it reached the token."""
         self.metrics.error(req.op, exc)
         name = getattr(req.args, "key", None)
-        if name is None or name not in self.keystore:
-            return  # an unknown key never becomes a label
+        if name is None or name not in self.keystore or isinstance(exc, PermissionDenied):
+            # An unknown key never becomes a label, and a peer the policy
+            # refused moves no key's series (nor learns that the key exists).
+            return
+        version = getattr(req.args, "version", None)
+        if isinstance(exc, VersionNotFound):
+            version = None  # a version the key does not have never becomes a label
         if req.op in ("sign", "sign_batch"):
-            self.metrics.sign_failed(name, getattr(req.args, "version", None), "", exc)
+            self.metrics.sign_failed(name, version, "", exc)
         elif req.op == "verify":
             self.metrics.verified(name, exc.name)
 
@@ -347,9 +353,12 @@ class Service:
 
     def _jwks(self, args: JwksArgs, who: Principal) -> Jwks | str:
         """Every version of the named keys that may verify now, as JWKs."""
+        # The limit counts the names as sent, repeats included (PROTOCOL.md).
+        if not 1 <= len(args.keys) <= MAX_JWKS_KEYS:
+            raise InvalidArgument(
+                f"'keys' must name 1 to {MAX_JWKS_KEYS} keys, got {len(args.keys)}"
+            )
         names = list(dict.fromkeys(args.keys))  # repeats named once, order kept
-        if not 1 <= len(names) <= MAX_JWKS_KEYS:
-            raise InvalidArgument(f"'keys' must name 1 to {MAX_JWKS_KEYS} keys, got {len(names)}")
         for name in names:
             check_key_name(name)
             self.policy.check(who, "jwks", name)

@@ -161,7 +161,7 @@ class TokenInfo:
     manufacturer: str
     model: str
     serial: str
-    #: mechanism names (``CKM_ECDSA``; ``CKM_0x...`` for one python-pkcs11 has no name for)
+    #: mechanism names (``CKM_ECDSA``; ``0x8000001f`` for one PKCS#11 does not name)
     mechanisms: list[str]
     #: key type -> None if the token can make and sign with it, else why not
     key_types: dict[str, str | None]
@@ -549,14 +549,27 @@ class TokenSession:
         return out
 
 
+#: Mechanism numbers from here up are the vendors' own (``CKM_VENDOR_DEFINED``).
+CKM_VENDOR_DEFINED: Final = 0x80000000
+
+
+def mechanism_name(mech: int) -> str:
+    """The PKCS#11 name of a mechanism (``CKM_ECDSA``, ``CKM_MD5``), or its
+    number as ``0x%08x`` for a vendor's or one python-pkcs11 does not name.
+
+    python-pkcs11 names a mechanism that PKCS#11 deprecated with a leading
+    underscore (``Mechanism._MD5``): that is not part of the PKCS#11 name.
+    """
+    if isinstance(mech, Mechanism) and int(mech) < CKM_VENDOR_DEFINED:
+        return "CKM_" + mech.name.lstrip("_")
+    return f"0x{int(mech):08x}"
+
+
 def _capabilities(slot: Any) -> dict[str, Any]:
     """The token's mechanisms by name, and the key types they make possible."""
     sizes: dict[str, tuple[int, int]] = {}
     for mech in slot.get_mechanisms():
-        if isinstance(mech, Mechanism):
-            name = f"CKM_{mech.name}"
-        else:  # a vendor mechanism python-pkcs11 has no name for
-            name = f"CKM_0x{int(mech):08x}"
+        name = mechanism_name(mech)
         try:
             info = slot.get_mechanism_info(mech)
             sizes[name] = (int(info.min_key_length), int(info.max_key_length))

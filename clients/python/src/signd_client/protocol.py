@@ -22,7 +22,7 @@ import types
 import typing
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar, Final, TypeVar, Union
+from typing import Annotated, Any, ClassVar, Final, TypeVar, Union
 
 import msgpack
 
@@ -44,6 +44,7 @@ __all__ = [
     "MAX_BATCH",
     "MAX_JWKS_KEYS",
     "AuditHead",
+    "MAX_VERSION",
     "BatchItem",
     "ErrorInfo",
     "SignBatchArgs",
@@ -101,8 +102,25 @@ MAX_REQUEST_ID: Final = (1 << 64) - 1
 KEY_NAME_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 #: Most items one ``sign_batch`` may carry.
 MAX_BATCH: Final = 10000
-#: Most key names one ``jwks`` request may name.
+#: Most key names one ``jwks`` request may name (repeats count).
 MAX_JWKS_KEYS: Final = 100
+#: Highest key version a request may name: versions count from 1 by one per
+#: rotation, and stay within a signed 32-bit integer.
+MAX_VERSION: Final = (1 << 31) - 1
+
+
+@dataclass(frozen=True, slots=True)
+class Between:
+    """An int field's bounds, checked when a message is decoded (``from_wire``)."""
+
+    lo: int
+    hi: int
+
+
+#: A version a request names: 1 to ``MAX_VERSION``.
+VersionNumber = Annotated[int, Between(1, MAX_VERSION)]
+#: A version setting (``min_sign_version``...): 0 (off) to ``MAX_VERSION``.
+VersionSetting = Annotated[int, Between(0, MAX_VERSION)]
 KEY_TYPES: Final = ("ec-p256", "ec-p384", "ed25519", "rsa-2048", "rsa-3072", "rsa-4096")
 #: An ``idempotency_key``: 1 to 128 printable ASCII characters, space excluded.
 IDEMPOTENCY_KEY_RE: Final = re.compile(r"[\x21-\x7e]{1,128}")
@@ -265,6 +283,20 @@ def _scalar_checker(tp: type) -> Callable[[Any, str, bool], Any]:
 
 
 def _checker(tp: Any) -> Callable[[Any, str, bool], Any]:
+    if typing.get_origin(tp) is Annotated:
+        base, *extras = typing.get_args(tp)
+        inner = _checker(base)
+        (bounds,) = [e for e in extras if isinstance(e, Between)]
+
+        def check_range(value: Any, where: str, strict: bool) -> Any:
+            value = inner(value, where, strict)
+            if not bounds.lo <= value <= bounds.hi:
+                raise InvalidArgument(
+                    f"field '{where}': must be {bounds.lo} to {bounds.hi}, got {value}"
+                )
+            return value
+
+        return check_range
     if tp in _SCALARS:
         return _scalar_checker(tp)
     origin = typing.get_origin(tp)
@@ -289,7 +321,7 @@ def _checker(tp: Any) -> Callable[[Any, str, bool], Any]:
 
 
 def _compile(cls: type[Message]) -> tuple[tuple[str, Callable[[Any, str, bool], Any], bool], ...]:
-    hints = typing.get_type_hints(cls)
+    hints = typing.get_type_hints(cls, include_extras=True)
     compiled = []
     names: list[tuple[str, bool]] = []
     for f in dataclasses.fields(cls):  # type: ignore[arg-type]
@@ -356,8 +388,8 @@ class UpdateKeyArgs(Message):
     key: str
     auto_rotate_period: float | None = None
     verify_grace: float | None = None
-    min_sign_version: int | None = None
-    min_verify_version: int | None = None
+    min_sign_version: VersionSetting | None = None
+    min_verify_version: VersionSetting | None = None
     deletion_allowed: bool | None = None
 
 
@@ -366,7 +398,7 @@ class VersionRefArgs(Message):
     """Arguments of ``disable`` and ``enable``: one version of a key."""
 
     key: str
-    version: int
+    version: VersionNumber
 
 
 @message
@@ -378,7 +410,7 @@ class DestroyArgs(Message):
     """
 
     key: str
-    version: int | None = None
+    version: VersionNumber | None = None
     all: bool | None = None
 
 
@@ -404,7 +436,7 @@ class RotateArgs(Message):
 @message
 class PublicKeyArgs(Message):
     key: str
-    version: int | None = None
+    version: VersionNumber | None = None
 
 
 @message
@@ -422,7 +454,7 @@ class SignArgs(Message):
     hash: str | None = None
     padding: str | None = None
     format: str | None = None
-    version: int | None = None
+    version: VersionNumber | None = None
 
 
 @message
@@ -434,7 +466,7 @@ class VerifyArgs(Message):
     hash: str | None = None
     padding: str | None = None
     format: str | None = None
-    version: int | None = None
+    version: VersionNumber | None = None
 
 
 @message
@@ -447,7 +479,7 @@ class SignBatchArgs(Message):
     hash: str | None = None
     padding: str | None = None
     format: str | None = None
-    version: int | None = None
+    version: VersionNumber | None = None
 
 
 # ---- results ----
