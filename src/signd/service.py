@@ -205,8 +205,8 @@ class Service:
                         done = _sign_done(req.id, key, version, plan, reply, metrics, started)
                         groups.append((req, [Entry(_job(version, plan), done, deadline)]))
                     else:
-                        items = args.messages if args.messages is not None else args.digests
-                        self._limit(who, args.key, len(items or ()))
+                        # A batch costs its item count; a malformed one costs nothing.
+                        self._limit(who, args.key, len(_batch_items(args)))
                         entries = _batch_entries(
                             req.id, key, version, args, reply, deadline, metrics, started
                         )
@@ -852,6 +852,21 @@ def _sign_done(
     return done
 
 
+def _batch_items(args: SignBatchArgs) -> tuple[bytes, ...]:
+    """The batch's items (messages or digests).
+
+    Raises:
+        InvalidArgument: not exactly one of them, or not 1 to MAX_BATCH items.
+    """
+    if (args.messages is None) == (args.digests is None):
+        raise InvalidArgument("exactly one of 'messages' and 'digests' is required")
+    items = args.messages if args.messages is not None else args.digests
+    assert items is not None
+    if not 0 < len(items) <= MAX_BATCH:
+        raise InvalidArgument(f"a batch has 1 to {MAX_BATCH} items, got {len(items)}")
+    return items
+
+
 def _batch_entries(
     rid: int,
     key: LoadedKey,
@@ -867,12 +882,7 @@ def _batch_entries(
     Raises:
         InvalidArgument, UnsupportedAlgorithm: the batch as a whole is wrong.
     """
-    if (args.messages is None) == (args.digests is None):
-        raise InvalidArgument("exactly one of 'messages' and 'digests' is required")
-    items = args.messages if args.messages is not None else args.digests
-    assert items is not None
-    if not 0 < len(items) <= MAX_BATCH:
-        raise InvalidArgument(f"a batch has 1 to {MAX_BATCH} items, got {len(items)}")
+    items = _batch_items(args)
     by_message = args.messages is not None
     opts = algorithms.options(
         key.kt, args.hash, args.padding, args.format, by_digest=not by_message
