@@ -194,6 +194,7 @@ class _Connection:
         "decoder",
         "dirty",
         "eof",
+        "fatal",
         "idle_closed",
         "idle_mark",
         "inflight",
@@ -229,6 +230,9 @@ class _Connection:
         self.eof = False
         #: On shutdown: the bytes the client had sent and the daemon not read yet.
         self.owed = 0
+        #: the id-nil error frame to send once every request read is answered,
+        #: then close (``frame_too_large``): the reader has stopped
+        self.fatal: bytes | None = None
         self.principal = principal_of(stream.socket)
         self.audit = audit
         # Requests in flight, by id, for their audit records; a client that
@@ -564,6 +568,12 @@ class Server:
                 self._drain_deadline, trio.current_time() + self.limits.drain_timeout
             )
             await conn.wait_settled()
+            if conn.fatal is not None:
+                # After the answers to every request read before it, as
+                # PROTOCOL.md promises: a client that fails what is still
+                # outstanding on an id-nil error then fails nothing carried out.
+                conn.send(conn.fatal)
+                await conn.wait_settled()
             if not conn.eof:
                 await self._linger(conn)
             nursery.cancel_scope.cancel()
@@ -650,10 +660,11 @@ class Server:
                 else:
                     requests.append(event)
         except FrameTooLarge as exc:
-            # The stream cannot be resynchronised: answer, then close this one only.
+            # The stream cannot be resynchronised: stop reading; the error goes
+            # out after the answers to the requests read before it, then close.
             self.service.metrics.error(None, exc)
             self.service.metrics.limit_hit("max_frame")
-            conn.send(encode_error(None, exc))
+            conn.fatal = encode_error(None, exc)
             keep_open = False
         if requests:
             conn.inflight += len(requests)
