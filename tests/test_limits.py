@@ -83,6 +83,9 @@ MiB = 1 << 20
 FIRST_ID = 1 << 16
 LIMITS = (
     "max_connections",
+    "max_connections_per_uid",
+    "max_buffered_bytes",
+    "max_buffered_bytes_per_uid",
     "max_inflight",
     "max_frame",
     "idle_timeout",
