@@ -28,6 +28,8 @@ from typing import TYPE_CHECKING, Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from signd_client.errors import KeyNotFound
+
 if TYPE_CHECKING:
     from conftest import Daemon
 
@@ -196,3 +198,40 @@ def test_partial_frames_stay_within_the_budget(flood_daemon: Callable[[str], Dae
     growth, _ = _flooded(d, key, "partial", "32", str(MiB))
     assert growth < RSS_BUDGET
     assert d.stop() == 0
+
+
+def test_unknown_key_names_do_not_stall_others(flood_daemon: Callable[[str], Daemon]) -> None:
+    """1,000 pipelined ``sign`` requests for random names that nobody's glob
+    grant matches once caused 1,000 token searches, one after another on the
+    worker that signs, and root's ``sign`` waited seconds behind them.  Now
+    the names waiting are looked up together, a few distinct names per uid at
+    a time (the rest are answered ``busy``): a handful of searches in all."""
+    d = flood_daemon("")
+    key = d.new_ec_key("app-known")
+    before = d.gauge("signd_key_lookups_total")
+    with flood(d, "unknown", "1000", "app-r") as summary:
+        serves_root(d, key)
+    searches = d.gauge("signd_key_lookups_total") - before
+    answers = summary["answers"]
+    print(f"\n1,000 unknown names: {searches:g} token searches, answers {answers}")
+    assert sum(answers.values()) == 1000
+    assert set(answers) <= {"key_not_found", "busy"}, answers
+    assert 1 <= searches <= 10
+
+
+def test_a_key_made_elsewhere_is_found_by_one_search(
+    signd: Daemon, make_daemon: Callable[..., Daemon], key_name: str
+) -> None:
+    """A key another daemon on the token made is found on the first request
+    for it, by one search; a name found absent is not searched again at once."""
+    d = make_daemon()
+    with signd.client() as c:
+        c.create_key(key_name, "ec-p256")
+    before = d.gauge("signd_key_lookups_total")
+    with d.client(retries=0) as c:
+        assert c.sign(key_name, b"made elsewhere").version == 1
+        assert c.sign(key_name, b"known now").version == 1
+        for _ in range(3):
+            with pytest.raises(KeyNotFound):
+                c.sign(key_name + "-absent", b"x")
+    assert 2 <= d.gauge("signd_key_lookups_total") - before <= 3  # 3: a slow second

@@ -64,6 +64,23 @@ class RateLimiter:
             b = table[who] = Bucket(rate, burst, burst, now)
         return b
 
+    def charge(self, uid: int, cost: int) -> None:
+        """Take ``cost`` tokens from ``uid``'s bucket only (work not for a key
+        that exists, such as looking a name up on the token).
+
+        Raises:
+            RateLimited: too few tokens now, with ``retry_after``.
+        """
+        if self.per_principal is None:
+            return
+        now = self._clock()
+        wait = self._bucket(self._principals, uid, self.per_principal, now).take(cost, now)
+        if wait:
+            self.refused["principal"] += 1
+            raise RateLimited(
+                f"uid {uid} is over its rate limit; retry after {wait:.3f} s", round(wait, 3)
+            )
+
     def check(self, uid: int, key: str, cost: int) -> None:
         """Take ``cost`` tokens from ``uid``'s bucket and from ``key``'s.
 
