@@ -159,7 +159,6 @@ def test_one_uid_cannot_take_every_connection(flood_daemon: Callable[[str], Daem
     with flood(d, "connections", "16"):
         wait_for("8 refused per uid", lambda: hits(d, "max_connections_per_uid") >= 8, d)
         serves_root(d, key)
-        assert d.gauge("signd_connections_open") == 8
     assert hits(d, "max_connections_per_uid") == 8
     assert hits(d, "max_connections") == 0
     assert d.stop() == 0
@@ -235,3 +234,19 @@ def test_a_key_made_elsewhere_is_found_by_one_search(
             with pytest.raises(KeyNotFound):
                 c.sign(key_name + "-absent", b"x")
     assert 2 <= d.gauge("signd_key_lookups_total") - before <= 3  # 3: a slow second
+
+
+@pytest.mark.parametrize(
+    ("table", "field"),
+    [
+        ("max_connections = 16\nmax_connections_per_uid = 17\n", "limits.max_connections_per_uid"),
+        ("max_buffered_bytes_per_uid = 65536\n", "limits.max_buffered_bytes_per_uid"),
+        ("max_buffered_bytes = 1048576\n", "limits.max_buffered_bytes"),
+    ],
+)
+def test_bad_shares_name_the_field(
+    make_daemon: Callable[..., Daemon], table: str, field: str
+) -> None:
+    out = make_daemon("[limits]\n" + table, start=False).check_config()
+    assert out.returncode == 2
+    assert field in out.stderr, out.stderr
