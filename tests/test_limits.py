@@ -83,6 +83,9 @@ MiB = 1 << 20
 FIRST_ID = 1 << 16
 LIMITS = (
     "max_connections",
+    "max_connections_per_uid",
+    "max_buffered_bytes",
+    "max_buffered_bytes_per_uid",
     "max_inflight",
     "max_frame",
     "idle_timeout",
@@ -326,6 +329,37 @@ def test_max_frame(make_daemon: Callable[..., Daemon]) -> None:
     assert isinstance(answers[0].error, FrameTooLarge)
     assert answers[0].error.code == ErrorCode.FRAME_TOO_LARGE
     assert only_hit(d, "max_frame") == 1
+    assert d.stop() == 0
+
+
+def test_max_frame_comes_after_the_answers(
+    make_daemon: Callable[..., Daemon], key_name: str
+) -> None:
+    """PROTOCOL.md: the answers to requests read before an oversized frame come
+    first, then ``101`` with id nil, then the end of the stream.  The daemon
+    used to send 101 at once, ahead of a ``sign`` still at the token (seen:
+    ``[101, 2, 1, EOF]``), so a client following the spec failed requests that
+    had been carried out."""
+    d = make_daemon("[limits]\nmax_frame = 1024\n")
+    make_key(d, key_name)
+    for attempt in range(30):
+        with raw(d) as s:
+            frames = [
+                sign_frame(key_name, 1),
+                encode_request(2, "health", Empty()),
+                encode_request(3, "public_key", PublicKeyArgs(key=key_name)),
+                sign_frame(key_name, 4),
+            ]
+            s.sendall(b"".join(frames) + HEADER.pack(1025))
+            answers = read_to_eof(s)
+        got = [a.id for a in answers]
+        assert len(answers) == 5, f"attempt {attempt}: {got}"
+        assert None not in got[:4], f"attempt {attempt}: 101 came before an answer: {got}"
+        assert sorted(i for i in got[:4] if i is not None) == [1, 2, 3, 4], got
+        assert all(a.error is None for a in answers[:4]), answers
+        assert answers[4].id is None, f"attempt {attempt}: {got}"
+        assert isinstance(answers[4].error, FrameTooLarge)
+    assert only_hit(d, "max_frame") == 30
     assert d.stop() == 0
 
 

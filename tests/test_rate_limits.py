@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from signd_client.errors import RateLimited
+from signd_client.errors import InvalidArgument, RateLimited
 from signd_client.protocol import (
     FrameDecoder,
     SignArgs,
@@ -95,6 +95,46 @@ def test_sign_batch_costs_its_items(make_daemon: Callable[..., Daemon], key_name
     )
     assert first.error is None
     assert isinstance(second.error, RateLimited)
+
+
+@pytest.mark.parametrize(
+    ("table", "setting"),
+    [
+        ("per_principal = 2\n", "rate_limits.per_principal_burst"),
+        ("per_key = 2\n", "rate_limits.per_key_burst"),
+    ],
+)
+def test_a_batch_larger_than_the_burst_is_refused(
+    make_daemon: Callable[..., Daemon], key_name: str, table: str, setting: str
+) -> None:
+    """A 2/s principal (burst 2) once signed 4,000 items at once with two batches
+    of 2,000: the cost was capped at the burst.  Now such a batch is refused, not
+    retryably (it could never fit), and it takes nothing from the bucket."""
+    d = make_daemon("[rate_limits]\n" + table)
+    with d.client() as c:
+        c.create_key(key_name, "ec-p256")
+    digests = tuple(hashlib.sha256(b"%d" % i).digest() for i in range(2000))
+    batch = SignBatchArgs(key=key_name, digests=digests, hash="sha256")
+    answers = _pipeline(
+        d, [encode_request(0, "sign_batch", batch), encode_request(1, "sign_batch", batch)]
+    )
+    signed = sum(
+        1
+        for a in answers
+        if a.result is not None
+        for item in a.result["results"]
+        if item.get("signature")
+    )
+    assert signed == 0
+    for a in answers:
+        assert isinstance(a.error, InvalidArgument), a
+        assert not a.error.retryable
+        assert setting in a.error.message
+        assert "2000" in a.error.message
+    # The refused batches took nothing: the whole burst is still there.
+    two = SignBatchArgs(key=key_name, digests=digests[:2], hash="sha256")
+    (ok,) = _pipeline(d, [encode_request(2, "sign_batch", two)])
+    assert ok.error is None, ok.error
 
 
 def test_the_client_raises_rate_limited(make_daemon: Callable[..., Daemon], key_name: str) -> None:

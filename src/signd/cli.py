@@ -185,6 +185,7 @@ def _count(
             ready=service.ready,
             connections_open=server.connections,
             requests_in_flight=sum(c.inflight for c in list(server.live)),
+            buffered_bytes=server.buffered,
             token_queue_depth=pool.pending,
             token_reconnects=pool.respawns,
             audit_records=audit.records_written if audit is not None else 0,

@@ -10,7 +10,7 @@ import os
 import stat
 import tomllib
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Final, TypeVar
 
@@ -129,6 +129,14 @@ class TokenConfig:
 class LimitsConfig:
     max_frame: int = 1 << 20
     max_connections: int = 1024
+    #: connections one uid may hold open (default: a quarter of max_connections,
+    #: at least 8 or max_connections)
+    max_connections_per_uid: int = 256
+    #: bytes all connections together may hold: partial frames, requests read
+    #: and not answered, answers not sent
+    max_buffered_bytes: int = 256 << 20
+    #: the share of it one uid may hold (default: a quarter of max_buffered_bytes)
+    max_buffered_bytes_per_uid: int = 64 << 20
     max_inflight_per_connection: int = 1024
     max_output_buffer: int = 4 << 20
     token_queue: int = 65536
@@ -365,6 +373,7 @@ def _parse(doc: Mapping[str, Any], path: str | None, base: Path) -> Config:
         drain_timeout=lim.take("drain_timeout", float, d.drain_timeout, _between(0, 3600)),
         idle_timeout=lim.take("idle_timeout", float, d.idle_timeout, _between(0, 86400)),
     )
+    limits = _client_shares(lim, limits)
     lim.done()
 
     lg = _Section("log", sections.pop("log", {}))
@@ -449,6 +458,32 @@ def _parse(doc: Mapping[str, Any], path: str | None, base: Path) -> Config:
         metrics=metrics,
         log=LogConfig(level),
         path=path,
+    )
+
+
+def _client_shares(lim: _Section, limits: LimitsConfig) -> LimitsConfig:
+    """The per-uid limits and the memory budget, checked against the others.
+
+    A uid's share of the memory must hold at least two connections at their
+    fullest (a whole frame and a full output buffer each), or one busy but
+    well-behaved connection would be closed.
+    """
+    conns = lim.take(
+        "max_connections_per_uid",
+        int,
+        max(limits.max_connections // 4, min(limits.max_connections, 8)),
+        _between(1, limits.max_connections),
+    )
+    one = limits.max_frame + limits.max_output_buffer
+    total = lim.take("max_buffered_bytes", int, max(256 << 20, 8 * one), _between(4 * one, 1 << 40))
+    share = lim.take(
+        "max_buffered_bytes_per_uid", int, max(total // 4, 2 * one), _between(2 * one, total)
+    )
+    return replace(
+        limits,
+        max_connections_per_uid=conns,
+        max_buffered_bytes=total,
+        max_buffered_bytes_per_uid=share,
     )
 
 

@@ -83,6 +83,9 @@ WINDOW: Final = 10
 #: of ``[limits]`` it counts (``max_inflight`` is ``max_inflight_per_connection``).
 Limit = Literal[
     "max_connections",
+    "max_connections_per_uid",
+    "max_buffered_bytes",
+    "max_buffered_bytes_per_uid",
     "max_inflight",
     "max_frame",
     "idle_timeout",
@@ -170,6 +173,8 @@ class Snapshot:
     #: False once the daemon found its log not matching the chain head on the token
     audit_chain_ok: bool = True
     audit_chain_mismatches: int = 0
+    #: bytes the connections hold (partial frames, unanswered requests, unsent answers)
+    buffered_bytes: int = 0
     #: (scope, requests refused) per rate limit: "principal", "key"
     rate_limited: tuple[tuple[str, int], ...] = ()
     keys: tuple[KeyState, ...] = ()
@@ -199,6 +204,8 @@ class Metrics:
     token_batch_size: Histogram = field(default_factory=lambda: Histogram(BATCH_BUCKETS))
     audit_write_duration: Histogram = field(default_factory=lambda: Histogram(DURATION_BUCKETS))
     windows: dict[str, Window] = field(default_factory=dict)
+    #: token searches for key names this process had not loaded
+    key_lookups: int = 0
     #: reads the gauges at scrape time (set by the daemon once its parts exist)
     snapshot: Callable[[], Snapshot] = Snapshot
 
@@ -336,6 +343,13 @@ class Collector:
             [((k,), v) for k, v in list(m.limit_hits.items())],
         )
         yield _counter(
+            "signd_key_lookups",
+            "Token searches for key names this daemon had not loaded (one search "
+            "answers every name waiting).",
+            (),
+            [((), m.key_lookups)],
+        )
+        yield _counter(
             "signd_token_reconnects",
             "Token workers started again after one died or lost its session.",
             (),
@@ -383,6 +397,12 @@ class Collector:
                 "signd_requests_in_flight",
                 "Requests read, not yet answered.",
                 snap.requests_in_flight,
+            ),
+            (
+                "signd_buffered_bytes",
+                "Bytes held for client connections: partial frames, requests read and "
+                "not answered, answers not sent (limits.max_buffered_bytes).",
+                snap.buffered_bytes,
             ),
             (
                 "signd_token_queue_depth",

@@ -11,6 +11,7 @@ plus the call, and the bytes waiting are bounded by the caller, who reads
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 import trio
 
@@ -27,6 +28,7 @@ class Outbox:
         "_stream",
         "_wake",
         "backlog_bytes",
+        "on_sent",
     )
 
     def __init__(self, stream: trio.SocketStream) -> None:
@@ -38,6 +40,8 @@ class Outbox:
         self._error: OSError | None = None
         self._wake = trio.lowlevel.ParkingLot()
         self._empty = trio.lowlevel.ParkingLot()
+        #: called after ``run`` sent part of the backlog (``backlog_bytes`` fell)
+        self.on_sent: Callable[[], None] | None = None
 
     def write(self, data: bytes) -> None:
         """Send ``data`` now if the kernel takes it, else keep it for ``run``.
@@ -81,10 +85,23 @@ class Outbox:
                 finally:
                     self._sending = False
                     self.backlog_bytes -= len(data)
+                if self.on_sent is not None:
+                    self.on_sent()
                 if not self._backlog:
                     self._empty.unpark_all()
                 continue
             await self._wake.park()
+
+    def abandon(self) -> bool:
+        """Drop what is kept back (not what ``run`` is sending now).
+
+        Returns True if nothing was kept back or being sent, so the stream is
+        at a frame boundary and one more frame may still be written.
+        """
+        clean = not self._backlog and not self._sending
+        self.backlog_bytes -= sum(len(b) for b in self._backlog)
+        self._backlog.clear()
+        return clean
 
     async def wait_empty(self) -> None:
         """Return once nothing is kept back."""

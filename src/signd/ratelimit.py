@@ -2,8 +2,11 @@
 
 Each bucket holds up to ``burst`` tokens and refills at ``rate`` per second; a
 request takes as many tokens as signatures it asks for (a ``sign_batch`` of
-100 takes 100, at most a full bucket).  A request that finds too few is
-refused with ``rate_limited`` and told when enough will be there.
+100 takes 100).  A request that finds too few is refused with
+``rate_limited`` and told when enough will be there.  A request that costs
+more than a whole bucket could never be served, so it is refused with
+``invalid_argument`` naming the limit (a retryable error would be retried
+forever); it takes nothing from any bucket.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
-from .errors import RateLimited
+from .errors import InvalidArgument, RateLimited
 
 __all__ = ["Bucket", "RateLimiter"]
 
@@ -31,7 +34,6 @@ class Bucket:
         """Take ``cost`` tokens; 0.0 if taken, else the seconds until they are there."""
         self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
         self.stamp = now
-        cost = min(cost, self.burst)
         if self.tokens >= cost:
             self.tokens -= cost
             return 0.0
@@ -62,8 +64,40 @@ class RateLimiter:
             b = table[who] = Bucket(rate, burst, burst, now)
         return b
 
+    def charge(self, uid: int, cost: int) -> None:
+        """Take ``cost`` tokens from ``uid``'s bucket only (work not for a key
+        that exists, such as looking a name up on the token).
+
+        Raises:
+            RateLimited: too few tokens now, with ``retry_after``.
+        """
+        if self.per_principal is None:
+            return
+        now = self._clock()
+        wait = self._bucket(self._principals, uid, self.per_principal, now).take(cost, now)
+        if wait:
+            self.refused["principal"] += 1
+            raise RateLimited(
+                f"uid {uid} is over its rate limit; retry after {wait:.3f} s", round(wait, 3)
+            )
+
     def check(self, uid: int, key: str, cost: int) -> None:
-        """Raises: RateLimited, with ``retry_after``."""
+        """Take ``cost`` tokens from ``uid``'s bucket and from ``key``'s.
+
+        Raises:
+            InvalidArgument: ``cost`` exceeds a bucket's burst (it never fits).
+            RateLimited: too few tokens now, with ``retry_after``.
+        """
+        for limit, scope, setting in (
+            (self.per_principal, f"uid {uid}", "per_principal_burst"),
+            (self.per_key, f"key {key!r}", "per_key_burst"),
+        ):
+            if limit is not None and cost > limit[1]:
+                raise InvalidArgument(
+                    f"a request of {cost} signatures exceeds the rate-limit burst of "
+                    f"{limit[1]:g} for {scope} (rate_limits.{setting}); "
+                    f"send at most {int(limit[1])} per request"
+                )
         now = self._clock()
         if self.per_principal is not None:
             b = self._bucket(self._principals, uid, self.per_principal, now)
@@ -78,7 +112,7 @@ class RateLimiter:
             wait = b.take(cost, now)
             if wait:
                 if self.per_principal is not None:  # give back what the peer was charged
-                    self._principals[uid].tokens += min(cost, self._principals[uid].burst)
+                    self._principals[uid].tokens += cost
                 self.refused["key"] += 1
                 raise RateLimited(
                     f"key {key!r} is over its rate limit; retry after {wait:.3f} s",

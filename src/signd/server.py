@@ -36,6 +36,7 @@ import struct
 import termios
 import time
 from collections.abc import Callable
+from functools import partial
 from typing import Final
 
 import trio
@@ -191,11 +192,16 @@ class _Connection:
         "audit_more",
         "audit_open",
         "audit_who",
+        "charged",
         "decoder",
         "dirty",
+        "dup_sizes",
         "eof",
+        "evicted",
+        "fatal",
         "idle_closed",
         "idle_mark",
+        "in_bytes",
         "inflight",
         "limits",
         "metrics",
@@ -207,6 +213,8 @@ class _Connection:
         "read_scope",
         "reads",
         "schedule_flush",
+        "scope",
+        "sizes",
         "stream",
     )
 
@@ -229,6 +237,9 @@ class _Connection:
         self.eof = False
         #: On shutdown: the bytes the client had sent and the daemon not read yet.
         self.owed = 0
+        #: the id-nil error frame to send once every request read is answered,
+        #: then close (``frame_too_large``): the reader has stopped
+        self.fatal: bytes | None = None
         self.principal = principal_of(stream.socket)
         self.audit = audit
         # Requests in flight, by id, for their audit records; a client that
@@ -248,6 +259,43 @@ class _Connection:
         self.read_scope: trio.CancelScope | None = None
         self._can_read = trio.lowlevel.ParkingLot()
         self._settled = trio.lowlevel.ParkingLot()
+        #: body bytes of the requests read and not answered yet, in all and by
+        #: id (an id reused while in flight keeps its further sizes in dup_sizes)
+        self.in_bytes = 0
+        self.sizes: dict[int, int] = {}
+        self.dup_sizes: dict[int, list[int]] = {}
+        #: the bytes this connection holds as the server's budget last counted them
+        self.charged = 0
+        #: closed for holding too much memory: nothing more is read or sent
+        self.evicted = False
+        #: the conversation's cancel scope (an eviction cancels it)
+        self.scope: trio.CancelScope | None = None
+
+    def held(self) -> int:
+        """Bytes this connection holds now: a partial frame, requests read and
+        not answered, answers not sent."""
+        return (
+            self.decoder.buffered + self.in_bytes + self.pending_bytes + self.outbox.backlog_bytes
+        )
+
+    def hold(self, request_id: int, size: int) -> None:
+        """Request ``request_id`` of ``size`` body bytes was read."""
+        self.in_bytes += size
+        if request_id in self.sizes:
+            self.dup_sizes.setdefault(request_id, []).append(size)
+        else:
+            self.sizes[request_id] = size
+
+    def answered(self, request_id: int, frame: bytes) -> None:
+        """The service's reply: the request's bytes are let go, then ``reply``."""
+        more = self.dup_sizes.get(request_id) if self.dup_sizes else None
+        if more:
+            self.in_bytes -= more.pop()
+            if not more:
+                del self.dup_sizes[request_id]
+        else:
+            self.in_bytes -= self.sizes.pop(request_id, 0)
+        self.reply(request_id, frame)
 
     def reply(self, request_id: int | None, frame: bytes) -> None:
         audit, who = self.audit, self.audit_who
@@ -288,6 +336,8 @@ class _Connection:
                 self.audit_more.setdefault(req.id, []).append(notes)
 
     def send(self, frame: bytes) -> None:
+        if self.evicted:
+            return  # closed: no one is reading, and the memory must go
         self.pending.append(frame)
         self.pending_bytes += len(frame)
         if not self.dirty:
@@ -364,6 +414,12 @@ class Server:
         self.connections = 0
         #: the connections being served (for the in-flight gauge)
         self.live: set[_Connection] = set()
+        #: connections being served, by the peer's uid
+        self.connections_by_uid: dict[int, int] = {}
+        #: bytes the connections hold (``_Connection.held``), in all and by uid
+        self.buffered = 0
+        self.buffered_by_uid: dict[int, int] = {}
+        self._evicting = False
         self._accepting = trio.CancelScope()
         self._readers: set[trio.CancelScope] = set()
         self._stopping = False
@@ -460,6 +516,7 @@ class Server:
             flushes, self._flushes = self._flushes, []
             for conn in flushes:
                 conn.flush()
+                self._account(conn)
             if len(flushes) <= WARM_AFTER:
                 self._warm()
 
@@ -521,6 +578,7 @@ class Server:
         # Whatever happens on one connection stays on it: this task never
         # raises, so no client can take the daemon or its other clients down.
         self.connections += 1
+        uid: int | None = None
         try:
             if self.connections > self.limits.max_connections:
                 await self._refuse(stream, Busy("too many connections; try again later"))
@@ -530,22 +588,144 @@ class Server:
                 conn = _Connection(
                     stream, self.limits, self._schedule_flush, self.audit, self.service.metrics
                 )
+                held = self.connections_by_uid.get(conn.principal.uid, 0)
+                if held >= self.limits.max_connections_per_uid:
+                    await self._refuse(
+                        stream,
+                        Busy(
+                            f"uid {conn.principal.uid} has {held} connections open, its "
+                            "limit (limits.max_connections_per_uid); close one or try again later"
+                        ),
+                        "max_connections_per_uid",
+                    )
+                    return
+                uid = conn.principal.uid
+                self.connections_by_uid[uid] = held + 1
+                conn.outbox.on_sent = partial(self._account, conn)
                 self.live.add(conn)
                 try:
                     await self._converse(conn)
                 finally:
                     self.live.discard(conn)
+                    self._release(conn)
         except* (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             pass  # the peer went away; there is no one left to answer
         except* Exception as group:
             log.error("connection failed", exc_info=group)
         finally:
             self.connections -= 1
+            if uid is not None:
+                left = self.connections_by_uid[uid] - 1
+                if left:
+                    self.connections_by_uid[uid] = left
+                else:
+                    del self.connections_by_uid[uid]
             with trio.CancelScope(shield=True):
                 await stream.aclose()
 
+    # ------------------------------------------------------------ the memory budget
+
+    def _account(self, conn: _Connection) -> None:
+        """Count what ``conn`` holds now; past a limit, close the biggest holder.
+
+        Called after each read, each flush and each send of a backlog: a
+        connection's bytes only grow by reading (a partial frame, requests)
+        or by answers, which pass through a flush within their round.
+        """
+        held = conn.held()
+        delta = held - conn.charged
+        if not delta:
+            return
+        conn.charged = held
+        uid = conn.principal.uid
+        by_uid = self.buffered_by_uid
+        now = by_uid.get(uid, 0) + delta
+        if now:
+            by_uid[uid] = now
+        else:
+            del by_uid[uid]
+        self.buffered += delta
+        if delta > 0 and not self._evicting:
+            self._enforce(uid)
+
+    def _release(self, conn: _Connection) -> None:
+        """``conn`` is gone: nothing it held is counted any more."""
+        if conn.charged:
+            uid = conn.principal.uid
+            left = self.buffered_by_uid[uid] - conn.charged
+            if left:
+                self.buffered_by_uid[uid] = left
+            else:
+                del self.buffered_by_uid[uid]
+            self.buffered -= conn.charged
+            conn.charged = 0
+
+    def _enforce(self, uid: int) -> None:
+        """Close connections until ``uid`` is within its share and all are
+        within the budget: each time the one holding the most, of ``uid``
+        first, then of the uid holding the most.  So a uid that floods loses
+        its own connections, never another's, while the others hold less."""
+        lim = self.limits
+        self._evicting = True
+        try:
+            while self.buffered_by_uid.get(uid, 0) > lim.max_buffered_bytes_per_uid:
+                if not self._evict_largest(uid, "max_buffered_bytes_per_uid"):
+                    break
+            while self.buffered > lim.max_buffered_bytes and self.buffered_by_uid:
+                top = max(self.buffered_by_uid, key=self.buffered_by_uid.__getitem__)
+                if not self._evict_largest(top, "max_buffered_bytes"):
+                    break
+        finally:
+            self._evicting = False
+
+    def _evict_largest(self, uid: int, limit: Limit) -> bool:
+        victim: _Connection | None = None
+        for c in self.live:
+            if c.principal.uid == uid and not c.evicted and c.charged > 0:
+                if victim is None or c.charged > victim.charged:
+                    victim = c
+        if victim is None:
+            return False
+        self._evict(victim, limit)
+        return True
+
+    def _evict(self, conn: _Connection, limit: Limit) -> None:
+        """Close ``conn`` at once and let go of everything it holds.
+
+        The client gets ``busy`` with id nil, when the stream is at a frame
+        boundary (a client that reads; one that does not would never see
+        it), then the end of the stream.  Its requests still queued for the
+        token are dropped; answers still to come are not sent.
+        """
+        uid, held = conn.principal.uid, conn.charged
+        lim = self.limits
+        setting = getattr(lim, limit)
+        error = Busy(
+            f"connection closed: it held {held} bytes of requests and unread answers, and "
+            f"uid {uid} {self.buffered_by_uid.get(uid, 0)} bytes, past limits.{limit} "
+            f"({setting} bytes); read the answers as they come, or send less at once"
+        )
+        self.service.metrics.limit_hit(limit)
+        self.service.metrics.error(None, error)
+        log.warning(
+            "connection closed: over its memory budget",
+            extra={"uid": uid, "pid": conn.principal.pid, "held": held, "limit": limit},
+        )
+        conn.evicted = True
+        conn.pending.clear()
+        conn.pending_bytes = 0
+        conn.decoder = FrameDecoder(lim.max_frame)
+        self.service.token.drop(conn, Busy("the connection was closed before this was signed"))
+        if conn.outbox.abandon():
+            conn.fatal = encode_error(None, error)
+            conn.outbox.write(conn.fatal)
+        if conn.scope is not None:
+            conn.scope.cancel()
+        self._account(conn)
+
     async def _converse(self, conn: _Connection) -> None:
         async with trio.open_nursery() as nursery:
+            conn.scope = nursery.cancel_scope
             nursery.start_soon(conn.outbox.run)
             await self._read(conn, nursery)
             if conn.idle_closed and conn.quiet():
@@ -564,9 +744,19 @@ class Server:
                 self._drain_deadline, trio.current_time() + self.limits.drain_timeout
             )
             await conn.wait_settled()
+            if conn.fatal is not None:
+                # After the answers to every request read before it, as
+                # PROTOCOL.md promises: a client that fails what is still
+                # outstanding on an id-nil error then fails nothing carried out.
+                conn.send(conn.fatal)
+                await conn.wait_settled()
             if not conn.eof:
                 await self._linger(conn)
             nursery.cancel_scope.cancel()
+        if conn.evicted:
+            if conn.fatal is not None and not conn.eof:
+                await self._linger(conn)  # so the busy frame is not lost to a reset
+            return
         if nursery.cancel_scope.cancelled_caught and conn.inflight:
             log.warning("drain timed out", extra={"inflight": conn.inflight})
 
@@ -582,10 +772,15 @@ class Server:
             while await conn.stream.receive_some(RECEIVE_SIZE):
                 pass
 
-    async def _refuse(self, stream: trio.SocketStream, error: Busy | ShuttingDown) -> None:
+    async def _refuse(
+        self,
+        stream: trio.SocketStream,
+        error: Busy | ShuttingDown,
+        limit: Limit = "max_connections",
+    ) -> None:
         self.service.metrics.error(None, error)
         if isinstance(error, Busy):
-            self.service.metrics.limit_hit("max_connections")
+            self.service.metrics.limit_hit(limit)
         with trio.move_on_after(1.0):
             await stream.send_all(encode_error(None, error))
 
@@ -611,7 +806,9 @@ class Server:
                             return
                         conn.owed -= len(data)
                         conn.decoder.receive_data(data)
-                        if not self._dispatch(conn, nursery):
+                        keep_open = self._dispatch(conn, nursery)
+                        self._account(conn)
+                        if not keep_open:
                             return
                 return
             await conn.wait_readable()
@@ -629,7 +826,9 @@ class Server:
                     conn.reads += 1
                     conn.idle_closed = False  # the bytes came first: not idle after all
                     conn.decoder.receive_data(data)
-                    if not self._dispatch(conn, nursery):
+                    keep_open = self._dispatch(conn, nursery)
+                    self._account(conn)
+                    if not keep_open:
                         return
             finally:
                 conn.read_scope = None
@@ -649,17 +848,19 @@ class Server:
                     conn.send(encode_error(event.id, event.error))
                 else:
                     requests.append(event)
+                    conn.hold(event.id, len(body))
         except FrameTooLarge as exc:
-            # The stream cannot be resynchronised: answer, then close this one only.
+            # The stream cannot be resynchronised: stop reading; the error goes
+            # out after the answers to the requests read before it, then close.
             self.service.metrics.error(None, exc)
             self.service.metrics.limit_hit("max_frame")
-            conn.send(encode_error(None, exc))
+            conn.fatal = encode_error(None, exc)
             keep_open = False
         if requests:
             conn.inflight += len(requests)
             if conn.audit is not None:
                 conn.opened(requests)
-            for work in self.service.handle(requests, conn.reply, conn, conn.principal):
+            for work in self.service.handle(requests, conn.answered, conn, conn.principal):
                 nursery.start_soon(work)
             if len(requests) <= WARM_AFTER:
                 self._warm()

@@ -103,8 +103,12 @@ log = logging.getLogger("signd.service")
 Reply = Callable[[int, bytes], None]
 SlowWork = Callable[[], Awaitable[None]]
 
-#: A key this process does not know is looked up on the token at most this often.
+#: A name a token search found absent is answered key_not_found for this long
+#: without another search.
 REFRESH_INTERVAL: Final = 1.0
+#: Distinct key names one uid may have waiting for a token search; past it,
+#: a request for yet another unknown name is answered busy.
+MAX_LOOKUP_NAMES_PER_UID: Final = 32
 #: Random object ids drawn for a new keypair before giving up (ids the token
 #: already uses are re-drawn; with 16-bit ids and ~1,000 objects, one in 65).
 ID_DRAWS: Final = 8
@@ -153,7 +157,14 @@ class Service:
         self._changed = trio.Event()
         #: called with each automatic rotation (the audit log's hook)
         self.on_auto_rotate: Callable[[LoadedKey], Awaitable[None]] | None = None
-        self._looked_up: dict[str, float] = {}
+        #: names found absent, with when the search that found so began
+        self._absent: dict[str, float] = {}
+        #: the names the next token search will look for; a search is running
+        self._round = _Round()
+        self._searching = False
+        self._searched = trio.lowlevel.ParkingLot()
+        #: distinct names waiting for a search, by uid
+        self._lookups_by_uid: dict[int, int] = {}
         self.loaded = False
         #: the audit log's chain head, for ``health`` (set when there is a log)
         self.audit_head: Callable[[], AuditHead | None] | None = None
@@ -228,8 +239,8 @@ class Service:
                         done = _sign_done(req.id, key, version, plan, reply, metrics, started)
                         groups.append((req, [Entry(_job(version, plan), done, deadline)]))
                     else:
-                        items = args.messages if args.messages is not None else args.digests
-                        self._limit(who, args.key, len(items or ()))
+                        # A batch costs its item count; a malformed one costs nothing.
+                        self._limit(who, args.key, len(_batch_items(args)))
                         entries = _batch_entries(
                             req.id, key, version, args, reply, deadline, metrics, started
                         )
@@ -409,9 +420,8 @@ class Service:
     ) -> None:
         """A key this process has not seen: another process may have made it."""
         try:
-            if self._may_look_up(name):
-                with trio.fail_after(self.request_timeout):
-                    await self._refresh(name)
+            with trio.fail_after(self.request_timeout):
+                await self._look_up(name, who)
             if name not in self.keystore:
                 raise KeyNotFound(f"no key named {name!r}")
         except trio.TooSlowError:
@@ -433,24 +443,112 @@ class Service:
         for work in self.handle([req], reply, source, who):  # now known: no slow work
             await work()
 
-    def _may_look_up(self, name: str) -> bool:
-        """At most one token look-up per unknown name per REFRESH_INTERVAL.
+    async def _look_up(self, name: str, who: Principal) -> None:
+        """Have the token searched for ``name`` by a search that begins now or later.
 
-        Requests for names that do not exist must not turn into a stream of
-        token searches; the table is bounded so random names cannot grow it.
+        Names this process has not loaded are looked up **together**: at most
+        one token search runs at a time, and it looks for every name that was
+        asked for while the previous one ran (one name: a search by label;
+        several: one listing of every key record, which answers them all).
+        So a flood of unknown names costs a search per round, not per name,
+        and a signing worker has at most one search ahead of signing work.
+        The search is made by one of the waiting requests' own tasks, with
+        the token call shielded, so a request that gives up cannot leave the
+        others without an answer.  Besides:
+
+        * a name found absent is answered ``key_not_found`` without another
+          search for ``REFRESH_INTERVAL`` (negative caching, bounded);
+        * a request that adds a name to a search costs one token of its
+          peer's rate-limit bucket, if there is one (``rate_limited``);
+        * a uid may have ``MAX_LOOKUP_NAMES_PER_UID`` distinct names waiting;
+          a request for another is answered ``busy``.
+
+        A key another process made is still found on the first request for it.
+
+        Raises: Busy, RateLimited, or the search's WireError.
         """
-        now = time.monotonic()
-        last = self._looked_up.get(name)
-        if last is not None and now - last < REFRESH_INTERVAL:
-            return False
-        if len(self._looked_up) >= MAX_LOOKUPS_TRACKED:
-            self._looked_up = {
-                n: t for n, t in self._looked_up.items() if now - t < REFRESH_INTERVAL
-            }
-            if len(self._looked_up) >= MAX_LOOKUPS_TRACKED:
-                return False
-        self._looked_up[name] = now
-        return True
+        if name in self.keystore:
+            return
+        absent = self._absent.get(name)
+        if absent is not None and time.monotonic() - absent < REFRESH_INTERVAL:
+            return
+        r = self._round
+        if name not in r.names:
+            uid = who.uid
+            waiting = self._lookups_by_uid.get(uid, 0)
+            if waiting >= MAX_LOOKUP_NAMES_PER_UID:
+                raise Busy(
+                    f"uid {uid} has {waiting} key names waiting to be looked up on the "
+                    "token; retry later"
+                )
+            if self.limiter is not None:
+                self.limiter.charge(uid, 1)
+            r.names[name] = uid
+            self._lookups_by_uid[uid] = waiting + 1
+        while not r.done:
+            if self._searching:
+                await self._searched.park()
+            else:
+                await self._search()
+        if r.error is not None:
+            raise r.error
+
+    async def _search(self) -> None:
+        """Search the token for the waiting names, round after round."""
+        self._searching = True
+        try:
+            while self._round.names:
+                r, self._round = self._round, _Round()
+                with trio.CancelScope(shield=True):
+                    await self._search_round(r)
+                await trio.lowlevel.checkpoint()  # a cancelled searcher hands over here
+        finally:
+            self._searching = False
+            self._searched.unpark_all()
+
+    async def _search_round(self, r: _Round) -> None:
+        started = time.monotonic()
+        names = list(r.names)
+        try:
+            blobs = await self.token.load_metadata(names[0] if len(names) == 1 else None)
+            self.metrics.key_lookups += 1
+            found = {b.name: b for b in blobs}
+            for name in names:
+                blob = found.get(name)
+                if blob is None:
+                    self._note_absent(name, started)
+                    continue
+                cached = self.keystore.get_or_none(name)
+                if cached is not None and cached.record.revision >= blob.revision:
+                    continue
+                try:
+                    record = KeyRecord.from_bytes(name, blob.revision, blob.value)
+                    self.keystore.put(await self._load(record))
+                except ValueError as exc:
+                    log.error("skipping key", extra={"key": name, "error": str(exc)})
+        except WireError as exc:
+            r.error = exc
+        except Exception:
+            log.exception("key look-up failed", extra={"keys": len(names)})
+            r.error = InternalError("key look-up failed; see daemon log")
+        finally:
+            r.done = True
+            for uid in r.names.values():
+                left = self._lookups_by_uid[uid] - 1
+                if left:
+                    self._lookups_by_uid[uid] = left
+                else:
+                    del self._lookups_by_uid[uid]
+            self._searched.unpark_all()
+
+    def _note_absent(self, name: str, when: float) -> None:
+        """Remember that ``name`` was absent; the table is bounded, so random
+        names cannot grow it (a name not remembered is just searched again)."""
+        if len(self._absent) >= MAX_LOOKUPS_TRACKED:
+            self._absent = {n: t for n, t in self._absent.items() if when - t < REFRESH_INTERVAL}
+            if len(self._absent) >= MAX_LOOKUPS_TRACKED:
+                return
+        self._absent[name] = when
 
     async def _refresh(self, name: str) -> LoadedKey | None:
         """Read one key from the token into the cache; None if it does not exist."""
@@ -840,6 +938,18 @@ class Service:
             await self.on_auto_rotate(key)
 
 
+class _Round:
+    """Names one token search looks for, and its outcome once ``done``."""
+
+    __slots__ = ("done", "error", "names")
+
+    def __init__(self) -> None:
+        #: name -> the uid that first asked for it
+        self.names: dict[str, int] = {}
+        self.done = False
+        self.error: WireError | None = None
+
+
 class _Replay(Exception):
     """A create_key or rotate whose idempotency key made ``version`` already."""
 
@@ -948,6 +1058,21 @@ def _sign_done(
     return done
 
 
+def _batch_items(args: SignBatchArgs) -> tuple[bytes, ...]:
+    """The batch's items (messages or digests).
+
+    Raises:
+        InvalidArgument: not exactly one of them, or not 1 to MAX_BATCH items.
+    """
+    if (args.messages is None) == (args.digests is None):
+        raise InvalidArgument("exactly one of 'messages' and 'digests' is required")
+    items = args.messages if args.messages is not None else args.digests
+    assert items is not None
+    if not 0 < len(items) <= MAX_BATCH:
+        raise InvalidArgument(f"a batch has 1 to {MAX_BATCH} items, got {len(items)}")
+    return items
+
+
 def _batch_entries(
     rid: int,
     key: LoadedKey,
@@ -963,12 +1088,7 @@ def _batch_entries(
     Raises:
         InvalidArgument, UnsupportedAlgorithm: the batch as a whole is wrong.
     """
-    if (args.messages is None) == (args.digests is None):
-        raise InvalidArgument("exactly one of 'messages' and 'digests' is required")
-    items = args.messages if args.messages is not None else args.digests
-    assert items is not None
-    if not 0 < len(items) <= MAX_BATCH:
-        raise InvalidArgument(f"a batch has 1 to {MAX_BATCH} items, got {len(items)}")
+    items = _batch_items(args)
     by_message = args.messages is not None
     opts = algorithms.options(
         key.kt, args.hash, args.padding, args.format, by_digest=not by_message

@@ -276,6 +276,20 @@ class TokenPool:
         q.extend(entries)
         self._queued += n
 
+    def drop(self, source: object, error: WireError) -> int:
+        """Answer ``error`` to every entry ``source`` still has queued (not
+        those a worker holds already), so a closed connection's work never
+        reaches the token and its memory goes at once; the number dropped."""
+        q = self._queues.pop(source, None)
+        if q is None:
+            return 0
+        with contextlib.suppress(ValueError):
+            self._ready.remove(source)
+        self._queued -= len(q)
+        for e in q:
+            e.callback(False, error)
+        return len(q)
+
     def _take(self) -> list[Entry]:
         """Up to ``batch_max`` entries, ``quantum`` per source, round-robin."""
         s = self.settings
