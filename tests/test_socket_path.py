@@ -75,7 +75,8 @@ def test_a_socket_directory_others_can_change_is_refused(
     shared.chmod(mode)
     with pytest.raises(ListenerError) as info:
         open_listener(str(shared / "signd.sock"), 0o660)
-    assert f"server.socket: directory {shared} {message}" in str(info.value)
+    sock = shared / "signd.sock"
+    assert f"server.socket {sock}: directory {shared} {message}" in str(info.value)
     assert not (shared / "signd.sock").exists()
 
 

@@ -100,7 +100,9 @@ def test_pin_behind_a_symlinked_parent_is_refused(token_env: TokenEnv, tmp_path:
     link.symlink_to(real)
     os.lchown(link, NOBODY, NOBODY)
     cfg.write_text(config_text(token_env, link / "user.pin", tmp_path / "s.sock"))
-    refused(token_env, cfg, f"token.pin_file: {link} is a symbolic link owned by nobody")
+    refused(
+        token_env, cfg, f"token.pin_file {link}/user.pin: {link} is a symbolic link owned by nobody"
+    )
     # A root-owned link to a directory another user owns: that directory is refused.
     theirs = tmp_path / "theirs"
     theirs.mkdir(mode=0o700)
@@ -109,7 +111,12 @@ def test_pin_behind_a_symlinked_parent_is_refused(token_env: TokenEnv, tmp_path:
     link2 = tmp_path / "link2"
     link2.symlink_to(theirs)
     cfg.write_text(config_text(token_env, link2 / "user.pin", tmp_path / "s.sock"))
-    refused(token_env, cfg, f"directory {theirs} is owned by nobody", f"chown root {theirs}")
+    refused(
+        token_env,
+        cfg,
+        f"token.pin_file {link2}/user.pin: directory {theirs} is owned by nobody",
+        f"chown root {theirs}",
+    )
     # A root-owned link in a root-owned directory is followed.
     link3 = tmp_path / "link3"
     link3.symlink_to(real)
@@ -125,7 +132,7 @@ def test_pin_in_a_group_writable_directory_is_refused(token_env: TokenEnv, tmp_p
     pin = pin_copy(token_env, shared / "user.pin")
     cfg = tmp_path / "signd.toml"
     cfg.write_text(config_text(token_env, pin, tmp_path / "s.sock"))
-    refused(token_env, cfg, f"directory {shared} is writable by its group (mode 0770)")
+    refused(token_env, cfg, f"{pin}: directory {shared} is writable by its group (mode 0770)")
 
 
 def test_a_fifo_as_pin_file_is_refused_without_hanging(token_env: TokenEnv, tmp_path: Path) -> None:

@@ -156,7 +156,7 @@ def _socket_dir(path: str) -> tuple[int, str]:
     if not name:
         raise ListenerError(f"server.socket: {path} names a directory, not a socket")
     try:
-        dir_fd, _ = open_trusted_dir(parent or ".", "server.socket")
+        dir_fd, _ = open_trusted_dir(parent or ".", f"server.socket {path}")
     except NotTrusted as exc:
         raise ListenerError(str(exc)) from None
     except OSError as exc:

@@ -192,7 +192,7 @@ def open_trusted_file(path: str, what: str, *, secret: bool = False, walk: bool 
     if not name:
         raise NotTrusted(f"{what}: {path} is a directory, not a file")
     if walk:
-        dfd, real_dir = _walk(head, what)
+        dfd, real_dir = _walk(head, f"{what} {full}")
         shown = os.path.join(real_dir, name)
     else:
         dfd, shown = os.open(head, _DIR_FLAGS), full
