@@ -101,3 +101,25 @@ def test_exec_of_a_setuid_helper_does_not_lend_its_groups(
     assert len(answers) == ROUNDS
     signed = answers.count("signed")
     assert answers == ["permission_denied"] * ROUNDS, f"{signed} of {ROUNDS} signed: {answers}"
+
+
+def test_every_group_is_read_however_many() -> None:
+    """More groups than ``socket.getsockopt`` can take (256): the call is made
+    again with the size the kernel asks for (ERANGE)."""
+    assert SETPRIV is not None
+    groups = list(range(20000, 20300))
+    script = (
+        "import socket\n"
+        "from signd.policy import principal_of\n"
+        "a, b = socket.socketpair(socket.AF_UNIX)\n"
+        "print(' '.join(map(str, sorted(principal_of(a).groups))))\n"
+    )
+    out = subprocess.run(
+        [SETPRIV, f"--groups={','.join(map(str, groups))}", sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr
+    assert [int(g) for g in out.stdout.split()] == sorted([os.getgid(), *groups])
