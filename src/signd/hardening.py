@@ -28,7 +28,7 @@ def no_core_dumps() -> list[str]:
     try:
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
     except (OSError, ValueError) as exc:
-        # A seccomp filter may refuse setrlimit; systemd's LimitCORE=0 has set it then.
+        # A system call filter may refuse it; systemd's LimitCORE=0 has set it then.
         if resource.getrlimit(resource.RLIMIT_CORE) != (0, 0):
             problems.append(f"RLIMIT_CORE not set to 0: {exc}")
     libc = ctypes.CDLL(None, use_errno=True)
