@@ -177,6 +177,8 @@ cmd_serve() {
         local module
         module=$(softhsm_module)
         say "writing $config"
+        # signd refuses a config its group or others can write (umask 002 is common).
+        (umask 077 && : >"$config")
         cat >"$config" <<EOF
 # signd development config, written by scripts/dev.sh (edit freely; it is kept).
 # Relative paths are relative to this file.  See README.md, Configuration reference.
@@ -197,6 +199,10 @@ dir = "audit"
 [log]
 level = "info"
 EOF
+    fi
+    if [[ -n $(find "$config" -perm /022) ]]; then
+        say "$config is writable by its group or others: signd would refuse it; chmod go-w"
+        chmod go-w -- "$config"
     fi
     # sun_path holds 107 bytes plus the NUL.
     if ((${#socket} > 107)); then

@@ -3,7 +3,8 @@
 The socket gets group ``GID``, a group that exists nowhere on the machine: only
 the test's client process holds it (``setpriv --groups``), so nothing on the
 machine changes.  The daemon learns who the peer is from ``SO_PEERCRED`` and
-``/proc/<pid>/status``, never from what the client says.
+``SO_PEERGROUPS`` at connect time, never from what the client says (the race
+of an exec against the accept is in test_identity.py).
 """
 
 from __future__ import annotations

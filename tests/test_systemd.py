@@ -104,6 +104,7 @@ def test_units_say_what_the_daemon_needs() -> None:
     assert one(svc, "Service.User") == "signd"
     assert one(svc, "Service.StateDirectory") == "signd"
     assert one(svc, "Service.WatchdogSec")
+    assert one(svc, "Service.LimitCORE") == "0"  # the PIN never lands in a core dump
     assert one(svc, "Unit.Requires") == "signd.socket"
     # The credential the unit loads is the one the example config names.
     credential, _, source = one(svc, "Service.LoadCredential").partition(":")

@@ -26,6 +26,7 @@ from . import __version__
 from .audit import AuditError, AuditLog, Checkpointer, TokenHead, head_label, record_own_action
 from .config import Config, ConfigError, Secret, load_config, read_metrics_token, read_pin
 from .errors import WireError
+from .hardening import no_core_dumps
 from .keystore import LoadedKey
 from .log import setup_logging
 from .metrics import KeyState, Metrics, Snapshot, serve_http
@@ -431,6 +432,8 @@ def _take_startup_hangup() -> bool:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # Before the PIN is read: no core dump, and no same-uid debugger, may see it.
+    hardening_problems = no_core_dumps()
     args = _parser().parse_args(argv)
     if args.command == "serve":
         # SIGHUP's default action is to end the process: while signd starts
@@ -450,6 +453,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"signd: {args.config} is valid")
         return EXIT_OK
     setup_logging(cfg.log.level)
+    for problem in hardening_problems:
+        log.warning("core dumps not fully disabled", extra={"error": problem})
     _raise_fd_limit(cfg.limits.max_connections)
     return trio.run(_run, cfg, pin, metrics_token)
 

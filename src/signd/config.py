@@ -7,7 +7,6 @@ Every problem is reported as ``ConfigError`` naming the field, e.g.
 from __future__ import annotations
 
 import os
-import stat
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
@@ -16,6 +15,7 @@ from typing import Any, Final, TypeVar
 
 from .policy import OPERATIONS, Rule
 from .profiles import PROFILES, Profile, ProfileError, profile_for
+from .trusted import NotTrusted, open_trusted_file
 
 __all__ = [
     "AccessConfig",
@@ -546,19 +546,57 @@ def _access(table: Any) -> AccessConfig:
     return AccessConfig(trust_root=trust_root, rules=tuple(rules))
 
 
+#: A config file larger than this is refused (it is a few kB).
+MAX_CONFIG_BYTES: Final = 1 << 20
+#: A PIN file is read up to this many bytes.
+MAX_PIN_BYTES: Final = 4096
+
+
+def _read_trusted(path: str, what: str, limit: int, *, secret: bool, walk: bool = True) -> bytes:
+    """Up to ``limit`` bytes of a file signd trusts, after checking its owner,
+    mode and type and every directory above it (see ``trusted.py``).
+
+    Raises:
+        NotTrusted: another user could change (or, for a secret, read) it.
+        OSError: it cannot be opened or read.
+    """
+    fd = open_trusted_file(path, what, secret=secret, walk=walk)
+    try:
+        chunks = []
+        size = 0
+        while size <= limit:
+            chunk = os.read(fd, limit + 1 - size)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
 def load_config(path: str) -> Config:
     """Read and validate a TOML config file.
 
     Relative paths in it (socket, pin_file) are taken relative to the file.
+    The file must be a regular file that only root or the user signd runs as
+    can change, in directories only they can change (see ``trusted.py``).
 
     Raises:
-        ConfigError: unreadable, not TOML, or a field is invalid.
+        ConfigError: unreadable, not trusted, not TOML, or a field is invalid.
     """
     try:
-        with open(path, "rb") as f:
-            doc = tomllib.load(f)
+        data = _read_trusted(path, "config", MAX_CONFIG_BYTES, secret=False)
+    except NotTrusted as exc:
+        raise ConfigError(str(exc)) from None
     except OSError as exc:
         raise ConfigError(f"cannot read config {path}: {exc.strerror}") from None
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"config {path} is larger than {MAX_CONFIG_BYTES} bytes")
+    try:
+        doc = tomllib.loads(data.decode())
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config {path} is not UTF-8: {exc}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config {path} is not valid TOML: {exc}") from None
     return _parse(doc, path, Path(path).resolve().parent)
@@ -567,11 +605,15 @@ def load_config(path: str) -> Config:
 def read_pin(token: TokenConfig, environ: Mapping[str, str] | None = None) -> Secret:
     """Read the user PIN from its file or systemd credential.
 
-    The PIN file must not be readable by others.  One trailing newline is
-    stripped.  The PIN itself never appears in an error message.
+    The PIN file must be a regular file owned by root or the user signd runs
+    as, not writable by group or others and not readable by others, in
+    directories only they can change (see ``trusted.py``).  A credential is
+    checked the same way but for its directory, which systemd makes.  One
+    trailing newline is stripped.  The PIN itself never appears in an error
+    message.
 
     Raises:
-        ConfigError: missing, unreadable, too open, or empty.
+        ConfigError: missing, unreadable, not trusted, or empty.
     """
     env = os.environ if environ is None else environ
     if token.pin_credential is not None:
@@ -586,21 +628,13 @@ def read_pin(token: TokenConfig, environ: Mapping[str, str] | None = None) -> Se
         assert token.pin_file is not None
         where, path = "token.pin_file", token.pin_file
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        data = _read_trusted(
+            path, where, MAX_PIN_BYTES, secret=True, walk=token.pin_credential is None
+        )[:MAX_PIN_BYTES]
+    except NotTrusted as exc:
+        raise ConfigError(str(exc)) from None
     except OSError as exc:
         raise ConfigError(f"{where}: cannot open {path}: {exc.strerror}") from None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise ConfigError(f"{where}: {path} is not a regular file")
-        if st.st_mode & 0o007:
-            raise ConfigError(
-                f"{where}: {path} is readable by others (mode {st.st_mode & 0o777:04o}); "
-                "run chmod 600 on it"
-            )
-        data = os.read(fd, 4096)
-    finally:
-        os.close(fd)
     text = data.decode("utf-8", "replace")
     if text.endswith("\n"):
         text = text[:-1]

@@ -1,8 +1,12 @@
 """Who may do what to which key: principals from the kernel, rules from the config.
 
-A connection's principal comes from ``SO_PEERCRED`` (uid, gid, pid) and, for
-its supplementary groups, from ``/proc/<pid>/status``: what the kernel says,
-never what the client says.  Rules name keys (exact names or glob patterns,
+A connection's principal is what the kernel recorded when the client called
+``connect``: ``SO_PEERCRED`` (uid, gid, pid) and ``SO_PEERGROUPS`` (its
+supplementary groups), never what the client says and never anything read
+later from ``/proc``, which an exec of a setuid program would have changed by
+then.  The executable (``/proc/<pid>/exe``, read after accept) is only a hint
+for the audit record: the pid may have exec'd something else or been reused.
+It takes no part in any decision.  Rules name keys (exact names or glob patterns,
 ``*`` for every key), operations, and who: users, groups and uids.  Anything
 no rule allows is denied.  Root and the daemon's own user (who can read the
 PIN and the token anyway) are trusted unless ``trust_root = false``; then
@@ -11,9 +15,12 @@ only the rules grant anything, to them too.
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import fnmatch
 import functools
 import grp
+import logging
 import os
 import pwd
 import socket
@@ -24,7 +31,17 @@ from typing import Any, Final
 
 from .errors import PermissionDenied
 
-__all__ = ["OPERATIONS", "Policy", "Principal", "Rule", "operation_of", "principal_of"]
+log = logging.getLogger("signd.policy")
+
+__all__ = [
+    "OPERATIONS",
+    "Policy",
+    "Principal",
+    "Rule",
+    "operation_of",
+    "peer_groups",
+    "principal_of",
+]
 
 #: Operations a rule can grant.
 OPERATIONS: Final = ("sign", "verify", "read", "rotate", "create", "admin")
@@ -58,8 +75,10 @@ class Principal:
     gid: int
     pid: int
     user: str | None
-    groups: frozenset[int]  # gid and supplementary groups
+    groups: frozenset[int]  # gid and supplementary groups, as at connect time
     group_names: frozenset[str]
+    #: a hint for the audit record only (read from /proc after accept): never
+    #: use it to decide anything
     exe: str | None = None
 
     def describe(self) -> str:
@@ -83,24 +102,63 @@ def _group_name(gid: int) -> str | None:
         return None
 
 
-def _supplementary_groups(pid: int) -> set[int]:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("Groups:"):
-                    return {int(g) for g in line.split()[1:]}
-    except (OSError, ValueError):
-        pass
-    return set()
+#: ``SO_PEERGROUPS`` (Linux 4.13): Python 3.11's socket module lacks the name.
+SO_PEERGROUPS: Final[int] = getattr(socket, "SO_PEERGROUPS", 59)
+#: Linux's NGROUPS_MAX: no process has more supplementary groups.
+NGROUPS_MAX: Final = 65536
+_GID_SIZE: Final = 4  # gid_t
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(None, use_errno=True)
+
+
+def peer_groups(fd: int) -> frozenset[int] | None:
+    """The supplementary groups the peer of the connected Unix socket ``fd``
+    had when it called ``connect`` (``SO_PEERGROUPS``), or None where the
+    kernel cannot say.
+
+    ``socket.getsockopt`` takes at most 1024 bytes (256 groups), so libc's
+    ``getsockopt`` is called directly; on ``ERANGE`` the kernel has written
+    the size it needs, and the call is made again with that.
+    """
+    getsockopt = _libc().getsockopt
+    size = 64 * _GID_SIZE
+    while True:
+        buf = ctypes.create_string_buffer(size)
+        length = ctypes.c_uint32(size)
+        rc = getsockopt(
+            ctypes.c_int(fd),
+            ctypes.c_int(socket.SOL_SOCKET),
+            ctypes.c_int(SO_PEERGROUPS),
+            buf,
+            ctypes.byref(length),
+        )
+        if rc == 0:
+            count = length.value // _GID_SIZE
+            return frozenset(struct.unpack(f"={count}I", buf.raw[: count * _GID_SIZE]))
+        err = ctypes.get_errno()
+        if err == errno.ERANGE and size < (NGROUPS_MAX + 1) * _GID_SIZE:
+            size = max(length.value, 2 * size)
+            continue
+        log.warning(
+            "the kernel did not give the peer's groups; group rules do not apply to it",
+            extra={"error": os.strerror(err)},
+        )
+        return None
 
 
 def principal_of(sock: Any) -> Principal:
-    """The peer of a connected Unix socket (stdlib or trio), as the kernel knows it."""
+    """The peer of a connected Unix socket (stdlib or trio), as the kernel
+    recorded it at ``connect``.  Where the kernel cannot give the
+    supplementary groups, only the primary gid counts (fails closed)."""
     raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
     pid, uid, gid = struct.unpack("3i", raw)
-    groups = {gid} | _supplementary_groups(pid)
+    groups = {gid} | (peer_groups(sock.fileno()) or frozenset())
     names = {n for n in (_group_name(g) for g in groups) if n is not None}
     try:
+        # A hint only, for the audit record: read now, not at connect.
         exe: str | None = os.readlink(f"/proc/{pid}/exe")
     except OSError:
         exe = None

@@ -50,6 +50,7 @@ from .errors import (
     UnsupportedAlgorithm,
     WireError,
 )
+from .hardening import no_core_dumps
 from .protocol import HEADER, FrameDecoder, VerifyArgs
 
 #: a label no object has: the deep probe searches for it
@@ -699,6 +700,8 @@ def _unraisable(u: Any) -> None:
 
 def worker_main(fd: int) -> int:
     """Serve one daemon over the socket ``fd`` until it closes; returns the exit code."""
+    # First: the PIN comes next, and exec reset the dumpable flag.
+    hardening_problems = no_core_dumps()
     # The daemon alone decides when workers stop (it closes the socket after
     # draining); a Ctrl-C or a SIGTERM sent to the whole group must not cut
     # signatures short.
@@ -707,6 +710,8 @@ def worker_main(fd: int) -> int:
     from .log import setup_logging
 
     setup_logging("info")
+    for problem in hardening_problems:
+        log.warning("core dumps not fully disabled", extra={"error": problem})
     sys.unraisablehook = _unraisable
     sock = socket.socket(fileno=fd)
     decoder = FrameDecoder(IPC_MAX_FRAME)
