@@ -376,13 +376,13 @@ def http(url: str, headers: dict[str, str]) -> tuple[int, str]:
 @pytest.mark.parametrize(
     ("make_bad", "problem"),
     [
-        (lambda p: p.chmod(0o644), "open to others"),
-        (lambda p: p.chmod(0o602), "open to others"),
+        (lambda p: p.chmod(0o644), "readable by others"),
+        (lambda p: p.chmod(0o602), "writable by"),
         (lambda p: p.write_text("short\n"), "printable ASCII"),
         (lambda p: p.write_text("has a space in the middle!\n"), "printable ASCII"),
-        (lambda p: (p.unlink(), p.symlink_to(p.with_name("real.token"))), "cannot open"),
+        (lambda p: (p.unlink(), p.symlink_to(p.with_name("real.token"))), "symbolic link"),
         (lambda p: (p.unlink(), os.mkfifo(p, 0o600)), "not a regular file"),
-        (lambda p: os.chown(p, NOBODY, NOBODY), "owned by uid"),
+        (lambda p: os.chown(p, NOBODY, NOBODY), "is owned by"),
         (lambda p: p.unlink(), "cannot open"),
     ],
 )
@@ -394,7 +394,7 @@ def test_a_bad_token_file_is_refused(
     token_file = d.workdir / "metrics.token"
     (d.workdir / "real.token").write_text(TOKEN)
     (d.workdir / "real.token").chmod(0o600)
-    if problem == "owned by uid" and os.geteuid() != 0:
+    if problem == "is owned by" and os.geteuid() != 0:
         pytest.skip("needs root to give the file away")
     make_bad(token_file)
     # check-config reads it as the daemon would (a FIFO must not hang it).

@@ -575,6 +575,43 @@ def _read_trusted(path: str, what: str, limit: int, *, secret: bool, walk: bool 
         os.close(fd)
 
 
+def _read_secret(
+    what: str,
+    file: str | None,
+    credential: str | None,
+    limit: int,
+    environ: Mapping[str, str] | None,
+) -> tuple[bytes, str, str]:
+    """A secret from its file or systemd credential (``what``: the setting's
+    prefix, e.g. ``token.pin``): (up to ``limit`` bytes, the setting, the path).
+
+    The file is checked as ``trusted.py`` says (a credential's directory is
+    systemd's, so only the file itself is checked there).
+
+    Raises:
+        ConfigError: missing, unreadable, or not trusted.
+    """
+    env = os.environ if environ is None else environ
+    if credential is not None:
+        creds = env.get("CREDENTIALS_DIRECTORY")
+        if not creds:
+            raise ConfigError(
+                f"{what}_credential: $CREDENTIALS_DIRECTORY is not set; "
+                "is signd running under systemd with LoadCredential=?"
+            )
+        where, path = f"{what}_credential", os.path.join(creds, credential)
+    else:
+        assert file is not None
+        where, path = f"{what}_file", file
+    try:
+        data = _read_trusted(path, where, limit, secret=True, walk=credential is None)[:limit]
+    except NotTrusted as exc:
+        raise ConfigError(str(exc)) from None
+    except OSError as exc:
+        raise ConfigError(f"{where}: cannot open {path}: {exc.strerror}") from None
+    return data, where, path
+
+
 def load_config(path: str) -> Config:
     """Read and validate a TOML config file.
 
@@ -615,26 +652,9 @@ def read_pin(token: TokenConfig, environ: Mapping[str, str] | None = None) -> Se
     Raises:
         ConfigError: missing, unreadable, not trusted, or empty.
     """
-    env = os.environ if environ is None else environ
-    if token.pin_credential is not None:
-        creds = env.get("CREDENTIALS_DIRECTORY")
-        if not creds:
-            raise ConfigError(
-                "token.pin_credential: $CREDENTIALS_DIRECTORY is not set; "
-                "is signd running under systemd with LoadCredential=?"
-            )
-        where, path = "token.pin_credential", os.path.join(creds, token.pin_credential)
-    else:
-        assert token.pin_file is not None
-        where, path = "token.pin_file", token.pin_file
-    try:
-        data = _read_trusted(
-            path, where, MAX_PIN_BYTES, secret=True, walk=token.pin_credential is None
-        )[:MAX_PIN_BYTES]
-    except NotTrusted as exc:
-        raise ConfigError(str(exc)) from None
-    except OSError as exc:
-        raise ConfigError(f"{where}: cannot open {path}: {exc.strerror}") from None
+    data, where, path = _read_secret(
+        "token.pin", token.pin_file, token.pin_credential, MAX_PIN_BYTES, environ
+    )
     text = data.decode("utf-8", "replace")
     if text.endswith("\n"):
         text = text[:-1]
@@ -667,40 +687,15 @@ def read_metrics_token(
     Raises:
         ConfigError: missing, unreadable, too open, or not a usable token.
     """
-    env = os.environ if environ is None else environ
-    if metrics.token_credential is not None:
-        creds = env.get("CREDENTIALS_DIRECTORY")
-        if not creds:
-            raise ConfigError(
-                "metrics.token_credential: $CREDENTIALS_DIRECTORY is not set; "
-                "is signd running under systemd with LoadCredential=?"
-            )
-        where, path = "metrics.token_credential", os.path.join(creds, metrics.token_credential)
-    elif metrics.token_file is not None:
-        where, path = "metrics.token_file", metrics.token_file
-    else:
+    if metrics.token_credential is None and metrics.token_file is None:
         return None
-    try:  # O_NONBLOCK: a FIFO put in its place must not hang the daemon
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
-    except OSError as exc:
-        raise ConfigError(f"{where}: cannot open {path}: {exc.strerror}") from None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise ConfigError(f"{where}: {path} is not a regular file")
-        if st.st_uid not in (0, os.geteuid()):
-            raise ConfigError(
-                f"{where}: {path} is owned by uid {st.st_uid}, not by root or signd's "
-                f"user (uid {os.geteuid()}); chown it"
-            )
-        if st.st_mode & 0o007:
-            raise ConfigError(
-                f"{where}: {path} is open to others (mode {st.st_mode & 0o777:04o}); "
-                "run chmod 600 on it"
-            )
-        data = os.read(fd, METRICS_TOKEN_MAX + 2)
-    finally:
-        os.close(fd)
+    data, where, path = _read_secret(
+        "metrics.token",
+        metrics.token_file,
+        metrics.token_credential,
+        METRICS_TOKEN_MAX + 2,
+        environ,
+    )
     token = data.strip(b" \t\r\n")
     if not METRICS_TOKEN_MIN <= len(token) <= METRICS_TOKEN_MAX or not all(
         0x21 <= b <= 0x7E for b in token
