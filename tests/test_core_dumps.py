@@ -56,7 +56,8 @@ def effective_gid(pid: int) -> int:
 
 
 def test_daemon_and_workers_cannot_dump_core(make_daemon: Callable[..., Daemon]) -> None:
-    assert PRLIMIT is not None and SETPRIV is not None
+    assert PRLIMIT is not None
+    assert SETPRIV is not None
     d = make_daemon(start=False)
     d.start(
         argv=[
