@@ -763,6 +763,68 @@ def test_a_daemon_busy_writing_still_sees_another_daemons_disable(
 
 
 # --------------------------------------------------------------------------
+# version retention: max_versions, pruning
+
+
+def test_max_versions_refuses_a_rotation_with_nothing_to_prune(
+    signd: Daemon, key_name: str
+) -> None:
+    with signd.client() as c:
+        info = c.create_key(key_name, "ec-p256")
+        assert info.max_versions == 100  # the daemon's [keys] default_max_versions
+        info = c.update_key(key_name, max_versions=2)
+        assert info.max_versions == 2
+        c.rotate(key_name)
+        with pytest.raises(DeletionNotAllowed, match="max_versions is 2") as exc:
+            c.rotate(key_name)
+        assert int(exc.value.code) == 304
+        assert "does not allow deletion" in exc.value.message
+        info = c.key_info(key_name)
+        assert states(info) == {1: "verify-only", 2: "active"}  # nothing was made
+    # signctl: raise the cap, and it is shown.
+    out = signd.signctl("update", key_name, "--max-versions", "3")
+    assert out.returncode == 0, out.stderr
+    assert b"max-versions        3" in out.stdout
+    with signd.client() as c:
+        assert c.rotate(key_name).current_version == 3
+        with pytest.raises(InvalidArgument, match="max_versions"):
+            c.update_key(key_name, max_versions=1001)  # above [keys] max_versions_limit
+
+
+def test_retired_versions_are_pruned_when_deletion_is_allowed(
+    make_daemon: Callable[..., Daemon], own_token: TokenEnv, key_name: str
+) -> None:
+    """Pruned by the lifecycle task: the record first, then the private key,
+    audited as the daemon's own act.  A key without deletion_allowed keeps them."""
+    d = on_token(make_daemon, own_token, FAST_KEYS + '\n[audit]\ndir = "audit"\n')
+    keep, prune = key_name + "-keep", key_name + "-prune"
+    grace = 1.0
+    with d.client() as c:
+        # keep first: its version 1 retires before prune's does.
+        for name, allowed in ((keep, False), (prune, True)):
+            c.create_key(name, "ec-p256", verify_grace=grace, deletion_allowed=allowed)
+            c.rotate(name)
+
+        def pruned() -> KeyInfo | None:
+            info = c.key_info(prune)
+            return info if states(info)[1] == "destroyed" else None
+
+        info = wait_for(pruned, "the retired version to be pruned")
+        assert states(info) == {1: "destroyed", 2: "active"}
+        # The same pass saw keep's version 1 retired, and left it.
+        assert states(c.key_info(keep)) == {1: "retired", 2: "active"}
+    assert private_key_labels(own_token, prune + "/") == [f"{prune}/v2"]
+    assert private_key_labels(own_token, keep + "/") == [f"{keep}/v1", f"{keep}/v2"]
+    assert d.proc is not None
+    daemon_pid = d.proc.pid
+    assert d.stop() == 0
+    files = sorted((d.workdir / "audit").glob("audit-*.jsonl"))
+    records = [json.loads(ln) for f in files for ln in f.read_bytes().split(b"\n") if ln]
+    auto = [r for r in records if r.get("op") == "auto_prune"]
+    assert [(r["key"], r["result"], r["pid"]) for r in auto] == [(prune, "ok", daemon_pid)]
+
+
+# --------------------------------------------------------------------------
 # policy: admin operations need "admin"
 
 GID = 4242

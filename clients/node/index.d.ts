@@ -33,7 +33,10 @@ export interface KeySettings {
   auto_rotate_period?: number;
   /** Seconds an older version keeps verifying after the next one was created; 0 = no limit. */
   verify_grace?: number;
+  /** Also lets the daemon destroy retired versions by itself. */
   deletion_allowed?: boolean;
+  /** Most versions not destroyed the key may hold; 0 = the daemon's default. */
+  max_versions?: number;
 }
 
 export interface CreateKeyOptions extends KeySettings {
@@ -99,6 +102,8 @@ export interface KeyInfo {
   next_rotation?: number;
   /** In answers to create_key and rotate: the version the request made. */
   created_version?: number;
+  /** Most versions not destroyed the key may hold (its own or the daemon's default). */
+  max_versions?: number;
 }
 
 export interface KeySummary {

@@ -11,7 +11,7 @@ from __future__ import annotations
 import base64
 import enum
 import hashlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Final
 
@@ -41,6 +41,7 @@ __all__ = [
     "plan_sign",
     "public_key_pem",
     "verify",
+    "verify_any",
 ]
 
 PublicKey = ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey | rsa.RSAPublicKey
@@ -267,28 +268,56 @@ def verify(kt: KeyType, public_key: PublicKey, args: VerifyArgs) -> str | None:
     Raises:
         InvalidArgument, InvalidDigest, UnsupportedAlgorithm: bad options.
     """
+    found = verify_any(kt, ((0, public_key),), args)
+    return found[1] if found is not None else None
+
+
+def verify_any(
+    kt: KeyType, candidates: Iterable[tuple[int, PublicKey]], args: VerifyArgs
+) -> tuple[int, str] | None:
+    """The first ``(version, public key)`` of ``candidates`` that
+    ``args.signature`` is valid for, as ``(version, algorithm)``; None if none.
+
+    The options are checked and the message hashed once, however many
+    candidates there are.
+
+    Raises:
+        InvalidArgument, InvalidDigest, UnsupportedAlgorithm: bad options.
+    """
     opts, digest = _check(kt, args)
     sig = args.signature
+    if opts.raw and opts.scheme is Scheme.ECDSA:
+        size = kt.coordinate_size
+        if len(sig) != 2 * size:
+            return None
+        try:
+            sig = utils.encode_dss_signature(
+                int.from_bytes(sig[:size], "big"), int.from_bytes(sig[size:], "big")
+            )
+        except ValueError:
+            return None
+    for version, public_key in candidates:
+        if _valid(opts, digest, sig, public_key, args.message):
+            return version, opts.algorithm
+    return None
+
+
+def _valid(
+    opts: Options, digest: bytes | None, sig: bytes, public_key: PublicKey, message: bytes | None
+) -> bool:
     try:
         if opts.scheme is Scheme.EDDSA:
             assert isinstance(public_key, ed25519.Ed25519PublicKey)
-            assert args.message is not None
-            public_key.verify(sig, args.message)
-            return opts.algorithm
+            assert message is not None
+            public_key.verify(sig, message)
+            return True
         assert opts.hash is not None
         assert digest is not None
         prehashed = utils.Prehashed(opts.hash.algorithm)
         if opts.scheme is Scheme.ECDSA:
             assert isinstance(public_key, ec.EllipticCurvePublicKey)
-            if opts.raw:
-                size = kt.coordinate_size
-                if len(sig) != 2 * size:
-                    return None
-                sig = utils.encode_dss_signature(
-                    int.from_bytes(sig[:size], "big"), int.from_bytes(sig[size:], "big")
-                )
             public_key.verify(sig, digest, ec.ECDSA(prehashed))
-            return opts.algorithm
+            return True
         assert isinstance(public_key, rsa.RSAPublicKey)
         pad: padding.AsymmetricPadding
         if opts.scheme is Scheme.RSA_PSS:
@@ -296,9 +325,9 @@ def verify(kt: KeyType, public_key: PublicKey, args: VerifyArgs) -> str | None:
         else:
             pad = padding.PKCS1v15()
         public_key.verify(sig, digest, pad, prehashed)
-        return opts.algorithm
+        return True
     except (InvalidSignature, ValueError):
-        return None
+        return False
 
 
 def load_public_key(kt: KeyType, spki_der: bytes) -> PublicKey:

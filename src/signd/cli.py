@@ -135,6 +135,8 @@ async def _serve(
         min_rotate_period=cfg.keys.min_rotate_period,
         sync_interval=cfg.keys.sync_interval,
         profile=cfg.token.profile,
+        default_max_versions=cfg.keys.default_max_versions,
+        max_versions_limit=cfg.keys.max_versions_limit,
     )
     audit = None
     if cfg.audit.dir is not None:
@@ -151,6 +153,7 @@ async def _serve(
             log.error("the audit log cannot be used", extra={"error": str(exc)})
             return EXIT_FAILURE
         service.on_auto_rotate = functools.partial(_audit_auto_rotation, audit)
+        service.on_auto_prune = functools.partial(_audit_auto_prune, audit)
     else:
         log.warning("audit log disabled: set [audit] dir to keep one")
     server = Server(service, cfg.limits, keep_warm=cfg.token.spin_us / 1e6, audit=audit)
@@ -252,6 +255,17 @@ async def _audit_auto_rotation(audit: AuditLog, key: LoadedKey) -> None:
     frame = encode_result(None, key.info())
     if not await record_own_action(audit, "auto_rotate", key.record.name, frame):
         log.error("a scheduled rotation could not be audited", extra={"key": key.record.name})
+
+
+async def _audit_auto_prune(audit: AuditLog, key: LoadedKey, versions: list[int]) -> None:
+    """Retired versions destroyed by the daemon: recorded like a scheduled
+    rotation, the key's info (those versions now destroyed) as the frame."""
+    frame = encode_result(None, key.info())
+    if not await record_own_action(audit, "auto_prune", key.record.name, frame):
+        log.error(
+            "a pruning of retired versions could not be audited",
+            extra={"key": key.record.name, "versions": versions},
+        )
 
 
 async def _serve_with(

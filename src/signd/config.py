@@ -181,6 +181,11 @@ class KeysConfig:
     #: seconds between re-reads of the key records on the token, so changes
     #: made by another process sharing the token take effect here
     sync_interval: float = 5.0
+    #: most versions not destroyed a key may hold when it sets no
+    #: ``max_versions`` of its own
+    default_max_versions: int = 100
+    #: highest ``max_versions`` a key may be given (and held to)
+    max_versions_limit: int = 1000
 
 
 @dataclass(frozen=True, slots=True)
@@ -422,8 +427,19 @@ def _parse(doc: Mapping[str, Any], path: str | None, base: Path) -> Config:
             "min_rotate_period", float, dk.min_rotate_period, _between(1, 10 * 365 * 86400)
         ),
         sync_interval=ks.take("sync_interval", float, dk.sync_interval, _between(0.1, 3600)),
+        default_max_versions=ks.take(
+            "default_max_versions", int, dk.default_max_versions, _between(1, 100_000)
+        ),
+        max_versions_limit=ks.take(
+            "max_versions_limit", int, dk.max_versions_limit, _between(1, 100_000)
+        ),
     )
     ks.done()
+    if keys.default_max_versions > keys.max_versions_limit:
+        raise ConfigError(
+            f"keys.default_max_versions ({keys.default_max_versions}) is above "
+            f"keys.max_versions_limit ({keys.max_versions_limit}): lower it or raise the limit"
+        )
     mt = _Section("metrics", sections.pop("metrics", {}))
     enabled = mt.take("enabled", bool, True)
     listen = mt.take("listen", str, "127.0.0.1:9464", _listen_address)

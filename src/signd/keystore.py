@@ -21,6 +21,13 @@ no timer has to fire for a version to retire:
 * ``retired``: neither; below ``min_verify_version``, or its grace is over.
 * ``disabled``: neither, until enabled again.
 * ``destroyed``: neither, ever.  The public key stays for audit.
+
+**Retention.**  A key holds at most ``max_versions`` versions that are not
+destroyed (its own setting, or the daemon's default).  When the key allows
+deletion, its ``retired`` versions are *pruned*: destroyed by the daemon, the
+record first (see ``KeyRecord.prunable``).  A rotation that would go over the
+cap with nothing to prune is refused.  So the versions a verification tries,
+and the private keys on the token, stay bounded however often a key rotates.
 """
 
 from __future__ import annotations
@@ -35,11 +42,19 @@ from typing import Any, Final
 
 from . import algorithms
 from .algorithms import KeyType, PublicKey
-from .errors import InvalidArgument, KeyNotFound, VersionNotFound, VersionNotUsable
+from .errors import (
+    DeletionNotAllowed,
+    InvalidArgument,
+    KeyNotFound,
+    VersionNotFound,
+    VersionNotUsable,
+)
 from .protocol import KEY_NAME_RE, KeyInfo, KeySummary, VersionInfo
 
 __all__ = [
     "ACTIVE",
+    "DEFAULT_MAX_VERSIONS",
+    "MAX_VERSIONS_LIMIT",
     "DESTROYED",
     "DISABLED",
     "ENABLED",
@@ -66,6 +81,9 @@ ACTIVE: Final = "active"
 VERIFY_ONLY: Final = "verify-only"
 RETIRED: Final = "retired"
 METADATA_FORMAT: Final = 1
+#: Defaults of ``[keys] default_max_versions`` and ``max_versions_limit``.
+DEFAULT_MAX_VERSIONS: Final = 100
+MAX_VERSIONS_LIMIT: Final = 1000
 
 
 def check_key_name(name: str) -> str:
@@ -137,17 +155,31 @@ class KeySettings:
     min_sign_version: int = 0
     #: versions below this neither sign nor verify
     min_verify_version: int = 0
-    #: whether ``destroy`` may delete private keys
+    #: whether ``destroy`` may delete private keys (and the daemon may prune
+    #: retired versions)
     deletion_allowed: bool = False
+    #: most versions not destroyed; 0: the daemon's ``[keys] default_max_versions``
+    max_versions: int = 0
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        doc: dict[str, Any] = {
             "auto_rotate_period": self.auto_rotate_period,
             "verify_grace": self.verify_grace,
             "min_sign_version": self.min_sign_version,
             "min_verify_version": self.min_verify_version,
             "deletion_allowed": self.deletion_allowed,
         }
+        # Only when set: a record (and a create_key's request digest) without
+        # it is byte for byte what signd wrote before retention existed.
+        if self.max_versions:
+            doc["max_versions"] = self.max_versions
+        return doc
+
+    def version_cap(self, default: int, limit: int) -> int:
+        """The most versions not destroyed this key may hold on this daemon:
+        its own ``max_versions`` or ``default``, never above ``limit`` (a key
+        set up by a daemon with a higher limit is held to this one's)."""
+        return min(self.max_versions or default, limit)
 
     @classmethod
     def from_json(cls, doc: Mapping[str, Any]) -> KeySettings:
@@ -158,17 +190,23 @@ class KeySettings:
             min_sign_version=int(doc.get("min_sign_version", 0)),
             min_verify_version=int(doc.get("min_verify_version", 0)),
             deletion_allowed=bool(doc.get("deletion_allowed", False)),
+            max_versions=int(doc.get("max_versions", 0)),
         )
         if not (
             0 <= s.auto_rotate_period <= MAX_DURATION
             and 0 <= s.verify_grace <= MAX_DURATION
-            and min(s.min_sign_version, s.min_verify_version) >= 0
+            and min(s.min_sign_version, s.min_verify_version, s.max_versions) >= 0
         ):
             raise ValueError("a setting is out of range")
         return s
 
-    def check(self, latest: int, min_rotate_period: float) -> KeySettings:
-        """Raises: InvalidArgument naming the first setting that cannot be applied."""
+    def check(
+        self, latest: int, min_rotate_period: float, max_versions_limit: int = MAX_VERSIONS_LIMIT
+    ) -> KeySettings:
+        """Raises: InvalidArgument naming the first setting that cannot be applied.
+
+        ``max_versions_limit``: the daemon's ``[keys] max_versions_limit``.
+        """
         p = self.auto_rotate_period
         # (Written so that NaN, for which every comparison is false, fails too.)
         if not (p == 0 or min_rotate_period <= p <= MAX_DURATION):
@@ -190,6 +228,11 @@ class KeySettings:
                 f"min_sign_version must be 0 or from min_verify_version "
                 f"({self.min_verify_version}) to the newest version ({latest}); got "
                 f"{self.min_sign_version}"
+            )
+        if not 0 <= self.max_versions <= max_versions_limit:
+            raise InvalidArgument(
+                f"max_versions must be 0 (the daemon's default) or 1 to {max_versions_limit} "
+                f"(the daemon's [keys] max_versions_limit); got {self.max_versions}"
             )
         return self
 
@@ -238,15 +281,63 @@ class KeyRecord:
         return cls(name, kt.name, created, (v1,), 1, settings)
 
     def rotated(
-        self, created: float, object_id: bytes, idempotency: tuple[str, str] | None = None
+        self,
+        created: float,
+        object_id: bytes,
+        idempotency: tuple[str, str] | None = None,
+        prune: Iterable[int] = (),
     ) -> KeyRecord:
         """The record after a rotation: a new newest version, enabled.
 
         ``idempotency``: (idempotency key, request digest) of the rotate.
+        ``prune``: versions destroyed in the same change (see ``prunable``).
         """
         ik, req = idempotency if idempotency is not None else (None, None)
         new = VersionRecord(self.next_version, created, ENABLED, object_id, ik, req)
-        return replace(self, versions=(*self.versions, new), revision=self.revision + 1)
+        gone = set(prune)
+        kept = tuple(replace(v, state=DESTROYED) if v.version in gone else v for v in self.versions)
+        return replace(self, versions=(*kept, new), revision=self.revision + 1)
+
+    @property
+    def live(self) -> int:
+        """How many versions are not destroyed (what ``max_versions`` caps)."""
+        return sum(1 for v in self.versions if v.state != DESTROYED)
+
+    def prunable(self, now: float) -> list[int]:
+        """The versions the daemon destroys by itself at ``now``: every enabled
+        version that is ``retired`` (below ``min_verify_version``, or past its
+        ``verify_grace``), when the key allows deletion.  Never a disabled one
+        (an operator's decision, reversible), never the newest."""
+        if not self.settings.deletion_allowed:
+            return []
+        states, _ = self.states(now)
+        return sorted(n for n, state in states.items() if state == RETIRED)
+
+    def room_for_one_more(self, now: float, cap: int) -> list[int]:
+        """Check that a rotation fits under ``cap`` versions not destroyed.
+
+        Returns the versions to prune with it (every prunable one, or none
+        when there is room anyway).
+
+        Raises: DeletionNotAllowed if the key is full and nothing may be pruned.
+        """
+        if self.live < cap:
+            return []
+        prune = self.prunable(now)
+        if self.live - len(prune) < cap:
+            return prune
+        if self.settings.deletion_allowed:
+            why = "no older version is retired yet: wait until one is, destroy one"
+        else:
+            why = (
+                "the key does not allow deletion: set deletion_allowed (its retired "
+                "versions are then pruned)"
+            )
+        raise DeletionNotAllowed(
+            f"key {self.name!r} holds {self.live} versions that are not destroyed, its "
+            f"max_versions is {cap}, and none can be pruned, as {why} or raise "
+            "max_versions; nothing was rotated"
+        )
 
     def made_by(self, idempotency_key: str, request: str) -> VersionRecord | None:
         """The version a request with ``idempotency_key`` made, if any.
@@ -420,6 +511,9 @@ class LoadedKey:
     record: KeyRecord
     kt: KeyType
     versions: dict[int, LoadedVersion] = field(default_factory=dict)
+    #: the most versions not destroyed it may hold here (``KeySettings.version_cap``);
+    #: 0: not known (shown as absent)
+    version_cap: int = 0
     #: the version a sign request without ``version`` uses, if it may sign
     signer: LoadedVersion | None = field(init=False, default=None)
     #: versions that may verify, newest first
@@ -510,6 +604,7 @@ class LoadedKey:
             min_verify_version=st.min_verify_version,
             deletion_allowed=st.deletion_allowed,
             next_rotation=r.next_rotation(),
+            max_versions=self.version_cap or None,
         )
 
     def summary(self) -> KeySummary:
@@ -531,8 +626,12 @@ def _why(settings: KeySettings, v: LoadedVersion) -> str:
     return ""
 
 
-def load_key(record: KeyRecord, public_keys: Mapping[bytes, bytes], now: float) -> LoadedKey:
+def load_key(
+    record: KeyRecord, public_keys: Mapping[bytes, bytes], now: float, version_cap: int = 0
+) -> LoadedKey:
     """Combine a record with the SPKI DER of its versions, by object id.
+
+    ``version_cap``: the key's ``max_versions`` on this daemon, for ``info``.
 
     Raises:
         ValueError: a version's public key is missing or does not match its type.
@@ -548,7 +647,7 @@ def load_key(record: KeyRecord, public_keys: Mapping[bytes, bytes], now: float) 
             )
         pub = algorithms.load_public_key(kt, spki)
         versions[v.version] = LoadedVersion(v, pub, algorithms.public_key_pem(pub), spki)
-    return LoadedKey(record, kt, versions).at(now)
+    return LoadedKey(record, kt, versions, version_cap).at(now)
 
 
 class Keystore:

@@ -43,9 +43,11 @@ from .errors import (
     WireError,
 )
 from .keystore import (
+    DEFAULT_MAX_VERSIONS,
     DESTROYED,
     DISABLED,
     ENABLED,
+    MAX_VERSIONS_LIMIT,
     KeyRecord,
     KeySettings,
     Keystore,
@@ -125,6 +127,10 @@ RESERVED_KEY_OPS: Final = frozenset({"key_info", "public_key", "verify"})
 INTERNAL_RECORD_PREFIX: Final = "signd:"
 #: The token queue's source for the daemon's own signatures (fair queueing).
 _OWN_WORK: Final = object()
+#: A lone ``verify`` with at most this many versions to try is answered inline
+#: (fastest); one with more goes to the token workers (or a thread), so a key
+#: with many versions never holds up this loop.
+INLINE_VERIFY_CANDIDATES: Final = 4
 
 
 class Service:
@@ -140,6 +146,8 @@ class Service:
         metrics: Metrics | None = None,
         clock: Callable[[], float] = time.time,
         profile: Profile = PROFILES["softhsm"],
+        default_max_versions: int = DEFAULT_MAX_VERSIONS,
+        max_versions_limit: int = MAX_VERSIONS_LIMIT,
     ) -> None:
         self.token = token
         self.profile = profile
@@ -149,6 +157,8 @@ class Service:
         self.request_timeout = request_timeout
         self.metrics = metrics if metrics is not None else Metrics()
         self.min_rotate_period = min_rotate_period
+        self.default_max_versions = min(default_max_versions, max_versions_limit)
+        self.max_versions_limit = max_versions_limit
         self.sync_interval = sync_interval
         self._clock = clock
         self._started = time.monotonic()
@@ -165,6 +175,13 @@ class Service:
         self._searched = trio.lowlevel.ParkingLot()
         #: distinct names waiting for a search, by uid
         self._lookups_by_uid: dict[int, int] = {}
+        #: called with each pruning of retired versions, and the versions (the audit log's hook)
+        self.on_auto_prune: Callable[[LoadedKey, list[int]], Awaitable[None]] | None = None
+        #: scheduled rotations refused by ``max_versions``: key -> the record
+        #: revision refused; tried again once the record changes
+        self._rotation_refused: dict[str, int] = {}
+        #: threads that verify for keys with many versions while no worker can
+        self._verify_threads = trio.CapacityLimiter(2)
         self.loaded = False
         #: the audit log's chain head, for ``health`` (set when there is a log)
         self.audit_head: Callable[[], AuditHead | None] | None = None
@@ -254,14 +271,18 @@ class Service:
                         continue
                     candidates = key.at(now).verifying(args.version)
                     self._limit(who, args.key, 1)
-                    if inline_ok or not self.token.is_open:
+                    few = len(candidates) <= INLINE_VERIFY_CANDIDATES
+                    if few and (inline_ok or not self.token.is_open):
                         # A lone verification is fastest right here; under
                         # load they go to the workers, so every core verifies
                         # and this loop keeps to the sockets (measured: doing
-                        # a share here too only slows the loop down).
+                        # a share here too only slows the loop down).  So do
+                        # the many versions of a key: each costs a verification.
                         answer = _verify(key, candidates, args)
                         metrics.verified(args.key, "valid" if answer.valid else "invalid")
                         reply(req.id, encode_result(req.id, answer))
+                    elif not self.token.is_open:  # no worker to take many: a thread
+                        slow.append(partial(self._verify_in_thread, req, key, candidates, reply))
                     else:
                         entry = Entry(
                             _verify_job(key, candidates, args),
@@ -443,6 +464,30 @@ class Service:
         for work in self.handle([req], reply, source, who):  # now known: no slow work
             await work()
 
+    async def _verify_in_thread(
+        self, req: Request, key: LoadedKey, candidates: list[LoadedVersion], reply: Reply
+    ) -> None:
+        """A verification with many versions to try while no token worker can
+        take it: in a thread (two at most), so this loop goes on serving."""
+        args = req.args
+        assert isinstance(args, VerifyArgs)
+        try:
+            answer = await trio.to_thread.run_sync(
+                _verify, key, candidates, args, limiter=self._verify_threads
+            )
+        except WireError as exc:
+            self._refused(req, exc)
+            reply(req.id, encode_error(req.id, exc))
+            return
+        except Exception:
+            log.exception("internal error", extra={"op": req.op})
+            bug = InternalError("internal error; see daemon log")
+            self._refused(req, bug)
+            reply(req.id, encode_error(req.id, bug))
+            return
+        self.metrics.verified(args.key, "valid" if answer.valid else "invalid")
+        reply(req.id, encode_result(req.id, answer))
+
     async def _look_up(self, name: str, who: Principal) -> None:
         """Have the token searched for ``name`` by a search that begins now or later.
 
@@ -589,7 +634,11 @@ class Service:
                     "on the token"
                 )
         spkis = {oid: spki for oid, (spki, _) in public.items()}
-        return load_key(record, spkis, self._clock())
+        return load_key(record, spkis, self._clock(), self._cap(record))
+
+    def _cap(self, record: KeyRecord) -> int:
+        """The most versions not destroyed ``record`` may hold on this daemon."""
+        return record.settings.version_cap(self.default_max_versions, self.max_versions_limit)
 
     async def _admin(self, req: Request, reply: Reply) -> None:
         try:
@@ -694,7 +743,9 @@ class Service:
             # The rotation floor applies to a period being set, not to one set
             # before the floor was raised (that would block every other change).
             floor = self.min_rotate_period if args.auto_rotate_period is not None else 0.0
-            settings = _settings(args, record.settings).check(record.latest.version, floor)
+            # Likewise the limit: to a max_versions being set.
+            limit = self.max_versions_limit if args.max_versions is not None else 1 << 62
+            settings = _settings(args, record.settings).check(record.latest.version, floor, limit)
             if settings == record.settings:
                 return await self._store(record, None)
             return await self._store(record.with_settings(settings), "key settings changed")
@@ -745,7 +796,9 @@ class Service:
         name = check_key_name(args.key)
         kt = algorithms.key_type(args.type)
         self.profile.check_key_name(name)
-        settings = _settings(args, KeySettings()).check(1, self.min_rotate_period)
+        settings = _settings(args, KeySettings()).check(
+            1, self.min_rotate_period, self.max_versions_limit
+        )
         blobs = await self.token.load_metadata(name)
         if blobs:
             if idempotency is not None:
@@ -762,7 +815,7 @@ class Service:
         object_id, spki = await self._generate(kt, name, 1)
         record = KeyRecord.new(name, kt, self._clock(), object_id, settings, idempotency)
         await self._write_new_version(record, object_id)
-        key = load_key(record, {object_id: spki}, self._clock())
+        key = load_key(record, {object_id: spki}, self._clock(), self._cap(record))
         self.keystore.put(key)
         log.info("key created", extra={"key": name, "type": kt.name})
         return key
@@ -770,14 +823,23 @@ class Service:
     async def _rotate(
         self, record: KeyRecord, idempotency: tuple[str, str] | None = None
     ) -> LoadedKey:
+        """Raises: DeletionNotAllowed (the key is at its ``max_versions`` and
+        no version may be pruned: nothing was made)."""
         kt = algorithms.key_type(record.type)
+        # Retired versions make room (pruned in the same write); a full key
+        # with none is refused before a keypair is made for it.
+        prune = record.room_for_one_more(self._clock(), self._cap(record))
         # The new version exists on the token before any record points to it.
         object_id, _ = await self._generate(kt, record.name, record.next_version)
-        record = record.rotated(self._clock(), object_id, idempotency)
+        record = record.rotated(self._clock(), object_id, idempotency, prune)
         await self._write_new_version(record, object_id)
+        # Loading a record that says destroyed deletes the private keys, or
+        # the next load does if a crash comes first (see ``_load``).
         key = await self._load(record)
         self.keystore.put(key)
         log.info("key rotated", extra={"key": record.name, "version": record.latest.version})
+        if prune:
+            log.info("retired versions pruned", extra={"key": record.name, "versions": prune})
         return key
 
     async def _generate(self, kt: KeyType, name: str, version: int) -> tuple[bytes, bytes]:
@@ -877,17 +939,21 @@ class Service:
     # ------------------------------------------------------------ lifecycle task
 
     async def run_lifecycle(self) -> None:
-        """Rotate keys on schedule, and keep the cache in step with the token.
+        """Rotate keys on schedule, prune retired versions, and keep the cache
+        in step with the token.
 
         Every ``sync_interval`` the key records are re-read from the token, so
         a change made by another process sharing it (a second daemon, an
-        operator's tool) takes effect here too.  Runs until cancelled.
+        operator's tool) takes effect here too, and the retired versions of
+        keys that allow deletion are destroyed.  Runs until cancelled.
         """
         while True:
             due = [
                 (t, k.record.name)
                 for k in self.keystore.all()
                 if (t := k.record.next_rotation(self.min_rotate_period)) is not None
+                # refused for max_versions: not again until the record changes
+                and self._rotation_refused.get(k.record.name) != k.record.revision
             ]
             wake = min([self._clock() + self.sync_interval, *(t for t, _ in due)])
             self._changed = trio.Event()
@@ -900,6 +966,7 @@ class Service:
                         await self._rotate_if_due(name)
                     except Conflict:  # another daemon rotated it: the next sync sees that
                         log.info("key rotated elsewhere meanwhile", extra={"key": name})
+                await self._prune_retired()
             except WireError as exc:  # the token is away: try again a little later
                 log.warning("key lifecycle pass failed", extra={"error": str(exc)})
                 await trio.sleep(self.sync_interval)
@@ -929,13 +996,45 @@ class Service:
                 due = record.next_rotation(self.min_rotate_period) if record else None
                 if record is None or due is None or due > self._clock():
                     return
-                key = await self._rotate(record)
+                try:
+                    key = await self._rotate(record)
+                except DeletionNotAllowed as exc:  # full: max_versions, nothing to prune
+                    self._rotation_refused[name] = record.revision
+                    self.metrics.error("rotate", exc)
+                    log.error("scheduled rotation refused", extra={"key": name, "error": str(exc)})
+                    return
+        self._rotation_refused.pop(name, None)
         self.metrics.rotated(name, "scheduled")
         log.info(
             "key rotated on schedule", extra={"key": name, "version": key.record.latest.version}
         )
         if self.on_auto_rotate is not None:
             await self.on_auto_rotate(key)
+
+    async def _prune_retired(self) -> None:
+        """Destroy the retired versions of every key that allows deletion."""
+        now = self._clock()
+        for name in [k.record.name for k in self.keystore.all() if k.record.prunable(now)]:
+            try:
+                await self._prune(name)
+            except Conflict:  # another process changed it: the next pass looks again
+                log.info("key changed elsewhere while pruning", extra={"key": name})
+
+    async def _prune(self, name: str) -> None:
+        """Destroy ``name``'s retired versions, if it allows deletion: the
+        record first, then the private keys (as ``destroy`` does, so a crash
+        in between is finished on the next load)."""
+        with trio.CancelScope(shield=True):
+            async with self._admin_lock:
+                record = await self._read_record(name)  # fresh: another process may have
+                prune = record.prunable(self._clock()) if record is not None else []
+                if record is None or not prune:
+                    return
+                new = record.with_state(prune, DESTROYED)
+                key = await self._store(new, "retired versions pruned")
+        log.info("retired versions pruned", extra={"key": name, "versions": prune})
+        if self.on_auto_prune is not None:
+            await self.on_auto_prune(key, prune)
 
 
 class _Round:
@@ -977,6 +1076,7 @@ def _settings(args: CreateKeyArgs | UpdateKeyArgs, old: KeySettings) -> KeySetti
         min_sign_version=_pick(getattr(args, "min_sign_version", None), old.min_sign_version),
         min_verify_version=_pick(getattr(args, "min_verify_version", None), old.min_verify_version),
         deletion_allowed=_pick(args.deletion_allowed, old.deletion_allowed),
+        max_versions=_pick(args.max_versions, old.max_versions),
     )
 
 
@@ -988,13 +1088,13 @@ def _pick(new: T | None, old: T) -> T:
 
 
 def _verify(key: LoadedKey, candidates: list[LoadedVersion], args: VerifyArgs) -> VerifyResult:
-    for v in candidates:
-        algorithm = algorithms.verify(key.kt, v.public_key, args)
-        if algorithm is not None:
-            return VerifyResult(
-                valid=True, key=key.record.name, version=v.record.version, algorithm=algorithm
-            )
-    return VerifyResult(valid=False, key=key.record.name)
+    """Raises: InvalidArgument, InvalidDigest, UnsupportedAlgorithm (bad options)."""
+    pairs = ((v.record.version, v.public_key) for v in candidates)
+    found = algorithms.verify_any(key.kt, pairs, args)
+    if found is None:
+        return VerifyResult(valid=False, key=key.record.name)
+    version, algorithm = found
+    return VerifyResult(valid=True, key=key.record.name, version=version, algorithm=algorithm)
 
 
 def _verify_job(key: LoadedKey, candidates: list[LoadedVersion], args: VerifyArgs) -> VerifyJob:

@@ -28,7 +28,7 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -371,19 +371,24 @@ class TokenSession:
         try:
             kt = algorithms.key_type(key_type)
             args = VerifyArgs.from_wire(wire_args)
-            for version, spki in candidates:
-                pub = self._verifiers.get(spki)
-                if pub is None:
-                    if len(self._verifiers) >= 4096:
-                        self._verifiers.clear()
-                    pub = self._verifiers[spki] = algorithms.load_public_key(kt, spki)
-                algorithm = algorithms.verify(kt, pub, args)
-                if algorithm is not None:
-                    return [True, [version, algorithm]]
-            return [True, None]
+            found = algorithms.verify_any(kt, self._public_keys(kt, candidates), args)
+            return [True, list(found) if found is not None else None]
         except BaseException as exc:
             err = _map_error(exc, "verify")
             return [False, int(err.code), err.message]
+
+    def _public_keys(
+        self, kt: algorithms.KeyType, candidates: Sequence[Sequence[Any]]
+    ) -> Iterator[tuple[int, algorithms.PublicKey]]:
+        """(version, public key) of each candidate (version, SPKI DER), loaded
+        once per process; as they are needed, so a match stops the loading."""
+        for version, spki in candidates:
+            pub = self._verifiers.get(spki)
+            if pub is None:
+                if len(self._verifiers) >= 4096:
+                    self._verifiers.clear()
+                pub = self._verifiers[spki] = algorithms.load_public_key(kt, spki)
+            yield version, pub
 
     def _find_private(self, object_id: bytes) -> Any:
         session = self._session_or_raise()

@@ -494,6 +494,26 @@ request(
     RotateArgs(key=KEY, idempotency_key=IDEM_ROTATE),
 )
 
+# ---- requests with version retention (max_versions)
+
+request(
+    "create_key.request.max_versions",
+    "create_key with a version cap: at most 5 versions not destroyed; with deletion "
+    "allowed, versions past their 7-day grace are destroyed by the daemon to keep under it.",
+    63,
+    "create_key",
+    CreateKeyArgs(
+        key=KEY5, type="ec-p256", verify_grace=GRACE, deletion_allowed=True, max_versions=5
+    ),
+)
+request(
+    "update_key.request.max_versions",
+    "update_key: set the version cap to 10 (0 would mean the daemon's default).",
+    64,
+    "update_key",
+    UpdateKeyArgs(key=KEY, max_versions=10),
+)
+
 # ---- results: one or more for every operation
 
 result(
@@ -871,6 +891,25 @@ result(
     ),
 )
 
+# ---- results with version retention
+
+result(
+    "update_key.result.max_versions",
+    "the answer to update_key.request.max_versions: max_versions is the cap in force (the "
+    "key's own, or the daemon's default when it has none); absent from older daemons.",
+    64,
+    "update_key",
+    KeyInfo(
+        name=KEY,
+        type="ec-p256",
+        created=T1,
+        current_version=2,
+        versions=(V1_OLD, V2),
+        **OFF,
+        max_versions=10,
+    ),
+)
+
 # ---- errors: every code
 
 error(
@@ -964,6 +1003,17 @@ error(
     37,
     e.DeletionNotAllowed(
         "key 'app-signing' does not allow deletion; set deletion_allowed first (an admin operation)"
+    ),
+)
+error(
+    "error.deletion_not_allowed.max_versions",
+    "rotate on a key that holds max_versions versions not destroyed (here 2) when none "
+    "may be pruned (deletion is off, or no older version is retired yet); nothing was made.",
+    65,
+    e.DeletionNotAllowed(
+        "key 'app-signing' holds 2 versions that are not destroyed, its max_versions is 2, "
+        "and none can be pruned, as the key does not allow deletion: set deletion_allowed "
+        "(its retired versions are then pruned) or raise max_versions; nothing was rotated"
     ),
 )
 error(

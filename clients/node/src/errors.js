@@ -117,7 +117,10 @@ export class VersionNotFound extends wireClass(301, "version_not_found", false) 
 export class KeyExists extends wireClass(302, "key_exists", false) {}
 /** 303: the version's state forbids the operation. */
 export class VersionNotUsable extends wireClass(303, "version_not_usable", false) {}
-/** 304: destroy on a key whose deletion_allowed is false. */
+/**
+ * 304: destroy on a key whose deletion_allowed is false; or rotate on a key at
+ * its max_versions when no version may be pruned.
+ */
 export class DeletionNotAllowed extends wireClass(304, "deletion_not_allowed", false) {}
 /** 305: another process changed the same key at the same moment; nothing was changed. */
 export class Conflict extends wireClass(305, "conflict", true) {}

@@ -57,6 +57,7 @@ const ARGS = {
     ["verify_grace", "float", false],
     ["deletion_allowed", "bool", false],
     ["idempotency_key", "str", false],
+    ["max_versions", "int", false],
   ],
   list_keys: [],
   key_info: [KEY],
@@ -98,6 +99,7 @@ const ARGS = {
     ["min_sign_version", "int", false],
     ["min_verify_version", "int", false],
     ["deletion_allowed", "bool", false],
+    ["max_versions", "int", false],
   ],
   disable: [KEY, ["version", "int", true]],
   enable: [KEY, ["version", "int", true]],
@@ -128,6 +130,7 @@ const KEY_INFO = [
   ["deletion_allowed", "bool", false],
   ["next_rotation", "float", false],
   ["created_version", "int", false],
+  ["max_versions", "int", false],
 ];
 
 /** @type {Schema} */

@@ -68,6 +68,7 @@ def create_key(
     verify_grace: float | None = None,
     deletion_allowed: bool | None = None,
     idempotency_key: str | None = None,
+    max_versions: int | None = None,
 ) -> Call[KeyInfo]:
     """Generate a new key on the token.  ``type``: ec-p256, ec-p384, ed25519,
     rsa-2048, rsa-3072 or rsa-4096.  The settings are those of ``update_key``.
@@ -89,6 +90,7 @@ def create_key(
         verify_grace=verify_grace,
         deletion_allowed=deletion_allowed,
         idempotency_key=idempotency_key,
+        max_versions=max_versions,
     )
     return Call("create_key", args, KeyInfo)
 
@@ -232,7 +234,9 @@ def rotate(name: str, *, idempotency_key: str | None = None) -> Call[KeyInfo]:
     ``Client`` and ``AsyncClient`` make one up when none is given, so their own
     retries after a lost answer cannot rotate twice.
 
-    Raises: KeyNotFound, InvalidArgument, TokenError.
+    Raises: KeyNotFound, InvalidArgument, TokenError; DeletionNotAllowed when
+    the key holds its ``max_versions`` versions and none is retired and
+    deletable (nothing was made).
     """
     if idempotency_key is not None:
         check_idempotency_key(idempotency_key)
@@ -247,11 +251,14 @@ def update_key(
     min_sign_version: int | None = None,
     min_verify_version: int | None = None,
     deletion_allowed: bool | None = None,
+    max_versions: int | None = None,
 ) -> Call[KeyInfo]:
     """Change a key's lifecycle settings; ``None`` keeps a setting as it is.
 
     Durations are seconds; 0 turns rotation off and lifts the grace limit.
-    Versions: 0 is no minimum.
+    Versions: 0 is no minimum.  ``max_versions``: the most versions not
+    destroyed the key may hold (0: the daemon's default); with
+    ``deletion_allowed``, retired versions are destroyed to keep under it.
 
     Raises: KeyNotFound, InvalidArgument (naming the setting).
     """
@@ -262,6 +269,7 @@ def update_key(
         min_sign_version=min_sign_version,
         min_verify_version=min_verify_version,
         deletion_allowed=deletion_allowed,
+        max_versions=max_versions,
     )
     return Call("update_key", args, KeyInfo)
 

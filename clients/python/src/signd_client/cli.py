@@ -131,7 +131,15 @@ def _settings_options(p: argparse.ArgumentParser, *, versions: bool) -> None:
         "--deletion-allowed",
         type=_boolean,
         metavar="true|false",
-        help="whether 'signctl destroy' may delete this key's private keys",
+        help="whether 'signctl destroy' may delete this key's private keys, and signd "
+        "destroy its retired versions by itself",
+    )
+    p.add_argument(
+        "--max-versions",
+        type=_version_number,
+        metavar="N",
+        help="most versions not destroyed the key may hold; a rotation beyond them is "
+        "refused unless a retired version can be destroyed; 0 = the daemon's default",
     )
 
 
@@ -470,6 +478,8 @@ def _settings_lines(info: KeyInfo) -> list[str]:
         lines.append(f"min-verify-version  {n if n else '0 (no minimum)'}")
     if info.deletion_allowed is not None:
         lines.append(f"deletion-allowed    {str(info.deletion_allowed).lower()}")
+    if info.max_versions is not None:
+        lines.append(f"max-versions        {info.max_versions}")
     return lines
 
 
@@ -495,6 +505,7 @@ def _settings_args(args: argparse.Namespace) -> dict[str, Any]:
         "min_sign_version",
         "min_verify_version",
         "deletion_allowed",
+        "max_versions",
     )
     return {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
 
@@ -528,7 +539,8 @@ def _admin(args: argparse.Namespace, client: Client) -> KeyInfo:
         if not settings:
             raise _UsageError(
                 "nothing to change: give at least one of --auto-rotate-period, "
-                "--verify-grace, --min-sign-version, --min-verify-version, --deletion-allowed"
+                "--verify-grace, --min-sign-version, --min-verify-version, --deletion-allowed, "
+                "--max-versions"
             )
         return client.update_key(args.name, **settings)
     if cmd == "disable":

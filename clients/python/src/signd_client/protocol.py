@@ -375,6 +375,7 @@ class CreateKeyArgs(Message):
     verify_grace: float | None = None
     deletion_allowed: bool | None = None
     idempotency_key: str | None = None
+    max_versions: int | None = None
 
 
 @message
@@ -382,7 +383,8 @@ class UpdateKeyArgs(Message):
     """Change a key's lifecycle settings; an absent field keeps its value.
 
     Durations are seconds, and 0 turns the setting off (no automatic rotation;
-    no grace limit).  Versions: 0 means no minimum.
+    no grace limit).  Versions: 0 means no minimum.  ``max_versions``: the
+    most versions not destroyed the key may hold; 0 means the daemon's default.
     """
 
     key: str
@@ -391,6 +393,7 @@ class UpdateKeyArgs(Message):
     min_sign_version: VersionSetting | None = None
     min_verify_version: VersionSetting | None = None
     deletion_allowed: bool | None = None
+    max_versions: int | None = None
 
 
 @message
@@ -514,6 +517,9 @@ class KeyInfo(Message):
     #: answers to ``create_key`` and ``rotate``: the version the request made
     #: (for a replay under an ``idempotency_key``, the one the first request made)
     created_version: int | None = None
+    #: the most versions not destroyed the key may hold: its own setting or
+    #: the daemon's default (absent from daemons before retention)
+    max_versions: int | None = None
 
 
 @message
