@@ -274,6 +274,36 @@ class Daemon:
             sig = c.sign(name, msg).signature
         public.verify(sig, msg, ec.ECDSA(hashes.SHA256()))
 
+    def log_records(self, msg: str) -> list[dict[str, Any]]:
+        """This daemon's JSON log records whose ``msg`` is ``msg``, oldest first."""
+        out = []
+        for line in self.logs().splitlines():
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(rec, dict) and rec.get("msg") == msg:
+                out.append(rec)
+        return out
+
+    def reload(
+        self, extra: str | None = None, outcome: str = "config reloaded", timeout: float = 30.0
+    ) -> dict[str, Any]:
+        """SIGHUP (after writing ``extra`` as the config's extra part, if given)
+        and wait for the log record ``outcome``; returns it."""
+        before = len(self.log_records(outcome))
+        if extra is not None:
+            self.extra_config = extra
+            self.write_config()
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + timeout
+        while len(found := self.log_records(outcome)) == before:
+            assert self.proc.poll() is None, self.logs()
+            assert time.monotonic() < deadline, f"no {outcome!r} record:\n{self.logs()}"
+            time.sleep(0.02)
+        return found[-1]
+
     def logs(self) -> str:
         """Everything this daemon logged, across restarts."""
         try:

@@ -28,7 +28,6 @@ import asyncio
 import contextlib
 import fcntl
 import hashlib
-import json
 import os
 import select
 import signal
@@ -237,32 +236,6 @@ def send_until_stuck(sock: socket.socket, out: bytes) -> int:
     return sent
 
 
-def records(d: Daemon, msg: str) -> list[dict[str, Any]]:
-    out = []
-    for line in d.logs().splitlines():
-        try:
-            rec = json.loads(line)
-        except ValueError:
-            continue
-        if rec.get("msg") == msg:
-            out.append(rec)
-    return out
-
-
-def reload(d: Daemon, extra: str) -> None:
-    """Write ``extra`` as the config's extra part, SIGHUP, wait for the reload."""
-    before = len(records(d, "config reloaded"))
-    d.extra_config = extra
-    d.write_config()
-    assert d.proc is not None
-    d.proc.send_signal(signal.SIGHUP)
-    deadline = time.monotonic() + WAIT
-    while len(records(d, "config reloaded")) == before:
-        assert d.proc.poll() is None, d.logs()
-        assert time.monotonic() < deadline, f"no reload:\n{d.logs()}"
-        time.sleep(0.02)
-
-
 # ---------------------------------------------------------------- each limit
 
 
@@ -430,7 +403,7 @@ def test_idle_connection_is_closed(make_daemon: Callable[..., Daemon]) -> None:
         assert read_to_eof(used) == []  # closed, with no frame
         assert read_to_eof(silent) == []  # one that never sent a byte too
     assert only_hit(d, "idle_timeout") == 2
-    closes = records(d, "idle connection closed")
+    closes = d.log_records("idle connection closed")
     assert len(closes) == 2, closes
     assert all(r["level"] == "debug" and isinstance(r["pid"], int) for r in closes), closes
     # Served as usual afterwards.
@@ -484,11 +457,11 @@ def test_sighup_changes_idle_timeout_of_open_connections(
     with raw(d) as s:
         health(s)
         assert not pending(s)
-        reload(d, "[limits]\nidle_timeout = 0.2\n")
+        d.reload("[limits]\nidle_timeout = 0.2\n")
         assert read_to_eof(s) == []  # the connection opened before the reload
     assert only_hit(d, "idle_timeout") == 1
     # And 0 turns it off again (nothing to wait for here: the setting is read back).
-    reload(d, "[limits]\nidle_timeout = 0\n")
+    d.reload("[limits]\nidle_timeout = 0\n")
     with raw(d) as s:
         health(s)
     assert d.stop() == 0

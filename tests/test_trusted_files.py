@@ -8,15 +8,12 @@ Another owner is uid 65534 (``nobody``), set with chown: we run as root.
 
 from __future__ import annotations
 
-import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import pytest
 
@@ -204,30 +201,6 @@ def test_pin_credential_must_be_a_regular_file(token_env: TokenEnv, tmp_path: Pa
     assert run().returncode == 0, out.stderr
 
 
-def _logged(d: Daemon, msg: str) -> list[dict[str, Any]]:
-    out = []
-    for line in d.logs().splitlines():
-        try:
-            rec = json.loads(line)
-        except ValueError:
-            continue
-        if rec.get("msg") == msg:
-            out.append(rec)
-    return out
-
-
-def _hangup(d: Daemon, outcome: str) -> dict[str, Any]:
-    before = len(_logged(d, outcome))
-    assert d.proc is not None
-    d.proc.send_signal(signal.SIGHUP)
-    deadline = time.monotonic() + 20
-    while len(_logged(d, outcome)) == before:
-        assert d.proc.poll() is None, d.logs()
-        assert time.monotonic() < deadline, f"no {outcome!r} line:\n{d.logs()}"
-        time.sleep(0.02)
-    return _logged(d, outcome)[-1]
-
-
 def test_reload_of_an_untrusted_config_is_refused(
     make_daemon: Callable[..., Daemon], key_name: str
 ) -> None:
@@ -239,12 +212,12 @@ def test_reload_of_an_untrusted_config_is_refused(
         d.extra_config = ""
         d.write_config()
         d.config.chmod(0o666)
-        line = _hangup(d, "config reload refused; the running config stays")
+        line = d.reload(None, "config reload refused; the running config stays")
         everyone = "is writable by its group and others (mode 0666)"
         assert f"config: {d.config} {everyone}" in line["error"]
         with pytest.raises(RateLimited):  # the old config is in force
             c.sign(key_name, b"2")
         d.config.chmod(0o600)
-        _hangup(d, "config reloaded")
+        d.reload(None, "config reloaded")
         c.sign(key_name, b"3")
     assert d.stop() == 0
