@@ -266,6 +266,10 @@ def _nonempty(v: str) -> str | None:
     return None if v.strip() else "must not be empty"
 
 
+def _credential_name(v: str) -> str | None:
+    return None if v and "/" not in v else "must be a credential name without '/'"
+
+
 def _absolute(v: str) -> str | None:
     return None if os.path.isabs(v) else f"must be an absolute path, got {v!r}"
 
@@ -314,7 +318,7 @@ def _parse(doc: Mapping[str, Any], path: str | None, base: Path) -> Config:
         "pin_credential",
         str,
         "",
-        lambda v: None if v and "/" not in v else "must be a credential name without '/'",
+        _credential_name,
     )
     auth_key_id = t.table.pop("auth_key_id", None)
     if auth_key_id is not None and not (type(auth_key_id) is int and 1 <= auth_key_id <= 0xFFFF):
@@ -448,7 +452,7 @@ def _parse(doc: Mapping[str, Any], path: str | None, base: Path) -> Config:
         "token_credential",
         str,
         "",
-        lambda v: None if v and "/" not in v else "must be a credential name without '/'",
+        _credential_name,
     )
     mt.done()
     if token_file and token_cred:
