@@ -472,7 +472,7 @@ def targets(rows: list[Row]) -> list[tuple[str, str, str]]:
     s64 = named("ec-p256", "signd, 64 conn")
     p4 = find(lambda r: r.name.startswith("p11-kit server, 4"))
     p1 = find(lambda r: r.name.startswith("p11-kit server, 1"))
-    sync = named("ec-p256", "signd, 1 synchronous")
+    sync = named("ec-p256", "signd, 1 synchronous connection (Client)")
     batch = find(lambda r: r.name.startswith("signd, sign_batch"))
     check("signd 64 connections vs baseline (>= 1.0x)", s64.ratio if s64 else None, 1.0, True, "x")
     check("signd 64 connections vs p11-kit 4 processes (>= 1.2x)", ratio(s64, p4), 1.2, True, "x")
@@ -503,6 +503,16 @@ def targets(rows: list[Row]) -> list[tuple[str, str, str]]:
         )
     audited = find(lambda r: r.name.startswith("signd, 64 connections, strict audit"))
     check("strict audit on vs off at 64 connections (>= 0.8x)", ratio(audited, s64), 0.8, True, "x")
+    check(
+        "strict audit on vs off, 1 synchronous connection (>= 0.7x)",
+        ratio(
+            named("ec-p256", "signd, 1 synchronous connection, strict audit"),
+            named("ec-p256", "signd, 1 synchronous connection, no audit"),
+        ),
+        0.7,
+        True,
+        "x",
+    )
     mem = find(lambda r: r.name.startswith("daemon RSS with"))
     check(
         "daemon RSS, 1,000 open connections (<= 100 MB)",
@@ -530,7 +540,7 @@ def run(b: Bench, types: list[str], peers: bool) -> None:
             for kt in types:
                 keys[kt] = f"bench-{kt}"
                 c.create_key(keys[kt], kt)
-        steps = len(types) * 4 + 7
+        steps = len(types) * 4 + 9
         step = 0
 
         def stage(what: str) -> None:
@@ -602,7 +612,18 @@ def run(b: Bench, types: list[str], peers: bool) -> None:
                 _peer_rows(b, key)
             stage("memory")
             b.memory_rows(key)
-            stage("audit: strict audit log on")
+            # A lone synchronous client pays the audit log's latency in full:
+            # measured just before the restart without the log, and after with it.
+            stage("audit: 1 synchronous connection, no audit log")
+            alone = b.drive(
+                "signd, 1 synchronous connection, no audit log",
+                "ec-p256",
+                {**b.sign_job(key, "ec-p256"), "mode": "client"},
+                1,
+                1,
+                note="reference for the strict audit row below",
+            )
+            stage("audit: strict audit log on, 64 connections")
             b.stop_daemon()
             b.start_daemon(audit=True)
             b.drive(
@@ -611,8 +632,18 @@ def run(b: Bench, types: list[str], peers: bool) -> None:
                 {**b.sign_job(key, "ec-p256"), "mode": "pipeline"},
                 2,
                 64,
-                note=f"window {b.window}; every answer waits for its fsync'd record",
+                note=f"window {b.window}; every answer waits for its request's fsync'd record",
             )
+            stage("audit: strict audit log on, 1 synchronous connection")
+            strict = b.drive(
+                "signd, 1 synchronous connection, strict audit log",
+                "ec-p256",
+                {**b.sign_job(key, "ec-p256"), "mode": "client"},
+                1,
+                1,
+            )
+            if alone.rate:
+                strict.note = f"{strict.rate / alone.rate:.2f}x of the same without the log"
     finally:
         b.stop_daemon()
 
