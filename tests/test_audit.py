@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
-import threading
+import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -22,9 +24,9 @@ from hypothesis import strategies as st
 from signd.audit import Entry, _seal_entry, who_fields
 from signd.policy import Principal
 from signd.protocol import HEADER, SignArgs, encode_request
-from signd_client import Client
 from signd_client.audit import GENESIS, canonical, line_of, verify_files
 from signd_client.errors import SigndError
+from signd_client.protocol import FrameDecoder, decode_response
 
 if TYPE_CHECKING:
     from conftest import Daemon
@@ -40,6 +42,38 @@ def records(d: Daemon) -> list[dict[str, object]]:
     # Split at newlines only: str.splitlines would also split at U+2028 and the
     # like, which canonical JSON (ensure_ascii=False) leaves unescaped in strings.
     return [json.loads(ln) for f in audit_files(d) for ln in f.read_bytes().split(b"\n") if ln]
+
+
+#: The members that chain a record, not what it says.
+CHAIN = ("seq", "prev", "hash", "phase")
+
+
+def answers(d: Daemon) -> list[dict[str, Any]]:
+    """One record per request answered, in the order of the log: the combined
+    records and the outcome records; the request records are checked against
+    their outcomes and left out.  After a clean stop every request record has
+    its outcome."""
+    recs = records(d)
+    by_seq = {r["seq"]: r for r in recs}
+    asked = {r["seq"] for r in recs if r.get("phase") == "request"}
+    out: list[dict[str, Any]] = []
+    for r in recs:
+        phase = r.get("phase")
+        if phase == "request":
+            assert "result" not in r, r
+            continue
+        if phase == "outcome":
+            request = by_seq[r["request"]]
+            assert request.get("phase") == "request", (request, r)
+            assert int(str(r["request"])) < int(str(r["seq"]))
+            said = {k: v for k, v in request.items() if k not in CHAIN}
+            assert said == {k: r[k] for k in said}, (request, r)
+            asked.discard(int(str(r["request"])))
+        else:
+            assert phase is None, r
+        out.append(r)
+    assert not asked, f"request records without an outcome: {sorted(asked)}"
+    return out
 
 
 def verify(*files: Path) -> subprocess.CompletedProcess[str]:
@@ -61,7 +95,7 @@ def test_one_record_per_request_and_no_signed_data(
         with pytest.raises(SigndError):
             c.sign(key_name + "-none", secret)
     assert d.stop() == 0
-    recs = records(d)
+    recs = answers(d)
     assert [r["op"] for r in recs] == ["create_key", "sign", "verify", "verify", "sign"]
     create, sign, ok, bad, missing = recs
     assert (create["result"], create["version"]) == ("ok", 1)
@@ -80,7 +114,7 @@ def test_one_record_per_request_and_no_signed_data(
     assert d.token.pin not in text
     out = verify(*audit_files(d))
     assert out.returncode == 0, out.stdout
-    assert "5 records, chain intact" in out.stdout
+    assert f"{len(records(d))} records, chain intact" in out.stdout
 
 
 def test_denied_requests_are_audited(make_daemon: Callable[..., Daemon], key_name: str) -> None:
@@ -88,7 +122,7 @@ def test_denied_requests_are_audited(make_daemon: Callable[..., Daemon], key_nam
     with d.client() as c, pytest.raises(SigndError, match="permission_denied"):
         c.create_key(key_name, "ec-p256")
     assert d.stop() == 0
-    (rec,) = records(d)
+    (rec,) = answers(d)
     assert (rec["op"], rec["key"], rec["result"], rec["code"]) == (
         "create_key",
         key_name,
@@ -170,52 +204,192 @@ def test_chain_continues_across_restarts(make_daemon: Callable[..., Daemon], key
         c.sign(key_name, b"after restart")
     assert d.stop() == 0
     recs = records(d)
-    assert [r["seq"] for r in recs] == [1, 2]
-    assert recs[1]["prev"] == recs[0]["hash"]
+    assert [r["seq"] for r in recs] == list(range(1, len(recs) + 1))
+    assert all(b["prev"] == a["hash"] for a, b in itertools.pairwise(recs))
+    assert [r["op"] for r in answers(d)] == ["create_key", "sign"]
     assert verify(*audit_files(d)).returncode == 0
 
 
-def test_kill_9_loses_no_record_of_an_answered_signature(
+# A client that pipelines signatures as another uid: it drops to NOBODY itself
+# (its imports done as root, which can read them), so the daemon sees that uid
+# from the kernel.  It keeps WINDOW requests in flight, signing "kill-9 <id>",
+# and prints "<id> <result>" for every answer it receives, as it receives it.
+PIPELINING_CLIENT = r"""
+import os, socket, sys
+from signd_client.protocol import FrameDecoder, SignArgs, decode_response, encode_request
+path, key, gid, window = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+os.setgroups([gid])
+os.setgid(65534)
+os.setuid(65534)
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+s.connect(path)
+print(os.getpid(), flush=True)
+sent = 0
+def ask(n):
+    global sent
+    s.sendall(b"".join(
+        encode_request(i, "sign", SignArgs(key, b"kill-9 %d" % i)) for i in range(sent, sent + n)
+    ))
+    sent += n
+ask(window)
+decoder = FrameDecoder()
+while True:
+    try:
+        data = s.recv(65536)
+    except ConnectionResetError:
+        break
+    if not data:
+        break
+    decoder.receive_data(data)
+    got = [decode_response(body) for body in decoder.frames()]
+    sys.stdout.write("".join(
+        f"{r.id} {'ok' if r.error is None else r.error.name}\n" for r in got
+    ))
+    sys.stdout.flush()
+    try:
+        ask(len(got))
+    except OSError:
+        break
+"""
+NOBODY = 65534
+CLIENT_GID = 4242
+
+
+def test_kill_9_leaves_a_request_record_for_every_answered_signature(
     make_daemon: Callable[..., Daemon], key_name: str
 ) -> None:
-    """Strict mode: an answer is sent only after its record is durable."""
-    d = make_daemon('[audit]\ndir = "audit"\nmode = "strict"\n')
+    """Strict mode: an answer is sent only once the record of its request (who
+    asked, for what) is durable; the outcome may follow later.  A ``kill -9``
+    in the middle of a pipelining client's run leaves a request record, naming
+    the client's uid and pid, for every signature the client received."""
+    workdir = Path(tempfile.mkdtemp(prefix="signd-audit-", dir="/tmp"))
+    workdir.chmod(0o711)  # so that NOBODY reaches the socket
+    try:
+        d = make_daemon(
+            '[audit]\ndir = "audit"\nmode = "strict"\n\n[[access.rules]]\n'
+            f'keys = ["{key_name}"]\noperations = ["sign"]\ngroups = ["{CLIENT_GID}"]\n',
+            workdir=workdir,
+            server_extra=f"socket_group = {CLIENT_GID}\n",
+        )
+        with d.client() as c:
+            c.create_key(key_name, "ec-p256")
+        for _ in range(2):  # two kills, each at some point of a busy run
+            _kill_9_mid_run(d, key_name)
+            d.start()  # on the same log: a torn tail is cut, the chain goes on
+        with d.client() as c:
+            c.sign(key_name, b"after the kills")
+        assert d.stop() == 0
+        out = verify(*audit_files(d))
+        assert out.returncode == 0, out.stdout
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _kill_9_mid_run(d: Daemon, key_name: str) -> None:
+    client = subprocess.Popen(
+        [sys.executable, "-c", PIPELINING_CLIENT, d.socket, key_name, str(CLIENT_GID), "32"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert client.stdout is not None
+    try:
+        pid = int(client.stdout.readline())
+        answered: list[int] = []
+        for line in client.stdout:
+            rid, result = line.split()
+            assert result == "ok", line
+            answered.append(int(rid))
+            if len(answered) >= 300:
+                break
+        assert d.proc is not None
+        d.proc.kill()
+        d.proc.wait()
+        # What the client had received by then, printed after the kill.
+        rest, _ = client.communicate(timeout=30)
+    finally:
+        if client.poll() is None:
+            client.kill()
+            client.wait()
+    answered += [int(line.split()[0]) for line in rest.splitlines() if line.endswith(" ok")]
+    assert len(answered) >= 300, "the client stopped before the kill"
+
+    asked: dict[object, dict[str, object]] = {}
+    for f in audit_files(d):
+        for ln in f.read_bytes().split(b"\n"):
+            try:
+                rec = json.loads(ln)
+            except ValueError:
+                continue  # a tail torn by the kill (or the empty end)
+            if rec.get("phase") != "outcome":  # a request record, or a combined one
+                asked[rec.get("data_sha256")] = rec
+    missing = []
+    for rid in answered:
+        rec = asked.get(hashlib.sha256(b"kill-9 %d" % rid).hexdigest())
+        if rec is None:
+            missing.append(rid)
+            continue
+        assert (rec["op"], rec["key"], rec["uid"], rec["gid"], rec["pid"]) == (
+            "sign",
+            key_name,
+            NOBODY,
+            NOBODY,
+            pid,
+        ), rec
+    assert not missing, (
+        f"{len(missing)} of {len(answered)} answered signatures have no record of "
+        f"their request: ids {missing[:20]}"
+    )
+
+
+def test_a_request_is_recorded_while_the_token_works(
+    make_daemon: Callable[..., Daemon], key_name: str
+) -> None:
+    """Strict mode: the record of who asked is made durable while the token
+    signs, not after: with the token worker stopped, the request's record is
+    in the log before its answer exists; the answer, once the worker goes on,
+    is followed by an outcome record naming that request."""
+    d = make_daemon('[audit]\ndir = "audit"\n', token_extra="workers = 1\nstall_timeout = 60\n")
     with d.client() as c:
         c.create_key(key_name, "ec-p256")
-    received: list[bytes] = []
-    stop = threading.Event()
+    (worker,) = d.token_workers("sign")
+    digest = hashlib.sha256(b"held").hexdigest()
 
-    def load(n: int) -> None:
-        with Client(d.socket, retries=0, timeout=10) as c:
-            i = 0
-            while not stop.is_set():
-                msg = b"%d-%d" % (n, i)
-                try:
-                    c.sign(key_name, msg)
-                except SigndError:
-                    return  # the daemon is gone
-                received.append(msg)
-                i += 1
+    def request_record() -> dict[str, Any] | None:
+        for rec in records(d):
+            if rec.get("data_sha256") == digest:
+                return rec
+        return None
 
-    threads = [threading.Thread(target=load, args=(n,)) for n in range(4)]
-    for t in threads:
-        t.start()
-    while len(received) < 400:
-        threading.Event().wait(0.01)
-    assert d.proc is not None
-    d.proc.send_signal(signal.SIGKILL)
-    d.proc.wait()
-    stop.set()
-    for t in threads:
-        t.join(30)
-    audited = {r.get("data_sha256") for r in records(d) if r.get("result") == "ok"}
-    missing = [m for m in received if hashlib.sha256(m).hexdigest() not in audited]
-    assert not missing, f"{len(missing)} of {len(received)} answered signatures have no record"
-    # The daemon starts again on the same log, cutting any torn tail, and the chain holds.
-    d.start()
-    with d.client() as c:
-        c.sign(key_name, b"after the kill")
+    with d.connect_raw() as s:
+        os.kill(worker, signal.SIGSTOP)
+        try:
+            s.sendall(encode_request(1, "sign", SignArgs(key_name, b"held")))
+            deadline = time.monotonic() + 30
+            while (asked := request_record()) is None:
+                assert time.monotonic() < deadline, "no record of the request while it is signed"
+                time.sleep(0.01)
+            # The token has not signed yet: nothing has been answered.
+            s.setblocking(False)
+            with pytest.raises(BlockingIOError):
+                s.recv(1)
+            s.setblocking(True)
+        finally:
+            os.kill(worker, signal.SIGCONT)
+        decoder = FrameDecoder()
+        while not (frames := list(decoder.frames())):
+            chunk = s.recv(65536)
+            assert chunk, "the daemon closed the connection"
+            decoder.receive_data(chunk)
+        (answer,) = frames
+        assert decode_response(answer).error is None
     assert d.stop() == 0
+    assert (asked["phase"], asked["op"], asked["key"]) == ("request", "sign", key_name)
+    assert (asked["uid"], asked["pid"]) == (os.getuid(), os.getpid())
+    assert "result" not in asked
+    (outcome,) = [r for r in answers(d) if r.get("data_sha256") == digest]
+    assert (outcome["phase"], outcome["request"]) == ("outcome", asked["seq"])
+    assert (outcome["result"], outcome["code"], outcome["version"]) == ("ok", 0, 1)
+    assert outcome["ts"] == asked["ts"]
     assert verify(*audit_files(d)).returncode == 0
 
 
@@ -240,7 +414,7 @@ def test_a_client_whose_path_is_not_utf8_is_audited(
     )
     assert out.returncode == 0, out.stderr.decode(errors="replace")
     assert d.stop() == 0
-    rec = records(d)[-1]
+    rec = answers(d)[-1]
     assert (rec["op"], rec["result"]) == ("sign", "ok")
     assert rec["exe"] == os.fsdecode(exe).encode("utf-8", "surrogateescape").decode(
         "utf-8", "backslashreplace"
@@ -261,7 +435,7 @@ def test_a_request_naming_a_version_is_recorded_with_that_version(
         c.key_info(key_name)
         c.sign(key_name, b"no version named")
     assert d.stop() == 0
-    named_1, named_99, info, sign = records(d)[2:]
+    named_1, named_99, info, sign = answers(d)[2:]
     assert (named_1["op"], named_1["result"], named_1["version"]) == ("public_key", "ok", 1)
     # No answer names a version here: the record has the one the request named.
     assert named_99["result"] != "ok"
@@ -290,7 +464,7 @@ def test_key_names_that_need_escaping_are_recorded_exactly(
             with pytest.raises(SigndError):
                 c.sign(name, b"data")
     assert d.stop() == 0
-    assert [r["key"] for r in records(d)] == TRICKY_KEYS
+    assert [r["key"] for r in answers(d)] == TRICKY_KEYS
     assert verify(*audit_files(d)).returncode == 0
 
 
@@ -309,7 +483,7 @@ def test_an_id_reused_while_in_flight_gets_a_record_per_request(
             assert chunk, "the daemon closed the connection"
             got += chunk
     assert d.stop() == 0
-    signs = [r for r in records(d) if r["op"] == "sign"]
+    signs = [r for r in answers(d) if r["op"] == "sign"]
     assert sorted(str(r["data_sha256"]) for r in signs) == sorted(
         hashlib.sha256(m).hexdigest() for m in messages
     )
@@ -325,7 +499,9 @@ def test_relaxed_mode_writes_the_same_chain(
         for i in range(10):
             c.sign(key_name, b"%d" % i)
     assert d.stop() == 0
-    assert [r["op"] for r in records(d)] == ["create_key"] + ["sign"] * 10
+    recs = records(d)
+    assert [r["op"] for r in recs] == ["create_key"] + ["sign"] * 10
+    assert not any("phase" in r for r in recs), "relaxed mode writes one record per request"
     assert verify(*audit_files(d)).returncode == 0
 
 

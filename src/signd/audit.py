@@ -57,6 +57,7 @@ __all__ = [
     "AuditLog",
     "Entry",
     "Notes",
+    "Pending",
     "Recipient",
     "Who",
     "data_digest",
@@ -89,6 +90,44 @@ Notes = tuple[str, str | None, str | None, int | None, int | None, int]
 #: answer is to no known request, perf_counter_ns of the answer, the answer's
 #: frame, whom to hand it back to or None (relaxed mode), the request id).
 Entry = tuple[Who, Notes | None, int, bytes, Recipient | None, int | None]
+
+#: How long an outcome record may wait, written but not yet fsync'd, for the
+#: next group commit before the idle writer syncs it by itself (seconds).
+OUTCOME_SYNC: Final = 0.1
+
+
+class Pending:
+    """A request in flight (``AuditLog.asked``), from when it is read until its
+    answer is released.
+
+    In strict mode it is queued to the writer at once, as the request's record.
+    The event loop sets ``answer`` when the answer is ready; the writer only
+    reads it, once, when it takes the request: already there, it writes one
+    combined record; not yet, a request record.  Either way it hands the
+    request back (``AuditLog._settle``) once that record is durable, and sets
+    ``seq`` first: 0 for a combined record, else the request record's seq.
+    ``durable`` is the loop's alone: None until then, then whether the
+    request record was written.  An answer that comes after it is released at
+    once, and the same object is queued again as its outcome record.
+    """
+
+    __slots__ = ("answer", "durable", "notes", "offset", "recipient", "request_id", "seq", "who")
+
+    def __init__(
+        self, who: Who, notes: Notes, recipient: Recipient, request_id: int | None
+    ) -> None:
+        self.who = who
+        self.notes = notes
+        self.recipient = recipient
+        self.request_id = request_id
+        #: (perf_counter_ns when answered, the answer's frame), set by the loop
+        self.answer: tuple[int, bytes] | None = None
+        #: the loop's: None until the writer hands the request back
+        self.durable: bool | None = None
+        #: the writer's: the request record's seq, 0 for a combined record
+        self.seq = 0
+        #: the writer's: the clock offset of the request record, for its outcome's ``ts``
+        self.offset = 0
 
 
 def data_digest(args: Message) -> tuple[str | None, int | None]:
@@ -170,11 +209,15 @@ def who_fields(who: Principal) -> Who:
     )
 
 
-def _seal_entry(entry: Entry, seq: int, prev: str, clock_offset: int) -> tuple[bytes, str]:
+def _seal_entry(
+    entry: Entry, seq: int, prev: str, clock_offset: int, request: int | None = None
+) -> tuple[bytes, str]:
     """The record of one answer, chained after ``prev``: (its line with newline, its hash).
 
     ``clock_offset`` is ``time.time_ns() - time.perf_counter_ns()``, read by
     the writer once per batch, so that the loop reads one clock per request.
+    With ``request`` (the seq of the request's own record, written earlier)
+    it is an outcome record: ``"phase":"outcome"`` and ``"request"`` added.
 
     Raises:
         Exception: the answer cannot be decoded or the record encoded; the
@@ -213,12 +256,37 @@ def _seal_entry(entry: Entry, seq: int, prev: str, clock_offset: int) -> tuple[b
         if "valid" in value:
             valid = f',"valid":{_json(value["valid"])}'
     versioned = "" if version is None else f',"version":{_json(version)}'
+    phase = asked = ""
+    if request is not None:
+        phase, asked = '"phase":"outcome",', f'"request":{int.__repr__(request)},'
 
     # Every member in sorted key order; the optional ones carry their own comma.
     body = (
         f'{{"code":{code},{data}"exe":{exe},"gid":{gid},{counted}"key":{key},{latency}'
-        f'"op":{op},"pid":{pid},"prev":"{prev}","result":{result},"seq":{seq},"ts":{ts},'
-        f'"uid":{uid},"user":{user}{valid}{versioned}}}'
+        f'"op":{op},{phase}"pid":{pid},"prev":"{prev}",{asked}"result":{result},"seq":{seq},'
+        f'"ts":{ts},"uid":{uid},"user":{user}{valid}{versioned}}}'
+    )
+    return line_of(body.encode())
+
+
+def _seal_request(
+    who: Who, notes: Notes, seq: int, prev: str, clock_offset: int
+) -> tuple[bytes, str]:
+    """The record of a request whose answer is not ready yet, chained after
+    ``prev``: who asked for what, ``"phase":"request"``, no result.  Its
+    outcome follows in a later record naming this one's seq in ``request``.
+    (``clock_offset`` as for ``_seal_entry``.)
+    """
+    exe, gid, pid, uid, user = who
+    op, key, digest, items, version, started = notes
+    data = "" if digest is None else f'"data_sha256":"{digest}",'
+    counted = "" if items is None else f'"items":{_json(items)},'
+    versioned = "" if version is None else f',"version":{_json(version)}'
+    ts = float.__repr__((started + clock_offset) // 1000 / 1e6)
+    body = (
+        f'{{{data}"exe":{exe},"gid":{gid},{counted}"key":{_json(key)},"op":{_json(op)},'
+        f'"phase":"request","pid":{pid},"prev":"{prev}","seq":{seq},"ts":{ts},'
+        f'"uid":{uid},"user":{user}{versioned}}}'
     )
     return line_of(body.encode())
 
@@ -281,13 +349,79 @@ class AuditLog:
         """Queue the record of answer ``frame`` (to the request ``notes`` describe);
         ``recipient.audited`` runs in trio once it is written (strict: durable).
 
-        In relaxed mode it runs at once.
+        In relaxed mode it runs at once.  For an answer to a request that went
+        through ``asked``, use ``answered``.
         """
         if self.mode == "relaxed":
             self._queue.put((who, notes, time.perf_counter_ns(), frame, None, request_id))
             recipient.audited(request_id, frame, True)
         else:
             self._queue.put((who, notes, time.perf_counter_ns(), frame, recipient, request_id))
+
+    def asked(
+        self, who: Who, notes: Notes, recipient: Recipient, request_id: int | None
+    ) -> Pending:
+        """A request was read: in strict mode, queue its record at once, so that
+        it is made durable while the token works.  Pass what this returns to
+        ``answered`` with the request's answer."""
+        pending = Pending(who, notes, recipient, request_id)
+        if self.mode == "strict":
+            self._queue.put(pending)
+        return pending
+
+    def answered(self, pending: Pending, frame: bytes) -> None:
+        """``frame`` answers the request ``pending`` stands for; ``recipient.audited``
+        runs once the request's record is durable (strict), at once if it already
+        is (the outcome record then follows, without holding the answer), or at
+        once in relaxed mode."""
+        if self.mode == "relaxed":
+            self._queue.put(
+                (
+                    pending.who,
+                    pending.notes,
+                    time.perf_counter_ns(),
+                    frame,
+                    None,
+                    pending.request_id,
+                )
+            )
+            pending.recipient.audited(pending.request_id, frame, True)
+            return
+        pending.answer = (time.perf_counter_ns(), frame)
+        durable = pending.durable
+        if durable:
+            self._queue.put(pending)  # its outcome record
+            pending.recipient.audited(pending.request_id, frame, True)
+        elif durable is False:
+            self._retry(pending)
+        # else: the writer has it, and ``_settle`` releases it.
+
+    def _settle(self, cells: list[Pending], ok: bool) -> None:
+        """In trio: the records of ``cells`` are durable (``ok``) or could not be written."""
+        for p in cells:
+            try:
+                answer = p.answer
+                if not ok:
+                    p.durable = False
+                    if answer is not None:
+                        self._retry(p)
+                elif p.seq == 0:  # one combined record, with its answer
+                    assert answer is not None
+                    p.recipient.audited(p.request_id, answer[1], True)
+                else:
+                    p.durable = True
+                    if answer is not None:
+                        self._queue.put(p)  # its outcome record
+                        p.recipient.audited(p.request_id, answer[1], True)
+            except Exception:
+                log.exception("an audited answer could not be sent")
+
+    def _retry(self, p: Pending) -> None:
+        """The request's record could not be written: one combined record, as
+        for ``record``, or the answer is withheld."""
+        assert p.answer is not None
+        ended, frame = p.answer
+        self._queue.put((p.who, p.notes, ended, frame, p.recipient, p.request_id))
 
     # ------------------------------------------------------------ writer thread
 
@@ -308,16 +442,31 @@ class AuditLog:
     def _main(self) -> None:
         assert self._trio_token is not None
         last_sync = time.monotonic()
+        #: strict: outcome records are written but not fsync'd yet
+        unsynced = False
         while True:
-            items = [self._queue.get()]
+            if unsynced:
+                try:
+                    first = self._queue.get(timeout=OUTCOME_SYNC)
+                except queue.Empty:
+                    # Nothing came to share a group commit with: sync them now.
+                    unsynced = False
+                    try:
+                        os.fsync(self._file.fileno())
+                    except OSError as exc:
+                        log.error("audit write failed", extra={"error": str(exc)})
+                    continue
+            else:
+                first = self._queue.get()
+            items = [first]
             while True:
                 try:
                     items.append(self._queue.get_nowait())
                 except queue.Empty:
                     break
             stop = any(i is _STOP for i in items)
-            batch: list[Entry] = [i for i in items if i is not _STOP]
-            lines, answered, withheld = self._seal_batch(batch)
+            batch: list[Entry | Pending] = [i for i in items if i is not _STOP]
+            lines, answered, withheld, settled, failed = self._seal_batch(batch)
             ok = True
             if lines:
                 started = time.perf_counter()
@@ -325,7 +474,15 @@ class AuditLog:
                     self._file.write(b"".join(lines))
                     self._file.flush()
                     now = time.monotonic()
-                    if self.mode == "strict" or now - last_sync >= 1.0:
+                    if self.mode == "strict":
+                        # Only a record that an answer waits for needs its
+                        # fsync now; outcome records alone wait for the next.
+                        if answered or settled:
+                            os.fsync(self._file.fileno())
+                            unsynced = False
+                        else:
+                            unsynced = True
+                    elif now - last_sync >= 1.0:
                         os.fsync(self._file.fileno())
                         last_sync = now
                     self.records_written += len(lines)
@@ -333,16 +490,20 @@ class AuditLog:
                         self.on_write(time.perf_counter() - started)
                     if self._file.tell() >= self.max_bytes:
                         self._rotate()
+                        unsynced = False
                 except OSError as exc:
                     ok = False
                     self.failures += len(lines)
                     log.error("audit write failed", extra={"error": str(exc)})
-            for done, written in ((answered, ok), (withheld, False)):
-                if done:
-                    try:
+            try:
+                for done, written in ((answered, ok), (withheld, False)):
+                    if done:
                         self._trio_token.run_sync_soon(_finish, done, written)
-                    except trio.RunFinishedError:
-                        pass
+                for cells, written in ((settled, ok), (failed, False)):
+                    if cells:
+                        self._trio_token.run_sync_soon(self._settle, cells, written)
+            except trio.RunFinishedError:
+                pass
             if stop:
                 with contextlib.suppress(OSError):
                     self._file.flush()
@@ -350,32 +511,68 @@ class AuditLog:
                     self._file.close()
                 return
 
-    def _seal_batch(self, batch: list[Entry]) -> tuple[list[bytes], list[Entry], list[Entry]]:
+    def _seal_batch(
+        self, batch: list[Entry | Pending]
+    ) -> tuple[list[bytes], list[Entry], list[Entry], list[Pending], list[Pending]]:
         """Chain ``batch``: (its lines; the entries to answer once they are written;
-        those that could not be recorded, whose answers are withheld)."""
+        those that could not be recorded, whose answers are withheld; the pending
+        requests to hand back once written; those that could not be recorded)."""
         lines: list[bytes] = []
         answered: list[Entry] = []
         withheld: list[Entry] = []
+        settled: list[Pending] = []
+        failed: list[Pending] = []
         if not batch:
-            return lines, answered, withheld
+            return lines, answered, withheld, settled, failed
         clock_offset = time.time_ns() - time.perf_counter_ns()
-        for entry in batch:
+        for item in batch:
+            seq = self._seq + 1
             try:
-                line, digest = _seal_entry(entry, self._seq + 1, self._prev, clock_offset)
+                if isinstance(item, Pending):
+                    answer = item.answer  # read once: the loop may set it meanwhile
+                    if item.durable:  # the outcome of a request already recorded
+                        assert answer is not None
+                        line, digest = _seal_entry(
+                            (item.who, item.notes, answer[0], answer[1], None, None),
+                            seq,
+                            self._prev,
+                            item.offset,  # the same ts as its request record
+                            item.seq,
+                        )
+                    elif answer is not None:  # answered already: one record
+                        line, digest = _seal_entry(
+                            (item.who, item.notes, answer[0], answer[1], None, None),
+                            seq,
+                            self._prev,
+                            clock_offset,
+                        )
+                        item.seq = 0
+                        settled.append(item)
+                    else:
+                        line, digest = _seal_request(
+                            item.who, item.notes, seq, self._prev, clock_offset
+                        )
+                        item.seq, item.offset = seq, clock_offset
+                        settled.append(item)
+                else:
+                    line, digest = _seal_entry(item, seq, self._prev, clock_offset)
+                    if item[4] is not None:
+                        answered.append(item)
             except Exception:
                 # One bad record must not stop the writer: every later answer
                 # would wait for it forever.
                 log.exception("an audit record could not be encoded")
                 self.failures += 1
-                if entry[4] is not None:
-                    withheld.append(entry)
+                if isinstance(item, Pending):
+                    if not item.durable:
+                        failed.append(item)
+                elif item[4] is not None:
+                    withheld.append(item)
                 continue
-            self._seq += 1
+            self._seq = seq
             self._prev = digest
             lines.append(line)
-            if entry[4] is not None:
-                answered.append(entry)
-        return lines, answered, withheld
+        return lines, answered, withheld, settled, failed
 
     def _rotate(self) -> None:
         os.fsync(self._file.fileno())
