@@ -1,18 +1,58 @@
-"""The audit log: one hash-chained JSON line per request, written by its own thread.
+"""The audit log: hash-chained JSON lines, written by their own thread.
 
 Records are queued from the event loop and written by a writer thread with
 *group commit*: everything queued is written, and in strict mode made durable
-with one ``fsync``, then all of it is handed back to trio at once.  In strict
-mode (the default) an answer is sent only after its record is durable, so a
-``kill -9`` loses no record of an answered request; relaxed mode answers at
-once and syncs every second.  The format and its verification live in
-``signd_client.audit`` (``signctl audit verify``).
+with one ``fsync``, then handed back to trio at once.  The format and its
+verification live in ``signd_client.audit`` (``signctl audit verify``).
+
+Strict mode (the default): no answer before the record of its request
+-------------------------------------------------------------------------
+The promise: **no answer leaves the daemon before a durable record says who
+asked for what** (principal, op, key, version asked, SHA-256 of the data, item
+count).  The durable write overlaps the token's work instead of following it,
+so a lone client pays about the larger of the two (token time, ``fsync``),
+not their sum:
+
+1. When a request is read, its record is queued at once (``asked``: a
+   ``Pending``), before the request is carried out.
+2. The writer takes it.  If its answer is already there (cheap ops such as
+   ``health`` or reads, refusals, or a writer busy with an earlier group
+   commit), it writes **one combined record** as before: request and outcome
+   (``result``, ``code``, the version used, ``latency_ms``).  If not, it
+   writes a **request record**: ``"phase":"request"``, no ``result``.
+3. The answer is released when both are true: it is ready, and the record of
+   its request is durable (``_settle`` or ``answered``, whichever comes
+   second).
+4. After a request record, the answer's **outcome record** follows without
+   holding the answer: the same fields as a combined record, plus
+   ``"phase":"outcome"`` and ``"request"``, the seq of its request record
+   (and the same ``ts``).  It is written at once, and made durable by the
+   next group commit, or by the writer itself once nothing else has come for
+   ``OUTCOME_SYNC`` seconds.
+
+What a crash (``kill -9``, power loss) can leave: a request record without
+its outcome, which means *asked, outcome unknown* (it may have been signed,
+and the answer may even have reached the client after the request record was
+durable); never an answer without a durable record of its request.  Records
+of one connection are chained in the order the writer took them, so an
+outcome always comes after its request.  If the request record cannot be
+written (disk full), its answer is tried once more as a combined record, as
+below, and withheld (``internal_error``) if that fails too.
+
+Answers to no known request, and the daemon's own acts
+(``record_own_action``), go the old way (``record``): one record, the answer
+sent once it is durable.  Relaxed mode answers at once, writes one combined
+record per request, and syncs every second.
 
 What it costs per request is kept small, in three ways:
 
 * The event loop does little: when a request is read it notes what its record
-  needs (``notes_of``), and with its answer it queues one tuple (``Entry``).
-  The writer thread decodes the answer and builds the record.
+  needs (``notes_of``) in a ``Pending`` (strict: queued at once); with its
+  answer it stores the frame there, or queues one tuple (``Entry``, relaxed).
+  The writer thread decodes the answer and builds the record.  Only the
+  loop changes a ``Pending``'s ``answer`` and ``durable``, only the writer
+  its ``seq`` and ``offset``; the writer reads ``answer`` once per request
+  record, so no lock is needed.
 * The record's canonical JSON is filled into a template (``_seal_entry``)
   rather than made by ``json.dumps``, several times cheaper; the principal's
   part is encoded once per connection (``who_fields``).
