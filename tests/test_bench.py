@@ -30,6 +30,7 @@ SIGND_ROWS = (
     "signd, sign_batch of 1,000 digests",
     "signd verify, 64 connections",
     "signd, 1 synchronous connection, no audit log",
+    "signd, 64 connections, no audit log",
     "signd, 64 connections, strict audit log",
     "signd, 1 synchronous connection, strict audit log",
 )
