@@ -18,10 +18,10 @@ from typing import TYPE_CHECKING, Any
 
 import msgpack
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from signd.audit import Entry, _seal_entry, who_fields
+from signd.audit import Entry, _seal_entry, _seal_request, who_fields
 from signd.policy import Principal
 from signd.protocol import HEADER, SignArgs, encode_request
 from signd_client.audit import GENESIS, canonical, line_of, verify_files
@@ -605,6 +605,46 @@ def test_records_are_encoded_exactly_as_canonical_encodes_them(
     assert line.endswith(b"\n")
     assert line.count(b"\n") == 1
     assert json.loads(line) == {**expected, "hash": digest}
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    entries(),
+    st.integers(1, 1 << 62),
+    st.binary(min_size=32, max_size=32).map(bytes.hex),
+    st.integers(1, 1 << 62),
+)
+def test_outcome_records_are_encoded_exactly_as_canonical_encodes_them(
+    case: tuple[Entry, dict[str, Any], int], seq: int, prev: str, request: int
+) -> None:
+    """An outcome record: the one-record form, plus its phase and its request's seq."""
+    entry, expected, offset = case
+    line, digest = _seal_entry(entry, seq, prev, offset, request)
+    expected.update(seq=seq, prev=prev, phase="outcome", request=request)
+    assert (line, digest) == line_of(canonical(expected))
+    assert json.loads(line) == {**expected, "hash": digest}
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(entries(), st.integers(1, 1 << 62), st.binary(min_size=32, max_size=32).map(bytes.hex))
+def test_request_records_are_encoded_exactly_as_canonical_encodes_them(
+    case: tuple[Entry, dict[str, Any], int], seq: int, prev: str
+) -> None:
+    """A request record: who asked for what, with no outcome."""
+    (who, notes, *_), said, offset = case
+    assume(notes is not None)
+    assert notes is not None
+    op, key, digest, items, version, started = notes
+    expected: dict[str, Any] = {k: said[k] for k in ("uid", "gid", "pid", "user", "exe")}
+    expected.update(op=op, key=key, ts=(started + offset) // 1000 / 1e6, phase="request")
+    for name, value in (("data_sha256", digest), ("items", items), ("version", version)):
+        if value is not None:
+            expected[name] = value
+    line, hashed = _seal_request(who, notes, seq, prev, offset)
+    expected.update(seq=seq, prev=prev)
+    assert (line, hashed) == line_of(canonical(expected))
+    assert line.count(b"\n") == 1
+    assert json.loads(line) == {**expected, "hash": hashed}
 
 
 def test_encoded_records_verify_as_a_chain(tmp_path: Path) -> None:
