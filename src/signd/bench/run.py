@@ -139,7 +139,7 @@ class Bench:
         cfg = self.workdir / f"{name}.toml"
         sock = self.workdir / f"{name}.sock"
         workers = self.workers if self.workers == "auto" else int(self.workers)
-        audit_table = f'\n[audit]\ndir = "{self.workdir / (name + "-audit")}"\nmode = "strict"\n'
+        audit_table = f'\n[audit]\ndir = "{self.workdir / "audit" / name}"\nmode = "strict"\n'
         cfg.write_text(
             f'[server]\nsocket = "{sock}"\n\n'
             f'[token]\nmodule = "{self.module}"\nlabel = "{self.label}"\n'
@@ -331,6 +331,35 @@ class Bench:
             cpu=after.cpu - before.cpu,
             peak_rss_mb=after.peak_rss_mb,
         )
+
+    def fsync_row(self, directory: Path) -> Row:
+        """How long an ``fsync`` of one appended line takes in ``directory``:
+        the least a lone client waits per request with the strict audit log."""
+        directory.mkdir(parents=True, exist_ok=True)
+        path = directory / "fsync-probe"
+        line = b"x" * 300 + b"\n"
+        lat: list[float] = []
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        try:
+            end = time.perf_counter() + min(self.seconds, 2.0)
+            while (now := time.perf_counter()) < end:
+                os.write(fd, line)
+                os.fsync(fd)
+                lat.append(time.perf_counter() - now)
+        finally:
+            os.close(fd)
+            path.unlink()
+        row = Row(
+            "fsync of an appended line, on the audit log's disk",
+            "-",
+            len(lat),
+            sum(lat),
+            lat,
+            note="a lone client with the strict audit log waits at least this per request",
+        )
+        self.rows.append(row)
+        _progress(f"  {row.name}: p50 {(row.p(50) or 0) * 1e6:.0f} µs")
+        return row
 
     @staticmethod
     def _row(name: str, key_type: str, runs: list[_Run], note: str) -> Row:
@@ -708,6 +737,7 @@ def run(b: Bench, types: list[str], peers: bool) -> None:
                     ],
                     slices=1 if b.quick else 3,
                 )
+                b.fsync_row(b.workdir / "audit" / "fsync-probe")
             finally:
                 b.stop_daemon(audited)
             for strict, none in ((strict_1, none_1), (strict_64, none_64)):
