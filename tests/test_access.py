@@ -219,7 +219,9 @@ def test_both_outcomes_of_another_uid_are_audited(
         for f in sorted((d.workdir / "audit").glob("audit-*.jsonl"))
         for line in f.read_text().splitlines()
     ]
-    recs = [r for r in recs if "kind" not in r]  # requests only, not checkpoints
+    # Requests only: not checkpoints; request records (strict mode, "phase":
+    # "request") say who asked, their outcome records say the same and the result.
+    recs = [r for r in recs if "kind" not in r and r.get("phase") != "request"]
     mine = [(r["op"], r["result"], r["code"]) for r in recs if r["uid"] == NOBODY]
     assert mine == [("sign", "ok", 0), ("rotate", "permission_denied", 400)]
     assert all(r["exe"] and r["gid"] == NOBODY for r in recs if r["uid"] == NOBODY)

@@ -29,6 +29,10 @@ SIGND_ROWS = (
     "signd, 256 connections",
     "signd, sign_batch of 1,000 digests",
     "signd verify, 64 connections",
+    "signd, 1 synchronous connection, no audit log",
+    "signd, 64 connections, no audit log",
+    "signd, 64 connections, strict audit log",
+    "signd, 1 synchronous connection, strict audit log",
 )
 
 
@@ -145,6 +149,8 @@ def test_targets_are_listed(quick_run: tuple[dict[str, Any], str, str]) -> None:
         "ec-p256 verify vs sign",
         "daemon RSS, 1,000 open connections",
         "RSS growth over",
+        "strict audit on vs off at 64 connections",
+        "strict audit on vs off, 1 synchronous connection",
     ):
         (match,) = [t for name, t in targets.items() if name.startswith(prefix)]
         assert match["measured"] != "not measured", match

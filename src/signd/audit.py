@@ -1,18 +1,58 @@
-"""The audit log: one hash-chained JSON line per request, written by its own thread.
+"""The audit log: hash-chained JSON lines, written by their own thread.
 
 Records are queued from the event loop and written by a writer thread with
 *group commit*: everything queued is written, and in strict mode made durable
-with one ``fsync``, then all of it is handed back to trio at once.  In strict
-mode (the default) an answer is sent only after its record is durable, so a
-``kill -9`` loses no record of an answered request; relaxed mode answers at
-once and syncs every second.  The format and its verification live in
-``signd_client.audit`` (``signctl audit verify``).
+with one ``fsync``, then handed back to trio at once.  The format and its
+verification live in ``signd_client.audit`` (``signctl audit verify``).
+
+Strict mode (the default): no answer before the record of its request
+-------------------------------------------------------------------------
+The promise: **no answer leaves the daemon before a durable record says who
+asked for what** (principal, op, key, version asked, SHA-256 of the data, item
+count).  The durable write overlaps the token's work instead of following it,
+so a lone client pays about the larger of the two (token time, ``fsync``),
+not their sum:
+
+1. When a request is read, its record is queued at once (``asked``: a
+   ``Pending``), before the request is carried out.
+2. The writer takes it.  If its answer is already there (cheap ops such as
+   ``health`` or reads, refusals, or a writer busy with an earlier group
+   commit), it writes **one combined record** as before: request and outcome
+   (``result``, ``code``, the version used, ``latency_ms``).  If not, it
+   writes a **request record**: ``"phase":"request"``, no ``result``.
+3. The answer is released when both are true: it is ready, and the record of
+   its request is durable (``_settle`` or ``answered``, whichever comes
+   second).
+4. After a request record, the answer's **outcome record** follows without
+   holding the answer: the same fields as a combined record, plus
+   ``"phase":"outcome"`` and ``"request"``, the seq of its request record
+   (and the same ``ts``).  It is written at once, and made durable by the
+   next group commit, or by the writer itself once nothing else has come for
+   ``OUTCOME_SYNC`` seconds.
+
+What a crash (``kill -9``, power loss) can leave: a request record without
+its outcome, which means *asked, outcome unknown* (it may have been signed,
+and the answer may even have reached the client after the request record was
+durable); never an answer without a durable record of its request.  Records
+of one connection are chained in the order the writer took them, so an
+outcome always comes after its request.  If the request record cannot be
+written (disk full), its answer is tried once more as a combined record, as
+below, and withheld (``internal_error``) if that fails too.
+
+Answers to no known request, and the daemon's own acts
+(``record_own_action``), go the old way (``record``): one record, the answer
+sent once it is durable.  Relaxed mode answers at once, writes one combined
+record per request, and syncs every second.
 
 What it costs per request is kept small, in three ways:
 
 * The event loop does little: when a request is read it notes what its record
-  needs (``notes_of``), and with its answer it queues one tuple (``Entry``).
-  The writer thread decodes the answer and builds the record.
+  needs (``notes_of``) in a ``Pending`` (strict: queued at once); with its
+  answer it stores the frame there, or queues one tuple (``Entry``, relaxed).
+  The writer thread decodes the answer and builds the record.  Only the
+  loop changes a ``Pending``'s ``answer`` and ``durable``, only the writer
+  its ``seq`` and ``offset``; the writer reads ``answer`` once per request
+  record, so no lock is needed.
 * The record's canonical JSON is filled into a template (``_seal_entry``)
   rather than made by ``json.dumps``, several times cheaper; the principal's
   part is encoded once per connection (``who_fields``).
@@ -75,6 +115,7 @@ __all__ = [
     "TokenHead",
     "Entry",
     "Notes",
+    "Pending",
     "Recipient",
     "Who",
     "data_digest",
@@ -116,6 +157,44 @@ Notes = tuple[str, str | None, str | None, int | None, int | None, int]
 #: answer is to no known request, perf_counter_ns of the answer, the answer's
 #: frame, whom to hand it back to or None (relaxed mode), the request id).
 Entry = tuple[Who, Notes | None, int, bytes, Recipient | None, int | None]
+
+#: How long an outcome record may wait, written but not yet fsync'd, for the
+#: next group commit before the idle writer syncs it by itself (seconds).
+OUTCOME_SYNC: Final = 0.1
+
+
+class Pending:
+    """A request in flight (``AuditLog.asked``), from when it is read until its
+    answer is released.
+
+    In strict mode it is queued to the writer at once, as the request's record.
+    The event loop sets ``answer`` when the answer is ready; the writer only
+    reads it, once, when it takes the request: already there, it writes one
+    combined record; not yet, a request record.  Either way it hands the
+    request back (``AuditLog._settle``) once that record is durable, and sets
+    ``seq`` first: 0 for a combined record, else the request record's seq.
+    ``durable`` is the loop's alone: None until then, then whether the
+    request record was written.  An answer that comes after it is released at
+    once, and the same object is queued again as its outcome record.
+    """
+
+    __slots__ = ("answer", "durable", "notes", "offset", "recipient", "request_id", "seq", "who")
+
+    def __init__(
+        self, who: Who, notes: Notes, recipient: Recipient, request_id: int | None
+    ) -> None:
+        self.who = who
+        self.notes = notes
+        self.recipient = recipient
+        self.request_id = request_id
+        #: (perf_counter_ns when answered, the answer's frame), set by the loop
+        self.answer: tuple[int, bytes] | None = None
+        #: the loop's: None until the writer hands the request back
+        self.durable: bool | None = None
+        #: the writer's: the request record's seq, 0 for a combined record
+        self.seq = 0
+        #: the writer's: the clock offset of the request record, for its outcome's ``ts``
+        self.offset = 0
 
 
 def data_digest(args: Message) -> tuple[str | None, int | None]:
@@ -197,11 +276,15 @@ def who_fields(who: Principal) -> Who:
     )
 
 
-def _seal_entry(entry: Entry, seq: int, prev: str, clock_offset: int) -> tuple[bytes, str]:
+def _seal_entry(
+    entry: Entry, seq: int, prev: str, clock_offset: int, request: int | None = None
+) -> tuple[bytes, str]:
     """The record of one answer, chained after ``prev``: (its line with newline, its hash).
 
     ``clock_offset`` is ``time.time_ns() - time.perf_counter_ns()``, read by
     the writer once per batch, so that the loop reads one clock per request.
+    With ``request`` (the seq of the request's own record, written earlier)
+    it is an outcome record: ``"phase":"outcome"`` and ``"request"`` added.
 
     Raises:
         Exception: the answer cannot be decoded or the record encoded; the
@@ -240,12 +323,37 @@ def _seal_entry(entry: Entry, seq: int, prev: str, clock_offset: int) -> tuple[b
         if "valid" in value:
             valid = f',"valid":{_json(value["valid"])}'
     versioned = "" if version is None else f',"version":{_json(version)}'
+    phase = asked = ""
+    if request is not None:
+        phase, asked = '"phase":"outcome",', f'"request":{int.__repr__(request)},'
 
     # Every member in sorted key order; the optional ones carry their own comma.
     body = (
         f'{{"code":{code},{data}"exe":{exe},"gid":{gid},{counted}"key":{key},{latency}'
-        f'"op":{op},"pid":{pid},"prev":"{prev}","result":{result},"seq":{seq},"ts":{ts},'
-        f'"uid":{uid},"user":{user}{valid}{versioned}}}'
+        f'"op":{op},{phase}"pid":{pid},"prev":"{prev}",{asked}"result":{result},"seq":{seq},'
+        f'"ts":{ts},"uid":{uid},"user":{user}{valid}{versioned}}}'
+    )
+    return line_of(body.encode())
+
+
+def _seal_request(
+    who: Who, notes: Notes, seq: int, prev: str, clock_offset: int
+) -> tuple[bytes, str]:
+    """The record of a request whose answer is not ready yet, chained after
+    ``prev``: who asked for what, ``"phase":"request"``, no result.  Its
+    outcome follows in a later record naming this one's seq in ``request``.
+    (``clock_offset`` as for ``_seal_entry``.)
+    """
+    exe, gid, pid, uid, user = who
+    op, key, digest, items, version, started = notes
+    data = "" if digest is None else f'"data_sha256":"{digest}",'
+    counted = "" if items is None else f'"items":{_json(items)},'
+    versioned = "" if version is None else f',"version":{_json(version)}'
+    ts = float.__repr__((started + clock_offset) // 1000 / 1e6)
+    body = (
+        f'{{{data}"exe":{exe},"gid":{gid},{counted}"key":{_json(key)},"op":{_json(op)},'
+        f'"phase":"request","pid":{pid},"prev":"{prev}","seq":{seq},"ts":{ts},'
+        f'"uid":{uid},"user":{user}{versioned}}}'
     )
     return line_of(body.encode())
 
@@ -331,13 +439,79 @@ class AuditLog:
         """Queue the record of answer ``frame`` (to the request ``notes`` describe);
         ``recipient.audited`` runs in trio once it is written (strict: durable).
 
-        In relaxed mode it runs at once.
+        In relaxed mode it runs at once.  For an answer to a request that went
+        through ``asked``, use ``answered``.
         """
         if self.mode == "relaxed":
             self._queue.put((who, notes, time.perf_counter_ns(), frame, None, request_id))
             recipient.audited(request_id, frame, True)
         else:
             self._queue.put((who, notes, time.perf_counter_ns(), frame, recipient, request_id))
+
+    def asked(
+        self, who: Who, notes: Notes, recipient: Recipient, request_id: int | None
+    ) -> Pending:
+        """A request was read: in strict mode, queue its record at once, so that
+        it is made durable while the token works.  Pass what this returns to
+        ``answered`` with the request's answer."""
+        pending = Pending(who, notes, recipient, request_id)
+        if self.mode == "strict":
+            self._queue.put(pending)
+        return pending
+
+    def answered(self, pending: Pending, frame: bytes) -> None:
+        """``frame`` answers the request ``pending`` stands for; ``recipient.audited``
+        runs once the request's record is durable (strict), at once if it already
+        is (the outcome record then follows, without holding the answer), or at
+        once in relaxed mode."""
+        if self.mode == "relaxed":
+            self._queue.put(
+                (
+                    pending.who,
+                    pending.notes,
+                    time.perf_counter_ns(),
+                    frame,
+                    None,
+                    pending.request_id,
+                )
+            )
+            pending.recipient.audited(pending.request_id, frame, True)
+            return
+        pending.answer = (time.perf_counter_ns(), frame)
+        durable = pending.durable
+        if durable:
+            self._queue.put(pending)  # its outcome record
+            pending.recipient.audited(pending.request_id, frame, True)
+        elif durable is False:
+            self._retry(pending)
+        # else: the writer has it, and ``_settle`` releases it.
+
+    def _settle(self, cells: list[Pending], ok: bool) -> None:
+        """In trio: the records of ``cells`` are durable (``ok``) or could not be written."""
+        for p in cells:
+            try:
+                answer = p.answer
+                if not ok:
+                    p.durable = False
+                    if answer is not None:
+                        self._retry(p)
+                elif p.seq == 0:  # one combined record, with its answer
+                    assert answer is not None
+                    p.recipient.audited(p.request_id, answer[1], True)
+                else:
+                    p.durable = True
+                    if answer is not None:
+                        self._queue.put(p)  # its outcome record
+                        p.recipient.audited(p.request_id, answer[1], True)
+            except Exception:
+                log.exception("an audited answer could not be sent")
+
+    def _retry(self, p: Pending) -> None:
+        """The request's record could not be written: one combined record, as
+        for ``record``, or the answer is withheld."""
+        assert p.answer is not None
+        ended, frame = p.answer
+        self._queue.put((p.who, p.notes, ended, frame, p.recipient, p.request_id))
 
     # ------------------------------------------------------------ writer thread
 
@@ -371,8 +545,23 @@ class AuditLog:
     def _main(self) -> None:
         assert self._trio_token is not None
         last_sync = time.monotonic()
+        #: strict: outcome records are written but not fsync'd yet
+        unsynced = False
         while True:
-            items = [self._queue.get()]
+            if unsynced:
+                try:
+                    first = self._queue.get(timeout=OUTCOME_SYNC)
+                except queue.Empty:
+                    # Nothing came to share a group commit with: sync them now.
+                    unsynced = False
+                    try:
+                        os.fsync(self._file.fileno())
+                    except OSError as exc:
+                        log.error("audit write failed", extra={"error": str(exc)})
+                    continue
+            else:
+                first = self._queue.get()
+            items = [first]
             while True:
                 try:
                     items.append(self._queue.get_nowait())
@@ -380,8 +569,10 @@ class AuditLog:
                     break
             stop = any(i is _STOP for i in items)
             controls = [i for i in items if isinstance(i, _Control)]
-            batch: list[Entry] = [i for i in items if i is not _STOP and type(i) is tuple]
-            lines, answered, withheld = self._seal_batch(batch)
+            batch: list[Entry | Pending] = [
+                i for i in items if i is not _STOP and not isinstance(i, _Control)
+            ]
+            lines, answered, withheld, settled, failed = self._seal_batch(batch)
             ok = True
             if lines:
                 started = time.perf_counter()
@@ -389,7 +580,15 @@ class AuditLog:
                     self._file.write(b"".join(lines))
                     self._file.flush()
                     now = time.monotonic()
-                    if self.mode == "strict" or now - last_sync >= 1.0:
+                    if self.mode == "strict":
+                        # Only a record that an answer waits for needs its
+                        # fsync now; outcome records alone wait for the next.
+                        if answered or settled:
+                            os.fsync(self._file.fileno())
+                            unsynced = False
+                        else:
+                            unsynced = True
+                    elif now - last_sync >= 1.0:
                         os.fsync(self._file.fileno())
                         last_sync = now
                     self.records_written += len(lines)
@@ -397,16 +596,20 @@ class AuditLog:
                         self.on_write(time.perf_counter() - started)
                     if self._file.tell() >= self.max_bytes:
                         self._rotate()
+                        unsynced = False
                 except OSError as exc:
                     ok = False
                     self.failures += len(lines)
                     log.error("audit write failed", extra={"error": str(exc)})
-            for done, written in ((answered, ok), (withheld, False)):
-                if done:
-                    try:
+            try:
+                for done, written in ((answered, ok), (withheld, False)):
+                    if done:
                         self._trio_token.run_sync_soon(_finish, done, written)
-                    except trio.RunFinishedError:
-                        pass
+                for cells, written in ((settled, ok), (failed, False)):
+                    if cells:
+                        self._trio_token.run_sync_soon(self._settle, cells, written)
+            except trio.RunFinishedError:
+                pass
             if controls or lines:
                 self._checkpoint_step(controls, len(lines) if ok else 0)
             if stop:
@@ -416,32 +619,68 @@ class AuditLog:
                     self._file.close()
                 return
 
-    def _seal_batch(self, batch: list[Entry]) -> tuple[list[bytes], list[Entry], list[Entry]]:
+    def _seal_batch(
+        self, batch: list[Entry | Pending]
+    ) -> tuple[list[bytes], list[Entry], list[Entry], list[Pending], list[Pending]]:
         """Chain ``batch``: (its lines; the entries to answer once they are written;
-        those that could not be recorded, whose answers are withheld)."""
+        those that could not be recorded, whose answers are withheld; the pending
+        requests to hand back once written; those that could not be recorded)."""
         lines: list[bytes] = []
         answered: list[Entry] = []
         withheld: list[Entry] = []
+        settled: list[Pending] = []
+        failed: list[Pending] = []
         if not batch:
-            return lines, answered, withheld
+            return lines, answered, withheld, settled, failed
         clock_offset = time.time_ns() - time.perf_counter_ns()
-        for entry in batch:
+        for item in batch:
+            seq = self._seq + 1
             try:
-                line, digest = _seal_entry(entry, self._seq + 1, self._prev, clock_offset)
+                if isinstance(item, Pending):
+                    answer = item.answer  # read once: the loop may set it meanwhile
+                    if item.durable:  # the outcome of a request already recorded
+                        assert answer is not None
+                        line, digest = _seal_entry(
+                            (item.who, item.notes, answer[0], answer[1], None, None),
+                            seq,
+                            self._prev,
+                            item.offset,  # the same ts as its request record
+                            item.seq,
+                        )
+                    elif answer is not None:  # answered already: one record
+                        line, digest = _seal_entry(
+                            (item.who, item.notes, answer[0], answer[1], None, None),
+                            seq,
+                            self._prev,
+                            clock_offset,
+                        )
+                        item.seq = 0
+                        settled.append(item)
+                    else:
+                        line, digest = _seal_request(
+                            item.who, item.notes, seq, self._prev, clock_offset
+                        )
+                        item.seq, item.offset = seq, clock_offset
+                        settled.append(item)
+                else:
+                    line, digest = _seal_entry(item, seq, self._prev, clock_offset)
+                    if item[4] is not None:
+                        answered.append(item)
             except Exception:
                 # One bad record must not stop the writer: every later answer
                 # would wait for it forever.
                 log.exception("an audit record could not be encoded")
                 self.failures += 1
-                if entry[4] is not None:
-                    withheld.append(entry)
+                if isinstance(item, Pending):
+                    if not item.durable:
+                        failed.append(item)
+                elif item[4] is not None:
+                    withheld.append(item)
                 continue
-            self._seq += 1
+            self._seq = seq
             self._prev = digest
             lines.append(line)
-            if entry[4] is not None:
-                answered.append(entry)
-        return lines, answered, withheld
+        return lines, answered, withheld, settled, failed
 
     def _rotate(self) -> None:
         os.fsync(self._file.fileno())

@@ -41,7 +41,7 @@ from typing import Final
 
 import trio
 
-from .audit import AuditLog, Notes, notes_of, who_fields
+from .audit import AuditLog, Pending, notes_of, who_fields
 from .config import LimitsConfig
 from .errors import Busy, FrameTooLarge, InternalError, ShuttingDown
 from .metrics import Limit, Metrics
@@ -320,8 +320,8 @@ class _Connection:
         self.audit = audit
         # Requests in flight, by id, for their audit records; a client that
         # reuses an id still in flight has the later ones wait in audit_more.
-        self.audit_open: dict[int, Notes] = {}
-        self.audit_more: dict[int, list[Notes]] = {}
+        self.audit_open: dict[int, Pending] = {}
+        self.audit_more: dict[int, list[Pending]] = {}
         self.audit_who = who_fields(self.principal) if audit is not None else None
         self.schedule_flush = schedule_flush
         self.inflight = 0
@@ -379,19 +379,23 @@ class _Connection:
             self.inflight -= 1
             self.send(frame)
             return
-        notes = None
+        pending = None
         if request_id is not None:
-            notes = self.audit_open.pop(request_id, None)
+            pending = self.audit_open.pop(request_id, None)
             if self.audit_more:
                 waiting = self.audit_more.get(request_id)
                 if waiting:  # the next request that reused this id
                     self.audit_open[request_id] = waiting.pop(0)
                     if not waiting:
                         del self.audit_more[request_id]
-        audit.record(who, notes, frame, self, request_id)
+        if pending is None:  # an answer to no request read here: recorded alone
+            audit.record(who, None, frame, self, request_id)
+        else:
+            audit.answered(pending, frame)
 
     def audited(self, request_id: int | None, frame: bytes, ok: bool) -> None:
-        """The audit log has the record of answer ``frame``: send it."""
+        """The audit log has the record of the request answered by ``frame``
+        (strict: durable): send it."""
         self.inflight -= 1
         if ok:
             self.send(frame)
@@ -404,12 +408,17 @@ class _Connection:
             )
 
     def opened(self, requests: list[Request]) -> None:
-        """Note what ``requests`` (read together) ask, and when, for their audit records."""
+        """Note what ``requests`` (read together) ask, and when, for their audit
+        records; in strict mode those records are queued now, to be made
+        durable while the requests are carried out."""
+        audit, who = self.audit, self.audit_who
+        assert audit is not None
+        assert who is not None
         now = time.perf_counter_ns()
         for req in requests:
-            notes = notes_of(req, now)
-            if self.audit_open.setdefault(req.id, notes) is not notes:
-                self.audit_more.setdefault(req.id, []).append(notes)
+            pending = audit.asked(who, notes_of(req, now), self, req.id)
+            if self.audit_open.setdefault(req.id, pending) is not pending:
+                self.audit_more.setdefault(req.id, []).append(pending)
 
     def send(self, frame: bytes) -> None:
         if self.evicted:

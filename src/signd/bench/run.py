@@ -71,6 +71,19 @@ def _raise_fd_limit() -> None:
 
 
 @dataclass
+class _Run:
+    """What one run of drivers counted, and what the daemon spent meanwhile."""
+
+    count: int
+    seconds: float
+    latencies: list[float]
+    errors: int
+    error_names: dict[str, int]
+    cpu: float
+    peak_rss_mb: float
+
+
+@dataclass
 class Bench:
     workdir: Path
     quick: bool
@@ -87,6 +100,8 @@ class Bench:
     #: TOML appended to the daemon's config (the soak test keeps the default limits)
     config_extra: str = "[limits]\nmax_connections = 2048\nmax_frame = 4194304\n"
     baselines: dict[str, float] = field(default_factory=dict)
+    #: the socket of each daemon started, by its pid
+    sockets: dict[int, str] = field(default_factory=dict)
 
     @property
     def socket(self) -> str:
@@ -117,47 +132,57 @@ class Bench:
         self.module = _softhsm_module()
         self.pin = (state / "user.pin").read_text().rstrip("\n")
 
-    def start_daemon(self, audit: bool = False) -> None:
-        cfg = self.workdir / "signd.toml"
+    def start_daemon(self, audit: bool = False, name: str = "signd") -> subprocess.Popen[bytes]:
+        """Start a daemon on the run's token: ``name`` "signd" is the main one
+        (``self.socket``, ``self.daemon``); another name starts one beside it,
+        on ``NAME.sock``, for rows measured against the main one in turns."""
+        cfg = self.workdir / f"{name}.toml"
+        sock = self.workdir / f"{name}.sock"
         workers = self.workers if self.workers == "auto" else int(self.workers)
-        audit_table = f'\n[audit]\ndir = "{self.workdir / "audit"}"\nmode = "strict"\n'
+        audit_table = f'\n[audit]\ndir = "{self.workdir / "audit" / name}"\nmode = "strict"\n'
         cfg.write_text(
-            f'[server]\nsocket = "{self.socket}"\n\n'
+            f'[server]\nsocket = "{sock}"\n\n'
             f'[token]\nmodule = "{self.module}"\nlabel = "{self.label}"\n'
             f'pin_file = "{self.workdir / "token" / "user.pin"}"\n'
             f"workers = {json.dumps(workers)}\n\n"
             f"{self.config_extra}"
             '\n[log]\nlevel = "warning"\n' + (audit_table if audit else "")
         )
-        log = open(self.workdir / "signd.log", "ab")
-        self.daemon = subprocess.Popen(
+        log = open(self.workdir / f"{name}.log", "ab")
+        proc = subprocess.Popen(
             [sys.executable, "-m", "signd", "serve", "--config", str(cfg)],
             stdout=log,
             stderr=log,
         )
         log.close()
+        self.sockets[proc.pid] = str(sock)
+        if name == "signd":
+            self.daemon = proc
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
-            if self.daemon.poll() is not None:
-                raise SystemExit(f"signd-bench: signd exited; see {self.workdir}/signd.log")
-            with contextlib.suppress(Exception), Client(self.socket, timeout=2) as c:
+            if proc.poll() is not None:
+                raise SystemExit(f"signd-bench: signd exited; see {self.workdir}/{name}.log")
+            with contextlib.suppress(Exception), Client(str(sock), timeout=2) as c:
                 if c.health().ready:
-                    return
+                    return proc
             time.sleep(0.05)
         raise SystemExit("signd-bench: signd did not become ready")
 
-    def stop_daemon(self) -> None:
-        if self.daemon is not None and self.daemon.poll() is None:
-            self.daemon.send_signal(signal.SIGTERM)
+    def stop_daemon(self, proc: subprocess.Popen[bytes] | None = None) -> None:
+        """Stop ``proc``, by default the main daemon."""
+        proc = proc or self.daemon
+        if proc is not None and proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
             try:
-                self.daemon.wait(30)
+                proc.wait(30)
             except subprocess.TimeoutExpired:
-                self.daemon.kill()
-                self.daemon.wait()
+                proc.kill()
+                proc.wait()
 
-    def daemon_pids(self) -> list[int]:
-        assert self.daemon is not None
-        return process_tree(self.daemon.pid)
+    def daemon_pids(self, proc: subprocess.Popen[bytes] | None = None) -> list[int]:
+        proc = proc or self.daemon
+        assert proc is not None
+        return process_tree(proc.pid)
 
     # ---------------------------------------------------------------- rows
 
@@ -217,10 +242,43 @@ class Bench:
         note: str = "",
     ) -> Row:
         """Run ``processes`` driver processes sharing ``connections``; one row."""
+        run = self._run_drivers(name, job, processes, connections, self.seconds)
+        return self.add(self._row(name, key_type, [run], note), baseline_of)
+
+    def drive_in_turns(
+        self,
+        rows: list[tuple[str, dict[str, Any], int, int, subprocess.Popen[bytes]]],
+        slices: int,
+        note: str = "",
+    ) -> list[Row]:
+        """Rows (name, job, processes, connections, daemon) measured in turns:
+        each runs ``slices`` times for its share of ``seconds``, one after the
+        other, so that a machine whose load changes meanwhile weighs on all of
+        them alike and their ratios hold.  ec-p256 rows."""
+        share = self.seconds / slices
+        runs: list[list[_Run]] = [[] for _ in rows]
+        for _ in range(slices):
+            for i, (name, job, processes, connections, daemon) in enumerate(rows):
+                job = {**job, "socket": self.sockets[daemon.pid]}
+                runs[i].append(self._run_drivers(name, job, processes, connections, share, daemon))
+        return [
+            self.add(self._row(name, "ec-p256", run, note))
+            for (name, *_), run in zip(rows, runs, strict=True)
+        ]
+
+    def _run_drivers(
+        self,
+        name: str,
+        job: dict[str, Any],
+        processes: int,
+        connections: int,
+        seconds: float,
+        daemon: subprocess.Popen[bytes] | None = None,
+    ) -> _Run:
         job = {
             "socket": self.socket,
             "warmup": self.warmup,
-            "seconds": self.seconds,
+            "seconds": seconds,
             "window": self.window,
             **job,
         }
@@ -245,7 +303,7 @@ class Bench:
             assert p.stdout is not None
             if p.stdout.readline().strip() != "ready":
                 raise SystemExit(f"signd-bench: a driver failed to start for {name}")
-        pids = self.daemon_pids()
+        pids = self.daemon_pids(daemon)
         for p in procs:
             assert p.stdin is not None
             p.stdin.write("go\n")
@@ -255,32 +313,73 @@ class Bench:
         before = usage_of(pids)
         results = []
         for p in procs:
-            out, _ = p.communicate(timeout=self.warmup + self.seconds + 120)
+            out, _ = p.communicate(timeout=self.warmup + seconds + 120)
             if p.returncode != 0:
                 raise SystemExit(f"signd-bench: a driver failed in {name}")
             results.append(json.loads(out))
         after = usage_of(pids)
-        lat: list[float] = []
-        for r in results:
-            lat.extend(r["latencies"])
-        errors = sum(r["errors"] for r in results)
         names: dict[str, int] = {}
         for r in results:
             for k, v in r.get("error_names", {}).items():
                 names[k] = names.get(k, 0) + v
-        if errors:
-            note = f"{note} {errors} errors {names}".strip()
+        return _Run(
+            count=sum(r["count"] for r in results),
+            seconds=seconds,
+            latencies=[x for r in results for x in r["latencies"]],
+            errors=sum(r["errors"] for r in results),
+            error_names=names,
+            cpu=after.cpu - before.cpu,
+            peak_rss_mb=after.peak_rss_mb,
+        )
+
+    def fsync_row(self, directory: Path) -> Row:
+        """How long an ``fsync`` of one appended line takes in ``directory``:
+        the least a lone client waits per request with the strict audit log."""
+        directory.mkdir(parents=True, exist_ok=True)
+        path = directory / "fsync-probe"
+        line = b"x" * 300 + b"\n"
+        lat: list[float] = []
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        try:
+            end = time.perf_counter() + min(self.seconds, 2.0)
+            while (now := time.perf_counter()) < end:
+                os.write(fd, line)
+                os.fsync(fd)
+                lat.append(time.perf_counter() - now)
+        finally:
+            os.close(fd)
+            path.unlink()
         row = Row(
+            "fsync of an appended line, on the audit log's disk",
+            "-",
+            len(lat),
+            sum(lat),
+            lat,
+            note="a lone client with the strict audit log waits at least this per request",
+        )
+        self.rows.append(row)
+        _progress(f"  {row.name}: p50 {(row.p(50) or 0) * 1e6:.0f} µs")
+        return row
+
+    @staticmethod
+    def _row(name: str, key_type: str, runs: list[_Run], note: str) -> Row:
+        errors = sum(r.errors for r in runs)
+        if errors:
+            names: dict[str, int] = {}
+            for r in runs:
+                for k, v in r.error_names.items():
+                    names[k] = names.get(k, 0) + v
+            note = f"{note} {errors} errors {names}".strip()
+        return Row(
             name,
             key_type,
-            sum(r["count"] for r in results),
-            self.seconds,
-            lat,
-            server_cpu=after.cpu - before.cpu,
-            server_peak_rss_mb=after.peak_rss_mb,
+            sum(r.count for r in runs),
+            sum(r.seconds for r in runs),
+            [x for r in runs for x in r.latencies],
+            server_cpu=sum(r.cpu for r in runs),
+            server_peak_rss_mb=max(r.peak_rss_mb for r in runs),
             note=note,
         )
-        return self.add(row, baseline_of)
 
     def sign_job(self, key: str, key_type: str) -> dict[str, Any]:
         if key_type == "ed25519":
@@ -472,7 +571,7 @@ def targets(rows: list[Row]) -> list[tuple[str, str, str]]:
     s64 = named("ec-p256", "signd, 64 conn")
     p4 = find(lambda r: r.name.startswith("p11-kit server, 4"))
     p1 = find(lambda r: r.name.startswith("p11-kit server, 1"))
-    sync = named("ec-p256", "signd, 1 synchronous")
+    sync = named("ec-p256", "signd, 1 synchronous connection (Client)")
     batch = find(lambda r: r.name.startswith("signd, sign_batch"))
     check("signd 64 connections vs baseline (>= 1.0x)", s64.ratio if s64 else None, 1.0, True, "x")
     check("signd 64 connections vs p11-kit 4 processes (>= 1.2x)", ratio(s64, p4), 1.2, True, "x")
@@ -501,8 +600,26 @@ def targets(rows: list[Row]) -> list[tuple[str, str, str]]:
             True,
             "x",
         )
-    audited = find(lambda r: r.name.startswith("signd, 64 connections, strict audit"))
-    check("strict audit on vs off at 64 connections (>= 0.8x)", ratio(audited, s64), 0.8, True, "x")
+    check(
+        "strict audit on vs off at 64 connections (>= 0.8x)",
+        ratio(
+            named("ec-p256", "signd, 64 connections, strict audit"),
+            named("ec-p256", "signd, 64 connections, no audit"),
+        ),
+        0.8,
+        True,
+        "x",
+    )
+    check(
+        "strict audit on vs off, 1 synchronous connection (>= 0.7x)",
+        ratio(
+            named("ec-p256", "signd, 1 synchronous connection, strict audit"),
+            named("ec-p256", "signd, 1 synchronous connection, no audit"),
+        ),
+        0.7,
+        True,
+        "x",
+    )
     mem = find(lambda r: r.name.startswith("daemon RSS with"))
     check(
         "daemon RSS, 1,000 open connections (<= 100 MB)",
@@ -602,17 +719,32 @@ def run(b: Bench, types: list[str], peers: bool) -> None:
                 _peer_rows(b, key)
             stage("memory")
             b.memory_rows(key)
-            stage("audit: strict audit log on")
-            b.stop_daemon()
-            b.start_daemon(audit=True)
-            b.drive(
-                "signd, 64 connections, strict audit log",
-                "ec-p256",
-                {**b.sign_job(key, "ec-p256"), "mode": "pipeline"},
-                2,
-                64,
-                note=f"window {b.window}; every answer waits for its fsync'd record",
-            )
+            # The strict audit log against none, on two daemons side by side
+            # measured in turns.  A lone synchronous client pays the log's
+            # latency in full; 64 connections share its group commits.
+            stage("audit: strict audit log on and off, in turns")
+            audited = b.start_daemon(audit=True, name="signd-audit")
+            try:
+                sync = {**b.sign_job(key, "ec-p256"), "mode": "client"}
+                pipe = {**b.sign_job(key, "ec-p256"), "mode": "pipeline"}
+                assert b.daemon is not None
+                none_1, strict_1, none_64, strict_64 = b.drive_in_turns(
+                    [
+                        ("signd, 1 synchronous connection, no audit log", sync, 1, 1, b.daemon),
+                        ("signd, 1 synchronous connection, strict audit log", sync, 1, 1, audited),
+                        ("signd, 64 connections, no audit log", pipe, 2, 64, b.daemon),
+                        ("signd, 64 connections, strict audit log", pipe, 2, 64, audited),
+                    ],
+                    slices=1 if b.quick else 3,
+                )
+                b.fsync_row(b.workdir / "audit" / "fsync-probe")
+            finally:
+                b.stop_daemon(audited)
+            for strict, none in ((strict_1, none_1), (strict_64, none_64)):
+                if none.rate:
+                    strict.note = (
+                        f"{strict.rate / none.rate:.2f}x of the row above (measured in turns)"
+                    )
     finally:
         b.stop_daemon()
 
