@@ -84,7 +84,7 @@ def test_short_soak_holds_1000_connections_without_errors(
 ) -> None:
     report, _, _ = short_run
     assert report["connections"] == 1000
-    assert report["daemon"].endswith("with the default [limits]")
+    assert report["daemon"].endswith("with the default [limits] (max_connections_per_uid 1024)")
     assert_clean(report, 1000)
     assert report["daemon_log_errors"] == []
     for op in OPS:
@@ -144,7 +144,8 @@ def test_soak_against_a_running_daemon_with_a_low_descriptor_limit(
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard != resource.RLIM_INFINITY and hard < 1024:
         pytest.skip(f"the hard descriptor limit ({hard}) is too low to show the raise")
-    d = make_daemon(start=False)
+    # One uid holds every connection here: its own limit must allow them all.
+    d = make_daemon("[limits]\nmax_connections_per_uid = 1024\n", start=False)
     wrapper = (
         "import os, resource, sys\n"
         "n = resource.RLIMIT_NOFILE\n"

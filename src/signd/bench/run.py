@@ -98,7 +98,9 @@ class Bench:
     daemon: subprocess.Popen[bytes] | None = None
     rows: list[Row] = field(default_factory=list)
     #: TOML appended to the daemon's config (the soak test keeps the default limits)
-    config_extra: str = "[limits]\nmax_connections = 2048\nmax_frame = 4194304\n"
+    config_extra: str = (
+        "[limits]\nmax_connections = 2048\nmax_connections_per_uid = 2048\nmax_frame = 4194304\n"
+    )
     baselines: dict[str, float] = field(default_factory=dict)
     #: the socket of each daemon started, by its pid
     sockets: dict[int, str] = field(default_factory=dict)

@@ -26,7 +26,8 @@ RSS nor its workers' grew by ``--rss-bound`` (10 MB) or more from the baseline
 to the end.
 
 Without ``--socket`` it makes a SoftHSM token and starts signd on it, with the
-default ``[limits]`` (``max_connections`` 1024), exactly as the benchmark does;
+default ``[limits]`` (``max_connections`` 1024) but for ``max_connections_per_uid``,
+raised to 1024 because one process (one uid) holds every connection;
 with ``--socket`` it uses a running daemon (four ``soak-*`` keys are created
 on it, so it needs the admin operations) and watches the RSS of ``--pid``.
 """
@@ -840,9 +841,12 @@ def soak(args: argparse.Namespace) -> SoakReport:
             s, rss_bound=args.rss_bound, daemon=f"daemon at {args.socket}", log_errors=None
         )
     workdir = Path(tempfile.mkdtemp(prefix="signd-soak-"))
-    # The benchmark's token and daemon, but with signd's default [limits].
+    # The benchmark's token and daemon, but with signd's default [limits]; only
+    # the per-uid connection limit is raised, since this one uid holds them all.
     bench = Bench(workdir, False, 0.0, 0.0, 1, args.workers, label="signd-soak")
-    bench.config_extra = '[metrics]\nlisten = "127.0.0.1:0"\n'
+    bench.config_extra = (
+        '[limits]\nmax_connections_per_uid = 1024\n\n[metrics]\nlisten = "127.0.0.1:0"\n'
+    )
     try:
         _progress("making a SoftHSM token and starting signd (default [limits])")
         bench.make_token()
@@ -858,7 +862,10 @@ def soak(args: argparse.Namespace) -> SoakReport:
         return build_report(
             s,
             rss_bound=args.rss_bound,
-            daemon="signd started on a fresh SoftHSM token with the default [limits]",
+            daemon=(
+                "signd started on a fresh SoftHSM token with the default [limits] "
+                "(max_connections_per_uid 1024)"
+            ),
             log_errors=_log_errors(workdir / "signd.log"),
         )
     finally:
