@@ -44,6 +44,10 @@ OCK_LABEL = "signd-test-ock"
 #: held while a test session uses opencryptoki's soft token: there is one per
 #: machine, and another session's ``--reset`` would wipe it under our daemons
 OCK_SESSION_LOCK = Path("/run/lock/signd-tests-opencryptoki.lock")
+#: serialises the check of ``OCK_RUN_FILE`` and a reset of opencryptoki's token
+OCK_INIT_LOCK = Path("/run/lock/signd-tests-opencryptoki.init.lock")
+#: the test run (pytest-xdist's run id) that initialised opencryptoki's token last
+OCK_RUN_FILE = Path("/run/lock/signd-tests-opencryptoki.run")
 
 
 def _softhsm_module() -> str:
@@ -426,9 +430,29 @@ class OckTokenEnv(TokenEnv):
         return env
 
 
+def _flock(f: Any, how: int, what: str) -> None:
+    """Take an flock on ``f``, polling (so a stuck holder fails the test, not hangs it)."""
+    deadline = time.monotonic() + 600
+    while True:
+        try:
+            fcntl.flock(f, how | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                pytest.fail(f"another test session kept {what} for 600 s")
+            time.sleep(0.5)
+
+
 @pytest.fixture(scope="session")
 def ock_token(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OckTokenEnv]:
-    """opencryptoki's soft token, wiped and initialised once per session.
+    """opencryptoki's soft token, wiped and initialised once per test run.
+
+    The pytest-xdist workers of one run share it: the first one initialises
+    it (``--reset``) and records the run in ``OCK_RUN_FILE``; the others use
+    it as it is.  Each holds ``OCK_SESSION_LOCK`` shared while it uses the
+    token; a session of another run takes it exclusively to reset the token,
+    so it waits until no one uses it.  ``OCK_INIT_LOCK`` serialises the check
+    and the reset.
 
     Needs root (the script configures and starts ``pkcsslotd``); fails, never
     skips, when that or opencryptoki is missing."""
@@ -438,36 +462,43 @@ def ock_token(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OckTokenEnv]
     sbin = f"{os.environ.get('PATH', '')}:/usr/sbin:/sbin"
     if shutil.which("pkcsslotd", path=sbin) is None or shutil.which("pkcsconf", path=sbin) is None:
         pytest.fail(f"opencryptoki is not installed (no pkcsslotd/pkcsconf): {how}")
-    with open(OCK_SESSION_LOCK, "w") as lock:
-        deadline = time.monotonic() + 600
-        while True:
+    run = os.environ.get("PYTEST_XDIST_TESTRUNUID") or uuid.uuid4().hex
+    with open(OCK_SESSION_LOCK, "a") as lock:
+        with open(OCK_INIT_LOCK, "a") as init:
+            _flock(init, fcntl.LOCK_EX, str(OCK_INIT_LOCK))
             try:
-                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    pytest.fail(f"another test session kept {OCK_SESSION_LOCK} for 600 s")
-                time.sleep(0.5)
-        state = tmp_path_factory.mktemp("opencryptoki")
-        out = subprocess.run(
-            [
-                *("bash", str(OPENCRYPTOKI_INIT), "--state-dir", str(state)),
-                *("--label", OCK_LABEL, "--quiet", "--reset"),
-            ],
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-        assert out.returncode == 0, f"opencryptoki-init.sh failed: {out.stderr}"
-        # KEY=VALUE lines quoted for the shell (printf %q)
-        exported = dict(
-            shlex.split(line)[-1].split("=", 1) for line in out.stdout.splitlines() if line
-        )
-        token = OckTokenEnv(
-            state, state / "opencryptoki.env", exported["OCK_LABEL"], exported["OCK_MODULE"]
-        )
-        assert Path(exported["OCK_PIN_FILE"]).resolve() == token.pin_file.resolve(), exported
-        yield token
+                recorded = json.loads(OCK_RUN_FILE.read_text())
+            except (OSError, ValueError):
+                recorded = {}
+            if recorded.get("run") == run:
+                _flock(lock, fcntl.LOCK_SH, str(OCK_SESSION_LOCK))
+                fields = recorded["token"]
+            else:
+                _flock(lock, fcntl.LOCK_EX, str(OCK_SESSION_LOCK))
+                OCK_RUN_FILE.unlink(missing_ok=True)
+                state = tmp_path_factory.mktemp("opencryptoki")
+                out = subprocess.run(
+                    [
+                        *("bash", str(OPENCRYPTOKI_INIT), "--state-dir", str(state)),
+                        *("--label", OCK_LABEL, "--quiet", "--reset"),
+                    ],
+                    capture_output=True,
+                    text=True,
+                    check=False,
+                )
+                assert out.returncode == 0, f"opencryptoki-init.sh failed: {out.stderr}"
+                # KEY=VALUE lines quoted for the shell (printf %q)
+                exported = dict(
+                    shlex.split(line)[-1].split("=", 1) for line in out.stdout.splitlines() if line
+                )
+                fields = [str(state), exported["OCK_LABEL"], exported["OCK_MODULE"]]
+                pin_file = Path(exported["OCK_PIN_FILE"]).resolve()
+                assert pin_file == (state / "user.pin").resolve(), exported
+                OCK_RUN_FILE.write_text(json.dumps({"run": run, "token": fields}))
+                # Still under OCK_INIT_LOCK: no other run can reset it meanwhile.
+                fcntl.flock(lock, fcntl.LOCK_SH)
+        state = Path(fields[0])
+        yield OckTokenEnv(state, state / "opencryptoki.env", fields[1], fields[2])
 
 
 @pytest.fixture(scope="module")

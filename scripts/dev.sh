@@ -34,6 +34,9 @@ Set-up (each part only when needed, so re-running is cheap):
 
 Environment:
   PYTHON         interpreter used to create .venv (default: python3)
+  SIGND_TEST_WORKERS=N
+                 pytest-xdist workers for `test` (default: the number of
+                 cores, at least 2; 0 runs the tests in one process)
   SIGND_DEV_SKIP_APT=1
                  skip the apt step (the commands must already be installed)
 
@@ -215,6 +218,14 @@ EOF
     exec "$VENV/bin/signd" serve --config "$config"
 }
 
+# pytest-xdist workers: the tests wait on daemons and tokens much of the time,
+# so a few more workers than cores keep the cores busy.
+default_workers() {
+    local cores
+    cores=$(nproc 2>/dev/null || echo 2)
+    echo $((cores < 2 ? 2 : cores))
+}
+
 cmd_test() {
     setup
     cd "$ROOT"
@@ -235,7 +246,12 @@ cmd_test() {
     run_step "format" "$VENV/bin/ruff" format --check .
     run_step "types" "$VENV/bin/mypy"
     run_step "types (examples)" "$VENV/bin/mypy" --strict clients/python/examples
-    run_step "tests" "$VENV/bin/pytest" "$@"
+    # Tests run in parallel (pytest-xdist).  worksteal hands each worker a
+    # run of neighbouring tests (so a module's fixtures are mostly made once)
+    # and lets an idle worker take tests queued for a busy one, so no worker
+    # idles at the end.  SIGND_TEST_WORKERS=0 runs them in this process.
+    run_step "tests" "$VENV/bin/pytest" -n "${SIGND_TEST_WORKERS:-$(default_workers)}" \
+        --dist worksteal "$@"
     section "summary"
     if ((${#failed[@]} > 0)); then
         printf 'FAILED: %s\n' "${failed[@]}"
