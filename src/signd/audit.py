@@ -106,6 +106,7 @@ from signd_client.audit import (
 from .errors import Conflict, WireError
 from .policy import Principal
 from .protocol import HEADER, AuditHead, Message, Request
+from .trusted import NotTrusted, open_trusted_dir
 
 __all__ = [
     "AUDIT_KEY",
@@ -841,37 +842,21 @@ def _name(index: int) -> str:
 
 def _open_directory(directory: Path) -> int:
     """The audit directory, opened (made if missing, mode 0750), after checking
-    that its owner is root or this process's user and that no one else may
-    write in it.
+    it and every directory above it as ``trusted.py`` does: owned by root or
+    this process's user, and no one else may write in it.
 
     Raises:
         AuditError, OSError.
     """
     directory.mkdir(mode=0o750, parents=True, exist_ok=True)
     try:
-        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except OSError as exc:
-        if os.path.islink(directory):
-            raise AuditError(
-                f"audit directory {directory} is a symlink: give [audit] dir the real path"
-            ) from None
-        raise AuditError(f"audit directory {directory}: {exc.strerror}") from None
-    st = os.fstat(fd)
-    why = None
-    if st.st_uid not in (0, os.geteuid()):
-        why = (
-            f"is owned by uid {st.st_uid}, not by root or signd's user (uid {os.geteuid()}); "
-            f"fix: chown {os.geteuid()} {directory}"
-        )
-    elif st.st_mode & 0o022:
-        why = (
-            f"is writable by its group or by others (mode {stat.S_IMODE(st.st_mode):04o}), "
-            f"so another user could plant or remove files; fix: chmod go-w {directory}"
-        )
-    if why is not None:
-        os.close(fd)
-        raise AuditError(f"audit directory {directory} {why}")
-    return fd
+        where, _ = open_trusted_dir(str(directory), "audit.dir")
+    except NotTrusted as exc:
+        raise AuditError(str(exc)) from None
+    try:
+        return os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=where)
+    finally:
+        os.close(where)
 
 
 def _log_files(dirfd: int, directory: Path) -> list[str]:
