@@ -218,8 +218,8 @@ EOF
     exec "$VENV/bin/signd" serve --config "$config"
 }
 
-# pytest-xdist workers: the tests wait on daemons and tokens much of the time,
-# so a few more workers than cores keep the cores busy.
+# pytest-xdist workers: one per core, at least two (three on two cores
+# measured no faster than two: the daemons the tests start keep them busy).
 default_workers() {
     local cores
     cores=$(nproc 2>/dev/null || echo 2)

@@ -747,7 +747,11 @@ def test_a_daemon_busy_writing_still_sees_another_daemons_disable(
 
         t = threading.Thread(target=rotate_at_b)
         t.start()
-        time.sleep(0.1)  # b has read the record and is generating the keypair
+        # b has the rotation in hand (an RSA-4096 keypair takes it a while)
+        wait_for(
+            lambda: (b.gauge("signd_requests_in_flight") > 0 or not t.is_alive()) or None,
+            "b to take the rotation",
+        )
         ca.disable(key_name, 1)
         t.join(120)
         assert not errors
