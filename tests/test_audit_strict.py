@@ -28,7 +28,7 @@ import msgpack
 import pytest
 import trio
 
-from signd.audit import AuditLog, who_fields
+from signd.audit import OVERLAP_INFLIGHT, AuditLog, who_fields
 from signd.policy import Principal
 from signd.protocol import HEADER, SignArgs, encode_request
 from signd_client.protocol import FrameDecoder, decode_response
@@ -369,3 +369,37 @@ async def test_no_request_record_no_answer(tmp_path: Path) -> None:
     await log.aclose()
     (rec,) = [r for r in _read(tmp_path / "audit") if r.get("data_sha256") == _notes(b"retried")[2]]
     assert ("phase" not in rec, rec["result"]) == (True, "ok")
+
+
+async def test_under_load_one_combined_record_and_the_answer_still_waits(
+    tmp_path: Path,
+) -> None:
+    """Past OVERLAP_INFLIGHT requests in flight a request is not queued when
+    read: its answer brings one combined record, and is released only once
+    that record is durable."""
+    log, file = await _opened(tmp_path)
+    me = _Recipient()
+    early = [log.asked(WHO, _notes(b"%d" % i), me, i) for i in range(OVERLAP_INFLIGHT)]
+    late = log.asked(WHO, _notes(b"late"), me, 99)
+    assert late.deferred
+    assert not any(p.deferred for p in early)
+    await _until(lambda: all(p.durable for p in early))  # their request records
+    file.open.clear()  # hold the writer: the combined record is not written yet
+    file.waiting.clear()
+    log.answered(late, _answer(99))
+    await _until(file.waiting.is_set)
+    assert me.got == [], "an answer was released before the record of its request"
+    file.open.set()
+    await _until(lambda: me.got == [(99, True)])
+    for i, p in enumerate(early):
+        log.answered(p, _answer(i))
+    await _until(lambda: len(me.got) == OVERLAP_INFLIGHT + 1)
+    after = log.asked(WHO, _notes(b"after"), me, 100)
+    assert not after.deferred, "with nothing in flight the overlap comes back"
+    log.answered(after, _answer(100))
+    await _until(lambda: len(me.got) == OVERLAP_INFLIGHT + 2)
+    await log.aclose()
+    recs = _read(tmp_path / "audit")
+    (combined,) = [r for r in recs if r.get("data_sha256") == _notes(b"late")[2]]
+    assert "phase" not in combined
+    assert (combined["result"], combined["uid"], combined["pid"]) == ("ok", 1000, 4242)

@@ -30,6 +30,13 @@ not their sum:
    next group commit, or by the writer itself once nothing else has come for
    ``OUTCOME_SYNC`` seconds.
 
+Under load the overlap buys nothing and costs a second record per request
+(the writer's CPU, taken from the event loop through the GIL): group commit
+already shares one ``fsync`` among many answers.  So while more than
+``OVERLAP_INFLIGHT`` requests are in flight, a request is not queued when
+read; its answer is queued with it as one combined record, and released once
+that record is durable (the promise holds the same way).
+
 What a crash (``kill -9``, power loss) can leave: a request record without
 its outcome, which means *asked, outcome unknown* (it may have been signed,
 and the answer may even have reached the client after the request record was
@@ -162,6 +169,9 @@ Entry = tuple[Who, Notes | None, int, bytes, Recipient | None, int | None]
 #: How long an outcome record may wait, written but not yet fsync'd, for the
 #: next group commit before the idle writer syncs it by itself (seconds).
 OUTCOME_SYNC: Final = 0.1
+#: Strict mode overlaps a request's record with the token's work while at most
+#: this many requests are in flight; past it, one combined record per request.
+OVERLAP_INFLIGHT: Final = 8
 
 
 class Pending:
@@ -179,7 +189,17 @@ class Pending:
     once, and the same object is queued again as its outcome record.
     """
 
-    __slots__ = ("answer", "durable", "notes", "offset", "recipient", "request_id", "seq", "who")
+    __slots__ = (
+        "answer",
+        "deferred",
+        "durable",
+        "notes",
+        "offset",
+        "recipient",
+        "request_id",
+        "seq",
+        "who",
+    )
 
     def __init__(
         self, who: Who, notes: Notes, recipient: Recipient, request_id: int | None
@@ -196,6 +216,8 @@ class Pending:
         self.seq = 0
         #: the writer's: the clock offset of the request record, for its outcome's ``ts``
         self.offset = 0
+        #: not queued when read (under load): one combined record with its answer
+        self.deferred = False
 
 
 def data_digest(args: Message) -> tuple[str | None, int | None]:
@@ -387,6 +409,8 @@ class AuditLog:
         #: signs the checkpoints (set once the token's keys are loaded)
         self.checkpointer: Checkpointer | None = None
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        #: strict: requests read and not answered yet (the loop's alone)
+        self._inflight = 0
         self._thread: threading.Thread | None = None
         self._trio_token: trio.lowlevel.TrioToken | None = None
         self._seq = 0
@@ -457,7 +481,11 @@ class AuditLog:
         ``answered`` with the request's answer."""
         pending = Pending(who, notes, recipient, request_id)
         if self.mode == "strict":
-            self._queue.put(pending)
+            self._inflight += 1
+            if self._inflight <= OVERLAP_INFLIGHT:
+                self._queue.put(pending)
+            else:  # under load: one combined record, queued with the answer
+                pending.deferred = True
         return pending
 
     def answered(self, pending: Pending, frame: bytes) -> None:
@@ -479,12 +507,16 @@ class AuditLog:
             pending.recipient.audited(pending.request_id, frame, True)
             return
         pending.answer = (time.perf_counter_ns(), frame)
+        self._inflight = max(0, self._inflight - 1)
+        if pending.deferred:
+            self._combined(pending)
+            return
         durable = pending.durable
         if durable:
             self._queue.put(pending)  # its outcome record
             pending.recipient.audited(pending.request_id, frame, True)
         elif durable is False:
-            self._retry(pending)
+            self._combined(pending)
         # else: the writer has it, and ``_settle`` releases it.
 
     def _settle(self, cells: list[Pending], ok: bool) -> None:
@@ -495,7 +527,7 @@ class AuditLog:
                 if not ok:
                     p.durable = False
                     if answer is not None:
-                        self._retry(p)
+                        self._combined(p)
                 elif p.seq == 0:  # one combined record, with its answer
                     assert answer is not None
                     p.recipient.audited(p.request_id, answer[1], True)
@@ -507,9 +539,11 @@ class AuditLog:
             except Exception:
                 log.exception("an audited answer could not be sent")
 
-    def _retry(self, p: Pending) -> None:
-        """The request's record could not be written: one combined record, as
-        for ``record``, or the answer is withheld."""
+    def _combined(self, p: Pending) -> None:
+        """One combined record for the answered request ``p``, as for ``record``;
+        its answer is released once it is durable, or withheld if it cannot be
+        written (``p`` was not queued, under load; or its request record could
+        not be written)."""
         assert p.answer is not None
         ended, frame = p.answer
         self._queue.put((p.who, p.notes, ended, frame, p.recipient, p.request_id))
