@@ -492,8 +492,10 @@ IDLE = "[limits]\nidle_timeout = 0.2\n"
 @pytest.fixture
 def failed(monkeypatch: pytest.MonkeyPatch) -> list[BaseException]:
     """What the clients' connections raised, request by request (a spy: the
-    requests still go to the real daemon)."""
+    requests still go to the real daemon).  Threads that were already running
+    in this process (one another test left behind) are not this test's clients."""
     seen: list[BaseException] = []
+    foreign = {t.ident for t in threading.enumerate()} - {threading.get_ident()}
     sync_request = sync_client._Connection.request
     async_request = async_client._AsyncConnection.request
 
@@ -501,7 +503,8 @@ def failed(monkeypatch: pytest.MonkeyPatch) -> list[BaseException]:
         try:
             return sync_request(self, call, deadline)
         except BaseException as exc:
-            seen.append(exc)
+            if threading.get_ident() not in foreign:
+                seen.append(exc)
             raise
 
     async def async_spy(
@@ -510,7 +513,8 @@ def failed(monkeypatch: pytest.MonkeyPatch) -> list[BaseException]:
         try:
             return await async_request(self, call, deadline)
         except BaseException as exc:
-            seen.append(exc)
+            if threading.get_ident() not in foreign:
+                seen.append(exc)
             raise
 
     monkeypatch.setattr(sync_client._Connection, "request", spy)
