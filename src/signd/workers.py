@@ -85,6 +85,9 @@ ADMISSION_JOBS: Final = 32
 RECYCLE_WARMUP: Final = 10_000
 #: Waits for a signing worker to see a record the writer just stored.
 SEEN_WRITE_BACKOFF: Final = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2)
+#: After a record write looked unopposed, seconds before it is checked again for
+#: one another process wrote at the same moment (key records change rarely).
+SAME_WRITE_RECHECK: Final = 0.05
 #: Seconds a signing worker may take over a call (reading keys, not signing)
 #: before it is taken for hung.
 CALL_STALL: Final = 60.0
@@ -377,6 +380,13 @@ class TokenPool:
             )
         await self._on_writer("create_metadata", [name, revision, value])
         revisions = await self._revisions(name, revision)
+        if revisions.count(revision) == 1 and max(revisions) == revision:
+            # Looked again a moment later: another process's record of the
+            # same revision may become visible to this one only after ours
+            # did (SoftHSM's lag between processes, longer under load), and
+            # then both would keep theirs.  Seen now, both drop theirs.
+            await trio.sleep(SAME_WRITE_RECHECK)
+            revisions = await self._call("revisions", [name])
         if revisions.count(revision) != 1 or max(revisions) != revision:
             await self._on_writer("drop_created", [])
             raise Conflict(
