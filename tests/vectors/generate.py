@@ -39,6 +39,7 @@ from signd_client import errors as e
 from signd_client.protocol import (
     DEFAULT_MAX_FRAME,
     PROTOCOL_VERSION,
+    AuditHead,
     BatchItem,
     CreateKeyArgs,
     DestroyArgs,
@@ -731,6 +732,30 @@ result(
                 "CKM_RSA_PKCS_KEY_PAIR_GEN",
                 "CKM_RSA_PKCS_PSS",
             ),
+        ),
+    ),
+)
+result(
+    "health.result.audit",
+    "a ready daemon with an audit log, to a peer that may read signd.audit: the chain "
+    "head its newest checkpoint signed.",
+    66,
+    "health",
+    Health(
+        status="ok",
+        live=True,
+        ready=True,
+        daemon_version="0.1.0",
+        protocol_version=PROTOCOL_VERSION,
+        uptime=30.5,
+        keys=2,
+        token=None,
+        audit=AuditHead(
+            chain="6f1c2a9e0b7d4e53",
+            seq=1042,
+            hash="9" * 64,
+            file="audit-000001.jsonl",
+            time=1796600000.25,
         ),
     ),
 )
