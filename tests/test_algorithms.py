@@ -8,8 +8,8 @@ import pytest
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa, utils
 
-from signd import algorithms
 from signd.errors import InvalidArgument, InvalidDigest, UnsupportedAlgorithm
+from signd.keys import algorithms
 from signd.protocol import SignArgs, VerifyArgs
 
 MSG = b"the quick brown fox"

@@ -18,8 +18,8 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from signd.audit import Entry, _seal_entry, _seal_request, who_fields
-from signd.policy import Principal
+from signd.access.policy import Principal
+from signd.audit.log import Entry, _seal_entry, _seal_request, who_fields
 from signd.protocol import HEADER, SignArgs, encode_request
 from signd_client.audit import AUDIT_KEY, GENESIS, canonical, line_of, verify_files
 from signd_client.errors import SigndError

@@ -28,8 +28,8 @@ import msgpack
 import pytest
 import trio
 
-from signd.audit import OVERLAP_INFLIGHT, AuditLog, who_fields
-from signd.policy import Principal
+from signd.access.policy import Principal
+from signd.audit.log import OVERLAP_INFLIGHT, AuditLog, who_fields
 from signd.protocol import HEADER, SignArgs, encode_request
 from signd_client.protocol import FrameDecoder, decode_response
 from test_audit import answers, audit_files, records, verify

@@ -36,8 +36,8 @@ import pytest
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from signd import algorithms
-from signd.keystore import (
+from signd.keys import algorithms
+from signd.keys.store import (
     DESTROYED,
     DISABLED,
     ENABLED,

@@ -110,7 +110,7 @@ def test_every_group_is_read_however_many() -> None:
     groups = list(range(20000, 20300))
     script = (
         "import socket\n"
-        "from signd.policy import principal_of\n"
+        "from signd.access.policy import principal_of\n"
         "a, b = socket.socketpair(socket.AF_UNIX)\n"
         "print(' '.join(map(str, sorted(principal_of(a).groups))))\n"
     )

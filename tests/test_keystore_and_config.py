@@ -10,10 +10,10 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from signd import algorithms
 from signd.config import ConfigError, Secret, TokenConfig, load_config, read_pin
 from signd.errors import InvalidArgument, VersionNotFound, VersionNotUsable
-from signd.keystore import (
+from signd.keys import algorithms
+from signd.keys.store import (
     ACTIVE,
     DESTROYED,
     DISABLED,

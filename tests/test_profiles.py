@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from signd.config import ConfigError, TokenConfig, load_config, read_pin
 from signd.errors import InvalidArgument
-from signd.profiles import (
+from signd.token.profiles import (
     ED25519_OID,
     ED25519_STRING,
     PROFILES,

@@ -22,14 +22,14 @@ import trio.testing
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from signd import algorithms
+from signd.access.policy import Principal
 from signd.config import ConfigError, load_config
 from signd.errors import Conflict, DeletionNotAllowed, InvalidArgument, TokenUnavailable
-from signd.keystore import DESTROYED, ENABLED, KeyRecord, KeySettings
-from signd.policy import Principal
-from signd.service import INLINE_VERIFY_CANDIDATES, Service
-from signd.token import MetadataBlob, TokenSession, VerifyJob
-from signd.workers import Entry
+from signd.keys import algorithms
+from signd.keys.store import DESTROYED, ENABLED, KeyRecord, KeySettings
+from signd.service.core import INLINE_VERIFY_CANDIDATES, Service
+from signd.token.pool import Entry
+from signd.token.session import MetadataBlob, TokenSession, VerifyJob
 from signd_client import errors
 from signd_client.protocol import (
     CreateKeyArgs,

@@ -45,7 +45,7 @@ from typing import TYPE_CHECKING
 import pytest
 
 from signd.config import load_config
-from signd.systemd import Notifier
+from signd.server.systemd import Notifier
 
 if TYPE_CHECKING:
     from conftest import Daemon  # the root conftest.py

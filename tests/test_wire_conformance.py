@@ -10,7 +10,7 @@ import msgpack
 import pytest
 from pkcs11 import Mechanism
 
-from signd.token import mechanism_name
+from signd.token.session import mechanism_name
 from signd_client.errors import InvalidArgument, VersionNotFound
 from signd_client.protocol import (
     MAX_JWKS_KEYS,

@@ -23,20 +23,20 @@ from typing import Final
 import trio
 
 from . import __version__
-from .audit import AuditError, AuditLog, Checkpointer, TokenHead, head_label, record_own_action
+from .access.policy import Policy
+from .access.ratelimit import RateLimiter
+from .audit.log import AuditError, AuditLog, Checkpointer, TokenHead, head_label, record_own_action
 from .config import Config, ConfigError, Secret, load_config, read_metrics_token, read_pin
 from .errors import WireError
 from .hardening import no_core_dumps
-from .keystore import LoadedKey
+from .keys.store import LoadedKey
 from .log import setup_logging
 from .metrics import KeyState, Metrics, Snapshot, serve_http
-from .policy import Policy
 from .protocol import encode_result
-from .ratelimit import RateLimiter
-from .server import ListenerError, Server, open_listener, systemd_socket
-from .service import Service
-from .systemd import Notifier
-from .workers import PoolSettings, TokenPool, open_token_pool
+from .server.core import ListenerError, Server, open_listener, systemd_socket
+from .server.systemd import Notifier
+from .service.core import Service
+from .token.pool import PoolSettings, TokenPool, open_token_pool
 
 __all__ = ["main"]
 

@@ -13,8 +13,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Final, TypeVar
 
-from .policy import OPERATIONS, Rule
-from .profiles import PROFILES, Profile, ProfileError, profile_for
+from .access.policy import OPERATIONS, Rule
+from .token.profiles import PROFILES, Profile, ProfileError, profile_for
 from .trusted import NotTrusted, open_trusted_file
 
 __all__ = [

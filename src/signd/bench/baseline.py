@@ -11,8 +11,8 @@ from __future__ import annotations
 import json
 import sys
 
-from .. import profiles
-from ..token import TokenSession
+from ..token import profiles
+from ..token.session import TokenSession
 
 
 def main() -> None:

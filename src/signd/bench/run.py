@@ -30,7 +30,7 @@ from typing import Any
 from signd_client import Client
 
 from ..config import find_softhsm_module
-from ..keystore import object_label
+from ..keys.store import object_label
 from ._measure import Row, process_tree, reset_peak_rss, usage_of
 
 __all__ = ["main"]

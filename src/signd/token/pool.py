@@ -54,7 +54,7 @@ from typing import Any, Final
 import msgpack
 import trio
 
-from .errors import (
+from ..errors import (
     Busy,
     Conflict,
     DeadlineExceeded,
@@ -64,10 +64,10 @@ from .errors import (
     WireError,
     error_from_wire,
 )
-from .metrics import Metrics
-from .outbox import Outbox
-from .protocol import HEADER, FrameDecoder
-from .token import IPC_MAX_FRAME, MetadataBlob, SignJob, TokenInfo, VerifyJob
+from ..metrics import Metrics
+from ..protocol import HEADER, FrameDecoder
+from ..server.outbox import Outbox
+from .session import IPC_MAX_FRAME, MetadataBlob, SignJob, TokenInfo, VerifyJob
 
 __all__ = ["Entry", "PoolSettings", "TokenPool", "open_token_pool"]
 

@@ -110,10 +110,10 @@ from signd_client.audit import (
     seal,
 )
 
-from .errors import Conflict, WireError
-from .policy import Principal
-from .protocol import HEADER, AuditHead, Message, Request
-from .trusted import NotTrusted, open_trusted_dir
+from ..access.policy import Principal
+from ..errors import Conflict, WireError
+from ..protocol import HEADER, AuditHead, Message, Request
+from ..trusted import NotTrusted, open_trusted_dir
 
 __all__ = [
     "AUDIT_KEY",

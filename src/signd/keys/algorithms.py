@@ -19,9 +19,9 @@ from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa, utils
 
-from .errors import InvalidArgument, InvalidDigest
-from .errors import UnsupportedAlgorithm as UnsupportedAlgorithmError
-from .protocol import Jwk, SignArgs, VerifyArgs
+from ..errors import InvalidArgument, InvalidDigest
+from ..errors import UnsupportedAlgorithm as UnsupportedAlgorithmError
+from ..protocol import Jwk, SignArgs, VerifyArgs
 
 __all__ = [
     "HASHES",

@@ -40,16 +40,16 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Final
 
-from . import algorithms
-from .algorithms import KeyType, PublicKey
-from .errors import (
+from ..errors import (
     DeletionNotAllowed,
     InvalidArgument,
     KeyNotFound,
     VersionNotFound,
     VersionNotUsable,
 )
-from .protocol import KEY_NAME_RE, KeyInfo, KeySummary, VersionInfo
+from ..protocol import KEY_NAME_RE, KeyInfo, KeySummary, VersionInfo
+from . import algorithms
+from .algorithms import KeyType, PublicKey
 
 __all__ = [
     "ACTIVE",

@@ -40,9 +40,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 from pkcs11 import MGF, Attribute, KeyType, Mechanism, ObjectClass
 from pkcs11.util.ec import encode_ec_public_key, encode_named_curve_parameters
 
-from . import algorithms, profiles
-from .algorithms import Family, Scheme
-from .errors import (
+from ..errors import (
     Conflict,
     InternalError,
     TokenError,
@@ -50,8 +48,11 @@ from .errors import (
     UnsupportedAlgorithm,
     WireError,
 )
-from .hardening import no_core_dumps
-from .protocol import HEADER, FrameDecoder, VerifyArgs
+from ..hardening import no_core_dumps
+from ..keys import algorithms
+from ..keys.algorithms import Family, Scheme
+from ..protocol import HEADER, FrameDecoder, VerifyArgs
+from . import profiles
 
 #: a label no object has: the deep probe searches for it
 PROBE_LABEL: Final = "signd probe: matches nothing"
@@ -712,7 +713,7 @@ def worker_main(fd: int) -> int:
     # signatures short.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    from .log import setup_logging
+    from ..log import setup_logging
 
     setup_logging("info")
     for problem in hardening_problems:

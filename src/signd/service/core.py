@@ -24,10 +24,11 @@ from typing import Any, Final, TypeVar
 
 import trio
 
-from . import __version__, algorithms
-from .algorithms import KeyType
-from .audit import AUDIT_KEY
-from .errors import (
+from .. import __version__
+from ..access.policy import Policy, Principal
+from ..access.ratelimit import RateLimiter
+from ..audit.log import AUDIT_KEY
+from ..errors import (
     Busy,
     Conflict,
     DeadlineExceeded,
@@ -42,7 +43,9 @@ from .errors import (
     VersionNotFound,
     WireError,
 )
-from .keystore import (
+from ..keys import algorithms
+from ..keys.algorithms import KeyType
+from ..keys.store import (
     DEFAULT_MAX_VERSIONS,
     DESTROYED,
     DISABLED,
@@ -57,10 +60,8 @@ from .keystore import (
     load_key,
     request_digest,
 )
-from .metrics import Metrics
-from .policy import Policy, Principal
-from .profiles import PROFILES, Profile
-from .protocol import (
+from ..metrics import Metrics
+from ..protocol import (
     MAX_BATCH,
     MAX_JWKS_KEYS,
     PROTOCOL_VERSION,
@@ -93,9 +94,9 @@ from .protocol import (
     encode_error,
     encode_result,
 )
-from .ratelimit import RateLimiter
-from .token import SignJob, VerifyJob
-from .workers import Entry, TokenPool
+from ..token.pool import Entry, TokenPool
+from ..token.profiles import PROFILES, Profile
+from ..token.session import SignJob, VerifyJob
 
 __all__ = ["Reply", "Service", "SlowWork"]
 

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
-from .errors import InvalidArgument, RateLimited
+from ..errors import InvalidArgument, RateLimited
 
 __all__ = ["Bucket", "RateLimiter"]
 

@@ -29,7 +29,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Final
 
-from .errors import PermissionDenied
+from ..errors import PermissionDenied
 
 log = logging.getLogger("signd.policy")
 

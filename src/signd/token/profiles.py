@@ -19,7 +19,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Final
 
-from .errors import InvalidArgument
+from ..errors import InvalidArgument
 
 __all__ = [
     "ED25519_OID",

@@ -41,15 +41,15 @@ from typing import Final
 
 import trio
 
-from .audit import AuditLog, Pending, notes_of, who_fields
-from .config import LimitsConfig
-from .errors import Busy, FrameTooLarge, InternalError, ShuttingDown
-from .metrics import Limit, Metrics
+from ..access.policy import principal_of
+from ..audit.log import AuditLog, Pending, notes_of, who_fields
+from ..config import LimitsConfig
+from ..errors import Busy, FrameTooLarge, InternalError, ShuttingDown
+from ..metrics import Limit, Metrics
+from ..protocol import BadRequest, FrameDecoder, Request, decode_request, encode_error
+from ..service.core import Service
+from ..trusted import NotTrusted, open_trusted_dir
 from .outbox import Outbox
-from .policy import principal_of
-from .protocol import BadRequest, FrameDecoder, Request, decode_request, encode_error
-from .service import Service
-from .trusted import NotTrusted, open_trusted_dir
 
 __all__ = ["ListenerError", "Server", "open_listener", "systemd_socket"]
 

@@ -1,0 +1,1 @@
+"""Who is asking (from the kernel) and what they may do: principals, rules, rate limits."""

@@ -1,0 +1,1 @@
+"""Named keys, versions, states and algorithms: domain logic, no wire types."""

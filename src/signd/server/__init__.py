@@ -1,0 +1,1 @@
+"""The trio transport: listeners, socket activation, connections, memory budget."""

@@ -1,0 +1,1 @@
+"""Requests to answers: dispatch, reads, signing, admin operations, lifecycle. No sockets."""
