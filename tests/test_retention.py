@@ -22,13 +22,16 @@ import trio.testing
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from signd.access.policy import Principal
+from signd.access.policy import Policy, Principal
 from signd.config import ConfigError, load_config
 from signd.errors import Conflict, DeletionNotAllowed, InvalidArgument, TokenUnavailable
 from signd.keys import algorithms
 from signd.keys.store import DESTROYED, ENABLED, KeyRecord, KeySettings
-from signd.service.core import INLINE_VERIFY_CANDIDATES, Service
+from signd.metrics import Metrics
+from signd.service.core import Service
+from signd.service.signing import INLINE_VERIFY_CANDIDATES
 from signd.token.pool import Entry
+from signd.token.profiles import PROFILES
 from signd.token.session import MetadataBlob, TokenSession, VerifyJob
 from signd_client import errors
 from signd_client.protocol import (
@@ -156,7 +159,15 @@ def make_service(token: MemoryToken, **kw: Any) -> Service:
     """A service on ``token`` whose wall clock is trio's (mock) clock."""
     kw.setdefault("min_rotate_period", 1.0)
     kw.setdefault("sync_interval", 1.0)
-    return Service(token, clock=lambda: T0 + trio.current_time(), **kw)  # type: ignore[arg-type]
+    return Service(
+        token,  # type: ignore[arg-type]
+        Policy(()),
+        None,
+        Metrics(),
+        clock=lambda: T0 + trio.current_time(),
+        profile=PROFILES["softhsm"],
+        **kw,
+    )
 
 
 _ids = itertools.count(1)

@@ -17,6 +17,7 @@ import resource
 import signal
 import socket
 import sys
+import time
 from collections.abc import Sequence
 from typing import Final
 
@@ -26,7 +27,15 @@ from . import __version__
 from .access.policy import Policy
 from .access.ratelimit import RateLimiter
 from .audit.log import AuditError, AuditLog, Checkpointer, TokenHead, head_label, record_own_action
-from .config import Config, ConfigError, Secret, load_config, read_metrics_token, read_pin
+from .config import (
+    Config,
+    ConfigError,
+    RateLimitsConfig,
+    Secret,
+    load_config,
+    read_metrics_token,
+    read_pin,
+)
 from .errors import WireError
 from .hardening import no_core_dumps
 from .keys.store import LoadedKey
@@ -89,6 +98,7 @@ async def _run(cfg: Config, pin: Secret, metrics_token: Secret | None = None) ->
         recycle_mb=cfg.token.recycle_mb,
         profile=cfg.token.profile.name,
     )
+    metrics = Metrics()
     failed = False
     try:
         try:
@@ -98,6 +108,7 @@ async def _run(cfg: Config, pin: Secret, metrics_token: Secret | None = None) ->
                     sock,
                     inherited is not None,
                     pool,
+                    metrics,
                     notifier=notifier,
                     metrics_token=metrics_token,
                 )
@@ -118,26 +129,11 @@ async def _serve(
     sock: socket.socket,
     inherited: bool,
     pool: TokenPool,
+    metrics: Metrics,
     *,
     notifier: Notifier,
     metrics_token: Secret | None = None,
 ) -> int:
-    policy = Policy(cfg.access.rules, trust_root=cfg.access.trust_root)
-    rl = cfg.rate_limits
-    limiter = None
-    if rl.per_principal is not None or rl.per_key is not None:
-        limiter = RateLimiter(rl.per_principal, rl.per_key)
-    service = Service(
-        pool,
-        policy,
-        limiter=limiter,
-        request_timeout=cfg.limits.request_timeout,
-        min_rotate_period=cfg.keys.min_rotate_period,
-        sync_interval=cfg.keys.sync_interval,
-        profile=cfg.token.profile,
-        default_max_versions=cfg.keys.default_max_versions,
-        max_versions_limit=cfg.keys.max_versions_limit,
-    )
     audit = None
     if cfg.audit.dir is not None:
         audit = AuditLog(
@@ -152,10 +148,26 @@ async def _serve(
         except (AuditError, OSError) as exc:
             log.error("the audit log cannot be used", extra={"error": str(exc)})
             return EXIT_FAILURE
-        service.on_auto_rotate = functools.partial(_audit_auto_rotation, audit)
-        service.on_auto_prune = functools.partial(_audit_auto_prune, audit)
     else:
         log.warning("audit log disabled: set [audit] dir to keep one")
+    #: the audit chain's head once the checkpoints run (see ``_start_checkpoints``)
+    head: list[Checkpointer] = []
+    service = Service(
+        pool,
+        Policy(cfg.access.rules, trust_root=cfg.access.trust_root),
+        _limiter(cfg.rate_limits, None),
+        metrics,
+        clock=time.time,
+        profile=cfg.token.profile,
+        request_timeout=cfg.limits.request_timeout,
+        min_rotate_period=cfg.keys.min_rotate_period,
+        sync_interval=cfg.keys.sync_interval,
+        default_max_versions=cfg.keys.default_max_versions,
+        max_versions_limit=cfg.keys.max_versions_limit,
+        on_auto_rotate=None if audit is None else functools.partial(_audit_auto_rotation, audit),
+        on_auto_prune=None if audit is None else functools.partial(_audit_auto_prune, audit),
+        audit_head=None if audit is None else lambda: head[0].head if head else None,
+    )
     # Keeping the loop warm (polling after light traffic) holds the GIL; with a
     # strict audit log the writer thread is on every answer's path and would
     # wait out the whole poll (measured, one synchronous client: p50 1.1 ms
@@ -163,14 +175,14 @@ async def _serve(
     strict = audit is not None and audit.mode == "strict"
     keep_warm = 0.0 if strict else cfg.token.spin_us / 1e6
     server = Server(service, cfg.limits, keep_warm=keep_warm, audit=audit)
-    _count(service.metrics, service, server, pool, audit)
+    _count(metrics, service, server, pool, audit)
     try:
         async with trio.open_nursery() as nursery:
             if cfg.metrics.enabled:
                 await _start_metrics(nursery, cfg, service, metrics_token)
             try:
                 return await _serve_with(
-                    cfg, inherited, pool, service, server, sock, notifier=notifier
+                    cfg, inherited, pool, service, server, sock, head, notifier=notifier
                 )
             finally:
                 nursery.cancel_scope.cancel()
@@ -281,6 +293,7 @@ async def _serve_with(
     service: Service,
     server: Server,
     sock: socket.socket,
+    head: list[Checkpointer],
     *,
     notifier: Notifier,
 ) -> int:
@@ -330,6 +343,7 @@ async def _serve_with(
         if server.audit is not None:
             try:
                 checkpoints = await _start_checkpoints(cfg, server.audit, service, pool, nursery)
+                head.append(checkpoints)
             except (AuditError, WireError) as exc:
                 log.error("the audit log cannot be used", extra={"error": str(exc)})
                 nursery.cancel_scope.cancel()
@@ -365,8 +379,16 @@ async def _start_checkpoints(
     )
     audit.checkpointer = checkpoints
     await checkpoints.start(nursery)
-    service.audit_head = lambda: checkpoints.head
     return checkpoints
+
+
+def _limiter(rl: RateLimitsConfig, old: RateLimiter | None) -> RateLimiter | None:
+    """The rate limiter ``rl`` asks for (None: no limits); the refusal counters
+    of ``old`` carry on in it (they are metrics)."""
+    if rl.per_principal is None and rl.per_key is None:
+        return None
+    refused = old.refused if old is not None else None
+    return RateLimiter(rl.per_principal, rl.per_key, refused=refused)
 
 
 #: Sections a reload applies; the others need a restart.
@@ -389,16 +411,14 @@ def _reload(cfg: Config, service: Service, server: Server) -> Config:
         f.name for f in dataclasses.fields(new) if getattr(new, f.name) != getattr(cfg, f.name)
     ]
     pending = [name for name in changed if name not in RELOADABLE and name != "path"]
-    service.policy = Policy(new.access.rules, trust_root=new.access.trust_root)
-    rl = new.rate_limits
-    if rl != cfg.rate_limits:  # the buckets start full again only when the limits changed
-        old = service.limiter
-        service.limiter = None
-        if rl.per_principal is not None or rl.per_key is not None:
-            service.limiter = RateLimiter(rl.per_principal, rl.per_key)
-            if old is not None:  # the refusal counters are metrics: they carry on
-                service.limiter.refused = old.refused
-    service.request_timeout = new.limits.request_timeout
+    limiter = service.limiter
+    if new.rate_limits != cfg.rate_limits:  # the buckets start full again only then
+        limiter = _limiter(new.rate_limits, service.limiter)
+    service.reconfigure(
+        policy=Policy(new.access.rules, trust_root=new.access.trust_root),
+        limiter=limiter,
+        request_timeout=new.limits.request_timeout,
+    )
     server.apply_limits(new.limits)
     logging.getLogger().setLevel(new.log.level.upper())
     log.info("config reloaded", extra={"changed": [n for n in changed if n not in pending]})

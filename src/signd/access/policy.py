@@ -38,35 +38,13 @@ __all__ = [
     "Policy",
     "Principal",
     "Rule",
-    "operation_of",
     "peer_groups",
     "principal_of",
 ]
 
-#: Operations a rule can grant.
+#: The verbs a rule can grant; which one each wire operation needs is in the
+#: op table (``signd.ops``).
 OPERATIONS: Final = ("sign", "verify", "read", "rotate", "create", "admin")
-
-#: Wire op -> the operation a rule must grant (None: anyone connected may).
-_OPERATION_OF: Final[dict[str, str | None]] = {
-    "sign": "sign",
-    "sign_batch": "sign",
-    "verify": "verify",
-    "key_info": "read",
-    "public_key": "read",
-    "jwks": "read",
-    "list_keys": "read",
-    "create_key": "create",
-    "rotate": "rotate",
-    "update_key": "admin",
-    "disable": "admin",
-    "enable": "admin",
-    "destroy": "admin",
-    "health": None,
-}
-
-
-def operation_of(op: str) -> str | None:
-    return _OPERATION_OF.get(op, "admin")
 
 
 @dataclass(frozen=True, slots=True)
@@ -194,13 +172,17 @@ class Policy:
         self.rules = tuple(rules)
         self.trusted = {0, os.geteuid()} if trust_root else set()
 
-    def allows(self, who: Principal, operation: str | None, key: str) -> bool:
-        if operation is None or who.uid in self.trusted:
+    def allows(self, who: Principal, verb: str | None, key: str) -> bool:
+        """Whether ``who`` may ``verb`` key ``key`` (None: anyone may)."""
+        if verb is None or who.uid in self.trusted:
             return True
-        return any(rule.grants(who, operation, key) for rule in self.rules)
+        return any(rule.grants(who, verb, key) for rule in self.rules)
 
-    def check(self, who: Principal, op: str, key: str) -> None:
-        """Raises: PermissionDenied, naming the operation and the key."""
-        operation = operation_of(op)
-        if not self.allows(who, operation, key):
-            raise PermissionDenied(f"{who.describe()} may not {operation} key {key!r}")
+    def granted(self, who: Principal, key: str) -> frozenset[str]:
+        """Every verb ``who`` may use on key ``key``."""
+        return frozenset(verb for verb in OPERATIONS if self.allows(who, verb, key))
+
+    def check(self, who: Principal, verb: str, key: str) -> None:
+        """Raises: PermissionDenied, naming the verb and the key."""
+        if not self.allows(who, verb, key):
+            raise PermissionDenied(f"{who.describe()} may not {verb} key {key!r}")

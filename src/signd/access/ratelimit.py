@@ -12,7 +12,7 @@ forever); it takes nothing from any bucket.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -46,15 +46,19 @@ class RateLimiter:
         per_principal: tuple[float, float] | None,
         per_key: tuple[float, float] | None,
         clock: Callable[[], float] = time.monotonic,
+        *,
+        refused: Mapping[str, int] | None = None,
     ) -> None:
-        """``per_*`` is (rate per second, burst), or None for no limit."""
+        """``per_*`` is (rate per second, burst), or None for no limit;
+        ``refused``: the counts of the limiter this one replaces (a reload),
+        which carry on (they are metrics)."""
         self.per_principal = per_principal
         self.per_key = per_key
         self._clock = clock
         self._principals: dict[int, Bucket] = {}
         self._keys: dict[str, Bucket] = {}
         #: requests refused, by the limit that refused them ("principal" or "key")
-        self.refused = {"principal": 0, "key": 0}
+        self.refused = {"principal": 0, "key": 0, **(refused or {})}
 
     @staticmethod
     def _bucket(table: dict[K, Bucket], who: K, limit: tuple[float, float], now: float) -> Bucket:

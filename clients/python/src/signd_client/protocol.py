@@ -16,6 +16,7 @@ frames in ``tests/vectors/`` pin it down for other languages.
 from __future__ import annotations
 
 import dataclasses
+import enum
 import re
 import struct
 import types
@@ -64,11 +65,14 @@ __all__ = [
     "Empty",
     "FrameDecoder",
     "Health",
+    "KeyGrant",
     "KeyInfo",
     "KeyList",
     "KeyRefArgs",
     "KeySummary",
     "Message",
+    "OpSpec",
+    "Retry",
     "Jwk",
     "Jwks",
     "JwksArgs",
@@ -85,6 +89,7 @@ __all__ = [
     "VerifyResult",
     "VersionInfo",
     "VersionRefArgs",
+    "Whoami",
     "check_idempotency_key",
     "decode_request",
     "decode_response",
@@ -655,47 +660,85 @@ class Health(Message):
     audit: AuditHead | None = None
 
 
-#: op name -> (argument type, result type)
-OPS: Final[Mapping[str, tuple[type[Message], type[Message]]]] = {
-    "create_key": (CreateKeyArgs, KeyInfo),
-    "list_keys": (Empty, KeyList),
-    "key_info": (KeyRefArgs, KeyInfo),
-    "public_key": (PublicKeyArgs, PublicKey),
-    "jwks": (JwksArgs, Jwks),
-    "sign": (SignArgs, SignResult),
-    "sign_batch": (SignBatchArgs, SignBatchResult),
-    "verify": (VerifyArgs, VerifyResult),
-    "rotate": (RotateArgs, KeyInfo),
-    "update_key": (UpdateKeyArgs, KeyInfo),
-    "disable": (VersionRefArgs, KeyInfo),
-    "enable": (VersionRefArgs, KeyInfo),
-    "destroy": (DestroyArgs, KeyInfo),
-    "health": (Empty, Health),
+@message
+class KeyGrant(Message):
+    """A key and the verbs the rules grant the caller on it (sorted)."""
+
+    name: str
+    verbs: tuple[str, ...]
+
+
+@message
+class Whoami(Message):
+    """The caller as the daemon sees it (the kernel's record of the
+    connection) and the keys on which the rules grant it anything."""
+
+    uid: int
+    gid: int
+    #: the primary and supplementary groups, sorted
+    groups: tuple[int, ...]
+    user: str | None
+    #: by name; only keys with at least one verb granted
+    keys: tuple[KeyGrant, ...]
+
+
+class Retry(enum.Enum):
+    """When a client may send a request again after a broken connection."""
+
+    #: always: the operation reads, or sets an absolute state
+    SAFE = "safe"
+    #: only when it carries an ``idempotency_key``
+    WITH_KEY = "with_key"
+    #: never
+    NEVER = "never"
+
+
+@dataclass(frozen=True)
+class OpSpec:
+    """One operation of the wire: its argument and result types, and when
+    it may be sent again."""
+
+    args: type[Message]
+    result: type[Message]
+    retry: Retry
+
+    # Transitional: code that still unpacks ``OPS[op]`` as (args, result).
+    def __iter__(self) -> Iterator[type[Message]]:
+        return iter((self.args, self.result))
+
+    def __getitem__(self, index: int) -> type[Message]:
+        return (self.args, self.result)[index]
+
+
+#: op name -> its spec.  (``disable``, ``enable``, ``destroy`` and
+#: ``update_key`` set absolute states, so they are safe to send again.)
+OPS: Final[Mapping[str, OpSpec]] = {
+    "create_key": OpSpec(CreateKeyArgs, KeyInfo, Retry.WITH_KEY),
+    "list_keys": OpSpec(Empty, KeyList, Retry.SAFE),
+    "key_info": OpSpec(KeyRefArgs, KeyInfo, Retry.SAFE),
+    "public_key": OpSpec(PublicKeyArgs, PublicKey, Retry.SAFE),
+    "jwks": OpSpec(JwksArgs, Jwks, Retry.SAFE),
+    "sign": OpSpec(SignArgs, SignResult, Retry.SAFE),
+    "sign_batch": OpSpec(SignBatchArgs, SignBatchResult, Retry.SAFE),
+    "verify": OpSpec(VerifyArgs, VerifyResult, Retry.SAFE),
+    "rotate": OpSpec(RotateArgs, KeyInfo, Retry.WITH_KEY),
+    "update_key": OpSpec(UpdateKeyArgs, KeyInfo, Retry.SAFE),
+    "disable": OpSpec(VersionRefArgs, KeyInfo, Retry.SAFE),
+    "enable": OpSpec(VersionRefArgs, KeyInfo, Retry.SAFE),
+    "destroy": OpSpec(DestroyArgs, KeyInfo, Retry.SAFE),
+    "health": OpSpec(Empty, Health, Retry.SAFE),
+    "whoami": OpSpec(Empty, Whoami, Retry.SAFE),
 }
 
 #: Operations a client may safely send again after a broken connection.
-#: (``disable``, ``enable``, ``destroy`` and ``update_key`` set absolute states.)
-IDEMPOTENT_OPS: Final = frozenset(
-    {
-        "list_keys",
-        "key_info",
-        "public_key",
-        "jwks",
-        "sign",
-        "sign_batch",
-        "verify",
-        "health",
-        "update_key",
-        "disable",
-        "enable",
-        "destroy",
-    }
-)
+IDEMPOTENT_OPS: Final = frozenset(op for op, spec in OPS.items() if spec.retry is Retry.SAFE)
 
 #: Operations that take an ``idempotency_key``.  With one they are idempotent
 #: too: the daemon records the key with the version the request makes (on the
 #: token, in the same write), and answers a repeat without making another.
-IDEMPOTENCY_KEY_OPS: Final = frozenset({"create_key", "rotate"})
+IDEMPOTENCY_KEY_OPS: Final = frozenset(
+    op for op, spec in OPS.items() if spec.retry is Retry.WITH_KEY
+)
 
 
 # --------------------------------------------------------------------------
@@ -773,7 +816,7 @@ def decode_request(body: bytes) -> Request | BadRequest:
         if unknown:
             raise InvalidRequest(f"unknown envelope field {sorted(map(str, unknown))[0]!r}")
         args = obj.get("args")
-        return Request(rid, op, spec[0].from_wire({} if args is None else args))
+        return Request(rid, op, spec.args.from_wire({} if args is None else args))
     except WireError as exc:
         return BadRequest(rid, exc)
 

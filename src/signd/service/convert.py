@@ -1,0 +1,74 @@
+"""The daemon's edge: exceptions to wire errors, requests to domain settings.
+
+``wire_error`` is the one map from what the daemon raises to what a client is
+answered: every reply site of the service goes through it.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, TypeVar
+
+import trio
+
+from ..errors import DeadlineExceeded, InternalError, WireError
+from ..keys.store import KeySettings, request_digest
+from ..protocol import CreateKeyArgs, ErrorInfo, RotateArgs, UpdateKeyArgs
+
+__all__ = ["error_info", "request_settings", "requested", "wire_error"]
+
+log = logging.getLogger("signd.service")
+
+
+def wire_error(exc: BaseException, what: str | None = None, **context: Any) -> WireError:
+    """The error a client is answered for ``exc``: a ``WireError`` as it is;
+    a trio timeout as ``deadline_exceeded``; anything else is a bug here,
+    logged with its traceback and answered ``internal_error``.
+
+    ``what`` names the work that failed (``"key look-up"``), for the message;
+    ``context`` goes into the log record.
+    """
+    if isinstance(exc, WireError):
+        return exc
+    if isinstance(exc, trio.TooSlowError):
+        return DeadlineExceeded(f"{what or 'request'} timed out")
+    if what is None:
+        log.exception("internal error", extra=context, exc_info=exc)
+        return InternalError("internal error; see daemon log")
+    log.exception(f"{what} failed", extra=context, exc_info=exc)
+    return InternalError(f"{what} failed; see daemon log")
+
+
+def error_info(exc: BaseException) -> ErrorInfo:
+    """``exc`` as one item's error in a batch answer (see ``wire_error``)."""
+    error = wire_error(exc)
+    return ErrorInfo(code=int(error.code), name=error.name, message=error.message)
+
+
+def requested(args: CreateKeyArgs | RotateArgs) -> str:
+    """What a create_key or rotate asks, for telling a repeat from a reuse of
+    its idempotency key.  create_key: the type and the settings it asks for
+    (an absent setting and its default are the same request)."""
+    if isinstance(args, RotateArgs):
+        return request_digest("rotate")
+    settings = request_settings(args, KeySettings())
+    return request_digest("create_key", type=args.type, settings=settings.to_json())
+
+
+def request_settings(args: CreateKeyArgs | UpdateKeyArgs, old: KeySettings) -> KeySettings:
+    """``old`` with every setting ``args`` gives."""
+    return KeySettings(
+        auto_rotate_period=_pick(args.auto_rotate_period, old.auto_rotate_period),
+        verify_grace=_pick(args.verify_grace, old.verify_grace),
+        min_sign_version=_pick(getattr(args, "min_sign_version", None), old.min_sign_version),
+        min_verify_version=_pick(getattr(args, "min_verify_version", None), old.min_verify_version),
+        deletion_allowed=_pick(args.deletion_allowed, old.deletion_allowed),
+        max_versions=_pick(args.max_versions, old.max_versions),
+    )
+
+
+T = TypeVar("T")
+
+
+def _pick(new: T | None, old: T) -> T:
+    return old if new is None else new
