@@ -1,0 +1,94 @@
+"""The daemon's op table (``signd.ops``) agrees with the wire's one place
+(``signd_client.protocol.OPS``), the golden frames and PROTOCOL.md.
+
+Adding an operation takes a row, its handler, the client's spec and call,
+a PROTOCOL.md section and golden frames; these tests name what is missing.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from signd.access.policy import OPERATIONS
+from signd.ops import TABLE, Kind
+from signd.protocol import OPS, Retry
+
+ROOT = Path(__file__).resolve().parent.parent
+DOC = (ROOT / "PROTOCOL.md").read_text()
+VECTORS = json.loads((ROOT / "tests" / "vectors" / "frames.json").read_text())["vectors"]
+
+
+def _section(title: str) -> str:
+    """The text of PROTOCOL.md's ``## title`` section."""
+    match = re.search(rf"^## {re.escape(title)}\n(.*?)(?=^## )", DOC, re.MULTILINE | re.DOTALL)
+    assert match is not None, f"PROTOCOL.md has no section '## {title}'"
+    return match.group(1)
+
+
+def _table(title: str) -> dict[str, str]:
+    """The first table of section ``title``: each op named (in backticks) in
+    a row's first cell -> that row's second cell."""
+    rows: dict[str, str] = {}
+    for line in _section(title).splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if not line.startswith("|") or len(cells) < 2:
+            continue
+        for op in re.findall(r"`([a-z_]+)`", cells[0]):
+            rows[op] = cells[1]
+    return rows
+
+
+def test_the_table_has_a_row_for_every_wire_op_and_no_other() -> None:
+    assert set(TABLE) == set(OPS)
+    for name, row in TABLE.items():
+        assert row.name == name
+        assert row.spec is OPS[name]
+
+
+@pytest.mark.parametrize("name", sorted(OPS))
+def test_every_op_has_golden_frames(name: str) -> None:
+    mine = [v for v in VECTORS if v["op"] == name]
+    assert any(v["direction"] == "request" for v in mine), f"no request vector for {name}"
+    assert any(v["direction"] == "response" and "result" in v["message"] for v in mine), (
+        f"no result vector for {name}"
+    )
+
+
+@pytest.mark.parametrize("name", sorted(OPS))
+def test_every_op_has_a_protocol_section(name: str) -> None:
+    assert re.search(rf"^### `{name}`$", DOC, re.MULTILINE), f"PROTOCOL.md: no ### `{name}`"
+
+
+def test_retry_classes_match_protocol_md() -> None:
+    documented = _table("Retries and idempotency")
+    expected = {
+        name: Retry.SAFE if text == "yes" else Retry.WITH_KEY if "idempotency_key" in text else None
+        for name, text in documented.items()
+    }
+    assert expected == {name: spec.retry for name, spec in OPS.items()}
+
+
+def test_verbs_match_protocol_md_and_the_policy() -> None:
+    documented = _table("Access policy operations")
+    verbs = {
+        name: None if text.startswith("none") else re.findall(r"`([a-z]+)`", text)[0]
+        for name, text in documented.items()
+    }
+    assert verbs == {name: row.verb for name, row in TABLE.items()}
+    assert {row.verb for row in TABLE.values()} - {None} == set(OPERATIONS)
+
+
+def test_kinds() -> None:
+    """A key change is an admin op (a task under the admin lock); the token
+    work is signing and verifying; the rest reads."""
+    for row in TABLE.values():
+        if row.verb in ("create", "rotate", "admin"):
+            assert row.kind is Kind.ADMIN, row.name
+        elif row.verb in ("sign", "verify"):
+            assert row.kind is Kind.TOKEN, row.name
+        else:
+            assert row.kind is Kind.READ, row.name
