@@ -44,6 +44,7 @@ from .metrics import KeyState, Metrics, Snapshot, serve_http
 from .protocol import encode_result
 from .server.core import ListenerError, Server, open_listener, systemd_socket
 from .server.systemd import Notifier
+from .service.convert import key_info
 from .service.core import Service
 from .token.pool import PoolSettings, TokenPool, open_token_pool
 
@@ -270,7 +271,7 @@ def _netloc(host: str, port: int) -> str:
 
 async def _audit_auto_rotation(audit: AuditLog, key: LoadedKey) -> None:
     """A scheduled rotation has no request; its record names the daemon itself."""
-    frame = encode_result(None, key.info())
+    frame = encode_result(None, key_info(key))
     if not await record_own_action(audit, "auto_rotate", key.record.name, frame):
         log.error("a scheduled rotation could not be audited", extra={"key": key.record.name})
 
@@ -278,7 +279,7 @@ async def _audit_auto_rotation(audit: AuditLog, key: LoadedKey) -> None:
 async def _audit_auto_prune(audit: AuditLog, key: LoadedKey, versions: list[int]) -> None:
     """Retired versions destroyed by the daemon: recorded like a scheduled
     rotation, the key's info (those versions now destroyed) as the frame."""
-    frame = encode_result(None, key.info())
+    frame = encode_result(None, key_info(key))
     if not await record_own_action(audit, "auto_prune", key.record.name, frame):
         log.error(
             "a pruning of retired versions could not be audited",

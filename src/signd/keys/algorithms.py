@@ -13,7 +13,7 @@ import enum
 import hashlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, Protocol
 
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
@@ -21,7 +21,6 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa,
 
 from ..errors import InvalidArgument, InvalidDigest
 from ..errors import UnsupportedAlgorithm as UnsupportedAlgorithmError
-from ..protocol import Jwk, SignArgs, VerifyArgs
 
 __all__ = [
     "HASHES",
@@ -45,6 +44,30 @@ __all__ = [
 ]
 
 PublicKey = ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey | rsa.RSAPublicKey
+
+
+class SignInput(Protocol):
+    """What a request to sign asks of the algorithms: exactly one of
+    ``message`` and ``digest``, and the options (None: the key type's default).
+    The service hands its request arguments as they are."""
+
+    @property
+    def message(self) -> bytes | None: ...
+    @property
+    def digest(self) -> bytes | None: ...
+    @property
+    def hash(self) -> str | None: ...
+    @property
+    def padding(self) -> str | None: ...
+    @property
+    def format(self) -> str | None: ...
+
+
+class VerifyInput(SignInput, Protocol):
+    """A request to verify: a ``SignInput`` and the signature."""
+
+    @property
+    def signature(self) -> bytes: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -213,7 +236,7 @@ def _digest(opts: Options, message: bytes | None, digest: bytes | None) -> bytes
     return h.new(message).digest()
 
 
-def _check(kt: KeyType, args: SignArgs | VerifyArgs) -> tuple[Options, bytes | None]:
+def _check(kt: KeyType, args: SignInput) -> tuple[Options, bytes | None]:
     if (args.message is None) == (args.digest is None):
         raise InvalidArgument("exactly one of 'message' and 'digest' is required")
     opts = options(kt, args.hash, args.padding, args.format, by_digest=args.digest is not None)
@@ -240,7 +263,7 @@ def plan(opts: Options, message: bytes | None, digest: bytes | None) -> SignPlan
     return SignPlan(opts.scheme, opts.hash, data, opts.algorithm, opts.raw)
 
 
-def plan_sign(kt: KeyType, args: SignArgs) -> SignPlan:
+def plan_sign(kt: KeyType, args: SignInput) -> SignPlan:
     """Check a sign request against the key type and say what the token signs.
 
     Raises:
@@ -262,7 +285,7 @@ def finish_signature(plan: SignPlan, raw: bytes) -> bytes:
     return raw
 
 
-def verify(kt: KeyType, public_key: PublicKey, args: VerifyArgs) -> str | None:
+def verify(kt: KeyType, public_key: PublicKey, args: VerifyInput) -> str | None:
     """Check ``args.signature``; return the algorithm name if valid, else None.
 
     Raises:
@@ -273,7 +296,7 @@ def verify(kt: KeyType, public_key: PublicKey, args: VerifyArgs) -> str | None:
 
 
 def verify_any(
-    kt: KeyType, candidates: Iterable[tuple[int, PublicKey]], args: VerifyArgs
+    kt: KeyType, candidates: Iterable[tuple[int, PublicKey]], args: VerifyInput
 ) -> tuple[int, str] | None:
     """The first ``(version, public key)`` of ``candidates`` that
     ``args.signature`` is valid for, as ``(version, algorithm)``; None if none.
@@ -383,25 +406,23 @@ def _b64url_uint(n: int, size: int | None = None) -> str:
     return _b64url(n.to_bytes(size if size is not None else max(1, (n.bit_length() + 7) // 8)))
 
 
-def jwk(kt: KeyType, key: PublicKey, kid: str) -> Jwk:
-    """``key`` as a JSON Web Key for signature verification."""
+def jwk(kt: KeyType, key: PublicKey, kid: str) -> dict[str, str]:
+    """``key`` as a JSON Web Key for signature verification: its members."""
     alg, crv = _JOSE.get(kt.name, (None, None))
+    out = {"kid": kid, "use": "sig"}
     if isinstance(key, ec.EllipticCurvePublicKey):
         nums = key.public_numbers()
         size = kt.coordinate_size  # RFC 7518 6.2.1.2: x and y are full length
-        return Jwk(
-            kty="EC",
-            kid=kid,
-            use="sig",
-            alg=alg,
-            crv=crv,
-            x=_b64url_uint(nums.x, size),
-            y=_b64url_uint(nums.y, size),
-        )
-    if isinstance(key, ed25519.Ed25519PublicKey):
+        x, y = _b64url_uint(nums.x, size), _b64url_uint(nums.y, size)
+        out.update(kty="EC", x=x, y=y)
+    elif isinstance(key, ed25519.Ed25519PublicKey):
         raw = key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-        return Jwk(kty="OKP", kid=kid, use="sig", alg=alg, crv=crv, x=_b64url(raw))
-    rsa_nums = key.public_numbers()
-    return Jwk(
-        kty="RSA", kid=kid, use="sig", n=_b64url_uint(rsa_nums.n), e=_b64url_uint(rsa_nums.e)
-    )
+        out.update(kty="OKP", x=_b64url(raw))
+    else:
+        rsa_nums = key.public_numbers()
+        return {**out, "kty": "RSA", "n": _b64url_uint(rsa_nums.n), "e": _b64url_uint(rsa_nums.e)}
+    if alg is not None:
+        out["alg"] = alg
+    if crv is not None:
+        out["crv"] = crv
+    return out

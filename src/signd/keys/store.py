@@ -35,6 +35,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 import secrets
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
@@ -47,7 +48,6 @@ from ..errors import (
     VersionNotFound,
     VersionNotUsable,
 )
-from ..protocol import KEY_NAME_RE, KeyInfo, KeySummary, VersionInfo
 from . import algorithms
 from .algorithms import KeyType, PublicKey
 
@@ -86,9 +86,13 @@ DEFAULT_MAX_VERSIONS: Final = 100
 MAX_VERSIONS_LIMIT: Final = 1000
 
 
+#: A key name (the wire's ``KEY_NAME_RE`` is the same rule, for clients).
+KEY_NAME: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
 def check_key_name(name: str) -> str:
     """Raises: InvalidArgument unless ``name`` is a valid key name."""
-    if not KEY_NAME_RE.fullmatch(name):
+    if not KEY_NAME.fullmatch(name):
         raise InvalidArgument(
             f"invalid key name {name!r}: use 1-64 of A-Z a-z 0-9 . _ -, starting alphanumeric"
         )
@@ -579,39 +583,15 @@ class LoadedKey:
             )
         return [v]
 
-    def info(self) -> KeyInfo:
-        r = self.record
-        st = r.settings
-        ends_at = r.grace_ends() if st.verify_grace > 0 else {}
-        return KeyInfo(
-            name=r.name,
-            type=r.type,
-            created=r.created,
-            current_version=r.latest.version,
-            versions=tuple(
-                VersionInfo(
-                    version=v.record.version,
-                    state=v.state,
-                    created=v.record.created,
-                    public_key_pem=v.public_key_pem,
-                    verify_until=ends_at.get(v.record.version) if v.state == VERIFY_ONLY else None,
-                )
-                for v in sorted(self.versions.values(), key=lambda v: v.record.version)
-            ),
-            auto_rotate_period=st.auto_rotate_period,
-            verify_grace=st.verify_grace,
-            min_sign_version=st.min_sign_version,
-            min_verify_version=st.min_verify_version,
-            deletion_allowed=st.deletion_allowed,
-            next_rotation=r.next_rotation(),
-            max_versions=self.version_cap or None,
-        )
-
-    def summary(self) -> KeySummary:
-        r = self.record
-        return KeySummary(
-            name=r.name, type=r.type, created=r.created, current_version=r.latest.version
-        )
+    def verify_until(self) -> dict[int, float]:
+        """When each verify-only version retires (its grace ends), by number."""
+        st = self.record.settings
+        ends_at = self.record.grace_ends() if st.verify_grace > 0 else {}
+        return {
+            n: t
+            for n, t in ends_at.items()
+            if (v := self.versions.get(n)) is not None and v.state == VERIFY_ONLY
+        }
 
 
 def _why(settings: KeySettings, v: LoadedVersion) -> str:

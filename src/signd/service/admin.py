@@ -43,7 +43,7 @@ from ..protocol import (
     check_idempotency_key,
 )
 from .context import Batch, Reply
-from .convert import request_settings, requested
+from .convert import key_info, request_settings, requested
 from .lookup import Lookups
 
 __all__ = ["Admin"]
@@ -78,7 +78,7 @@ class Admin(Lookups):
                 async with self._admin_lock:
                     key, made = await self._change(req.op, req.args)
             self._changed.set()
-            info = key.info()
+            info = key_info(key)
             if made is not None:  # create_key, rotate: the version they made
                 version, replayed = made
                 info = dataclasses.replace(info, created_version=version)

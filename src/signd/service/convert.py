@@ -12,10 +12,28 @@ from typing import Any, TypeVar
 import trio
 
 from ..errors import DeadlineExceeded, InternalError, WireError
-from ..keys.store import KeySettings, request_digest
-from ..protocol import CreateKeyArgs, ErrorInfo, RotateArgs, UpdateKeyArgs
+from ..keys import algorithms
+from ..keys.store import KeySettings, LoadedKey, request_digest
+from ..protocol import (
+    CreateKeyArgs,
+    ErrorInfo,
+    Jwk,
+    KeyInfo,
+    KeySummary,
+    RotateArgs,
+    UpdateKeyArgs,
+    VersionInfo,
+)
 
-__all__ = ["error_info", "request_settings", "requested", "wire_error"]
+__all__ = [
+    "error_info",
+    "jwks_of",
+    "key_info",
+    "key_summary",
+    "request_settings",
+    "requested",
+    "wire_error",
+]
 
 log = logging.getLogger("signd.service")
 
@@ -43,6 +61,51 @@ def error_info(exc: BaseException) -> ErrorInfo:
     """``exc`` as one item's error in a batch answer (see ``wire_error``)."""
     error = wire_error(exc)
     return ErrorInfo(code=int(error.code), name=error.name, message=error.message)
+
+
+def key_info(key: LoadedKey) -> KeyInfo:
+    """``key`` (its states brought up to date by the caller) on the wire."""
+    r = key.record
+    st = r.settings
+    until = key.verify_until()
+    return KeyInfo(
+        name=r.name,
+        type=r.type,
+        created=r.created,
+        current_version=r.latest.version,
+        versions=tuple(
+            VersionInfo(
+                version=v.record.version,
+                state=v.state,
+                created=v.record.created,
+                public_key_pem=v.public_key_pem,
+                verify_until=until.get(v.record.version),
+            )
+            for v in sorted(key.versions.values(), key=lambda v: v.record.version)
+        ),
+        auto_rotate_period=st.auto_rotate_period,
+        verify_grace=st.verify_grace,
+        min_sign_version=st.min_sign_version,
+        min_verify_version=st.min_verify_version,
+        deletion_allowed=st.deletion_allowed,
+        next_rotation=r.next_rotation(),
+        max_versions=key.version_cap or None,
+    )
+
+
+def key_summary(key: LoadedKey) -> KeySummary:
+    r = key.record
+    return KeySummary(name=r.name, type=r.type, created=r.created, current_version=r.latest.version)
+
+
+def jwks_of(key: LoadedKey) -> list[Jwk]:
+    """Every version of ``key`` that may verify now (the caller brought its
+    states up to date), as JWKs whose ``kid`` is ``name:version``."""
+    name = key.record.name
+    return [
+        Jwk(**algorithms.jwk(key.kt, v.public_key, f"{name}:{v.record.version}"))
+        for v in key.verifiers
+    ]
 
 
 def requested(args: CreateKeyArgs | RotateArgs) -> str:

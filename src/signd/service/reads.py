@@ -12,7 +12,6 @@ import time
 from .. import __version__
 from ..audit.log import AUDIT_KEY
 from ..errors import InvalidArgument
-from ..keys import algorithms
 from ..keys.store import check_key_name
 from ..protocol import (
     MAX_JWKS_KEYS,
@@ -32,6 +31,7 @@ from ..protocol import (
 )
 from .base import RESERVED_KEYS, RESERVED_VERBS
 from .context import Batch
+from .convert import jwks_of, key_info, key_summary
 from .signing import Signing
 
 __all__ = ["Reads"]
@@ -70,7 +70,9 @@ class Reads(Signing):
     def op_list_keys(self, req: Request, batch: Batch) -> None:
         """Only the keys this peer may read."""
         allows, who = self.policy.allows, batch.who
-        keys = tuple(k.summary() for k in self.keystore.all() if allows(who, "read", k.record.name))
+        keys = tuple(
+            key_summary(k) for k in self.keystore.all() if allows(who, "read", k.record.name)
+        )
         self._answer(batch.reply, req, KeyList(keys=keys))
 
     def op_key_info(self, req: Request, batch: Batch) -> None:
@@ -80,7 +82,7 @@ class Reads(Signing):
         if key is None:
             self._defer_lookup(req, args.key, batch)
             return
-        self._answer(batch.reply, req, key.at(self._clock()).info())
+        self._answer(batch.reply, req, key_info(key.at(self._clock())))
 
     def op_public_key(self, req: Request, batch: Batch) -> None:
         args = req.args
@@ -126,11 +128,7 @@ class Reads(Signing):
             if key is None:
                 self._defer_lookup(req, name, batch)
                 return
-            kt = key.at(now).kt
-            out.extend(
-                algorithms.jwk(kt, v.public_key, f"{name}:{v.record.version}")
-                for v in key.verifiers
-            )
+            out.extend(jwks_of(key.at(now)))
         self._answer(batch.reply, req, Jwks(keys=tuple(out)))
 
     def health(self) -> Health:
