@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 import os
+import re
+import types
 from pathlib import Path
 
 import pytest
@@ -12,12 +14,13 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from signd.config import ConfigError, Secret, TokenConfig, load_config, read_pin
 from signd.errors import InvalidArgument, VersionNotFound, VersionNotUsable
-from signd.keys import algorithms
+from signd.keys import algorithms, store
 from signd.keys.store import (
     ACTIVE,
     DESTROYED,
     DISABLED,
     ENABLED,
+    KEY_NAME,
     RETIRED,
     VERIFY_ONLY,
     KeyRecord,
@@ -26,6 +29,7 @@ from signd.keys.store import (
     check_key_name,
     load_key,
 )
+from signd.protocol import KEY_NAME_RE
 
 # ---------------------------------------------------------------- key records
 
@@ -144,6 +148,18 @@ def test_bad_key_names(name: str) -> None:
 def test_good_key_names() -> None:
     for name in ("a", "A-b_c.d", "x" * 64, "9lives"):
         assert check_key_name(name) == name
+
+
+def test_the_key_name_rule_is_the_wires() -> None:
+    """The store keeps its own rule (it knows nothing of the wire); it is
+    the one the clients check too."""
+    assert KEY_NAME.pattern == KEY_NAME_RE.pattern
+
+
+@pytest.mark.parametrize("module", [store, algorithms])
+def test_the_key_modules_know_nothing_of_the_wire(module: types.ModuleType) -> None:
+    source = Path(module.__file__ or "").read_text()
+    assert not re.search(r"^from \S*protocol import|^import \S*protocol", source, re.MULTILINE)
 
 
 # ---------------------------------------------------------------- config
