@@ -99,7 +99,9 @@ async def call_service(service: Service, who: Principal, op: str, args: Message)
     the wire error raised.  Slow work (look-ups) runs to its end."""
     answers: list[bytes] = []
     req = Request(next(_request_ids), op, args)
-    for work in service.handle([req], lambda _rid, frame: answers.append(frame), object(), who):
+    for work in service.handle(
+        [req], lambda _rid, frame, _outcome: answers.append(frame), object(), who
+    ):
         await work()
     assert len(answers) == 1
     resp = decode_response(answers[0][4:])

@@ -13,9 +13,22 @@ from pathlib import Path
 
 import pytest
 
-from signd.access.policy import OPERATIONS
+from signd.access.policy import OPERATIONS, Policy
+from signd.audit.facts import Outcome
+from signd.errors import VersionNotFound
 from signd.ops import TABLE, Kind
-from signd.protocol import OPS, Retry
+from signd.protocol import (
+    OPS,
+    Empty,
+    KeyRefArgs,
+    Message,
+    Request,
+    Retry,
+    SignArgs,
+    VerifyArgs,
+)
+from signd.service.core import Service
+from support import principal, service_with_keys
 
 ROOT = Path(__file__).resolve().parent.parent
 DOC = (ROOT / "PROTOCOL.md").read_text()
@@ -92,3 +105,30 @@ def test_kinds() -> None:
             assert row.kind is Kind.TOKEN, row.name
         else:
             assert row.kind is Kind.READ, row.name
+
+
+# --------------------------------------------------------------------------
+# every answer carries its facts (for the audit log)
+
+
+async def _outcome(service: Service, op: str, args: Message) -> Outcome:
+    outcomes: list[Outcome] = []
+    req = Request(1, op, args)
+    root = principal(0, user="root")
+    for work in service.handle([req], lambda _rid, _frame, o: outcomes.append(o), object(), root):
+        await work()
+    assert len(outcomes) == 1
+    return outcomes[0]
+
+
+async def test_answers_carry_their_outcome() -> None:
+    service = service_with_keys(Policy(()), ["k"])
+    signed = await _outcome(service, "sign", SignArgs(key="k", message=b"m"))
+    assert signed == Outcome(version=1)
+    bad = await _outcome(service, "verify", VerifyArgs(key="k", signature=b"x", message=b"m"))
+    assert bad == Outcome(valid=False)
+    assert await _outcome(service, "key_info", KeyRefArgs(key="k")) == Outcome(version=1)
+    missing = await _outcome(service, "sign", SignArgs(key="k", message=b"m", version=9))
+    assert isinstance(missing.error, VersionNotFound)
+    assert (missing.version, missing.valid) == (None, None)
+    assert await _outcome(service, "health", Empty()) == Outcome()

@@ -177,7 +177,9 @@ async def call(service: Service, op: str, args: Message) -> Any:
     """One request through ``Service.handle``: the result map, or the error raised."""
     answers: list[bytes] = []
     req = Request(next(_ids), op, args)
-    for work in service.handle([req], lambda _rid, frame: answers.append(frame), object(), ROOT):
+    for work in service.handle(
+        [req], lambda _rid, frame, _outcome: answers.append(frame), object(), ROOT
+    ):
         await work()
     if service.token.enqueued:  # type: ignore[attr-defined]
         service.token.work()  # type: ignore[attr-defined]

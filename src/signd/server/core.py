@@ -42,6 +42,7 @@ from typing import Final
 import trio
 
 from ..access.policy import principal_of
+from ..audit.facts import Outcome
 from ..audit.log import AuditLog, Pending, notes_of, who_fields
 from ..config import LimitsConfig
 from ..errors import Busy, FrameTooLarge, InternalError, ShuttingDown
@@ -362,7 +363,7 @@ class _Connection:
         else:
             self.sizes[request_id] = size
 
-    def answered(self, request_id: int, frame: bytes) -> None:
+    def answered(self, request_id: int, frame: bytes, outcome: Outcome) -> None:
         """The service's reply: the request's bytes are let go, then ``reply``."""
         more = self.dup_sizes.get(request_id) if self.dup_sizes else None
         if more:

@@ -20,11 +20,11 @@ from ..keys.store import (
     check_key_name,
 )
 from ..metrics import Metrics
-from ..protocol import AuditHead, Message, Request, encode_error, encode_result
+from ..protocol import AuditHead, Message, Request
 from ..token.pool import TokenPool
 from ..token.profiles import Profile
 from .context import Reply, SlowWork
-from .convert import wire_error
+from .convert import send_error, send_result, wire_error
 
 __all__ = ["RESERVED_KEYS", "RESERVED_VERBS", "Round", "ServiceBase"]
 
@@ -131,7 +131,7 @@ class ServiceBase:
     # ------------------------------------------------------------ replies
 
     def _answer(self, reply: Reply, req: Request, result: Message) -> None:
-        reply(req.id, encode_result(req.id, result))
+        send_result(reply, req.id, result)
 
     def _fail(
         self, reply: Reply, req: Request, exc: BaseException, what: str | None = None
@@ -140,7 +140,7 @@ class ServiceBase:
         counted as refused."""
         error = wire_error(exc, what, op=req.op)
         self._refused(req, error)
-        reply(req.id, encode_error(req.id, error))
+        send_error(reply, req.id, error)
 
     def _refused(self, req: Request, error: WireError) -> None:
         """Count a request answered with an error before it reached the token."""

@@ -6,13 +6,15 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from ..access.policy import Principal
+from ..audit.facts import Outcome
 from ..protocol import Request
 from ..token.pool import Entry
 
 __all__ = ["Batch", "Reply", "SlowWork"]
 
-#: ``reply(request_id, frame)``: hand one encoded response to the transport.
-Reply = Callable[[int, bytes], None]
+#: ``reply(request_id, frame, outcome)``: hand one encoded response to the
+#: transport, with the facts it states (for the audit log).
+Reply = Callable[[int, bytes, Outcome], None]
 SlowWork = Callable[[], Awaitable[None]]
 
 

@@ -11,6 +11,7 @@ from typing import Any, TypeVar
 
 import trio
 
+from ..audit.facts import Outcome
 from ..errors import DeadlineExceeded, InternalError, WireError
 from ..keys import algorithms
 from ..keys.store import KeySettings, LoadedKey, request_digest
@@ -20,10 +21,14 @@ from ..protocol import (
     Jwk,
     KeyInfo,
     KeySummary,
+    Message,
     RotateArgs,
     UpdateKeyArgs,
     VersionInfo,
+    encode_error,
+    encode_result,
 )
+from .context import Reply
 
 __all__ = [
     "error_info",
@@ -31,7 +36,10 @@ __all__ = [
     "key_info",
     "key_summary",
     "request_settings",
+    "outcome_of",
     "requested",
+    "send_error",
+    "send_result",
     "wire_error",
 ]
 
@@ -55,6 +63,28 @@ def wire_error(exc: BaseException, what: str | None = None, **context: Any) -> W
         return InternalError("internal error; see daemon log")
     log.exception(f"{what} failed", extra=context, exc_info=exc)
     return InternalError(f"{what} failed; see daemon log")
+
+
+def send_result(reply: Reply, request_id: int, result: Message) -> None:
+    """Answer ``request_id`` with ``result``."""
+    reply(request_id, encode_result(request_id, result), outcome_of(result))
+
+
+def send_error(reply: Reply, request_id: int, error: WireError) -> None:
+    """Answer ``request_id`` with ``error``."""
+    reply(request_id, encode_error(request_id, error), Outcome(error=error))
+
+
+def outcome_of(result: Message) -> Outcome:
+    """What ``result`` states for the audit log: the version it names (a
+    signature's or a verification's; the one a create_key or rotate made;
+    else a key's current one), and a verification's validity."""
+    version = getattr(result, "version", None)
+    if version is None:
+        version = getattr(result, "created_version", None)
+    if version is None:
+        version = getattr(result, "current_version", None)
+    return Outcome(version=version, valid=getattr(result, "valid", None))
 
 
 def error_info(exc: BaseException) -> ErrorInfo:

@@ -25,13 +25,11 @@ from ..protocol import (
     SignResult,
     VerifyArgs,
     VerifyResult,
-    encode_error,
-    encode_result,
 )
 from ..token.pool import Entry
 from ..token.session import SignJob, VerifyJob
 from .context import Batch, Reply
-from .convert import error_info
+from .convert import error_info, send_error, send_result
 from .lifecycle import Lifecycle
 
 __all__ = ["INLINE_VERIFY_CANDIDATES", "Signing"]
@@ -176,15 +174,15 @@ def _verify_done(
                 metrics.limit_hit("request_timeout")
             metrics.verified(name, value.name)
             metrics.error("verify", value)
-            reply(rid, encode_error(rid, value))
+            send_error(reply, rid, value)
         elif value is None:
             metrics.verified(name, "invalid")
-            reply(rid, encode_result(rid, VerifyResult(valid=False, key=name)))
+            send_result(reply, rid, VerifyResult(valid=False, key=name))
         else:
             metrics.verified(name, "valid")
             version, algorithm = value
             result = VerifyResult(valid=True, key=name, version=version, algorithm=algorithm)
-            reply(rid, encode_result(rid, result))
+            send_result(reply, rid, result)
 
     return done
 
@@ -210,13 +208,13 @@ def _sign_done(
             sig = algorithms.finish_signature(plan, value)
             result = SignResult(signature=sig, key=name, version=version, algorithm=plan.algorithm)
             metrics.signed(name, version, plan.algorithm, 1, started, time.perf_counter())
-            reply(rid, encode_result(rid, result))
+            send_result(reply, rid, result)
         else:
             if isinstance(value, DeadlineExceeded):
                 metrics.limit_hit("request_timeout")
             metrics.sign_failed(name, version, plan.algorithm, value)
             metrics.error("sign", value)
-            reply(rid, encode_error(rid, value))
+            send_error(reply, rid, value)
 
     return done
 
@@ -284,7 +282,7 @@ def _batch_entries(
                 algorithm=algorithm,
                 results=tuple(r if r is not None else BatchItem() for r in results),
             )
-            reply(rid, encode_result(rid, answer))
+            send_result(reply, rid, answer)
 
     def item_done(i: int, plan: algorithms.SignPlan) -> Callable[[bool, Any], None]:
         def done(ok: bool, value: Any) -> None:
