@@ -439,13 +439,17 @@ async def test_verify_with_many_versions_leaves_the_loop(
 
     # Few versions: inline.
     answers: list[bytes] = []
+
+    def reply(_rid: int, frame: bytes, _outcome: object) -> None:
+        answers.append(frame)
+
     good = VerifyArgs(key="few", signature=bad, message=message)
-    slow = s.handle([Request(1, "verify", good)], lambda _r, f: answers.append(f), None, ROOT)
+    slow = s.handle([Request(1, "verify", good)], reply, None, ROOT)
     assert (slow, token.enqueued, len(answers)) == ([], [], 1)
     # Many: to the workers, never answered on the spot.
     for args, expected in cases:
         answers.clear()
-        slow = s.handle([Request(2, "verify", args)], lambda _r, f: answers.append(f), None, ROOT)
+        slow = s.handle([Request(2, "verify", args)], reply, None, ROOT)
         assert (slow, answers, len(token.enqueued)) == ([], [], 1)
         token.work()
         result = decode_response(answers[0][4:]).result
@@ -455,7 +459,7 @@ async def test_verify_with_many_versions_leaves_the_loop(
     token.is_open = False
     for args, expected in cases:
         answers.clear()
-        slow = s.handle([Request(3, "verify", args)], lambda _r, f: answers.append(f), None, ROOT)
+        slow = s.handle([Request(3, "verify", args)], reply, None, ROOT)
         assert len(slow) == 1
         assert answers == []
         await slow[0]()
