@@ -12,7 +12,8 @@ from cryptography.hazmat.primitives.asymmetric import ec, utils
 
 from signd.access.policy import Policy, Principal
 from signd.keys import algorithms
-from signd.keys.store import KeyRecord, load_key
+from signd.keys.records import KeyRecord
+from signd.keys.store import load_key
 from signd.metrics import Metrics
 from signd.protocol import Message, Request, decode_response
 from signd.service.core import Service

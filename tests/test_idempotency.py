@@ -37,7 +37,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from signd.keys import algorithms
-from signd.keys.store import (
+from signd.keys.records import (
     DESTROYED,
     DISABLED,
     ENABLED,

@@ -14,8 +14,8 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from signd.config import ConfigError, Secret, TokenConfig, load_config, read_pin
 from signd.errors import InvalidArgument, VersionNotFound, VersionNotUsable
-from signd.keys import algorithms, store
-from signd.keys.store import (
+from signd.keys import algorithms, records, store
+from signd.keys.records import (
     ACTIVE,
     DESTROYED,
     DISABLED,
@@ -25,10 +25,9 @@ from signd.keys.store import (
     VERIFY_ONLY,
     KeyRecord,
     KeySettings,
-    Keystore,
     check_key_name,
-    load_key,
 )
+from signd.keys.store import Keystore, load_key
 from signd.protocol import KEY_NAME_RE
 
 # ---------------------------------------------------------------- key records
@@ -156,7 +155,7 @@ def test_the_key_name_rule_is_the_wires() -> None:
     assert KEY_NAME.pattern == KEY_NAME_RE.pattern
 
 
-@pytest.mark.parametrize("module", [store, algorithms])
+@pytest.mark.parametrize("module", [records, store, algorithms])
 def test_the_key_modules_know_nothing_of_the_wire(module: types.ModuleType) -> None:
     source = Path(module.__file__ or "").read_text()
     assert not re.search(r"^from \S*protocol import|^import \S*protocol", source, re.MULTILINE)

@@ -26,7 +26,7 @@ from signd.access.policy import Policy, Principal
 from signd.config import ConfigError, load_config
 from signd.errors import Conflict, DeletionNotAllowed, InvalidArgument, TokenUnavailable
 from signd.keys import algorithms
-from signd.keys.store import DESTROYED, ENABLED, KeyRecord, KeySettings
+from signd.keys.records import DESTROYED, ENABLED, KeyRecord, KeySettings
 from signd.metrics import Metrics
 from signd.service.core import Service
 from signd.service.signing import INLINE_VERIFY_CANDIDATES

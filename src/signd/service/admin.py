@@ -22,16 +22,8 @@ from ..errors import (
 )
 from ..keys import algorithms
 from ..keys.algorithms import KeyType
-from ..keys.store import (
-    DESTROYED,
-    DISABLED,
-    ENABLED,
-    KeyRecord,
-    KeySettings,
-    LoadedKey,
-    check_key_name,
-    load_key,
-)
+from ..keys.records import DESTROYED, DISABLED, ENABLED, KeyRecord, KeySettings, check_key_name
+from ..keys.store import LoadedKey, load_key
 from ..protocol import (
     CreateKeyArgs,
     DestroyArgs,

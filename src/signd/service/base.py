@@ -12,13 +12,8 @@ from ..access.policy import Policy, Principal
 from ..access.ratelimit import RateLimiter
 from ..audit.log import AUDIT_KEY
 from ..errors import PermissionDenied, VersionNotFound, WireError
-from ..keys.store import (
-    DEFAULT_MAX_VERSIONS,
-    MAX_VERSIONS_LIMIT,
-    Keystore,
-    LoadedKey,
-    check_key_name,
-)
+from ..keys.records import DEFAULT_MAX_VERSIONS, MAX_VERSIONS_LIMIT, check_key_name
+from ..keys.store import Keystore, LoadedKey
 from ..metrics import Metrics
 from ..protocol import AuditHead, Message, Request
 from ..token.pool import TokenPool

@@ -14,7 +14,8 @@ import trio
 from ..audit.facts import Outcome
 from ..errors import DeadlineExceeded, InternalError, WireError
 from ..keys import algorithms
-from ..keys.store import KeySettings, LoadedKey, request_digest
+from ..keys.records import KeySettings, request_digest
+from ..keys.store import LoadedKey
 from ..protocol import (
     CreateKeyArgs,
     ErrorInfo,

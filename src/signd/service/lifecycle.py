@@ -8,7 +8,7 @@ import logging
 import trio
 
 from ..errors import Conflict, DeletionNotAllowed, WireError
-from ..keys.store import DESTROYED, KeyRecord
+from ..keys.records import DESTROYED, KeyRecord
 from .admin import Admin
 from .lookup import INTERNAL_RECORD_PREFIX
 

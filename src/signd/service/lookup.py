@@ -15,7 +15,8 @@ import trio
 
 from ..access.policy import Principal
 from ..errors import Busy, KeyNotFound
-from ..keys.store import DESTROYED, KeyRecord, LoadedKey, load_key
+from ..keys.records import DESTROYED, KeyRecord
+from ..keys.store import LoadedKey, load_key
 from ..protocol import Request
 from .base import Round, ServiceBase
 from .context import Batch, Reply

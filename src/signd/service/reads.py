@@ -12,7 +12,7 @@ import time
 from .. import __version__
 from ..audit.log import AUDIT_KEY
 from ..errors import InvalidArgument
-from ..keys.store import check_key_name
+from ..keys.records import check_key_name
 from ..protocol import (
     MAX_JWKS_KEYS,
     PROTOCOL_VERSION,
