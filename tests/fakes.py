@@ -19,14 +19,16 @@ from collections import deque
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Final
 
 import trio
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa, utils
 
 from signd.access.policy import Policy, Principal
 from signd.access.ratelimit import RateLimiter
+from signd.config import load_config
 from signd.errors import (
     Busy,
     Conflict,
@@ -38,7 +40,7 @@ from signd.errors import (
 from signd.keys import algorithms
 from signd.keys.store import KeyRecord
 from signd.metrics import Metrics
-from signd.protocol import OPS, HEADER, Message, Request, VerifyArgs, decode_response
+from signd.protocol import HEADER, OPS, Message, Request, VerifyArgs, decode_response
 from signd.service.core import Service
 from signd.token.pool import Entry, PoolSettings
 from signd.token.session import MetadataBlob, SignJob, TokenInfo, VerifyJob
@@ -50,6 +52,7 @@ __all__ = [
     "Harness",
     "Replies",
     "open_harness",
+    "policy_from_config",
     "principal",
     "wall",
 ]
@@ -330,7 +333,8 @@ def principal(
 
 def _result_type(op: str) -> type[Message]:
     spec: Any = OPS[op]
-    return spec.result if hasattr(spec, "result") else spec[1]  # OpSpec, or (args, result)
+    result: type[Message] = spec.result if hasattr(spec, "result") else spec[1]
+    return result  # (an OpSpec, or the older (args, result) pair)
 
 
 class Replies:
@@ -346,8 +350,8 @@ class Replies:
         self.frames[request_id] = frame
         self._changed.set()
 
-    async def answer(self, request_id: int, op: str) -> Message:
-        """The decoded result of request ``request_id`` (waits for it).
+    async def answer(self, request_id: int, op: str) -> Any:
+        """The decoded result of request ``request_id``, typed by ``op`` (waits for it).
 
         Raises: the WireError it was answered with.
         """
@@ -435,3 +439,19 @@ async def open_harness(
             harness.start_lifecycle()
         yield harness
         nursery.cancel_scope.cancel()
+
+
+def policy_from_config(directory: Path, access: str) -> Policy:
+    """The policy a daemon builds from a config file whose ``[access]`` part is
+    ``access`` (TOML, the syntax operators write), written in ``directory``.
+
+    Raises: ConfigError, naming the field, for a bad access section.
+    """
+    (directory / "pin").write_text("1234\n")
+    (directory / "pin").chmod(0o600)
+    path = directory / "signd.toml"
+    path.write_text(
+        f'[token]\nmodule = "/x.so"\nlabel = "t"\npin_file = "{directory}/pin"\n\n{access}'
+    )
+    cfg = load_config(str(path))
+    return Policy(cfg.access.rules, trust_root=cfg.access.trust_root)

@@ -85,7 +85,9 @@ async def test_create_sign_and_verify_each_key_type(autojump_clock: Any, kt: str
         check(pub, signed.signature, MESSAGE)
         with pytest.raises(InvalidSignature):
             check(pub, signed.signature, MESSAGE + b"!")
-        ok = await c.call("verify", VerifyArgs(key="k", signature=signed.signature, message=MESSAGE))
+        ok = await c.call(
+            "verify", VerifyArgs(key="k", signature=signed.signature, message=MESSAGE)
+        )
         assert (ok.valid, ok.version, ok.algorithm) == (True, 1, signed.algorithm)
         bad = await c.call("verify", VerifyArgs(key="k", signature=signed.signature, message=b"x"))
         assert bad.valid is False
@@ -98,9 +100,7 @@ async def test_digest_raw_format_and_pss(autojump_clock: Any) -> None:
         await c.call("create_key", CreateKeyArgs(key="rsa", type="rsa-2048"))
         ec_pub = load_pem((await c.call("public_key", PublicKeyArgs(key="ec"))).public_key_pem)
         digest = hashlib.sha256(MESSAGE).digest()
-        raw = await c.call(
-            "sign", SignArgs(key="ec", digest=digest, hash="sha256", format="raw")
-        )
+        raw = await c.call("sign", SignArgs(key="ec", digest=digest, hash="sha256", format="raw"))
         assert len(raw.signature) == 64
         r, s = int.from_bytes(raw.signature[:32], "big"), int.from_bytes(raw.signature[32:], "big")
         check(ec_pub, utils.encode_dss_signature(r, s), MESSAGE)
