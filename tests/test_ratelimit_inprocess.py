@@ -86,7 +86,7 @@ async def test_per_peer_bucket(autojump_clock: Any) -> None:
         with pytest.raises(RateLimited):
             await alice.call("verify", VerifyArgs(key="k", signature=b"s" * 64, message=b"x"))
         # Waiting as told is enough, and not a moment less is needed.
-        await trio.sleep(max(e.retry_after for e in limited))
+        await trio.sleep(max(e.retry_after or 0.0 for e in limited))
         assert (await alice.call("sign", SignArgs(key="k", message=b"later"))).version == 1
         # Admin and read operations are not limited.
         await alice.call("key_info", KeyRefArgs(key="k"))
