@@ -38,7 +38,7 @@ from signd.errors import (
     WireError,
 )
 from signd.keys import algorithms
-from signd.keys.store import KeyRecord
+from signd.keys.store import KeyRecord, KeySettings
 from signd.metrics import Metrics
 from signd.protocol import HEADER, OPS, Message, Request, VerifyArgs, decode_response
 from signd.service.core import Service
@@ -298,6 +298,33 @@ class FakePool:
         Raises: Conflict unless ``record.revision`` is the next one.
         """
         self._store(record.name, record.revision, record.to_bytes())
+
+    def add_key(
+        self,
+        name: str,
+        key_type: str = "ec-p256",
+        *,
+        created: float = T0,
+        settings: KeySettings | None = None,
+    ) -> KeyRecord:
+        """A key made by another daemon sharing the token: a keypair and its record."""
+        private = _generate(key_type)
+        object_id = b"other-%d" % len(self.pairs)
+        spki = private.public_key().public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+        self.pairs[object_id] = _Pair(spki, private, f"{name}/v1")
+        kt = algorithms.key_type(key_type)
+        record = KeyRecord.new(name, kt, created, object_id, settings or KeySettings())
+        self.write_record(record)
+        return record
+
+    def private_key(self, name: str, version: int) -> PrivateKey:
+        """The private key of a version (to sign as another daemon would)."""
+        oid = next(v.object_id for v in self.record(name).versions if v.version == version)
+        private = self.pairs[oid].private
+        assert private is not None
+        return private
 
     def has_private(self, name: str, version: int) -> bool:
         oid = next(v.object_id for v in self.record(name).versions if v.version == version)
