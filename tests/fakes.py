@@ -330,8 +330,12 @@ class FakePool:
         oid = next(v.object_id for v in self.record(name).versions if v.version == version)
         return self.pairs[oid].private is not None
 
+    def args_of(self, op: str) -> list[Any]:
+        """The first argument of every call of ``op`` so far, in order."""
+        return [arg for o, arg in self.calls if o == op]
+
     def count(self, op: str) -> int:
-        return sum(1 for o, _ in self.calls if o == op)
+        return len(self.args_of(op))
 
 
 def principal(
