@@ -76,7 +76,7 @@ async def test_group_rule_allows_exactly_what_it_names(
         f'groups = ["{group}"]\n',
     )
     async with open_harness(policy=policy) as h:
-        await _keys(h, "mine", "other")
+        await _keys(h, "mine", "other", "mine2")
         c = h.connect(NOBODY)
         signed = await c.call("sign", SignArgs(key="mine", message=b"m"))
         ok = await c.call(
@@ -89,6 +89,7 @@ async def test_group_rule_allows_exactly_what_it_names(
         assert (await c.call("key_info", KeyRefArgs(key="mine"))).name == "mine"
         # Not granted: another key, and the operations the rule does not name.
         await _denied(c, "sign", SignArgs(key="other", message=b"x"), "may not sign key 'other'")
+        await _denied(c, "sign", SignArgs(key="mine2", message=b"x"))  # an exact name is exact
         await _denied(c, "rotate", RotateArgs(key="mine"), "may not rotate key 'mine'")
         await _denied(c, "create_key", CreateKeyArgs(key="new", type="ec-p256"), "may not create")
         for op, args in [

@@ -251,3 +251,25 @@ async def test_a_pass_while_the_token_is_away_is_tried_again(autojump_clock: Any
         h.pool.restore()
         await trio.sleep(10.1)  # a failed pass waits sync_interval, then the next one
         assert h.pool.record("t").latest.version == 2
+
+
+async def test_two_daemons_rotating_one_key_make_each_version_once(autojump_clock: Any) -> None:
+    pool = FakePool()
+    async with (
+        open_harness(pool, lifecycle=True, sync_interval=5.0) as one,
+        open_harness(pool, lifecycle=True, sync_interval=5.0) as two,
+    ):
+        args = CreateKeyArgs(key="both", type="ec-p256", auto_rotate_period=100)
+        await one.connect(ROOT).call("create_key", args)
+        await trio.sleep(1000.5)  # both are due at the same moments
+        record = pool.record("both")
+        assert record.latest.version == 11
+        assert len(pool.pairs) == 11  # the loser of each race deleted its keypair
+        assert pool.count("generate") > 11  # they did race (and each race had one winner)
+        rotations = one.service.metrics.rotations.get(("both", "scheduled"), 0)
+        rotations += two.service.metrics.rotations.get(("both", "scheduled"), 0)
+        assert rotations == 10
+        await trio.sleep(5.0)
+        for h in (one, two):
+            info = await h.connect(ROOT).call("key_info", KeyRefArgs(key="both"))
+            assert info.current_version == 11
