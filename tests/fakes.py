@@ -29,14 +29,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa,
 from signd.access.policy import Policy, Principal
 from signd.access.ratelimit import RateLimiter
 from signd.config import load_config
-from signd.errors import (
-    Busy,
-    Conflict,
-    InvalidArgument,
-    TokenError,
-    TokenUnavailable,
-    WireError,
-)
+from signd.errors import Busy, Conflict, InvalidArgument, TokenError, TokenUnavailable, WireError
 from signd.keys import algorithms
 from signd.keys.store import KeyRecord, KeySettings
 from signd.metrics import Metrics
@@ -46,6 +39,7 @@ from signd.token.pool import Entry, PoolSettings
 from signd.token.session import MetadataBlob, SignJob, TokenInfo, VerifyJob
 
 __all__ = [
+    "FAKE_INFO",
     "T0",
     "Conn",
     "FakePool",

@@ -8,6 +8,7 @@ and daemon are tested in test_daemon.py and test_sign_batch.py.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from typing import Any
 
@@ -17,7 +18,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa, utils
 
-from fakes import FakePool, open_harness, principal
+from fakes import FAKE_INFO, FakePool, open_harness, principal
 from signd.audit.log import AUDIT_KEY
 from signd.errors import (
     Busy,
@@ -28,6 +29,7 @@ from signd.errors import (
     KeyNotFound,
     PermissionDenied,
     TokenUnavailable,
+    UnsupportedAlgorithm,
     VersionNotUsable,
 )
 from signd.protocol import (
@@ -213,6 +215,21 @@ async def test_rotate_update_disable_enable_destroy(autojump_clock: Any) -> None
         assert h.pool.has_private("r", 2)
         with pytest.raises(VersionNotUsable):
             await c.call("sign", SignArgs(key="r", message=MESSAGE, version=1))
+
+
+async def test_a_key_type_the_token_cannot_make_is_refused_before_any_keypair(
+    autojump_clock: Any,
+) -> None:
+    pool = FakePool()
+    pool.info = dataclasses.replace(
+        FAKE_INFO, key_types={**FAKE_INFO.key_types, "ed25519": "no EdDSA"}
+    )
+    async with open_harness(pool) as h:
+        c = h.connect(ROOT)
+        with pytest.raises(UnsupportedAlgorithm, match="cannot make ed25519 keys: no EdDSA"):
+            await c.call("create_key", CreateKeyArgs(key="e", type="ed25519"))
+        assert pool.count("generate") == 0
+        assert "ed25519" not in (await c.call("health", Empty())).token.key_types
 
 
 async def test_the_audit_key_is_read_only_even_for_root(autojump_clock: Any) -> None:
