@@ -22,6 +22,7 @@ from fakes import FAKE_INFO, FakePool, open_harness, principal
 from signd.audit.log import AUDIT_KEY
 from signd.errors import (
     Busy,
+    Conflict,
     DeletionNotAllowed,
     InvalidArgument,
     InvalidDigest,
@@ -265,26 +266,37 @@ async def test_a_lost_token_answers_token_unavailable(autojump_clock: Any) -> No
         assert (await c.call("sign", SignArgs(key="t", message=MESSAGE))).version == 1
 
 
-async def test_a_full_token_queue_answers_busy_and_a_closed_connection_drops(
-    autojump_clock: Any,
-) -> None:
+async def test_a_full_token_queue_answers_busy_for_the_whole_request(autojump_clock: Any) -> None:
     pool = FakePool(latency=1.0, queue_limit=3)
     async with open_harness(pool) as h:
         c = h.connect(ROOT)
         await c.call("create_key", CreateKeyArgs(key="q", type="ec-p256"))
-        first = c.send([("sign", SignArgs(key="q", message=b"%d" % i)) for i in range(3)])
-        (over,) = c.send([("sign", SignArgs(key="q", message=b"over"))])
+        first = c.send([("sign", SignArgs(key="q", message=b"%d" % i)) for i in range(2)])
+        batch = SignBatchArgs(key="q", messages=(b"a", b"b"))
+        (over,) = c.send([("sign_batch", batch)])
         with pytest.raises(Busy):
-            await c.replies.answer(over, "sign")
+            await c.replies.answer(over, "sign_batch")
         for rid in first:
             assert (await c.replies.answer(rid, "sign")).version == 1
-        # Queued work of a connection that went away never reaches the token.
-        other = h.connect(ROOT)
-        await trio.sleep(0)
-        pool.latency = 5.0
-        c.send([("sign", SignArgs(key="q", message=b"busy"))])  # the worker holds this one
-        await trio.sleep(0.1)
-        dropped = other.send([("sign", SignArgs(key="q", message=b"x"))])
-        assert pool.drop(other, TokenUnavailable("connection closed")) == 1
+        assert pool.jobs_done == 2  # nothing of the refused batch reached the token
+        with pytest.raises(InvalidArgument, match="token queue"):
+            await c.call("sign_batch", SignBatchArgs(key="q", messages=(b"1", b"2", b"3", b"4")))
+
+
+async def test_the_fake_pool_keeps_the_pools_contract(autojump_clock: Any) -> None:
+    """What these tests count on: compare-and-swap records, and ``drop``
+    answering only what a connection still has queued."""
+    pool = FakePool(latency=5.0)
+    record = pool.add_key("k")
+    with pytest.raises(Conflict, match="revision 1"):
+        await pool.write_metadata("k", 1, record.to_bytes())
+    async with open_harness(pool) as h:
+        held, closed = h.connect(ROOT), h.connect(ROOT)
+        (kept,) = held.send([("sign", SignArgs(key="k", message=b"held"))])
+        await trio.sleep(1.0)  # the worker holds it now
+        (gone,) = closed.send([("sign", SignArgs(key="k", message=b"queued"))])
+        assert pool.drop(closed, TokenUnavailable("connection closed")) == 1
         with pytest.raises(TokenUnavailable, match="connection closed"):
-            await other.replies.answer(dropped[0], "sign")
+            await closed.replies.answer(gone, "sign")
+        assert (await held.replies.answer(kept, "sign")).version == 1
+        assert pool.jobs_done == 1
