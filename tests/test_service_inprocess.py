@@ -233,6 +233,47 @@ async def test_a_key_type_the_token_cannot_make_is_refused_before_any_keypair(
         assert "ed25519" not in (await c.call("health", Empty())).token.key_types
 
 
+async def test_idempotency_keys_answer_a_repeat_without_doing_it_again(autojump_clock: Any) -> None:
+    async with open_harness() as h:
+        c = h.connect(ROOT)
+        create = CreateKeyArgs(key="i", type="ec-p256", idempotency_key="create-1")
+        assert (await c.call("create_key", create)).created_version == 1
+        assert (await c.call("create_key", create)).created_version == 1  # answered again
+        with pytest.raises(KeyExists):  # without the key: a second create
+            await c.call("create_key", CreateKeyArgs(key="i", type="ec-p256"))
+        rotate = RotateArgs(key="i", idempotency_key="rotate-1")
+        assert (await c.call("rotate", rotate)).created_version == 2
+        again = await c.call("rotate", rotate)
+        assert (again.created_version, again.current_version) == (2, 2)
+        assert h.pool.count("generate") == 2
+        with pytest.raises(InvalidArgument, match="different parameters"):
+            await c.call(
+                "create_key", CreateKeyArgs(key="i", type="ed25519", idempotency_key="create-1")
+            )
+        assert h.service.metrics.rotations == {("i", "manual"): 1}
+
+
+async def test_min_sign_and_min_verify_version(autojump_clock: Any) -> None:
+    async with open_harness() as h:
+        c = h.connect(ROOT)
+        await c.call("create_key", CreateKeyArgs(key="m", type="ed25519"))
+        v1 = (await c.call("sign", SignArgs(key="m", message=MESSAGE))).signature
+        await c.call("rotate", RotateArgs(key="m"))
+        with pytest.raises(VersionNotUsable, match="min_sign_version is 0"):
+            await c.call("sign", SignArgs(key="m", message=MESSAGE, version=1))
+        await c.call("update_key", UpdateKeyArgs(key="m", min_sign_version=1))
+        named = await c.call("sign", SignArgs(key="m", message=MESSAGE, version=1))
+        assert named.version == 1
+        assert (await c.call("sign", SignArgs(key="m", message=MESSAGE))).version == 2
+        await c.call("update_key", UpdateKeyArgs(key="m", min_sign_version=2, min_verify_version=2))
+        verify = VerifyArgs(key="m", signature=v1, message=MESSAGE)
+        assert (await c.call("verify", verify)).valid is False
+        with pytest.raises(VersionNotUsable, match="below min_verify_version 2"):
+            await c.call("verify", dataclasses.replace(verify, version=1))
+        with pytest.raises(InvalidArgument, match="min_verify_version must be 0 to 2"):
+            await c.call("update_key", UpdateKeyArgs(key="m", min_verify_version=3))
+
+
 async def test_the_audit_key_is_read_only_even_for_root(autojump_clock: Any) -> None:
     async with open_harness() as h:
         await h.service.ensure_audit_key()
