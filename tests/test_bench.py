@@ -40,7 +40,7 @@ def bench_command() -> list[str]:
     script = Path(sys.executable).with_name("signd-bench")
     if script.exists():
         return [str(script)]
-    return [sys.executable, "-m", "signd.bench"]
+    return [sys.executable, "-m", "signd_bench"]
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""The soak test: ``python -m signd.bench.soak``.
+"""The soak test: ``python -m signd_bench.soak``.
 
 Holds ``--connections`` (default 1,000) connections to one signd at once, one
 trio task per connection and each connection open for the whole run, and
@@ -876,7 +876,7 @@ def soak(args: argparse.Namespace) -> SoakReport:
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m signd.bench.soak",
+        prog="python -m signd_bench.soak",
         description="Soak test: hold many connections to signd and send mixed operations "
         "over all of them; passes (exit 0) with zero errors and flat RSS.",
     )

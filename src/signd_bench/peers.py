@@ -12,7 +12,7 @@ Two programs do signd's job over a Unix socket and are in Debian:
   the token, so it is a floor for "a signing service behind a socket", not a
   like-for-like PKCS#11 comparison; its row says so.
 
-Each ``measure_*`` function returns one :class:`~signd.bench._measure.Row`, with
+Each ``measure_*`` function returns one :class:`~signd_bench._measure.Row`, with
 the server side's CPU time (the server and its children over the measured
 interval) and peak RSS.  Every row is checked: the last signature of each client
 is verified with ``cryptography`` before the row is returned.

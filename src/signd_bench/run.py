@@ -27,10 +27,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from signd.config import find_softhsm_module
+from signd.keys.store import object_label
 from signd_client import Client
 
-from ..config import find_softhsm_module
-from ..keys.store import object_label
 from ._measure import Row, process_tree, reset_peak_rss, usage_of
 
 __all__ = ["main"]
@@ -215,7 +215,7 @@ class Bench:
             "seconds": self.seconds,
         }
         out = subprocess.run(
-            [sys.executable, "-m", "signd.bench.baseline"],
+            [sys.executable, "-m", "signd_bench.baseline"],
             input=json.dumps(job) + "\n" + self.pin + "\n",
             capture_output=True,
             text=True,
@@ -291,7 +291,7 @@ class Bench:
         ]
         for n in per:
             p = subprocess.Popen(
-                [sys.executable, "-m", "signd.bench.driver"],
+                [sys.executable, "-m", "signd_bench.driver"],
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 text=True,
@@ -496,7 +496,7 @@ sys.stdin.readline()
 
 def _run_driver_for_count(job: dict[str, Any], connections: int, seconds: float) -> int:
     p = subprocess.Popen(
-        [sys.executable, "-m", "signd.bench.driver"],
+        [sys.executable, "-m", "signd_bench.driver"],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
