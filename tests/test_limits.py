@@ -25,7 +25,6 @@ answer, a counter), each bounded.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import fcntl
 import hashlib
 import os
@@ -72,6 +71,7 @@ from signd_client.protocol import (
     decode_response,
     encode_request,
 )
+from support import kill_tree
 
 if TYPE_CHECKING:
     from conftest import Daemon
@@ -629,15 +629,6 @@ def test_the_kernel_tells_an_unread_request_from_a_read_one() -> None:
             else:
                 with pytest.raises(ConnectionResetError):  # was not
                     client.recv(100)
-
-
-def kill_tree(d: Daemon) -> None:
-    """SIGKILL the daemon and its token workers: a crash, not a shutdown."""
-    assert d.proc is not None
-    for pid in [d.proc.pid, *d.token_workers()]:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-    d.proc.wait()
 
 
 def unread_bytes(sock: socket.socket) -> int:
