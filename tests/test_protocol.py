@@ -336,7 +336,8 @@ def test_bad_request_gets_its_error_class(
 
 
 def test_every_arguments_type_rejects_unknown_fields() -> None:
-    for op, (args_cls, _) in OPS.items():
+    for op, spec in OPS.items():
+        args_cls = spec.args
         event = decode_request(pack(req(op, {"no_such_field": 1})))
         assert isinstance(event, BadRequest), op
         assert type(event.error) is errors.InvalidArgument, (op, args_cls)
@@ -362,7 +363,7 @@ def _check_events(events: list[Request | BadRequest]) -> None:
             assert event.id is None or 0 <= event.id <= U64_MAX
         else:
             assert isinstance(event, Request)
-            assert isinstance(event.args, OPS[event.op][0])
+            assert isinstance(event.args, OPS[event.op].args)
 
 
 @FUZZ

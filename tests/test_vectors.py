@@ -152,7 +152,7 @@ def test_request_decodes_to_typed_request(vector: dict[str, Any]) -> None:
     decoder = FrameDecoder(DOC["max_frame"])
     decoder.receive_data(frame_of(vector))
     (body,) = decoder.frames()
-    args_cls = OPS[message["op"]][0]
+    args_cls = OPS[message["op"]].args
     expected = Request(message["id"], message["op"], build(args_cls, message["args"]))
     assert decode_request(body) == expected
 
@@ -160,7 +160,7 @@ def test_request_decodes_to_typed_request(vector: dict[str, Any]) -> None:
 @pytest.mark.parametrize("vector", RESULTS, ids=ids(RESULTS))
 def test_result_encodes_to_exact_bytes(vector: dict[str, Any]) -> None:
     message = from_json(vector["message"])
-    result = build(OPS[vector["op"]][1], message["result"])
+    result = build(OPS[vector["op"]].result, message["result"])
     assert encode_result(message["id"], result) == frame_of(vector)
 
 
@@ -208,7 +208,7 @@ ACCEPTED = DOC["accepted_requests"]
 def test_accepted_request_decodes(vector: dict[str, Any]) -> None:
     want = from_json(vector["request"])
     event = decode_request(frame_of(vector)[4:])
-    assert event == Request(want["id"], want["op"], build(OPS[want["op"]][0], want["args"]))
+    assert event == Request(want["id"], want["op"], build(OPS[want["op"]].args, want["args"]))
 
 
 def test_signatures_in_the_vectors_verify() -> None:

@@ -327,6 +327,7 @@ class AsyncClient:
     enable = _method(_calls.enable)
     destroy = _method(_calls.destroy)
     health = _method(_calls.health)
+    whoami = _method(_calls.whoami)
 
     async def private_key(self, name: str, version: int | None = None) -> AsyncSigndPrivateKey:
         """The key's ``version`` (by default its current version now) with its

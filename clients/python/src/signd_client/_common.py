@@ -22,10 +22,10 @@ from .errors import (
 from .protocol import (
     DEFAULT_MAX_FRAME,
     HEADER,
-    IDEMPOTENCY_KEY_OPS,
     FrameDecoder,
     Message,
     Response,
+    Retry,
     decode_response,
     encode_request,
 )
@@ -65,7 +65,7 @@ def with_idempotency_key(call: Call[R]) -> Call[R]:
     key, so a ``create_key`` or ``rotate`` whose answer was lost is answered
     again instead of done twice.
     """
-    if call.op not in IDEMPOTENCY_KEY_OPS or call.idempotency_key is not None:
+    if call.retry is not Retry.WITH_KEY or call.idempotency_key is not None:
         return call
     args = dataclasses.replace(call.args, idempotency_key=uuid.uuid4().hex)  # type: ignore[type-var]
     return dataclasses.replace(call, args=args)

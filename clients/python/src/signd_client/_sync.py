@@ -230,6 +230,7 @@ class Client:
     enable = _method(_calls.enable)
     destroy = _method(_calls.destroy)
     health = _method(_calls.health)
+    whoami = _method(_calls.whoami)
 
     def private_key(self, name: str, version: int | None = None) -> SigndPrivateKey:
         """A ``cryptography`` private key object for ``name`` that signs
