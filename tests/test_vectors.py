@@ -133,6 +133,14 @@ def test_vectors_cover_every_op_and_every_error_code() -> None:
     assert codes == {int(c) for c in errors.ErrorCode}
 
 
+def test_protocol_md_describes_every_op() -> None:
+    """Adding an op means its PROTOCOL.md section, with its request shown."""
+    text = (Path(__file__).resolve().parents[1] / "PROTOCOL.md").read_text()
+    for op in OPS:
+        assert f"### `{op}`" in text, f"PROTOCOL.md has no section for {op}"
+        assert f"[{op}.request" in text, f"PROTOCOL.md shows no {op} request frame"
+
+
 @pytest.mark.parametrize("vector", DOC["vectors"], ids=ids(DOC["vectors"]))
 def test_hex_is_the_message(vector: dict[str, Any]) -> None:
     """(b) the bytes decode to the message, and (a) packing it gives the bytes again."""
