@@ -122,6 +122,8 @@ def attempts(call: Call[R], settings: Settings) -> Generator[Step, Any, R]:
                 yield Sleep(retry_delay(exc, attempt))
                 continue
             raise
+        except GeneratorExit:
+            raise  # the generator was dropped: it may yield nothing more
         except BaseException:
             if conn is not None:  # cancelled mid-request: the connection is unusable
                 yield Release(conn, reuse=False)
