@@ -19,7 +19,6 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from signd_client import AsyncClient, Health, KeyInfo, SignResult, WireError
-from signd_client.protocol import Whoami
 from signd_client.errors import (
     ConnectionFailed,
     InvalidArgument,
@@ -30,6 +29,7 @@ from signd_client.errors import (
     UnsupportedAlgorithm,
     VersionNotFound,
 )
+from signd_client.protocol import Whoami
 
 if TYPE_CHECKING:
     from conftest import Daemon  # the root conftest.py
