@@ -617,6 +617,15 @@ export class Client {
   }
 
   /**
+   * Who the daemon takes this process to be (uid, gid, groups, user) and the
+   * verbs it has on each key: what to look at after a PermissionDenied.
+   * @param {CallOptions} [callOptions]
+   */
+  whoami(callOptions) {
+    return this.#send(() => calls.whoami(), callOptions);
+  }
+
+  /**
    * A handle on one version of `name` that signs JWS and JWTs (signJws,
    * signJwt): by default the key's current version, and then it follows
    * rotation; with `{version}`, that version only (pinned). One public_key

@@ -15,6 +15,7 @@ export {
   METHODS,
   OPS,
   PROTOCOL_VERSION,
+  RETRY,
   calls,
   checkArgs,
   decodeResponse,

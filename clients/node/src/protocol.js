@@ -105,6 +105,7 @@ const ARGS = {
   enable: [KEY, ["version", "int", true]],
   destroy: [KEY, ["version", "int", false], ["all", "bool", false]],
   health: [],
+  whoami: [],
 };
 
 /** @type {Schema} */
@@ -250,31 +251,60 @@ const RESULTS = {
       false,
     ],
   ],
+  whoami: [
+    ["uid", "int", true],
+    ["gid", "int", true],
+    ["groups", ["array", "int"], true],
+    ["user", "str", false],
+    [
+      "keys",
+      [
+        "array",
+        [
+          ["name", "str", true],
+          ["verbs", ["array", "str"], true],
+        ],
+      ],
+      true,
+    ],
+  ],
 };
 
 /** Every operation this client knows. */
 export const OPS = Object.freeze(Object.keys(ARGS));
 
+/**
+ * When a client may send an op again after a broken connection or a retryable
+ * answer: "safe" always, "with_key" only with an idempotency_key, "never" never.
+ * The same table as OPS in the Python client's protocol module.
+ */
+export const RETRY = Object.freeze({
+  create_key: "with_key",
+  list_keys: "safe",
+  key_info: "safe",
+  public_key: "safe",
+  jwks: "safe",
+  sign: "safe",
+  sign_batch: "safe",
+  verify: "safe",
+  rotate: "with_key",
+  update_key: "safe",
+  disable: "safe",
+  enable: "safe",
+  destroy: "safe",
+  health: "safe",
+  whoami: "safe",
+});
+
 /** Operations a client may safely send again after a broken connection. */
 export const IDEMPOTENT_OPS = Object.freeze(
-  new Set([
-    "list_keys",
-    "key_info",
-    "public_key",
-    "jwks",
-    "sign",
-    "sign_batch",
-    "verify",
-    "health",
-    "update_key",
-    "disable",
-    "enable",
-    "destroy",
-  ]),
+  new Set(Object.keys(RETRY).filter((op) => RETRY[/** @type {keyof typeof RETRY} */ (op)] === "safe")),
 );
 
 /** Operations that take an idempotency_key; with one they are idempotent too. */
-export const IDEMPOTENCY_KEY_OPS = Object.freeze(new Set(["create_key", "rotate"]));
+export const IDEMPOTENCY_KEY_OPS = Object.freeze(
+  new Set(Object.keys(RETRY).filter((op) => RETRY[/** @type {keyof typeof RETRY} */ (op)] === "with_key")),
+);
 
 // ----------------------------------------------------------------- encoding
 
@@ -813,6 +843,9 @@ export const calls = Object.freeze({
   health() {
     return { op: "health", args: {} };
   },
+  whoami() {
+    return { op: "whoami", args: {} };
+  },
 });
 
 /** Method name (camelCase) per wire op. */
@@ -831,4 +864,5 @@ export const METHODS = Object.freeze({
   enable: "enable",
   destroy: "destroy",
   health: "health",
+  whoami: "whoami",
 });
