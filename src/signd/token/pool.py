@@ -52,7 +52,6 @@ from .ipc import (
     LoadMetadata,
     MetadataBlob,
     Open,
-    Probe,
     PublicKeys,
     Revisions,
     RunJobs,
@@ -61,8 +60,8 @@ from .ipc import (
     encode_request,
 )
 from .process import WorkerProcess, login, reap, spawn
-from .process import rss as rss_of
 from .scheduler import Entry, Scheduler, SchedulerSettings
+from .watch import CALL_STALL, PROBE, Watch
 
 __all__ = ["Entry", "PoolSettings", "TokenPool", "open_token_pool"]
 
@@ -73,11 +72,6 @@ log = logging.getLogger("signd.workers")
 RESPAWN_BACKOFF: Final = (0.05, 0.1, 0.2, 0.5, 1.0)
 #: A login that takes longer than this is taken for a hung token.
 LOGIN_TIMEOUT: Final = 30.0
-#: Signatures a worker answers before its RSS is taken as its baseline.
-RECYCLE_WARMUP: Final = 10_000
-#: Seconds a signing worker may take over a call (reading keys, not signing)
-#: before it is taken for hung.
-CALL_STALL: Final = 60.0
 #: While the token is away, a failed attempt to log in again is logged this often.
 OUTAGE_LOG_EVERY: Final = 30.0
 
@@ -106,10 +100,6 @@ class PoolSettings:
     recycle_mb: float = 0.0
     #: the token profile's name (see ``profiles.py``)
     profile: str = "softhsm"
-
-
-#: what a worker's ``waiting`` holds for a probe
-_PROBE: Final = "probe"
 
 
 class TokenPool:
@@ -486,7 +476,7 @@ class TokenPool:
         pending = worker.waiting.pop(answer.tag)
         if worker.drained is not None and not worker.waiting:
             worker.drained.set()
-        if pending is _PROBE:
+        if pending is PROBE:
             return  # a failed probe is followed by the token's loss
         if isinstance(pending, tuple):
             call, done, box = pending
@@ -513,7 +503,7 @@ class TokenPool:
             self.scheduler.lane_down()
         error = TokenUnavailable("the token worker stopped; retry")
         for pending in worker.waiting.values():
-            if pending is _PROBE:
+            if pending is PROBE:
                 continue
             if isinstance(pending, tuple):
                 _, done, box = pending
@@ -527,76 +517,6 @@ class TokenPool:
         if not self._closing and not self.down and not retired:
             log.error("token worker stopped", extra={"worker": worker.index})
         self.pump()  # answers queued work if no worker is left
-
-    def _check_growth(self, w: WorkerProcess) -> None:
-        """Ask a signing worker to hand over once its RSS grew ``recycle_mb``."""
-        if w.signed < RECYCLE_WARMUP or w.recycle.is_set():
-            return
-        rss = rss_of(w.process.pid)
-        if rss is None:
-            return
-        if w.rss_base is None:
-            w.rss_base = rss
-        elif rss - w.rss_base > self.settings.recycle_mb * 1e6:
-            log.info(
-                "token worker recycled: its memory grew",
-                extra={
-                    "worker": w.index,
-                    "rss_mb": round(rss / 1e6, 1),
-                    "grew_mb": round((rss - w.rss_base) / 1e6, 1),
-                    "signatures": w.signed,
-                },
-            )
-            w.recycle.set()
-
-    def _patience(self, worker: WorkerProcess) -> float:
-        """How long ``worker`` may go without answering: signatures and probes
-        are quick, but reading every key of a large token is not."""
-        if any(isinstance(p, tuple) for p in worker.waiting.values()):
-            return max(CALL_STALL, self.settings.stall_timeout)
-        return self.settings.stall_timeout
-
-    async def _watch(self, scope: trio.CancelScope) -> None:
-        """Find a token that went away while nobody signed, and one that hangs.
-
-        Every ``probe_interval`` each idle signing worker asks the token for
-        its info; a worker that finds it gone says so (and the pool reacts as
-        to any loss).  A signing worker that holds work without answering for
-        ``stall_timeout`` (``CALL_STALL`` for a call such as reading the keys)
-        is taken for hung on the token: it is killed (signing workers never
-        write, so that is safe), and the token is treated as lost.  The writer is exempt: generating
-        a large RSA key may take seconds, and killing it mid-write could
-        damage SoftHSM's files.
-        """
-        with scope:
-            await self._watch_loop()
-
-    async def _watch_loop(self) -> None:
-        s = self.settings
-        tick = min(s.probe_interval, s.stall_timeout / 4)
-        next_probe = time.monotonic() + s.probe_interval
-        while True:
-            await trio.sleep(tick)
-            now = time.monotonic()
-            probe = now >= next_probe
-            if probe:
-                next_probe = now + s.probe_interval
-            for w in self._workers:
-                if w is None or not w.alive or w.retiring:
-                    continue
-                if probe and s.recycle_mb > 0:
-                    self._check_growth(w)
-                if not w.waiting:
-                    if probe:
-                        tag = self.scheduler.new_tag()
-                        w.hand(tag, _PROBE, encode_request(tag, Probe()))
-                elif now - w.progress_at > self._patience(w):
-                    log.error(
-                        "token worker stalled; killing it",
-                        extra={"worker": w.index, "seconds": round(now - w.progress_at, 1)},
-                    )
-                    self.token_lost(f"a token call gave no answer for {s.stall_timeout} s")
-                    w.process.kill()
 
 
 @asynccontextmanager
@@ -620,11 +540,12 @@ async def open_token_pool(settings: PoolSettings, metrics: Metrics) -> AsyncIter
         except BaseException:
             await pool._close()
             raise
-        watch = trio.CancelScope()
-        nursery.start_soon(pool._watch, watch)
+        watch = Watch(settings, pool._workers, pool.scheduler.new_tag, pool.token_lost)
+        scope = trio.CancelScope()
+        nursery.start_soon(watch.run, scope)
         try:
             yield pool
         finally:
-            watch.cancel()
+            scope.cancel()
             with trio.CancelScope(shield=True):
                 await pool._close()
