@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, fields
-from typing import Any, ClassVar, Final, Generic, TypeVar
+from typing import Any, ClassVar, Final, Generic, NamedTuple, TypeVar
 
 import msgpack
 
@@ -167,8 +167,11 @@ def failed(err: WireError) -> Outcome:
 # ---------------------------------------------------------------- jobs
 
 
-@dataclass(frozen=True, slots=True)
-class SignJob:
+# Jobs are NamedTuples, not dataclasses: a worker builds one per signature,
+# and a tuple is built several times faster (see ``_job``).
+
+
+class SignJob(NamedTuple):
     """One signature for a worker: which key, how, and over what."""
 
     object_id: bytes
@@ -180,8 +183,7 @@ class SignJob:
         return [_SIGN, self.object_id, self.scheme.value, self.hash, self.data]
 
 
-@dataclass(frozen=True, slots=True)
-class VerifyJob:
+class VerifyJob(NamedTuple):
     """One verification for a worker: no token, only ``cryptography``.
 
     Workers take verifications too so that a busy daemon verifies on every
@@ -197,18 +199,30 @@ class VerifyJob:
         return [_VERIFY, self.key_type, [list(c) for c in self.candidates], self.args]
 
 
-def _job(row: Sequence[Any]) -> SignJob | VerifyJob:
-    """A job from its row.  Raises: IpcError (not a job)."""
+_new = tuple.__new__
+
+
+def _jobs(rows: list[Any]) -> list[SignJob | VerifyJob]:
+    """Jobs from their rows: the worker's hot path, one loop, no call per job.
+
+    Raises: IpcError (a row that is not a job).
+    """
+    jobs: list[SignJob | VerifyJob] = []
+    append = jobs.append
+    schemes = _SCHEMES
     try:
-        if row[0] == _SIGN:
-            _, object_id, scheme, hash_name, data = row
-            return SignJob(object_id, _SCHEMES[scheme], hash_name, data)
-        if row[0] == _VERIFY:
-            _, key_type, candidates, args = row
-            return VerifyJob(key_type, tuple((v, spki) for v, spki in candidates), args)
-    except (ValueError, KeyError, TypeError):
-        pass
-    raise IpcError(f"not a job: {row!r:.80}")
+        for row in rows:
+            if row[0] == _SIGN:
+                _, object_id, scheme, hash_name, data = row
+                append(_new(SignJob, (object_id, schemes[scheme], hash_name, data)))
+            elif row[0] == _VERIFY:
+                _, key_type, candidates, args = row
+                append(VerifyJob(key_type, tuple((v, spki) for v, spki in candidates), args))
+            else:
+                raise IpcError(f"not a job: {row!r:.80}")
+    except (ValueError, KeyError, TypeError, IndexError):
+        raise IpcError(f"not a list of jobs: {rows!r:.80}") from None
+    return jobs
 
 
 @dataclass(frozen=True, slots=True)
@@ -323,9 +337,9 @@ class RunJobs(Call[Batch]):
         """Raises: IpcError (not a list of jobs)."""
         try:
             (rows,) = args
-            return cls([_job(row) for row in rows])
         except (ValueError, TypeError):
             raise IpcError(f"wrong arguments for jobs: {args!r:.80}") from None
+        return cls(_jobs(rows))
 
     @staticmethod
     def encode_result(result: Batch) -> Any:
