@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -59,6 +58,7 @@ from .ipc import (
     decode_answer,
     encode_request,
 )
+from .outage import Outage
 from .process import WorkerProcess, login, reap, spawn
 from .scheduler import Entry, Scheduler, SchedulerSettings
 from .watch import CALL_STALL, PROBE, Watch
@@ -72,8 +72,6 @@ log = logging.getLogger("signd.workers")
 RESPAWN_BACKOFF: Final = (0.05, 0.1, 0.2, 0.5, 1.0)
 #: A login that takes longer than this is taken for a hung token.
 LOGIN_TIMEOUT: Final = 30.0
-#: While the token is away, a failed attempt to log in again is logged this often.
-OUTAGE_LOG_EVERY: Final = 30.0
 
 R = TypeVar("R")
 
@@ -105,13 +103,14 @@ class PoolSettings:
 class TokenPool:
     """Token workers behind one queue.  Create it with ``open_token_pool``."""
 
-    def __init__(self, settings: PoolSettings, metrics: Metrics) -> None:
+    def __init__(self, settings: PoolSettings, metrics: Metrics, outage: Outage) -> None:
         self.settings = settings
         self.info: TokenInfo | None = None
         self._workers: list[WorkerProcess | None] = [None] * settings.workers
         #: the worker that makes every write to the token (index ``settings.workers``)
         self._writer: WorkerProcess | None = None
         self._closing = False
+        self.outage = outage
         self.scheduler = Scheduler(
             SchedulerSettings(
                 queue_limit=settings.queue_limit,
@@ -121,7 +120,7 @@ class TokenPool:
             ),
             metrics,
             self._workers,
-            self._unavailable,
+            self.outage.unavailable,
             time.monotonic,
         )
         # The hot path, without a call through the pool.
@@ -132,12 +131,6 @@ class TokenPool:
         #: signing workers replaced by a fresh process because their RSS grew
         self.recycles = 0
         #: the token was lost and has not been found again
-        self.down = False
-        self.down_since = 0.0
-        self.losses = 0
-        self._back = trio.Event()  # set when the token is found again
-        #: when a failed start was last logged, by worker index
-        self._failure_logged: dict[int, float] = {}
 
     # ------------------------------------------------------------ state
 
@@ -162,14 +155,6 @@ class TokenPool:
     @property
     def entries_sent(self) -> int:
         return self.scheduler.entries_sent
-
-    def _unavailable(self) -> TokenUnavailable:
-        if self.down:
-            return TokenUnavailable(
-                f"the token is unavailable (lost {time.monotonic() - self.down_since:.1f} s ago; "
-                "signd is reconnecting); retry"
-            )
-        return TokenUnavailable("no token worker is running; retry")
 
     # ------------------------------------------------------------ rare operations
 
@@ -215,8 +200,8 @@ class TokenPool:
         writer = self._writer
         if writer is None or not writer.alive:
             raise (
-                self._unavailable()
-                if self.down
+                self.outage.unavailable()
+                if self.outage.down
                 else TokenUnavailable("the token writer is not running; retry")
             )
         return await self._call_on(writer, call)
@@ -226,7 +211,7 @@ class TokenPool:
         # One handing over still answers, if it is the only one.
         worker = next((w for w in alive if not w.retiring), alive[0] if alive else None)
         if worker is None:
-            raise self._unavailable()
+            raise self.outage.unavailable()
         return await self._call_on(worker, call)
 
     async def _call_on(self, worker: WorkerProcess, call: Call[R]) -> R:
@@ -268,10 +253,10 @@ class TokenPool:
                 self.pump()
                 await self._serve_worker(successor.pop(), index, successor)
                 continue
-            if started and self.down and index != 0:
+            if started and self.outage.down and index != 0:
                 # While the token is away only worker 0 looks for it: a
                 # process start per attempt is not free.
-                await self._back.wait()
+                await self.outage.back.wait()
                 if self._closing:
                     return
                 delay = 0.0
@@ -310,7 +295,7 @@ class TokenPool:
                     task_status.started(info)
                 else:
                     self.respawns += 1
-                    self._found(index)
+                    self.outage.found(index)
                     self.pump()
                 await self._serve_worker(worker, index, successor)
                 if successor:
@@ -374,35 +359,12 @@ class TokenPool:
     def _login_failed(self, index: int, exc: BaseException) -> None:
         """A worker could not be started again.  With no signing worker left,
         that is a lost token (whatever killed the last one): from then on
-        only one worker tries, and the log says so every ``OUTAGE_LOG_EVERY``
-        seconds rather than at every attempt."""
+        only one worker tries."""
         error = str(exc) or f"no answer within {LOGIN_TIMEOUT:.0f} s"
-        if not self.down and self.alive_workers == 0 and index < self.settings.workers:
+        if not self.outage.down and self.alive_workers == 0 and index < self.settings.workers:
             self.token_lost(error)
-            return
-        now = time.monotonic()
-        if now - self._failure_logged.get(index, -math.inf) < OUTAGE_LOG_EVERY:
-            return
-        self._failure_logged[index] = now
-        if self.down:
-            log.warning(
-                "token still unavailable",
-                extra={"for_seconds": round(now - self.down_since, 1), "error": error},
-            )
         else:
-            log.error("token worker failed to start", extra={"worker": index, "error": error})
-
-    def _found(self, index: int) -> None:
-        """A worker logged in again (after a loss, or a crash of its own)."""
-        if self.down:
-            self.down = False
-            self._back.set()
-            log.warning(
-                "token back; serving again",
-                extra={"after_seconds": round(time.monotonic() - self.down_since, 2)},
-            )
-        else:
-            log.info("token worker replaced", extra={"worker": index})
+            self.outage.start_failed(index, error)
 
     def token_lost(self, reason: str) -> None:
         """The token is gone (or hung): answer everything in the workers' hands
@@ -413,16 +375,8 @@ class TokenPool:
         in the same process (p11-kit's client does not).  Until a worker logs
         in again, requests fail at once, and readiness is false.
         """
-        if self.down or self._closing:
+        if self._closing or not self.outage.lost(reason):
             return
-        self.down = True
-        self.down_since = time.monotonic()
-        self.losses += 1
-        self._back = trio.Event()
-        self._failure_logged = {0: self.down_since}
-        log.error(
-            "token lost; requests fail token_unavailable until it is back", extra={"reason": reason}
-        )
         for w in [*self._workers, self._writer]:
             if w is not None:
                 self._lost(w)
@@ -459,7 +413,7 @@ class TokenPool:
     async def _close(self) -> None:
         """Stop every worker: they exit when their socket closes."""
         self._closing = True
-        self._back.set()
+        self.outage.back.set()
         log.info(
             "token workers stopping",
             extra={"batches": self.batches_sent, "signatures": self.entries_sent},
@@ -514,7 +468,7 @@ class TokenPool:
         worker.waiting.clear()
         worker.batches = 0
         retired = worker.index < len(self._workers) and self._workers[worker.index] is not worker
-        if not self._closing and not self.down and not retired:
+        if not self._closing and not self.outage.down and not retired:
             log.error("token worker stopped", extra={"worker": worker.index})
         self.pump()  # answers queued work if no worker is left
 
@@ -529,7 +483,7 @@ async def open_token_pool(settings: PoolSettings, metrics: Metrics) -> AsyncIter
 
     ``metrics`` counts the batches and the token's time for them.
     """
-    pool = TokenPool(settings, metrics)
+    pool = TokenPool(settings, metrics, Outage(time.monotonic))
     async with trio.open_nursery() as nursery:
         try:
             # The signing workers, then the writer (index ``workers``).

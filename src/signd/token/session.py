@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Final
 
 import pkcs11
@@ -46,7 +46,6 @@ from ..errors import (
 )
 from ..keys import algorithms
 from ..keys.algorithms import Family, Scheme
-from ..protocol import VerifyArgs
 from . import profiles
 from .ipc import MetadataBlob, Outcome, SignJob, TokenInfo, VerifyJob, failed
 
@@ -142,7 +141,6 @@ class TokenSession:
         self._lib: Any = None
         self._session: Any = None
         self._private: dict[bytes, Any] = {}
-        self._verifiers: dict[bytes, algorithms.PublicKey] = {}
         self._created: Any = None  # the record object ``create_metadata`` made last
         self._slot: Any = None
         self._profile = profiles.PROFILES["softhsm"]
@@ -243,14 +241,22 @@ class TokenSession:
             raise TokenUnavailable("no session to the token")
         return self._session
 
-    def run_jobs(self, jobs: Sequence[SignJob | VerifyJob]) -> list[Outcome]:
-        """Run a batch of jobs; one outcome row each (see ``ipc.Outcome``)."""
+    def run_jobs(
+        self,
+        jobs: Sequence[SignJob | VerifyJob],
+        verify: Callable[[VerifyJob], list[Any] | None],
+    ) -> list[Outcome]:
+        """Run a batch of jobs, verifications by ``verify``; one outcome row
+        each (see ``ipc.Outcome``)."""
         out: list[Outcome] = []
         private = self._private
         mechanisms = _MECHANISMS
         for job in jobs:
             if isinstance(job, VerifyJob):
-                out.append(self._verify(job))
+                try:
+                    out.append([True, verify(job)])
+                except BaseException as exc:
+                    out.append(failed(self.failure(exc, "verify")))
                 continue
             object_id = job.object_id
             if self.lost is not None:  # no more calls into a token that is gone
@@ -318,28 +324,6 @@ class TokenSession:
                 count += 1
                 latencies.append(now - t0)
         return count, latencies
-
-    def _verify(self, job: VerifyJob) -> Outcome:
-        try:
-            kt = algorithms.key_type(job.key_type)
-            args = VerifyArgs.from_wire(job.args)
-            found = algorithms.verify_any(kt, self._public_keys(kt, job.candidates), args)
-            return [True, list(found) if found is not None else None]
-        except BaseException as exc:
-            return failed(self.failure(exc, "verify"))
-
-    def _public_keys(
-        self, kt: algorithms.KeyType, candidates: Sequence[Sequence[Any]]
-    ) -> Iterator[tuple[int, algorithms.PublicKey]]:
-        """(version, public key) of each candidate (version, SPKI DER), loaded
-        once per process; as they are needed, so a match stops the loading."""
-        for version, spki in candidates:
-            pub = self._verifiers.get(spki)
-            if pub is None:
-                if len(self._verifiers) >= 4096:
-                    self._verifiers.clear()
-                pub = self._verifiers[spki] = algorithms.load_public_key(kt, spki)
-            yield version, pub
 
     def _find_private(self, object_id: bytes) -> Any:
         session = self._session_or_raise()

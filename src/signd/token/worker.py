@@ -48,6 +48,7 @@ from .ipc import (
     encode_lost,
 )
 from .session import TokenSession, unraisable_hook
+from .verify import Verifier
 
 __all__ = ["Worker", "worker_main"]
 
@@ -62,8 +63,9 @@ RECEIVE_SIZE: Final = 1 << 18
 class Worker:
     """What a worker does with each call: the op table, over one session."""
 
-    def __init__(self, session: TokenSession) -> None:
+    def __init__(self, session: TokenSession, verifier: Verifier) -> None:
         self.session = session
+        self.verifier = verifier
         #: seconds to poll for the next message after light traffic (set by ``Open``)
         self.spin = 0.0
         self._table: dict[type[Call[Any]], Callable[[Any], Any]] = {
@@ -98,7 +100,7 @@ class Worker:
     def _jobs(self, call: RunJobs) -> Batch:
         """The outcomes, and how long the token took for them."""
         started = time.perf_counter()
-        outcomes = self.session.run_jobs(call.jobs)
+        outcomes = self.session.run_jobs(call.jobs, self.verifier.verify)
         return Batch(time.perf_counter() - started, outcomes)
 
     def _open(self, call: Open) -> TokenInfo:
@@ -164,7 +166,7 @@ def worker_main(fd: int) -> int:
     sock = socket.socket(fileno=fd)
     decoder = IpcDecoder(IPC_MAX_FRAME)
     session = TokenSession()
-    worker = Worker(session)
+    worker = Worker(session, Verifier())
     light = False  # the last message was small: traffic is light
     buf = memoryview(bytearray(RECEIVE_SIZE))
     try:
