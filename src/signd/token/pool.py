@@ -103,34 +103,30 @@ class PoolSettings:
 class TokenPool:
     """Token workers behind one queue.  Create it with ``open_token_pool``."""
 
-    def __init__(self, settings: PoolSettings, metrics: Metrics, outage: Outage) -> None:
+    def __init__(
+        self,
+        settings: PoolSettings,
+        workers: list[WorkerProcess | None],
+        scheduler: Scheduler,
+        outage: Outage,
+    ) -> None:
+        """``workers``: one empty slot per signing worker, the list
+        ``scheduler`` hands work to (this pool fills it)."""
         self.settings = settings
         self.info: TokenInfo | None = None
-        self._workers: list[WorkerProcess | None] = [None] * settings.workers
+        self._workers = workers
         #: the worker that makes every write to the token (index ``settings.workers``)
         self._writer: WorkerProcess | None = None
         self._closing = False
         self.outage = outage
-        self.scheduler = Scheduler(
-            SchedulerSettings(
-                queue_limit=settings.queue_limit,
-                batch_max=settings.batch_max,
-                depth=settings.depth,
-                quantum=settings.quantum,
-            ),
-            metrics,
-            self._workers,
-            self.outage.unavailable,
-            time.monotonic,
-        )
+        self.scheduler = scheduler
         # The hot path, without a call through the pool.
-        self.enqueue = self.scheduler.enqueue
-        self.drop = self.scheduler.drop
-        self.pump = self.scheduler.pump
+        self.enqueue = scheduler.enqueue
+        self.drop = scheduler.drop
+        self.pump = scheduler.pump
         self.respawns = 0
         #: signing workers replaced by a fresh process because their RSS grew
         self.recycles = 0
-        #: the token was lost and has not been found again
 
     # ------------------------------------------------------------ state
 
@@ -483,7 +479,18 @@ async def open_token_pool(settings: PoolSettings, metrics: Metrics) -> AsyncIter
 
     ``metrics`` counts the batches and the token's time for them.
     """
-    pool = TokenPool(settings, metrics, Outage(time.monotonic))
+    workers: list[WorkerProcess | None] = [None] * settings.workers
+    outage = Outage(time.monotonic)
+    scheduler = Scheduler(
+        SchedulerSettings(
+            settings.queue_limit, settings.batch_max, settings.depth, settings.quantum
+        ),
+        metrics,
+        workers,
+        outage.unavailable,
+        time.monotonic,
+    )
+    pool = TokenPool(settings, workers, scheduler, outage)
     async with trio.open_nursery() as nursery:
         try:
             # The signing workers, then the writer (index ``workers``).
