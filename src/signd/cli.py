@@ -90,14 +90,16 @@ async def _run(cfg: Config, pin: Secret, metrics_token: Secret | None = None) ->
         profile=cfg.token.profile.name,
     )
     failed = False
+    metrics = Metrics()
     try:
         try:
-            async with open_token_pool(settings) as pool:
+            async with open_token_pool(settings, metrics) as pool:
                 return await _serve(
                     cfg,
                     sock,
                     inherited is not None,
                     pool,
+                    metrics,
                     notifier=notifier,
                     metrics_token=metrics_token,
                 )
@@ -118,6 +120,7 @@ async def _serve(
     sock: socket.socket,
     inherited: bool,
     pool: TokenPool,
+    metrics: Metrics,
     *,
     notifier: Notifier,
     metrics_token: Secret | None = None,
@@ -137,6 +140,7 @@ async def _serve(
         profile=cfg.token.profile,
         default_max_versions=cfg.keys.default_max_versions,
         max_versions_limit=cfg.keys.max_versions_limit,
+        metrics=metrics,
     )
     audit = None
     if cfg.audit.dir is not None:
@@ -183,7 +187,6 @@ def _count(
     metrics: Metrics, service: Service, server: Server, pool: TokenPool, audit: AuditLog | None
 ) -> None:
     """Connect ``metrics`` to what it counts and to what its gauges read."""
-    pool.metrics = metrics
     if audit is not None:
         audit.on_write = metrics.audit_write
 
