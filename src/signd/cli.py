@@ -31,9 +31,10 @@ from .errors import WireError
 from .hardening import no_core_dumps
 from .keys.store import LoadedKey
 from .log import setup_logging
-from .metrics import KeyState, Metrics, Snapshot, serve_http
+from .metrics import KeyState, Metrics, Snapshot
 from .protocol import encode_result
 from .server.core import Server
+from .server.http import serve_http
 from .server.listener import ListenerError, open_listener, systemd_socket
 from .server.systemd import Notifier
 from .service.core import Service
