@@ -298,9 +298,9 @@ async def test_an_idle_connection_is_closed_after_idle_timeout_and_a_busy_one_is
             await quiet.responses(1)
             await waiting.send(slow(2))
             start = trio.current_time()
-            assert await quiet.closed()
-            took = trio.current_time() - start
-            assert 10.0 <= took <= 12.5  # the sweeps are a tenth of it apart
+            with trio.fail_after(12.5):  # the sweeps are a tenth of it apart
+                assert await quiet.closed()
+            assert trio.current_time() - start >= 10.0
             assert rig.metrics.limit_hits["idle_timeout"] == 1
             # A request in flight for far longer does not make it idle.
             await trio.sleep(100)
@@ -318,9 +318,8 @@ async def test_a_reload_with_a_shorter_idle_timeout_applies_to_open_connections(
             await peer.closed()
         assert scope.cancelled_caught, "idle_timeout 0 closed a connection"
         rig.server.apply_limits(LimitsConfig(idle_timeout=5.0))
-        start = trio.current_time()
-        assert await peer.closed()
-        assert trio.current_time() - start <= 7.0
+        with trio.fail_after(7.0):  # virtual seconds; the sweeper was woken
+            assert await peer.closed()
 
 
 async def test_shutdown_answers_what_was_sent_then_closes(
