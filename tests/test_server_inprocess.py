@@ -292,11 +292,14 @@ async def test_a_connection_over_its_memory_budget_is_evicted_with_busy(
 async def test_an_idle_connection_is_closed_after_idle_timeout_and_a_busy_one_is_not(
     socket_dir: Path, autojump_clock: trio.testing.MockClock
 ) -> None:
+    """A connection waiting for a slow answer is not idle: an idle connection
+    whose last request came after the slow one's is closed, the slow one not."""
     async with serving(socket_dir, idle_timeout=10.0) as rig:
-        async with rig.connect() as quiet, rig.connect() as waiting:
-            await quiet.send(health(1))
+        async with rig.connect() as waiting, rig.connect() as quiet:
+            await waiting.send(slow(1))
+            await until(lambda: rig.service.asked == [1])
+            await quiet.send(health(2))
             await quiet.responses(1)
-            await waiting.send(slow(2))
             start = trio.current_time()
             with trio.fail_after(12.5):  # the sweeps are a tenth of it apart
                 assert await quiet.closed()
@@ -305,7 +308,30 @@ async def test_an_idle_connection_is_closed_after_idle_timeout_and_a_busy_one_is
             # A request in flight for far longer does not make it idle.
             await trio.sleep(100)
             rig.service.gate.set()
-            assert [a.id for a in await waiting.responses(1)] == [2]
+            assert [a.id for a in await waiting.responses(1)] == [1]
+
+
+async def test_an_oversized_frame_is_answered_after_every_request_read_before_it(
+    socket_dir: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """PROTOCOL.md: the answers to requests read before an oversized frame
+    come first, then ``frame_too_large`` with id nil, then the end of the
+    stream, however long those requests take."""
+    async with serving(socket_dir, max_frame=1024) as rig, rig.connect() as peer:
+        await peer.send(queued(1) + health(2) + slow(3) + struct.pack(">I", 1025))
+        assert [a.id for a in await peer.responses(1)] == [2]
+        with trio.move_on_after(5):  # within limits.drain_timeout (10 s)
+            await peer.responses(1)
+            pytest.fail("something came before the requests in flight were answered")
+        rig.service.release()
+        assert [a.id for a in await peer.responses(1)] == [1]
+        rig.service.gate.set()
+        answer, fatal = await peer.responses(2)
+        assert answer.id == 3
+        assert answer.error is None
+        assert fatal.id is None
+        assert isinstance(fatal.error, FrameTooLarge)
+        assert await peer.closed()
 
 
 async def test_a_reload_with_a_shorter_idle_timeout_applies_to_open_connections(
