@@ -24,12 +24,14 @@ import trio
 import trio.testing
 
 from signd.access.policy import Principal
+from signd.audit.facts import Outcome
 from signd.config import LimitsConfig
 from signd.errors import Busy, FrameTooLarge, WireError
 from signd.metrics import Metrics
 from signd.protocol import (
     Empty,
     FrameDecoder,
+    JwksArgs,
     KeyRefArgs,
     Request,
     Response,
@@ -61,6 +63,8 @@ class FakeService:
             self.asked.append(req.id)
             if req.op == "health":
                 reply(req.id, encode_result(req.id, Empty()))
+            elif req.op == "jwks":  # an answer with its facts for the audit log
+                reply(req.id, encode_result(req.id, Empty()), OUTCOME)  # type: ignore[call-arg]
             elif req.op == "key_info":
                 self.queued.append((source, req.id, reply))
             elif req.op == "list_keys":
@@ -88,6 +92,25 @@ class FakeService:
         for _, request_id, reply in mine:
             reply(request_id, encode_error(request_id, error))
         return len(mine)
+
+
+OUTCOME = Outcome(version=7)
+
+
+@dataclass
+class FakeAudit:
+    """Records what the server tells the audit log; relaxed: every record is
+    written at once."""
+
+    answered_with: list[tuple[bytes, Outcome | None]] = field(default_factory=list)
+
+    def asked(self, who: object, notes: object, recipient: Any, request_id: int | None) -> Any:
+        return (recipient, request_id)
+
+    def answered(self, pending: Any, frame: bytes, outcome: Outcome | None = None) -> None:
+        self.answered_with.append((frame, outcome))
+        recipient, request_id = pending
+        recipient.audited(request_id, frame, True)
 
 
 class Peer:
@@ -148,7 +171,7 @@ def socket_dir() -> Iterator[Path]:
 
 
 @asynccontextmanager
-async def serving(socket_dir: Path, **limits: Any) -> AsyncIterator[Rig]:
+async def serving(socket_dir: Path, audit: Any = None, **limits: Any) -> AsyncIterator[Rig]:
     path = str(socket_dir / "s.sock")
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.bind(path)
@@ -161,7 +184,7 @@ async def serving(socket_dir: Path, **limits: Any) -> AsyncIterator[Rig]:
         LimitsConfig(**limits),
         metrics=metrics,
         drop=service.drop,
-        audit=None,
+        audit=audit,
     )
     with sock:  # serve closes it only when it returns, not when cancelled
         async with trio.open_nursery() as nursery:
@@ -360,3 +383,15 @@ async def test_shutdown_answers_what_was_sent_then_closes(
         rig.service.gate.set()
         assert [a.id for a in await peer.responses(1)] == [2]
         assert await peer.closed()
+
+
+async def test_an_answers_outcome_goes_to_the_audit_log_with_it(
+    socket_dir: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    audit = FakeAudit()
+    async with serving(socket_dir, audit=audit) as rig, rig.connect() as peer:
+        await peer.send(encode_request(1, "jwks", JwksArgs(keys=("k",))))
+        (answer,) = await peer.responses(1)
+        assert answer.id == 1
+        assert answer.error is None
+        assert audit.answered_with == [(encode_result(1, Empty()), OUTCOME)]

@@ -160,15 +160,14 @@ class Connection:
                     self.audit_open[request_id] = waiting.pop(0)
                     if not waiting:
                         del self.audit_more[request_id]
-        # Until every reply call site passes its outcome (then it is required):
-        # the audit log's calls without one.
+        # Until the audit log takes an outcome (then only the second pair is left).
         if outcome is None:
             if pending is None:
                 audit.record(who, None, frame, self, request_id)
             else:
                 audit.answered(pending, frame)
         elif pending is None:  # an answer to no request read here: recorded alone
-            audit.record(who, None, frame, self, request_id, outcome)  # type: ignore[call-arg]
+            audit.record(who, None, frame, outcome, self, request_id)  # type: ignore[call-arg,arg-type]
         else:
             audit.answered(pending, frame, outcome)  # type: ignore[call-arg]
 

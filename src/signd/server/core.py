@@ -1,7 +1,11 @@
-"""The trio transport: the listening socket and one reader/writer per connection.
+"""The trio transport: ``Server`` accepts, reads, dispatches and flushes.
+
+The listening socket is made in ``listener.py``, a connection's buffers and
+audit bookkeeping are in ``connection.py``, the memory budget over all
+connections in ``budget.py``.
 
 A connection's reader takes whatever one ``receive_some`` delivered, splits it
-into frames, and hands every request in it to ``Service.handle`` at once.
+into frames, and hands every request in it to the service's ``handle`` at once.
 Answers are appended to the connection's output buffer; the writer sends
 everything buffered with one ``send_all``.  There is no task and no event per
 request.
