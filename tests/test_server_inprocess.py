@@ -395,3 +395,38 @@ async def test_an_answers_outcome_goes_to_the_audit_log_with_it(
         assert answer.id == 1
         assert answer.error is None
         assert audit.answered_with == [(encode_result(1, Empty()), OUTCOME)]
+
+
+async def test_past_max_connections_a_connection_is_refused_with_busy(
+    socket_dir: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    async with serving(socket_dir, max_connections=1) as rig, rig.connect() as one:
+        await one.send(health(1))
+        await one.responses(1)
+        async with rig.connect() as two:
+            (refused,) = await two.responses(1)
+            assert refused.id is None
+            assert isinstance(refused.error, Busy)
+            assert await two.closed()
+        assert rig.metrics.limit_hits["max_connections"] == 1
+        await one.send(health(2))
+        assert [a.id for a in await one.responses(1)] == [2]
+
+
+async def test_past_max_inflight_the_server_stops_reading_until_answers_go_out(
+    socket_dir: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    async with (
+        serving(socket_dir, max_inflight_per_connection=4) as rig,
+        rig.connect() as peer,
+    ):
+        await peer.send(b"".join(queued(i) for i in range(4)))
+        await until(lambda: len(rig.service.asked) == 4)
+        await peer.send(b"".join(queued(i) for i in range(4, 10)))
+        await trio.sleep(10)  # nothing more is read, however long it waits
+        assert rig.service.asked == [0, 1, 2, 3]
+        assert rig.metrics.limit_hits["max_inflight"] == 1
+        rig.service.release()  # answered: the rest is read
+        await until(lambda: len(rig.service.asked) == 10)
+        rig.service.release()
+        assert sorted(a.id for a in await peer.responses(10)) == list(range(10))
