@@ -31,9 +31,11 @@ from .errors import WireError
 from .hardening import no_core_dumps
 from .keys.store import LoadedKey
 from .log import setup_logging
-from .metrics import KeyState, Metrics, Snapshot, serve_http
+from .metrics import KeyState, Metrics, Snapshot
 from .protocol import encode_result
-from .server.core import ListenerError, Server, open_listener, systemd_socket
+from .server.core import Server
+from .server.http import serve_http
+from .server.listener import ListenerError, open_listener, systemd_socket
 from .server.systemd import Notifier
 from .service.core import Service
 from .token.pool import PoolSettings, TokenPool, open_token_pool
@@ -166,7 +168,14 @@ async def _serve(
     # polling, 0.5 ms not), so the loop sleeps instead.
     strict = audit is not None and audit.mode == "strict"
     keep_warm = 0.0 if strict else cfg.token.spin_us / 1e6
-    server = Server(service, cfg.limits, keep_warm=keep_warm, audit=audit)
+    server = Server(
+        service,
+        cfg.limits,
+        metrics=service.metrics,
+        drop=pool.drop,
+        audit=audit,
+        keep_warm=keep_warm,
+    )
     _count(service.metrics, service, server, pool, audit)
     try:
         async with trio.open_nursery() as nursery:
