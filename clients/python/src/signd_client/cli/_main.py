@@ -91,6 +91,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"signctl: {exc}", file=sys.stderr)
         return EXIT_ERROR
 
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
