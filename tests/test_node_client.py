@@ -58,7 +58,7 @@ def test_node_retry_table_is_the_python_one() -> None:
         pytest.fail(f"node is not installed: {SETUP_HINT}")
     if not (NODE_DIR / "node_modules" / "@msgpack" / "msgpack").is_dir():
         pytest.fail(f"{NODE_DIR / 'node_modules'} is missing: {SETUP_HINT}")
-    script = 'import { RETRY } from "./src/protocol.js"; console.log(JSON.stringify(RETRY));'
+    script = 'import { RETRY } from "./src/schema.js"; console.log(JSON.stringify(RETRY));'
     proc = subprocess.run(
         [node, "--input-type=module", "-e", script],
         cwd=NODE_DIR,

@@ -90,7 +90,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SigndError as exc:
         print(f"signctl: {exc}", file=sys.stderr)
         return EXIT_ERROR
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())

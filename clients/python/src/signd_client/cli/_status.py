@@ -19,11 +19,13 @@ def add_parsers(add: Callable[..., argparse.ArgumentParser]) -> None:
     add(
         "whoami",
         help="who signd takes you to be (uid, groups) and what you may do with each key",
-        description="Ask signd who it takes this process to be: the uid, gid and groups the "
-        "kernel gave it at connect, the user name, and every key this process may use with "
-        "the verbs it has on each (sign, verify, read, create, rotate, admin). Run it as the "
-        "service that was refused (sudo -u SERVICE signctl whoami) to see why it got "
-        "permission_denied.",
+        description=(
+            "Ask signd who it takes this process to be: the uid, gid and groups the\n"
+            "kernel gave it at connect, the user name, and every key this process may\n"
+            "use with the verbs it has on each (sign, verify, read, create, rotate,\n"
+            "admin). Run it as a service that was refused (sudo -u SERVICE signctl\n"
+            "whoami) to see why it got permission_denied."
+        ),
     )
 
 
