@@ -69,7 +69,7 @@ from signd_client.protocol import (
     decode_response,
     encode_request,
 )
-from support import kill_tree
+from support import kill_tree, wait_for, wait_until
 
 if TYPE_CHECKING:
     from conftest import Daemon
@@ -118,11 +118,14 @@ def only_hit(d: Daemon, limit: str) -> float:
 
 
 def wait_for_hits(d: Daemon, limit: str, at_least: float = 1) -> float:
-    deadline = time.monotonic() + WAIT
-    while (n := limit_hits(d)[limit]) < at_least:
-        assert time.monotonic() < deadline, f"{limit} never counted:\n{d.logs()[-3000:]}"
-        time.sleep(0.02)
-    return n
+    def counted() -> float | None:
+        n = limit_hits(d)[limit]
+        return n if n >= at_least else None
+
+    try:
+        return wait_for(counted, f"{limit} to be counted {at_least} times", WAIT)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}\n{d.logs()[-3000:]}") from None
 
 
 def digest(i: int) -> bytes:
@@ -590,10 +593,8 @@ def test_client_knows_a_request_the_daemon_never_read(
 
             t = threading.Thread(target=rotate)
             t.start()
-            deadline = time.monotonic() + WAIT
-            while unread_bytes(pooled.sock) == 0:  # the request waits in the daemon's socket
-                assert time.monotonic() < deadline, "the request was never sent"
-                time.sleep(0.01)
+            # The request waits in the daemon's socket.
+            wait_until(lambda: unread_bytes(pooled.sock) > 0, "the request to be sent", WAIT)
         finally:
             kill_tree(d)
         t.join(WAIT)
