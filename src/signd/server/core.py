@@ -389,7 +389,7 @@ class _Connection:
                     if not waiting:
                         del self.audit_more[request_id]
         if pending is None:  # an answer to no request read here: recorded alone
-            audit.record(who, None, frame, self, request_id)
+            audit.record(who, None, frame, None, self, request_id)
         else:
             audit.answered(pending, frame)
 
