@@ -100,12 +100,13 @@ _AUDIT_PEM: list[Path] = []
 
 
 def save_audit_key(d: Daemon) -> Path:
-    if not _AUDIT_PEM:
+    # Saved again if the daemon that saved it took its directory along.
+    if not _AUDIT_PEM or not _AUDIT_PEM[0].exists():
         with d.client() as c:
             pem = c.public_key(AUDIT_KEY).public_key_pem
         path = d.workdir / "audit-key.pem"
         path.write_text(pem)
-        _AUDIT_PEM.append(path)
+        _AUDIT_PEM[:] = [path]
     return _AUDIT_PEM[0]
 
 

@@ -33,7 +33,7 @@ from signd.audit.facts import Outcome
 from signd.audit.log import OVERLAP_INFLIGHT, AuditLog, who_fields
 from signd.protocol import HEADER, SignArgs, encode_request
 from signd_client.protocol import FrameDecoder, decode_response
-from test_audit import answers, audit_files, records, verify
+from test_audit import answers, audit_files, records, stop, verify
 
 if TYPE_CHECKING:
     from conftest import Daemon
@@ -107,7 +107,7 @@ def test_kill_9_leaves_a_request_record_for_every_answered_signature(
             d.start()  # on the same log: a torn tail is cut, the chain goes on
         with d.client() as c:
             c.sign(key_name, b"after the kills")
-        assert d.stop() == 0
+        stop(d)  # saves the audit key for verify, whichever tests ran before
         out = verify(*audit_files(d))
         assert out.returncode == 0, out.stdout
     finally:
@@ -211,7 +211,7 @@ def test_a_request_is_recorded_while_the_token_works(
             decoder.receive_data(chunk)
         (answer,) = frames
         assert decode_response(answer).error is None
-    assert d.stop() == 0
+    stop(d)  # saves the audit key for verify, whichever tests ran before
     assert (asked["phase"], asked["op"], asked["key"]) == ("request", "sign", key_name)
     assert (asked["uid"], asked["pid"]) == (os.getuid(), os.getpid())
     assert "result" not in asked

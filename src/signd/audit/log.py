@@ -55,7 +55,8 @@ What it costs per request is kept small, in three ways:
 
 * The event loop does little: when a request is read it notes what its record
   needs (``notes_of``) in a ``Pending`` (strict: queued at once); with its
-  answer it stores the frame there, or queues one tuple (``Entry``, relaxed).
+  answer it stores the frame and its ``Outcome`` there, or queues one tuple
+  (``Entry``, relaxed).
   The writer thread builds the record from the notes and the answer's
   ``Outcome`` (facts the service hands over; no frame is decoded).  Only the
   loop changes a ``Pending``'s ``answer`` and ``durable``, only the writer
@@ -75,8 +76,9 @@ The writer thread holds the GIL while it builds lines, so that work is not
 free for the event loop either: what counts is that it is cheap.
 
 Records never hold signed data or PINs: only the SHA-256 of what was signed.
-Record encoding is in ``records.py``, the directory and its files in
-``files.py``, the signed checkpoints in ``checkpoint.py``.
+This module is the event loop's side; the writer thread is ``writer.py``,
+record encoding ``records.py``, the directory and its files ``files.py``, the
+signed checkpoints ``checkpoint.py``, what an answer tells ``facts.py``.
 """
 
 from __future__ import annotations
