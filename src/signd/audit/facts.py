@@ -10,6 +10,7 @@ and ``rotate``: the version made), and ``valid`` is a verification's verdict.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 from ..errors import WireError
@@ -40,7 +41,8 @@ OK = Outcome()
 def outcome_of(result: Message) -> Outcome:
     """The outcome of answering ``result``: the version it names (``version``,
     else ``created_version``, else ``current_version``, the first present) and
-    ``valid`` if it has one.  Attribute reads only, no encoding."""
+    ``valid`` if it has one.  Attribute reads only, no encoding.  Answers
+    that name the same version and verdict get the same ``Outcome``."""
     version = getattr(result, "version", None)
     if version is None:
         version = getattr(result, "created_version", None)
@@ -49,4 +51,12 @@ def outcome_of(result: Message) -> Outcome:
     valid = getattr(result, "valid", None)
     if version is None and valid is None:
         return OK
+    return _outcome(version, valid)
+
+
+@functools.lru_cache(maxsize=4096)
+def _outcome(version: int | None, valid: bool | None) -> Outcome:
+    """One ``Outcome`` per (version, valid): the answers of a key version share
+    it, so answering builds no object for its record (this runs on the event
+    loop, on every answer)."""
     return Outcome(version=version, valid=valid)
