@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 import msgpack
 import pytest
 import trio
+import trio.testing
 
 from signd.access.policy import Principal
 from signd.audit.facts import Outcome
@@ -304,7 +305,8 @@ async def test_the_answer_waits_for_the_request_record_not_the_outcome(tmp_path:
     await _until(file.waiting.is_set)
     assert pending.seq == 1, "the writer took the request before its answer: a request record"
     log.answered(pending, _answer(1))  # no outcome: read from the frame (compatibility)
-    await trio.sleep(0.05)  # a chance to go wrong: the record is not written yet
+    # Whatever trio would do with it is done; the writer is held in its write.
+    await trio.testing.wait_all_tasks_blocked()
     assert me.got == [], "an answer was released before its request's record was durable"
     file.open.set()
     await _until(lambda: me.got)
