@@ -160,16 +160,10 @@ class Connection:
                     self.audit_open[request_id] = waiting.pop(0)
                     if not waiting:
                         del self.audit_more[request_id]
-        # Until the audit log takes an outcome (then only the second pair is left).
-        if outcome is None:
-            if pending is None:
-                audit.record(who, None, frame, self, request_id)
-            else:
-                audit.answered(pending, frame)
-        elif pending is None:  # an answer to no request read here: recorded alone
-            audit.record(who, None, frame, outcome, self, request_id)  # type: ignore[call-arg,arg-type]
+        if pending is None:  # an answer to no request read here: recorded alone
+            audit.record(who, None, frame, outcome, self, request_id)
         else:
-            audit.answered(pending, frame, outcome)  # type: ignore[call-arg]
+            audit.answered(pending, frame, outcome)
 
     def audited(self, request_id: int | None, frame: bytes, ok: bool) -> None:
         """The audit log has the record of the request answered by ``frame``
