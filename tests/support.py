@@ -1,111 +1,105 @@
-"""Helpers shared by the tests (one place)."""
+"""Helpers shared by the daemon's tests: the one place for them.
+
+Fixtures (tokens, daemons) are in the root ``conftest.py``; plain functions
+that several test modules use live here, imported as ``from support import
+...`` (pytest puts ``tests/`` on ``sys.path``).  Add new shared helpers at the
+end of this file rather than copying one into a test module.
+"""
 
 from __future__ import annotations
 
-import itertools
+import contextlib
 import os
-from collections.abc import Iterable, Sequence
-from typing import Any
+import signal
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, TypeVar
 
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, utils
+if TYPE_CHECKING:
+    from conftest import Daemon
 
-from signd.access.policy import Policy, Principal
-from signd.keys import algorithms
-from signd.keys.records import KeyRecord
-from signd.keys.store import load_key
-from signd.metrics import Metrics
-from signd.protocol import Message, Request, decode_response
-from signd.service.core import Service
-from signd.token.pool import Entry
-from signd.token.profiles import PROFILES
-from signd.token.session import MetadataBlob, SignJob
+__all__ = ["WAIT", "kill_tree", "wait_for", "wait_until"]
 
+T = TypeVar("T")
 
-class _SigningInMemory:
-    """A token pool that holds a test's EC private keys and signs at once,
-    for service tests about anything but the token."""
-
-    is_open = True
-    pending = 0
-    info = None
-
-    def __init__(self) -> None:
-        self.private: dict[bytes, ec.EllipticCurvePrivateKey] = {}
-
-    async def load_metadata(self, name: str | None = None) -> list[MetadataBlob]:
-        return []
-
-    async def public_keys(self, object_ids: Sequence[bytes]) -> dict[bytes, tuple[bytes, bool]]:
-        return {}
-
-    def enqueue(self, source: object, entries: Sequence[Entry]) -> None:
-        for entry in entries:
-            job = entry.job
-            assert isinstance(job, SignJob)
-            assert job.hash == "sha256"
-            der = self.private[job.object_id].sign(
-                job.data, ec.ECDSA(utils.Prehashed(hashes.SHA256()))
-            )
-            r, s = utils.decode_dss_signature(der)
-            entry.callback(True, r.to_bytes(32, "big") + s.to_bytes(32, "big"))
-
-    def pump(self) -> None:
-        pass
+#: The longest a test waits for something that should happen: far beyond
+#: any period or interval the tests configure, so reaching it means "never".
+WAIT = 30.0
+#: How often a wait looks again.
+POLL = 0.02
 
 
-def service_with_keys(policy: Policy, names: Iterable[str], now: float = 1.75e9) -> Service:
-    """An in-process service holding an ec-p256 key per name (no token: its
-    pool signs in memory)."""
-    pool = _SigningInMemory()
-    service = Service(
-        pool,  # type: ignore[arg-type]
-        policy,
-        None,
-        Metrics(),
-        clock=lambda: now,
-        profile=PROFILES["softhsm"],
-    )
-    kt = algorithms.key_type("ec-p256")
-    for i, name in enumerate(names):
-        private = ec.generate_private_key(ec.SECP256R1())
-        spki = private.public_key().public_bytes(
-            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-        )
-        oid = i.to_bytes(8, "big")
-        pool.private[oid] = private
-        service.keystore.put(load_key(KeyRecord.new(name, kt, now, oid), {oid: spki}, now))
-    service.loaded = True
-    return service
+def wait_until(probe: Callable[[], object], what: str, timeout: float = WAIT) -> None:
+    """Call ``probe`` until it returns something true.
+
+    Raises: AssertionError naming ``what`` when ``timeout`` seconds pass first.
+    """
+    deadline = time.monotonic() + timeout
+    while not probe():
+        assert time.monotonic() < deadline, f"timed out after {timeout}s waiting for {what}"
+        time.sleep(POLL)
 
 
-def principal(
-    uid: int,
-    gid: int | None = None,
-    *,
-    user: str | None = None,
-    groups: Iterable[int] = (),
-    group_names: Iterable[str] = (),
-) -> Principal:
-    """A peer as the kernel would record it."""
-    gid = uid if gid is None else gid
-    return Principal(uid, gid, os.getpid(), user, frozenset({gid, *groups}), frozenset(group_names))
+def wait_for(probe: Callable[[], T | None], what: str, timeout: float = WAIT) -> T:
+    """Call ``probe`` until it returns something other than None; return that.
+
+    Raises: AssertionError naming ``what`` when ``timeout`` seconds pass first.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        value = probe()
+        if value is not None:
+            return value
+        assert time.monotonic() < deadline, f"timed out after {timeout}s waiting for {what}"
+        time.sleep(POLL)
 
 
-_request_ids = itertools.count(1)
+def kill_tree(d: Daemon) -> None:
+    """SIGKILL the daemon and its token workers at once: a crash, not a shutdown.
+
+    Returns once the daemon process is reaped (its workers, children of the
+    daemon, may still be going away)."""
+    assert d.proc is not None
+    for pid in [d.proc.pid, *d.token_workers()]:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    d.proc.wait()
 
 
-async def call_service(service: Service, who: Principal, op: str, args: Message) -> Any:
-    """One request through ``Service.handle`` as ``who``: the result map, or
-    the wire error raised.  Slow work (look-ups) runs to its end."""
-    answers: list[bytes] = []
-    req = Request(next(_request_ids), op, args)
-    for work in service.handle(
-        [req], lambda _rid, frame, _outcome: answers.append(frame), object(), who
-    ):
-        await work()
-    assert len(answers) == 1
-    resp = decode_response(answers[0][4:])
-    if resp.error is not None:
-        raise resp.error
-    return resp.result
+def open_sockets(d: Daemon) -> int:
+    """How many sockets the daemon's main process holds open (the listener
+    and its connections).
+
+    Raises: FileNotFoundError if the process is gone.
+    """
+    assert d.proc is not None
+    fds = f"/proc/{d.proc.pid}/fd"
+    count = 0
+    for fd in os.listdir(fds):
+        try:
+            count += os.readlink(f"{fds}/{fd}").startswith("socket:")
+        except FileNotFoundError:
+            pass  # closed while we looked
+    return count
+
+
+def wait_until_released(d: Daemon, baseline: int, timeout: float = WAIT) -> None:
+    """Wait until the daemon has let go of every connection opened after
+    ``baseline`` (an ``open_sockets`` count).
+
+    Once a closed connection is torn down on the daemon's side, whatever closing
+    it did to the daemon has happened, so the checks that follow are not racing it.
+
+    Raises: AssertionError if the daemon dies or keeps a connection ``timeout`` seconds.
+    """
+    assert d.proc is not None
+    proc = d.proc
+
+    def released() -> bool:
+        assert proc.poll() is None, f"signd died:\n{d.logs()[-3000:]}"
+        try:
+            return open_sockets(d) <= baseline
+        except FileNotFoundError:
+            return False  # the process is exiting; poll() says so next time round
+
+    wait_until(released, "signd to let go of the closed connections", timeout)

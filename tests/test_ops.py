@@ -10,25 +10,28 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from typing import Any
 
 import pytest
+import trio
 
-from signd.access.policy import OPERATIONS, Policy
+from fakes import Harness, open_harness, principal
+from signd.access.policy import OPERATIONS
 from signd.audit.facts import Outcome
 from signd.errors import VersionNotFound
 from signd.ops import TABLE, Kind
 from signd.protocol import (
     OPS,
+    CreateKeyArgs,
     Empty,
     KeyRefArgs,
     Message,
     Request,
     Retry,
+    RotateArgs,
     SignArgs,
     VerifyArgs,
 )
-from signd.service.core import Service
-from support import principal, service_with_keys
 
 ROOT = Path(__file__).resolve().parent.parent
 DOC = (ROOT / "PROTOCOL.md").read_text()
@@ -111,24 +114,35 @@ def test_kinds() -> None:
 # every answer carries its facts (for the audit log)
 
 
-async def _outcome(service: Service, op: str, args: Message) -> Outcome:
+async def _outcome(h: Harness, op: str, args: Message) -> Outcome:
+    """The outcome the service hands the transport with its answer to one request."""
     outcomes: list[Outcome] = []
-    req = Request(1, op, args)
+    answered = trio.Event()
+
+    def reply(_rid: int, _frame: bytes, outcome: Outcome) -> None:
+        outcomes.append(outcome)
+        answered.set()
+
     root = principal(0, user="root")
-    for work in service.handle([req], lambda _rid, _frame, o: outcomes.append(o), object(), root):
+    for work in h.service.handle([Request(1, op, args)], reply, object(), root):
         await work()
+    h.service.token.pump()
+    await answered.wait()
     assert len(outcomes) == 1
     return outcomes[0]
 
 
-async def test_answers_carry_their_outcome() -> None:
-    service = service_with_keys(Policy(()), ["k"])
-    signed = await _outcome(service, "sign", SignArgs(key="k", message=b"m"))
-    assert signed == Outcome(version=1)
-    bad = await _outcome(service, "verify", VerifyArgs(key="k", signature=b"x", message=b"m"))
-    assert bad == Outcome(valid=False)
-    assert await _outcome(service, "key_info", KeyRefArgs(key="k")) == Outcome(version=1)
-    missing = await _outcome(service, "sign", SignArgs(key="k", message=b"m", version=9))
-    assert isinstance(missing.error, VersionNotFound)
-    assert (missing.version, missing.valid) == (None, None)
-    assert await _outcome(service, "health", Empty()) == Outcome()
+async def test_answers_carry_their_outcome(autojump_clock: Any) -> None:
+    async with open_harness() as h:
+        await h.connect(principal(0)).call("create_key", CreateKeyArgs(key="k", type="ec-p256"))
+        signed = await _outcome(h, "sign", SignArgs(key="k", message=b"m"))
+        assert signed == Outcome(version=1)
+        bad = await _outcome(h, "verify", VerifyArgs(key="k", signature=b"x", message=b"m"))
+        assert bad == Outcome(valid=False)
+        assert await _outcome(h, "key_info", KeyRefArgs(key="k")) == Outcome(version=1)
+        rotated = await _outcome(h, "rotate", RotateArgs(key="k"))
+        assert rotated == Outcome(version=2)
+        missing = await _outcome(h, "sign", SignArgs(key="k", message=b"m", version=9))
+        assert isinstance(missing.error, VersionNotFound)
+        assert (missing.version, missing.valid) == (None, None)
+        assert await _outcome(h, "health", Empty()) == Outcome()

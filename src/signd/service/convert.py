@@ -11,7 +11,7 @@ from typing import Any, TypeVar
 
 import trio
 
-from ..audit.facts import Outcome
+from ..audit.facts import Outcome, outcome_of
 from ..errors import DeadlineExceeded, InternalError, WireError
 from ..keys import algorithms
 from ..keys.records import KeySettings, request_digest
@@ -37,7 +37,6 @@ __all__ = [
     "key_info",
     "key_summary",
     "request_settings",
-    "outcome_of",
     "requested",
     "send_error",
     "send_result",
@@ -74,18 +73,6 @@ def send_result(reply: Reply, request_id: int, result: Message) -> None:
 def send_error(reply: Reply, request_id: int, error: WireError) -> None:
     """Answer ``request_id`` with ``error``."""
     reply(request_id, encode_error(request_id, error), Outcome(error=error))
-
-
-def outcome_of(result: Message) -> Outcome:
-    """What ``result`` states for the audit log: the version it names (a
-    signature's or a verification's; the one a create_key or rotate made;
-    else a key's current one), and a verification's validity."""
-    version = getattr(result, "version", None)
-    if version is None:
-        version = getattr(result, "created_version", None)
-    if version is None:
-        version = getattr(result, "current_version", None)
-    return Outcome(version=version, valid=getattr(result, "valid", None))
 
 
 def error_info(exc: BaseException) -> ErrorInfo:

@@ -26,8 +26,8 @@ from ..protocol import (
     VerifyArgs,
     VerifyResult,
 )
+from ..token.ipc import SignJob, VerifyJob
 from ..token.pool import Entry
-from ..token.session import SignJob, VerifyJob
 from .context import Batch, Reply
 from .convert import error_info, send_error, send_result
 from .lifecycle import Lifecycle
