@@ -304,7 +304,7 @@ async def test_the_answer_waits_for_the_request_record_not_the_outcome(tmp_path:
     pending = log.asked(WHO, _notes(b"one"), me, 1)
     await _until(file.waiting.is_set)
     assert pending.seq == 1, "the writer took the request before its answer: a request record"
-    log.answered(pending, _answer(1))  # no outcome: read from the frame (compatibility)
+    log.answered(pending, _answer(1), SIGNED)
     # Whatever trio would do with it is done; the writer is held in its write.
     await trio.testing.wait_all_tasks_blocked()
     assert me.got == [], "an answer was released before its request's record was durable"

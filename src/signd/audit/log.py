@@ -252,7 +252,7 @@ class AuditLog:
         who: Who,
         notes: Notes | None,
         frame: bytes,
-        outcome: Outcome | None,
+        outcome: Outcome,
         recipient: Recipient,
         request_id: int | None,
     ) -> None:
@@ -260,9 +260,6 @@ class AuditLog:
         which ended as ``outcome``; ``recipient.audited`` runs in trio once it is
         written (strict: durable).  In relaxed mode it runs at once.  For an
         answer to a request that went through ``asked``, use ``answered``.
-
-        ``outcome`` None (callers that do not pass one yet): the writer reads
-        it from ``frame``.
         """
         if self.mode == "relaxed":
             self._queue.put((who, notes, time.perf_counter_ns(), frame, outcome, None, request_id))
@@ -287,9 +284,9 @@ class AuditLog:
                 pending.deferred = True
         return pending
 
-    def answered(self, pending: Pending, frame: bytes, outcome: Outcome | None = None) -> None:
+    def answered(self, pending: Pending, frame: bytes, outcome: Outcome) -> None:
         """``frame`` answers the request ``pending`` stands for, which ended as
-        ``outcome`` (None: read from ``frame`` by the writer, as for ``record``);
+        ``outcome``;
         ``recipient.audited`` runs once the request's record is durable
         (strict), at once if it already is (the outcome record then follows,
         without holding the answer), or at once in relaxed mode."""

@@ -17,14 +17,12 @@ from __future__ import annotations
 import hashlib
 import json
 from json.encoder import encode_basestring
-from typing import Any, Protocol
-
-import msgpack
+from typing import Protocol
 
 from signd_client.audit import line_of
 
 from ..access.policy import Principal
-from ..protocol import HEADER, Message, Request
+from ..protocol import Message, Request
 from .facts import Outcome
 
 __all__ = [
@@ -57,10 +55,10 @@ Who = tuple[str, str, str, str, str]
 Notes = tuple[str, str | None, bytes | None, int | None, int | None, int]
 #: What the loop queues per answer: (who, the request's notes or None when the
 #: answer is to no known request, perf_counter_ns of the answer, the answer's
-#: frame, its outcome (None: read it from the frame, for callers that do not
-#: pass one yet), whom to hand the frame back to or None (relaxed mode), the
+#: frame, its outcome (the facts the record states: the frame is never
+#: decoded), whom to hand the frame back to or None (relaxed mode), the
 #: request id).
-Entry = tuple[Who, Notes | None, int, bytes, Outcome | None, Recipient | None, int | None]
+Entry = tuple[Who, Notes | None, int, bytes, Outcome, Recipient | None, int | None]
 
 
 def data_digest(args: Message) -> tuple[bytes | None, int | None]:
@@ -145,25 +143,6 @@ def _result_fields(outcome: Outcome) -> tuple[str, str, int | None, str]:
     return '"ok"', "0", outcome.version, "" if valid is None else f',"valid":{_json(valid)}'
 
 
-def _frame_fields(frame: bytes) -> tuple[str, str, Any, str]:
-    """``_result_fields`` of an answer that came without its outcome, read from
-    its frame (compatibility: goes once every caller passes an ``Outcome``).
-
-    Raises:
-        Exception: the frame cannot be decoded.
-    """
-    answer = msgpack.unpackb(frame[HEADER.size :])
-    error = answer.get("error")
-    if error is not None:
-        return _json(error.get("name")), _json(error.get("code")), None, ""
-    value = answer.get("result") or {}
-    # A create or rotate names the version it made (a replay of one by its
-    # idempotency key too, whatever was rotated since).
-    version = value.get("version", value.get("created_version", value.get("current_version")))
-    valid = f',"valid":{_json(value["valid"])}' if "valid" in value else ""
-    return '"ok"', "0", version, valid
-
-
 def seal_entry(
     entry: Entry, seq: int, prev: str, clock_offset: int, request: int | None = None
 ) -> tuple[bytes, str]:
@@ -177,7 +156,7 @@ def seal_entry(
     Raises:
         Exception: the record cannot be encoded; the caller withholds that answer.
     """
-    (exe, gid, pid, uid, user), notes, ended, frame, outcome, _, _ = entry
+    (exe, gid, pid, uid, user), notes, ended, _, outcome, _, _ = entry
     if notes is not None:
         op_, key_, digest, items, version, started = notes
         op, key = _json(op_), _json(key_)
@@ -192,10 +171,7 @@ def seal_entry(
         started = ended
     ts = float.__repr__((started + clock_offset) // 1000 / 1e6)
 
-    if outcome is not None:
-        result, code, named, valid = _result_fields(outcome)
-    else:
-        result, code, named, valid = _frame_fields(frame)
+    result, code, named, valid = _result_fields(outcome)
     if version is None:
         version = named
     versioned = "" if version is None else f',"version":{_json(version)}'

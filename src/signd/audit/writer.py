@@ -86,7 +86,7 @@ class Pending:
         self.recipient = recipient
         self.request_id = request_id
         #: (perf_counter_ns when answered, the answer's frame, its outcome), set by the loop
-        self.answer: tuple[int, bytes, Outcome | None] | None = None
+        self.answer: tuple[int, bytes, Outcome] | None = None
         #: the loop's: None until the writer hands the request back
         self.durable: bool | None = None
         #: the writer's: the request record's seq, 0 for a combined record

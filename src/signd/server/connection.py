@@ -131,7 +131,7 @@ class Connection:
         else:
             self.sizes[request_id] = size
 
-    def answered(self, request_id: int, frame: bytes, outcome: Outcome | None = None) -> None:
+    def answered(self, request_id: int, frame: bytes, outcome: Outcome) -> None:
         """The service's reply: the request's bytes are let go, then ``reply``."""
         more = self.dup_sizes.get(request_id) if self.dup_sizes else None
         if more:
@@ -142,7 +142,7 @@ class Connection:
             self.in_bytes -= self.sizes.pop(request_id, 0)
         self.reply(request_id, frame, outcome)
 
-    def reply(self, request_id: int | None, frame: bytes, outcome: Outcome | None = None) -> None:
+    def reply(self, request_id: int | None, frame: bytes, outcome: Outcome) -> None:
         """Send ``frame``, the answer to ``request_id``, once the audit log has
         its record (with ``outcome``, the facts the audit log records about it:
         it never decodes the frame)."""
