@@ -18,9 +18,25 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
+from signd import errors
 from signd.access.policy import Principal
-from signd.audit.log import Entry, _seal_entry, _seal_request, who_fields
-from signd.protocol import HEADER, SignArgs, encode_request
+from signd.audit.facts import Outcome, outcome_of
+from signd.audit.records import Entry, data_digest, seal_entry, seal_request, who_fields
+from signd.protocol import (
+    HEADER,
+    KeyInfo,
+    KeyList,
+    PublicKey,
+    SignArgs,
+    SignBatchArgs,
+    SignResult,
+    VerifyArgs,
+    VerifyResult,
+    VersionInfo,
+    encode_error,
+    encode_request,
+    encode_result,
+)
 from signd_client.audit import AUDIT_KEY, GENESIS, canonical, line_of, verify_files
 from signd_client.errors import SigndError
 
@@ -84,12 +100,13 @@ _AUDIT_PEM: list[Path] = []
 
 
 def save_audit_key(d: Daemon) -> Path:
-    if not _AUDIT_PEM:
+    # Saved again if the daemon that saved it took its directory along.
+    if not _AUDIT_PEM or not _AUDIT_PEM[0].exists():
         with d.client() as c:
             pem = c.public_key(AUDIT_KEY).public_key_pem
         path = d.workdir / "audit-key.pem"
         path.write_text(pem)
-        _AUDIT_PEM.append(path)
+        _AUDIT_PEM[:] = [path]
     return _AUDIT_PEM[0]
 
 
@@ -379,6 +396,17 @@ def _as_recorded(text: str | None) -> str | None:
     return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
+#: Every error the daemon may answer.
+WIRE_ERRORS = sorted(
+    (
+        c
+        for c in vars(errors).values()
+        if isinstance(c, type) and issubclass(c, errors.WireError) and c is not errors.WireError
+    ),
+    key=lambda c: c.__name__,
+)
+
+
 @st.composite
 def entries(draw: st.DrawFn) -> tuple[Entry, dict[str, Any], int]:
     """An entry for the writer, the record it must give, and the clock offset."""
@@ -404,12 +432,12 @@ def entries(draw: st.DrawFn) -> tuple[Entry, dict[str, Any], int]:
     if draw(st.booleans()):
         started = ended - draw(st.integers(0, 10**12))
         op, key = draw(texts), draw(st.none() | texts)
-        digest = draw(st.none() | st.binary(min_size=32, max_size=32).map(bytes.hex))
+        digest = draw(st.none() | st.binary(min_size=32, max_size=32))
         items, named_version = draw(maybe_ints), draw(maybe_ints)
         notes = (op, key, digest, items, named_version, started)
         expected.update(op=op, key=key, latency_ms=(ended - started) // 1000 / 1e3)
         if digest is not None:
-            expected["data_sha256"] = digest
+            expected["data_sha256"] = digest.hex()
         if items is not None:
             expected["items"] = items
     else:
@@ -417,8 +445,15 @@ def entries(draw: st.DrawFn) -> tuple[Entry, dict[str, Any], int]:
         expected.update(op=None, key=None)
     expected["ts"] = (started + offset) // 1000 / 1e6
     version = named_version
+    # The answer's outcome as the service passes it, or none (read from the frame).
+    outcome: Outcome | None = None
     if draw(st.booleans()):
-        name, code = draw(texts), draw(ints)
+        if draw(st.booleans()):  # any name and code, as a frame may carry
+            name, code = draw(texts), draw(ints)
+        else:
+            exc = draw(st.sampled_from(WIRE_ERRORS))("no")
+            name, code = exc.name, int(exc.code)
+            outcome = Outcome(error=exc, version=draw(maybe_ints))
         answer: dict[str, Any] = {"error": {"code": code, "name": name, "message": draw(texts)}}
         expected.update(result=name, code=code)
     else:
@@ -432,15 +467,16 @@ def entries(draw: st.DrawFn) -> tuple[Entry, dict[str, Any], int]:
             result["valid"] = expected["valid"] = valid
         answer = {"result": result}
         expected.update(result="ok", code=0)
+        named = result.get("version", result.get("created_version", result.get("current_version")))
+        if draw(st.booleans()):
+            outcome = Outcome(version=named, valid=valid)
         if version is None:
-            version = result.get(
-                "version", result.get("created_version", result.get("current_version"))
-            )
+            version = named
     if version is not None:
         expected["version"] = version
     body = msgpack.packb({"v": 1, "id": draw(maybe_ints), **answer}, use_bin_type=True)
     frame = HEADER.pack(len(body)) + body
-    return (who_fields(who), notes, ended, frame, None, None), expected, offset
+    return (who_fields(who), notes, ended, frame, outcome, None, None), expected, offset
 
 
 @settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -449,7 +485,7 @@ def test_records_are_encoded_exactly_as_canonical_encodes_them(
     case: tuple[Entry, dict[str, Any], int], seq: int, prev: str
 ) -> None:
     entry, expected, offset = case
-    line, digest = _seal_entry(entry, seq, prev, offset)
+    line, digest = seal_entry(entry, seq, prev, offset)
     expected.update(seq=seq, prev=prev)
     assert (line, digest) == line_of(canonical(expected))
     assert line.endswith(b"\n")
@@ -469,7 +505,7 @@ def test_outcome_records_are_encoded_exactly_as_canonical_encodes_them(
 ) -> None:
     """An outcome record: the one-record form, plus its phase and its request's seq."""
     entry, expected, offset = case
-    line, digest = _seal_entry(entry, seq, prev, offset, request)
+    line, digest = seal_entry(entry, seq, prev, offset, request)
     expected.update(seq=seq, prev=prev, phase="outcome", request=request)
     assert (line, digest) == line_of(canonical(expected))
     assert json.loads(line) == {**expected, "hash": digest}
@@ -487,10 +523,12 @@ def test_request_records_are_encoded_exactly_as_canonical_encodes_them(
     op, key, digest, items, version, started = notes
     expected: dict[str, Any] = {k: said[k] for k in ("uid", "gid", "pid", "user", "exe")}
     expected.update(op=op, key=key, ts=(started + offset) // 1000 / 1e6, phase="request")
-    for name, value in (("data_sha256", digest), ("items", items), ("version", version)):
+    if digest is not None:
+        expected["data_sha256"] = digest.hex()
+    for name, value in (("items", items), ("version", version)):
         if value is not None:
             expected[name] = value
-    line, hashed = _seal_request(who, notes, seq, prev, offset)
+    line, hashed = seal_request(who, notes, seq, prev, offset)
     expected.update(seq=seq, prev=prev)
     assert (line, hashed) == line_of(canonical(expected))
     assert line.count(b"\n") == 1
@@ -507,13 +545,80 @@ def test_encoded_records_verify_as_a_chain(tmp_path: Path) -> None:
     err = msgpack.packb({"v": 1, "id": 2, "error": {"code": 300, "name": 'bad "name"\n'}})
     lines, prev = [], GENESIS
     for seq, (notes, body) in enumerate(
-        [(("verify", "k\u2028", "ab" * 32, None, None, 10**9), ok), (None, err)] * 3, 1
+        [(("verify", "k\u2028", b"\xab" * 32, None, None, 10**9), ok), (None, err)] * 3, 1
     ):
-        line, prev = _seal_entry(
-            (who, notes, 2 * 10**9, HEADER.pack(len(body)) + body, None, None), seq, prev, 1
+        line, prev = seal_entry(
+            (who, notes, 2 * 10**9, HEADER.pack(len(body)) + body, None, None, None), seq, prev, 1
         )
         lines.append(line)
     path = tmp_path / "audit-000001.jsonl"
     path.write_bytes(b"".join(lines))
     state = verify_files([str(path)])
     assert (state.records, state.problems) == (6, [])
+
+
+V = VersionInfo(version=4, state="active", created=1.0, public_key_pem="pem")
+# What the service answers, as results and errors: each gives the same record
+# from its ``Outcome`` as from its frame, which is how the writer read it before.
+RESULTS = [
+    SignResult(key="k", version=3, algorithm="ecdsa-p256-sha256", signature=b"s"),
+    VerifyResult(key="k", valid=True, version=2),
+    VerifyResult(key="k", valid=False),
+    KeyInfo(
+        name="k", type="ec-p256", created=1.0, current_version=4, versions=(V,), created_version=2
+    ),
+    KeyInfo(name="k", type="ec-p256", created=1.0, current_version=4, versions=(V,)),
+    PublicKey(name="k", version=5, type="ec-p256", public_key_pem="pem"),
+    KeyList(keys=()),
+]
+
+
+@pytest.mark.parametrize(
+    ("result", "version"), list(zip(RESULTS, [3, 2, None, 2, 4, 5, None], strict=True))
+)
+@pytest.mark.parametrize("named", [None, 7])
+def test_an_outcome_gives_the_record_its_frame_gave(
+    result: Any, version: int | None, named: int | None
+) -> None:
+    who = who_fields(Principal(1, 2, 3, "u", frozenset(), frozenset(), "/x"))
+    notes = ("op", "k", b"\x01" * 32, None, named, 10**9)
+    frame = encode_result(9, result)
+    told = seal_entry((who, notes, 2 * 10**9, frame, outcome_of(result), None, 9), 5, GENESIS, 7)
+    read = seal_entry((who, notes, 2 * 10**9, frame, None, None, 9), 5, GENESIS, 7)
+    assert told == read
+    assert json.loads(told[0]).get("version") == (version if named is None else named)
+
+
+@pytest.mark.parametrize("error", WIRE_ERRORS, ids=lambda c: c.__name__)
+def test_an_error_outcome_gives_the_record_its_frame_gave(error: type[Exception]) -> None:
+    exc = error("why")
+    assert isinstance(exc, errors.WireError)
+    who = who_fields(Principal(1, 2, 3, None, frozenset(), frozenset(), None))
+    frame = encode_error(4, exc)
+    for notes in (None, ("sign", "k", None, 2, 3, 10**9)):
+        told = seal_entry((who, notes, 2 * 10**9, frame, Outcome(error=exc), None, 4), 1, "a", 0)
+        read = seal_entry((who, notes, 2 * 10**9, frame, None, None, 4), 1, "a", 0)
+        assert told == read
+        assert json.loads(told[0])["result"] == exc.name
+
+
+def test_the_writer_does_not_decode_a_frame_it_is_told_the_outcome_of() -> None:
+    """With its outcome, an answer's frame is only carried back to its recipient."""
+    who = who_fields(Principal(1, 2, 3, "u", frozenset(), frozenset(), "/x"))
+    entry: Entry = (who, None, 10**9, b"not a frame", Outcome(version=2), None, None)
+    line, _ = seal_entry(entry, 1, GENESIS, 0)
+    assert json.loads(line)["version"] == 2
+    with pytest.raises(ValueError, match="unpack"):  # msgpack's ExtraData
+        seal_entry((*entry[:4], None, None, None), 1, GENESIS, 0)
+
+
+def test_a_message_is_recorded_by_the_sha256_it_is_signed_by() -> None:
+    """One message: the record's digest is the SHA-256 digest a SHA-256
+    algorithm signs, so the signing path can take it instead of hashing again."""
+    message = b"sign me" * 1000
+    digest, items = data_digest(SignArgs(key="k", message=message))
+    assert (digest, items) == (hashlib.sha256(message).digest(), None)
+    assert data_digest(VerifyArgs(key="k", message=message, signature=b"s"))[0] == digest
+    batch = data_digest(SignBatchArgs(key="k", messages=(b"a", b"b")))
+    inner = hashlib.sha256(hashlib.sha256(b"a").digest() + hashlib.sha256(b"b").digest())
+    assert batch == (inner.digest(), 2)

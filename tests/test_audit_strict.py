@@ -27,12 +27,14 @@ from typing import TYPE_CHECKING, Any
 import msgpack
 import pytest
 import trio
+import trio.testing
 
 from signd.access.policy import Principal
+from signd.audit.facts import Outcome
 from signd.audit.log import OVERLAP_INFLIGHT, AuditLog, who_fields
 from signd.protocol import HEADER, SignArgs, encode_request
 from signd_client.protocol import FrameDecoder, decode_response
-from test_audit import answers, audit_files, records, verify
+from test_audit import answers, audit_files, records, stop, verify
 
 if TYPE_CHECKING:
     from conftest import Daemon
@@ -106,7 +108,7 @@ def test_kill_9_leaves_a_request_record_for_every_answered_signature(
             d.start()  # on the same log: a torn tail is cut, the chain goes on
         with d.client() as c:
             c.sign(key_name, b"after the kills")
-        assert d.stop() == 0
+        stop(d)  # saves the audit key for verify, whichever tests ran before
         out = verify(*audit_files(d))
         assert out.returncode == 0, out.stdout
     finally:
@@ -210,7 +212,7 @@ def test_a_request_is_recorded_while_the_token_works(
             decoder.receive_data(chunk)
         (answer,) = frames
         assert decode_response(answer).error is None
-    assert d.stop() == 0
+    stop(d)  # saves the audit key for verify, whichever tests ran before
     assert (asked["phase"], asked["op"], asked["key"]) == ("request", "sign", key_name)
     assert (asked["uid"], asked["pid"]) == (os.getuid(), os.getpid())
     assert "result" not in asked
@@ -264,8 +266,12 @@ def _answer(request_id: int) -> bytes:
     return HEADER.pack(len(body)) + body
 
 
-def _notes(data: bytes) -> tuple[str, str, str, None, None, int]:
-    return ("sign", "app", hashlib.sha256(data).hexdigest(), None, None, time.perf_counter_ns())
+def _notes(data: bytes) -> tuple[str, str, bytes, None, None, int]:
+    return ("sign", "app", hashlib.sha256(data).digest(), None, None, time.perf_counter_ns())
+
+
+#: What the service tells the log of each answer ``_answer`` makes.
+SIGNED = Outcome(version=3)
 
 
 async def _until(condition: Callable[[], object]) -> None:
@@ -286,8 +292,8 @@ def _read(directory: Path) -> list[dict[str, Any]]:
 async def _opened(tmp_path: Path) -> tuple[AuditLog, _File]:
     log = AuditLog(str(tmp_path / "audit"))
     await log.open()
-    file = _File(log._file)
-    log._file = file
+    file = _File(log._writer._file)
+    log._writer._file = file
     return log, file
 
 
@@ -298,8 +304,9 @@ async def test_the_answer_waits_for_the_request_record_not_the_outcome(tmp_path:
     pending = log.asked(WHO, _notes(b"one"), me, 1)
     await _until(file.waiting.is_set)
     assert pending.seq == 1, "the writer took the request before its answer: a request record"
-    log.answered(pending, _answer(1))
-    await trio.sleep(0.05)  # a chance to go wrong: the record is not written yet
+    log.answered(pending, _answer(1))  # no outcome: read from the frame (compatibility)
+    # Whatever trio would do with it is done; the writer is held in its write.
+    await trio.testing.wait_all_tasks_blocked()
     assert me.got == [], "an answer was released before its request's record was durable"
     file.open.set()
     await _until(lambda: me.got)
@@ -319,7 +326,7 @@ async def test_the_answer_waits_for_the_request_record_not_the_outcome(tmp_path:
     # An answer that comes after the request record is durable goes at once.
     later = log.asked(WHO, _notes(b"two"), me, 2)
     await _until(lambda: later.durable)
-    log.answered(later, _answer(2))
+    log.answered(later, _answer(2), SIGNED)
     assert me.got[-1] == (2, True)
     await log.aclose()
     phases = [r.get("phase") for r in _read(tmp_path / "audit")]
@@ -331,10 +338,10 @@ async def test_an_answer_ready_first_gets_one_record(tmp_path: Path) -> None:
     me = _Recipient()
     # The writer is busy with an earlier record while this one is answered.
     file.open.clear()
-    log.record(WHO, None, _answer(0), me, 0)
+    log.record(WHO, None, _answer(0), SIGNED, me, 0)
     await _until(file.waiting.is_set)
     pending = log.asked(WHO, _notes(b"quick"), me, 1)
-    log.answered(pending, _answer(1))
+    log.answered(pending, _answer(1), SIGNED)
     file.open.set()
     await _until(lambda: len(me.got) == 2)
     await log.aclose()
@@ -352,7 +359,7 @@ async def test_no_request_record_no_answer(tmp_path: Path) -> None:
     file.fail = 2
     lost = log.asked(WHO, _notes(b"lost"), me, 1)
     await _until(lambda: lost.durable is False)
-    log.answered(lost, _answer(1))
+    log.answered(lost, _answer(1), SIGNED)
     await _until(lambda: me.got)
     assert me.got == [(1, False)], "an answer went out without a record of its request"
 
@@ -362,12 +369,14 @@ async def test_no_request_record_no_answer(tmp_path: Path) -> None:
     file.fail = 1
     retried = log.asked(WHO, _notes(b"retried"), me, 2)
     await _until(file.waiting.is_set)
-    log.answered(retried, _answer(2))
+    log.answered(retried, _answer(2), SIGNED)
     file.open.set()
     await _until(lambda: len(me.got) == 2)
     assert me.got[-1] == (2, True)
     await log.aclose()
-    (rec,) = [r for r in _read(tmp_path / "audit") if r.get("data_sha256") == _notes(b"retried")[2]]
+    (rec,) = [
+        r for r in _read(tmp_path / "audit") if r.get("data_sha256") == _notes(b"retried")[2].hex()
+    ]
     assert ("phase" not in rec, rec["result"]) == (True, "ok")
 
 
@@ -386,20 +395,20 @@ async def test_under_load_one_combined_record_and_the_answer_still_waits(
     await _until(lambda: all(p.durable for p in early))  # their request records
     file.open.clear()  # hold the writer: the combined record is not written yet
     file.waiting.clear()
-    log.answered(late, _answer(99))
+    log.answered(late, _answer(99), SIGNED)
     await _until(file.waiting.is_set)
     assert me.got == [], "an answer was released before the record of its request"
     file.open.set()
     await _until(lambda: me.got == [(99, True)])
     for i, p in enumerate(early):
-        log.answered(p, _answer(i))
+        log.answered(p, _answer(i), SIGNED)
     await _until(lambda: len(me.got) == OVERLAP_INFLIGHT + 1)
     after = log.asked(WHO, _notes(b"after"), me, 100)
     assert not after.deferred, "with nothing in flight the overlap comes back"
-    log.answered(after, _answer(100))
+    log.answered(after, _answer(100), SIGNED)
     await _until(lambda: len(me.got) == OVERLAP_INFLIGHT + 2)
     await log.aclose()
     recs = _read(tmp_path / "audit")
-    (combined,) = [r for r in recs if r.get("data_sha256") == _notes(b"late")[2]]
+    (combined,) = [r for r in recs if r.get("data_sha256") == _notes(b"late")[2].hex()]
     assert "phase" not in combined
     assert (combined["result"], combined["uid"], combined["pid"]) == ("ok", 1000, 4242)

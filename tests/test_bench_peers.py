@@ -21,8 +21,8 @@ from pkcs11 import Attribute, KeyType, ObjectClass
 from pkcs11.exceptions import UserAlreadyLoggedIn
 from pkcs11.util.ec import encode_named_curve_parameters
 
-from signd.bench._measure import Row, process_tree
-from signd.bench.peers import (
+from signd_bench._measure import Row, process_tree
+from signd_bench.peers import (
     PeerBadSignature,
     measure_p11kit_server,
     measure_ssh_agent,

@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import signal
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
@@ -21,18 +20,10 @@ from typing import TYPE_CHECKING
 import pytest
 
 from signd_client.errors import KeyNotFound, UnsupportedAlgorithm
+from support import wait_until
 
 if TYPE_CHECKING:
     from conftest import Daemon, P11KitServer, TokenEnv
-
-WAIT = 30.0
-
-
-def wait_until(probe: Callable[[], bool], what: str) -> None:
-    deadline = time.monotonic() + WAIT
-    while not probe():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
 
 
 def health_exit(d: Daemon) -> int:

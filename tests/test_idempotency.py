@@ -19,7 +19,6 @@ import json
 import os
 import random
 import shutil
-import signal
 import socket
 import struct
 import subprocess
@@ -63,6 +62,7 @@ from signd_client.protocol import (
     RotateArgs,
     decode_response,
 )
+from support import kill_tree
 
 if TYPE_CHECKING:
     from conftest import Daemon, TokenEnv  # the root conftest.py
@@ -540,17 +540,6 @@ def test_replay_across_a_restart_does_not_rotate(
     assert "idempotent request repeated" in d.logs()
 
 
-def _kill_tree(d: Daemon) -> None:
-    """SIGKILL the daemon and its token workers at once: a crash, not a shutdown."""
-    assert d.proc is not None
-    for pid in [d.proc.pid, *d.token_workers()]:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    d.proc.wait()
-
-
 def test_retry_after_a_crash_mid_rotation_rotates_exactly_once(
     make_daemon: Callable[..., Daemon], own_token: TokenEnv, key_name: str
 ) -> None:
@@ -573,8 +562,8 @@ def test_retry_after_a_crash_mid_rotation_rotates_exactly_once(
 
         t = threading.Thread(target=rotate)
         t.start()
-        time.sleep(rng.uniform(0, 0.03))
-        _kill_tree(d)
+        time.sleep(rng.uniform(0, 0.03))  # the subject: a kill at a random point of the rotation
+        kill_tree(d)
         t.join(30)
         d.start()
         with d.client() as c:

@@ -25,7 +25,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 import pkcs11
 import pytest
@@ -45,11 +45,11 @@ from signd_client.errors import (
     VersionNotUsable,
 )
 from signd_client.protocol import DestroyArgs, KeyInfo, VersionInfo
+from support import wait_for
 
 if TYPE_CHECKING:
     from conftest import Daemon, TokenEnv  # the root conftest.py
 
-T = TypeVar("T")
 
 #: Short periods for the daemons that rotate on their own.
 FAST_KEYS = "[keys]\nmin_rotate_period = 1\nsync_interval = 0.5\n"
@@ -59,17 +59,6 @@ POLL_TIMEOUT = 20.0
 
 # --------------------------------------------------------------------------
 # helpers
-
-
-def wait_for(probe: Callable[[], T | None], what: str, timeout: float = POLL_TIMEOUT) -> T:
-    """Call ``probe`` until it returns something other than None; return that."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = probe()
-        if value is not None:
-            return value
-        assert time.monotonic() < deadline, f"timed out after {timeout}s waiting for {what}"
-        time.sleep(0.02)
 
 
 def is_valid(pem: str, signature: bytes, message: bytes) -> bool:

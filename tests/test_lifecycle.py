@@ -18,7 +18,6 @@ import struct
 import subprocess
 import sys
 import threading
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -28,6 +27,8 @@ import msgpack
 import pytest
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
+
+from support import wait_until
 
 if TYPE_CHECKING:
     from conftest import Daemon, TokenEnv  # the root conftest.py
@@ -96,13 +97,6 @@ def assert_no_pin(text: str, *pins: str) -> None:
     for pin in pins:
         assert pin, "an empty PIN proves nothing"
         assert pin not in text, "the PIN appears in the daemon's output"
-
-
-def wait_for(predicate: Callable[[], bool], what: str, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.01)
 
 
 def signd_cmd(command: str, config: Path) -> list[str]:
@@ -337,7 +331,7 @@ def test_socket_activation(
     argv = [activate, "-l", d.socket, "-E", "SOFTHSM2_CONF", *d.command()]
     d.start(wait=False, argv=argv)
     assert d.proc is not None
-    wait_for(lambda: os.path.exists(d.socket), "systemd-socket-activate to listen")
+    wait_until(lambda: os.path.exists(d.socket), "systemd-socket-activate to listen")
     # The first connection makes systemd-socket-activate exec signd with the socket as fd 3;
     # a signd that ignored it would find the path in use and exit.
     d.check_signs(key)

@@ -64,7 +64,7 @@ def test_per_peer_bucket(make_daemon: Callable[..., Daemon], key_name: str) -> N
         assert err.retryable
         assert err.retry_after is not None
         assert 0 < err.retry_after <= 1.0  # one token at 5/s is 0.2 s away
-    # Waiting as told is enough.
+    # Waiting as told is enough (the subject: real time refills the daemon's bucket).
     time.sleep(max(e.retry_after or 0 for e in limited) + 0.1)
     with d.client(retries=0) as c:
         assert c.sign(key_name, b"later").version == 1

@@ -3,9 +3,7 @@ state or the new one, never half a key, a lost or a duplicated version."""
 
 from __future__ import annotations
 
-import os
 import random
-import signal
 import threading
 import time
 from collections.abc import Callable
@@ -16,23 +14,12 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 
 from signd_client import Client
 from signd_client.errors import SigndError
+from support import kill_tree
 
 if TYPE_CHECKING:
     from conftest import Daemon
 
 KILLS = 30
-
-
-def _kill_tree(d: Daemon) -> None:
-    """SIGKILL the daemon and its token workers at once: a crash, not a shutdown."""
-    assert d.proc is not None
-    pids = [d.proc.pid, *d.token_workers()]
-    for pid in pids:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    d.proc.wait()
 
 
 def _check(pem: str, key_type: str, sig: bytes, msg: bytes) -> None:
@@ -78,7 +65,7 @@ def test_kill_9_during_rotation(make_daemon: Callable[..., Daemon], key_name: st
         # within 1.5 times what a rotation took here, so that on a slow or
         # loaded machine the kills still fall all over the rotation.
         threading.Event().wait(rng.uniform(0, 1.5 * took[name]))
-        _kill_tree(d)
+        kill_tree(d)
         t.join(30)
         d.start()
         with d.client() as c:

@@ -49,6 +49,7 @@ from signd_client.protocol import (
     decode_response,
     encode_request,
 )
+from support import wait_until
 
 if TYPE_CHECKING:
     from conftest import Daemon, P11KitServer
@@ -78,13 +79,6 @@ ECDSA_PREHASHED = ec.ECDSA(utils.Prehashed(hashes.SHA256()))
 
 def digest(conn: int, i: int) -> bytes:
     return hashlib.sha256(f"slow {conn} {i}".encode()).digest()
-
-
-def wait_until(probe: Callable[[], bool], what: str) -> None:
-    deadline = time.monotonic() + WAIT
-    while not probe():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.02)
 
 
 class SlowRelay:

@@ -1,4 +1,4 @@
-"""The soak test's short version: ``python -m signd.bench.soak`` end to end.
+"""The soak test's short version: ``python -m signd_bench.soak`` end to end.
 
 The full run (README, "Soak test") holds 1,000 connections for 10 minutes
 and bounds the daemon's RSS growth.  Here the same code holds 1,000
@@ -40,7 +40,7 @@ def run_soak(tmp: Path, *args: str, timeout: float = 240) -> tuple[dict[str, Any
     env = {k: v for k, v in os.environ.items() if not k.startswith(("LISTEN_", "SIGND_"))}
     # Its own session, so a time-out stops the daemon it started too.
     proc = subprocess.Popen(
-        [sys.executable, "-m", "signd.bench.soak", *args, "--json", str(report)],
+        [sys.executable, "-m", "signd_bench.soak", *args, "--json", str(report)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

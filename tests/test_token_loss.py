@@ -32,18 +32,12 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
 from signd_client import Client
 from signd_client.errors import TokenUnavailable, WireError
+from support import wait_until
 
 if TYPE_CHECKING:
     from conftest import Daemon, P11KitServer, TokenEnv
 
 WAIT = 30.0
-
-
-def wait_until(probe: Callable[[], bool], what: str) -> None:
-    deadline = time.monotonic() + WAIT
-    while not probe():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.02)
 
 
 @dataclasses.dataclass
@@ -139,7 +133,11 @@ def pull_and_return(
         wait_until(lambda: any(o.error for o in load.since(pulled)), "a failed request")
         wait_until(lambda: d.gauge("signd_ready") == 0, "readiness to turn false")
         assert d.signctl("health").returncode == 1
-        time.sleep(1.0)  # a second more of requests against the missing token
+        lost = time.monotonic()
+        wait_until(
+            lambda: sum(o.error is not None for o in load.since(lost)) >= 20,
+            "more requests to fail against the missing token",
+        )
         returned = time.monotonic()
         back()
         wait_until(
@@ -147,7 +145,10 @@ def pull_and_return(
             "signd to serve again",
         )
         served = min(o.done for o in load.outcomes if o.error is None and o.sent >= returned)
-        time.sleep(0.5)  # and keep serving
+        wait_until(
+            lambda: sum(o.error is None for o in load.since(served)) >= 100,
+            "signd to keep serving",
+        )
     assert not load.unexpected, load.unexpected
 
     failed = [o for o in load.outcomes if o.error is not None]

@@ -25,15 +25,19 @@ import trio
 from . import __version__
 from .access.policy import Policy
 from .access.ratelimit import RateLimiter
-from .audit.log import AuditError, AuditLog, Checkpointer, TokenHead, head_label, record_own_action
+from .audit.checkpoint import Checkpointer, TokenHead, head_label
+from .audit.facts import outcome_of
+from .audit.files import AuditError
+from .audit.log import AuditLog, record_own_action
 from .config import Config, ConfigError, Secret, load_config, read_metrics_token, read_pin
 from .errors import WireError
 from .hardening import no_core_dumps
 from .keys.store import LoadedKey
 from .log import setup_logging
-from .metrics import KeyState, Metrics, Snapshot, serve_http
-from .protocol import encode_result
-from .server.core import ListenerError, Server, open_listener, systemd_socket
+from .metrics import KeyState, Metrics, Snapshot
+from .server.core import Server
+from .server.http import serve_http
+from .server.listener import ListenerError, open_listener, systemd_socket
 from .server.systemd import Notifier
 from .service.core import Service
 from .token.pool import PoolSettings, TokenPool, open_token_pool
@@ -143,6 +147,7 @@ async def _serve(
         metrics=metrics,
     )
     audit = None
+    checkpoints = None
     if cfg.audit.dir is not None:
         audit = AuditLog(
             cfg.audit.dir,
@@ -150,12 +155,21 @@ async def _serve(
             max_bytes=cfg.audit.max_bytes,
             checkpoint_every=cfg.audit.checkpoint_every,
             checkpoint_interval=cfg.audit.checkpoint_interval,
+            on_write=service.metrics.audit_write,
         )
         try:
             await audit.open()
         except (AuditError, OSError) as exc:
             log.error("the audit log cannot be used", extra={"error": str(exc)})
             return EXIT_FAILURE
+        info = pool.info
+        checkpoints = Checkpointer(
+            audit,
+            service,
+            TokenHead(pool, head_label(audit.directory)),
+            token=f"{info.label}/{info.serial}" if info is not None else "?",
+            on_mismatch=cfg.audit.on_mismatch,
+        )
         service.on_auto_rotate = functools.partial(_audit_auto_rotation, audit)
         service.on_auto_prune = functools.partial(_audit_auto_prune, audit)
     else:
@@ -166,15 +180,29 @@ async def _serve(
     # polling, 0.5 ms not), so the loop sleeps instead.
     strict = audit is not None and audit.mode == "strict"
     keep_warm = 0.0 if strict else cfg.token.spin_us / 1e6
-    server = Server(service, cfg.limits, keep_warm=keep_warm, audit=audit)
-    _count(service.metrics, service, server, pool, audit)
+    server = Server(
+        service,
+        cfg.limits,
+        metrics=service.metrics,
+        drop=pool.drop,
+        audit=audit,
+        keep_warm=keep_warm,
+    )
+    _count(service.metrics, service, server, pool, audit, checkpoints)
     try:
         async with trio.open_nursery() as nursery:
             if cfg.metrics.enabled:
                 await _start_metrics(nursery, cfg, service, metrics_token)
             try:
                 return await _serve_with(
-                    cfg, inherited, pool, service, server, sock, notifier=notifier
+                    cfg,
+                    inherited,
+                    pool,
+                    service,
+                    server,
+                    sock,
+                    notifier=notifier,
+                    checkpoints=checkpoints,
                 )
             finally:
                 nursery.cancel_scope.cancel()
@@ -184,15 +212,17 @@ async def _serve(
 
 
 def _count(
-    metrics: Metrics, service: Service, server: Server, pool: TokenPool, audit: AuditLog | None
+    metrics: Metrics,
+    service: Service,
+    server: Server,
+    pool: TokenPool,
+    audit: AuditLog | None,
+    cp: Checkpointer | None,
 ) -> None:
     """Connect ``metrics`` to what it counts and to what its gauges read."""
-    if audit is not None:
-        audit.on_write = metrics.audit_write
 
     def snapshot() -> Snapshot:
         floor = service.min_rotate_period
-        cp = audit.checkpointer if audit is not None else None
         return Snapshot(
             token_up=pool.alive_workers > 0,
             ready=service.ready,
@@ -261,16 +291,16 @@ def _netloc(host: str, port: int) -> str:
 
 async def _audit_auto_rotation(audit: AuditLog, key: LoadedKey) -> None:
     """A scheduled rotation has no request; its record names the daemon itself."""
-    frame = encode_result(None, key.info())
-    if not await record_own_action(audit, "auto_rotate", key.record.name, frame):
+    outcome = outcome_of(key.info())
+    if not await record_own_action(audit, "auto_rotate", key.record.name, outcome):
         log.error("a scheduled rotation could not be audited", extra={"key": key.record.name})
 
 
 async def _audit_auto_prune(audit: AuditLog, key: LoadedKey, versions: list[int]) -> None:
     """Retired versions destroyed by the daemon: recorded like a scheduled
-    rotation, the key's info (those versions now destroyed) as the frame."""
-    frame = encode_result(None, key.info())
-    if not await record_own_action(audit, "auto_prune", key.record.name, frame):
+    rotation, with the version the key's info names."""
+    outcome = outcome_of(key.info())
+    if not await record_own_action(audit, "auto_prune", key.record.name, outcome):
         log.error(
             "a pruning of retired versions could not be audited",
             extra={"key": key.record.name, "versions": versions},
@@ -286,6 +316,7 @@ async def _serve_with(
     sock: socket.socket,
     *,
     notifier: Notifier,
+    checkpoints: Checkpointer | None,
 ) -> int:
     await service.load()
     info = pool.info
@@ -329,10 +360,9 @@ async def _serve_with(
             # After READY=1: systemd arms the watchdog only then.
             nursery.start_soon(notifier.run_watchdog)
 
-        checkpoints = None
-        if server.audit is not None:
+        if checkpoints is not None:
             try:
-                checkpoints = await _start_checkpoints(cfg, server.audit, service, pool, nursery)
+                await _start_checkpoints(checkpoints, service, nursery)
             except (AuditError, WireError) as exc:
                 log.error("the audit log cannot be used", extra={"error": str(exc)})
                 nursery.cancel_scope.cancel()
@@ -349,27 +379,16 @@ async def _serve_with(
 
 
 async def _start_checkpoints(
-    cfg: Config, audit: AuditLog, service: Service, pool: TokenPool, nursery: trio.Nursery
-) -> Checkpointer:
+    checkpoints: Checkpointer, service: Service, nursery: trio.Nursery
+) -> None:
     """The audit key and the chain head on the token; the log checked against
     that head, and its start checkpointed.
 
     Raises: AuditError (the log does not match and on_mismatch is refuse), WireError.
     """
     await service.ensure_audit_key()
-    info = pool.info
-    token = f"{info.label}/{info.serial}" if info is not None else "?"
-    checkpoints = Checkpointer(
-        audit,
-        service,
-        TokenHead(pool, head_label(audit.directory)),
-        token=token,
-        on_mismatch=cfg.audit.on_mismatch,
-    )
-    audit.checkpointer = checkpoints
     await checkpoints.start(nursery)
     service.audit_head = lambda: checkpoints.head
-    return checkpoints
 
 
 #: Sections a reload applies; the others need a restart.

@@ -1,4 +1,4 @@
-"""A load-generating client process: ``python -m signd.bench.driver``.
+"""A load-generating client process: ``python -m signd_bench.driver``.
 
 It reads its job as JSON on stdin, connects, prints ``ready``, waits for a
 ``go`` line, runs ``warmup`` seconds unmeasured and ``seconds`` measured, and

@@ -1,1 +1,0 @@
-"""signd's benchmark: ``signd-bench`` (see ``python -m signd.bench --help``)."""

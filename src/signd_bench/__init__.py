@@ -1,0 +1,1 @@
+"""signd's benchmark: ``signd-bench`` (see ``python -m signd_bench --help``)."""
