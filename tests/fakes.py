@@ -35,9 +35,9 @@ from signd.keys.records import KeyRecord, KeySettings
 from signd.metrics import Metrics
 from signd.protocol import HEADER, OPS, Message, Request, VerifyArgs, decode_response
 from signd.service.core import Service
+from signd.token.ipc import MetadataBlob, SignJob, TokenInfo, VerifyJob
 from signd.token.pool import Entry, PoolSettings
 from signd.token.profiles import PROFILES
-from signd.token.session import MetadataBlob, SignJob, TokenInfo, VerifyJob
 
 __all__ = [
     "FAKE_INFO",

@@ -1,8 +1,9 @@
-"""The token pool's queue (``signd.token.scheduler``) in-process: fake workers
+"""The token pool's queue (``signd.token.scheduler``) and outage state in-process: fake workers
 (lanes that record what they are handed), trio's MockClock, no process."""
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -15,6 +16,7 @@ from signd.keys.algorithms import Scheme
 from signd.metrics import Metrics
 from signd.token import ipc
 from signd.token.ipc import IpcDecoder, SignJob
+from signd.token.outage import OUTAGE_LOG_EVERY, Outage
 from signd.token.scheduler import ADMISSION_JOBS, Entry, Scheduler, SchedulerSettings
 
 
@@ -302,3 +304,38 @@ async def test_tags_are_never_reused() -> None:
     s.pump()
     tags = [first, *(tag for tag, _, _ in lane.handed), s.new_tag()]
     assert len(set(tags)) == len(tags) == 5
+
+
+# ---------------------------------------------------------------- the outage state
+
+
+async def test_an_outage_says_since_when_and_ends_once_found(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    outage = Outage(trio.current_time)
+    assert "no token worker is running" in outage.unavailable().message
+    assert outage.lost("DeviceRemoved")
+    assert not outage.lost("again")  # known already
+    assert outage.losses == 1
+    back = outage.back
+    await trio.sleep(2.5)
+    assert "lost 2.5 s ago" in outage.unavailable().message
+    outage.found(0)
+    assert back.is_set()
+    assert not outage.down
+    assert outage.lost("and again")
+    assert outage.losses == 2
+    assert not outage.back.is_set()
+
+
+async def test_failed_starts_are_logged_once_per_period(
+    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    outage = Outage(trio.current_time)
+    with caplog.at_level(logging.WARNING, "signd.workers"):
+        outage.start_failed(1, "login failed")
+        outage.start_failed(1, "login failed")
+        await trio.sleep(OUTAGE_LOG_EVERY)
+        outage.start_failed(1, "login failed")
+    failed = [r for r in caplog.records if r.getMessage() == "token worker failed to start"]
+    assert len(failed) == 2

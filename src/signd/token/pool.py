@@ -8,6 +8,9 @@ dies is replaced, with back-off, and what it had in hand is answered
 Signatures are queued and handed out in batches by the ``Scheduler``
 (``scheduler.py``); this module keeps the processes (``process.py``) behind
 it running, and makes the rare calls (reading keys and records, writes).
+``watch.py`` finds a token that went away or hangs, ``outage.py`` keeps
+whether it is there, and ``keys/recordstore.py`` makes a record write a
+compare-and-swap out of the calls here.  All of them speak ``ipc.py``.
 
 **Writes go to a process of their own.**  SoftHSM's file store rescans the
 token when its generation counter has moved; a process that writes moves the

@@ -25,7 +25,6 @@ there is never a moment without metadata, and the newest revision wins.
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable, Sequence
 from typing import Any, Final
 
@@ -280,50 +279,6 @@ class TokenSession:
                 private.pop(object_id, None)
                 out.append(failed(self.failure(exc, "sign")))
         return out
-
-    def time_raw_signatures(
-        self,
-        label: str,
-        scheme: str,
-        hash_name: str | None,
-        data: bytes,
-        warmup: float,
-        seconds: float,
-    ) -> tuple[int, list[float]]:
-        """The benchmark's baseline: python-pkcs11's ``sign`` called directly in
-        a tight loop, one session, one thread, on the private key ``label``.
-        Returns (count, latencies)."""
-        session = self._session_or_raise()
-        key = next(
-            iter(
-                session.get_objects(
-                    {Attribute.CLASS: ObjectClass.PRIVATE_KEY, Attribute.LABEL: label}
-                )
-            )
-        )
-        mech = {
-            "ecdsa": Mechanism.ECDSA,
-            "eddsa": Mechanism.EDDSA,
-            "rsa-pkcs1v15": Mechanism.RSA_PKCS,
-            "rsa-pss": Mechanism.RSA_PKCS_PSS,
-        }[scheme]
-        param = _PSS[hash_name] if scheme == "rsa-pss" and hash_name else None
-        sign = key.sign
-        clock = time.perf_counter
-        latencies: list[float] = []
-        count = 0
-        start = clock()
-        measure_from = start + warmup
-        end = measure_from + seconds
-        now = start
-        while now < end:
-            t0 = clock()
-            sign(data, mechanism=mech, mechanism_param=param)
-            now = clock()
-            if t0 >= measure_from:
-                count += 1
-                latencies.append(now - t0)
-        return count, latencies
 
     def _find_private(self, object_id: bytes) -> Any:
         session = self._session_or_raise()
