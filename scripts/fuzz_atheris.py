@@ -280,7 +280,7 @@ class Harness:
         if op == "rotate" and self.stats.rotations >= MAX_ROTATIONS:
             op = "key_info"
         args: dict[str, Any] = {}
-        for name, tp in OPS[op][0].__annotations__.items():
+        for name, tp in OPS[op].args.__annotations__.items():
             roll = fdp.ConsumeIntInRange(0, 9)
             if roll == 0 and "None" in str(tp):
                 continue  # an optional field left out

@@ -22,7 +22,15 @@ if TYPE_CHECKING:
     import pytest
     from conftest import Daemon
 
-__all__ = ["WAIT", "kill_tree", "once_per_run", "wait_for", "wait_until"]
+__all__ = [
+    "WAIT",
+    "kill_tree",
+    "once_per_run",
+    "open_sockets",
+    "wait_for",
+    "wait_until",
+    "wait_until_released",
+]
 
 T = TypeVar("T")
 
@@ -68,6 +76,45 @@ def kill_tree(d: Daemon) -> None:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
     d.proc.wait()
+
+
+def open_sockets(d: Daemon) -> int:
+    """How many sockets the daemon's main process holds open (the listener
+    and its connections).
+
+    Raises: FileNotFoundError if the process is gone.
+    """
+    assert d.proc is not None
+    fds = f"/proc/{d.proc.pid}/fd"
+    count = 0
+    for fd in os.listdir(fds):
+        try:
+            count += os.readlink(f"{fds}/{fd}").startswith("socket:")
+        except FileNotFoundError:
+            pass  # closed while we looked
+    return count
+
+
+def wait_until_released(d: Daemon, baseline: int, timeout: float = WAIT) -> None:
+    """Wait until the daemon has let go of every connection opened after
+    ``baseline`` (an ``open_sockets`` count).
+
+    Once a closed connection is torn down on the daemon's side, whatever closing
+    it did to the daemon has happened, so the checks that follow are not racing it.
+
+    Raises: AssertionError if the daemon dies or keeps a connection ``timeout`` seconds.
+    """
+    assert d.proc is not None
+    proc = d.proc
+
+    def released() -> bool:
+        assert proc.poll() is None, f"signd died:\n{d.logs()[-3000:]}"
+        try:
+            return open_sockets(d) <= baseline
+        except FileNotFoundError:
+            return False  # the process is exiting; poll() says so next time round
+
+    wait_until(released, "signd to let go of the closed connections", timeout)
 
 
 def once_per_run(

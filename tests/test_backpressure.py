@@ -19,7 +19,6 @@ the assertions are on bytes, answers and memory.
 from __future__ import annotations
 
 import hashlib
-import os
 import select
 import socket
 import time
@@ -42,6 +41,7 @@ from signd_client.protocol import (
     decode_response,
     encode_request,
 )
+from support import open_sockets, wait_until, wait_until_released
 
 if TYPE_CHECKING:
     from conftest import Daemon  # the root conftest.py
@@ -68,28 +68,6 @@ def rss_kib(pid: int) -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1])
     raise AssertionError(f"no VmRSS for process {pid}")
-
-
-def open_sockets(daemon: Daemon) -> int:
-    """How many sockets the daemon's main process holds open."""
-    assert daemon.proc is not None
-    count = 0
-    for fd in Path(f"/proc/{daemon.proc.pid}/fd").iterdir():
-        try:
-            count += os.readlink(fd).startswith("socket:")
-        except FileNotFoundError:
-            pass  # closed while we looked
-    return count
-
-
-def wait_until_released(daemon: Daemon, baseline: int) -> None:
-    """Wait until the daemon has let go of every connection opened after ``baseline``."""
-    assert daemon.proc is not None
-    deadline = time.monotonic() + WAIT
-    while open_sockets(daemon) > baseline:
-        assert daemon.proc.poll() is None, f"signd died:\n{daemon.logs()[-3000:]}"
-        assert time.monotonic() < deadline, "signd kept a closed connection open"
-        time.sleep(0.01)
 
 
 class Answers:
@@ -393,15 +371,16 @@ def test_connection_past_max_connections_gets_busy(
 
     # Once one of them leaves, a new connection is served again.
     socks.pop().close()
-    deadline = time.monotonic() + WAIT
-    while True:
+
+    def served() -> bool:
         s = daemon.connect_raw()
         resp = round_trip(s, health_frame(99))
         if resp.error is None:
             socks.append(s)
-            break
+            return True
         s.close()  # the daemon has not seen the close yet: refused again
         assert isinstance(resp.error, Busy), resp.error
-        assert time.monotonic() < deadline, "a freed connection slot was never reused"
-        time.sleep(0.01)
+        return False
+
+    wait_until(served, "a freed connection slot to be reused", WAIT)
     assert daemon.proc.poll() is None, "signd died"

@@ -12,15 +12,12 @@ from __future__ import annotations
 import collections
 import contextlib
 import json
-import os
 import socket
 import struct
 import threading
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import msgpack
@@ -36,6 +33,7 @@ from signd_client.errors import (
     UnsupportedAlgorithm,
     VersionNotFound,
 )
+from support import open_sockets, wait_until_released
 
 if TYPE_CHECKING:
     from conftest import Daemon  # the root conftest.py
@@ -221,38 +219,6 @@ class BackgroundSigner(threading.Thread):
         self.stopping.set()
         self.join(20.0)
         assert not self.is_alive()
-
-
-def open_sockets(daemon: Daemon) -> int:
-    """How many sockets the daemon process holds open (listener and connections)."""
-    assert daemon.proc is not None
-    fd_dir = Path(f"/proc/{daemon.proc.pid}/fd")
-    count = 0
-    for fd in fd_dir.iterdir():
-        try:
-            count += os.readlink(fd).startswith("socket:")
-        except FileNotFoundError:
-            pass  # closed while we looked
-    return count
-
-
-def wait_until_released(daemon: Daemon, baseline: int, timeout: float = 10.0) -> None:
-    """Wait until the daemon has let go of every connection opened after ``baseline``.
-
-    Once a closed connection is torn down on the daemon's side, whatever closing
-    it did to the daemon has happened, so the checks that follow are not racing it.
-    """
-    assert daemon.proc is not None
-    deadline = time.monotonic() + timeout
-    while True:
-        assert daemon.proc.poll() is None, f"signd died:\n{daemon.logs()[-3000:]}"
-        try:
-            if open_sockets(daemon) <= baseline:
-                return
-        except FileNotFoundError:
-            continue  # the process is exiting; poll() says so next time round
-        assert time.monotonic() < deadline, "signd kept a closed connection open"
-        time.sleep(0.01)
 
 
 @contextlib.contextmanager
@@ -751,7 +717,7 @@ def test_half_frame_then_close(signd: Daemon, bystander: Bystander, partial: byt
     s.sendall(partial)
     bystander.check()  # a half frame on one connection does not hold up another
     s.close()
-    wait_until_released(signd, baseline)
+    wait_until_released(signd, baseline, 10.0)
     bystander.check()
     with signd.client() as c:
         assert c.health().ready
@@ -768,7 +734,7 @@ def test_many_half_frames_at_once(signd: Daemon, bystander: Bystander) -> None:
     for s in socks:
         assert s.recv(1) == b""  # the daemon closes, and says nothing
         s.close()
-    wait_until_released(signd, baseline)
+    wait_until_released(signd, baseline, 10.0)
     bystander.check()
 
 
@@ -789,7 +755,7 @@ def test_client_that_closes_without_reading(own_daemon: Daemon, keys: Keys) -> N
             s = own_daemon.connect_raw()
             s.sendall(b"".join(frame(request(i, op, args)) for i in range(200)))
             s.close()  # never reads a single answer
-            wait_until_released(own_daemon, baseline)
+            wait_until_released(own_daemon, baseline, 10.0)
             bystander.check()
         with own_daemon.client() as c:
             assert c.health().ready
@@ -821,5 +787,5 @@ def test_client_that_never_reads(own_daemon: Daemon, keys: Keys) -> None:
         with own_daemon.client() as c:
             assert c.health().ready
         s.close()
-        wait_until_released(own_daemon, baseline)
+        wait_until_released(own_daemon, baseline, 10.0)
         bystander.check()

@@ -44,6 +44,7 @@ from signd_client.protocol import (
     decode_response,
     encode_request,
 )
+from support import wait_until
 
 if TYPE_CHECKING:
     from conftest import Daemon  # the root conftest.py
@@ -90,12 +91,14 @@ def wait_until_read(daemon: Daemon, conns: list[Conn]) -> None:
     The daemon dispatches what one read delivered before it reads again, so
     once every byte is read, every request in them is queued for the token.
     """
-    assert daemon.proc is not None
-    deadline = time.monotonic() + WAIT
-    while any(unread_by_peer(c.sock) for c in conns):
-        assert daemon.proc.poll() is None, f"signd died:\n{daemon.logs()[-3000:]}"
-        assert time.monotonic() < deadline, "signd stopped reading"
-        time.sleep(0.002)
+    proc = daemon.proc
+    assert proc is not None
+
+    def read() -> bool:
+        assert proc.poll() is None, f"signd died:\n{daemon.logs()[-3000:]}"
+        return not any(unread_by_peer(c.sock) for c in conns)
+
+    wait_until(read, "signd to read every request sent", WAIT)
 
 
 class Conn:

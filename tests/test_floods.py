@@ -18,7 +18,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -29,6 +28,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from signd_client.errors import KeyNotFound
+from support import wait_until
 
 if TYPE_CHECKING:
     from conftest import Daemon
@@ -138,10 +138,10 @@ def hits(d: Daemon, limit: str) -> float:
 
 
 def wait_for(what: str, check: Callable[[], bool], d: Daemon) -> None:
-    deadline = time.monotonic() + WAIT
-    while not check():
-        assert time.monotonic() < deadline, f"never: {what}\n{d.logs()[-3000:]}"
-        time.sleep(0.02)
+    try:
+        wait_until(check, what, WAIT)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}\n{d.logs()[-3000:]}") from None
 
 
 def serves_root(d: Daemon, key: tuple[str, Any], times: int = 5) -> None:

@@ -73,7 +73,7 @@ values = st.recursive(
     max_leaves=20,
 )
 FIELD_NAMES = sorted(
-    {f for args, _ in OPS.values() for f in getattr(args, "__dataclass_fields__", {})}
+    {f for spec in OPS.values() for f in getattr(spec.args, "__dataclass_fields__", {})}
 )
 
 
@@ -109,7 +109,7 @@ def args_for(
     ones, each of its own type (the daemon then really works on them).  Hostile:
     any field may be missing or of the wrong type, an unknown field may be
     added, or the arguments may not be a map at all."""
-    args_cls = OPS[op][0]
+    args_cls = OPS[op].args
     required: dict[str, st.SearchStrategy[Any]] = {}
     optional: dict[str, st.SearchStrategy[Any]] = {}
     for name, tp in args_cls.__annotations__.items():
@@ -240,7 +240,7 @@ def check_event(event: object) -> None:
         assert response.error.code == event.error.code
     else:
         assert event.op in OPS
-        assert isinstance(event.args, OPS[event.op][0])
+        assert isinstance(event.args, OPS[event.op].args)
 
 
 def feed(stream: bytes, cuts: list[int], max_frame: int = DEFAULT_MAX_FRAME) -> int:

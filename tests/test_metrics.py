@@ -26,6 +26,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from signd_client.errors import KeyNotFound, RateLimited, VersionNotFound, VersionNotUsable
+from support import wait_until
 
 if TYPE_CHECKING:
     from conftest import Daemon
@@ -134,11 +135,14 @@ def test_signatures_per_second_gauge(make_daemon: Callable[..., Daemon], key_nam
         return value(samples(scrape(d)[2]), "signd_key_signatures_per_second", key=key_name)
 
     # 500 signatures within the 10 s window: 50/s, exactly (and never more).
-    deadline = time.monotonic() + 10
-    while (now := rate()) != pytest.approx(50.0):
+    def counted() -> bool:
+        now = rate()
+        if now == pytest.approx(50.0):
+            return True
         assert now < 50.0, now
-        assert time.monotonic() < deadline, f"the gauge still says {now}/s"
-        time.sleep(0.05)
+        return False
+
+    wait_until(counted, "the gauge to say 50/s", 10)
     assert d.stop() == 0
 
 
@@ -499,14 +503,11 @@ def test_held_connections_neither_pile_up_nor_block_a_scrape_or_the_socket(
     try:
         # The daemon takes them in, keeping only the newest few: the others
         # are closed at once (their peer sees the end of the stream).
-        deadline = time.monotonic() + 60
-        while True:
+        def closed() -> bool:
             assert len(list(fds.iterdir())) <= base + 2 * 16 + 8, "held connections pile up"
-            closed = sum(1 for s in held if peer_closed(s))
-            if closed >= 300 - 2 * 16:
-                break
-            assert time.monotonic() < deadline, f"only {closed} of 300 closed"
-            time.sleep(0.05)
+            return sum(1 for s in held if peer_closed(s)) >= 300 - 2 * 16
+
+        wait_until(closed, "all but the newest 32 of 300 to be closed", 60)
         # With the rest still held, a scrape and a socket health answer.
         assert d.http_get()[0] == 200
         with d.client() as c:

@@ -8,6 +8,7 @@ failure, not a skip: set-up (``scripts/dev.sh``) installs both.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -15,6 +16,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
+
+from signd.protocol import OPS
 
 if TYPE_CHECKING:
     from conftest import Daemon
@@ -46,3 +49,22 @@ def test_node_client(signd: Daemon) -> None:
     assert proc.returncode == 0, (
         f"node --test failed (exit {proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
     )
+
+
+def test_node_retry_table_is_the_python_one() -> None:
+    """The Node client's RETRY (which ops it sends again) matches ``OPS``."""
+    node = shutil.which("node")
+    if node is None:
+        pytest.fail(f"node is not installed: {SETUP_HINT}")
+    if not (NODE_DIR / "node_modules" / "@msgpack" / "msgpack").is_dir():
+        pytest.fail(f"{NODE_DIR / 'node_modules'} is missing: {SETUP_HINT}")
+    script = 'import { RETRY } from "./src/schema.js"; console.log(JSON.stringify(RETRY));'
+    proc = subprocess.run(
+        [node, "--input-type=module", "-e", script],
+        cwd=NODE_DIR,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    assert json.loads(proc.stdout) == {op: spec.retry.value for op, spec in OPS.items()}

@@ -18,19 +18,25 @@ from hypothesis import strategies as st
 from signd import errors
 from signd.protocol import (
     DEFAULT_MAX_FRAME,
+    IDEMPOTENCY_KEY_OPS,
+    IDEMPOTENT_OPS,
     MAX_VERSION,
     OPS,
     BadRequest,
     CreateKeyArgs,
     Empty,
     FrameDecoder,
+    KeyGrant,
     KeyRefArgs,
+    OpSpec,
     PublicKeyArgs,
     Request,
     Response,
+    Retry,
     RotateArgs,
     SignArgs,
     VerifyArgs,
+    Whoami,
     decode_request,
     decode_response,
     encode_request,
@@ -336,10 +342,40 @@ def test_bad_request_gets_its_error_class(
 
 
 def test_every_arguments_type_rejects_unknown_fields() -> None:
-    for op, (args_cls, _) in OPS.items():
+    for op, spec in OPS.items():
+        args_cls = spec.args
         event = decode_request(pack(req(op, {"no_such_field": 1})))
         assert isinstance(event, BadRequest), op
         assert type(event.error) is errors.InvalidArgument, (op, args_cls)
+
+
+def test_retry_classes_give_the_idempotent_sets() -> None:
+    assert {op for op, spec in OPS.items() if spec.retry is Retry.SAFE} == IDEMPOTENT_OPS
+    assert {op for op, spec in OPS.items() if spec.retry is Retry.WITH_KEY} == IDEMPOTENCY_KEY_OPS
+    assert IDEMPOTENCY_KEY_OPS == {"create_key", "rotate"}
+    for op, spec in OPS.items():
+        # "with_key" only where the arguments can carry one
+        takes_key = "idempotency_key" in getattr(spec.args, "__dataclass_fields__", {})
+        assert (spec.retry is Retry.WITH_KEY) == takes_key, op
+    assert OPS["whoami"] == OpSpec(Empty, Whoami, Retry.SAFE)
+
+
+def test_whoami_takes_no_arguments() -> None:
+    assert decode_request(pack(req("whoami"))) == Request(7, "whoami", Empty())
+    event = decode_request(pack(req("whoami", {"key": "k"})))
+    assert isinstance(event, BadRequest)
+    assert type(event.error) is errors.InvalidArgument
+
+
+def test_whoami_result_fields_are_checked() -> None:
+    wire = {"uid": 5, "gid": 6, "groups": [6], "keys": [{"name": "k", "verbs": ["read"]}]}
+    who = Whoami.from_wire(wire, strict=False)
+    assert who == Whoami(uid=5, gid=6, groups=(6,), user=None, keys=(KeyGrant("k", ("read",)),))
+    assert who.to_wire() == wire  # user absent, not nil
+    with pytest.raises(errors.InvalidArgument, match=r"keys\[0\]\.verbs"):
+        Whoami.from_wire({**wire, "keys": [{"name": "k", "verbs": "read"}]}, strict=False)
+    with pytest.raises(errors.InvalidArgument, match="'groups' is required"):
+        Whoami.from_wire({"uid": 5, "gid": 6, "keys": []}, strict=False)
 
 
 # ---------------------------------------------------------------- fuzzing
@@ -362,7 +398,7 @@ def _check_events(events: list[Request | BadRequest]) -> None:
             assert event.id is None or 0 <= event.id <= U64_MAX
         else:
             assert isinstance(event, Request)
-            assert isinstance(event.args, OPS[event.op][0])
+            assert isinstance(event.args, OPS[event.op].args)
 
 
 @FUZZ

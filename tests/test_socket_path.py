@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from signd.server.core import ListenerError, open_listener
+from signd.server.listener import ListenerError, open_listener
 
 NOBODY = 65534
 GID = 4242

@@ -46,6 +46,7 @@ import pytest
 
 from signd.config import load_config
 from signd.server.systemd import Notifier
+from support import wait_until
 
 if TYPE_CHECKING:
     from conftest import Daemon  # the root conftest.py
@@ -383,11 +384,13 @@ def test_socket_activation_with_notify(
     argv = [activate, "-l", d.socket, "-E", "SOFTHSM2_CONF", "-E", "NOTIFY_SOCKET", *d.command()]
     d.start(wait=False, argv=argv)
     assert d.proc is not None
-    deadline = time.monotonic() + 30
-    while not os.path.exists(d.socket):
-        assert d.proc.poll() is None, d.logs()
-        assert time.monotonic() < deadline, "systemd-socket-activate did not listen"
-        time.sleep(0.01)
+    proc = d.proc
+
+    def listening() -> bool:
+        assert proc.poll() is None, d.logs()
+        return os.path.exists(d.socket)
+
+    wait_until(listening, "systemd-socket-activate to listen")
     assert notify.receive(0.0) is None  # signd starts at the first connection
     # The first connection starts signd, which serves on the socket it was passed.
     key = d.new_ec_key("systemd")

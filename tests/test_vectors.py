@@ -133,6 +133,14 @@ def test_vectors_cover_every_op_and_every_error_code() -> None:
     assert codes == {int(c) for c in errors.ErrorCode}
 
 
+def test_protocol_md_describes_every_op() -> None:
+    """Adding an op means its PROTOCOL.md section, with its request shown."""
+    text = (Path(__file__).resolve().parents[1] / "PROTOCOL.md").read_text()
+    for op in OPS:
+        assert f"### `{op}`" in text, f"PROTOCOL.md has no section for {op}"
+        assert f"[{op}.request" in text, f"PROTOCOL.md shows no {op} request frame"
+
+
 @pytest.mark.parametrize("vector", DOC["vectors"], ids=ids(DOC["vectors"]))
 def test_hex_is_the_message(vector: dict[str, Any]) -> None:
     """(b) the bytes decode to the message, and (a) packing it gives the bytes again."""
@@ -152,7 +160,7 @@ def test_request_decodes_to_typed_request(vector: dict[str, Any]) -> None:
     decoder = FrameDecoder(DOC["max_frame"])
     decoder.receive_data(frame_of(vector))
     (body,) = decoder.frames()
-    args_cls = OPS[message["op"]][0]
+    args_cls = OPS[message["op"]].args
     expected = Request(message["id"], message["op"], build(args_cls, message["args"]))
     assert decode_request(body) == expected
 
@@ -160,7 +168,7 @@ def test_request_decodes_to_typed_request(vector: dict[str, Any]) -> None:
 @pytest.mark.parametrize("vector", RESULTS, ids=ids(RESULTS))
 def test_result_encodes_to_exact_bytes(vector: dict[str, Any]) -> None:
     message = from_json(vector["message"])
-    result = build(OPS[vector["op"]][1], message["result"])
+    result = build(OPS[vector["op"]].result, message["result"])
     assert encode_result(message["id"], result) == frame_of(vector)
 
 
@@ -208,7 +216,7 @@ ACCEPTED = DOC["accepted_requests"]
 def test_accepted_request_decodes(vector: dict[str, Any]) -> None:
     want = from_json(vector["request"])
     event = decode_request(frame_of(vector)[4:])
-    assert event == Request(want["id"], want["op"], build(OPS[want["op"]][0], want["args"]))
+    assert event == Request(want["id"], want["op"], build(OPS[want["op"]].args, want["args"]))
 
 
 def test_signatures_in_the_vectors_verify() -> None:

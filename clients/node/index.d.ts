@@ -204,6 +204,24 @@ export interface Health {
   audit?: AuditHead;
 }
 
+/** One key the caller may use, and how. */
+export interface KeyGrant {
+  name: string;
+  /** Sorted; among "admin", "create", "read", "rotate", "sign", "verify". */
+  verbs: string[];
+}
+
+/** Who the daemon takes the caller to be, and every key it has a verb on (sorted by name). */
+export interface Whoami {
+  uid: number;
+  gid: number;
+  /** Sorted, the primary gid included. */
+  groups: number[];
+  /** Absent when the uid has no user name. */
+  user?: string;
+  keys: KeyGrant[];
+}
+
 export interface AuditHead {
   chain: string;
   seq: number;
@@ -252,6 +270,8 @@ export declare class Client {
   enable(name: string, version: number, callOptions?: CallOptions): Promise<KeyInfo>;
   destroy(name: string, options: DestroyOptions, callOptions?: CallOptions): Promise<KeyInfo>;
   health(callOptions?: CallOptions): Promise<Health>;
+  /** Who the daemon takes this process to be, and its verbs per key (after a PermissionDenied). */
+  whoami(callOptions?: CallOptions): Promise<Whoami>;
   /**
    * A handle on one version of `name` for signJws/signJwt (one public_key request).
    * Without `version`: the key's current version, and the handle follows rotation.
@@ -421,6 +441,8 @@ export declare const MAX_JWKS_KEYS: number;
 export declare const KEY_TYPES: readonly KeyType[];
 export declare const OPS: readonly string[];
 export declare const METHODS: Readonly<Record<string, string>>;
+/** When an op may be sent again: "safe" always, "with_key" with an idempotency_key, "never". */
+export declare const RETRY: Readonly<Record<string, "safe" | "with_key" | "never">>;
 export declare const IDEMPOTENT_OPS: ReadonlySet<string>;
 export declare const IDEMPOTENCY_KEY_OPS: ReadonlySet<string>;
 
@@ -440,6 +462,7 @@ export declare const calls: {
   enable(name: string, version: number): Call;
   destroy(name: string, options: DestroyOptions): Call;
   health(): Call;
+  whoami(): Call;
 };
 
 /** Check wire arguments against the op and put them in wire order. Throws InvalidArgument. */

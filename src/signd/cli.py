@@ -31,9 +31,11 @@ from .errors import WireError
 from .hardening import no_core_dumps
 from .keys.store import LoadedKey
 from .log import setup_logging
-from .metrics import KeyState, Metrics, Snapshot, serve_http
+from .metrics import KeyState, Metrics, Snapshot
 from .protocol import encode_result
-from .server.core import ListenerError, Server, open_listener, systemd_socket
+from .server.core import Server
+from .server.http import serve_http
+from .server.listener import ListenerError, open_listener, systemd_socket
 from .server.systemd import Notifier
 from .service.core import Service
 from .token.pool import PoolSettings, TokenPool, open_token_pool
@@ -90,14 +92,16 @@ async def _run(cfg: Config, pin: Secret, metrics_token: Secret | None = None) ->
         profile=cfg.token.profile.name,
     )
     failed = False
+    metrics = Metrics()
     try:
         try:
-            async with open_token_pool(settings) as pool:
+            async with open_token_pool(settings, metrics) as pool:
                 return await _serve(
                     cfg,
                     sock,
                     inherited is not None,
                     pool,
+                    metrics,
                     notifier=notifier,
                     metrics_token=metrics_token,
                 )
@@ -118,6 +122,7 @@ async def _serve(
     sock: socket.socket,
     inherited: bool,
     pool: TokenPool,
+    metrics: Metrics,
     *,
     notifier: Notifier,
     metrics_token: Secret | None = None,
@@ -137,6 +142,7 @@ async def _serve(
         profile=cfg.token.profile,
         default_max_versions=cfg.keys.default_max_versions,
         max_versions_limit=cfg.keys.max_versions_limit,
+        metrics=metrics,
     )
     audit = None
     if cfg.audit.dir is not None:
@@ -162,7 +168,14 @@ async def _serve(
     # polling, 0.5 ms not), so the loop sleeps instead.
     strict = audit is not None and audit.mode == "strict"
     keep_warm = 0.0 if strict else cfg.token.spin_us / 1e6
-    server = Server(service, cfg.limits, keep_warm=keep_warm, audit=audit)
+    server = Server(
+        service,
+        cfg.limits,
+        metrics=service.metrics,
+        drop=pool.drop,
+        audit=audit,
+        keep_warm=keep_warm,
+    )
     _count(service.metrics, service, server, pool, audit)
     try:
         async with trio.open_nursery() as nursery:
@@ -183,7 +196,6 @@ def _count(
     metrics: Metrics, service: Service, server: Server, pool: TokenPool, audit: AuditLog | None
 ) -> None:
     """Connect ``metrics`` to what it counts and to what its gauges read."""
-    pool.metrics = metrics
     if audit is not None:
         audit.on_write = metrics.audit_write
 

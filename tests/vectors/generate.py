@@ -49,6 +49,7 @@ from signd_client.protocol import (
     Jwk,
     Jwks,
     JwksArgs,
+    KeyGrant,
     KeyInfo,
     KeyList,
     KeyRefArgs,
@@ -67,6 +68,7 @@ from signd_client.protocol import (
     VerifyResult,
     VersionInfo,
     VersionRefArgs,
+    Whoami,
     encode_error,
     encode_request,
     encode_result,
@@ -774,6 +776,37 @@ result(
         keys=0,
         detail="the token is not open or the keys are not loaded",
     ),
+)
+
+# ---- whoami: who the daemon takes the caller to be, and what it may do
+
+request("whoami.request", "whoami takes no arguments: args is {}.", 67, "whoami", Empty())
+result(
+    "whoami.result",
+    "the caller as the kernel reports it (uid, gid, groups sorted with the primary group "
+    "in them) and its user name, then every existing key on which it has at least one "
+    "verb, sorted by name, each with its verbs sorted.",
+    67,
+    "whoami",
+    Whoami(
+        uid=1001,
+        gid=1001,
+        groups=(27, 1001, 1002),
+        user="deploy",
+        keys=(
+            KeyGrant(name=KEY, verbs=("read", "sign", "verify")),
+            KeyGrant(name=RSA_KEY, verbs=("verify",)),
+            KeyGrant(name=ED_KEY, verbs=("admin", "create", "read", "rotate", "sign", "verify")),
+        ),
+    ),
+)
+result(
+    "whoami.result.nothing",
+    "a caller whose uid has no user name (user absent) and who may use no key: keys is "
+    "an empty array.",
+    68,
+    "whoami",
+    Whoami(uid=64055, gid=64055, groups=(64055,), user=None, keys=()),
 )
 
 # ---- results of the key lifecycle

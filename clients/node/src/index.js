@@ -6,18 +6,15 @@ export { JWS_ALGORITHMS, SigningKey, defaultAlgorithm, signJws, signJwt } from "
 export {
   DEFAULT_MAX_FRAME,
   FrameReader,
-  IDEMPOTENCY_KEY_OPS,
-  IDEMPOTENT_OPS,
   KEY_TYPES,
   MAX_BATCH,
   MAX_JWKS_KEYS,
   MAX_RESPONSE_FRAME,
-  METHODS,
-  OPS,
   PROTOCOL_VERSION,
-  calls,
   checkArgs,
   decodeResponse,
   decodeResult,
   encodeRequest,
 } from "./protocol.js";
+export { IDEMPOTENCY_KEY_OPS, IDEMPOTENT_OPS, OPS, RETRY } from "./schema.js";
+export { METHODS, calls } from "./calls.js";

@@ -63,6 +63,21 @@ describe("keys and signatures", () => {
     assert.equal(typeof h.token.label, "string");
   });
 
+  test("whoami: this process, as the daemon sees it, and its verbs on a key it uses", async () => {
+    await client.sign(EC, { message: MSG }); // it may sign with EC: so "sign" must be listed
+    const who = await client.whoami();
+    assert.equal(who.uid, process.getuid());
+    assert.equal(who.gid, process.getgid());
+    assert.ok(who.groups.includes(who.gid));
+    assert.deepEqual(who.groups, [...who.groups].sort((a, b) => a - b));
+    const names = who.keys.map((k) => k.name);
+    assert.deepEqual(names, [...names].sort());
+    const ec = who.keys.find((k) => k.name === EC);
+    assert.ok(ec, `${EC} (made and used by this process) is listed`);
+    assert.ok(ec.verbs.includes("sign"));
+    assert.deepEqual(ec.verbs, [...ec.verbs].sort());
+  });
+
   test("create_key answers the full KeyInfo", async () => {
     const info = await client.keyInfo(EC);
     assert.equal(info.name, EC);

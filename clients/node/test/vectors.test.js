@@ -76,6 +76,7 @@ const BUILD = {
   enable: ({ key, version }) => calls.enable(key, version),
   destroy: ({ key, ...o }) => calls.destroy(key, o),
   health: () => calls.health(),
+  whoami: () => calls.whoami(),
 };
 
 /** The vector file's JSON as msgpack values: {"$bin": hex} is a Buffer. */
@@ -119,6 +120,15 @@ test("every op the client knows has a request and a result vector, and no other 
   assert.deepEqual(new Set(RESULTS.map((v) => v.op)), new Set(OPS));
   for (const op of OPS) {
     assert.equal(typeof signd.Client.prototype[METHODS[op]], "function", `Client.${METHODS[op]}`);
+  }
+});
+
+test("every op has a retry class, and the idempotent sets follow from it", () => {
+  assert.deepEqual(new Set(Object.keys(signd.RETRY)), new Set(OPS));
+  for (const op of OPS) {
+    assert.ok(["safe", "with_key", "never"].includes(signd.RETRY[op]), op);
+    assert.equal(signd.IDEMPOTENT_OPS.has(op), signd.RETRY[op] === "safe", op);
+    assert.equal(signd.IDEMPOTENCY_KEY_OPS.has(op), signd.RETRY[op] === "with_key", op);
   }
 });
 

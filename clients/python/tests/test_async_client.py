@@ -8,6 +8,7 @@ checked with ``cryptography``, never with signd's own code.
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
@@ -28,6 +29,7 @@ from signd_client.errors import (
     UnsupportedAlgorithm,
     VersionNotFound,
 )
+from signd_client.protocol import Whoami
 
 if TYPE_CHECKING:
     from conftest import Daemon  # the root conftest.py
@@ -103,6 +105,15 @@ async def test_trio_concurrent_signs_from_32_tasks(signd: Daemon, key_name: str)
     assert isinstance(health, Health)
     assert len(signed) == tasks * per_task
     check_signatures(info.versions[0].public_key_pem, signed, key_name)
+
+
+async def test_trio_whoami(signd: Daemon, key_name: str) -> None:
+    async with AsyncClient(signd.socket) as c:
+        await c.create_key(key_name, "ec-p256")
+        who = await c.whoami()
+    assert isinstance(who, Whoami)
+    assert (who.uid, who.gid) == (os.getuid(), os.getgid())
+    assert "create" in next(k.verbs for k in who.keys if k.name == key_name)
 
 
 @pytest.mark.parametrize(("call", "exc_type", "code"), ERROR_CASES)

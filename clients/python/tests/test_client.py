@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import os
+import pwd
 import socket
 import threading
 from collections.abc import Callable, Iterator
@@ -43,7 +45,7 @@ from signd_client.errors import (
     UnsupportedAlgorithm,
     VersionNotFound,
 )
-from signd_client.protocol import TokenStatus
+from signd_client.protocol import KeyGrant, TokenStatus, Whoami
 
 if TYPE_CHECKING:
     from conftest import Daemon  # the root conftest.py
@@ -123,6 +125,22 @@ def test_every_method_returns_its_dataclass(client: Client, key_name: str) -> No
     assert health.protocol_version == 1
     assert isinstance(health.token, TokenStatus)
     assert health.token.logged_in
+
+
+def test_whoami_names_this_process_and_its_verbs(client: Client, ec_key: str) -> None:
+    client.sign(ec_key, b"m")  # it may sign with the key: so "sign" is among its verbs
+    who = client.whoami()
+    assert isinstance(who, Whoami)
+    assert (who.uid, who.gid) == (os.getuid(), os.getgid())
+    assert who.gid in who.groups
+    assert list(who.groups) == sorted(who.groups)
+    assert who.user == pwd.getpwuid(os.getuid()).pw_name
+    names = [k.name for k in who.keys]
+    assert names == sorted(names)
+    (mine,) = [k for k in who.keys if k.name == ec_key]
+    assert isinstance(mine, KeyGrant)
+    assert {"create", "sign"} <= set(mine.verbs)
+    assert list(mine.verbs) == sorted(mine.verbs)
 
 
 def test_rotation_keeps_old_signatures_verifying(client: Client, ec_key: str) -> None:

@@ -153,7 +153,7 @@ def test_result_decodes_to_dataclass(vector: dict[str, Any]) -> None:
     assert resp.id == message["id"]
     assert resp.error is None
     assert resp.result == message["result"]
-    result_cls = OPS[vector["op"]][1]
+    result_cls = OPS[vector["op"]].result
     expected = build(result_cls, message["result"])
     assert result_cls.from_wire(resp.result, strict=False) == expected
 
@@ -193,7 +193,7 @@ def test_unknown_result_fields_are_ignored(vector: dict[str, Any]) -> None:
     grown = {**message, "result": _with_unknown_fields(message["result"]), "trace": "abc"}
     body = msgpack.packb(grown, use_bin_type=True)
     resp = receive(struct.pack(">I", len(body)) + body)
-    result_cls = OPS[vector["op"]][1]
+    result_cls = OPS[vector["op"]].result
     assert result_cls.from_wire(resp.result, strict=False) == build(result_cls, message["result"])
 
 

@@ -16,7 +16,7 @@ import pytest
 
 from signd_client import AsyncClient, Client
 from signd_client.errors import VersionNotUsable
-from signd_client.jose import sign_jws, sign_jwt, sign_jwt_async
+from signd_client.jose import kid, sign_jws, sign_jwt, sign_jwt_async
 
 if TYPE_CHECKING:
     from conftest import Daemon
@@ -71,6 +71,23 @@ def test_each_algorithm_verifies_with_pyjwt(
         forged_body = jwt.utils.base64url_encode(b'{"sub":"mallory","aud":"orders"}').decode()
         with pytest.raises(jwt.InvalidSignatureError):
             verify(c, f"{head}.{forged_body}.{sig}", [name], alg)
+
+
+@pytest.mark.parametrize(
+    ("alg", "key_type"),
+    [("ES256", "ec-p256"), ("ES384", "ec-p384"), ("EdDSA", "ed25519"), ("PS256", "rsa-2048")],
+)
+def test_pyjwt_signs_with_a_key_on_the_token_and_kid_names_its_version(
+    signd: Daemon, keys: dict[str, str], alg: str, key_type: str
+) -> None:
+    """What the README shows first: PyJWT encodes, signd signs, ``kid`` picks the JWK."""
+    name = keys[key_type]
+    with signd.client() as c:
+        key = c.private_key(name)
+        assert kid(key) == f"{name}:{key.version}"
+        token = jwt.encode(CLAIMS, key, algorithm=alg, headers={"kid": kid(key)})
+        assert jwt.get_unverified_header(token)["kid"] == kid(key)
+        assert verify(c, token, [name], alg) == CLAIMS
 
 
 def test_rotation_keeps_old_tokens_until_their_version_retires(

@@ -15,17 +15,20 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
-from _support import load_public_key
+from _support import AnsweringListener, load_public_key
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed, encode_dss_signature
+
+from signd_client.cli import OP_COMMANDS, main
+from signd_client.protocol import OPS, KeyGrant, Request, Whoami
 
 if TYPE_CHECKING:
     from conftest import Daemon  # the root conftest.py
@@ -46,6 +49,8 @@ COMMANDS = (
     "enable",
     "destroy",
     "health",
+    "whoami",
+    "jwks",
 )
 
 
@@ -900,3 +905,92 @@ def test_usage_errors_exit_2() -> None:
     assert run_signctl("frobnicate").returncode == 2
     assert run_signctl("create", "k", "--type", "dsa-512").returncode == 2
     assert run_signctl("verify", "k", "--sig", "a", "--sig-base64", "b").returncode == 2
+
+
+def test_signctl_has_a_command_for_every_op() -> None:
+    assert set(OP_COMMANDS) == set(OPS)
+    assert set(OP_COMMANDS.values()) <= set(COMMANDS)  # each one's --help is checked above
+
+
+# --------------------------------------------------------------------------
+# whoami
+
+WHO = Whoami(
+    uid=1001,
+    gid=1001,
+    groups=(27, 1001, 1002),
+    user="deploy",
+    keys=(
+        KeyGrant(name="app-signing", verbs=("read", "sign", "verify")),
+        KeyGrant(name="release-ed25519-long-name", verbs=("verify",)),
+    ),
+)
+
+
+@pytest.fixture
+def who_socket(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AnsweringListener]:
+    def answer(request: Request) -> Whoami:
+        assert request.op == "whoami"
+        return WHO
+
+    listener = AnsweringListener(str(tmp_path_factory.mktemp("who") / "s.sock"), answer)
+    yield listener
+    listener.close()
+
+
+def test_whoami_prints_the_caller_and_a_table_of_verbs(
+    who_socket: AnsweringListener, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["--socket", who_socket.path, "whoami"]) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        "uid 1001 (deploy)  gid 1001  groups 27, 1001, 1002",
+        "KEY                        VERBS",
+        "app-signing                read, sign, verify",
+        "release-ed25519-long-name  verify",
+    ]
+    assert [r.op for r in who_socket.requests] == ["whoami"]
+
+
+def test_whoami_json_is_the_answer(
+    who_socket: AnsweringListener, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["whoami", "--json", "--socket", who_socket.path]) == 0
+    assert json.loads(capsys.readouterr().out) == {
+        "uid": 1001,
+        "gid": 1001,
+        "groups": [27, 1001, 1002],
+        "user": "deploy",
+        "keys": [
+            {"name": "app-signing", "verbs": ["read", "sign", "verify"]},
+            {"name": "release-ed25519-long-name", "verbs": ["verify"]},
+        ],
+    }
+
+
+def test_whoami_without_user_or_keys(
+    tmp_path_factory: pytest.TempPathFactory, capsys: pytest.CaptureFixture[str]
+) -> None:
+    nobody = Whoami(uid=64055, gid=64055, groups=(64055,))
+    listener = AnsweringListener(
+        str(tmp_path_factory.mktemp("who") / "s.sock"), lambda _request: nobody
+    )
+    try:
+        assert main(["--socket", listener.path, "whoami"]) == 0
+    finally:
+        listener.close()
+    assert capsys.readouterr().out.splitlines() == [
+        "uid 64055  gid 64055  groups 64055",
+        "no key: this uid and these groups may use none",
+    ]
+
+
+def test_whoami_against_the_daemon(signd: Daemon, ec_key: str) -> None:
+    who = json.loads(ok(signd.signctl("whoami", "--json")))
+    assert (who["uid"], who["gid"]) == (os.getuid(), os.getgid())
+    assert who["gid"] in who["groups"]
+    (mine,) = [k for k in who["keys"] if k["name"] == ec_key]
+    assert "create" in mine["verbs"]  # it made the key
+    assert mine["verbs"] == sorted(mine["verbs"])
+    text = ok(signd.signctl("whoami"))
+    assert text.startswith(f"uid {os.getuid()} ")
+    assert re.search(rf"^{re.escape(ec_key)} +\S", text, re.MULTILINE)

@@ -94,9 +94,9 @@ from ..protocol import (
     encode_error,
     encode_result,
 )
+from ..token.ipc import SignJob, VerifyJob
 from ..token.pool import Entry, TokenPool
 from ..token.profiles import PROFILES, Profile
-from ..token.session import SignJob, VerifyJob
 
 __all__ = ["Reply", "Service", "SlowWork"]
 

@@ -2,6 +2,6 @@
 
 import sys
 
-from .session import worker_main
+from .worker import worker_main
 
 sys.exit(worker_main(int(sys.argv[1])))

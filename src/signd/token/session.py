@@ -3,17 +3,18 @@
 python-pkcs11 calls ``C_Initialize(NULL)``, so SoftHSM (and YubiHSM's module)
 run without mutexes, and two threads in the module at once crash the process
 (FIELD-NOTES).  signd therefore never calls PKCS#11 from the daemon process at
-all: each token *worker* is a process of its own (``python -m signd.token FD``)
+all: each token *worker* is a process of its own (``python -m signd.token FD``,
+see ``worker.py``)
 with its own module instance, one logged-in session and its own cached key
 handles, and it runs every call on its only thread.  Several workers give
 parallel sessions where the module allows them (SoftHSM's file store locks
 across processes); a module that crashes takes one worker down, not signd.
 
-A worker is fed over a socketpair by ``workers.py``.  Each message is one frame
-(the wire's length-prefixed msgpack framing), ``[tag, op, args]``; each answer
-is ``[tag, True, result]`` or ``[tag, False, code, message]``.  The worker
-answers each message as soon as it is done, so a batch of signatures costs
-one hand-over each way and the daemon can refill a worker while it signs.
+This module is the session alone: ``worker.py`` is the process around it and
+``ipc.py`` what the worker and the daemon say.  Every exception PKCS#11 (or a
+bug) raises becomes a signd error in one place, ``map_error``, and
+``TokenSession.failure`` adds the one question that decides between
+``token_error`` and ``token_unavailable``: is the token still there?
 
 Key metadata is kept on the token as ``CKO_DATA`` objects (application
 ``signd``, label = key name).  SoftHSM does not let a data object's value
@@ -24,15 +25,10 @@ there is never a moment without metadata, and the newest revision wins.
 from __future__ import annotations
 
 import logging
-import signal
-import socket
-import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
 from typing import Any, Final
 
-import msgpack
 import pkcs11
 import pkcs11.exceptions as p11e
 from cryptography.hazmat.primitives import serialization
@@ -48,35 +44,25 @@ from ..errors import (
     UnsupportedAlgorithm,
     WireError,
 )
-from ..hardening import no_core_dumps
 from ..keys import algorithms
 from ..keys.algorithms import Family, Scheme
-from ..protocol import HEADER, FrameDecoder, VerifyArgs
 from . import profiles
+from .ipc import MetadataBlob, Outcome, SignJob, TokenInfo, VerifyJob, failed
 
 #: a label no object has: the deep probe searches for it
 PROBE_LABEL: Final = "signd probe: matches nothing"
 
 __all__ = [
     "APPLICATION",
-    "IPC_MAX_FRAME",
-    "MetadataBlob",
-    "SignJob",
-    "TokenInfo",
     "TokenSession",
-    "VerifyJob",
-    "worker_main",
+    "map_error",
+    "mechanism_name",
+    "unraisable_hook",
 ]
 
 log = logging.getLogger("signd.token")
 
 APPLICATION: Final = "signd"
-#: A message this small (a few signatures) means light traffic: poll after it.
-LIGHT_BYTES: Final = 1024
-#: Bytes a worker reads at once (a batch of 64 is a few KB).
-RECEIVE_SIZE: Final = 1 << 18
-#: The worker channel is trusted; a key listing of many RSA keys is large.
-IPC_MAX_FRAME: Final = 256 << 20
 
 _PRIVATE_TEMPLATE: Final[dict[Attribute, Any]] = {
     Attribute.TOKEN: True,
@@ -98,11 +84,21 @@ _PUBLIC_TEMPLATE: Final[dict[Attribute, Any]] = {
     Attribute.WRAP: False,
     Attribute.DERIVE: False,
 }
+#: The mechanism of each signature scheme (a dict: an enum's attribute costs
+#: more than a dict lookup, once per signature).
+_MECHANISMS: Final = {
+    Scheme.ECDSA: Mechanism.ECDSA,
+    Scheme.EDDSA: Mechanism.EDDSA,
+    Scheme.RSA_PKCS1: Mechanism.RSA_PKCS,
+    Scheme.RSA_PSS: Mechanism.RSA_PKCS_PSS,
+}
+_RSA_PSS: Final = Mechanism.RSA_PKCS_PSS
 _PSS: Final = {
     "sha256": (Mechanism.SHA256, MGF.SHA256, 32),
     "sha384": (Mechanism.SHA384, MGF.SHA384, 48),
     "sha512": (Mechanism.SHA512, MGF.SHA512, 64),
 }
+#: PKCS#11 errors that mean the session or the token is gone, not that a call failed.
 _UNAVAILABLE: Final = (
     p11e.SessionHandleInvalid,
     p11e.SessionClosed,
@@ -115,8 +111,9 @@ _UNAVAILABLE: Final = (
 )
 
 
-def _map_error(exc: BaseException, what: str) -> WireError:
-    """Translate anything raised by PKCS#11 (or by a bug) into a signd error."""
+def map_error(exc: BaseException, what: str) -> WireError:
+    """The worker's one exception map: anything raised by PKCS#11 (or by a
+    bug) during ``what``, as a signd error.  A signd error stays as it is."""
     if isinstance(exc, WireError):
         return exc
     if isinstance(exc, _UNAVAILABLE):
@@ -127,53 +124,14 @@ def _map_error(exc: BaseException, what: str) -> WireError:
     return InternalError(f"internal error during {what}; see the daemon log")
 
 
-@dataclass(frozen=True, slots=True)
-class SignJob:
-    """One signature for a worker: which key, how, and over what."""
-
-    object_id: bytes
-    scheme: Scheme
-    hash: str | None
-    data: bytes
-
-    def to_ipc(self) -> list[Any]:
-        return ["s", self.object_id, self.scheme.value, self.hash, self.data]
-
-
-@dataclass(frozen=True, slots=True)
-class VerifyJob:
-    """One verification for a worker: no token, only ``cryptography``.
-
-    Workers take verifications too so that a busy daemon verifies on every
-    core, not only on its own.  ``candidates`` are (version, SPKI DER),
-    newest first; the outcome is ``[version, algorithm]`` or None (invalid).
-    """
-
-    key_type: str
-    candidates: tuple[tuple[int, bytes], ...]
-    args: dict[str, Any]  # the request's VerifyArgs, as on the wire
-
-    def to_ipc(self) -> list[Any]:
-        return ["v", self.key_type, [list(c) for c in self.candidates], self.args]
-
-
-@dataclass(frozen=True, slots=True)
-class TokenInfo:
-    label: str
-    manufacturer: str
-    model: str
-    serial: str
-    #: mechanism names (``CKM_ECDSA``; ``0x8000001f`` for one PKCS#11 does not name)
-    mechanisms: list[str]
-    #: key type -> None if the token can make and sign with it, else why not
-    key_types: dict[str, str | None]
-
-
-@dataclass(frozen=True, slots=True)
-class MetadataBlob:
-    name: str
-    revision: int
-    value: bytes
+def unraisable_hook(u: Any) -> None:
+    """For ``sys.unraisablehook``: python-pkcs11 finishes searches in
+    ``__del__``; once the token is gone that fails too, and the traceback
+    would say nothing more than "token lost"."""
+    if isinstance(u.exc_value, p11e.PKCS11Error):
+        log.debug("ignored in a finalizer", extra={"error": type(u.exc_value).__name__})
+    else:
+        log.warning("ignored in a finalizer", extra={"error": repr(u.exc_value)})
 
 
 class TokenSession:
@@ -183,7 +141,6 @@ class TokenSession:
         self._lib: Any = None
         self._session: Any = None
         self._private: dict[bytes, Any] = {}
-        self._verifiers: dict[bytes, algorithms.PublicKey] = {}
         self._created: Any = None  # the record object ``create_metadata`` made last
         self._slot: Any = None
         self._profile = profiles.PROFILES["softhsm"]
@@ -271,7 +228,7 @@ class TokenSession:
     def failure(self, exc: BaseException, what: str) -> WireError:
         """The error to answer for ``exc``: ``token_unavailable`` if the token
         turns out to be gone (it is asked, once, after any token error)."""
-        err = _map_error(exc, what)
+        err = map_error(exc, what)
         if self._slot is not None and isinstance(err, TokenError | TokenUnavailable):
             try:
                 self.check()
@@ -284,43 +241,44 @@ class TokenSession:
             raise TokenUnavailable("no session to the token")
         return self._session
 
-    def run_jobs(self, jobs: Sequence[Sequence[Any]]) -> list[list[Any]]:
-        """Run IPC jobs (``SignJob`` / ``VerifyJob``.to_ipc()); one outcome each."""
-        out: list[list[Any]] = []
+    def run_jobs(
+        self,
+        jobs: Sequence[SignJob | VerifyJob],
+        verify: Callable[[VerifyJob], list[Any] | None],
+    ) -> list[Outcome]:
+        """Run a batch of jobs, verifications by ``verify``; one outcome row
+        each (see ``ipc.Outcome``)."""
+        out: list[Outcome] = []
         private = self._private
+        mechanisms = _MECHANISMS
         for job in jobs:
-            if job[0] == "v":
-                out.append(self._verify(job))
+            if isinstance(job, VerifyJob):
+                try:
+                    out.append([True, verify(job)])
+                except BaseException as exc:
+                    out.append(failed(self.failure(exc, "verify")))
                 continue
-            _, object_id, scheme, hash_name, data = job
+            object_id = job.object_id
             if self.lost is not None:  # no more calls into a token that is gone
-                out.append(
-                    [False, int(TokenUnavailable.code), f"the token is unavailable ({self.lost})"]
-                )
+                out.append(failed(TokenUnavailable(f"the token is unavailable ({self.lost})")))
                 continue
             try:
                 key = private.get(object_id)
                 if key is None:
                     key = self._find_private(object_id)
-                if scheme == "ecdsa":
-                    sig = key.sign(data, mechanism=Mechanism.ECDSA)
-                elif scheme == "eddsa":
-                    sig = key.sign(data, mechanism=Mechanism.EDDSA)
-                elif scheme == "rsa-pkcs1v15":
-                    sig = key.sign(data, mechanism=Mechanism.RSA_PKCS)
-                elif scheme == "rsa-pss":
+                mechanism = mechanisms[job.scheme]
+                if mechanism is _RSA_PSS:
                     sig = key.sign(
-                        data, mechanism=Mechanism.RSA_PKCS_PSS, mechanism_param=_PSS[hash_name]
+                        job.data, mechanism=mechanism, mechanism_param=_PSS[job.hash or ""]
                     )
                 else:
-                    raise InternalError(f"unknown signature scheme {scheme!r}")
+                    sig = key.sign(job.data, mechanism=mechanism)
                 out.append([True, sig])
             except BaseException as exc:
                 # A cached handle may be what failed (a key deleted by
                 # another process): the next use looks it up again.
                 private.pop(object_id, None)
-                err = self.failure(exc, "sign")
-                out.append([False, int(err.code), err.message])
+                out.append(failed(self.failure(exc, "sign")))
         return out
 
     def time_raw_signatures(
@@ -367,30 +325,6 @@ class TokenSession:
                 latencies.append(now - t0)
         return count, latencies
 
-    def _verify(self, job: Sequence[Any]) -> list[Any]:
-        _, key_type, candidates, wire_args = job
-        try:
-            kt = algorithms.key_type(key_type)
-            args = VerifyArgs.from_wire(wire_args)
-            found = algorithms.verify_any(kt, self._public_keys(kt, candidates), args)
-            return [True, list(found) if found is not None else None]
-        except BaseException as exc:
-            err = _map_error(exc, "verify")
-            return [False, int(err.code), err.message]
-
-    def _public_keys(
-        self, kt: algorithms.KeyType, candidates: Sequence[Sequence[Any]]
-    ) -> Iterator[tuple[int, algorithms.PublicKey]]:
-        """(version, public key) of each candidate (version, SPKI DER), loaded
-        once per process; as they are needed, so a match stops the loading."""
-        for version, spki in candidates:
-            pub = self._verifiers.get(spki)
-            if pub is None:
-                if len(self._verifiers) >= 4096:
-                    self._verifiers.clear()
-                pub = self._verifiers[spki] = algorithms.load_public_key(kt, spki)
-            yield version, pub
-
     def _find_private(self, object_id: bytes) -> Any:
         session = self._session_or_raise()
         found = list(
@@ -403,14 +337,14 @@ class TokenSession:
         self._private[object_id] = found[0]
         return found[0]
 
-    def public_keys(self, object_ids: Sequence[bytes]) -> list[list[Any]]:
-        """``[object_id, SPKI DER, has_private]`` of each id with one public key.
+    def public_keys(self, object_ids: Sequence[bytes]) -> dict[bytes, tuple[bytes, bool]]:
+        """(SPKI DER, has_private) by object id, of each id with one public key.
 
         A destroyed version has its public key and no private key; the caller
         knows which versions that is allowed for.  Private handles are cached.
         """
         session = self._session_or_raise()
-        out: list[list[Any]] = []
+        out: dict[bytes, tuple[bytes, bool]] = {}
         for oid in object_ids:
             pubs = list(
                 session.get_objects({Attribute.CLASS: ObjectClass.PUBLIC_KEY, Attribute.ID: oid})
@@ -426,7 +360,7 @@ class TokenSession:
                 continue
             if privs:
                 self._private[oid] = privs[0]
-            out.append([oid, _spki(pubs[0]), bool(privs)])
+            out[oid] = (_spki(pubs[0]), bool(privs))
         return out
 
     def destroy_keys(self, object_id: bytes, public: bool) -> int:
@@ -508,7 +442,7 @@ class TokenSession:
         return sorted(newest.values(), key=lambda b: b.name)
 
     # Writing a record is three steps, each a call, so that the checks between
-    # them can be made by a process that never writes (see workers.py).
+    # them can be made by a process that never writes (see ``keys/recordstore.py``).
 
     def revisions(self, name: str) -> list[int]:
         """The revisions of a key's record on the token (normally one)."""
@@ -613,153 +547,3 @@ def _spki(pub: Any) -> bytes:
             )
         )
     raise TokenError(f"unexpected key type {kt!r} on the token")
-
-
-# ---------------------------------------------------------------- the worker
-
-
-def _frame(obj: Any) -> bytes:
-    body = msgpack.packb(obj, use_bin_type=True)
-    return HEADER.pack(len(body)) + body
-
-
-def _handler(session: TokenSession, spin: list[float]) -> Callable[[str, list[Any]], Any]:
-    def handle(op: str, args: list[Any]) -> Any:
-        if op == "jobs":  # the outcomes, and how long the token took for them
-            started = time.perf_counter()
-            outcomes = session.run_jobs(args[0])
-            return [time.perf_counter() - started, outcomes]
-        # A token that went away can answer a search with nothing rather than
-        # an error (SoftHSM without its directory): a read is only trusted if
-        # the token is still there after it.
-        if op == "public_keys":
-            keys = session.public_keys(args[0])
-            session.check()
-            return keys
-        if op == "load_metadata":
-            blobs = session.load_metadata(args[0])
-            session.check()
-            return [[b.name, b.revision, b.value] for b in blobs]
-        if op == "revisions":
-            revisions = session.revisions(args[0])
-            session.check()
-            return revisions
-        if op == "create_metadata":
-            session.create_metadata(args[0], args[1], args[2])
-            return None
-        if op == "drop_created":
-            session.drop_created()
-            return None
-        if op == "drop_older":
-            session.drop_older(args[0], args[1])
-            return None
-        if op == "generate":
-            return session.generate(algorithms.key_type(args[0]), args[1], args[2])
-        if op == "destroy_keys":
-            return session.destroy_keys(args[0], args[1])
-        if op == "probe":
-            session.check()
-            return None
-        if op == "open":
-            module, label, pin, level, spin[0], profile = args
-            logging.getLogger().setLevel(level.upper())
-            info = session.open(module, label, pin, profiles.PROFILES[profile])
-            return [
-                info.label,
-                info.manufacturer,
-                info.model,
-                info.serial,
-                info.mechanisms,
-                info.key_types,
-            ]
-        raise InternalError(f"unknown worker operation {op!r}")
-
-    return handle
-
-
-def _receive(sock: socket.socket, spin: float, buf: memoryview) -> memoryview:
-    """The next bytes from the daemon, in ``buf``.  For ``spin`` seconds the
-    worker polls instead of sleeping: under light traffic, being woken costs
-    more than the signature (under heavy traffic the caller passes 0: the next
-    batch is coming anyway, and polling would take the CPU the daemon needs).
-
-    Into one buffer, not ``recv(n)``: that allocates ``n`` bytes and shrinks
-    them to what came, and at a MiB a call that fragmented the heap until the
-    worker grew by tens of MB an hour (measured in the soak)."""
-    deadline = time.perf_counter() + spin
-    while time.perf_counter() < deadline:
-        try:
-            return buf[: sock.recv_into(buf, 0, socket.MSG_DONTWAIT)]
-        except BlockingIOError:
-            continue
-    return buf[: sock.recv_into(buf)]
-
-
-def _unraisable(u: Any) -> None:
-    """python-pkcs11 finishes searches in ``__del__``; once the token is gone
-    that fails too, and the traceback would say nothing more than "token lost"."""
-    if isinstance(u.exc_value, p11e.PKCS11Error):
-        log.debug("ignored in a finalizer", extra={"error": type(u.exc_value).__name__})
-    else:
-        log.warning("ignored in a finalizer", extra={"error": repr(u.exc_value)})
-
-
-def worker_main(fd: int) -> int:
-    """Serve one daemon over the socket ``fd`` until it closes; returns the exit code."""
-    # First: the PIN comes next, and exec reset the dumpable flag.
-    hardening_problems = no_core_dumps()
-    # The daemon alone decides when workers stop (it closes the socket after
-    # draining); a Ctrl-C or a SIGTERM sent to the whole group must not cut
-    # signatures short.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    from ..log import setup_logging
-
-    setup_logging("info")
-    for problem in hardening_problems:
-        log.warning("core dumps not fully disabled", extra={"error": problem})
-    sys.unraisablehook = _unraisable
-    sock = socket.socket(fileno=fd)
-    decoder = FrameDecoder(IPC_MAX_FRAME)
-    session = TokenSession()
-    spin = [0.0]
-    handle = _handler(session, spin)
-    light = False  # the last message was small: traffic is light
-    buf = memoryview(bytearray(RECEIVE_SIZE))
-    try:
-        while True:
-            data = _receive(sock, spin[0] if light else 0.0, buf)
-            if not data:
-                return 0
-            light = len(data) <= LIGHT_BYTES
-            decoder.receive_data(data)
-            # Each batch is answered as soon as it is done, so the daemon can
-            # hand over the next one while this worker signs the one after.
-            for body in decoder.frames():
-                tag, op, args = msgpack.unpackb(body, raw=False)
-                try:
-                    answer = _frame([tag, True, handle(op, args)])
-                except BaseException as exc:
-                    err = session.failure(exc, op)
-                    answer = _frame([tag, False, int(err.code), err.message])
-                sock.sendall(answer)
-                if session.lost is not None:
-                    # Tag 0 tells the daemon the token is gone.  This process
-                    # cannot recover it (p11-kit's client, for one, fails
-                    # every call after its server went away, until the module
-                    # is loaded afresh): it exits, and a new one logs in.
-                    log.error("token lost", extra={"reason": session.lost})
-                    sock.sendall(
-                        _frame(
-                            [0, False, int(TokenUnavailable.code), f"token lost: {session.lost}"]
-                        )
-                    )
-                    return 0
-    except (BrokenPipeError, ConnectionResetError):
-        return 0
-    finally:
-        session.close()
-
-
-if __name__ == "__main__":
-    sys.exit(worker_main(int(sys.argv[1])))

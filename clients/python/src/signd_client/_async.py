@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import select
-import sys
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Concatenate, ParamSpec, Protocol, TypeVar
@@ -19,18 +18,17 @@ from typing import Any, Concatenate, ParamSpec, Protocol, TypeVar
 from . import _calls
 from ._calls import Call
 from ._common import (
+    ClientClosed,
+    Progress,
     Settings,
-    Unsent,
     encode_call,
-    parse_response,
+    mapped_connect_errors,
+    mapped_errors,
     resolve_socket,
-    retry_allowed,
-    retry_delay,
     take_response,
-    was_reset,
-    with_idempotency_key,
 )
-from .errors import ConnectionFailed, RequestTimeout, SigndError
+from ._retry import Connect, Release, Send, Sleep, Step, attempts
+from .errors import ConnectionFailed
 from .keys import AsyncSigndPrivateKey, load_async_private_key
 from .protocol import DEFAULT_MAX_FRAME, MAX_RESPONSE_FRAME, FrameDecoder, Message, Response
 
@@ -127,20 +125,6 @@ def _running_asyncio() -> bool:
     return True
 
 
-def _is_timeout(exc: BaseException) -> bool:
-    if isinstance(exc, TimeoutError):
-        return True
-    trio = sys.modules.get("trio")
-    return trio is not None and isinstance(exc, trio.TooSlowError)
-
-
-def _is_broken(exc: BaseException) -> bool:
-    if isinstance(exc, OSError):
-        return True
-    trio = sys.modules.get("trio")
-    return trio is not None and isinstance(exc, trio.BrokenResourceError | trio.ClosedResourceError)
-
-
 class _AsyncConnection:
     def __init__(self, stream: _Stream, max_frame: int) -> None:
         self.stream = stream
@@ -153,18 +137,11 @@ class _AsyncConnection:
     @classmethod
     async def open(cls, settings: Settings, timeout: float) -> _AsyncConnection:
         path = settings.socket_path
-        try:
+        with mapped_connect_errors(path):
             if _running_asyncio():
                 stream: _Stream = await _AsyncioStream.connect(path, timeout)
             else:
                 stream = await _TrioStream.connect(path, timeout)
-        except Exception as exc:
-            if _is_timeout(exc):
-                raise RequestTimeout(f"connecting to {path} timed out") from None
-            if _is_broken(exc):
-                reason = getattr(exc, "strerror", None) or str(exc)
-                raise ConnectionFailed(f"cannot connect to signd at {path}: {reason}") from None
-            raise
         return cls(stream, settings.max_frame)
 
     async def request(self, call: Call[Any], deadline: float) -> Response:
@@ -172,10 +149,10 @@ class _AsyncConnection:
         rid = next(self.ids)
         self.requests += 1
         frame = encode_call(rid, call, self.max_frame)
-        sent = answered = False
-        try:
+        progress = Progress()
+        with mapped_errors(call.op, progress):
             await self.stream.send(frame, _left(deadline))
-            sent = True
+            progress.sent = True
             while True:
                 resp = take_response(self.decoder, rid)
                 if resp is not None:
@@ -183,20 +160,11 @@ class _AsyncConnection:
                 data = await self.stream.receive(_left(deadline))
                 if not data:
                     raise ConnectionFailed("signd closed the connection")
-                answered = True
+                progress.answered = True
                 self.decoder.receive_data(data)
-        except SigndError:
-            raise
-        except Exception as exc:
-            if _is_timeout(exc):
-                raise RequestTimeout(f"no answer to {call.op} in time") from None
-            if _is_broken(exc):
-                # A failed send left the frame incomplete; a reset with no
-                # answer yet means the daemon closed with it unread.
-                if not sent or (not answered and was_reset(exc)):
-                    raise Unsent(f"signd closed the connection unread: {exc}") from None
-                raise ConnectionFailed(f"connection to signd broke: {exc}") from None
-            raise
+
+    async def close(self) -> None:
+        await self.stream.close()
 
 
 async def _sleep(seconds: float) -> None:
@@ -254,63 +222,55 @@ class AsyncClient:
         self._closed = True
         idle, self._idle = self._idle, []
         for conn in idle:
-            await conn.stream.close()
+            await conn.close()
 
     async def call(self, call: Call[R]) -> R:
-        s = self.settings
-        call = with_idempotency_key(call)
-        deadline = time.monotonic() + s.timeout
-        attempt = 0
-        fresh = False
-        while True:
-            attempt += 1
-            if self._closed:
-                raise ConnectionFailed("client is closed")
-            try:
-                conn = await self._checkout(deadline, fresh)
-                fresh = False
-            except SigndError as exc:
-                if retry_allowed(call, exc, attempt, s.retries, deadline):
-                    await _sleep(retry_delay(exc, attempt))
-                    continue
-                raise
-            try:
-                resp = await conn.request(call, deadline)
-            except SigndError as exc:
-                await conn.stream.close()
-                if isinstance(exc, Unsent) and conn.requests > 1:
-                    # A pooled connection the daemon closed as the request
-                    # went out (its idle time-out): not a failure, and not
-                    # an attempt.  Once, on a new connection.
-                    attempt -= 1
-                    fresh = True
-                    continue
-                if retry_allowed(call, exc, attempt, s.retries, deadline):
-                    await _sleep(retry_delay(exc, attempt))
-                    continue
-                raise
-            except BaseException:
-                await conn.stream.close()  # cancelled mid-request: the stream is unusable
-                raise
-            if resp.id is not None and not self._closed and len(self._idle) < self._pool_size:
-                self._idle.append(conn)
-            else:
-                await conn.stream.close()
-            try:
-                return parse_response(call, resp)
-            except SigndError as exc:
-                if retry_allowed(call, exc, attempt, s.retries, deadline):
-                    await _sleep(retry_delay(exc, attempt))
-                    continue
-                raise
+        """Send one prepared call; the typed methods below all come here.
+
+        The retry loop is ``_retry.attempts``, shared with ``Client``; this
+        only carries out its steps.
+        """
+        steps = attempts(call, self.settings)
+        try:
+            step = next(steps)
+            while True:
+                try:
+                    outcome = await self._do(step)
+                except BaseException as exc:
+                    step = steps.throw(exc)
+                else:
+                    step = steps.send(outcome)
+        except StopIteration as done:
+            result: R = done.value
+            return result
+
+    async def _do(self, step: Step) -> Any:
+        if isinstance(step, Send):
+            return await step.conn.request(step.call, step.deadline)
+        if isinstance(step, Connect):
+            return await self._checkout(step.deadline, step.fresh)
+        if isinstance(step, Sleep):
+            await _sleep(step.seconds)
+        elif (
+            isinstance(step, Release)
+            and step.reuse
+            and not self._closed
+            and len(self._idle) < self._pool_size
+        ):
+            self._idle.append(step.conn)
+        else:
+            await step.conn.close()
+        return None
 
     async def _checkout(self, deadline: float, fresh: bool) -> _AsyncConnection:
         """A pooled connection that is still open, else (or if ``fresh``) a new one."""
+        if self._closed:
+            raise ClientClosed("client is closed")
         while not fresh and self._idle:
             conn = self._idle.pop()
             if conn.stream.alive():
                 return conn
-            await conn.stream.close()  # closed by the daemon while idle: a new one, transparently
+            await conn.close()  # closed by the daemon while idle: a new one, transparently
         return await _AsyncConnection.open(self.settings, _left(deadline))
 
     create_key = _method(_calls.create_key)
@@ -327,6 +287,7 @@ class AsyncClient:
     enable = _method(_calls.enable)
     destroy = _method(_calls.destroy)
     health = _method(_calls.health)
+    whoami = _method(_calls.whoami)
 
     async def private_key(self, name: str, version: int | None = None) -> AsyncSigndPrivateKey:
         """The key's ``version`` (by default its current version now) with its

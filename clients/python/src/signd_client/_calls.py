@@ -12,8 +12,7 @@ from typing import Generic, TypeVar
 
 from .errors import InvalidArgument
 from .protocol import (
-    IDEMPOTENCY_KEY_OPS,
-    IDEMPOTENT_OPS,
+    OPS,
     CreateKeyArgs,
     DestroyArgs,
     Empty,
@@ -26,6 +25,7 @@ from .protocol import (
     Message,
     PublicKey,
     PublicKeyArgs,
+    Retry,
     RotateArgs,
     SignArgs,
     SignBatchArgs,
@@ -35,6 +35,7 @@ from .protocol import (
     VerifyArgs,
     VerifyResult,
     VersionRefArgs,
+    Whoami,
     check_idempotency_key,
 )
 
@@ -48,11 +49,15 @@ class Call(Generic[R]):
     result: type[R]
 
     @property
+    def retry(self) -> Retry:
+        """The op's retry class, from ``OPS``."""
+        return OPS[self.op].retry
+
+    @property
     def idempotent(self) -> bool:
         """Safe to send again: by its nature, or by the idempotency key it carries."""
-        if self.op in IDEMPOTENT_OPS:
-            return True
-        return self.op in IDEMPOTENCY_KEY_OPS and self.idempotency_key is not None
+        retry = self.retry
+        return retry is Retry.SAFE or (retry is Retry.WITH_KEY and self.idempotency_key is not None)
 
     @property
     def idempotency_key(self) -> str | None:
@@ -306,3 +311,11 @@ def destroy(name: str, version: int | None = None, *, all: bool = False) -> Call
 def health() -> Call[Health]:
     """Liveness and readiness of the daemon and its token."""
     return Call("health", Empty(), Health)
+
+
+def whoami() -> Call[Whoami]:
+    """Who the daemon takes this process to be (uid, gid, groups, user name),
+    and every key it may use with the verbs it has on each: what to look at
+    when a call is refused with PermissionDenied.
+    """
+    return Call("whoami", Empty(), Whoami)

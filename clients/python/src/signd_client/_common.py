@@ -1,11 +1,15 @@
-"""What the blocking and the async client share: settings, retries, results."""
+"""What the blocking and the async client share: settings, retry rules,
+framing of one call, and the one map from foreign exceptions to signd errors."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
+import sys
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Final, TypeVar
 
@@ -16,16 +20,17 @@ from .errors import (
     InvalidArgument,
     ProtocolViolation,
     RateLimited,
+    RequestTimeout,
     SigndError,
     WireError,
 )
 from .protocol import (
     DEFAULT_MAX_FRAME,
     HEADER,
-    IDEMPOTENCY_KEY_OPS,
     FrameDecoder,
     Message,
     Response,
+    Retry,
     decode_response,
     encode_request,
 )
@@ -43,6 +48,10 @@ class Unsent(ConnectionFailed):
     resets it, ECONNRESET, where a daemon that had read it and then died would
     give a plain end of stream).  Any request may be sent again, even one that
     is not idempotent."""
+
+
+class ClientClosed(ConnectionFailed):
+    """A call on a client after ``close()``/``aclose()``: never retried."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,7 +74,7 @@ def with_idempotency_key(call: Call[R]) -> Call[R]:
     key, so a ``create_key`` or ``rotate`` whose answer was lost is answered
     again instead of done twice.
     """
-    if call.op not in IDEMPOTENCY_KEY_OPS or call.idempotency_key is not None:
+    if call.retry is not Retry.WITH_KEY or call.idempotency_key is not None:
         return call
     args = dataclasses.replace(call.args, idempotency_key=uuid.uuid4().hex)  # type: ignore[type-var]
     return dataclasses.replace(call, args=args)
@@ -77,6 +86,8 @@ def retry_allowed(
     """Retry idempotent calls after a broken connection or a retryable answer
     (``create_key`` and ``rotate`` are, when they carry an idempotency key), and
     any call that provably never reached the daemon (``Unsent``)."""
+    if isinstance(exc, ClientClosed):
+        return False
     if attempt > retries or time.monotonic() + retry_delay(exc, attempt) >= deadline:
         return False
     if isinstance(exc, Unsent):
@@ -93,6 +104,109 @@ def retry_delay(exc: SigndError, attempt: int) -> float:
     if isinstance(exc, RateLimited) and exc.retry_after is not None:
         delay = max(delay, exc.retry_after)
     return delay
+
+
+# --------------------------------------------------------------------------
+# The client's edge: foreign exceptions -> signd_client errors, in one place
+
+
+def _is_timeout(exc: BaseException) -> bool:
+    if isinstance(exc, TimeoutError):  # socket time-outs; asyncio.timeout
+        return True
+    trio = sys.modules.get("trio")  # imported only by a trio caller
+    return trio is not None and isinstance(exc, trio.TooSlowError)
+
+
+def _is_broken(exc: BaseException) -> bool:
+    if isinstance(exc, OSError):
+        return True
+    trio = sys.modules.get("trio")
+    return trio is not None and isinstance(exc, trio.BrokenResourceError | trio.ClosedResourceError)
+
+
+def _reason(exc: BaseException) -> str:
+    return getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+
+
+@dataclass(slots=True)
+class Progress:
+    """How far one request got, which decides what a broken connection means."""
+
+    #: the whole frame went out
+    sent: bool = False
+    #: some bytes of the answer came in
+    answered: bool = False
+
+
+def foreign_error(exc: BaseException, op: str, progress: Progress) -> SigndError | None:
+    """The signd error a foreign exception raised while doing ``op`` stands for,
+    or None if it is not one of the client's I/O failures (a bug, or a
+    cancellation, which must go on as it is).
+
+    ======================================  ====================================
+    raised                                  becomes
+    ======================================  ====================================
+    TimeoutError, trio.TooSlowError         RequestTimeout
+    OSError, trio.BrokenResourceError,      Unsent if the frame did not all go
+    trio.ClosedResourceError                out, or the connection was reset
+                                            before any byte of the answer (the
+                                            daemon closed it unread); else
+                                            ConnectionFailed
+    ======================================  ====================================
+
+    msgpack's errors are mapped where frames are decoded (``protocol``):
+    MalformedFrame, which a client reports as ProtocolViolation.
+    """
+    if _is_timeout(exc):
+        return RequestTimeout(f"no answer to {op} in time")
+    if _is_broken(exc):
+        if not progress.sent:
+            return Unsent(f"connection to signd broke: {_reason(exc)}")
+        if not progress.answered and was_reset(exc):
+            return Unsent(f"signd closed the connection unread: {_reason(exc)}")
+        return ConnectionFailed(f"connection to signd broke: {_reason(exc)}")
+    return None
+
+
+def foreign_connect_error(exc: BaseException, path: str) -> SigndError | None:
+    """As ``foreign_error``, for opening a connection to ``path``."""
+    if _is_timeout(exc):
+        return RequestTimeout(f"connecting to {path} timed out")
+    if _is_broken(exc):
+        return ConnectionFailed(f"cannot connect to signd at {path}: {_reason(exc)}")
+    return None
+
+
+@contextlib.contextmanager
+def mapped_errors(op: str, progress: Progress) -> Iterator[None]:
+    """Raise the signd error for a foreign exception of the block (``foreign_error``).
+
+    A plain ``with`` works around ``await`` too, so the blocking and the async
+    connection share it.
+    """
+    try:
+        yield
+    except SigndError:
+        raise
+    except Exception as exc:
+        mapped = foreign_error(exc, op, progress)
+        if mapped is None:
+            raise
+        raise mapped from None
+
+
+@contextlib.contextmanager
+def mapped_connect_errors(path: str) -> Iterator[None]:
+    """As ``mapped_errors``, while connecting to ``path``."""
+    try:
+        yield
+    except SigndError:
+        raise
+    except Exception as exc:
+        mapped = foreign_connect_error(exc, path)
+        if mapped is None:
+            raise
+        raise mapped from None
 
 
 def was_reset(exc: BaseException | None) -> bool:

@@ -13,18 +13,17 @@ from typing import Any, Concatenate, ParamSpec, TypeVar
 from . import _calls
 from ._calls import Call
 from ._common import (
+    ClientClosed,
+    Progress,
     Settings,
-    Unsent,
     encode_call,
-    parse_response,
+    mapped_connect_errors,
+    mapped_errors,
     resolve_socket,
-    retry_allowed,
-    retry_delay,
     take_response,
-    was_reset,
-    with_idempotency_key,
 )
-from .errors import ConnectionFailed, RequestTimeout, SigndError
+from ._retry import Connect, Release, Send, Sleep, Step, attempts
+from .errors import ConnectionFailed
 from .keys import SigndPrivateKey, load_private_key
 from .protocol import DEFAULT_MAX_FRAME, MAX_RESPONSE_FRAME, FrameDecoder, Message, Response
 
@@ -41,17 +40,15 @@ class _Connection:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock.settimeout(timeout)
         try:
-            self.sock.connect(path)
-        except TimeoutError:
+            with mapped_connect_errors(path):
+                self.sock.connect(path)
+        except BaseException:
             self.sock.close()
-            raise RequestTimeout(f"connecting to {path} timed out") from None
-        except OSError as exc:
-            self.sock.close()
-            raise ConnectionFailed(f"cannot connect to signd at {path}: {exc.strerror}") from None
+            raise
         self.max_frame = max_frame  # for requests; answers may be larger
         self.decoder = FrameDecoder(MAX_RESPONSE_FRAME)
         self.ids = itertools.count(1)
-        #: requests sent on it: more than none means it came from the pool
+        #: requests sent on it: more than one means it came from the pool
         self.requests = 0
 
     def alive(self) -> bool:
@@ -66,35 +63,28 @@ class _Connection:
         rid = next(self.ids)
         self.requests += 1
         frame = encode_call(rid, call, self.max_frame)
-        answered = False
-        try:
-            self.sock.settimeout(max(deadline - time.monotonic(), 0.001))
-            try:
-                self.sock.sendall(frame)
-            except OSError as exc:
-                if isinstance(exc, TimeoutError):
-                    raise
-                # Not all of the frame went out: the daemon cannot have read it.
-                raise Unsent(f"connection to signd broke: {exc.strerror}") from None
+        progress = Progress()
+        with mapped_errors(call.op, progress):
+            self.sock.settimeout(_left(deadline))
+            self.sock.sendall(frame)
+            progress.sent = True
             while True:
                 resp = take_response(self.decoder, rid)
                 if resp is not None:
                     return resp
-                self.sock.settimeout(max(deadline - time.monotonic(), 0.001))
+                self.sock.settimeout(_left(deadline))
                 data = self.sock.recv(65536)
                 if not data:
                     raise ConnectionFailed("signd closed the connection")
-                answered = True
+                progress.answered = True
                 self.decoder.receive_data(data)
-        except TimeoutError:
-            raise RequestTimeout(f"no answer to {call.op} in time") from None
-        except OSError as exc:
-            if not answered and was_reset(exc):
-                raise Unsent(f"signd closed the connection unread: {exc.strerror}") from None
-            raise ConnectionFailed(f"connection to signd broke: {exc.strerror}") from None
 
     def close(self) -> None:
         self.sock.close()
+
+
+def _left(deadline: float) -> float:
+    return max(deadline - time.monotonic(), 0.001)
 
 
 def _method(builder: Callable[P, Call[R]]) -> Callable[Concatenate[Client, P], R]:
@@ -149,51 +139,44 @@ class Client:
             conn.close()
 
     def call(self, call: Call[R]) -> R:
-        """Send one prepared call; the typed methods below all come here."""
-        s = self.settings
-        call = with_idempotency_key(call)
-        deadline = time.monotonic() + s.timeout
-        attempt = 0
-        fresh = False
-        while True:
-            attempt += 1
-            conn = None
-            try:
-                conn = self._checkout(deadline, fresh)
-                fresh = False
-                resp = conn.request(call, deadline)
-            except SigndError as exc:
-                if conn is not None:
-                    conn.close()
-                if isinstance(exc, Unsent) and conn is not None and conn.requests > 1:
-                    # A pooled connection the daemon closed as the request
-                    # went out (its idle time-out): not a failure, and not
-                    # an attempt.  Once, on a new connection.
-                    attempt -= 1
-                    fresh = True
-                    continue
-                if retry_allowed(call, exc, attempt, s.retries, deadline):
-                    time.sleep(retry_delay(exc, attempt))
-                    continue
-                raise
-            if resp.id is None:  # a connection-level answer: this connection is done
-                conn.close()
-            else:
-                self._checkin(conn)
-            try:
-                return parse_response(call, resp)
-            except SigndError as exc:
-                if retry_allowed(call, exc, attempt, s.retries, deadline):
-                    time.sleep(retry_delay(exc, attempt))
-                    continue
-                raise
+        """Send one prepared call; the typed methods below all come here.
+
+        The retry loop is ``_retry.attempts``, shared with ``AsyncClient``;
+        this only carries out its steps.
+        """
+        steps = attempts(call, self.settings)
+        try:
+            step = next(steps)
+            while True:
+                try:
+                    outcome = self._do(step)
+                except BaseException as exc:
+                    step = steps.throw(exc)
+                else:
+                    step = steps.send(outcome)
+        except StopIteration as done:
+            result: R = done.value
+            return result
+
+    def _do(self, step: Step) -> Any:
+        if isinstance(step, Send):
+            return step.conn.request(step.call, step.deadline)
+        if isinstance(step, Connect):
+            return self._checkout(step.deadline, step.fresh)
+        if isinstance(step, Sleep):
+            time.sleep(step.seconds)
+        elif isinstance(step, Release) and step.reuse:
+            self._checkin(step.conn)
+        else:
+            step.conn.close()
+        return None
 
     def _checkout(self, deadline: float, fresh: bool = False) -> _Connection:
         """A pooled connection that is still open, else (or if ``fresh``) a new one."""
         while not fresh:
             with self._lock:
                 if self._closed:
-                    raise ConnectionFailed("client is closed")
+                    raise ClientClosed("client is closed")
                 if not self._idle:
                     break
                 conn = self._idle.pop()
@@ -202,12 +185,8 @@ class Client:
             conn.close()  # closed by the daemon while idle: a new one, transparently
         with self._lock:
             if self._closed:
-                raise ConnectionFailed("client is closed")
-        return _Connection(
-            self.settings.socket_path,
-            self.settings.max_frame,
-            max(deadline - time.monotonic(), 0.001),
-        )
+                raise ClientClosed("client is closed")
+        return _Connection(self.settings.socket_path, self.settings.max_frame, _left(deadline))
 
     def _checkin(self, conn: _Connection) -> None:
         with self._lock:
@@ -230,6 +209,7 @@ class Client:
     enable = _method(_calls.enable)
     destroy = _method(_calls.destroy)
     health = _method(_calls.health)
+    whoami = _method(_calls.whoami)
 
     def private_key(self, name: str, version: int | None = None) -> SigndPrivateKey:
         """A ``cryptography`` private key object for ``name`` that signs

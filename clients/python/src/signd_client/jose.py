@@ -1,5 +1,10 @@
 """JWS and JWT signed by a key on the token (RFC 7515, 7518, 7519, 8037).
 
+PyJWT signs with a key on the token as it is: ``jwt.encode(claims,
+client.private_key(name), algorithm=..., headers={"kid": kid(key)})``.  What
+it lacks is here: ``kid`` names the key *and* its version (``NAME:VERSION``, as
+in signd's JWK Set), and ``sign_jwt`` follows rotation.
+
 ``sign_jwt(key, claims)`` gives a compact JWS whose header names the key and
 version as ``kid`` (``NAME:VERSION``, as in the JWK Set from ``Client.jwks``),
 so a verifier that fetched the JWK Set picks the right public key, and tokens
@@ -38,6 +43,7 @@ if TYPE_CHECKING:
 __all__ = [
     "JWS_ALGORITHMS",
     "default_algorithm",
+    "kid",
     "sign_jws",
     "sign_jws_async",
     "sign_jwt",
@@ -84,6 +90,12 @@ def default_algorithm(key_type: str) -> str:
     return _DEFAULT.get(key_type, "RS256")
 
 
+def kid(key: SigndPrivateKey | AsyncSigndPrivateKey) -> str:
+    """The JWS ``kid`` of ``key``'s version: ``NAME:VERSION``, the ``kid`` of its
+    JWK in ``Client.jwks``, so a verifier picks the right version's public key."""
+    return f"{key.name}:{key.version}"
+
+
 def _b64url(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
 
@@ -110,8 +122,7 @@ def _plan(
             f"JWS algorithm {alg} needs a {' or '.join(spec.key_types)} key; "
             f"key {name!r} is {key_type}"
         )
-    kid = f"{name}:{version}"
-    header: dict[str, Any] = {"alg": alg, "kid": kid}
+    header: dict[str, Any] = {"alg": alg, "kid": f"{name}:{version}"}
     for field, value in (headers or {}).items():
         if field in ("alg", "kid") and value != header[field]:
             raise ValueError(

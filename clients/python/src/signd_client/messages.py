@@ -1,0 +1,380 @@
+"""Every message of signd's wire protocol: the arguments and results of each op.
+
+``protocol`` re-exports them all, and its ``OPS`` table says which op takes
+and answers which; ``PROTOCOL.md`` describes each field.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Final
+
+from ._codec import Between, Message, message
+
+__all__ = [
+    "MAX_VERSION",
+    "AuditHead",
+    "BatchItem",
+    "CreateKeyArgs",
+    "DestroyArgs",
+    "Empty",
+    "ErrorInfo",
+    "Health",
+    "Jwk",
+    "Jwks",
+    "JwksArgs",
+    "KeyGrant",
+    "KeyInfo",
+    "KeyList",
+    "KeyRefArgs",
+    "KeySummary",
+    "PublicKey",
+    "PublicKeyArgs",
+    "RotateArgs",
+    "SignArgs",
+    "SignBatchArgs",
+    "SignBatchResult",
+    "SignResult",
+    "TokenStatus",
+    "UpdateKeyArgs",
+    "VerifyArgs",
+    "VerifyResult",
+    "VersionInfo",
+    "VersionNumber",
+    "VersionRefArgs",
+    "VersionSetting",
+    "Whoami",
+]
+
+#: Highest key version a request may name: versions count from 1 by one per
+#: rotation, and stay within a signed 32-bit integer.
+MAX_VERSION: Final = (1 << 31) - 1
+#: A version a request names: 1 to ``MAX_VERSION``.
+VersionNumber = Annotated[int, Between(1, MAX_VERSION)]
+#: A version setting (``min_sign_version``...): 0 (off) to ``MAX_VERSION``.
+VersionSetting = Annotated[int, Between(0, MAX_VERSION)]
+
+
+# ---- arguments ----
+
+
+@message
+class Empty(Message):
+    """No arguments, or no result fields."""
+
+
+@message
+class CreateKeyArgs(Message):
+    """A new key; the settings are those of ``UpdateKeyArgs`` (off when absent).
+
+    ``idempotency_key``: sent again with the same key, the request answers as
+    the first one did instead of failing with ``key_exists``.
+    """
+
+    key: str
+    type: str
+    auto_rotate_period: float | None = None
+    verify_grace: float | None = None
+    deletion_allowed: bool | None = None
+    idempotency_key: str | None = None
+    max_versions: int | None = None
+
+
+@message
+class UpdateKeyArgs(Message):
+    """Change a key's lifecycle settings; an absent field keeps its value.
+
+    Durations are seconds, and 0 turns the setting off (no automatic rotation;
+    no grace limit).  Versions: 0 means no minimum.  ``max_versions``: the
+    most versions not destroyed the key may hold; 0 means the daemon's default.
+    """
+
+    key: str
+    auto_rotate_period: float | None = None
+    verify_grace: float | None = None
+    min_sign_version: VersionSetting | None = None
+    min_verify_version: VersionSetting | None = None
+    deletion_allowed: bool | None = None
+    max_versions: int | None = None
+
+
+@message
+class VersionRefArgs(Message):
+    """Arguments of ``disable`` and ``enable``: one version of a key."""
+
+    key: str
+    version: VersionNumber
+
+
+@message
+class DestroyArgs(Message):
+    """Arguments of ``destroy``: exactly one of ``version`` and ``all=true``.
+
+    "Every version" is never the default: a client that leaves out a field it
+    did not set cannot destroy a whole key by mistake.
+    """
+
+    key: str
+    version: VersionNumber | None = None
+    all: bool | None = None
+
+
+@message
+class KeyRefArgs(Message):
+    """Arguments of ``key_info``: a key name."""
+
+    key: str
+
+
+@message
+class RotateArgs(Message):
+    """Arguments of ``rotate``.
+
+    ``idempotency_key``: a rotation of this key made with the same key already
+    is answered again, not repeated (see ``IDEMPOTENCY_KEY_OPS``).
+    """
+
+    key: str
+    idempotency_key: str | None = None
+
+
+@message
+class PublicKeyArgs(Message):
+    key: str
+    version: VersionNumber | None = None
+
+
+@message
+class JwksArgs(Message):
+    """Names of keys whose verifying versions go into one JWK Set (1 to ``MAX_JWKS_KEYS``)."""
+
+    keys: tuple[str, ...]
+
+
+@message
+class SignArgs(Message):
+    key: str
+    message: bytes | None = None
+    digest: bytes | None = None
+    hash: str | None = None
+    padding: str | None = None
+    format: str | None = None
+    version: VersionNumber | None = None
+
+
+@message
+class VerifyArgs(Message):
+    key: str
+    signature: bytes
+    message: bytes | None = None
+    digest: bytes | None = None
+    hash: str | None = None
+    padding: str | None = None
+    format: str | None = None
+    version: VersionNumber | None = None
+
+
+@message
+class SignBatchArgs(Message):
+    """Many signatures with one key and one set of options (``MAX_BATCH`` at most)."""
+
+    key: str
+    messages: tuple[bytes, ...] | None = None
+    digests: tuple[bytes, ...] | None = None
+    hash: str | None = None
+    padding: str | None = None
+    format: str | None = None
+    version: VersionNumber | None = None
+
+
+# ---- results ----
+
+
+@message
+class VersionInfo(Message):
+    version: int
+    #: active, verify-only, retired, disabled or destroyed
+    state: str
+    created: float
+    public_key_pem: str
+    #: when a verify-only version retires (its grace ends); absent: no limit
+    verify_until: float | None = None
+
+
+@message
+class KeyInfo(Message):
+    name: str
+    type: str
+    created: float
+    #: the newest version: what ``sign`` uses unless the request names one
+    current_version: int
+    versions: tuple[VersionInfo, ...]
+    auto_rotate_period: float | None = None
+    verify_grace: float | None = None
+    min_sign_version: int | None = None
+    min_verify_version: int | None = None
+    deletion_allowed: bool | None = None
+    #: when the next automatic rotation is due; absent when it is off
+    next_rotation: float | None = None
+    #: answers to ``create_key`` and ``rotate``: the version the request made
+    #: (for a replay under an ``idempotency_key``, the one the first request made)
+    created_version: int | None = None
+    #: the most versions not destroyed the key may hold: its own setting or
+    #: the daemon's default (absent from daemons before retention)
+    max_versions: int | None = None
+
+
+@message
+class KeySummary(Message):
+    name: str
+    type: str
+    created: float
+    current_version: int
+
+
+@message
+class KeyList(Message):
+    keys: tuple[KeySummary, ...]
+
+
+@message
+class PublicKey(Message):
+    name: str
+    version: int
+    type: str
+    public_key_pem: str
+
+
+@message
+class Jwk(Message):
+    """One version's public key as a JSON Web Key (RFC 7517, 7518, 8037).
+
+    Binary members (``x``, ``y``, ``n``, ``e``) are base64url strings without
+    padding, as in JSON, so a result serialised to JSON is a valid JWK.
+    ``kid`` is ``NAME:VERSION``; ``alg`` is absent for RSA keys, which sign
+    both RS256 and PS256.
+    """
+
+    kty: str
+    kid: str
+    use: str
+    alg: str | None = None
+    crv: str | None = None
+    x: str | None = None
+    y: str | None = None
+    n: str | None = None
+    e: str | None = None
+
+
+@message
+class Jwks(Message):
+    """A JWK Set: every version of the named keys that may still verify."""
+
+    keys: tuple[Jwk, ...]
+
+
+@message
+class SignResult(Message):
+    signature: bytes
+    key: str
+    version: int
+    algorithm: str
+
+
+@message
+class ErrorInfo(Message):
+    """An error inside a result (``sign_batch`` items), shaped like a wire error."""
+
+    code: int
+    name: str
+    message: str
+
+
+@message
+class BatchItem(Message):
+    """One ``sign_batch`` item: its signature, or its error."""
+
+    signature: bytes | None = None
+    error: ErrorInfo | None = None
+
+
+@message
+class SignBatchResult(Message):
+    key: str
+    version: int
+    algorithm: str
+    results: tuple[BatchItem, ...]
+
+
+@message
+class VerifyResult(Message):
+    valid: bool
+    key: str
+    version: int | None = None
+    algorithm: str | None = None
+
+
+@message
+class TokenStatus(Message):
+    label: str
+    manufacturer: str
+    model: str
+    serial: str
+    logged_in: bool
+    #: the token profile signd drives it with: softhsm, yubihsm or generic
+    profile: str | None = None
+    #: the key types the token can make and sign with (read from its mechanisms)
+    key_types: tuple[str, ...] | None = None
+    #: the token's mechanisms, as CKM_ names
+    mechanisms: tuple[str, ...] | None = None
+
+
+@message
+class AuditHead(Message):
+    """The audit log's chain head, as the newest checkpoint signed it (and as
+    the daemon keeps it on the token): record ``seq`` has hash ``hash`` and is
+    in ``file``; signed at ``time``."""
+
+    chain: str
+    seq: int
+    hash: str
+    file: str
+    time: float
+
+
+@message
+class Health(Message):
+    status: str
+    live: bool
+    ready: bool
+    daemon_version: str
+    protocol_version: int
+    uptime: float
+    keys: int
+    token: TokenStatus | None = None
+    detail: str | None = None
+    #: only to a peer that may read the audit key, and only with an audit log
+    audit: AuditHead | None = None
+
+
+@message
+class KeyGrant(Message):
+    """One key the caller may use, and how: its verbs, sorted."""
+
+    name: str
+    #: sign, verify, read, create, rotate or admin (the policy's verbs)
+    verbs: tuple[str, ...]
+
+
+@message
+class Whoami(Message):
+    """Who the daemon takes the caller to be (from the kernel's peer
+    credentials), and every existing key on which the caller has at least one
+    verb, sorted by name."""
+
+    uid: int
+    gid: int
+    #: the caller's groups, sorted, the primary group included
+    groups: tuple[int, ...]
+    #: the user name of ``uid``, absent when it has none
+    user: str | None = None
+    keys: tuple[KeyGrant, ...] = ()

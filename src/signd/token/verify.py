@@ -1,0 +1,51 @@
+"""Verifications in a token worker: no token, only ``cryptography``.
+
+Workers take verifications too so that a busy daemon verifies on every core,
+not only on its own.  No PKCS#11 here: this runs beside the session, not in it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import Any, Final
+
+from ..keys import algorithms
+from ..protocol import VerifyArgs
+from .ipc import VerifyJob
+
+__all__ = ["Verifier"]
+
+#: Public keys a worker keeps loaded (then it starts afresh).
+CACHED_KEYS: Final = 4096
+
+
+class Verifier:
+    """Verifies ``VerifyJob``s, with the public keys it loaded cached."""
+
+    def __init__(self) -> None:
+        self._keys: dict[bytes, algorithms.PublicKey] = {}
+
+    def verify(self, job: VerifyJob) -> list[Any] | None:
+        """``[version, algorithm]`` of the candidate that verifies, or None.
+
+        Raises: InvalidArgument, InvalidDigest, UnsupportedAlgorithm (the
+        request, or a key, is not what it claims).
+        """
+        kt = algorithms.key_type(job.key_type)
+        args = VerifyArgs.from_wire(job.args)
+        found = algorithms.verify_any(kt, self._public_keys(kt, job.candidates), args)
+        return list(found) if found is not None else None
+
+    def _public_keys(
+        self, kt: algorithms.KeyType, candidates: Sequence[Sequence[Any]]
+    ) -> Iterator[tuple[int, algorithms.PublicKey]]:
+        """(version, public key) of each candidate (version, SPKI DER), loaded
+        once per process; as they are needed, so a match stops the loading."""
+        keys = self._keys
+        for version, spki in candidates:
+            pub = keys.get(spki)
+            if pub is None:
+                if len(keys) >= CACHED_KEYS:
+                    keys.clear()
+                pub = keys[spki] = algorithms.load_public_key(kt, spki)
+            yield version, pub

@@ -1,0 +1,482 @@
+"""A token pool in memory, and the one place that builds a ``Service`` on it.
+
+``FakePool`` does what ``Service`` asks of ``TokenPool``, with no PKCS#11 and
+no worker process: key records with the pool's compare-and-swap by revision,
+real keypairs made with ``cryptography`` (so a signature checks out with an
+independent verifier), and a queue of sign and verify jobs that a task of its
+own (``run``) answers through each entry's callback.  It can be told to lose
+the token, to be slow (mock time), or to fail its next call of an operation.
+
+Everything that knows how ``Service`` is built and called (its constructor,
+``handle`` and the reply callback) is below ``# the service``: when those
+change, this file is the one to adapt.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import deque
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+import trio
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa, utils
+
+from signd.access.policy import Policy, Principal
+from signd.access.ratelimit import RateLimiter
+from signd.config import load_config
+from signd.errors import Busy, Conflict, InvalidArgument, TokenError, TokenUnavailable, WireError
+from signd.keys import algorithms
+from signd.keys.store import KeyRecord, KeySettings
+from signd.metrics import Metrics
+from signd.protocol import HEADER, OPS, Message, Request, VerifyArgs, decode_response
+from signd.service.core import Service
+from signd.token.pool import Entry, PoolSettings
+from signd.token.session import MetadataBlob, SignJob, TokenInfo, VerifyJob
+
+__all__ = [
+    "FAKE_INFO",
+    "T0",
+    "Conn",
+    "FakePool",
+    "Harness",
+    "Replies",
+    "open_harness",
+    "policy_from_config",
+    "principal",
+    "wall",
+]
+
+#: The wall clock's reading at trio time 0: the service's clock is T0 + trio.current_time().
+T0: Final = 1_750_000_000.0
+
+PrivateKey = ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey | rsa.RSAPrivateKey
+
+
+def wall() -> float:
+    """The service's wall clock in these tests: trio's (mock) clock, shifted."""
+    return T0 + trio.current_time()
+
+
+def _generate(key_type: str) -> PrivateKey:
+    kt = algorithms.key_type(key_type)
+    if kt.family is algorithms.Family.EC:
+        curve = ec.SECP256R1() if kt.bits == 256 else ec.SECP384R1()
+        return ec.generate_private_key(curve)
+    if kt.family is algorithms.Family.ED25519:
+        return ed25519.Ed25519PrivateKey.generate()
+    return rsa.generate_private_key(public_exponent=65537, key_size=kt.bits)
+
+
+def _sign(private: PrivateKey, job: SignJob) -> bytes:
+    """What the token's C_Sign returns for ``job`` (ECDSA: raw r || s)."""
+    scheme = algorithms.Scheme(job.scheme)
+    if scheme is algorithms.Scheme.EDDSA:
+        assert isinstance(private, ed25519.Ed25519PrivateKey)
+        return private.sign(job.data)
+    assert job.hash is not None
+    h = algorithms.HASHES[job.hash]
+    prehashed = utils.Prehashed(h.algorithm)
+    if scheme is algorithms.Scheme.ECDSA:
+        assert isinstance(private, ec.EllipticCurvePrivateKey)
+        r, s = utils.decode_dss_signature(private.sign(job.data, ec.ECDSA(prehashed)))
+        size = (private.curve.key_size + 7) // 8
+        return r.to_bytes(size, "big") + s.to_bytes(size, "big")
+    assert isinstance(private, rsa.RSAPrivateKey)
+    if scheme is algorithms.Scheme.RSA_PKCS1:  # the input is DigestInfo || digest
+        assert job.data.startswith(h.digest_info)
+        return private.sign(job.data[len(h.digest_info) :], padding.PKCS1v15(), prehashed)
+    pss = padding.PSS(mgf=padding.MGF1(h.algorithm), salt_length=padding.PSS.DIGEST_LENGTH)
+    return private.sign(job.data, pss, prehashed)
+
+
+def _verify(job: VerifyJob) -> tuple[bool, Any]:
+    """A verification as a worker answers it: (True, [version, algorithm] or None)."""
+    try:
+        kt = algorithms.key_type(job.key_type)
+        pairs = [(v, algorithms.load_public_key(kt, spki)) for v, spki in job.candidates]
+        found = algorithms.verify_any(kt, pairs, VerifyArgs.from_wire(job.args))
+    except WireError as exc:
+        return False, exc
+    return True, list(found) if found is not None else None
+
+
+@dataclass
+class _Pair:
+    spki: bytes
+    private: PrivateKey | None  # None once destroyed
+    label: str
+
+
+FAKE_INFO: Final = TokenInfo(
+    label="fake",
+    manufacturer="signd tests",
+    model="FakePool",
+    serial="0",
+    mechanisms=["CKM_ECDSA", "CKM_EDDSA", "CKM_RSA_PKCS", "CKM_RSA_PKCS_PSS"],
+    key_types=dict.fromkeys(algorithms.KEY_TYPES),
+)
+
+
+class FakePool:
+    """The part of ``TokenPool`` that ``Service`` uses, in memory.
+
+    Jobs are answered by ``run`` (start it in a nursery), each batch after
+    ``latency`` seconds of trio time; so are the rare operations.
+    """
+
+    def __init__(self, *, latency: float = 0.0, queue_limit: int = 65536) -> None:
+        self.info: TokenInfo | None = FAKE_INFO
+        self.settings = PoolSettings(
+            module="fake", token_label="fake", pin="", queue_limit=queue_limit
+        )
+        self.latency = latency
+        self.alive_workers = 1
+        self.respawns = 0
+        #: key name -> (newest revision, record bytes)
+        self.records: dict[str, tuple[int, bytes]] = {}
+        self.pairs: dict[bytes, _Pair] = {}
+        #: every rare call, in order: (operation, its first argument)
+        self.calls: list[tuple[str, Any]] = []
+        #: operation -> the error its next call raises (then forgotten)
+        self.fail_next: dict[str, WireError] = {}
+        #: jobs answered, sign and verify
+        self.jobs_done = 0
+        self._queue: deque[tuple[object, Entry]] = deque()
+        self._inflight = 0
+        self._wake = trio.Event()
+
+    # ---- what Service uses
+
+    @property
+    def pending(self) -> int:
+        return len(self._queue) + self._inflight
+
+    @property
+    def is_open(self) -> bool:
+        return self.info is not None and self.alive_workers > 0
+
+    def enqueue(self, source: object, entries: Sequence[Entry]) -> None:
+        """Raises: TokenUnavailable, InvalidArgument, Busy (as ``TokenPool.enqueue``)."""
+        if not self.is_open:
+            raise TokenUnavailable("no token worker is running; retry")
+        limit = self.settings.queue_limit
+        if len(entries) > limit:
+            raise InvalidArgument(f"{len(entries)} signatures exceed the token queue of {limit}")
+        if self.pending + len(entries) > limit:
+            raise Busy(f"the token queue is full ({self.pending} signatures waiting)")
+        self._queue.extend((source, e) for e in entries)
+
+    def pump(self) -> None:
+        self._wake.set()
+
+    def drop(self, source: object, error: WireError) -> int:
+        mine = [e for s, e in self._queue if s is source]
+        self._queue = deque((s, e) for s, e in self._queue if s is not source)
+        for e in mine:
+            e.callback(False, error)
+        return len(mine)
+
+    async def load_metadata(self, name: str | None = None) -> list[MetadataBlob]:
+        await self._rare("load_metadata", name)
+        return [
+            MetadataBlob(n, rev, value)
+            for n, (rev, value) in sorted(self.records.items())
+            if name in (None, n)
+        ]
+
+    async def write_metadata(self, name: str, revision: int, value: bytes) -> None:
+        """Raises: Conflict unless the newest revision is ``revision - 1``."""
+        await self._rare("write_metadata", name)
+        self._store(name, revision, value)
+
+    async def public_keys(self, object_ids: Sequence[bytes]) -> dict[bytes, tuple[bytes, bool]]:
+        await self._rare("public_keys", list(object_ids))
+        return {
+            oid: (p.spki, p.private is not None)
+            for oid in object_ids
+            if (p := self.pairs.get(oid)) is not None
+        }
+
+    async def destroy_keys(self, object_id: bytes, *, public: bool = False) -> int:
+        await self._rare("destroy_keys", object_id)
+        pair = self.pairs.get(object_id)
+        if pair is None:
+            return 0
+        count = int(pair.private is not None)
+        pair.private = None
+        if public:
+            del self.pairs[object_id]
+            count += 1
+        return count
+
+    async def generate(self, key_type: str, object_id: bytes, label: str) -> bytes:
+        """Raises: Conflict if ``object_id`` is taken (the caller draws another)."""
+        await self._rare("generate", key_type)
+        if object_id in self.pairs:
+            raise Conflict(f"object id {object_id.hex()} is taken")
+        private = _generate(key_type)
+        spki = private.public_key().public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+        self.pairs[object_id] = _Pair(spki, private, label)
+        return spki
+
+    # ---- the workers
+
+    async def run(self) -> None:
+        """Answer queued jobs, a batch at a time, until cancelled."""
+        while True:
+            await self._wake.wait()
+            self._wake = trio.Event()
+            while self._queue:
+                batch = list(self._queue)
+                self._queue.clear()
+                self._inflight += len(batch)
+                if self.latency:
+                    await trio.sleep(self.latency)
+                self._inflight -= len(batch)
+                for _, entry in batch:
+                    self.jobs_done += 1
+                    entry.callback(*self._answer(entry.job))
+
+    def _answer(self, job: SignJob | VerifyJob) -> tuple[bool, Any]:
+        if not self.is_open:
+            return False, TokenUnavailable("the token is unavailable (lost); retry")
+        if isinstance(job, VerifyJob):
+            return _verify(job)
+        pair = self.pairs.get(job.object_id)
+        if pair is None or pair.private is None:
+            return False, TokenError(f"expected one private key with id {job.object_id.hex()}")
+        return True, _sign(pair.private, job)
+
+    async def _rare(self, op: str, arg: Any) -> None:
+        self.calls.append((op, arg))
+        await trio.sleep(self.latency)  # a checkpoint even when latency is 0
+        if not self.is_open:
+            raise TokenUnavailable("the token is unavailable (lost); retry")
+        error = self.fail_next.pop(op, None)
+        if error is not None:
+            raise error
+
+    def _store(self, name: str, revision: int, value: bytes) -> None:
+        newest = self.records.get(name, (0, b""))[0]
+        if newest != revision - 1:
+            raise Conflict(
+                f"key {name!r} was changed by another process (its record is at revision "
+                f"{newest}, this change was made on {revision - 1}); nothing was changed"
+            )
+        self.records[name] = (revision, value)
+
+    # ---- for the tests
+
+    def lose(self) -> None:
+        """The token is gone: no worker, every call and queued job fails."""
+        self.alive_workers = 0
+        self._wake.set()
+
+    def restore(self) -> None:
+        self.alive_workers = 1
+
+    def record(self, name: str) -> KeyRecord:
+        revision, value = self.records[name]
+        return KeyRecord.from_bytes(name, revision, value)
+
+    def write_record(self, record: KeyRecord) -> None:
+        """Store ``record`` as another daemon sharing the token would.
+
+        Raises: Conflict unless ``record.revision`` is the next one.
+        """
+        self._store(record.name, record.revision, record.to_bytes())
+
+    def add_key(
+        self,
+        name: str,
+        key_type: str = "ec-p256",
+        *,
+        created: float = T0,
+        settings: KeySettings | None = None,
+    ) -> KeyRecord:
+        """A key made by another daemon sharing the token: a keypair and its record."""
+        private = _generate(key_type)
+        object_id = b"other-%d" % len(self.pairs)
+        spki = private.public_key().public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+        self.pairs[object_id] = _Pair(spki, private, f"{name}/v1")
+        kt = algorithms.key_type(key_type)
+        record = KeyRecord.new(name, kt, created, object_id, settings or KeySettings())
+        self.write_record(record)
+        return record
+
+    def private_key(self, name: str, version: int) -> PrivateKey:
+        """The private key of a version (to sign as another daemon would)."""
+        oid = next(v.object_id for v in self.record(name).versions if v.version == version)
+        private = self.pairs[oid].private
+        assert private is not None
+        return private
+
+    def has_private(self, name: str, version: int) -> bool:
+        oid = next(v.object_id for v in self.record(name).versions if v.version == version)
+        return self.pairs[oid].private is not None
+
+    def args_of(self, op: str) -> list[Any]:
+        """The first argument of every call of ``op`` so far, in order."""
+        return [arg for o, arg in self.calls if o == op]
+
+    def count(self, op: str) -> int:
+        return len(self.args_of(op))
+
+
+def principal(
+    uid: int,
+    *,
+    user: str | None = None,
+    gid: int | None = None,
+    groups: Sequence[int] = (),
+    group_names: Sequence[str] = (),
+) -> Principal:
+    """A peer as the kernel would describe it (gid defaults to uid)."""
+    g = uid if gid is None else gid
+    return Principal(
+        uid=uid,
+        gid=g,
+        pid=4000 + uid,
+        user=user,
+        groups=frozenset({g, *groups}),
+        group_names=frozenset(group_names),
+    )
+
+
+# --------------------------------------------------------------------------
+# the service
+
+
+def _result_type(op: str) -> type[Message]:
+    spec: Any = OPS[op]
+    result: type[Message] = spec.result if hasattr(spec, "result") else spec[1]
+    return result  # (an OpSpec, or the older (args, result) pair)
+
+
+class Replies:
+    """The transport's reply callback: exactly one answer per request id."""
+
+    def __init__(self) -> None:
+        self.frames: dict[int, bytes] = {}
+        self._changed = trio.Event()
+
+    def __call__(self, request_id: int | None, frame: bytes, *outcome: object) -> None:
+        assert request_id is not None
+        assert request_id not in self.frames, f"request {request_id} answered twice"
+        self.frames[request_id] = frame
+        self._changed.set()
+
+    async def answer(self, request_id: int, op: str) -> Any:
+        """The decoded result of request ``request_id``, typed by ``op`` (waits for it).
+
+        Raises: the WireError it was answered with.
+        """
+        while request_id not in self.frames:
+            await self._changed.wait()
+            self._changed = trio.Event()
+        frame = self.frames[request_id]
+        (length,) = HEADER.unpack_from(frame)
+        assert length == len(frame) - HEADER.size
+        response = decode_response(frame[HEADER.size :])
+        assert response.id == request_id
+        if response.error is not None:
+            raise response.error
+        assert response.result is not None
+        return _result_type(op).from_wire(response.result)
+
+
+_request_ids = itertools.count(1)
+
+
+class Conn:
+    """One peer's connection: requests go to ``Service.handle``, slow work to a task."""
+
+    def __init__(self, harness: Harness, who: Principal) -> None:
+        self.harness = harness
+        self.who = who
+        self.replies = Replies()
+
+    def send(self, requests: Sequence[tuple[str, Message]]) -> list[int]:
+        """Hand ``requests`` to the service as one read of a connection; their ids."""
+        batch = [Request(next(_request_ids), op, args) for op, args in requests]
+        h = self.harness
+        for work in h.service.handle(batch, self.replies, self, self.who):
+            h.nursery.start_soon(work)
+        return [r.id for r in batch]
+
+    async def call(self, op: str, args: Message) -> Any:
+        """One request; its result (typed by the op).  Raises: its WireError."""
+        (rid,) = self.send([(op, args)])
+        return await self.replies.answer(rid, op)
+
+
+@dataclass
+class Harness:
+    pool: FakePool
+    service: Service
+    nursery: trio.Nursery
+
+    def connect(self, who: Principal) -> Conn:
+        return Conn(self, who)
+
+    def start_lifecycle(self) -> None:
+        self.nursery.start_soon(self.service.run_lifecycle)
+
+
+@asynccontextmanager
+async def open_harness(
+    pool: FakePool | None = None,
+    *,
+    policy: Policy | None = None,
+    limiter: RateLimiter | None = None,
+    lifecycle: bool = False,
+    **settings: Any,
+) -> AsyncIterator[Harness]:
+    """A loaded ``Service`` on ``pool`` (a new FakePool by default), with the
+    pool's workers running, and its lifecycle task if ``lifecycle``; all
+    cancelled on exit.  ``settings``: the Service's keyword settings
+    (min_rotate_period and sync_interval default to 1 s here)."""
+    pool = pool if pool is not None else FakePool()
+    settings.setdefault("min_rotate_period", 1.0)
+    settings.setdefault("sync_interval", 1.0)
+    service = Service(
+        pool,  # type: ignore[arg-type]
+        policy if policy is not None else Policy(()),
+        limiter=limiter,
+        metrics=Metrics(),
+        clock=wall,
+        **settings,
+    )
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(pool.run)
+        await service.load()
+        harness = Harness(pool, service, nursery)
+        if lifecycle:
+            harness.start_lifecycle()
+        yield harness
+        nursery.cancel_scope.cancel()
+
+
+def policy_from_config(directory: Path, access: str) -> Policy:
+    """The policy a daemon builds from a config file whose ``[access]`` part is
+    ``access`` (TOML, the syntax operators write), written in ``directory``.
+
+    Raises: ConfigError, naming the field, for a bad access section.
+    """
+    (directory / "pin").write_text("1234\n")
+    (directory / "pin").chmod(0o600)
+    path = directory / "signd.toml"
+    path.write_text(
+        f'[token]\nmodule = "/x.so"\nlabel = "t"\npin_file = "{directory}/pin"\n\n{access}'
+    )
+    cfg = load_config(str(path))
+    return Policy(cfg.access.rules, trust_root=cfg.access.trust_root)
