@@ -452,6 +452,7 @@ async def open_harness(
     settings.setdefault("profile", PROFILES["softhsm"])
     service = Service(
         pool,  # type: ignore[arg-type]
+        pool,  # type: ignore[arg-type]  # its records: a compare-and-swap of its own
         policy if policy is not None else Policy(()),
         limiter=limiter,
         metrics=Metrics(),
