@@ -367,13 +367,20 @@ def signd(token_env: TokenEnv, tmp_path_factory: pytest.TempPathFactory) -> Iter
 def make_daemon(
     token_env: TokenEnv, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Callable[..., Daemon]]:
-    """A factory for daemons a test may stop, restart or misconfigure."""
+    """A factory for daemons a test may stop, restart or misconfigure; on the
+    session's token unless given another (``token=own_token``)."""
     made: list[Daemon] = []
 
     def make(
-        extra_config: str = "", start: bool = True, workdir: Path | None = None, **kw: Any
+        extra_config: str = "",
+        start: bool = True,
+        workdir: Path | None = None,
+        token: TokenEnv | None = None,
+        **kw: Any,
     ) -> Daemon:
-        d = Daemon(token_env, workdir or tmp_path_factory.mktemp("signd"), extra_config, **kw)
+        d = Daemon(
+            token or token_env, workdir or tmp_path_factory.mktemp("signd"), extra_config, **kw
+        )
         made.append(d)
         if start:
             d.start()

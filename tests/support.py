@@ -9,16 +9,28 @@ end of this file rather than copying one into a test module.
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import json
 import os
 import signal
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, TypeVar
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
 
 if TYPE_CHECKING:
+    import pytest
     from conftest import Daemon
 
-__all__ = ["WAIT", "kill_tree", "wait_for", "wait_until"]
+__all__ = [
+    "WAIT",
+    "kill_tree",
+    "once_per_run",
+    "open_sockets",
+    "wait_for",
+    "wait_until",
+    "wait_until_released",
+]
 
 T = TypeVar("T")
 
@@ -103,3 +115,34 @@ def wait_until_released(d: Daemon, baseline: int, timeout: float = WAIT) -> None
             return False  # the process is exiting; poll() says so next time round
 
     wait_until(released, "signd to let go of the closed connections", timeout)
+
+
+def once_per_run(
+    tmp_path_factory: pytest.TempPathFactory, name: str, make: Callable[[Path], Any]
+) -> Any:
+    """``make(directory)``, run once per test run even with pytest-xdist: the
+    first worker to ask runs it and keeps its result (JSON) in the run's
+    shared temporary directory; the others wait for it and read that.  For
+    an expensive end-to-end run that several tests only look at (the
+    benchmark, the soak), where a module fixture would run once per worker.
+
+    Raises: whatever ``make`` raises (a worker that finds no result, because
+    ``make`` failed in another, runs it again and fails the same way).
+    """
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the run's directory, above each worker's
+    base = root / f"once-{name}"
+    base.mkdir(exist_ok=True)
+    result = base / "result.json"
+    with open(base / "lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # the producer's own subprocess time-outs bound it
+        if result.exists():
+            return json.loads(result.read_text())
+        work = base / "work"
+        if work.exists():  # a failed attempt's leftovers
+            work = Path(str(work) + f"-{os.getpid()}")
+        work.mkdir()
+        value = make(work)
+        result.write_text(json.dumps(value))
+        return value

@@ -19,6 +19,8 @@ from typing import Any
 
 import pytest
 
+from support import once_per_run
+
 TABLE_HEADER = "| row | key | ops/s | p50 µs | p99 µs | server CPU s | peak RSS MB | ratio | note |"
 TARGETS_HEADER = "| target | measured | verdict |"
 BASELINE = "python-pkcs11 in-process, 1 session (baseline)"
@@ -48,8 +50,13 @@ def bench_command() -> list[str]:
 
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], str, str]:
-    """One ``--quick`` run for ec-p256: (the JSON report, stdout, stderr)."""
-    out_dir = tmp_path_factory.mktemp("bench")
+    """One ``--quick`` run for ec-p256: (the JSON report, stdout, stderr); one
+    per test run, shared by the pytest-xdist workers."""
+    report, stdout, stderr = once_per_run(tmp_path_factory, "bench-quick", quick_bench)
+    return report, stdout, stderr
+
+
+def quick_bench(out_dir: Path) -> tuple[dict[str, Any], str, str]:
     report = out_dir / "bench.json"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("LISTEN_", "SIGND_"))}
     # Its own session, so a time-out stops the daemon and drivers it started too.

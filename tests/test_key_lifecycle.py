@@ -316,9 +316,9 @@ def test_bad_settings_are_refused_naming_the_field(
 
 
 def test_disable_and_enable_take_effect_at_once_and_survive_restart(
-    make_daemon: Callable[..., Daemon], key_name: str
+    make_daemon: Callable[..., Daemon], own_token: TokenEnv, key_name: str
 ) -> None:
-    d = make_daemon()
+    d = make_daemon(token=own_token)  # restarted: it reads only this test's keys
     with d.client() as c:
         c.create_key(key_name, "ec-p256")
         s1 = signed(c, key_name)
@@ -600,10 +600,12 @@ def test_auto_rotation_rotates_on_schedule(
 
 
 def test_second_daemon_sees_a_disable_within_sync_interval(
-    make_daemon: Callable[..., Daemon], key_name: str
+    make_daemon: Callable[..., Daemon], own_token: TokenEnv, key_name: str
 ) -> None:
-    a = make_daemon(FAST_KEYS)
-    b = make_daemon(FAST_KEYS)
+    # A token of their own: two daemons re-reading the shared token's every key
+    # twice a second would load the whole machine.
+    a = make_daemon(FAST_KEYS, token=own_token)
+    b = make_daemon(FAST_KEYS, token=own_token)
     assert a.socket != b.socket
     with a.client() as ca, b.client() as cb:
         ca.create_key(key_name, "ec-p256")

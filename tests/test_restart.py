@@ -43,7 +43,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from signd_client import AsyncClient, Client
 
 if TYPE_CHECKING:
-    from conftest import Daemon  # the root conftest.py
+    from conftest import Daemon, TokenEnv  # the root conftest.py
 
 HOLDER = Path(__file__).resolve().parent / "socket_holder.py"
 RESTARTS = 3
@@ -150,13 +150,16 @@ class Activated:
 
 
 @pytest.fixture
-def activated(make_daemon: Callable[..., Daemon]) -> Iterator[Callable[[], Activated]]:
-    """Start signd the way a socket unit does; the first connection starts it."""
+def activated(
+    make_daemon: Callable[..., Daemon], own_token: TokenEnv
+) -> Iterator[Callable[[], Activated]]:
+    """Start signd the way a socket unit does; the first connection starts it.
+    On a token of its own: every restart reads only this test's keys."""
     activate = tool("systemd-socket-activate")
     made: list[Activated] = []
 
     def start() -> Activated:
-        d = make_daemon(start=False)
+        d = make_daemon(start=False, token=own_token)
         d.write_config()
         argv = [
             *(activate, "-l", d.socket, "-E", "SOFTHSM2_CONF"),

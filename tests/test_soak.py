@@ -26,6 +26,8 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
+from support import once_per_run
+
 if TYPE_CHECKING:
     from conftest import Daemon
 
@@ -75,8 +77,15 @@ def assert_clean(report: dict[str, Any], connections: int) -> None:
 
 @pytest.fixture(scope="module")
 def short_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], str, int]:
-    tmp = tmp_path_factory.mktemp("soak")
-    return run_soak(tmp, "--connections", "1000", "--duration", "10", "--rotate-every", "2")
+    """The 1,000-connection run, once per test run (shared by pytest-xdist's workers)."""
+    report, stdout, code = once_per_run(
+        tmp_path_factory,
+        "soak-short",
+        lambda tmp: run_soak(
+            tmp, "--connections", "1000", "--duration", "10", "--rotate-every", "2"
+        ),
+    )
+    return report, stdout, code
 
 
 def test_short_soak_holds_1000_connections_without_errors(

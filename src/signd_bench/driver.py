@@ -159,13 +159,16 @@ def run_pipeline(job: dict[str, Any]) -> dict[str, Any]:
                     errors += 1
                     error_names[resp.error.name] = error_names.get(resp.error.name, 0) + 1
                 else:
-                    if now > end and count == 0:
+                    stretched = now > end and count == 0
+                    if stretched:
                         end = now  # nothing was answered in the window: it lasts to this one
                     # Throughput: every answer that arrives in the window.
-                    # Latency: only requests sent in it (no warm-up queueing).
+                    # Latency: only requests sent in it (no warm-up queueing),
+                    # but for a window stretched to its first answer, that one
+                    # (on a loaded machine, all in flight were sent before it).
                     if measure_from <= now <= end:
                         count += per
-                    if measure_from <= t0 <= end:
+                    if measure_from <= t0 <= end or (stretched and not lat):
                         lat.append(now - t0)
             if answered and now < end:
                 fill(s, sent, answered)

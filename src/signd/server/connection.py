@@ -20,8 +20,8 @@ from ..audit.log import AuditLog, Pending, notes_of, who_fields
 from ..config import LimitsConfig
 from ..errors import InternalError
 from ..metrics import Limit, Metrics
+from ..outbox import Outbox
 from ..protocol import FrameDecoder, Request, encode_error
-from .outbox import Outbox
 
 __all__ = ["Connection"]
 

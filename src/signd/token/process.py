@@ -19,7 +19,7 @@ from typing import Any, Final
 import trio
 
 from ..errors import TokenUnavailable
-from ..server.outbox import Outbox
+from ..outbox import Outbox
 from .ipc import (
     IPC_MAX_FRAME,
     OPEN_TAG,
