@@ -33,9 +33,10 @@ from .audit.files import AuditError
 from .audit.log import AuditLog, record_own_action
 from .config import Config, ConfigError, RateLimitsConfig, Secret, load_config
 from .errors import WireError
+from .gauges import gauges
 from .keys.recordstore import RecordStore
 from .keys.store import LoadedKey
-from .metrics import KeyState, Metrics, Snapshot
+from .metrics import Metrics, Snapshot
 from .server.core import Server
 from .server.http import serve_http
 from .server.listener import ListenerError, open_listener, systemd_socket
@@ -177,7 +178,7 @@ async def _serve(
         audit=audit,
         keep_warm=keep_warm,
     )
-    snapshot = _gauges(service, server, pool, audit, checkpoints)
+    snapshot = gauges(service, server, pool, audit, checkpoints)
     try:
         async with trio.open_nursery() as nursery:
             if cfg.metrics.enabled:
@@ -198,46 +199,6 @@ async def _serve(
     finally:
         if audit is not None:
             await audit.aclose()
-
-
-def _gauges(
-    service: Service,
-    server: Server,
-    pool: TokenPool,
-    audit: AuditLog | None,
-    cp: Checkpointer | None,
-) -> Callable[[], Snapshot]:
-    """What the metrics' gauges read at scrape time, from the running parts."""
-
-    def snapshot() -> Snapshot:
-        floor = service.min_rotate_period
-        return Snapshot(
-            token_up=pool.alive_workers > 0,
-            ready=service.ready,
-            connections_open=server.connections,
-            requests_in_flight=sum(c.inflight for c in list(server.live)),
-            buffered_bytes=server.buffered,
-            token_queue_depth=pool.pending,
-            token_reconnects=pool.respawns,
-            audit_records=audit.records_written if audit is not None else 0,
-            audit_failures=audit.failures if audit is not None else 0,
-            audit_checkpoints=audit.checkpoints_written if audit is not None else 0,
-            audit_checkpoint_failures=cp.failures if cp is not None else 0,
-            audit_chain_ok=cp.chain_ok if cp is not None else True,
-            audit_chain_mismatches=cp.mismatches if cp is not None else 0,
-            rate_limited=tuple(service.limiter.refused.items()) if service.limiter else (),
-            keys=tuple(
-                KeyState(
-                    k.record.name,
-                    k.record.latest.version,
-                    k.record.latest.created,
-                    k.record.next_rotation(floor),
-                )
-                for k in service.keystore.all()
-            ),
-        )
-
-    return snapshot
 
 
 async def _start_metrics(
