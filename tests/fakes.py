@@ -1,7 +1,8 @@
 """A token pool in memory, and the one place that builds a ``Service`` on it.
 
-``FakePool`` does what ``Service`` asks of ``TokenPool``, with no PKCS#11 and
-no worker process: key records with the pool's compare-and-swap by revision,
+``FakePool`` does what ``Service`` asks of ``TokenPool`` (and of the
+``RecordStore`` it writes key records with), with no PKCS#11 and no worker
+process: key records with a compare-and-swap by revision,
 real keypairs made with ``cryptography`` (so a signature checks out with an
 independent verifier), and a queue of sign and verify jobs that a task of its
 own (``run``) answers through each entry's callback.  It can be told to lose
@@ -452,6 +453,7 @@ async def open_harness(
     settings.setdefault("profile", PROFILES["softhsm"])
     service = Service(
         pool,  # type: ignore[arg-type]
+        pool,  # type: ignore[arg-type]  # its records: a compare-and-swap of its own
         policy if policy is not None else Policy(()),
         limiter=limiter,
         metrics=Metrics(),

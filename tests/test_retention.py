@@ -162,6 +162,7 @@ def make_service(token: MemoryToken, **kw: Any) -> Service:
     kw.setdefault("sync_interval", 1.0)
     return Service(
         token,  # type: ignore[arg-type]
+        token,  # type: ignore[arg-type]  # its records, written as the token's own
         Policy(()),
         None,
         Metrics(),

@@ -199,8 +199,6 @@ class Metrics:
     windows: dict[str, Window] = field(default_factory=dict)
     #: token searches for key names this process had not loaded
     key_lookups: int = 0
-    #: reads the gauges at scrape time (set by the daemon once its parts exist)
-    snapshot: Callable[[], Snapshot] = Snapshot
 
     # ------------------------------------------------------------ hot path
 
@@ -256,22 +254,28 @@ class Metrics:
 
     # ------------------------------------------------------------ export
 
-    def registry(self, *, per_key: bool = True) -> CollectorRegistry:
-        """A registry of its own with these metrics in it (never the global one).
+    def registry(
+        self, snapshot: Callable[[], Snapshot], *, per_key: bool = True
+    ) -> CollectorRegistry:
+        """A registry of its own with these metrics in it (never the global one),
+        and the gauges ``snapshot`` reads at scrape time from the daemon's parts.
 
         ``per_key`` False: every family labelled ``key`` is summed over the
         keys, so no key name (nor version) appears in the output.
         """
         registry = CollectorRegistry(auto_describe=False)
-        registry.register(Collector(self, per_key=per_key))
+        registry.register(Collector(self, snapshot, per_key=per_key))
         return registry
 
 
 class Collector:
     """Turns ``Metrics`` into metric families when Prometheus scrapes."""
 
-    def __init__(self, metrics: Metrics, *, per_key: bool = True) -> None:
+    def __init__(
+        self, metrics: Metrics, snapshot: Callable[[], Snapshot], *, per_key: bool = True
+    ) -> None:
         self.m = metrics
+        self.snapshot = snapshot
         self.per_key = per_key
 
     def _keyed(
@@ -291,7 +295,7 @@ class Collector:
     def collect(self) -> Iterator[Metric]:
         m = self.m
         now = m.clock()
-        snap = m.snapshot()
+        snap = self.snapshot()
         yield _counter(
             "signd_sign_requests",
             "Sign and sign_batch requests of known keys, by result (ok or the error name).",

@@ -19,7 +19,7 @@ import h11
 import trio
 from prometheus_client import generate_latest
 
-from ..metrics import Metrics
+from ..metrics import Metrics, Snapshot
 
 __all__ = ["Answer", "Endpoint", "serve_http"]
 
@@ -68,6 +68,7 @@ class Endpoint:
     def __init__(
         self,
         metrics: Metrics,
+        snapshot: Callable[[], Snapshot],
         ready: Callable[[], bool],
         *,
         host: str,
@@ -77,8 +78,8 @@ class Endpoint:
         self.ready = ready
         self.port = port
         self.token = token
-        self.full = metrics.registry(per_key=True)
-        self.public = metrics.registry(per_key=False)
+        self.full = metrics.registry(snapshot, per_key=True)
+        self.public = metrics.registry(snapshot, per_key=False)
         hosts = {_normal_host(h) for h in LOCAL_HOSTS}
         if host not in ("0.0.0.0", "::", ""):  # noqa: S104 - a check, not a bind
             hosts.add(_normal_host(host))
@@ -263,6 +264,7 @@ async def serve_http(
     host: str,
     port: int,
     metrics: Metrics,
+    snapshot: Callable[[], Snapshot],
     ready: Callable[[], bool],
     *,
     token: bytes | None = None,
@@ -277,7 +279,9 @@ async def serve_http(
     """
     listeners = await trio.open_tcp_listeners(port, host=host)
     bound = listeners[0].socket.getsockname()[1]
-    server = _Server(Endpoint(metrics, ready, host=host, port=bound, token=token), max_clients)
+    server = _Server(
+        Endpoint(metrics, snapshot, ready, host=host, port=bound, token=token), max_clients
+    )
     task_status.started(bound)
     async with trio.open_nursery() as nursery:
         for listener in listeners:

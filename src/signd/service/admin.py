@@ -181,7 +181,7 @@ class Admin(Lookups):
     async def _store(self, record: KeyRecord, what: str | None) -> LoadedKey:
         """Write ``record`` (a new revision) unless ``what`` is None; cache it."""
         if what is not None:
-            await self.token.write_metadata(record.name, record.revision, record.to_bytes())
+            await self.records.write_metadata(record.name, record.revision, record.to_bytes())
         key = await self._load(record)
         self.keystore.put(key)
         if what is not None:
@@ -291,7 +291,7 @@ class Admin(Lookups):
         Raises: Conflict, after deleting the keypair no record will ever name.
         """
         try:
-            await self.token.write_metadata(record.name, record.revision, record.to_bytes())
+            await self.records.write_metadata(record.name, record.revision, record.to_bytes())
         except Conflict:
             await self.token.destroy_keys(object_id, public=True)
             raise

@@ -13,6 +13,7 @@ from ..access.ratelimit import RateLimiter
 from ..audit.log import AUDIT_KEY
 from ..errors import PermissionDenied, VersionNotFound, WireError
 from ..keys.records import DEFAULT_MAX_VERSIONS, MAX_VERSIONS_LIMIT, check_key_name
+from ..keys.recordstore import RecordStore
 from ..keys.store import Keystore, LoadedKey
 from ..metrics import Metrics
 from ..protocol import AuditHead, Message, Request
@@ -52,6 +53,7 @@ class ServiceBase:
     def __init__(
         self,
         token: TokenPool,
+        records: RecordStore,
         policy: Policy,
         limiter: RateLimiter | None,
         metrics: Metrics,
@@ -67,10 +69,13 @@ class ServiceBase:
         on_auto_prune: AutoPruneHook | None = None,
         audit_head: Callable[[], AuditHead | None] | None = None,
     ) -> None:
-        """``on_auto_rotate``/``on_auto_prune``: called with each automatic
+        """``token``: the keys and the record reads; ``records``: the key
+        records' writes (a compare-and-swap over ``token``).
+        ``on_auto_rotate``/``on_auto_prune``: called with each automatic
         rotation and pruning (the audit log's hooks); ``audit_head``: the
         audit chain's head, for ``health`` (None: no audit log)."""
         self.token = token
+        self.records = records
         self.profile = profile
         self.policy = policy
         self.limiter = limiter

@@ -35,7 +35,7 @@ __all__ = ["Reply", "Service", "SlowWork"]
 
 
 class Service(Reads):
-    """The daemon's operations on keys; built by ``signd.cli``."""
+    """The daemon's operations on keys; built by ``signd.daemon``."""
 
     def handle(
         self, requests: Sequence[Request], reply: Reply, source: object, who: Principal

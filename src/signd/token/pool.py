@@ -41,7 +41,6 @@ from typing import Any, Final, TypeVar
 import trio
 
 from ..errors import TokenUnavailable, WireError
-from ..keys.recordstore import RecordStore
 from ..metrics import Metrics
 from .ipc import (
     Answer,
@@ -160,14 +159,6 @@ class TokenPool:
     async def load_metadata(self, name: str | None = None) -> list[MetadataBlob]:
         """The newest record of one key (``name``), or of every key (None)."""
         return await self._call(LoadMetadata(name))
-
-    async def write_metadata(self, name: str, revision: int, value: bytes) -> None:
-        """``RecordStore.write_metadata`` over this pool (transitional: the
-        service and the audit checkpoints should be handed a ``RecordStore``).
-
-        Raises: Conflict (nothing was changed), TokenUnavailable, TokenError.
-        """
-        await RecordStore(self).write_metadata(name, revision, value)
 
     async def revisions(self, name: str) -> list[int]:
         """The revisions of a key's record, as a signing worker (one that
