@@ -285,8 +285,9 @@ async def _serve_with(
         },
     )
 
-    async def watch_signals() -> None:
+    async def watch_signals(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            task_status.started()  # caught from now on: "ready" is logged after this
             async for signum in signals:
                 name = signal.Signals(signum).name
                 log.info("stopping", extra={"signal": name})
@@ -321,7 +322,7 @@ async def _serve_with(
                 log.error("the audit log cannot be used", extra={"error": str(exc)})
                 nursery.cancel_scope.cancel()
                 return EXIT_FAILURE
-        nursery.start_soon(watch_signals)
+        await nursery.start(watch_signals)
         nursery.start_soon(watch_reload)
         nursery.start_soon(service.run_lifecycle)
         await server.serve(sock, on_ready=ready)
