@@ -56,7 +56,12 @@ class FakeService:
     gate: trio.Event = field(default_factory=trio.Event)
 
     def handle(
-        self, requests: Sequence[Request], reply: Reply, source: object, who: Principal
+        self,
+        requests: Sequence[Request],
+        reply: Reply,
+        source: object,
+        who: Principal,
+        sha256s: Sequence[bytes | None] | None = None,
     ) -> list[SlowWork]:
         slow: list[SlowWork] = []
         for req in requests:

@@ -31,6 +31,7 @@ __all__ = [
     "PublicKey",
     "Scheme",
     "SignPlan",
+    "VerifyPlan",
     "finish_signature",
     "jwk",
     "key_type",
@@ -38,9 +39,11 @@ __all__ = [
     "options",
     "plan",
     "plan_sign",
+    "plan_verify",
     "public_key_pem",
     "verify",
     "verify_any",
+    "verify_planned",
 ]
 
 PublicKey = ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey | rsa.RSAPublicKey
@@ -223,8 +226,12 @@ def options(
     return Options(scheme, h, f"rsa-{pad}-{h.name}", False)
 
 
-def _digest(opts: Options, message: bytes | None, digest: bytes | None) -> bytes | None:
-    """The digest to sign or verify (None for Ed25519).  Raises: InvalidDigest."""
+def _digest(
+    opts: Options, message: bytes | None, digest: bytes | None, sha256: bytes | None = None
+) -> bytes | None:
+    """The digest to sign or verify (None for Ed25519); ``sha256``, the SHA-256
+    of ``message`` if the caller has it already, is taken for a SHA-256
+    algorithm instead of hashing the message again.  Raises: InvalidDigest."""
     h = opts.hash
     if h is None:
         return None
@@ -232,24 +239,29 @@ def _digest(opts: Options, message: bytes | None, digest: bytes | None) -> bytes
         if len(digest) != h.size:
             raise InvalidDigest(f"a {h.name} digest is {h.size} bytes, got {len(digest)}")
         return digest
+    if sha256 is not None and h.name == "sha256":
+        return sha256
     assert message is not None
     return h.new(message).digest()
 
 
-def _check(kt: KeyType, args: SignInput) -> tuple[Options, bytes | None]:
+def _options(kt: KeyType, args: SignInput) -> Options:
+    """Raises: InvalidArgument, UnsupportedAlgorithm."""
     if (args.message is None) == (args.digest is None):
         raise InvalidArgument("exactly one of 'message' and 'digest' is required")
-    opts = options(kt, args.hash, args.padding, args.format, by_digest=args.digest is not None)
-    return opts, _digest(opts, args.message, args.digest)
+    return options(kt, args.hash, args.padding, args.format, by_digest=args.digest is not None)
 
 
-def plan(opts: Options, message: bytes | None, digest: bytes | None) -> SignPlan:
-    """What the token signs for one item under checked ``opts``.
+def plan(
+    opts: Options, message: bytes | None, digest: bytes | None, sha256: bytes | None = None
+) -> SignPlan:
+    """What the token signs for one item under checked ``opts`` (``sha256``:
+    the SHA-256 of ``message``, if the caller has it already).
 
     Raises:
         InvalidDigest: ``digest`` has the wrong length for the hash.
     """
-    d = _digest(opts, message, digest)
+    d = _digest(opts, message, digest, sha256)
     if opts.scheme is Scheme.EDDSA:
         assert message is not None
         data = message
@@ -263,16 +275,16 @@ def plan(opts: Options, message: bytes | None, digest: bytes | None) -> SignPlan
     return SignPlan(opts.scheme, opts.hash, data, opts.algorithm, opts.raw)
 
 
-def plan_sign(kt: KeyType, args: SignInput) -> SignPlan:
+def plan_sign(kt: KeyType, args: SignInput, sha256: bytes | None = None) -> SignPlan:
     """Check a sign request against the key type and say what the token signs.
+
+    ``sha256`` is the SHA-256 of ``args.message`` if the caller has it already
+    (the audit record's): a SHA-256 algorithm signs it as it is.
 
     Raises:
         InvalidArgument, InvalidDigest, UnsupportedAlgorithm.
     """
-    if (args.message is None) == (args.digest is None):
-        raise InvalidArgument("exactly one of 'message' and 'digest' is required")
-    opts = options(kt, args.hash, args.padding, args.format, by_digest=args.digest is not None)
-    return plan(opts, args.message, args.digest)
+    return plan(_options(kt, args), args.message, args.digest, sha256)
 
 
 def finish_signature(plan: SignPlan, raw: bytes) -> bytes:
@@ -283,6 +295,37 @@ def finish_signature(plan: SignPlan, raw: bytes) -> bytes:
             int.from_bytes(raw[:half], "big"), int.from_bytes(raw[half:], "big")
         )
     return raw
+
+
+@dataclass(frozen=True, slots=True)
+class VerifyPlan:
+    """A checked verification, wherever it is carried out (here, or in a
+    token worker): the options, what was signed and the signature.
+
+    ``digest`` is what is verified when the caller sent it or had it already
+    (a SHA-256 of the message); otherwise ``message`` is hashed where the
+    verification happens (Ed25519 verifies ``message`` itself).
+    """
+
+    opts: Options
+    message: bytes | None
+    digest: bytes | None
+    signature: bytes
+
+
+def plan_verify(kt: KeyType, args: VerifyInput, sha256: bytes | None = None) -> VerifyPlan:
+    """Check a verify request against the key type (``sha256`` as for ``plan_sign``).
+
+    Raises:
+        InvalidArgument, InvalidDigest, UnsupportedAlgorithm: bad options.
+    """
+    opts = _options(kt, args)
+    message, digest = args.message, args.digest
+    h = opts.hash
+    if h is not None:
+        if digest is not None or (sha256 is not None and h.name == "sha256"):
+            digest, message = _digest(opts, message, digest, sha256), None
+    return VerifyPlan(opts, message, digest, args.signature)
 
 
 def verify(kt: KeyType, public_key: PublicKey, args: VerifyInput) -> str | None:
@@ -296,19 +339,35 @@ def verify(kt: KeyType, public_key: PublicKey, args: VerifyInput) -> str | None:
 
 
 def verify_any(
-    kt: KeyType, candidates: Iterable[tuple[int, PublicKey]], args: VerifyInput
+    kt: KeyType,
+    candidates: Iterable[tuple[int, PublicKey]],
+    args: VerifyInput,
+    sha256: bytes | None = None,
 ) -> tuple[int, str] | None:
     """The first ``(version, public key)`` of ``candidates`` that
     ``args.signature`` is valid for, as ``(version, algorithm)``; None if none.
-
-    The options are checked and the message hashed once, however many
-    candidates there are.
+    (``sha256`` as for ``plan_sign``.)
 
     Raises:
         InvalidArgument, InvalidDigest, UnsupportedAlgorithm: bad options.
     """
-    opts, digest = _check(kt, args)
-    sig = args.signature
+    vp = plan_verify(kt, args, sha256)
+    version = verify_planned(kt, vp, candidates)
+    return (version, vp.opts.algorithm) if version is not None else None
+
+
+def verify_planned(
+    kt: KeyType, vp: VerifyPlan, candidates: Iterable[tuple[int, PublicKey]]
+) -> int | None:
+    """The version of the first ``(version, public key)`` of ``candidates``
+    that ``vp.signature`` is valid for; None if none.  The message is hashed
+    once, however many candidates there are."""
+    opts = vp.opts
+    digest = vp.digest
+    if digest is None and opts.hash is not None:
+        assert vp.message is not None
+        digest = opts.hash.new(vp.message).digest()
+    sig = vp.signature
     if opts.raw and opts.scheme is Scheme.ECDSA:
         size = kt.coordinate_size
         if len(sig) != 2 * size:
@@ -320,8 +379,8 @@ def verify_any(
         except ValueError:
             return None
     for version, public_key in candidates:
-        if _valid(opts, digest, sig, public_key, args.message):
-            return version, opts.algorithm
+        if _valid(opts, digest, sig, public_key, vp.message):
+            return version
     return None
 
 

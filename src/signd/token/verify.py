@@ -10,7 +10,6 @@ from collections.abc import Iterator, Sequence
 from typing import Any, Final
 
 from ..keys import algorithms
-from ..protocol import VerifyArgs
 from .ipc import VerifyJob
 
 __all__ = ["Verifier"]
@@ -28,13 +27,13 @@ class Verifier:
     def verify(self, job: VerifyJob) -> list[Any] | None:
         """``[version, algorithm]`` of the candidate that verifies, or None.
 
-        Raises: InvalidArgument, InvalidDigest, UnsupportedAlgorithm (the
-        request, or a key, is not what it claims).
+        Raises: UnsupportedAlgorithm (an unknown key type), ValueError (a
+        candidate is not a public key of that type).  The daemon checked the
+        request's options before it made the job.
         """
         kt = algorithms.key_type(job.key_type)
-        args = VerifyArgs.from_wire(job.args)
-        found = algorithms.verify_any(kt, self._public_keys(kt, job.candidates), args)
-        return list(found) if found is not None else None
+        version = algorithms.verify_planned(kt, job.plan(), self._public_keys(kt, job.candidates))
+        return [version, job.algorithm] if version is not None else None
 
     def _public_keys(
         self, kt: algorithms.KeyType, candidates: Sequence[Sequence[Any]]
