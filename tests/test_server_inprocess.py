@@ -67,9 +67,9 @@ class FakeService:
         for req in requests:
             self.asked.append(req.id)
             if req.op == "health":
-                reply(req.id, encode_result(req.id, Empty()))
+                reply(req.id, encode_result(req.id, Empty()), Outcome())
             elif req.op == "jwks":  # an answer with its facts for the audit log
-                reply(req.id, encode_result(req.id, Empty()), OUTCOME)  # type: ignore[call-arg]
+                reply(req.id, encode_result(req.id, Empty()), OUTCOME)
             elif req.op == "key_info":
                 self.queued.append((source, req.id, reply))
             elif req.op == "list_keys":
@@ -79,7 +79,7 @@ class FakeService:
     def _answer_later(self, request_id: int, reply: Reply) -> SlowWork:
         async def work() -> None:
             await self.gate.wait()
-            reply(request_id, encode_result(request_id, Empty()))
+            reply(request_id, encode_result(request_id, Empty()), Outcome())
 
         return work
 
@@ -87,7 +87,7 @@ class FakeService:
         """Answer every queued request."""
         queued, self.queued = self.queued, []
         for _, request_id, reply in queued:
-            reply(request_id, encode_result(request_id, Empty()))
+            reply(request_id, encode_result(request_id, Empty()), Outcome())
 
     def drop(self, source: object, error: WireError) -> int:
         """Fail what ``source`` has queued with ``error`` (as the pool does)."""
@@ -95,7 +95,7 @@ class FakeService:
         mine = [q for q in self.queued if q[0] is source]
         self.queued = [q for q in self.queued if q[0] is not source]
         for _, request_id, reply in mine:
-            reply(request_id, encode_error(request_id, error))
+            reply(request_id, encode_error(request_id, error), Outcome(error=error))
         return len(mine)
 
 
