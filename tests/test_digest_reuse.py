@@ -5,14 +5,15 @@ In process: ``Service.handle`` on a token in memory, handed a SHA-256 for a
 request's message.  To prove the service uses the digest it was given and
 does not hash again, each test hands it the SHA-256 of *another* message:
 the signature then verifies over that other message and not over the one
-sent.  (In the daemon the two are the same by construction; test_audit.py
-checks with ``cryptography`` that signatures made with audit on verify.)
+sent.  In the daemon the two are the same by construction: the last test
+checks with ``cryptography`` that what a daemon with audit on signs verifies.
 """
 
 from __future__ import annotations
 
 import hashlib
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import pytest
 from cryptography.exceptions import InvalidSignature
@@ -29,6 +30,9 @@ from signd.protocol import (
     SignArgs,
     VerifyArgs,
 )
+
+if TYPE_CHECKING:
+    from conftest import Daemon
 
 ROOT = principal(0, user="root")
 SENT = b"the message sent"
@@ -143,3 +147,35 @@ def test_a_verify_plan_takes_the_sha256_for_sha256_only() -> None:
     assert (ed.digest, ed.message) == (None, SENT)
     plain = algorithms.plan_verify(algorithms.key_type("ec-p256"), args)
     assert (plain.digest, plain.message) == (None, SENT)
+
+
+@pytest.mark.parametrize(
+    ("kt", "options", "h", "pss"),
+    [
+        ("ec-p256", {}, hashes.SHA256(), False),  # ES256
+        ("rsa-2048", {}, hashes.SHA256(), False),  # RS256
+        ("rsa-2048", {"padding": "pss"}, hashes.SHA256(), True),  # PS256
+        ("ec-p384", {}, hashes.SHA384(), False),  # ES384: the message is hashed
+        ("rsa-2048", {"hash": "sha512"}, hashes.SHA512(), False),  # RS512
+    ],
+    ids=["ES256", "RS256", "PS256", "ES384", "RS512"],
+)
+def test_with_audit_on_the_daemons_signatures_verify(
+    make_daemon: Callable[..., Daemon],
+    key_name: str,
+    kt: str,
+    options: dict[str, str],
+    h: hashes.HashAlgorithm,
+    pss: bool,
+) -> None:
+    d = make_daemon('[audit]\ndir = "audit"\n')
+    with d.client() as c:
+        c.create_key(key_name, kt)
+        pub = load_pem(c.public_key(key_name).public_key_pem)
+        signature = c.sign(key_name, SENT, **options).signature
+        check(pub, signature, SENT, h, pss)
+        with pytest.raises(InvalidSignature):
+            check(pub, signature, OTHER, h, pss)
+        assert c.verify(key_name, signature, SENT, **options).valid is True
+        assert c.verify(key_name, signature, OTHER, **options).valid is False
+    assert d.stop() == 0, d.logs()
