@@ -100,10 +100,10 @@ def _verify(job: VerifyJob) -> tuple[bool, Any]:
     try:
         kt = algorithms.key_type(job.key_type)
         pairs = [(v, algorithms.load_public_key(kt, spki)) for v, spki in job.candidates]
-        version = algorithms.verify_planned(kt, job.plan(), pairs)
+        found = algorithms.verify_any(kt, pairs, job, job.sha256)
     except WireError as exc:
         return False, exc
-    return True, [version, job.algorithm] if version is not None else None
+    return True, list(found) if found is not None else None
 
 
 @dataclass

@@ -35,6 +35,12 @@ if TYPE_CHECKING:
     from conftest import Daemon
 
 ROOT = principal(0, user="root")
+
+
+def sha256(data: bytes) -> bytes:
+    return hashlib.sha256(data).digest()
+
+
 SENT = b"the message sent"
 OTHER = b"the message the digest is of"
 
@@ -136,17 +142,17 @@ async def test_a_verification_verifies_the_digest_it_is_handed(
         assert h.pool.jobs_done == before + 2
 
 
-def test_a_verify_plan_takes_the_sha256_for_sha256_only() -> None:
-    digest = hashlib.sha256(OTHER).digest()
-    args = VerifyArgs(key="k", signature=b"s", message=SENT)
-    p256 = algorithms.plan_verify(algorithms.key_type("ec-p256"), args, digest)
-    assert (p256.digest, p256.message) == (digest, None)
-    p384 = algorithms.plan_verify(algorithms.key_type("ec-p384"), args, digest)
-    assert (p384.digest, p384.message) == (None, SENT)  # hashed where it is verified
-    ed = algorithms.plan_verify(algorithms.key_type("ed25519"), args, digest)
-    assert (ed.digest, ed.message) == (None, SENT)
-    plain = algorithms.plan_verify(algorithms.key_type("ec-p256"), args)
-    assert (plain.digest, plain.message) == (None, SENT)
+def test_a_verification_takes_the_sha256_for_sha256_only() -> None:
+    """``verify_any`` (inline, and in a worker) verifies the SHA-256 it is
+    handed for a SHA-256 algorithm and hashes the message for any other."""
+    for kt, h in (("ec-p256", hashes.SHA256()), ("ec-p384", hashes.SHA384())):
+        private = ec.generate_private_key(ec.SECP256R1() if kt == "ec-p256" else ec.SECP384R1())
+        sig = private.sign(OTHER, ec.ECDSA(h))
+        pairs = [(1, private.public_key())]
+        args = VerifyArgs(key="k", signature=sig, message=SENT)
+        given = algorithms.verify_any(algorithms.key_type(kt), pairs, args, sha256(OTHER))
+        assert (given is not None) == (kt == "ec-p256")
+        assert algorithms.verify_any(algorithms.key_type(kt), pairs, args) is None
 
 
 @pytest.mark.parametrize(

@@ -12,9 +12,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from signd import errors
-from signd.keys import algorithms
 from signd.keys.algorithms import Scheme
-from signd.protocol import VerifyArgs
 from signd.token import ipc
 from signd.token.session import TokenSession, map_error
 from signd.token.verify import Verifier
@@ -41,9 +39,7 @@ def verify_job(message: bytes, signed: bytes) -> ipc.VerifyJob:
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
     )
     signature = key.sign(signed, ec.ECDSA(hashes.SHA256()))
-    args = VerifyArgs(key="k", signature=signature, message=message)
-    plan = algorithms.plan_verify(algorithms.key_type("ec-p256"), args)
-    return ipc.VerifyJob.of("ec-p256", ((1, spki),), plan)
+    return ipc.VerifyJob("ec-p256", ((1, spki),), message, None, None, None, None, signature)
 
 
 def test_a_batch_answers_each_job_through_the_error_map(worker: Worker) -> None:

@@ -31,7 +31,6 @@ __all__ = [
     "PublicKey",
     "Scheme",
     "SignPlan",
-    "VerifyPlan",
     "finish_signature",
     "jwk",
     "key_type",
@@ -39,11 +38,9 @@ __all__ = [
     "options",
     "plan",
     "plan_sign",
-    "plan_verify",
     "public_key_pem",
     "verify",
     "verify_any",
-    "verify_planned",
 ]
 
 PublicKey = ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey | rsa.RSAPublicKey
@@ -181,6 +178,11 @@ class Options:
     raw: bool  # ECDSA only: r || s instead of DER
 
 
+#: ``options``' answers by their arguments: a few dozen at most, since only
+#: valid options are kept (and checking them again costs microseconds per request).
+_OPTIONS: Final[dict[tuple[str, str | None, str | None, str | None, bool], Options]] = {}
+
+
 def options(
     kt: KeyType,
     hash_name: str | None,
@@ -194,6 +196,17 @@ def options(
     Raises:
         InvalidArgument, UnsupportedAlgorithm.
     """
+    key = (kt.name, hash_name, padding, format, by_digest)
+    found = _OPTIONS.get(key)
+    if found is None:
+        found = _OPTIONS[key] = _options_of(kt, hash_name, padding, format, by_digest)
+    return found
+
+
+def _options_of(
+    kt: KeyType, hash_name: str | None, padding: str | None, format: str | None, by_digest: bool
+) -> Options:
+    """``options``, worked out.  Raises: InvalidArgument, UnsupportedAlgorithm."""
     if kt.family is Family.ED25519:
         if by_digest:
             raise InvalidArgument(
@@ -297,37 +310,6 @@ def finish_signature(plan: SignPlan, raw: bytes) -> bytes:
     return raw
 
 
-@dataclass(frozen=True, slots=True)
-class VerifyPlan:
-    """A checked verification, wherever it is carried out (here, or in a
-    token worker): the options, what was signed and the signature.
-
-    ``digest`` is what is verified when the caller sent it or had it already
-    (a SHA-256 of the message); otherwise ``message`` is hashed where the
-    verification happens (Ed25519 verifies ``message`` itself).
-    """
-
-    opts: Options
-    message: bytes | None
-    digest: bytes | None
-    signature: bytes
-
-
-def plan_verify(kt: KeyType, args: VerifyInput, sha256: bytes | None = None) -> VerifyPlan:
-    """Check a verify request against the key type (``sha256`` as for ``plan_sign``).
-
-    Raises:
-        InvalidArgument, InvalidDigest, UnsupportedAlgorithm: bad options.
-    """
-    opts = _options(kt, args)
-    message, digest = args.message, args.digest
-    h = opts.hash
-    if h is not None:
-        if digest is not None or (sha256 is not None and h.name == "sha256"):
-            digest, message = _digest(opts, message, digest, sha256), None
-    return VerifyPlan(opts, message, digest, args.signature)
-
-
 def verify(kt: KeyType, public_key: PublicKey, args: VerifyInput) -> str | None:
     """Check ``args.signature``; return the algorithm name if valid, else None.
 
@@ -346,28 +328,17 @@ def verify_any(
 ) -> tuple[int, str] | None:
     """The first ``(version, public key)`` of ``candidates`` that
     ``args.signature`` is valid for, as ``(version, algorithm)``; None if none.
-    (``sha256`` as for ``plan_sign``.)
+
+    The options are checked and the message hashed once, however many
+    candidates there are; not at all for a SHA-256 algorithm given ``sha256``
+    (as for ``plan_sign``).
 
     Raises:
         InvalidArgument, InvalidDigest, UnsupportedAlgorithm: bad options.
     """
-    vp = plan_verify(kt, args, sha256)
-    version = verify_planned(kt, vp, candidates)
-    return (version, vp.opts.algorithm) if version is not None else None
-
-
-def verify_planned(
-    kt: KeyType, vp: VerifyPlan, candidates: Iterable[tuple[int, PublicKey]]
-) -> int | None:
-    """The version of the first ``(version, public key)`` of ``candidates``
-    that ``vp.signature`` is valid for; None if none.  The message is hashed
-    once, however many candidates there are."""
-    opts = vp.opts
-    digest = vp.digest
-    if digest is None and opts.hash is not None:
-        assert vp.message is not None
-        digest = opts.hash.new(vp.message).digest()
-    sig = vp.signature
+    opts = _options(kt, args)
+    digest = _digest(opts, args.message, args.digest, sha256)
+    sig = args.signature
     if opts.raw and opts.scheme is Scheme.ECDSA:
         size = kt.coordinate_size
         if len(sig) != 2 * size:
@@ -379,8 +350,8 @@ def verify_planned(
         except ValueError:
             return None
     for version, public_key in candidates:
-        if _valid(opts, digest, sig, public_key, vp.message):
-            return version
+        if _valid(opts, digest, sig, public_key, args.message):
+            return version, opts.algorithm
     return None
 
 

@@ -84,7 +84,7 @@ class Signing(Lifecycle):
             return
         candidates = key.at(batch.now).verifying(args.version)
         self._limit(batch.who, args.key, 1)
-        vp = algorithms.plan_verify(key.kt, args, batch.sha256)
+        sha256 = batch.sha256
         few = len(candidates) <= INLINE_VERIFY_CANDIDATES
         if few and (batch.inline_ok or not self.token.is_open):
             # A lone verification is fastest right here; under load they go
@@ -92,15 +92,15 @@ class Signing(Lifecycle):
             # the sockets (measured: doing a share here too only slows the
             # loop down).  So do the many versions of a key: each costs a
             # verification.
-            answer = _verify(key, candidates, vp)
+            answer = _verify(key, candidates, args, sha256)
             self.metrics.verified(args.key, "valid" if answer.valid else "invalid")
             self._answer(batch.reply, req, answer)
         elif not self.token.is_open:  # no worker to take many: a thread
-            verifying = partial(self._verify_in_thread, req, key, candidates, vp, batch.reply)
+            verifying = partial(self._verify_in_thread, req, key, candidates, sha256, batch.reply)
             batch.slow.append(verifying)
         else:
             entry = Entry(
-                _verify_job(key, candidates, vp),
+                _verify_job(key, candidates, args, sha256),
                 _verify_done(req.id, key, batch.reply, self.metrics),
                 batch.deadline,
             )
@@ -111,7 +111,7 @@ class Signing(Lifecycle):
         req: Request,
         key: LoadedKey,
         candidates: list[LoadedVersion],
-        vp: algorithms.VerifyPlan,
+        sha256: bytes | None,
         reply: Reply,
     ) -> None:
         """A verification with many versions to try while no token worker can
@@ -120,7 +120,7 @@ class Signing(Lifecycle):
         assert isinstance(args, VerifyArgs)
         try:
             answer = await trio.to_thread.run_sync(
-                _verify, key, candidates, vp, limiter=self._verify_threads
+                _verify, key, candidates, args, sha256, limiter=self._verify_threads
             )
         except Exception as exc:
             self._fail(reply, req, exc)
@@ -156,23 +156,38 @@ class Signing(Lifecycle):
 
 
 def _verify(
-    key: LoadedKey, candidates: list[LoadedVersion], vp: algorithms.VerifyPlan
+    key: LoadedKey, candidates: list[LoadedVersion], args: VerifyArgs, sha256: bytes | None
 ) -> VerifyResult:
-    """``vp`` checked against the public keys the daemon holds."""
+    """``args`` checked against the public keys the daemon holds (``sha256``:
+    the SHA-256 of ``args.message``, if the transport had it).
+
+    Raises: InvalidArgument, InvalidDigest, UnsupportedAlgorithm (bad options).
+    """
     pairs = ((v.record.version, v.public_key) for v in candidates)
-    version = algorithms.verify_planned(key.kt, vp, pairs)
-    if version is None:
+    found = algorithms.verify_any(key.kt, pairs, args, sha256)
+    if found is None:
         return VerifyResult(valid=False, key=key.record.name)
-    algorithm = vp.opts.algorithm
+    version, algorithm = found
     return VerifyResult(valid=True, key=key.record.name, version=version, algorithm=algorithm)
 
 
 def _verify_job(
-    key: LoadedKey, candidates: list[LoadedVersion], vp: algorithms.VerifyPlan
+    key: LoadedKey, candidates: list[LoadedVersion], args: VerifyArgs, sha256: bytes | None
 ) -> VerifyJob:
-    """``vp`` for a worker: the public keys as the SPKI DER the daemon holds."""
+    """``args`` for a worker, as values (no wire form): the public keys as the
+    SPKI DER the daemon holds."""
     pairs = tuple((v.record.version, v.spki) for v in candidates)
-    return VerifyJob.of(key.kt.name, pairs, vp)
+    return VerifyJob(
+        key.kt.name,
+        pairs,
+        args.message,
+        args.digest,
+        args.hash,
+        args.padding,
+        args.format,
+        args.signature,
+        sha256,
+    )
 
 
 def _verify_done(

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar, Final, Generic, NamedTuple, TypeVar
 
 from ..errors import InternalError
-from ..keys.algorithms import HASHES, Options, Scheme, VerifyPlan
+from ..keys.algorithms import Scheme
 
 __all__ = [
     "CALLS",
@@ -79,69 +79,27 @@ class VerifyJob(NamedTuple):
     """One verification for a worker: no token, only ``cryptography``.
 
     Workers take verifications too so that a busy daemon verifies on every
-    core, not only on its own.  The daemon has checked the request already
-    (``algorithms.plan_verify``): the job carries its outcome as plain values.
-    ``candidates`` are (version, SPKI DER), newest first; ``digest`` is what
-    is verified if the daemon has it, else ``message`` is hashed (or, for
-    Ed25519, verified as it is).  The outcome is ``[version, algorithm]`` or
-    None (invalid).
+    core, not only on its own.  ``candidates`` are (version, SPKI DER, as the
+    daemon holds them), newest first.  The rest is the request's own values
+    (a job is an ``algorithms.VerifyInput``; the worker checks the options,
+    which costs the daemon's loop nothing) and ``sha256``: the SHA-256 of
+    ``message`` if the daemon had it (its audit record's), which a SHA-256
+    algorithm verifies instead of hashing again.  The outcome is
+    ``[version, algorithm]`` or None (invalid).
     """
 
     key_type: str
     candidates: tuple[tuple[int, bytes], ...]
-    scheme: Scheme
-    hash: str | None
-    #: ECDSA only: the signature is r || s, not DER
-    raw: bool
-    algorithm: str
     message: bytes | None
     digest: bytes | None
+    hash: str | None
+    padding: str | None
+    format: str | None
     signature: bytes
-
-    @classmethod
-    def of(
-        cls, key_type: str, candidates: tuple[tuple[int, bytes], ...], vp: VerifyPlan
-    ) -> VerifyJob:
-        """The job that carries out ``vp`` with ``candidates``."""
-        opts = vp.opts
-        h = opts.hash.name if opts.hash is not None else None
-        return _new(
-            cls,
-            (
-                key_type,
-                candidates,
-                opts.scheme,
-                h,
-                opts.raw,
-                opts.algorithm,
-                vp.message,
-                vp.digest,
-                vp.signature,
-            ),
-        )
-
-    def plan(self) -> VerifyPlan:
-        """The checked verification this job carries.
-
-        Raises: KeyError (a hash this version does not know: a bug).
-        """
-        h = HASHES[self.hash] if self.hash is not None else None
-        opts = Options(self.scheme, h, self.algorithm, self.raw)
-        return VerifyPlan(opts, self.message, self.digest, self.signature)
+    sha256: bytes | None = None
 
     def to_ipc(self) -> list[Any]:
-        return [
-            _VERIFY,
-            self.key_type,
-            self.candidates,
-            self.scheme.value,
-            self.hash,
-            self.raw,
-            self.algorithm,
-            self.message,
-            self.digest,
-            self.signature,
-        ]
+        return [_VERIFY, *self]
 
 
 _new = tuple.__new__
@@ -161,10 +119,9 @@ def _jobs(rows: list[Any]) -> list[SignJob | VerifyJob]:
                 _, object_id, scheme, hash_name, data = row
                 append(_new(SignJob, (object_id, schemes[scheme], hash_name, data)))
             elif row[0] == _VERIFY:
-                _, key_type, candidates, scheme, hash_name, raw, alg, msg, digest, sig = row
+                _, key_type, candidates, msg, digest, h, pad, fmt, sig, sha256 = row
                 pairs = tuple((v, spki) for v, spki in candidates)
-                job = (key_type, pairs, schemes[scheme], hash_name, raw, alg, msg, digest, sig)
-                append(_new(VerifyJob, job))
+                append(_new(VerifyJob, (key_type, pairs, msg, digest, h, pad, fmt, sig, sha256)))
             else:
                 raise IpcError(f"not a job: {row!r:.80}")
     except (ValueError, KeyError, TypeError, IndexError):

@@ -27,13 +27,12 @@ class Verifier:
     def verify(self, job: VerifyJob) -> list[Any] | None:
         """``[version, algorithm]`` of the candidate that verifies, or None.
 
-        Raises: UnsupportedAlgorithm (an unknown key type), ValueError (a
-        candidate is not a public key of that type).  The daemon checked the
-        request's options before it made the job.
+        Raises: InvalidArgument, InvalidDigest, UnsupportedAlgorithm (the
+        request, or a key, is not what it claims).
         """
         kt = algorithms.key_type(job.key_type)
-        version = algorithms.verify_planned(kt, job.plan(), self._public_keys(kt, job.candidates))
-        return [version, job.algorithm] if version is not None else None
+        found = algorithms.verify_any(kt, self._public_keys(kt, job.candidates), job, job.sha256)
+        return list(found) if found is not None else None
 
     def _public_keys(
         self, kt: algorithms.KeyType, candidates: Sequence[Sequence[Any]]
