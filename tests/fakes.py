@@ -34,7 +34,7 @@ from signd.errors import Busy, Conflict, InvalidArgument, TokenError, TokenUnava
 from signd.keys import algorithms
 from signd.keys.records import KeyRecord, KeySettings
 from signd.metrics import Metrics
-from signd.protocol import HEADER, OPS, Message, Request, VerifyArgs, decode_response
+from signd.protocol import HEADER, OPS, Message, Request, decode_response
 from signd.service.core import Service
 from signd.token.ipc import MetadataBlob, SignJob, TokenInfo, VerifyJob
 from signd.token.pool import Entry, PoolSettings
@@ -101,7 +101,7 @@ def _verify(job: VerifyJob) -> tuple[bool, Any]:
     try:
         kt = algorithms.key_type(job.key_type)
         pairs = [(v, algorithms.load_public_key(kt, spki)) for v, spki in job.candidates]
-        found = algorithms.verify_any(kt, pairs, VerifyArgs.from_wire(job.args))
+        found = algorithms.verify_any(kt, pairs, job, job.sha256)
     except WireError as exc:
         return False, exc
     return True, list(found) if found is not None else None

@@ -177,3 +177,18 @@ def test_load_public_key_checks_the_type(p256: ec.EllipticCurvePrivateKey) -> No
         algorithms.load_public_key(algorithms.key_type("rsa-2048"), _pub(p256))
     with pytest.raises(ValueError):  # noqa: PT011 - any ValueError from bad DER
         algorithms.load_public_key(algorithms.key_type("ec-p256"), b"not der")
+
+
+def test_options_are_checked_every_time_and_kept_only_when_valid() -> None:
+    """``options`` keeps what it worked out; a wrong option is refused each time."""
+    kt = algorithms.key_type("rsa-2048")
+    pss = algorithms.options(kt, "sha384", "pss", None, by_digest=False)
+    assert (pss.scheme, pss.algorithm) == (algorithms.Scheme.RSA_PSS, "rsa-pss-sha384")
+    assert algorithms.options(kt, "sha384", "pss", None, by_digest=False) is pss
+    p256 = algorithms.options(algorithms.key_type("ec-p256"), None, None, None, by_digest=False)
+    assert p256.algorithm == "ecdsa-p256-sha256"  # same options, another key type
+    for _ in range(2):
+        with pytest.raises(InvalidArgument, match="padding"):
+            algorithms.options(kt, None, "oaep", None, by_digest=False)
+        with pytest.raises(InvalidArgument, match="hash"):
+            algorithms.options(kt, None, None, None, by_digest=True)

@@ -28,7 +28,17 @@ from signd_client.errors import UnknownWireError
 
 SIGN = SignJob(b"\x01" * 16, Scheme.ECDSA, None, b"d" * 32)
 PSS = SignJob(b"\x02" * 16, Scheme.RSA_PSS, "sha256", b"e" * 32)
-VERIFY = VerifyJob("ec-p256", ((2, b"spki-2"), (1, b"spki-1")), {"key": "k", "signature": b"s"})
+VERIFY = VerifyJob(
+    "ec-p256",
+    ((2, b"spki-2"), (1, b"spki-1")),
+    b"message",
+    None,
+    "sha256",
+    None,
+    "raw",
+    b"s",
+    b"d" * 32,
+)
 INFO = TokenInfo("signd-test", "SoftHSM", "SoftHSM v2", "1234", ["CKM_ECDSA"], {"ec-p256": None})
 
 #: One value of every call, as the daemon would send it.
@@ -106,6 +116,18 @@ def test_jobs_travel_as_short_rows() -> None:
     """The hot path's layout: positional rows, no field names on the wire."""
     (msg,) = messages(ipc.encode_jobs(5, [SIGN]))
     assert msg == [5, "jobs", [[["s", SIGN.object_id, "ecdsa", None, SIGN.data]]]]
+
+
+def test_a_verification_travels_as_its_values() -> None:
+    """No request in wire form: what was signed, the options, the signature,
+    the public keys as the SPKI DER the daemon holds, and the message's
+    SHA-256 if the daemon has it."""
+    (msg,) = messages(ipc.encode_jobs(5, [VERIFY]))
+    spkis = [[2, b"spki-2"], [1, b"spki-1"]]
+    row = ["v", "ec-p256", spkis, b"message", None, "sha256", None, "raw", b"s", b"d" * 32]
+    assert msg == [5, "jobs", [[row]]]
+    (job,) = ipc.RunJobs.from_args(msg[2]).jobs
+    assert job == VERIFY
 
 
 def test_partial_frames_fed_byte_by_byte() -> None:

@@ -8,6 +8,7 @@ token is tested elsewhere.
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 import socket
 import struct
@@ -35,6 +36,9 @@ from signd.protocol import (
     KeyRefArgs,
     Request,
     Response,
+    SignArgs,
+    SignBatchArgs,
+    VerifyArgs,
     decode_response,
     encode_error,
     encode_request,
@@ -54,14 +58,24 @@ class FakeService:
     queued: list[tuple[object, int, Reply]] = field(default_factory=list)
     dropped: list[tuple[object, WireError]] = field(default_factory=list)
     gate: trio.Event = field(default_factory=trio.Event)
+    #: by request id: the SHA-256 of its message the server handed along
+    #: (absent: the server handed none for the whole read)
+    sha256s: dict[int, bytes | None] = field(default_factory=dict)
 
     def handle(
-        self, requests: Sequence[Request], reply: Reply, source: object, who: Principal
+        self,
+        requests: Sequence[Request],
+        reply: Reply,
+        source: object,
+        who: Principal,
+        sha256s: Sequence[bytes | None] | None = None,
     ) -> list[SlowWork]:
         slow: list[SlowWork] = []
-        for req in requests:
+        for i, req in enumerate(requests):
             self.asked.append(req.id)
-            if req.op == "health":
+            if sha256s is not None:
+                self.sha256s[req.id] = sha256s[i]
+            if req.op in ("health", "sign", "sign_batch", "verify"):
                 reply(req.id, encode_result(req.id, Empty()), Outcome())
             elif req.op == "jwks":  # an answer with its facts for the audit log
                 reply(req.id, encode_result(req.id, Empty()), OUTCOME)
@@ -395,6 +409,38 @@ async def test_an_answers_outcome_goes_to_the_audit_log_with_it(
         assert answer.id == 1
         assert answer.error is None
         assert audit.answered_with == [(encode_result(1, Empty()), OUTCOME)]
+
+
+@pytest.mark.parametrize("audited", [True, False], ids=["audit-on", "audit-off"])
+async def test_the_audit_records_sha256_of_one_message_goes_to_the_service(
+    socket_dir: Path, autojump_clock: trio.testing.MockClock, audited: bool
+) -> None:
+    """With audit on, the SHA-256 of a request's one message (its record's
+    data_sha256) is handed to the service, which then need not hash it again;
+    a digest or a batch hands none.  With audit off nothing is computed."""
+    digest = hashlib.sha256(b"d").digest()
+    async with (
+        serving(socket_dir, audit=FakeAudit() if audited else None) as rig,
+        rig.connect() as peer,
+    ):
+        await peer.send(
+            encode_request(1, "sign", SignArgs(key="k", message=b"one"))
+            + encode_request(2, "sign", SignArgs(key="k", digest=digest, hash="sha256"))
+            + encode_request(3, "sign_batch", SignBatchArgs(key="k", messages=(b"a", b"b")))
+            + encode_request(4, "verify", VerifyArgs(key="k", message=b"four", signature=b"s"))
+            + health(5)
+        )
+        assert [a.id for a in await peer.responses(5)] == [1, 2, 3, 4, 5]
+        if not audited:
+            assert rig.service.sha256s == {}
+            return
+        assert rig.service.sha256s == {
+            1: hashlib.sha256(b"one").digest(),
+            2: None,
+            3: None,
+            4: hashlib.sha256(b"four").digest(),
+            5: None,
+        }
 
 
 async def test_past_max_connections_a_connection_is_refused_with_busy(

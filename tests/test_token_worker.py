@@ -39,8 +39,7 @@ def verify_job(message: bytes, signed: bytes) -> ipc.VerifyJob:
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
     )
     signature = key.sign(signed, ec.ECDSA(hashes.SHA256()))
-    args = {"key": "k", "signature": signature, "message": message}
-    return ipc.VerifyJob("ec-p256", ((1, spki),), args)
+    return ipc.VerifyJob("ec-p256", ((1, spki),), message, None, None, None, None, signature)
 
 
 def test_a_batch_answers_each_job_through_the_error_map(worker: Worker) -> None:

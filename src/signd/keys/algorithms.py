@@ -178,6 +178,11 @@ class Options:
     raw: bool  # ECDSA only: r || s instead of DER
 
 
+#: ``options``' answers by their arguments: a few dozen at most, since only
+#: valid options are kept (and checking them again costs microseconds per request).
+_OPTIONS: Final[dict[tuple[str, str | None, str | None, str | None, bool], Options]] = {}
+
+
 def options(
     kt: KeyType,
     hash_name: str | None,
@@ -191,6 +196,17 @@ def options(
     Raises:
         InvalidArgument, UnsupportedAlgorithm.
     """
+    key = (kt.name, hash_name, padding, format, by_digest)
+    found = _OPTIONS.get(key)
+    if found is None:
+        found = _OPTIONS[key] = _options_of(kt, hash_name, padding, format, by_digest)
+    return found
+
+
+def _options_of(
+    kt: KeyType, hash_name: str | None, padding: str | None, format: str | None, by_digest: bool
+) -> Options:
+    """``options``, worked out.  Raises: InvalidArgument, UnsupportedAlgorithm."""
     if kt.family is Family.ED25519:
         if by_digest:
             raise InvalidArgument(
@@ -223,8 +239,12 @@ def options(
     return Options(scheme, h, f"rsa-{pad}-{h.name}", False)
 
 
-def _digest(opts: Options, message: bytes | None, digest: bytes | None) -> bytes | None:
-    """The digest to sign or verify (None for Ed25519).  Raises: InvalidDigest."""
+def _digest(
+    opts: Options, message: bytes | None, digest: bytes | None, sha256: bytes | None = None
+) -> bytes | None:
+    """The digest to sign or verify (None for Ed25519); ``sha256``, the SHA-256
+    of ``message`` if the caller has it already, is taken for a SHA-256
+    algorithm instead of hashing the message again.  Raises: InvalidDigest."""
     h = opts.hash
     if h is None:
         return None
@@ -232,24 +252,29 @@ def _digest(opts: Options, message: bytes | None, digest: bytes | None) -> bytes
         if len(digest) != h.size:
             raise InvalidDigest(f"a {h.name} digest is {h.size} bytes, got {len(digest)}")
         return digest
+    if sha256 is not None and h.name == "sha256":
+        return sha256
     assert message is not None
     return h.new(message).digest()
 
 
-def _check(kt: KeyType, args: SignInput) -> tuple[Options, bytes | None]:
+def _options(kt: KeyType, args: SignInput) -> Options:
+    """Raises: InvalidArgument, UnsupportedAlgorithm."""
     if (args.message is None) == (args.digest is None):
         raise InvalidArgument("exactly one of 'message' and 'digest' is required")
-    opts = options(kt, args.hash, args.padding, args.format, by_digest=args.digest is not None)
-    return opts, _digest(opts, args.message, args.digest)
+    return options(kt, args.hash, args.padding, args.format, by_digest=args.digest is not None)
 
 
-def plan(opts: Options, message: bytes | None, digest: bytes | None) -> SignPlan:
-    """What the token signs for one item under checked ``opts``.
+def plan(
+    opts: Options, message: bytes | None, digest: bytes | None, sha256: bytes | None = None
+) -> SignPlan:
+    """What the token signs for one item under checked ``opts`` (``sha256``:
+    the SHA-256 of ``message``, if the caller has it already).
 
     Raises:
         InvalidDigest: ``digest`` has the wrong length for the hash.
     """
-    d = _digest(opts, message, digest)
+    d = _digest(opts, message, digest, sha256)
     if opts.scheme is Scheme.EDDSA:
         assert message is not None
         data = message
@@ -263,16 +288,16 @@ def plan(opts: Options, message: bytes | None, digest: bytes | None) -> SignPlan
     return SignPlan(opts.scheme, opts.hash, data, opts.algorithm, opts.raw)
 
 
-def plan_sign(kt: KeyType, args: SignInput) -> SignPlan:
+def plan_sign(kt: KeyType, args: SignInput, sha256: bytes | None = None) -> SignPlan:
     """Check a sign request against the key type and say what the token signs.
+
+    ``sha256`` is the SHA-256 of ``args.message`` if the caller has it already
+    (the audit record's): a SHA-256 algorithm signs it as it is.
 
     Raises:
         InvalidArgument, InvalidDigest, UnsupportedAlgorithm.
     """
-    if (args.message is None) == (args.digest is None):
-        raise InvalidArgument("exactly one of 'message' and 'digest' is required")
-    opts = options(kt, args.hash, args.padding, args.format, by_digest=args.digest is not None)
-    return plan(opts, args.message, args.digest)
+    return plan(_options(kt, args), args.message, args.digest, sha256)
 
 
 def finish_signature(plan: SignPlan, raw: bytes) -> bytes:
@@ -296,18 +321,23 @@ def verify(kt: KeyType, public_key: PublicKey, args: VerifyInput) -> str | None:
 
 
 def verify_any(
-    kt: KeyType, candidates: Iterable[tuple[int, PublicKey]], args: VerifyInput
+    kt: KeyType,
+    candidates: Iterable[tuple[int, PublicKey]],
+    args: VerifyInput,
+    sha256: bytes | None = None,
 ) -> tuple[int, str] | None:
     """The first ``(version, public key)`` of ``candidates`` that
     ``args.signature`` is valid for, as ``(version, algorithm)``; None if none.
 
     The options are checked and the message hashed once, however many
-    candidates there are.
+    candidates there are; not at all for a SHA-256 algorithm given ``sha256``
+    (as for ``plan_sign``).
 
     Raises:
         InvalidArgument, InvalidDigest, UnsupportedAlgorithm: bad options.
     """
-    opts, digest = _check(kt, args)
+    opts = _options(kt, args)
+    digest = _digest(opts, args.message, args.digest, sha256)
     sig = args.signature
     if opts.raw and opts.scheme is Scheme.ECDSA:
         size = kt.coordinate_size

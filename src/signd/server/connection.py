@@ -179,18 +179,30 @@ class Connection:
                 )
             )
 
-    def opened(self, requests: list[Request]) -> None:
+    def opened(self, requests: list[Request]) -> list[bytes | None]:
         """Note what ``requests`` (read together) ask, and when, for their audit
         records; in strict mode those records are queued now, to be made
-        durable while the requests are carried out."""
+        durable while the requests are carried out.
+
+        Returns, per request, the SHA-256 of its one ``message`` that its
+        record states (None where it has none): what a SHA-256 algorithm
+        signs, so that the service need not hash the message again.
+        """
         audit, who = self.audit, self.audit_who
         assert audit is not None
         assert who is not None
         now = time.perf_counter_ns()
+        sha256s: list[bytes | None] = []
         for req in requests:
-            pending = audit.asked(who, notes_of(req, now), self, req.id)
+            notes = notes_of(req, now)
+            pending = audit.asked(who, notes, self, req.id)
             if self.audit_open.setdefault(req.id, pending) is not pending:
                 self.audit_more.setdefault(req.id, []).append(pending)
+            # data_sha256 is the SHA-256 of the message itself only for one
+            # message (not a digest, not a batch's items).
+            one = notes[3] is None and getattr(req.args, "message", None) is not None
+            sha256s.append(notes[2] if one else None)
+        return sha256s
 
     def send(self, frame: bytes) -> None:
         if self.evicted:

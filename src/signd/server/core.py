@@ -82,10 +82,16 @@ class Handler(Protocol):
     """What the server hands the requests it reads to (the service)."""
 
     def handle(
-        self, requests: Sequence[Request], reply: Reply, source: object, who: Principal
+        self,
+        requests: Sequence[Request],
+        reply: Reply,
+        source: object,
+        who: Principal,
+        sha256s: Sequence[bytes | None] | None = None,
     ) -> list[SlowWork]:
         """Answer ``requests`` of connection ``source`` through ``reply``;
-        returns the slow ones, for the server to run as tasks."""
+        returns the slow ones, for the server to run as tasks.  ``sha256s``
+        (with audit on): the SHA-256 of each request's one message, or None."""
         ...
 
 
@@ -460,9 +466,9 @@ class Server:
             keep_open = False
         if requests:
             conn.inflight += len(requests)
-            if conn.audit is not None:
-                conn.opened(requests)
-            for work in self.service.handle(requests, conn.answered, conn, conn.principal):
+            sha256s = conn.opened(requests) if conn.audit is not None else None
+            who = conn.principal
+            for work in self.service.handle(requests, conn.answered, conn, who, sha256s):
                 nursery.start_soon(work)
             if len(requests) <= WARM_AFTER:
                 self._warm()

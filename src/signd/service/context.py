@@ -40,6 +40,11 @@ class Batch:
     started: float
     #: a lone request with the token idle: a verification is fastest inline
     inline_ok: bool
+    #: the SHA-256 of the one ``message`` of the request being handled, when
+    #: the transport computed it already (its audit record's ``data_sha256``):
+    #: a SHA-256 algorithm signs or verifies it instead of hashing again.
+    #: ``Service.handle`` sets it before each handler; None: not known.
+    sha256: bytes | None = None
     #: (request, its token entries), submitted once the batch is seen
     entries: list[tuple[Request, list[Entry]]] = field(default_factory=list)
     slow: list[SlowWork] = field(default_factory=list)

@@ -38,9 +38,18 @@ class Service(Reads):
     """The daemon's operations on keys; built by ``signd.daemon``."""
 
     def handle(
-        self, requests: Sequence[Request], reply: Reply, source: object, who: Principal
+        self,
+        requests: Sequence[Request],
+        reply: Reply,
+        source: object,
+        who: Principal,
+        sha256s: Sequence[bytes | None] | None = None,
     ) -> list[SlowWork]:
         """Answer ``requests`` from ``source`` (a connection, for fair queueing).
+
+        ``sha256s``, if the caller has them (the audit log's digests), are the
+        SHA-256 of each request's one ``message`` (None where it has none): a
+        SHA-256 signature or verification uses it instead of hashing again.
 
         Returns the slow ones, for the caller to run as tasks.
         """
@@ -53,7 +62,9 @@ class Service(Reads):
             started=time.perf_counter(),
             inline_ok=len(requests) == 1 and self.token.pending == 0,
         )
-        for req in requests:
+        for i, req in enumerate(requests):
+            if sha256s is not None:
+                batch.sha256 = sha256s[i]
             try:
                 op = TABLE[req.op]
                 self._check_access(op, req, who)

@@ -56,7 +56,7 @@ class Signing(Lifecycle):
         # disable takes effect on the very next one.
         version = key.at(batch.now).signing(args.version)
         self._limit(batch.who, args.key, 1)
-        plan = algorithms.plan_sign(key.kt, args)
+        plan = algorithms.plan_sign(key.kt, args, batch.sha256)
         done = _sign_done(req.id, key, version, plan, batch.reply, self.metrics, batch.started)
         batch.entries.append((req, [Entry(_job(version, plan), done, batch.deadline)]))
 
@@ -84,6 +84,7 @@ class Signing(Lifecycle):
             return
         candidates = key.at(batch.now).verifying(args.version)
         self._limit(batch.who, args.key, 1)
+        sha256 = batch.sha256
         few = len(candidates) <= INLINE_VERIFY_CANDIDATES
         if few and (batch.inline_ok or not self.token.is_open):
             # A lone verification is fastest right here; under load they go
@@ -91,21 +92,27 @@ class Signing(Lifecycle):
             # the sockets (measured: doing a share here too only slows the
             # loop down).  So do the many versions of a key: each costs a
             # verification.
-            answer = _verify(key, candidates, args)
+            answer = _verify(key, candidates, args, sha256)
             self.metrics.verified(args.key, "valid" if answer.valid else "invalid")
             self._answer(batch.reply, req, answer)
         elif not self.token.is_open:  # no worker to take many: a thread
-            batch.slow.append(partial(self._verify_in_thread, req, key, candidates, batch.reply))
+            verifying = partial(self._verify_in_thread, req, key, candidates, sha256, batch.reply)
+            batch.slow.append(verifying)
         else:
             entry = Entry(
-                _verify_job(key, candidates, args),
+                _verify_job(key, candidates, args, sha256),
                 _verify_done(req.id, key, batch.reply, self.metrics),
                 batch.deadline,
             )
             batch.entries.append((req, [entry]))
 
     async def _verify_in_thread(
-        self, req: Request, key: LoadedKey, candidates: list[LoadedVersion], reply: Reply
+        self,
+        req: Request,
+        key: LoadedKey,
+        candidates: list[LoadedVersion],
+        sha256: bytes | None,
+        reply: Reply,
     ) -> None:
         """A verification with many versions to try while no token worker can
         take it: in a thread (two at most), so this loop goes on serving."""
@@ -113,7 +120,7 @@ class Signing(Lifecycle):
         assert isinstance(args, VerifyArgs)
         try:
             answer = await trio.to_thread.run_sync(
-                _verify, key, candidates, args, limiter=self._verify_threads
+                _verify, key, candidates, args, sha256, limiter=self._verify_threads
             )
         except Exception as exc:
             self._fail(reply, req, exc)
@@ -148,19 +155,39 @@ class Signing(Lifecycle):
         return algorithms.finish_signature(plan, value)
 
 
-def _verify(key: LoadedKey, candidates: list[LoadedVersion], args: VerifyArgs) -> VerifyResult:
-    """Raises: InvalidArgument, InvalidDigest, UnsupportedAlgorithm (bad options)."""
+def _verify(
+    key: LoadedKey, candidates: list[LoadedVersion], args: VerifyArgs, sha256: bytes | None
+) -> VerifyResult:
+    """``args`` checked against the public keys the daemon holds (``sha256``:
+    the SHA-256 of ``args.message``, if the transport had it).
+
+    Raises: InvalidArgument, InvalidDigest, UnsupportedAlgorithm (bad options).
+    """
     pairs = ((v.record.version, v.public_key) for v in candidates)
-    found = algorithms.verify_any(key.kt, pairs, args)
+    found = algorithms.verify_any(key.kt, pairs, args, sha256)
     if found is None:
         return VerifyResult(valid=False, key=key.record.name)
     version, algorithm = found
     return VerifyResult(valid=True, key=key.record.name, version=version, algorithm=algorithm)
 
 
-def _verify_job(key: LoadedKey, candidates: list[LoadedVersion], args: VerifyArgs) -> VerifyJob:
+def _verify_job(
+    key: LoadedKey, candidates: list[LoadedVersion], args: VerifyArgs, sha256: bytes | None
+) -> VerifyJob:
+    """``args`` for a worker, as values (no wire form): the public keys as the
+    SPKI DER the daemon holds."""
     pairs = tuple((v.record.version, v.spki) for v in candidates)
-    return VerifyJob(key.kt.name, pairs, args.to_wire())
+    return VerifyJob(
+        key.kt.name,
+        pairs,
+        args.message,
+        args.digest,
+        args.hash,
+        args.padding,
+        args.format,
+        args.signature,
+        sha256,
+    )
 
 
 def _verify_done(

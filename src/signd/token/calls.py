@@ -79,16 +79,27 @@ class VerifyJob(NamedTuple):
     """One verification for a worker: no token, only ``cryptography``.
 
     Workers take verifications too so that a busy daemon verifies on every
-    core, not only on its own.  ``candidates`` are (version, SPKI DER),
-    newest first; the outcome is ``[version, algorithm]`` or None (invalid).
+    core, not only on its own.  ``candidates`` are (version, SPKI DER, as the
+    daemon holds them), newest first.  The rest is the request's own values
+    (a job is an ``algorithms.VerifyInput``; the worker checks the options,
+    which costs the daemon's loop nothing) and ``sha256``: the SHA-256 of
+    ``message`` if the daemon had it (its audit record's), which a SHA-256
+    algorithm verifies instead of hashing again.  The outcome is
+    ``[version, algorithm]`` or None (invalid).
     """
 
     key_type: str
     candidates: tuple[tuple[int, bytes], ...]
-    args: dict[str, Any]  # the request's VerifyArgs, as on the wire
+    message: bytes | None
+    digest: bytes | None
+    hash: str | None
+    padding: str | None
+    format: str | None
+    signature: bytes
+    sha256: bytes | None = None
 
     def to_ipc(self) -> list[Any]:
-        return [_VERIFY, self.key_type, [list(c) for c in self.candidates], self.args]
+        return [_VERIFY, *self]
 
 
 _new = tuple.__new__
@@ -108,8 +119,9 @@ def _jobs(rows: list[Any]) -> list[SignJob | VerifyJob]:
                 _, object_id, scheme, hash_name, data = row
                 append(_new(SignJob, (object_id, schemes[scheme], hash_name, data)))
             elif row[0] == _VERIFY:
-                _, key_type, candidates, args = row
-                append(VerifyJob(key_type, tuple((v, spki) for v, spki in candidates), args))
+                _, key_type, candidates, msg, digest, h, pad, fmt, sig, sha256 = row
+                pairs = tuple((v, spki) for v, spki in candidates)
+                append(_new(VerifyJob, (key_type, pairs, msg, digest, h, pad, fmt, sig, sha256)))
             else:
                 raise IpcError(f"not a job: {row!r:.80}")
     except (ValueError, KeyError, TypeError, IndexError):

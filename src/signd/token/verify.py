@@ -10,7 +10,6 @@ from collections.abc import Iterator, Sequence
 from typing import Any, Final
 
 from ..keys import algorithms
-from ..protocol import VerifyArgs
 from .ipc import VerifyJob
 
 __all__ = ["Verifier"]
@@ -32,8 +31,7 @@ class Verifier:
         request, or a key, is not what it claims).
         """
         kt = algorithms.key_type(job.key_type)
-        args = VerifyArgs.from_wire(job.args)
-        found = algorithms.verify_any(kt, self._public_keys(kt, job.candidates), args)
+        found = algorithms.verify_any(kt, self._public_keys(kt, job.candidates), job, job.sha256)
         return list(found) if found is not None else None
 
     def _public_keys(
