@@ -35,7 +35,6 @@ import logging
 import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from typing import Any, Final, TypeVar
 
 import trio
@@ -63,6 +62,7 @@ from .ipc import (
 from .outage import Outage
 from .process import WorkerProcess, login, reap, spawn
 from .scheduler import Entry, Scheduler, SchedulerSettings
+from .settings import PoolSettings
 from .watch import CALL_STALL, PROBE, Watch
 
 __all__ = ["Entry", "PoolSettings", "TokenPool", "open_token_pool"]
@@ -76,30 +76,6 @@ RESPAWN_BACKOFF: Final = (0.05, 0.1, 0.2, 0.5, 1.0)
 LOGIN_TIMEOUT: Final = 30.0
 
 R = TypeVar("R")
-
-
-@dataclass(frozen=True, slots=True)
-class PoolSettings:
-    module: str
-    token_label: str
-    pin: str
-    workers: int = 1
-    queue_limit: int = 65536
-    batch_max: int = 64
-    depth: int = 2
-    quantum: int = 4
-    #: seconds a worker polls for the next batch before it sleeps
-    spin: float = 0.0
-    log_level: str = "info"
-    #: seconds between ``C_GetTokenInfo`` probes by idle workers
-    probe_interval: float = 1.0
-    #: seconds a signing worker may hold work without answering (then: hung)
-    stall_timeout: float = 5.0
-    #: MB a signing worker's RSS may grow (past its warm-up) before a fresh
-    #: process takes over from it; 0: never
-    recycle_mb: float = 0.0
-    #: the token profile's name (see ``profiles.py``)
-    profile: str = "softhsm"
 
 
 class TokenPool:

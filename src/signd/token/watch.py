@@ -24,7 +24,7 @@ from .ipc import Probe, encode_request
 from .process import WorkerProcess, rss
 
 if TYPE_CHECKING:
-    from .pool import PoolSettings
+    from .settings import PoolSettings
 
 __all__ = ["CALL_STALL", "PROBE", "RECYCLE_WARMUP", "Watch"]
 
