@@ -363,7 +363,9 @@ def test_the_token_unlocks_per_key_series_and_nothing_else_does(
     assert status == 200
     assert value(samples(body), "signd_signatures_total", key=key_name) == 1
     url = d.metrics_url()
-    for auth in (None, "Bearer " + TOKEN[:-1] + "0", "Basic " + TOKEN, "Bearer", TOKEN):
+    # A token one hex digit off (flipped, so never the token itself).
+    off = TOKEN[:-1] + ("1" if TOKEN[-1] == "0" else "0")
+    for auth in (None, "Bearer " + off, "Basic " + TOKEN, "Bearer", TOKEN):
         headers = {} if auth is None else {"Authorization": auth}
         status, text = http(url, headers)
         assert status == 401, auth
