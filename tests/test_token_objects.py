@@ -224,3 +224,25 @@ def test_no_private_key_without_metadata(session: Any, made: dict[str, Made]) ->
         )
     }
     assert names <= data_labels
+
+
+def test_one_search_for_many_ids_finds_what_a_search_an_id_finds(
+    session: Any, made: dict[str, Made]
+) -> None:
+    """A start looks up every key's pair with one search per class (not two an
+    id, which grows with keys squared on SoftHSM); both ways find the same."""
+    from signd.token.session import BULK_LOOKUP, _by_id, _find
+
+    ids = [
+        bytes(k[Attribute.ID])
+        for k in session.get_objects({Attribute.CLASS: ObjectClass.PRIVATE_KEY})
+    ]
+    ids += [b"\x00no such id"]
+    assert len(ids) > BULK_LOOKUP
+    for cls in (ObjectClass.PUBLIC_KEY, ObjectClass.PRIVATE_KEY):
+        bulk = _by_id(session, cls, ids)
+        each = {oid: _find(session, cls, oid) for oid in ids}
+        assert {oid: sorted(o[Attribute.LABEL] for o in objs) for oid, objs in bulk.items()} == {
+            oid: sorted(o[Attribute.LABEL] for o in objs) for oid, objs in each.items() if objs
+        }
+    assert b"\x00no such id" not in _by_id(session, ObjectClass.PUBLIC_KEY, ids)

@@ -299,14 +299,18 @@ class TokenSession:
         knows which versions that is allowed for.  Private handles are cached.
         """
         session = self._session_or_raise()
+        if len(object_ids) > BULK_LOOKUP:
+            # Many ids (a start, a sync): two searches in all, each id's keys
+            # picked by CKA_ID, rather than two searches an id (SoftHSM scans
+            # every object on each, so a start would grow with keys squared).
+            pubs_of = _by_id(session, ObjectClass.PUBLIC_KEY, object_ids)
+            privs_of = _by_id(session, ObjectClass.PRIVATE_KEY, object_ids)
+        else:
+            pubs_of = {oid: _find(session, ObjectClass.PUBLIC_KEY, oid) for oid in object_ids}
+            privs_of = {oid: _find(session, ObjectClass.PRIVATE_KEY, oid) for oid in object_ids}
         out: dict[bytes, tuple[bytes, bool]] = {}
         for oid in object_ids:
-            pubs = list(
-                session.get_objects({Attribute.CLASS: ObjectClass.PUBLIC_KEY, Attribute.ID: oid})
-            )
-            privs = list(
-                session.get_objects({Attribute.CLASS: ObjectClass.PRIVATE_KEY, Attribute.ID: oid})
-            )
+            pubs, privs = pubs_of.get(oid, []), privs_of.get(oid, [])
             if len(pubs) != 1 or len(privs) > 1:
                 log.warning(
                     "keypair incomplete on the token",
@@ -502,3 +506,26 @@ def _spki(pub: Any) -> bytes:
             )
         )
     raise TokenError(f"unexpected key type {kt!r} on the token")
+
+
+#: More ids than this are looked up with one search per object class.
+BULK_LOOKUP: Final = 4
+
+
+def _find(session: Any, cls: ObjectClass, oid: bytes) -> list[Any]:
+    """The objects of class ``cls`` with CKA_ID ``oid``."""
+    return list(session.get_objects({Attribute.CLASS: cls, Attribute.ID: oid}))
+
+
+def _by_id(session: Any, cls: ObjectClass, oids: Sequence[bytes]) -> dict[bytes, list[Any]]:
+    """The objects of class ``cls`` whose CKA_ID is one of ``oids``, by id: one search."""
+    wanted = set(oids)
+    found: dict[bytes, list[Any]] = {}
+    for obj in session.get_objects({Attribute.CLASS: cls}):
+        try:
+            oid = bytes(obj[Attribute.ID])
+        except p11e.AttributeTypeInvalid:
+            continue  # a key without an id is none of ours
+        if oid in wanted:
+            found.setdefault(oid, []).append(obj)
+    return found
