@@ -28,7 +28,8 @@ from signd_client.audit import AUDIT_KEY, CHAIN_MISMATCH, CHECKPOINT, checkpoint
 from ..errors import Conflict, WireError
 from ..protocol import AuditHead
 from .files import AuditError
-from .log import AuditLog, CheckpointAsk
+from .log import AuditLog
+from .writer import CheckpointAsk
 
 __all__ = [
     "CHECKPOINT_TIMEOUT",

@@ -100,10 +100,8 @@ from signd_client.audit import AUDIT_KEY
 
 from ..access.policy import Principal
 from .facts import Outcome
-from .files import AuditError
-from .records import Entry, Notes, Recipient, Who, data_digest, notes_of, who_fields
+from .records import Notes, Recipient, Who, who_fields
 from .writer import (
-    OUTCOME_SYNC,
     STOP,
     Append,
     CheckpointAsk,
@@ -115,24 +113,7 @@ from .writer import (
     Writer,
 )
 
-__all__ = [
-    "AUDIT_KEY",
-    "MODES",
-    "OUTCOME_SYNC",
-    "OVERLAP_INFLIGHT",
-    "AuditError",
-    "AuditLog",
-    "CheckpointAsk",
-    "Entry",
-    "Notes",
-    "Pending",
-    "Recipient",
-    "Who",
-    "data_digest",
-    "notes_of",
-    "record_own_action",
-    "who_fields",
-]
+__all__ = ["AUDIT_KEY", "MODES", "OVERLAP_INFLIGHT", "AuditLog", "record_own_action"]
 
 log = logging.getLogger("signd.audit")
 

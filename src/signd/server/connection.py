@@ -16,7 +16,9 @@ import trio
 
 from ..access.policy import principal_of
 from ..audit.facts import Outcome
-from ..audit.log import AuditLog, Pending, notes_of, who_fields
+from ..audit.log import AuditLog
+from ..audit.records import notes_of, who_fields
+from ..audit.writer import Pending
 from ..config import LimitsConfig
 from ..errors import InternalError
 from ..metrics import Limit, Metrics

@@ -50,9 +50,8 @@ from ..protocol import BadRequest, Request, decode_request, encode_error
 from ..service.core import Reply, SlowWork
 from .budget import Budget
 from .connection import Connection
-from .listener import ListenerError, open_listener, systemd_socket
 
-__all__ = ["Handler", "ListenerError", "Server", "open_listener", "systemd_socket"]
+__all__ = ["Handler", "Server"]
 
 log = logging.getLogger("signd.server")
 

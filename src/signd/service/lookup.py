@@ -226,7 +226,10 @@ class Lookups(ServiceBase):
                     f"key {record.name!r} version {v.version}: its private key is missing "
                     "on the token"
                 )
-        spkis = {oid: spki for oid, (spki, _) in public.items()}
+        # This record's versions only: at a start ``public`` holds every key's.
+        spkis = {
+            v.object_id: public[v.object_id][0] for v in record.versions if v.object_id in public
+        }
         return load_key(record, spkis, self._clock(), self._cap(record))
 
     def _cap(self, record: KeyRecord) -> int:
