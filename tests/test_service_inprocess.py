@@ -29,6 +29,7 @@ from signd.errors import (
     KeyExists,
     KeyNotFound,
     PermissionDenied,
+    TokenError,
     TokenUnavailable,
     UnsupportedAlgorithm,
     VersionNotUsable,
@@ -341,3 +342,42 @@ async def test_the_fake_pool_keeps_the_pools_contract(autojump_clock: Any) -> No
             await closed.replies.answer(gone, "sign")
         assert (await held.replies.answer(kept, "sign")).version == 1
         assert pool.jobs_done == 1
+
+
+async def test_a_record_another_daemon_took_back_is_read_again(autojump_clock: Any) -> None:
+    """Two daemons rotated at the same moment and both took their records back;
+    SoftHSM showed this process the loser's record (naming a keypair already
+    deleted) before its removal.  update_key reads again and succeeds."""
+    async with open_harness() as h:
+        c = h.connect(ROOT)
+        await c.call("create_key", CreateKeyArgs(key="r", type="ec-p256"))
+        settled = h.pool.records["r"]
+        h.pool.write_record(h.pool.record("r").rotated(0.0, b"deleted-by-the-loser"))
+
+        async def take_back() -> None:
+            await trio.sleep(0.02)
+            h.pool.records["r"] = settled
+
+        h.nursery.start_soon(take_back)
+        updated = await c.call("update_key", UpdateKeyArgs(key="r", verify_grace=60.0))
+        assert updated.verify_grace == 60.0
+        assert [v.version for v in updated.versions] == [1]
+        assert h.pool.record("r").settings.verify_grace == 60.0
+
+
+async def test_a_record_naming_a_deleted_keypair_is_a_token_error(autojump_clock: Any) -> None:
+    """A keypair deleted from outside signd: the admin operation answers
+    token_error naming the version (not internal_error), writes nothing, and
+    other keys are unaffected."""
+    async with open_harness() as h:
+        c = h.connect(ROOT)
+        await c.call("create_key", CreateKeyArgs(key="r", type="ec-p256"))
+        await c.call("create_key", CreateKeyArgs(key="other", type="ec-p256"))
+        h.pool.write_record(h.pool.record("r").rotated(0.0, b"deleted-outside"))
+        before = h.pool.records["r"]
+        with pytest.raises(TokenError, match=r"version 2.*missing on the token"):
+            await c.call("update_key", UpdateKeyArgs(key="r", verify_grace=60.0))
+        with pytest.raises(TokenError, match="version 2"):
+            await c.call("rotate", RotateArgs(key="r"))
+        assert h.pool.records["r"] == before
+        assert (await c.call("sign", SignArgs(key="other", message=MESSAGE))).version == 1

@@ -14,8 +14,9 @@ from typing import Final
 import trio
 
 from ..access.policy import Principal
-from ..errors import Busy, KeyNotFound
+from ..errors import Busy, KeyNotFound, TokenError
 from ..keys.records import DESTROYED, KeyRecord
+from ..keys.recordstore import SEEN_WRITE_BACKOFF
 from ..keys.store import LoadedKey, load_key
 from ..protocol import Request
 from .base import Round, ServiceBase
@@ -190,18 +191,39 @@ class Lookups(ServiceBase):
 
     async def _refresh(self, name: str) -> LoadedKey | None:
         """Read one key from the token into the cache; None if it does not exist."""
-        record = await self._read_record(name)
-        if record is None:
-            return None
-        key = await self._load(record)
-        self.keystore.put(key)
+        key = await self._read_key(name)
+        if key is not None:
+            self.keystore.put(key)
         return key
 
     async def _read_record(self, name: str) -> KeyRecord | None:
-        blobs = await self.token.load_metadata(name)
-        if not blobs:
-            return None
-        return KeyRecord.from_bytes(name, blobs[0].revision, blobs[0].value)
+        """The newest record of ``name`` on the token, checked as ``_read_key`` does."""
+        key = await self._read_key(name)
+        return key.record if key is not None else None
+
+    async def _read_key(self, name: str) -> LoadedKey | None:
+        """The newest record of ``name`` with its public keys; None if there is none.
+
+        A record may name a keypair this process cannot find: another
+        process wrote that record and took it back (a lost compare-and-swap),
+        and SoftHSM showed this process the record but not yet its removal.
+        So such a record is read again, briefly, until the view settles.
+
+        Raises: TokenError (the record still names a missing keypair),
+        TokenUnavailable.
+        """
+        for wait in (0.0, *SEEN_WRITE_BACKOFF):
+            await trio.sleep(wait)
+            blobs = await self.token.load_metadata(name)
+            if not blobs:
+                return None
+            record = KeyRecord.from_bytes(name, blobs[0].revision, blobs[0].value)
+            try:
+                return await self._load(record)
+            except ValueError as exc:
+                missing = exc
+        log.error("key record names keys missing on the token", extra={"key": name})
+        raise TokenError(f"{missing}; see OPERATIONS.md, 'A key record names a missing keypair'")
 
     async def _load(
         self, record: KeyRecord, public: dict[bytes, tuple[bytes, bool]] | None = None
