@@ -11,7 +11,12 @@ import trio
 import trio.testing
 
 from signd import errors
-from signd.keys.recordstore import SAME_WRITE_RECHECK, SEEN_WRITE_BACKOFF, RecordStore
+from signd.keys.recordstore import (
+    SAME_WRITE_RECHECK,
+    SEEN_WRITE_BACKOFF,
+    RecordStore,
+    Superseded,
+)
 
 
 @dataclass
@@ -110,3 +115,36 @@ async def test_the_same_revision_written_elsewhere_meanwhile_is_a_conflict(
         await RecordStore(token).write_metadata("k", 2, b"v")
     assert token.calls[-1] == "drop_created"
     assert sorted(r[1] for r in token.records) == ["rival", "them"]
+
+
+async def test_a_revision_built_on_this_write_is_not_taken_back(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Another process read this write's revision 2 and wrote revision 3 on it
+    (dropping the older ones) before this process looked again.  Taking back
+    revision 2 here, and deleting the keypair it names, would leave revision 3
+    naming a keypair that is gone (seen in CI: two daemons, one rotating, the
+    other changing the key's settings)."""
+    token = at(FakeToken(), 1)
+
+    def builds_on_ours(t: FakeToken) -> None:
+        if t.calls.count("revisions") == 3 and not any(r[1] == "next" for r in t.records):
+            t.records = [(3, "next", -1e9)]
+
+    token.meanwhile.append(builds_on_ours)
+    with pytest.raises(Superseded, match="may be part of it") as caught:
+        await RecordStore(token).write_metadata("k", 2, b"v")
+    assert isinstance(caught.value, errors.Conflict)  # on the wire: conflict
+    assert "drop_created" not in token.calls
+    assert [r[1] for r in token.records] == ["next"]
+
+
+async def test_a_revision_two_processes_are_taking_back_is_not_built_on(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Two records of revision 2 (two processes wrote it at once; both take
+    theirs back): a third must not make revision 3 from either."""
+    token = at(FakeToken(), 1, 2, 2)
+    with pytest.raises(errors.Conflict, match="two other processes at once"):
+        await RecordStore(token).write_metadata("k", 3, b"v")
+    assert "create" not in token.calls

@@ -18,13 +18,30 @@ import trio
 
 from ..errors import Conflict
 
-__all__ = ["SAME_WRITE_RECHECK", "SEEN_WRITE_BACKOFF", "RecordStore", "RecordToken"]
+__all__ = [
+    "SAME_WRITE_RECHECK",
+    "SEEN_WRITE_BACKOFF",
+    "RecordStore",
+    "RecordToken",
+    "Superseded",
+]
 
 #: Waits for a signing worker to see a record the writer just stored.
 SEEN_WRITE_BACKOFF: Final = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2)
 #: After a record write looked unopposed, seconds before it is checked again for
 #: one another process wrote at the same moment (key records change rarely).
 SAME_WRITE_RECHECK: Final = 0.05
+
+
+class Superseded(Conflict):
+    """Another process wrote a newer revision while this write was checked.
+
+    It read a record of this write's revision to make its own: this one (then
+    this write landed, and the newer record carries it on) or one this
+    process never saw.  Either way the newer record stands; whatever this
+    write's record names (a new keypair) must stay on the token, since the
+    newer record may name it too.
+    """
 
 
 class RecordToken(Protocol):
@@ -71,7 +88,8 @@ class RecordStore:
         same moment, ours is taken back.  Both checks are made by a signing
         worker, which never writes and so sees what other processes wrote.
 
-        Raises: Conflict (nothing was changed), TokenUnavailable, TokenError.
+        Raises: Conflict (nothing was changed), Superseded (a Conflict: the
+        change may have landed), TokenUnavailable, TokenError.
         """
         token = self._token
         revisions = await self._revisions(name, revision - 1)
@@ -80,6 +98,12 @@ class RecordStore:
             raise Conflict(
                 f"key {name!r} was changed by another process (its record is at revision "
                 f"{newest}, this change was made on {revision - 1}); nothing was changed"
+            )
+        if revisions.count(newest) > 1:
+            # Two processes wrote this revision at once and are taking theirs
+            # back: building on either would keep a record one of them undoes.
+            raise Conflict(
+                f"key {name!r} is being changed by two other processes at once; nothing was changed"
             )
         await token.create_metadata(name, revision, value)
         revisions = await self._revisions(name, revision)
@@ -90,7 +114,15 @@ class RecordStore:
             # then both would keep theirs.  Seen now, both drop theirs.
             await trio.sleep(SAME_WRITE_RECHECK)
             revisions = await token.revisions(name)
-        if revisions.count(revision) != 1 or max(revisions) != revision:
+        if max(revisions) > revision:
+            # Not taken back: the newer record may have been made from ours
+            # (its writer drops ours with the other older revisions).
+            raise Superseded(
+                f"key {name!r} was changed again by another process while this change "
+                f"was written (its record is at revision {max(revisions)}); this change "
+                "may be part of it: read the key before repeating it"
+            )
+        if revisions.count(revision) != 1:
             await token.drop_created()
             raise Conflict(
                 f"key {name!r} was changed by another process at the same moment; "

@@ -23,6 +23,7 @@ from ..errors import (
 from ..keys import algorithms
 from ..keys.algorithms import KeyType
 from ..keys.records import DESTROYED, DISABLED, ENABLED, KeyRecord, KeySettings, check_key_name
+from ..keys.recordstore import Superseded
 from ..keys.store import LoadedKey, load_key
 from ..protocol import (
     CreateKeyArgs,
@@ -288,10 +289,13 @@ class Admin(Lookups):
     async def _write_new_version(self, record: KeyRecord, object_id: bytes) -> None:
         """Write a record that adds the keypair ``object_id``.
 
-        Raises: Conflict, after deleting the keypair no record will ever name.
+        Raises: Conflict, after deleting the keypair no record will ever name;
+        Superseded (a Conflict), keeping it: a newer record may name it.
         """
         try:
             await self.records.write_metadata(record.name, record.revision, record.to_bytes())
+        except Superseded:
+            raise
         except Conflict:
             await self.token.destroy_keys(object_id, public=True)
             raise
