@@ -24,7 +24,7 @@ from signd_client._common import (
     foreign_error,
     mapped_errors,
 )
-from signd_client._retry import Connect, Release, Send, Sleep, attempts
+from signd_client._retry import Attempt, Sleep, attempts
 from signd_client.errors import (
     Busy,
     ConnectionFailed,
@@ -58,32 +58,33 @@ def ok(rid: int | None = 1) -> Response:
 
 
 def drive(call: _calls.Call[Any], send: Callable[[Conn, int], Response]) -> tuple[Any, list[Any]]:
-    """Run ``attempts`` as a client does: connection N is ``Conn(f"c{N}")``;
-    ``send(conn, n)`` answers the n-th Send (or raises).  Returns the result
-    (or the exception) and the steps, as (kind, detail) pairs."""
+    """Run ``attempts`` as a client does: attempt N goes on a new connection
+    ``Conn(f"c{N}")`` (``"pooled"`` for the first if ``pooled``);
+    ``send(conn, n)`` answers the n-th attempt (or raises).  Returns the
+    result (or the exception) and the steps, as (kind, detail) pairs, with
+    what the driver then did with the connection."""
     steps = attempts(call, SETTINGS)
     log: list[Any] = []
-    conns = sends = 0
+    sends = 0
     try:
         step = next(steps)
         while True:
             try:
-                if isinstance(step, Connect):
-                    conns += 1
-                    log.append(("connect", step.fresh))
-                    outcome: Any = Conn(f"c{conns}")
-                elif isinstance(step, Send):
-                    sends += 1
-                    log.append(("send", step.conn.name))
-                    step.conn.requests += sends > 1 and step.conn.name == "pooled"
-                    outcome = send(step.conn, sends)
-                elif isinstance(step, Sleep):
+                if isinstance(step, Sleep):
                     log.append(("sleep", step.seconds))
-                    outcome = None
+                    outcome: Any = None
                 else:
-                    assert isinstance(step, Release)
-                    log.append(("release", step.conn.name, step.reuse))
-                    outcome = None
+                    assert isinstance(step, Attempt)
+                    sends += 1
+                    conn = Conn(f"c{sends}")
+                    log.append(("send", conn.name, step.fresh))
+                    try:
+                        outcome = send(conn, sends)
+                    except BaseException:
+                        step.pooled = conn.requests > 1
+                        log.append(("close", conn.name))
+                        raise
+                    log.append(("close" if outcome.id is None else "pool", conn.name))
             except BaseException as exc:
                 step = steps.throw(exc)
             else:
@@ -97,15 +98,15 @@ def drive(call: _calls.Call[Any], send: Callable[[Conn, int], Response]) -> tupl
 def test_an_answer_returns_the_typed_result_and_pools_the_connection() -> None:
     result, log = drive(_calls.health(), lambda conn, n: ok())
     assert result == HEALTH
-    assert log == [("connect", False), ("send", "c1"), ("release", "c1", True)]
+    assert log == [("send", "c1", False), ("pool", "c1")]
 
 
 def test_a_connection_level_answer_closes_the_connection() -> None:
     busy = Response(None, None, Busy("too many connections"))
     result, log = drive(_calls.health(), lambda conn, n: busy if n == 1 else ok())
     assert result == HEALTH
-    assert log[:4] == [("connect", False), ("send", "c1"), ("release", "c1", False), log[3]]
-    assert log[3][0] == "sleep"
+    assert log[:3] == [("send", "c1", False), ("close", "c1"), log[2]]
+    assert log[2][0] == "sleep"
 
 
 def test_broken_connection_is_retried_up_to_retries_then_raised() -> None:
@@ -117,14 +118,14 @@ def test_broken_connection_is_retried_up_to_retries_then_raised() -> None:
     assert [entry[0] for entry in log].count("send") == SETTINGS.retries + 1
     sleeps = [entry[1] for entry in log if entry[0] == "sleep"]
     assert sleeps == pytest.approx([0.05, 0.1, 0.15])  # 50 ms x attempt
-    assert all(entry[2] is False for entry in log if entry[0] == "release")
+    assert [entry[0] for entry in log].count("close") == SETTINGS.retries + 1
 
 
 def test_a_non_retryable_answer_is_raised_at_once() -> None:
     missing = Response(1, None, KeyNotFound("no key named 'k'"))
     result, log = drive(_calls.key_info("k"), lambda conn, n: missing)
     assert isinstance(result, KeyNotFound)
-    assert log == [("connect", False), ("send", "c1"), ("release", "c1", True)]
+    assert log == [("send", "c1", False), ("pool", "c1")]
 
 
 def test_rate_limited_waits_at_least_retry_after() -> None:
@@ -139,18 +140,26 @@ def test_unsent_on_a_pooled_connection_is_resent_fresh_and_not_counted() -> None
     connection, without a back-off and without using up a retry."""
     settings_retries_0 = Settings("/nonexistent", timeout=30.0, retries=0)
     steps = attempts(_calls.rotate("k"), settings_retries_0)
-    assert next(steps) == Connect(False, pytest.approx(steps.gi_frame.f_locals["deadline"]))
-    pooled = Conn("pooled", requests=2)
-    send = steps.send(pooled)
-    assert isinstance(send, Send)
-    assert send.call.idempotency_key is not None  # made once per call
-    assert steps.throw(Unsent("signd closed the connection unread")) == Release(pooled, False)
-    fresh = steps.send(None)
-    assert isinstance(fresh, Connect)
-    assert fresh.fresh
-    again = steps.send(Conn("new"))
-    assert isinstance(again, Send)
-    assert again.call == send.call  # the same idempotency key
+    first = next(steps)
+    assert isinstance(first, Attempt)
+    assert not first.fresh
+    assert first.call.idempotency_key is not None  # made once per call
+    first.pooled = True  # the driver: it had carried a request before
+    again = steps.throw(Unsent("signd closed the connection unread"))
+    assert isinstance(again, Attempt)  # no sleep, and not counted: retries=0
+    assert again.fresh
+    assert again.call == first.call  # the same idempotency key
+    with pytest.raises(Unsent):  # on a new connection it is a failure like any other
+        steps.throw(Unsent("signd closed the connection unread"))
+
+
+def test_unsent_on_a_new_connection_counts_as_an_attempt() -> None:
+    def unsent(conn: Conn, n: int) -> Response:
+        raise Unsent("signd closed the connection unread")
+
+    result, log = drive(_calls.health(), unsent)
+    assert isinstance(result, Unsent)
+    assert [entry[0] for entry in log].count("send") == SETTINGS.retries + 1
 
 
 def test_client_closed_is_never_retried() -> None:
@@ -169,7 +178,7 @@ def test_a_cancellation_mid_request_closes_the_connection_and_goes_on() -> None:
 
     result, log = drive(_calls.health(), cancelled)
     assert isinstance(result, Cancelled)
-    assert log == [("connect", False), ("send", "c1"), ("release", "c1", False)]
+    assert log == [("send", "c1", False), ("close", "c1")]
 
 
 def test_malformed_result_is_a_protocol_violation() -> None:

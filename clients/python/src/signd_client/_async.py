@@ -27,7 +27,7 @@ from ._common import (
     resolve_socket,
     take_response,
 )
-from ._retry import Connect, Release, Send, Sleep, Step, attempts
+from ._retry import Attempt, Sleep, Step, attempts
 from .errors import ConnectionFailed
 from .keys import AsyncSigndPrivateKey, load_async_private_key
 from .protocol import DEFAULT_MAX_FRAME, MAX_RESPONSE_FRAME, FrameDecoder, Message, Response
@@ -244,23 +244,23 @@ class AsyncClient:
             result: R = done.value
             return result
 
-    async def _do(self, step: Step) -> Any:
-        if isinstance(step, Send):
-            return await step.conn.request(step.call, step.deadline)
-        if isinstance(step, Connect):
-            return await self._checkout(step.deadline, step.fresh)
-        if isinstance(step, Sleep):
+    async def _do(self, step: Step) -> Response | None:
+        if type(step) is Sleep:
             await _sleep(step.seconds)
-        elif (
-            isinstance(step, Release)
-            and step.reuse
-            and not self._closed
-            and len(self._idle) < self._pool_size
-        ):
-            self._idle.append(step.conn)
-        else:
-            await step.conn.close()
-        return None
+            return None
+        assert type(step) is Attempt
+        conn = await self._checkout(step.deadline, step.fresh)
+        try:
+            resp = await conn.request(step.call, step.deadline)
+        except BaseException:
+            step.pooled = conn.requests > 1
+            await conn.close()
+            raise
+        if resp.id is not None and not self._closed and len(self._idle) < self._pool_size:
+            self._idle.append(conn)
+        else:  # a connection-level answer (this connection is done), or no room
+            await conn.close()
+        return resp
 
     async def _checkout(self, deadline: float, fresh: bool) -> _AsyncConnection:
         """A pooled connection that is still open, else (or if ``fresh``) a new one."""

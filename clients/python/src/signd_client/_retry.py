@@ -1,10 +1,10 @@
 """The one retry loop of a call, shared by the blocking and the async client.
 
 ``attempts`` is a generator that does no I/O (compare h11, and httpcore's one
-core for both clients): it yields *steps* (get a connection, send the call on
-it, sleep, give the connection back) and the client that drives it carries
-each one out and sends back its result, or throws in its exception.  So which
-failure is retried, how often, after how long and on which connection is
+core for both clients): it yields *steps* (an attempt of the call, or a
+sleep before the next one) and the client that drives it carries each one
+out and sends back its result, or throws in its exception.  So which failure
+is retried, how often, after how long and on which kind of connection is
 written once, here; ``Client.call`` and ``AsyncClient.call`` only do the I/O.
 
     steps = attempts(call, settings)
@@ -16,6 +16,10 @@ written once, here; ``Client.call`` and ``AsyncClient.call`` only do the I/O.
             step = steps.throw(exc)
         else:
             step = steps.send(outcome)
+
+An attempt is one step, not three (connect, send, give back), because it is
+on every request's path: a call that succeeds at once resumes the generator
+twice.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from __future__ import annotations
 import time
 from collections.abc import Generator
 from dataclasses import dataclass
-from typing import Any, Protocol, TypeVar
+from typing import Any, TypeVar
 
 from ._calls import Call
 from ._common import (
@@ -37,36 +41,28 @@ from ._common import (
 from .errors import SigndError
 from .protocol import Message, Response
 
-__all__ = ["Connect", "Pooled", "Release", "Send", "Sleep", "Step", "attempts"]
+__all__ = ["Attempt", "Sleep", "Step", "attempts"]
 
 R = TypeVar("R", bound=Message)
 
 
-class Pooled(Protocol):
-    """What the loop needs to know of a connection."""
+@dataclass(slots=True)
+class Attempt:
+    """Send ``call`` on a connection and answer with its ``Response``.
 
-    #: requests sent on it: more than one means it came from the pool
-    @property
-    def requests(self) -> int: ...
+    The connection: an idle pooled one that is still open, else (or when
+    ``fresh``) a new one opened before ``deadline``.  After an answer it goes
+    back to the pool if the answer has an id (else it is closed: the daemon
+    answered for the connection and closes it).  On a failure the driver
+    closes it, sets ``pooled`` (it had carried a request before this one),
+    and throws the exception in; ``Unsent`` means the daemon surely did not
+    read the call.
+    """
 
-
-@dataclass(frozen=True, slots=True)
-class Connect:
-    """Answer with a connection: an idle pooled one that is still open, or
-    (when ``fresh``, or none is idle) a new one opened before ``deadline``."""
-
-    fresh: bool
-    deadline: float
-
-
-@dataclass(frozen=True, slots=True)
-class Send:
-    """Send ``call`` on ``conn`` and answer with its ``Response``; raise
-    ``Unsent`` when the daemon surely did not read it."""
-
-    conn: Any
     call: Call[Any]
     deadline: float
+    fresh: bool
+    pooled: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,15 +72,7 @@ class Sleep:
     seconds: float
 
 
-@dataclass(frozen=True, slots=True)
-class Release:
-    """Done with ``conn``: back to the pool if ``reuse`` (and there is room), else closed."""
-
-    conn: Any
-    reuse: bool
-
-
-Step = Connect | Send | Sleep | Release
+Step = Attempt | Sleep
 
 
 def attempts(call: Call[R], settings: Settings) -> Generator[Step, Any, R]:
@@ -95,8 +83,8 @@ def attempts(call: Call[R], settings: Settings) -> Generator[Step, Any, R]:
     the daemon.  A pooled connection the daemon closed as the request went out
     (its idle time-out) is not a failure, and not an attempt: the call goes
     once more, on a new connection.  Whatever the driver throws in that the
-    loop does not retry (a cancellation too) closes the connection in use
-    and goes on.
+    loop does not retry (a cancellation too) goes on as it is (the driver
+    closed the connection it was using).
 
     Raises: the call's wire error; ``ConnectionFailed``; ``RequestTimeout``.
     """
@@ -106,15 +94,12 @@ def attempts(call: Call[R], settings: Settings) -> Generator[Step, Any, R]:
     fresh = False
     while True:
         attempt += 1
-        conn: Pooled | None = None
+        step = Attempt(call, deadline, fresh)
+        fresh = False
         try:
-            conn = yield Connect(fresh, deadline)
-            fresh = False
-            resp: Response = yield Send(conn, call, deadline)
+            resp: Response = yield step
         except SigndError as exc:
-            if conn is not None:
-                yield Release(conn, reuse=False)
-            if isinstance(exc, Unsent) and conn is not None and conn.requests > 1:
+            if isinstance(exc, Unsent) and step.pooled:
                 attempt -= 1
                 fresh = True
                 continue
@@ -122,14 +107,6 @@ def attempts(call: Call[R], settings: Settings) -> Generator[Step, Any, R]:
                 yield Sleep(retry_delay(exc, attempt))
                 continue
             raise
-        except GeneratorExit:
-            raise  # the generator was dropped: it may yield nothing more
-        except BaseException:
-            if conn is not None:  # cancelled mid-request: the connection is unusable
-                yield Release(conn, reuse=False)
-            raise
-        # id nil: a connection-level answer, after which this connection is done
-        yield Release(conn, reuse=resp.id is not None)
         try:
             return parse_response(call, resp)
         except SigndError as exc:

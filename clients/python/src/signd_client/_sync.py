@@ -22,7 +22,7 @@ from ._common import (
     resolve_socket,
     take_response,
 )
-from ._retry import Connect, Release, Send, Sleep, Step, attempts
+from ._retry import Attempt, Sleep, Step, attempts
 from .errors import ConnectionFailed
 from .keys import SigndPrivateKey, load_private_key
 from .protocol import DEFAULT_MAX_FRAME, MAX_RESPONSE_FRAME, FrameDecoder, Message, Response
@@ -158,18 +158,23 @@ class Client:
             result: R = done.value
             return result
 
-    def _do(self, step: Step) -> Any:
-        if isinstance(step, Send):
-            return step.conn.request(step.call, step.deadline)
-        if isinstance(step, Connect):
-            return self._checkout(step.deadline, step.fresh)
-        if isinstance(step, Sleep):
+    def _do(self, step: Step) -> Response | None:
+        if type(step) is Sleep:
             time.sleep(step.seconds)
-        elif isinstance(step, Release) and step.reuse:
-            self._checkin(step.conn)
+            return None
+        assert type(step) is Attempt
+        conn = self._checkout(step.deadline, step.fresh)
+        try:
+            resp = conn.request(step.call, step.deadline)
+        except BaseException:
+            step.pooled = conn.requests > 1
+            conn.close()
+            raise
+        if resp.id is None:  # a connection-level answer: this connection is done
+            conn.close()
         else:
-            step.conn.close()
-        return None
+            self._checkin(conn)
+        return resp
 
     def _checkout(self, deadline: float, fresh: bool = False) -> _Connection:
         """A pooled connection that is still open, else (or if ``fresh``) a new one."""
