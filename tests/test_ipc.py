@@ -112,6 +112,25 @@ def test_jobs_frame_is_the_calls_frame() -> None:
     assert ipc.encode_jobs(3, jobs) == ipc.encode_request(3, ipc.RunJobs(jobs))
 
 
+def test_the_workers_hot_path_reads_and_answers_jobs_as_the_table_does() -> None:
+    """``decode_jobs`` / ``encode_batch`` (the worker's shortcut) agree with
+    ``decode_request`` / ``encode_answer``, and leave every other call to them."""
+    (msg,) = messages(ipc.encode_jobs(4, [SIGN, VERIFY, PSS]))
+    assert ipc.decode_jobs(msg) == (4, list(ipc.decode_request(msg).call.jobs))
+    batch = RESULT_EXAMPLES["jobs"]
+    assert ipc.encode_batch(4, batch) == ipc.encode_answer(4, ipc.RunJobs([]), batch)
+    for call in CALL_EXAMPLES:
+        if not isinstance(call, ipc.RunJobs):
+            (other,) = messages(ipc.encode_request(2, call))
+            assert ipc.decode_jobs(other) is None
+
+
+def test_rows_that_are_no_jobs_name_their_tag_on_the_hot_path() -> None:
+    with pytest.raises(IpcError, match="not a list of jobs") as caught:
+        ipc.decode_jobs([6, "jobs", [[["s", b"id"]]]])
+    assert caught.value.tag == 6
+
+
 def test_jobs_travel_as_short_rows() -> None:
     """The hot path's layout: positional rows, no field names on the wire."""
     (msg,) = messages(ipc.encode_jobs(5, [SIGN]))

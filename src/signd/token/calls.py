@@ -16,6 +16,7 @@ from ..errors import InternalError
 from ..keys.algorithms import Scheme
 
 __all__ = [
+    "jobs_from_rows",
     "CALLS",
     "Batch",
     "Call",
@@ -105,7 +106,7 @@ class VerifyJob(NamedTuple):
 _new = tuple.__new__
 
 
-def _jobs(rows: list[Any]) -> list[SignJob | VerifyJob]:
+def jobs_from_rows(rows: list[Any]) -> list[SignJob | VerifyJob]:
     """Jobs from their rows: the worker's hot path, one loop, no call per job.
 
     Raises: IpcError (a row that is not a job).
@@ -243,7 +244,7 @@ class RunJobs(Call[Batch]):
             (rows,) = args
         except (ValueError, TypeError):
             raise IpcError(f"wrong arguments for jobs: {args!r:.80}") from None
-        return cls(_jobs(rows))
+        return cls(jobs_from_rows(rows))
 
     @staticmethod
     def encode_result(result: Batch) -> Any:

@@ -53,6 +53,7 @@ from .calls import (
     SignJob,
     TokenInfo,
     VerifyJob,
+    jobs_from_rows,
 )
 
 __all__ = [
@@ -84,8 +85,10 @@ __all__ = [
     "TokenInfo",
     "VerifyJob",
     "decode_answer",
+    "decode_jobs",
     "decode_request",
     "encode_answer",
+    "encode_batch",
     "encode_failure",
     "encode_jobs",
     "encode_lost",
@@ -204,6 +207,28 @@ def encode_request(tag: int, call: Call[Any]) -> bytes:
 def encode_jobs(tag: int, jobs: Sequence[SignJob | VerifyJob]) -> bytes:
     """``RunJobs(jobs)``'s frame, without building the call (the hot path)."""
     return frame([tag, "jobs", [[job.to_ipc() for job in jobs]]])
+
+
+def decode_jobs(msg: list[Any]) -> tuple[int, list[SignJob | VerifyJob]] | None:
+    """The tag and jobs of a ``RunJobs`` request, or None for any other
+    message (``decode_request`` then): the worker's hot path, without a
+    ``Request`` or a call object.
+
+    Raises: IpcError (rows that are not jobs; ``.tag`` says which request).
+    """
+    if len(msg) != 3 or msg[1] != RunJobs.OP or type(msg[2]) is not list or len(msg[2]) != 1:
+        return None
+    tag = msg[0]
+    try:
+        return tag, jobs_from_rows(msg[2][0])
+    except IpcError as exc:
+        exc.tag = tag
+        raise
+
+
+def encode_batch(tag: int, batch: Batch) -> bytes:
+    """``encode_answer`` of a ``RunJobs``, the worker's hot path."""
+    return frame([tag, True, RunJobs.encode_result(batch)])
 
 
 def decode_request(msg: list[Any]) -> Request:

@@ -18,7 +18,7 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Final
 
 from ..hardening import no_core_dumps
@@ -41,9 +41,13 @@ from .ipc import (
     PublicKeys,
     Revisions,
     RunJobs,
+    SignJob,
     TokenInfo,
+    VerifyJob,
+    decode_jobs,
     decode_request,
     encode_answer,
+    encode_batch,
     encode_failure,
     encode_lost,
 )
@@ -87,10 +91,19 @@ class Worker:
     def handle(self, msg: list[Any]) -> bytes:
         """The answer to one message, as a frame.  Never raises."""
         try:
-            request = decode_request(msg)
+            # Sign and verify, nearly every message: no Request or call object.
+            hot = decode_jobs(msg)
+            request = decode_request(msg) if hot is None else None
         except IpcError as exc:
             log.error("a request from the daemon is not understood", extra={"error": str(exc)})
             return encode_failure(exc.tag if isinstance(exc.tag, int) else -1, exc)
+        if hot is not None:
+            tag, jobs = hot
+            try:
+                return encode_batch(tag, self._run(jobs))
+            except BaseException as exc:
+                return encode_failure(tag, self.session.failure(exc, RunJobs.OP))
+        assert request is not None
         call = request.call
         try:
             return encode_answer(request.tag, call, self._table[type(call)](call))
@@ -98,9 +111,12 @@ class Worker:
             return encode_failure(request.tag, self.session.failure(exc, call.OP))
 
     def _jobs(self, call: RunJobs) -> Batch:
+        return self._run(call.jobs)
+
+    def _run(self, jobs: Sequence[SignJob | VerifyJob]) -> Batch:
         """The outcomes, and how long the token took for them."""
         started = time.perf_counter()
-        outcomes = self.session.run_jobs(call.jobs, self.verifier.verify)
+        outcomes = self.session.run_jobs(jobs, self.verifier.verify)
         return Batch(time.perf_counter() - started, outcomes)
 
     def _open(self, call: Open) -> TokenInfo:
