@@ -1,6 +1,7 @@
 """``signd``: the command line.  Parses the arguments, reads the config and
 the secrets, sets up the process (hardening, logging, descriptor limit), and
-hands over to ``daemon.run``, which builds and runs the daemon.
+hands over to ``daemon.run``, which builds and runs the daemon.  ``signd
+wrap-key`` is an operator's command of its own (``wrapkey.py``).
 
 Exit codes: 0 clean stop, 1 runtime failure (socket or token), 2 bad usage or
 configuration.
@@ -17,7 +18,7 @@ from collections.abc import Sequence
 
 import trio
 
-from . import __version__
+from . import __version__, wrapkey
 from .config import ConfigError, load_config, read_metrics_token, read_pin
 from .daemon import EXIT_OK, note_startup_hangup, run
 from .hardening import no_core_dumps
@@ -42,6 +43,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--config", required=True, metavar="FILE", help="TOML config file")
     check = sub.add_parser("check-config", help="validate a config file and its PIN source")
     check.add_argument("--config", required=True, metavar="FILE", help="TOML config file")
+    wrapkey.add_parser(sub)
     return p
 
 
@@ -72,6 +74,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Before the PIN is read: no core dump, and no same-uid debugger, may see it.
     hardening_problems = no_core_dumps()
     args = _parser().parse_args(argv)
+    if args.command == "wrap-key":  # an operator's command: no daemon, no user PIN
+        return wrapkey.main(args, hardening_problems)
     if args.command == "serve":
         # SIGHUP's default action is to end the process: while signd starts
         # (reading its config, opening the token) a reload asked for early

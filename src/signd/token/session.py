@@ -20,6 +20,15 @@ Key metadata is kept on the token as ``CKO_DATA`` objects (application
 ``signd``, label = key name).  SoftHSM does not let a data object's value
 change, so a write creates the next revision and then destroys older ones:
 there is never a moment without metadata, and the newest revision wins.
+
+Backups: a token may hold one *wrap key* (label ``WRAP_KEY_LABEL``), an
+AES-256 key that only the SO can mark ``CKA_TRUSTED`` (``signd wrap-key``
+puts it there, see ``wrapkey.py``).  A keypair generated with ``backup=True``
+is sensitive but extractable, and only under a trusted key
+(``CKA_WRAP_WITH_TRUSTED``): the token wraps it with the wrap key
+(``CKM_AES_KEY_WRAP_PAD``) and with nothing else.  Whether a token can back
+up a key type is asked of the token (``probe_wrappable``), not read from a
+list.
 """
 
 from __future__ import annotations
@@ -38,6 +47,7 @@ from pkcs11.util.ec import encode_ec_public_key, encode_named_curve_parameters
 from ..errors import (
     Conflict,
     InternalError,
+    InvalidArgument,
     TokenError,
     TokenUnavailable,
     UnsupportedAlgorithm,
@@ -53,6 +63,9 @@ PROBE_LABEL: Final = "signd probe: matches nothing"
 
 __all__ = [
     "APPLICATION",
+    "WRAP_KEY_BYTES",
+    "WRAP_KEY_LABEL",
+    "WRAP_MECHANISM",
     "TokenSession",
     "map_error",
     "mechanism_name",
@@ -83,6 +96,35 @@ _PUBLIC_TEMPLATE: Final[dict[Attribute, Any]] = {
     Attribute.WRAP: False,
     Attribute.DERIVE: False,
 }
+#: The private key of a keypair that can be backed up: still sensitive (its
+#: value is never read), but extractable, and only wrapped by a trusted key.
+_BACKUP_PRIVATE_TEMPLATE: Final[dict[Attribute, Any]] = {
+    **_PRIVATE_TEMPLATE,
+    Attribute.EXTRACTABLE: True,
+    Attribute.WRAP_WITH_TRUSTED: True,
+}
+
+#: CKA_LABEL of the token's one wrap key (the key backups are wrapped with).
+WRAP_KEY_LABEL: Final = "signd-wrap"
+#: The wrap key is AES-256.
+WRAP_KEY_BYTES: Final = 32
+#: How a private key is wrapped for a backup: AES key wrap with padding (RFC 5649).
+WRAP_MECHANISM: Final = Mechanism.AES_KEY_WRAP_PAD
+#: What a token answers when it cannot wrap a key: it cannot back up that type
+#: (or the wrapping key is not one it accepts).  Anything else is a token failure.
+_CANNOT_WRAP: Final = (
+    p11e.KeyNotWrappable,
+    p11e.KeyUnextractable,
+    p11e.KeyTypeInconsistent,
+    p11e.MechanismInvalid,
+    p11e.MechanismParamInvalid,
+    p11e.FunctionNotSupported,
+    p11e.WrappingKeyTypeInconsistent,
+    p11e.WrappingKeySizeRange,
+    p11e.AttributeSensitive,
+    p11e.ArgumentsBad,
+)
+
 #: The mechanism of each signature scheme (a dict: an enum's attribute costs
 #: more than a dict lookup, once per signature).
 _MECHANISMS: Final = {
@@ -143,6 +185,7 @@ class TokenSession:
         self._created: Any = None  # the record object ``create_metadata`` made last
         self._slot: Any = None
         self._profile = profiles.PROFILES["softhsm"]
+        self._so = False  # the session is the SO's (``open_so``)
         #: why the token is taken for lost (set once; the worker then exits)
         self.lost: str | None = None
 
@@ -151,6 +194,59 @@ class TokenSession:
     ) -> TokenInfo:
         """Raises: TokenUnavailable (module, token or login)."""
         self._profile = profile
+        token = self._token(module_path, token_label)
+        try:
+            self._session = token.open(rw=True, user_pin=pin)
+        except (p11e.PinIncorrect, p11e.PinInvalid, p11e.PinLenRange):
+            raise TokenUnavailable(f"login to token {token_label!r} failed: wrong PIN") from None
+        except p11e.PinLocked:
+            raise TokenUnavailable(f"the user PIN of token {token_label!r} is locked") from None
+        self._private.clear()
+        self._slot = token.slot
+        serial = token.serial
+        return TokenInfo(
+            label=token.label.strip(),
+            manufacturer=token.manufacturer_id.strip(),
+            model=token.model.strip(),
+            serial=serial.decode("ascii", "replace").strip()
+            if isinstance(serial, bytes)
+            else str(serial),
+            **_capabilities(token.slot),
+        )
+
+    def open_so(
+        self, module_path: str, token_label: str, so_pin: str, profile: profiles.Profile
+    ) -> None:
+        """Log in as the token's Security Officer (for ``create_wrap_key``).
+
+        Login is per process: a process holds either this session or a user's
+        (``open``), never both.
+
+        Raises: TokenUnavailable (module, token or login).
+        """
+        self._profile = profile
+        token = self._token(module_path, token_label)
+        try:
+            self._session = token.open(rw=True, so_pin=so_pin)
+        except (p11e.PinIncorrect, p11e.PinInvalid, p11e.PinLenRange):
+            raise TokenUnavailable(
+                f"SO login to token {token_label!r} failed: wrong SO PIN"
+            ) from None
+        except p11e.PinLocked:
+            raise TokenUnavailable(f"the SO PIN of token {token_label!r} is locked") from None
+        except (p11e.UserAlreadyLoggedIn, p11e.AnotherUserAlreadyLoggedIn):
+            raise TokenUnavailable(
+                f"SO login to token {token_label!r} failed: this process is logged in already"
+            ) from None
+        self._private.clear()
+        self._slot = token.slot
+        self._so = True
+
+    def _token(self, module_path: str, token_label: str) -> Any:
+        """Load the module and find the token labelled ``token_label``.
+
+        Raises: TokenUnavailable.
+        """
         try:
             self._lib = pkcs11.lib(module_path)
         except Exception as exc:
@@ -171,24 +267,7 @@ class TokenSession:
             raise TokenUnavailable(f"no token labelled {token_label!r}") from None
         except p11e.MultipleTokensReturned:
             raise TokenUnavailable(f"more than one token labelled {token_label!r}") from None
-        try:
-            self._session = token.open(rw=True, user_pin=pin)
-        except (p11e.PinIncorrect, p11e.PinInvalid, p11e.PinLenRange):
-            raise TokenUnavailable(f"login to token {token_label!r} failed: wrong PIN") from None
-        except p11e.PinLocked:
-            raise TokenUnavailable(f"the user PIN of token {token_label!r} is locked") from None
-        self._private.clear()
-        self._slot = token.slot
-        serial = token.serial
-        return TokenInfo(
-            label=token.label.strip(),
-            manufacturer=token.manufacturer_id.strip(),
-            model=token.model.strip(),
-            serial=serial.decode("ascii", "replace").strip()
-            if isinstance(serial, bytes)
-            else str(serial),
-            **_capabilities(token.slot),
-        )
+        return token
 
     def close(self) -> None:
         if self._session is not None:
@@ -197,6 +276,7 @@ class TokenSession:
             except p11e.PKCS11Error:
                 pass
             self._session = None
+        self._so = False
         self._private.clear()
 
     def check(self) -> None:
@@ -339,21 +419,38 @@ class TokenSession:
             obj.destroy()
         return len(found)
 
-    def generate(self, kt: algorithms.KeyType, object_id: bytes, label: str) -> bytes:
+    def generate(
+        self, kt: algorithms.KeyType, object_id: bytes, label: str, backup: bool = False
+    ) -> bytes:
         """Generate a sign-only, non-extractable keypair; return its SPKI DER.
 
+        ``backup``: the private key is extractable instead, but only under a
+        trusted key (``CKA_WRAP_WITH_TRUSTED``), so that the token's wrap key
+        can back it up; the token is then asked to wrap it once (the result
+        is discarded), and a keypair it cannot wrap is deleted again.
+
         Raises: Conflict if an object has the id already (short ids, as on a
-        YubiHSM, can collide: the caller draws another).
+        YubiHSM, can collide: the caller draws another); InvalidArgument
+        (``backup``) if the token has no wrap key; UnsupportedAlgorithm if the
+        token cannot make (or, with ``backup``, back up) this type of key.
         """
         session = self._session_or_raise()
         for _ in session.get_objects({Attribute.ID: object_id}):
             raise Conflict(f"object id {object_id.hex()} is taken")
+        wrap_key = None
+        if backup:
+            wrap_key = self._wrap_key(WRAP_KEY_LABEL)
+            if wrap_key is None:
+                raise InvalidArgument(
+                    "backup needs a wrap key on the token: "
+                    "run 'signd wrap-key create' (or import) first"
+                )
         common: dict[str, Any] = {
             "store": True,
             "label": label,
             "id": object_id,
             "public_template": _PUBLIC_TEMPLATE,
-            "private_template": _PRIVATE_TEMPLATE,
+            "private_template": _BACKUP_PRIVATE_TEMPLATE if backup else _PRIVATE_TEMPLATE,
         }
         try:
             if kt.family is Family.RSA:
@@ -377,8 +474,145 @@ class TokenSession:
                 )
         except (p11e.MechanismInvalid, p11e.AttributeValueInvalid, p11e.DomainParamsInvalid):
             raise UnsupportedAlgorithm(f"this token cannot generate {kt.name} keys") from None
+        if wrap_key is not None:
+            try:
+                _probe_wrap(wrap_key, priv)
+            except Exception as exc:
+                self._drop_pair(pub, priv)  # a backup-able key that cannot be backed up
+                if not _cannot_wrap(exc):
+                    raise
+                raise UnsupportedAlgorithm(
+                    f"this token cannot back up {kt.name} keys: {_answer(exc)}"
+                ) from None
         self._private[object_id] = priv
         return _spki(pub)
+
+    def _drop_pair(self, *objects: Any) -> None:
+        """Delete a keypair just generated (best effort: it is not in any record)."""
+        for obj in objects:
+            try:
+                obj.destroy()
+            except p11e.PKCS11Error as exc:
+                log.warning(
+                    "could not delete a keypair that cannot be backed up",
+                    extra={"error": type(exc).__name__},
+                )
+
+    # The wrap key: made by the SO (``signd wrap-key``), used by the user's
+    # session to wrap backup-able keys.
+
+    def create_wrap_key(self, secret: bytes, object_id: bytes, label: str = WRAP_KEY_LABEL) -> None:
+        """Create the token's wrap key from ``secret`` (AES-256), in the SO's
+        session (``open_so``): trusted, wrap and unwrap only, sensitive and
+        never extractable, not modifiable and not copyable (a user who could
+        add ``CKA_DECRYPT`` to it, or copy it with that, could decrypt a
+        backup).
+
+        ``CKA_PRIVATE`` is false: the SO cannot create private objects
+        (SoftHSM answers ``UserNotLoggedIn``), so the key is a public object,
+        visible (not readable) without a login.  SoftHSM stores the value of a
+        public object unencrypted in its token directory (FIELD-NOTES).
+
+        Raises: InvalidArgument (not an SO session, a secret that is not 32
+        bytes, or a key labelled ``label`` exists already); UnsupportedAlgorithm
+        if the token refuses a trusted AES key; TokenError.
+        """
+        session = self._session_or_raise()
+        if not self._so:
+            raise InvalidArgument("the wrap key is created in the SO's session")
+        if len(secret) != WRAP_KEY_BYTES:
+            raise InvalidArgument(
+                f"the wrap key is {WRAP_KEY_BYTES} bytes (AES-256), not {len(secret)}"
+            )
+        for _ in session.get_objects(
+            {Attribute.CLASS: ObjectClass.SECRET_KEY, Attribute.LABEL: label}
+        ):
+            raise InvalidArgument(
+                f"the token has a key labelled {label!r} already: one wrap key a token; "
+                "delete it first if it is really to be replaced (backups made under it "
+                "then need its shares to be restored)"
+            )
+        template: dict[Attribute, Any] = {
+            Attribute.CLASS: ObjectClass.SECRET_KEY,
+            Attribute.KEY_TYPE: KeyType.AES,
+            Attribute.TOKEN: True,
+            Attribute.PRIVATE: False,
+            Attribute.LABEL: label,
+            Attribute.ID: object_id,
+            Attribute.VALUE: secret,
+            Attribute.TRUSTED: True,
+            Attribute.WRAP: True,
+            Attribute.UNWRAP: True,
+            Attribute.ENCRYPT: False,
+            Attribute.DECRYPT: False,
+            Attribute.SIGN: False,
+            Attribute.VERIFY: False,
+            Attribute.DERIVE: False,
+            Attribute.SENSITIVE: True,
+            Attribute.EXTRACTABLE: False,
+            Attribute.MODIFIABLE: False,
+            Attribute.COPYABLE: False,
+        }
+        try:
+            key = session.create_object(template)
+        except (
+            p11e.AttributeReadOnly,
+            p11e.AttributeTypeInvalid,
+            p11e.AttributeValueInvalid,
+            p11e.TemplateInconsistent,
+        ) as exc:
+            # opencryptoki 3.8: no CKA_TRUSTED (nor CKA_COPYABLE) on secret keys
+            raise UnsupportedAlgorithm(
+                "the token refused the wrap key (a trusted, non-copyable AES-256 key): "
+                f"{_answer(exc)}"
+            ) from None
+        if not key[Attribute.TRUSTED]:  # a token that ignored it: no use as a wrap key
+            key.destroy()
+            raise UnsupportedAlgorithm("the token did not keep CKA_TRUSTED on the wrap key")
+
+    def wrap_key_check(self, label: str = WRAP_KEY_LABEL) -> bool:
+        """Whether the token holds a trusted wrap key labelled ``label``."""
+        return self._wrap_key(label) is not None
+
+    def probe_wrappable(self, object_id: bytes, wrap_label: str = WRAP_KEY_LABEL) -> None:
+        """Ask the token to wrap the private key ``object_id`` with the wrap key
+        (``CKM_AES_KEY_WRAP_PAD``); the result is discarded.
+
+        Raises: InvalidArgument if there is no trusted wrap key;
+        UnsupportedAlgorithm naming the token's answer (e.g. KeyNotWrappable)
+        if it cannot wrap this key; TokenError for other failures.
+        """
+        wrap_key = self._wrap_key(wrap_label)
+        if wrap_key is None:
+            raise InvalidArgument(
+                f"the token has no trusted wrap key labelled {wrap_label!r}: "
+                "run 'signd wrap-key create' (or import) first"
+            )
+        key = self._private.get(object_id)
+        if key is None:
+            key = self._find_private(object_id)
+        try:
+            _probe_wrap(wrap_key, key)
+        except p11e.PKCS11Error as exc:
+            if not _cannot_wrap(exc):
+                raise
+            raise UnsupportedAlgorithm(
+                f"the token cannot wrap the private key {object_id.hex()}: {_answer(exc)}"
+            ) from None
+
+    def _wrap_key(self, label: str) -> Any | None:
+        """The trusted wrap key labelled ``label``, or None."""
+        session = self._session_or_raise()
+        found = list(
+            session.get_objects({Attribute.CLASS: ObjectClass.SECRET_KEY, Attribute.LABEL: label})
+        )
+        for key in found:
+            try:
+                if key[Attribute.TRUSTED] and key[Attribute.WRAP]:
+                    return key
+            except p11e.AttributeTypeInvalid:  # a token whose secret keys have no CKA_TRUSTED
+                continue
+        return None
 
     def load_metadata(self, name: str | None) -> list[MetadataBlob]:
         """The newest metadata revision of one key, or of every key."""
@@ -447,6 +681,29 @@ class TokenSession:
             if blob is not None:
                 out.append((obj, blob))
         return out
+
+
+def _cannot_wrap(exc: BaseException) -> bool:
+    """Whether ``exc`` is the token refusing to wrap a key (rather than failing):
+    one of ``_CANNOT_WRAP``, or a code python-pkcs11 does not name (such as
+    ``CKR_KEY_FUNCTION_NOT_PERMITTED`` or ``CKR_ACTION_PROHIBITED``)."""
+    return isinstance(exc, _CANNOT_WRAP) or type(exc) is p11e.PKCS11Error
+
+
+def _answer(exc: BaseException) -> str:
+    """The token's answer, for a message: the error's name (``KeyNotWrappable``),
+    or python-pkcs11's text for a code it does not name."""
+    if type(exc) is p11e.PKCS11Error and str(exc):
+        return str(exc)
+    return type(exc).__name__
+
+
+def _probe_wrap(wrap_key: Any, key: Any) -> None:
+    """Wrap ``key`` with ``wrap_key`` and discard the result.
+
+    Raises: the token's PKCS#11 error.
+    """
+    wrap_key.wrap_key(key, mechanism=WRAP_MECHANISM)
 
 
 #: Mechanism numbers from here up are the vendors' own (``CKM_VENDOR_DEFINED``).

@@ -1,0 +1,709 @@
+"""``signd wrap-key`` and backup-able keypairs (issue 15), on real SoftHSM tokens.
+
+A process sees one SoftHSM configuration (``SOFTHSM2_CONF`` is read when the
+module loads) and logs in once, so every step on a token runs in a child
+process with that token's environment: the ``signd wrap-key`` command itself,
+or this file run as a script (``python test_wrapkey.py STEP``, JSON in on
+stdin and out on stdout).  Between tokens only wrapped (encrypted) keys
+travel; no private key's value is read in clear anywhere.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import hmac
+import importlib.util
+import json
+import secrets
+import subprocess
+import sys
+import types
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pytest
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+if TYPE_CHECKING:
+    from conftest import OckTokenEnv, TokenEnv  # the root conftest.py
+
+ROOT = Path(__file__).resolve().parent.parent
+SOFTHSM_INIT = ROOT / "softhsm-init.sh"
+WRAP_LABEL = "signd-wrap"  # session.WRAP_KEY_LABEL (imported by the steps, not here)
+#: signd.shares is written alongside this module; until it is in this tree,
+#: the commands run with the stand-in below (``cli`` step).
+HAVE_SHARES = importlib.util.find_spec("signd.shares") is not None
+
+
+# --- tokens, configs and commands (the test process) ---------------------------
+
+
+def make_token(
+    token_env: TokenEnv, tmp_path_factory: pytest.TempPathFactory, label: str
+) -> TokenEnv:
+    """A fresh SoftHSM token of its own (as conftest's ``own_token`` makes one)."""
+    state = tmp_path_factory.mktemp("softhsm-wrap")
+    out = subprocess.run(
+        ["bash", str(SOFTHSM_INIT), "--state-dir", str(state), "--label", label, "--quiet"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr
+    conf = Path(out.stdout.strip().split("=", 1)[1])
+    return dataclasses.replace(token_env, state_dir=state, conf=conf, label=label)
+
+
+def config_for(token: TokenEnv) -> Path:
+    path = token.state_dir / "signd.toml"
+    path.write_text(
+        f'[token]\nmodule = "{token.module}"\nlabel = "{token.label}"\n'
+        f'pin_file = "{token.pin_file}"\n'
+    )
+    return path
+
+
+def wrap_key_cmd(
+    token: TokenEnv, *args: str, so_pin_file: Path | None = None, stdin: str = ""
+) -> subprocess.CompletedProcess[str]:
+    """``signd wrap-key ARGS --config ... --so-pin-file ...`` on ``token``."""
+    argv = [
+        "wrap-key",
+        *args,
+        "--config",
+        str(config_for(token)),
+        "--so-pin-file",
+        str(so_pin_file or token.state_dir / "so.pin"),
+    ]
+    cmd = [sys.executable, "-m", "signd"] if HAVE_SHARES else [sys.executable, __file__, "cli"]
+    return subprocess.run(
+        [*cmd, *argv],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        env=token.env(),
+        timeout=120,
+        check=False,
+    )
+
+
+def create(token: TokenEnv, shares: int = 5, threshold: int = 3) -> tuple[list[str], str]:
+    """A wrap-key ceremony on ``token``: (the shares, the check value)."""
+    out = wrap_key_cmd(token, "create", "--shares", str(shares), "--threshold", str(threshold))
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert len(lines) == shares + 1, out.stdout
+    assert lines[-1].startswith("check value: ")
+    return lines[:-1], lines[-1].removeprefix("check value: ")
+
+
+def step(token: TokenEnv, name: str, **args: Any) -> dict[str, Any]:
+    """Run the step ``name`` in a child process logged in to ``token``."""
+    args.update(module=token.module, label=token.label, pin=str(token.pin_file))
+    out = subprocess.run(
+        [sys.executable, __file__, name],
+        input=json.dumps(args),
+        capture_output=True,
+        text=True,
+        env=token.env(),
+        timeout=120,
+        check=False,
+    )
+    assert out.returncode == 0, f"step {name} failed:\n{out.stderr}"
+    result: dict[str, Any] = json.loads(out.stdout)
+    return result
+
+
+def corrupt(share: str) -> str:
+    """``share`` with one hex digit in its middle changed."""
+    chars = list(share)
+    i = len(chars) // 2
+    while chars[i] not in "0123456789abcdef":
+        i += 1
+    chars[i] = "0" if chars[i] != "0" else "1"
+    return "".join(chars)
+
+
+@pytest.fixture(scope="module")
+def backup_token(token_env: TokenEnv, tmp_path_factory: pytest.TempPathFactory) -> TokenEnv:
+    """A token of this module's own with a wrap key (a 2-of-2 ceremony)."""
+    token = make_token(token_env, tmp_path_factory, "signd-wrap-a")
+    create(token, 2, 2)
+    return token
+
+
+# --- the ceremony, and a key backed up on one token and restored on another ----
+
+
+def test_a_key_backed_up_on_one_token_signs_on_another(
+    own_token: TokenEnv, token_env: TokenEnv, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    token_b = make_token(token_env, tmp_path_factory, "signd-wrap-b")
+    shares, check = create(own_token, shares=5, threshold=3)
+    assert len(set(shares)) == 5
+    assert step(own_token, "has_wrap_key") == {"present": True}
+    assert step(token_b, "has_wrap_key") == {"present": False}
+
+    imported = wrap_key_cmd(token_b, "import", stdin="\n".join(shares[1:5:2] + shares[:1]) + "\n")
+    assert imported.returncode == 0, imported.stderr
+    assert imported.stdout == f"check value: {check}\n"
+    assert step(token_b, "has_wrap_key") == {"present": True}
+
+    made = step(own_token, "generate", key_type="ec-p256", backup=True)
+    assert "error" not in made, made
+    attrs = step(own_token, "attributes", object_id=made["object_id"])
+    assert attrs == {
+        "SENSITIVE": True,
+        "EXTRACTABLE": True,
+        "WRAP_WITH_TRUSTED": True,
+        "NEVER_EXTRACTABLE": False,
+        "SIGN": True,
+        "value": "AttributeSensitive",
+    }
+    wrapped = step(own_token, "wrap", object_id=made["object_id"], wrap_with="trusted")
+    assert "wrapped" in wrapped, wrapped
+
+    message = f"restored {uuid.uuid4()}".encode()
+    signed = step(token_b, "unwrap_sign", wrapped=wrapped["wrapped"], message=message.hex())
+    assert signed["value"] == "AttributeSensitive"  # restored, and still unreadable
+    public = serialization.load_der_public_key(bytes.fromhex(made["spki"]))
+    assert isinstance(public, ec.EllipticCurvePublicKey)
+    public.verify(bytes.fromhex(signed["signature"]), message, ec.ECDSA(hashes.SHA256()))
+
+
+def test_the_wrap_key_is_trusted_wrap_only_and_cannot_be_changed(backup_token: TokenEnv) -> None:
+    found = step(backup_token, "wrap_key_attributes")
+    assert found["attributes"] == {
+        "TRUSTED": True,
+        "WRAP": True,
+        "UNWRAP": True,
+        "ENCRYPT": False,
+        "DECRYPT": False,
+        "SIGN": False,
+        "VERIFY": False,
+        "DERIVE": False,
+        "SENSITIVE": True,
+        "EXTRACTABLE": False,
+        "PRIVATE": False,  # the SO cannot create private objects (next test)
+        "MODIFIABLE": False,
+        "COPYABLE": False,
+        "VALUE_LEN": 32,
+    }
+    assert found["value"] == "AttributeSensitive"
+    # A user who could make it a decryption key could decrypt any backup.
+    assert found["set_decrypt"] != "ok"
+    assert found["copy_with_decrypt"] != "ok"
+
+
+def test_the_so_cannot_create_a_private_object(backup_token: TokenEnv) -> None:
+    """Why the wrap key is a public object (measured: SoftHSM's C_CreateObject
+    in an SO session answers CKR_USER_NOT_LOGGED_IN for CKA_PRIVATE true)."""
+    assert step(backup_token, "so_private_object") == {"error": "UserNotLoggedIn"}
+
+
+# --- what can and cannot be wrapped --------------------------------------------
+
+
+@pytest.mark.parametrize("kt", ["ec-p256", "ec-p384", "rsa-2048"])
+def test_backup_keys_of_these_types_are_made_and_wrapped(backup_token: TokenEnv, kt: str) -> None:
+    made = step(backup_token, "generate", key_type=kt, backup=True)
+    assert "error" not in made, made
+    assert step(backup_token, "probe", object_id=made["object_id"]) == {"ok": True}
+    wrapped = step(backup_token, "wrap", object_id=made["object_id"], wrap_with="trusted")
+    assert "wrapped" in wrapped, wrapped
+
+
+def test_softhsm_cannot_back_up_ed25519_keys(backup_token: TokenEnv) -> None:
+    """SoftHSM 2.6.1's C_WrapKey has no Edwards keys (CKR_KEY_NOT_WRAPPABLE):
+    ``generate(backup=True)`` asks it, refuses, and leaves no keypair behind."""
+    made = step(backup_token, "generate", key_type="ed25519", backup=True)
+    assert made["error"] == "UnsupportedAlgorithm"
+    assert made["message"] == "this token cannot back up ed25519 keys: KeyNotWrappable"
+    assert made["left"] == 0
+
+
+def test_probe_wrappable_refuses_an_extractable_ed25519_key(backup_token: TokenEnv) -> None:
+    probed = step(backup_token, "probe_raw_ed25519")
+    assert probed["error"] == "UnsupportedAlgorithm"
+    assert probed["message"].endswith(": KeyNotWrappable")
+
+
+def test_a_key_made_without_backup_cannot_be_wrapped(backup_token: TokenEnv) -> None:
+    made = step(backup_token, "generate", key_type="ec-p256", backup=False)
+    assert "error" not in made, made
+    attrs = step(backup_token, "attributes", object_id=made["object_id"])
+    assert attrs["EXTRACTABLE"] is False
+    assert attrs["NEVER_EXTRACTABLE"] is True
+    assert attrs["WRAP_WITH_TRUSTED"] is False
+    # SoftHSM checks CKA_EXTRACTABLE first: CKR_KEY_UNEXTRACTABLE.
+    wrapped = step(backup_token, "wrap", object_id=made["object_id"], wrap_with="trusted")
+    assert wrapped == {"error": "KeyUnextractable"}
+    probed = step(backup_token, "probe", object_id=made["object_id"])
+    assert probed["error"] == "UnsupportedAlgorithm"
+    assert probed["message"].endswith(": KeyUnextractable")
+
+
+def test_an_untrusted_aes_key_cannot_wrap_a_backup_key(backup_token: TokenEnv) -> None:
+    made = step(backup_token, "generate", key_type="ec-p256", backup=True)
+    assert "error" not in made, made
+    wrapped = step(backup_token, "wrap", object_id=made["object_id"], wrap_with="untrusted")
+    assert wrapped == {"error": "KeyNotWrappable"}
+
+
+def test_backup_needs_a_wrap_key(own_token: TokenEnv) -> None:
+    made = step(own_token, "generate", key_type="ec-p256", backup=True)
+    assert made["error"] == "InvalidArgument"
+    assert made["message"] == (
+        "backup needs a wrap key on the token: run 'signd wrap-key create' (or import) first"
+    )
+    assert made["left"] == 0
+
+
+# --- refusals of the command ---------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", [0o644, 0o640])
+def test_an_so_pin_file_others_can_read_is_refused(own_token: TokenEnv, mode: int) -> None:
+    pin = own_token.state_dir / "so-open.pin"
+    pin.write_bytes((own_token.state_dir / "so.pin").read_bytes())
+    pin.chmod(mode)
+    out = wrap_key_cmd(own_token, "create", "--shares", "3", "--threshold", "2", so_pin_file=pin)
+    assert out.returncode == 2, out.stderr
+    assert f"(mode {mode:04o}); run: chmod 600" in out.stderr
+    assert out.stdout == ""
+    assert step(own_token, "has_wrap_key") == {"present": False}
+
+
+def test_a_wrong_so_pin_is_a_token_failure(own_token: TokenEnv) -> None:
+    pin = own_token.state_dir / "so-wrong.pin"
+    pin.write_text("wrong-so-pin\n")
+    pin.chmod(0o600)
+    out = wrap_key_cmd(own_token, "create", "--shares", "3", "--threshold", "2", so_pin_file=pin)
+    assert out.returncode == 1, out.stderr
+    assert "wrong SO PIN" in out.stderr
+    assert out.stdout == ""
+
+
+def test_a_second_create_is_refused(backup_token: TokenEnv) -> None:
+    out = wrap_key_cmd(backup_token, "create", "--shares", "3", "--threshold", "2")
+    assert out.returncode == 2, out.stderr
+    assert "has a key labelled 'signd-wrap' already" in out.stderr
+    assert out.stdout == ""  # no shares of a key that was not made
+
+
+def test_bad_numbers_create_nothing(own_token: TokenEnv) -> None:
+    out = wrap_key_cmd(own_token, "create", "--shares", "2", "--threshold", "3")
+    assert out.returncode == 2, out.stderr
+    assert out.stdout == ""
+    assert step(own_token, "has_wrap_key") == {"present": False}
+
+
+def test_bad_shares_are_refused_and_create_nothing(
+    own_token: TokenEnv, token_env: TokenEnv, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    shares, _ = create(own_token, shares=5, threshold=3)
+    token_b = make_token(token_env, tmp_path_factory, "signd-wrap-c")
+    for given in (
+        shares[:2],  # too few
+        [shares[0], corrupt(shares[1]), shares[2]],  # a corrupted line
+        [],  # none at all
+    ):
+        out = wrap_key_cmd(token_b, "import", stdin="\n".join(given) + "\n")
+        assert out.returncode == 2, (given, out.stderr)
+        assert out.stderr.startswith("signd wrap-key: "), out.stderr
+        assert out.stdout == ""
+        assert step(token_b, "has_wrap_key") == {"present": False}
+
+
+# --- opencryptoki's soft token (3.8.1, Debian 12) --------------------------------
+
+
+def test_opencryptoki_cannot_hold_a_wrap_key(ock_token: OckTokenEnv) -> None:
+    """Its secret keys have no CKA_TRUSTED (its private keys no
+    CKA_WRAP_WITH_TRUSTED, nothing CKA_COPYABLE) and it has no AES key wrap:
+    it wraps an extractable RSA key with CKM_AES_CBC_PAD under any AES key.
+    So it cannot hold signd's wrap key, and ``wrap-key create`` says so."""
+    out = wrap_key_cmd(ock_token, "create", "--shares", "3", "--threshold", "2")
+    assert out.returncode == 1, out.stderr
+    assert "the token refused the wrap key" in out.stderr
+    assert out.stdout == ""
+    assert step(ock_token, "ock_facts", profile="generic") == {
+        "trusted": "TemplateInconsistent",
+        "wrap_with_trusted": "AttributeTypeInvalid",
+        "AES_KEY_WRAP_PAD": "MechanismInvalid",
+        "AES_KEY_WRAP": "MechanismInvalid",
+        "AES_CBC_PAD": "ok",
+        "has_wrap_key": False,
+        "backup": "InvalidArgument",
+    }
+
+
+# --- the steps (a child process each) ------------------------------------------
+
+
+def _standin_shares() -> types.ModuleType:
+    """A stand-in for ``signd.shares`` with its API, until that module is in
+    this tree: NO secret sharing (every line carries the whole secret), only
+    the checks the tests rely on (a line checksum, the threshold, distinct
+    indexes)."""
+    from signd.errors import InvalidArgument
+
+    class ShareError(InvalidArgument):
+        pass
+
+    def check_value(secret: bytes) -> str:
+        return hmac.new(secret, b"signd wrap key check value", "sha256").hexdigest()[:16]
+
+    def _sum(body: str) -> str:
+        return hashlib.sha256(body.encode()).hexdigest()[:8]
+
+    def split(secret: bytes, threshold: int, count: int) -> list[str]:
+        if len(secret) != 32 or not 2 <= threshold <= count <= 16:
+            raise ShareError(f"cannot split into {count} shares of threshold {threshold}")
+        bodies = [f"standin-{threshold}-{i}-{secret.hex()}" for i in range(1, count + 1)]
+        return [f"{b}-{_sum(b)}" for b in bodies]
+
+    def combine(shares: Sequence[str]) -> bytes:
+        seen: dict[int, bytes] = {}
+        thresholds = set()
+        for pos, share in enumerate(shares, 1):
+            body, _, check = share.rpartition("-")
+            parts = body.split("-")
+            if len(parts) != 4 or parts[0] != "standin" or _sum(body) != check:
+                raise ShareError(f"share {pos} is malformed or corrupted")
+            thresholds.add(int(parts[1]))
+            if int(parts[2]) in seen:
+                raise ShareError(f"share {parts[2]} given twice")
+            seen[int(parts[2])] = bytes.fromhex(parts[3])
+        if len(thresholds) != 1 or len(set(seen.values())) != 1:
+            raise ShareError("the shares are of different sets")
+        (threshold,) = thresholds
+        if len(seen) < threshold:
+            raise ShareError(f"{threshold} shares are needed, {len(seen)} given")
+        return next(iter(seen.values()))
+
+    module = types.ModuleType("signd.shares")
+    module.__dict__.update(
+        ShareError=ShareError, check_value=check_value, split=split, combine=combine
+    )
+    return module
+
+
+def _main(argv: list[str]) -> int:  # pragma: no cover (runs in the children)
+    if argv[0] == "cli":
+        if importlib.util.find_spec("signd.shares") is None:
+            sys.modules["signd.shares"] = _standin_shares()
+        from signd.cli import main
+
+        return main(argv[1:])
+    args = json.loads(sys.stdin.read())
+    print(json.dumps(_STEPS[argv[0]](args)))
+    return 0
+
+
+def _session(args: dict[str, Any]) -> Any:
+    """A ``TokenSession`` logged in to the token the step is for."""
+    from signd.token.profiles import PROFILES
+    from signd.token.session import TokenSession
+
+    ts = TokenSession()
+    pin = Path(args["pin"]).read_text().rstrip("\n")
+    ts.open(args["module"], args["label"], pin, PROFILES[args.get("profile", "softhsm")])
+    return ts
+
+
+def _raw(args: dict[str, Any], login: bool = True) -> Any:
+    """A python-pkcs11 session on the step's token: logged in, or (when this
+    process is logged in already: the login is per process) without a PIN."""
+    import pkcs11
+
+    token = pkcs11.lib(args["module"]).get_token(token_label=args["label"])
+    if not login:
+        return token.open(rw=True)
+    return token.open(rw=True, user_pin=Path(args["pin"]).read_text().rstrip("\n"))
+
+
+def _error(exc: Any) -> dict[str, Any]:
+    return {"error": type(exc).__name__, "message": exc.message}
+
+
+def _objects_with_id(args: dict[str, Any], object_id: bytes) -> int:
+    from pkcs11 import Attribute
+
+    return len(list(_raw(args, login=False).get_objects({Attribute.ID: object_id})))
+
+
+def _step_generate(args: dict[str, Any]) -> dict[str, Any]:
+    from signd.errors import SigndError
+    from signd.keys.algorithms import key_type
+
+    ts = _session(args)
+    oid = secrets.token_bytes(16)
+    try:
+        spki = ts.generate(key_type(args["key_type"]), oid, "wrapkey-test", backup=args["backup"])
+    except SigndError as exc:
+        return {**_error(exc), "left": _objects_with_id(args, oid)}
+    return {"object_id": oid.hex(), "spki": spki.hex()}
+
+
+def _step_probe(args: dict[str, Any]) -> dict[str, Any]:
+    from signd.errors import SigndError
+
+    ts = _session(args)
+    try:
+        ts.probe_wrappable(bytes.fromhex(args["object_id"]))
+    except SigndError as exc:
+        return _error(exc)
+    return {"ok": True}
+
+
+def _step_has_wrap_key(args: dict[str, Any]) -> dict[str, Any]:
+    return {"present": _session(args).wrap_key_check()}
+
+
+def _private_key(session: Any, object_id: str) -> Any:
+    from pkcs11 import Attribute, ObjectClass
+
+    (key,) = session.get_objects(
+        {Attribute.CLASS: ObjectClass.PRIVATE_KEY, Attribute.ID: bytes.fromhex(object_id)}
+    )
+    return key
+
+
+def _wrap_key(session: Any) -> Any:
+    from pkcs11 import Attribute, ObjectClass
+
+    (key,) = session.get_objects(
+        {Attribute.CLASS: ObjectClass.SECRET_KEY, Attribute.LABEL: WRAP_LABEL}
+    )
+    return key
+
+
+def _value_read(key: Any, attribute: Any) -> str:
+    """What reading a secret attribute gives: the error's name, never the value."""
+    import pkcs11.exceptions as p11e
+
+    try:
+        key[attribute]
+    except p11e.PKCS11Error as exc:
+        return type(exc).__name__
+    return "readable"
+
+
+def _step_attributes(args: dict[str, Any]) -> dict[str, Any]:
+    from pkcs11 import Attribute, KeyType
+
+    key = _private_key(_raw(args), args["object_id"])
+    names = ["SENSITIVE", "EXTRACTABLE", "WRAP_WITH_TRUSTED", "NEVER_EXTRACTABLE", "SIGN"]
+    out: dict[str, Any] = {n: bool(key[Attribute[n]]) for n in names}
+    secret = Attribute.PRIVATE_EXPONENT if key.key_type == KeyType.RSA else Attribute.VALUE
+    out["value"] = _value_read(key, secret)
+    return out
+
+
+def _step_wrap(args: dict[str, Any]) -> dict[str, Any]:
+    import pkcs11.exceptions as p11e
+    from pkcs11 import Attribute, KeyType, Mechanism
+
+    session = _raw(args)
+    key = _private_key(session, args["object_id"])
+    if args["wrap_with"] == "trusted":
+        wrap_key = _wrap_key(session)
+    else:
+        wrap_key = session.generate_key(
+            KeyType.AES,
+            256,
+            label="untrusted",
+            template={Attribute.WRAP: True, Attribute.UNWRAP: True, Attribute.TOKEN: False},
+        )
+        assert not wrap_key[Attribute.TRUSTED]
+    try:
+        wrapped = wrap_key.wrap_key(key, mechanism=Mechanism.AES_KEY_WRAP_PAD)
+    except p11e.PKCS11Error as exc:
+        return {"error": type(exc).__name__}
+    return {"wrapped": wrapped.hex()}
+
+
+def _step_unwrap_sign(args: dict[str, Any]) -> dict[str, Any]:
+    from pkcs11 import DEFAULT, Attribute, KeyType, Mechanism, ObjectClass
+    from pkcs11.util.ec import encode_ecdsa_signature
+
+    session = _raw(args)
+    key = _wrap_key(session).unwrap_key(
+        ObjectClass.PRIVATE_KEY,
+        KeyType.EC,
+        bytes.fromhex(args["wrapped"]),
+        id=secrets.token_bytes(16),
+        label="restored",
+        mechanism=Mechanism.AES_KEY_WRAP_PAD,
+        store=True,
+        template={
+            Attribute.PRIVATE: True,
+            Attribute.SENSITIVE: True,
+            Attribute.EXTRACTABLE: True,
+            Attribute.WRAP_WITH_TRUSTED: True,
+            Attribute.SIGN: True,
+            Attribute.DERIVE: False,
+            # SoftHSM refuses these on a private key (FIELD-NOTES)
+            Attribute.ENCRYPT: DEFAULT,
+            Attribute.VERIFY: DEFAULT,
+            Attribute.WRAP: DEFAULT,
+        },
+    )
+    digest = hashlib.sha256(bytes.fromhex(args["message"])).digest()
+    raw = key.sign(digest, mechanism=Mechanism.ECDSA)
+    return {
+        "signature": encode_ecdsa_signature(raw).hex(),
+        "value": _value_read(key, Attribute.VALUE),
+    }
+
+
+def _step_wrap_key_attributes(args: dict[str, Any]) -> dict[str, Any]:
+    import pkcs11.exceptions as p11e
+    from pkcs11 import Attribute
+
+    session = _raw(args)
+    key = _wrap_key(session)
+    names = [
+        "TRUSTED", "WRAP", "UNWRAP", "ENCRYPT", "DECRYPT", "SIGN", "VERIFY", "DERIVE",
+        "SENSITIVE", "EXTRACTABLE", "PRIVATE", "MODIFIABLE", "COPYABLE",
+    ]  # fmt: skip
+    attributes: dict[str, Any] = {n: bool(key[Attribute[n]]) for n in names}
+    attributes["VALUE_LEN"] = key[Attribute.VALUE_LEN]
+    out: dict[str, Any] = {"attributes": attributes, "value": _value_read(key, Attribute.VALUE)}
+    try:
+        key[Attribute.DECRYPT] = True
+        out["set_decrypt"] = "ok"
+    except p11e.PKCS11Error as exc:
+        out["set_decrypt"] = str(exc) or type(exc).__name__
+    try:
+        key.copy({Attribute.DECRYPT: True, Attribute.TOKEN: False})
+        out["copy_with_decrypt"] = "ok"
+    except p11e.PKCS11Error as exc:
+        out["copy_with_decrypt"] = str(exc) or type(exc).__name__
+    return out
+
+
+def _step_so_private_object(args: dict[str, Any]) -> dict[str, Any]:
+    import pkcs11
+    import pkcs11.exceptions as p11e
+    from pkcs11 import Attribute, KeyType, ObjectClass
+
+    token = pkcs11.lib(args["module"]).get_token(token_label=args["label"])
+    so_pin = (Path(args["pin"]).parent / "so.pin").read_text().rstrip("\n")
+    with token.open(rw=True, so_pin=so_pin) as session:
+        try:
+            obj = session.create_object(
+                {
+                    Attribute.CLASS: ObjectClass.SECRET_KEY,
+                    Attribute.KEY_TYPE: KeyType.AES,
+                    Attribute.TOKEN: False,
+                    Attribute.PRIVATE: True,
+                    Attribute.VALUE: secrets.token_bytes(32),
+                }
+            )
+        except p11e.PKCS11Error as exc:
+            return {"error": type(exc).__name__}
+        obj.destroy()
+        return {"error": None}
+
+
+def _step_probe_raw_ed25519(args: dict[str, Any]) -> dict[str, Any]:
+    """An extractable, wrap-with-trusted Ed25519 key made here (``generate``
+    would not keep one), then ``probe_wrappable`` on it."""
+    from pkcs11 import Attribute, KeyType, Mechanism
+
+    from signd.errors import SigndError
+    from signd.token.profiles import ED25519_STRING
+
+    ts = _session(args)
+    session = _raw(args, login=False)
+    oid = secrets.token_bytes(16)
+    params = session.create_domain_parameters(
+        KeyType.EC_EDWARDS, {Attribute.EC_PARAMS: ED25519_STRING}, local=True
+    )
+    params.generate_keypair(
+        mechanism=Mechanism.EC_EDWARDS_KEY_PAIR_GEN,
+        store=True,
+        id=oid,
+        private_template={
+            Attribute.SENSITIVE: True,
+            Attribute.EXTRACTABLE: True,
+            Attribute.WRAP_WITH_TRUSTED: True,
+        },
+    )
+    try:
+        ts.probe_wrappable(oid)
+    except SigndError as exc:
+        return _error(exc)
+    return {"ok": True}
+
+
+def _step_ock_facts(args: dict[str, Any]) -> dict[str, Any]:
+    import pkcs11.exceptions as p11e
+    from pkcs11 import Attribute, KeyType, Mechanism, ObjectClass
+
+    from signd.errors import SigndError
+    from signd.keys.algorithms import key_type
+
+    def answer(call: Any) -> str:
+        try:
+            call()
+        except (p11e.PKCS11Error, SigndError) as exc:
+            return type(exc).__name__
+        return "ok"
+
+    ts = _session(args)
+    session = _raw(args, login=False)
+    aes = {
+        Attribute.CLASS: ObjectClass.SECRET_KEY,
+        Attribute.KEY_TYPE: KeyType.AES,
+        Attribute.TOKEN: False,
+        Attribute.VALUE: secrets.token_bytes(32),
+        Attribute.WRAP: True,
+    }
+    out = {"trusted": answer(lambda: session.create_object({**aes, Attribute.TRUSTED: True}))}
+    extractable = {Attribute.SENSITIVE: True, Attribute.EXTRACTABLE: True}
+    out["wrap_with_trusted"] = answer(
+        lambda: session.generate_keypair(
+            KeyType.RSA,
+            2048,
+            private_template={**extractable, Attribute.WRAP_WITH_TRUSTED: True},
+        )
+    )
+    wrap_key = session.create_object(aes)
+    _, key = session.generate_keypair(KeyType.RSA, 2048, private_template=extractable)
+    for mech, param in [
+        (Mechanism.AES_KEY_WRAP_PAD, None),
+        (Mechanism.AES_KEY_WRAP, None),
+        (Mechanism.AES_CBC_PAD, bytes(16)),
+    ]:
+        out[mech.name] = answer(
+            lambda m=mech, p=param: wrap_key.wrap_key(key, mechanism=m, mechanism_param=p)
+        )
+    out["has_wrap_key"] = ts.wrap_key_check()
+    oid = secrets.token_bytes(16)
+    out["backup"] = answer(lambda: ts.generate(key_type("rsa-2048"), oid, "ock", backup=True))
+    return out
+
+
+_STEPS = {
+    "generate": _step_generate,
+    "probe": _step_probe,
+    "has_wrap_key": _step_has_wrap_key,
+    "attributes": _step_attributes,
+    "wrap": _step_wrap,
+    "unwrap_sign": _step_unwrap_sign,
+    "wrap_key_attributes": _step_wrap_key_attributes,
+    "so_private_object": _step_so_private_object,
+    "probe_raw_ed25519": _step_probe_raw_ed25519,
+    "ock_facts": _step_ock_facts,
+}
+
+
+if __name__ == "__main__":
+    sys.exit(_main(sys.argv[1:]))
