@@ -30,7 +30,15 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa,
 from signd.access.policy import Policy, Principal
 from signd.access.ratelimit import RateLimiter
 from signd.config import load_config
-from signd.errors import Busy, Conflict, InvalidArgument, TokenError, TokenUnavailable, WireError
+from signd.errors import (
+    Busy,
+    Conflict,
+    InvalidArgument,
+    TokenError,
+    TokenUnavailable,
+    UnsupportedAlgorithm,
+    WireError,
+)
 from signd.keys import algorithms
 from signd.keys.records import KeyRecord, KeySettings
 from signd.metrics import Metrics
@@ -148,6 +156,11 @@ class FakePool:
         self.fail_next: dict[str, WireError] = {}
         #: jobs answered, sign and verify
         self.jobs_done = 0
+        #: the token holds a wrap key; key types it cannot wrap (SoftHSM 2.6.1: Ed25519)
+        self.wrap_key = True
+        self.unwrappable: set[str] = {"ed25519"}
+        #: keypairs made exportable under the wrap key
+        self.backup_ids: set[bytes] = set()
         self._queue: deque[tuple[object, Entry]] = deque()
         self._inflight = 0
         self._wake = trio.Event()
@@ -216,11 +229,21 @@ class FakePool:
             count += 1
         return count
 
-    async def generate(self, key_type: str, object_id: bytes, label: str) -> bytes:
-        """Raises: Conflict if ``object_id`` is taken (the caller draws another)."""
+    async def generate(
+        self, key_type: str, object_id: bytes, label: str, backup: bool = False
+    ) -> bytes:
+        """Raises: Conflict if ``object_id`` is taken (the caller draws another);
+        with ``backup``, as the real worker does: InvalidArgument without a wrap
+        key, UnsupportedAlgorithm for a type in ``unwrappable``."""
         await self._rare("generate", key_type)
         if object_id in self.pairs:
             raise Conflict(f"object id {object_id.hex()} is taken")
+        if backup and not self.wrap_key:
+            raise InvalidArgument("backup needs a wrap key on the token")
+        if backup and key_type in self.unwrappable:
+            raise UnsupportedAlgorithm(f"this token cannot back up {key_type} keys")
+        if backup:
+            self.backup_ids.add(object_id)
         private = _generate(key_type)
         spki = private.public_key().public_bytes(
             serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo

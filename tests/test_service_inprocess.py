@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -20,6 +21,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa,
 
 from fakes import FAKE_INFO, FakePool, open_harness, principal
 from signd.audit.log import AUDIT_KEY
+from signd.config import ConfigError, load_config
 from signd.errors import (
     Busy,
     Conflict,
@@ -381,3 +383,68 @@ async def test_a_record_naming_a_deleted_keypair_is_a_token_error(autojump_clock
             await c.call("rotate", RotateArgs(key="r"))
         assert h.pool.records["r"] == before
         assert (await c.call("sign", SignArgs(key="other", message=MESSAGE))).version == 1
+
+
+async def test_a_backup_key_is_made_exportable_under_the_wrap_key_version_after_version(
+    autojump_clock: Any,
+) -> None:
+    async with open_harness() as h:
+        c = h.connect(ROOT)
+        made = await c.call("create_key", CreateKeyArgs(key="b", type="ec-p256", backup=True))
+        assert made.backup is True
+        rotated = await c.call("rotate", RotateArgs(key="b"))
+        assert rotated.backup is True
+        record = h.pool.record("b")
+        assert record.settings.backup
+        assert {v.object_id for v in record.versions} <= h.pool.backup_ids
+        # update_key has no say in it
+        updated = await c.call("update_key", UpdateKeyArgs(key="b", verify_grace=5.0))
+        assert updated.backup is True
+        # a key made without it: nothing exportable, and its record is as before backups
+        plain = await c.call("create_key", CreateKeyArgs(key="p", type="ec-p256"))
+        assert plain.backup is None
+        assert not ({v.object_id for v in h.pool.record("p").versions} & h.pool.backup_ids)
+        assert b"backup" not in h.pool.records["p"][1]
+
+
+async def test_backup_is_refused_without_a_wrap_key_or_for_a_type_the_token_cannot_wrap(
+    autojump_clock: Any,
+) -> None:
+    async with open_harness() as h:
+        c = h.connect(ROOT)
+        with pytest.raises(UnsupportedAlgorithm, match="cannot back up ed25519"):
+            await c.call("create_key", CreateKeyArgs(key="e", type="ed25519", backup=True))
+        h.pool.wrap_key = False
+        with pytest.raises(InvalidArgument, match="wrap key"):
+            await c.call("create_key", CreateKeyArgs(key="n", type="ec-p256", backup=True))
+        assert "e" not in h.pool.records
+        assert "n" not in h.pool.records
+        # without backup the same token makes both
+        await c.call("create_key", CreateKeyArgs(key="e", type="ed25519"))
+
+
+async def test_the_daemons_backup_default_applies_unless_the_request_says(
+    autojump_clock: Any,
+) -> None:
+    async with open_harness(default_backup=True) as h:
+        c = h.connect(ROOT)
+        assert (await c.call("create_key", CreateKeyArgs(key="d", type="ec-p256"))).backup
+        off = await c.call("create_key", CreateKeyArgs(key="o", type="ec-p256", backup=False))
+        assert off.backup is None
+
+
+@pytest.mark.parametrize(("line", "expected"), [("", False), ("backup = true", True)])
+def test_the_backup_default_comes_from_the_keys_table(
+    tmp_path: Path, line: str, expected: bool
+) -> None:
+    (tmp_path / "pin").write_text("1234\n")
+    (tmp_path / "pin").chmod(0o600)
+    path = tmp_path / "signd.toml"
+    path.write_text(
+        f'[token]\nmodule = "/x.so"\nlabel = "t"\npin_file = "{tmp_path}/pin"\n[keys]\n{line}\n'
+    )
+    assert load_config(str(path)).keys.backup is expected
+    path.write_text(path.read_text().replace("= true", '= "yes"'))
+    if line:
+        with pytest.raises(ConfigError, match=r"keys\.backup"):
+            load_config(str(path))

@@ -12,15 +12,12 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import hmac
-import importlib.util
 import json
 import secrets
 import subprocess
 import sys
-import types
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -28,15 +25,14 @@ import pytest
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from signd.errors import InvalidArgument, KeyNotFound, UnsupportedAlgorithm
+
 if TYPE_CHECKING:
-    from conftest import OckTokenEnv, TokenEnv  # the root conftest.py
+    from conftest import Daemon, OckTokenEnv, TokenEnv  # the root conftest.py
 
 ROOT = Path(__file__).resolve().parent.parent
 SOFTHSM_INIT = ROOT / "softhsm-init.sh"
 WRAP_LABEL = "signd-wrap"  # session.WRAP_KEY_LABEL (imported by the steps, not here)
-#: signd.shares is written alongside this module; until it is in this tree,
-#: the commands run with the stand-in below (``cli`` step).
-HAVE_SHARES = importlib.util.find_spec("signd.shares") is not None
 
 
 # --- tokens, configs and commands (the test process) ---------------------------
@@ -79,7 +75,7 @@ def wrap_key_cmd(
         "--so-pin-file",
         str(so_pin_file or token.state_dir / "so.pin"),
     ]
-    cmd = [sys.executable, "-m", "signd"] if HAVE_SHARES else [sys.executable, __file__, "cli"]
+    cmd = [sys.executable, "-m", "signd"]
     return subprocess.run(
         [*cmd, *argv],
         input=stdin,
@@ -134,6 +130,45 @@ def backup_token(token_env: TokenEnv, tmp_path_factory: pytest.TempPathFactory) 
     token = make_token(token_env, tmp_path_factory, "signd-wrap-a")
     create(token, 2, 2)
     return token
+
+
+# --- the daemon: create_key with backup --------------------------------------
+
+
+def test_the_daemon_makes_backup_keys_through_its_socket(
+    backup_token: TokenEnv, make_daemon: Callable[..., Daemon], key_name: str
+) -> None:
+    """create_key ``backup``: answered in key_info, kept by rotation, made
+    extractable only under the wrap key; a type the token cannot wrap is
+    refused and leaves no key behind."""
+    d = make_daemon(token=backup_token)
+    with d.client() as c:
+        info = c.create_key(key_name, "ec-p256", backup=True)
+        assert info.backup is True
+        assert c.rotate(key_name).backup is True
+        assert c.create_key(key_name + "-plain", "ec-p256").backup is None
+        with pytest.raises(UnsupportedAlgorithm, match="cannot back up ed25519"):
+            c.create_key(key_name + "-ed", "ed25519", backup=True)
+        with pytest.raises(KeyNotFound):
+            c.key_info(key_name + "-ed")
+    assert d.stop() == 0
+    # On the token: both versions' private keys wrap under the trusted key,
+    # the plain key's does not.
+    ids = step(backup_token, "wrappable_by_label", prefix=key_name + "/")
+    assert ids == {"wrapped": [f"{key_name}/v1", f"{key_name}/v2"], "refused": []}
+    plain = step(backup_token, "wrappable_by_label", prefix=key_name + "-plain/")
+    assert plain == {"wrapped": [], "refused": [f"{key_name}-plain/v1"]}
+
+
+def test_the_daemon_refuses_backup_without_a_wrap_key(
+    make_daemon: Callable[..., Daemon], own_token: TokenEnv, key_name: str
+) -> None:
+    d = make_daemon(token=own_token)
+    with d.client() as c:
+        with pytest.raises(InvalidArgument, match="wrap key"):
+            c.create_key(key_name, "ec-p256", backup=True)
+        with pytest.raises(KeyNotFound):
+            c.key_info(key_name)
 
 
 # --- the ceremony, and a key backed up on one token and restored on another ----
@@ -345,61 +380,7 @@ def test_opencryptoki_cannot_hold_a_wrap_key(ock_token: OckTokenEnv) -> None:
 # --- the steps (a child process each) ------------------------------------------
 
 
-def _standin_shares() -> types.ModuleType:
-    """A stand-in for ``signd.shares`` with its API, until that module is in
-    this tree: NO secret sharing (every line carries the whole secret), only
-    the checks the tests rely on (a line checksum, the threshold, distinct
-    indexes)."""
-    from signd.errors import InvalidArgument
-
-    class ShareError(InvalidArgument):
-        pass
-
-    def check_value(secret: bytes) -> str:
-        return hmac.new(secret, b"signd wrap key check value", "sha256").hexdigest()[:16]
-
-    def _sum(body: str) -> str:
-        return hashlib.sha256(body.encode()).hexdigest()[:8]
-
-    def split(secret: bytes, threshold: int, count: int) -> list[str]:
-        if len(secret) != 32 or not 2 <= threshold <= count <= 16:
-            raise ShareError(f"cannot split into {count} shares of threshold {threshold}")
-        bodies = [f"standin-{threshold}-{i}-{secret.hex()}" for i in range(1, count + 1)]
-        return [f"{b}-{_sum(b)}" for b in bodies]
-
-    def combine(shares: Sequence[str]) -> bytes:
-        seen: dict[int, bytes] = {}
-        thresholds = set()
-        for pos, share in enumerate(shares, 1):
-            body, _, check = share.rpartition("-")
-            parts = body.split("-")
-            if len(parts) != 4 or parts[0] != "standin" or _sum(body) != check:
-                raise ShareError(f"share {pos} is malformed or corrupted")
-            thresholds.add(int(parts[1]))
-            if int(parts[2]) in seen:
-                raise ShareError(f"share {parts[2]} given twice")
-            seen[int(parts[2])] = bytes.fromhex(parts[3])
-        if len(thresholds) != 1 or len(set(seen.values())) != 1:
-            raise ShareError("the shares are of different sets")
-        (threshold,) = thresholds
-        if len(seen) < threshold:
-            raise ShareError(f"{threshold} shares are needed, {len(seen)} given")
-        return next(iter(seen.values()))
-
-    module = types.ModuleType("signd.shares")
-    module.__dict__.update(
-        ShareError=ShareError, check_value=check_value, split=split, combine=combine
-    )
-    return module
-
-
 def _main(argv: list[str]) -> int:  # pragma: no cover (runs in the children)
-    if argv[0] == "cli":
-        if importlib.util.find_spec("signd.shares") is None:
-            sys.modules["signd.shares"] = _standin_shares()
-        from signd.cli import main
-
-        return main(argv[1:])
     args = json.loads(sys.stdin.read())
     print(json.dumps(_STEPS[argv[0]](args)))
     return 0
@@ -492,6 +473,26 @@ def _value_read(key: Any, attribute: Any) -> str:
     except p11e.PKCS11Error as exc:
         return type(exc).__name__
     return "readable"
+
+
+def _step_wrappable_by_label(args: dict[str, Any]) -> dict[str, Any]:
+    """Wrap each private key labelled ``prefix...`` under the wrap key: which could be."""
+    import pkcs11
+    from pkcs11 import Attribute, Mechanism, ObjectClass
+
+    session = _raw(args)
+    wrap = _wrap_key(session)
+    wrapped, refused = [], []
+    for key in session.get_objects({Attribute.CLASS: ObjectClass.PRIVATE_KEY}):
+        label = key[Attribute.LABEL]
+        if not label.startswith(args["prefix"]):
+            continue
+        try:
+            wrap.wrap_key(key, mechanism=Mechanism.AES_KEY_WRAP_PAD)
+            wrapped.append(label)
+        except pkcs11.exceptions.PKCS11Error:
+            refused.append(label)
+    return {"wrapped": sorted(wrapped), "refused": sorted(refused)}
 
 
 def _step_attributes(args: dict[str, Any]) -> dict[str, Any]:
@@ -702,6 +703,7 @@ _STEPS = {
     "so_private_object": _step_so_private_object,
     "probe_raw_ed25519": _step_probe_raw_ed25519,
     "ock_facts": _step_ock_facts,
+    "wrappable_by_label": _step_wrappable_by_label,
 }
 
 

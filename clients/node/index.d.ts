@@ -42,6 +42,8 @@ export interface KeySettings {
 export interface CreateKeyOptions extends KeySettings {
   /** 1 to 128 printable ASCII characters; the client makes one up per call when absent. */
   idempotency_key?: string;
+  /** Its private keys may be exported wrapped under the token's wrap key; absent: the daemon's default. */
+  backup?: boolean;
 }
 
 export interface UpdateKeyOptions extends KeySettings {
@@ -104,6 +106,8 @@ export interface KeyInfo {
   created_version?: number;
   /** Most versions not destroyed the key may hold (its own or the daemon's default). */
   max_versions?: number;
+  /** true: its private keys can be exported wrapped under the token's wrap key (backup). */
+  backup?: boolean;
 }
 
 export interface KeySummary {

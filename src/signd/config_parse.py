@@ -256,6 +256,7 @@ def parse(doc: Mapping[str, Any], path: str | None, base: Path) -> Config:
         max_versions_limit=ks.take(
             "max_versions_limit", int, dk.max_versions_limit, _between(1, 100_000)
         ),
+        backup=ks.take("backup", bool, dk.backup),
     )
     ks.done()
     if keys.default_max_versions > keys.max_versions_limit:

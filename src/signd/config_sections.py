@@ -184,6 +184,9 @@ class KeysConfig:
     default_max_versions: int = 100
     #: highest ``max_versions`` a key may be given (and held to)
     max_versions_limit: int = 1000
+    #: a new key is made backup-able (exportable wrapped under the token's wrap
+    #: key) unless its create_key says otherwise
+    backup: bool = False
 
 
 @dataclass(frozen=True, slots=True)

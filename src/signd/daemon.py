@@ -150,6 +150,7 @@ async def _serve(
         sync_interval=cfg.keys.sync_interval,
         default_max_versions=cfg.keys.default_max_versions,
         max_versions_limit=cfg.keys.max_versions_limit,
+        default_backup=cfg.keys.backup,
         on_auto_rotate=None if audit is None else functools.partial(_audit_auto_rotation, audit),
         on_auto_prune=None if audit is None else functools.partial(_audit_auto_prune, audit),
         audit_head=None if head is None else lambda: head.head,

@@ -187,7 +187,7 @@ def create(cfg: TokenConfig, so_pin: str, count: int, threshold: int, out: TextI
     """
     # signd.shares is written alongside; imported here so that the rest of
     # signd never depends on it.
-    from .shares import (  # type: ignore[import-not-found, unused-ignore]
+    from .shares import (
         check_value,
         combine,
         split,
@@ -212,7 +212,7 @@ def import_shares(cfg: TokenConfig, so_pin: str, stdin: TextIO, err: TextIO) -> 
     Raises: InvalidArgument (ShareError: bad, too few or mixed shares; a wrap
     key exists); TokenError, TokenUnavailable, UnsupportedAlgorithm.
     """
-    from .shares import (  # type: ignore[import-not-found, unused-ignore]
+    from .shares import (
         check_value,
         combine,
     )

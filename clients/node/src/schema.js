@@ -23,6 +23,7 @@ export const ARGS = {
     ["deletion_allowed", "bool", false],
     ["idempotency_key", "str", false],
     ["max_versions", "int", false],
+    ["backup", "bool", false],
   ],
   list_keys: [],
   key_info: [KEY],
@@ -97,6 +98,7 @@ const KEY_INFO = [
   ["next_rotation", "float", false],
   ["created_version", "int", false],
   ["max_versions", "int", false],
+  ["backup", "bool", false],
 ];
 
 /** @type {Schema} */

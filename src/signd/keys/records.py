@@ -146,6 +146,9 @@ class KeySettings:
     deletion_allowed: bool = False
     #: most versions not destroyed; 0: the daemon's ``[keys] default_max_versions``
     max_versions: int = 0
+    #: every version's private key is made exportable wrapped under the token's
+    #: trusted wrap key (and under nothing else); fixed when the key is created
+    backup: bool = False
 
     def to_json(self) -> dict[str, Any]:
         doc: dict[str, Any] = {
@@ -159,6 +162,8 @@ class KeySettings:
         # it is byte for byte what signd wrote before retention existed.
         if self.max_versions:
             doc["max_versions"] = self.max_versions
+        if self.backup:  # likewise: records of keys without backup are unchanged
+            doc["backup"] = True
         return doc
 
     def version_cap(self, default: int, limit: int) -> int:
@@ -177,6 +182,7 @@ class KeySettings:
             min_verify_version=int(doc.get("min_verify_version", 0)),
             deletion_allowed=bool(doc.get("deletion_allowed", False)),
             max_versions=int(doc.get("max_versions", 0)),
+            backup=doc.get("backup", False) is True,
         )
         if not (
             0 <= s.auto_rotate_period <= MAX_DURATION

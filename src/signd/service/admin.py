@@ -217,7 +217,7 @@ class Admin(Lookups):
         name = check_key_name(args.key)
         kt = algorithms.key_type(args.type)
         self.profile.check_key_name(name)
-        settings = request_settings(args, KeySettings()).check(
+        settings = request_settings(args, KeySettings(backup=self.default_backup)).check(
             1, self.min_rotate_period, self.max_versions_limit
         )
         blobs = await self.token.load_metadata(name)
@@ -233,7 +233,7 @@ class Admin(Lookups):
                         raise _Replay(record, made.version)
             await self._refresh(name)
             raise KeyExists(f"a key named {name!r} already exists")
-        object_id, spki = await self._generate(kt, name, 1)
+        object_id, spki = await self._generate(kt, name, 1, settings.backup)
         record = KeyRecord.new(name, kt, self._clock(), object_id, settings, idempotency)
         await self._write_new_version(record, object_id)
         key = load_key(record, {object_id: spki}, self._clock(), self._cap(record))
@@ -251,7 +251,9 @@ class Admin(Lookups):
         # with none is refused before a keypair is made for it.
         prune = record.room_for_one_more(self._clock(), self._cap(record))
         # The new version exists on the token before any record points to it.
-        object_id, _ = await self._generate(kt, record.name, record.next_version)
+        object_id, _ = await self._generate(
+            kt, record.name, record.next_version, record.settings.backup
+        )
         record = record.rotated(self._clock(), object_id, idempotency, prune)
         await self._write_new_version(record, object_id)
         # Loading a record that says destroyed deletes the private keys, or
@@ -263,11 +265,17 @@ class Admin(Lookups):
             log.info("retired versions pruned", extra={"key": record.name, "versions": prune})
         return key
 
-    async def _generate(self, kt: KeyType, name: str, version: int) -> tuple[bytes, bytes]:
+    async def _generate(
+        self, kt: KeyType, name: str, version: int, backup: bool = False
+    ) -> tuple[bytes, bytes]:
         """A new keypair for ``name`` version ``version``: its CKA_ID and SPKI DER.
 
-        Raises: UnsupportedAlgorithm (the token cannot make ``kt``),
-        InvalidArgument (the label does not fit the token).
+        ``backup``: its private key is exportable wrapped under the token's
+        wrap key; the token is asked whether it can wrap it (a test wrap).
+
+        Raises: UnsupportedAlgorithm (the token cannot make ``kt``, or not
+        back it up), InvalidArgument (the label does not fit the token; or
+        ``backup`` and the token has no wrap key).
         """
         info = self.token.info
         if info is not None and info.key_types.get(kt.name) is not None:
@@ -280,11 +288,11 @@ class Admin(Lookups):
         for _ in range(ID_DRAWS - 1):
             object_id = self.profile.new_object_id()
             try:
-                return object_id, await self.token.generate(kt.name, object_id, label)
+                return object_id, await self.token.generate(kt.name, object_id, label, backup)
             except Conflict:  # the id is taken: short ids (YubiHSM: 16 bits) collide
                 continue
         object_id = self.profile.new_object_id()
-        return object_id, await self.token.generate(kt.name, object_id, label)
+        return object_id, await self.token.generate(kt.name, object_id, label, backup)
 
     async def _write_new_version(self, record: KeyRecord, object_id: bytes) -> None:
         """Write a record that adds the keypair ``object_id``.

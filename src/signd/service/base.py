@@ -65,6 +65,7 @@ class ServiceBase:
         sync_interval: float = 5.0,
         default_max_versions: int = DEFAULT_MAX_VERSIONS,
         max_versions_limit: int = MAX_VERSIONS_LIMIT,
+        default_backup: bool = False,
         on_auto_rotate: AutoRotateHook | None = None,
         on_auto_prune: AutoPruneHook | None = None,
         audit_head: Callable[[], AuditHead | None] | None = None,
@@ -85,6 +86,8 @@ class ServiceBase:
         self.min_rotate_period = min_rotate_period
         self.default_max_versions = min(default_max_versions, max_versions_limit)
         self.max_versions_limit = max_versions_limit
+        #: ``[keys] backup``: what a create_key without ``backup`` gets
+        self.default_backup = default_backup
         self.sync_interval = sync_interval
         self.on_auto_rotate = on_auto_rotate
         self.on_auto_prune = on_auto_prune

@@ -108,6 +108,7 @@ def key_info(key: LoadedKey) -> KeyInfo:
         deletion_allowed=st.deletion_allowed,
         next_rotation=r.next_rotation(),
         max_versions=key.version_cap or None,
+        backup=True if st.backup else None,  # absent: no (frames as before backups)
     )
 
 
@@ -145,6 +146,7 @@ def request_settings(args: CreateKeyArgs | UpdateKeyArgs, old: KeySettings) -> K
         min_verify_version=_pick(getattr(args, "min_verify_version", None), old.min_verify_version),
         deletion_allowed=_pick(args.deletion_allowed, old.deletion_allowed),
         max_versions=_pick(args.max_versions, old.max_versions),
+        backup=_pick(getattr(args, "backup", None), old.backup),  # create_key only
     )
 
 

@@ -325,12 +325,15 @@ class DropOlder(Call[None]):
 
 @dataclass(frozen=True, slots=True)
 class Generate(Call[bytes]):
-    """Generate a keypair; the answer is its SPKI DER."""
+    """Generate a keypair; the answer is its SPKI DER.  ``backup``: its private
+    key is exportable wrapped under the token's wrap key (the worker checks
+    that the token can wrap it, and refuses otherwise)."""
 
     OP: ClassVar[str] = "generate"
     key_type: str
     object_id: bytes
     label: str
+    backup: bool = False
 
 
 @dataclass(frozen=True, slots=True)

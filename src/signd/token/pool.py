@@ -159,8 +159,10 @@ class TokenPool:
         returns how many objects were deleted."""
         return await self._on_writer(DestroyKeys(object_id, public))
 
-    async def generate(self, key_type: str, object_id: bytes, label: str) -> bytes:
-        return await self._on_writer(Generate(key_type, object_id, label))
+    async def generate(
+        self, key_type: str, object_id: bytes, label: str, backup: bool = False
+    ) -> bytes:
+        return await self._on_writer(Generate(key_type, object_id, label, backup))
 
     async def _on_writer(self, call: Call[R]) -> R:
         writer = self._writer

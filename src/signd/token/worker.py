@@ -82,7 +82,7 @@ class Worker:
             DropCreated: lambda c: self.session.drop_created(),
             DropOlder: lambda c: self.session.drop_older(c.name, c.revision),
             Generate: lambda c: self.session.generate(
-                algorithms.key_type(c.key_type), c.object_id, c.label
+                algorithms.key_type(c.key_type), c.object_id, c.label, c.backup
             ),
             DestroyKeys: lambda c: self.session.destroy_keys(c.object_id, c.public),
             Probe: lambda c: self.session.check(),

@@ -74,9 +74,16 @@ def create_key(
     deletion_allowed: bool | None = None,
     idempotency_key: str | None = None,
     max_versions: int | None = None,
+    backup: bool | None = None,
 ) -> Call[KeyInfo]:
     """Generate a new key on the token.  ``type``: ec-p256, ec-p384, ed25519,
     rsa-2048, rsa-3072 or rsa-4096.  The settings are those of ``update_key``.
+
+    ``backup``: every version's private key is exportable wrapped under the
+    token's wrap key (and nothing else), for ``signctl backup``; fixed for the
+    key's life.  None: the daemon's ``[keys] backup`` default.  Refused with
+    InvalidArgument when the token has no wrap key, and UnsupportedAlgorithm
+    when the token cannot wrap this type (SoftHSM: Ed25519).
 
     ``idempotency_key``: sent again with the same key (and arguments), the
     call answers as the first did instead of raising KeyExists.  ``Client``
@@ -96,6 +103,7 @@ def create_key(
         deletion_allowed=deletion_allowed,
         idempotency_key=idempotency_key,
         max_versions=max_versions,
+        backup=backup,
     )
     return Call("create_key", args, KeyInfo)
 

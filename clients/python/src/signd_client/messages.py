@@ -77,6 +77,10 @@ class CreateKeyArgs(Message):
     deletion_allowed: bool | None = None
     idempotency_key: str | None = None
     max_versions: int | None = None
+    #: the private key may be exported wrapped under the token's wrap key
+    #: (``signctl backup``); fixed for the key's life.  Absent: the daemon's
+    #: ``[keys] backup`` default
+    backup: bool | None = None
 
 
 @message
@@ -221,6 +225,9 @@ class KeyInfo(Message):
     #: the most versions not destroyed the key may hold: its own setting or
     #: the daemon's default (absent from daemons before retention)
     max_versions: int | None = None
+    #: true: its private keys can be exported wrapped under the token's wrap
+    #: key, for backup; absent: they cannot
+    backup: bool | None = None
 
 
 @message

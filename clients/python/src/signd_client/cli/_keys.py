@@ -44,6 +44,22 @@ def add_parsers(add: Callable[..., argparse.ArgumentParser]) -> None:
     c.add_argument("name")
     c.add_argument("--type", required=True, choices=KEY_TYPES, help="key type")
     _settings_options(c, versions=False)
+    backup = c.add_mutually_exclusive_group()
+    backup.add_argument(
+        "--backup",
+        dest="backup",
+        action="store_const",
+        const=True,
+        help="its private keys may be exported wrapped under the token's wrap key "
+        "(signctl backup); fixed for the key's life (default: the daemon's [keys] backup)",
+    )
+    backup.add_argument(
+        "--no-backup",
+        dest="backup",
+        action="store_const",
+        const=False,
+        help="its private keys never leave the token, under any key",
+    )
     _idempotency_option(c, "create")
 
     i = add("info", help="settings, versions, their states and public keys of a key")
@@ -183,6 +199,9 @@ def _settings_lines(info: KeyInfo) -> list[str]:
         lines.append(f"deletion-allowed    {str(info.deletion_allowed).lower()}")
     if info.max_versions is not None:
         lines.append(f"max-versions        {info.max_versions}")
+    lines.append(
+        f"backup              {'yes (exportable under the wrap key)' if info.backup else 'no'}"
+    )
     return lines
 
 
@@ -209,6 +228,7 @@ def _admin(args: argparse.Namespace, client: Client) -> KeyInfo:
             args.name,
             args.type,
             idempotency_key=args.idempotency_key,
+            backup=args.backup,
             **_settings_args(args),
         )
     if cmd == "rotate":
