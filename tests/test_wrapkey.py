@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 
 from signd.errors import InvalidArgument, KeyNotFound, UnsupportedAlgorithm
 
@@ -238,6 +238,92 @@ def test_the_so_cannot_create_a_private_object(backup_token: TokenEnv) -> None:
     """Why the wrap key is a public object (measured: SoftHSM's C_CreateObject
     in an SO session answers CKR_USER_NOT_LOGGED_IN for CKA_PRIVATE true)."""
     assert step(backup_token, "so_private_object") == {"error": "UserNotLoggedIn"}
+
+
+# --- the wrap key's unwrap template ---------------------------------------------
+
+#: What each unwrap of a backup (``_step_unwrap_attempts``) is refused with, or
+#: what its caller could do with the key: with signd's unwrap template, nothing.
+REFUSED = {
+    "readable, no login": "TemplateInconsistent",
+    "sensitive but public, no login": "TemplateInconsistent",
+    "readable private, no login": "UserNotLoggedIn",  # CKA_PRIVATE alone needs a login
+    "readable": "TemplateInconsistent",
+    "not wrap-with-trusted": "TemplateInconsistent",
+    "as a readable secret key": "TemplateInconsistent",
+}
+
+
+def test_the_wrap_key_keeps_its_unwrap_template(backup_token: TokenEnv) -> None:
+    """Read back with C_GetAttributeValue (python-pkcs11 cannot read an array attribute)."""
+    assert step(backup_token, "unwrap_template") == {
+        "template": {"SENSITIVE": "01", "WRAP_WITH_TRUSTED": "01", "PRIVATE": "01"}
+    }
+
+
+def test_a_backup_unwraps_into_nothing_readable_or_usable_without_login(
+    backup_token: TokenEnv,
+) -> None:
+    """Whoever holds a backup and reaches the token: every unwrap that would
+    give a readable, re-wrappable or public key is refused, logged in or not,
+    and leaves no object."""
+    made = step(backup_token, "generate", key_type="ec-p256", backup=True)
+    assert "error" not in made, made
+    wrapped = step(backup_token, "wrap", object_id=made["object_id"], wrap_with="trusted")
+    tried = step(backup_token, "unwrap_attempts", wrapped=wrapped["wrapped"], spki=made["spki"])
+    assert tried == {"outcomes": REFUSED, "left": 0}
+
+
+def test_without_the_template_a_backup_is_an_open_book(
+    token_env: TokenEnv, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """What the template is for (measured on SoftHSM 2.6.1): a wrap key made
+    as signd made it before (trusted, no CKA_UNWRAP_TEMPLATE) unwraps a backup
+    into a key anyone reads, even without a login; into one a user wraps again
+    under an AES key whose value they know; and into a public key a session
+    with no login signs with."""
+    token = make_token(token_env, tmp_path_factory, "signd-wrap-old")
+    assert step(token, "old_wrap_key") == {"made": True}
+    assert step(token, "unwrap_template") == {"template": {}}
+    made = step(token, "generate", key_type="ec-p256", backup=True)
+    assert "error" not in made, made
+    wrapped = step(token, "wrap", object_id=made["object_id"], wrap_with="trusted")
+    tried = step(token, "unwrap_attempts", wrapped=wrapped["wrapped"], spki=made["spki"])
+    assert tried == {
+        "outcomes": {
+            "readable, no login": "readable",
+            "sensitive but public, no login": "signs",
+            "readable private, no login": "UserNotLoggedIn",
+            "readable": "readable",
+            "not wrap-with-trusted": "re-wrapped and read",
+            "as a readable secret key": "readable",
+        },
+        "left": 5,
+    }
+
+
+@pytest.mark.parametrize("kt", ["ec-p256", "ec-p384", "rsa-2048"])
+def test_a_backup_restored_as_signd_would_signs_and_can_be_backed_up_again(
+    backup_token: TokenEnv, kt: str
+) -> None:
+    """The unwrap the template allows: private, sensitive, wrap-with-trusted
+    (and extractable, sign only), stated in the unwrap's template."""
+    made = step(backup_token, "generate", key_type=kt, backup=True)
+    assert "error" not in made, made
+    wrapped = step(backup_token, "wrap", object_id=made["object_id"], wrap_with="trusted")
+    message = f"restored {uuid.uuid4()}".encode()
+    signed = step(
+        backup_token, "unwrap_sign", wrapped=wrapped["wrapped"], message=message.hex(), key_type=kt
+    )
+    assert signed["value"] == "AttributeSensitive"
+    assert signed["wrapped_again"] is True
+    public = serialization.load_der_public_key(bytes.fromhex(made["spki"]))
+    signature = bytes.fromhex(signed["signature"])
+    if isinstance(public, rsa.RSAPublicKey):
+        public.verify(signature, message, padding.PKCS1v15(), hashes.SHA256())
+    else:
+        assert isinstance(public, ec.EllipticCurvePublicKey)
+        public.verify(signature, message, ec.ECDSA(hashes.SHA256()))
 
 
 # --- what can and cannot be wrapped --------------------------------------------
@@ -530,13 +616,17 @@ def _step_wrap(args: dict[str, Any]) -> dict[str, Any]:
 
 
 def _step_unwrap_sign(args: dict[str, Any]) -> dict[str, Any]:
+    """Restore a backup as signd would (private, sensitive, extractable,
+    wrap-with-trusted, sign only), sign ``message`` (SHA-256), and wrap it again."""
     from pkcs11 import DEFAULT, Attribute, KeyType, Mechanism, ObjectClass
     from pkcs11.util.ec import encode_ecdsa_signature
 
     session = _raw(args)
-    key = _wrap_key(session).unwrap_key(
+    rsa_key = args.get("key_type", "ec-p256").startswith("rsa")
+    wrap_key = _wrap_key(session)
+    key = wrap_key.unwrap_key(
         ObjectClass.PRIVATE_KEY,
-        KeyType.EC,
+        KeyType.RSA if rsa_key else KeyType.EC,
         bytes.fromhex(args["wrapped"]),
         id=secrets.token_bytes(16),
         label="restored",
@@ -548,6 +638,8 @@ def _step_unwrap_sign(args: dict[str, Any]) -> dict[str, Any]:
             Attribute.EXTRACTABLE: True,
             Attribute.WRAP_WITH_TRUSTED: True,
             Attribute.SIGN: True,
+            Attribute.DECRYPT: False,
+            Attribute.UNWRAP: False,
             Attribute.DERIVE: False,
             # SoftHSM refuses these on a private key (FIELD-NOTES)
             Attribute.ENCRYPT: DEFAULT,
@@ -555,12 +647,159 @@ def _step_unwrap_sign(args: dict[str, Any]) -> dict[str, Any]:
             Attribute.WRAP: DEFAULT,
         },
     )
-    digest = hashlib.sha256(bytes.fromhex(args["message"])).digest()
-    raw = key.sign(digest, mechanism=Mechanism.ECDSA)
+    message = bytes.fromhex(args["message"])
+    if rsa_key:
+        signature = key.sign(message, mechanism=Mechanism.SHA256_RSA_PKCS)
+        secret = Attribute.PRIVATE_EXPONENT
+    else:
+        raw = key.sign(hashlib.sha256(message).digest(), mechanism=Mechanism.ECDSA)
+        signature = encode_ecdsa_signature(raw)
+        secret = Attribute.VALUE
+    wrap_key.wrap_key(key, mechanism=Mechanism.AES_KEY_WRAP_PAD)
     return {
-        "signature": encode_ecdsa_signature(raw).hex(),
-        "value": _value_read(key, Attribute.VALUE),
+        "signature": signature.hex(),
+        "value": _value_read(key, secret),
+        "wrapped_again": True,
     }
+
+
+def _step_unwrap_template(args: dict[str, Any]) -> dict[str, Any]:
+    """The wrap key's CKA_UNWRAP_TEMPLATE: attribute name -> value (hex)."""
+    from pkcs11 import Attribute
+
+    from signd.token.session import _read_array_attribute
+
+    key = _wrap_key(_raw(args, login=False))
+    read = _read_array_attribute(args["module"], key, Attribute.UNWRAP_TEMPLATE)
+    return {"template": {Attribute(t).name: v.hex() for t, v in read.items()}}
+
+
+def _step_old_wrap_key(args: dict[str, Any]) -> dict[str, Any]:
+    """A wrap key as signd made it before the unwrap template, by the SO."""
+    import pkcs11
+    from pkcs11 import Attribute, KeyType, ObjectClass
+
+    token = pkcs11.lib(args["module"]).get_token(token_label=args["label"])
+    so_pin = (Path(args["pin"]).parent / "so.pin").read_text().rstrip("\n")
+    with token.open(rw=True, so_pin=so_pin) as session:
+        session.create_object(
+            {
+                Attribute.CLASS: ObjectClass.SECRET_KEY,
+                Attribute.KEY_TYPE: KeyType.AES,
+                Attribute.TOKEN: True,
+                Attribute.PRIVATE: False,
+                Attribute.LABEL: WRAP_LABEL,
+                Attribute.ID: secrets.token_bytes(16),
+                Attribute.VALUE: secrets.token_bytes(32),
+                Attribute.TRUSTED: True,
+                Attribute.WRAP: True,
+                Attribute.UNWRAP: True,
+                Attribute.ENCRYPT: False,
+                Attribute.DECRYPT: False,
+                Attribute.SENSITIVE: True,
+                Attribute.EXTRACTABLE: False,
+                Attribute.MODIFIABLE: False,
+                Attribute.COPYABLE: False,
+            }
+        )
+    return {"made": True}
+
+
+#: The unwraps of a backup ``_step_unwrap_attempts`` tries: name -> (logged
+#: in, unwrapped as a secret key, template).  Each asks for an extractable
+#: token object (SoftHSM: a value is readable only if extractable, and
+#: extractable is false unless asked for).
+_ATTEMPTS: dict[str, tuple[bool, bool, dict[str, bool]]] = {
+    "readable, no login": (False, False, {"PRIVATE": False, "SENSITIVE": False}),
+    "sensitive but public, no login": (
+        False,
+        False,
+        {"PRIVATE": False, "SENSITIVE": True, "WRAP_WITH_TRUSTED": True},
+    ),
+    "readable private, no login": (False, False, {"PRIVATE": True, "SENSITIVE": False}),
+    "readable": (True, False, {"SENSITIVE": False, "WRAP_WITH_TRUSTED": True}),
+    "not wrap-with-trusted": (True, False, {"SENSITIVE": True, "WRAP_WITH_TRUSTED": False}),
+    "as a readable secret key": (True, True, {"SENSITIVE": False, "WRAP_WITH_TRUSTED": True}),
+}
+
+
+def _step_unwrap_attempts(args: dict[str, Any]) -> dict[str, Any]:
+    """Unwrap the backup ``wrapped`` (an EC key whose SPKI is ``spki``) as
+    each of ``_ATTEMPTS``, first without a login, then logged in; each
+    outcome is the token's refusal, or the worst the caller can do with the
+    key: read it, wrap it under a key of their own and read it, or sign.
+    ``left``: how many of the attempts left an object on the token."""
+    import pkcs11.exceptions as p11e
+    from asn1crypto import keys as asn1_keys  # type: ignore[import-untyped]  # python-pkcs11 needs it
+    from cryptography.hazmat.primitives import keywrap
+    from pkcs11 import DEFAULT, Attribute, KeyType, Mechanism, ObjectClass
+
+    wrapped, spki = bytes.fromhex(args["wrapped"]), bytes.fromhex(args["spki"])
+    own_value = secrets.token_bytes(32)  # an AES key the caller knows
+    no_login = _raw(args, login=False)  # before this process logs in
+    own = no_login.create_object(
+        {
+            Attribute.CLASS: ObjectClass.SECRET_KEY,
+            Attribute.KEY_TYPE: KeyType.AES,
+            Attribute.TOKEN: False,
+            Attribute.PRIVATE: False,
+            Attribute.VALUE: own_value,
+            Attribute.WRAP: True,
+        }
+    )
+
+    def worst(key: Any) -> str:
+        if _value_read(key, Attribute.VALUE) == "readable":
+            return "readable"
+        try:
+            again = own.wrap_key(key, mechanism=Mechanism.AES_KEY_WRAP_PAD)
+        except p11e.PKCS11Error:
+            pass
+        else:
+            # PKCS#8 with the curve's explicit parameters, which cryptography refuses
+            der = keywrap.aes_key_unwrap_with_padding(own_value, again)
+            info = asn1_keys.PrivateKeyInfo.load(der)
+            scalar = info["private_key"].parsed["private_key"].native
+            private = ec.derive_private_key(scalar, ec.SECP256R1())
+            public = private.public_key().public_bytes(
+                serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+            )
+            return "re-wrapped and read" if public == spki else "re-wrapped"
+        try:
+            key.sign(bytes(32), mechanism=Mechanism.ECDSA)
+        except p11e.PKCS11Error as exc:
+            return f"unusable ({type(exc).__name__})"
+        return "signs"
+
+    outcomes, ids = {}, []
+    session = no_login
+    for name, (login, as_secret, attrs) in _ATTEMPTS.items():
+        if login and session is no_login:
+            session = _raw(args)
+        template: dict[Any, Any] = {Attribute[a]: v for a, v in attrs.items()}
+        template[Attribute.EXTRACTABLE] = True
+        if not as_secret:  # SoftHSM refuses these on a private key (FIELD-NOTES)
+            template.update({a: DEFAULT for a in (Attribute.ENCRYPT, Attribute.VERIFY)})
+            template[Attribute.WRAP] = DEFAULT
+        ids.append(secrets.token_bytes(16))
+        wrap_key = _wrap_key(session)
+        try:
+            key = wrap_key.unwrap_key(
+                ObjectClass.SECRET_KEY if as_secret else ObjectClass.PRIVATE_KEY,
+                KeyType.GENERIC_SECRET if as_secret else KeyType.EC,
+                wrapped,
+                id=ids[-1],
+                label="attempt",
+                mechanism=Mechanism.AES_KEY_WRAP_PAD,
+                store=True,
+                template=template,
+            )
+        except p11e.PKCS11Error as exc:
+            outcomes[name] = type(exc).__name__
+            continue
+        outcomes[name] = worst(key)
+    left = sum(1 for oid in ids for _ in session.get_objects({Attribute.ID: oid}))
+    return {"outcomes": outcomes, "left": left}
 
 
 def _step_wrap_key_attributes(args: dict[str, Any]) -> dict[str, Any]:
@@ -699,6 +938,9 @@ _STEPS = {
     "attributes": _step_attributes,
     "wrap": _step_wrap,
     "unwrap_sign": _step_unwrap_sign,
+    "unwrap_template": _step_unwrap_template,
+    "old_wrap_key": _step_old_wrap_key,
+    "unwrap_attempts": _step_unwrap_attempts,
     "wrap_key_attributes": _step_wrap_key_attributes,
     "so_private_object": _step_so_private_object,
     "probe_raw_ed25519": _step_probe_raw_ed25519,

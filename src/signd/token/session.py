@@ -28,13 +28,16 @@ is sensitive but extractable, and only under a trusted key
 (``CKA_WRAP_WITH_TRUSTED``): the token wraps it with the wrap key
 (``CKM_AES_KEY_WRAP_PAD``) and with nothing else.  Whether a token can back
 up a key type is asked of the token (``probe_wrappable``), not read from a
-list.
+list.  The wrap key's unwrap template (``_UNWRAP_TEMPLATE``) makes the token
+refuse to unwrap a backup into anything but a private, sensitive key that
+only a trusted key can wrap again.
 """
 
 from __future__ import annotations
 
+import ctypes
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Final
 
 import pkcs11
@@ -42,6 +45,7 @@ import pkcs11.exceptions as p11e
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 from pkcs11 import MGF, Attribute, KeyType, Mechanism, ObjectClass
+from pkcs11.attributes import AttributeMapper
 from pkcs11.util.ec import encode_ec_public_key, encode_named_curve_parameters
 
 from ..errors import (
@@ -110,6 +114,26 @@ WRAP_KEY_LABEL: Final = "signd-wrap"
 WRAP_KEY_BYTES: Final = 32
 #: How a private key is wrapped for a backup: AES key wrap with padding (RFC 5649).
 WRAP_MECHANISM: Final = Mechanism.AES_KEY_WRAP_PAD
+#: The wrap key's CKA_UNWRAP_TEMPLATE: what every key unwrapped with it must
+#: be.  SoftHSM refuses (TemplateInconsistent) an unwrap whose template does
+#: not state each of these with this value (CKA_PRIVATE: or leaves it out, as
+#: true is its default), before it creates anything.  Each is needed:
+#:
+#: - sensitive: without it a backup unwraps into a key whose value anyone
+#:   reads, even a session with no login (measured on SoftHSM 2.6.1);
+#: - wrap-with-trusted: without it a user unwraps the backup extractable
+#:   and wraps it again under an AES key of their own, whose value they know;
+#: - private: a private object needs the user's login, so a session with no
+#:   login cannot unwrap a backup at all (it could otherwise unwrap it into a
+#:   public session key, sensitive, and sign with it).
+#:
+#: CKA_EXTRACTABLE is left free: an extractable copy is still wrapped by the
+#: trusted wrap key alone, into what the backup already is.
+_UNWRAP_TEMPLATE: Final[dict[Attribute, bool]] = {
+    Attribute.SENSITIVE: True,
+    Attribute.WRAP_WITH_TRUSTED: True,
+    Attribute.PRIVATE: True,
+}
 #: What a token answers when it cannot wrap a key: it cannot back up that type
 #: (or the wrapping key is not one it accepts).  Anything else is a token failure.
 _CANNOT_WRAP: Final = (
@@ -227,7 +251,10 @@ class TokenSession:
         self._profile = profile
         token = self._token(module_path, token_label)
         try:
-            self._session = token.open(rw=True, so_pin=so_pin)
+            # The mapper packs CKA_UNWRAP_TEMPLATE for ``create_wrap_key``.
+            self._session = token.open(
+                rw=True, so_pin=so_pin, attribute_mapper=_array_attribute_mapper()
+            )
         except (p11e.PinIncorrect, p11e.PinInvalid, p11e.PinLenRange):
             raise TokenUnavailable(
                 f"SO login to token {token_label!r} failed: wrong SO PIN"
@@ -506,7 +533,10 @@ class TokenSession:
         session (``open_so``): trusted, wrap and unwrap only, sensitive and
         never extractable, not modifiable and not copyable (a user who could
         add ``CKA_DECRYPT`` to it, or copy it with that, could decrypt a
-        backup).
+        backup), and with an unwrap template (``_UNWRAP_TEMPLATE``) that keeps
+        every key it unwraps sensitive, wrapped by trusted keys only, and
+        private.  It cannot be added later (the key is not modifiable): a wrap
+        key the token made without it is refused, and destroyed again.
 
         ``CKA_PRIVATE`` is false: the SO cannot create private objects
         (SoftHSM answers ``UserNotLoggedIn``), so the key is a public object,
@@ -515,7 +545,8 @@ class TokenSession:
 
         Raises: InvalidArgument (not an SO session, a secret that is not 32
         bytes, or a key labelled ``label`` exists already); UnsupportedAlgorithm
-        if the token refuses a trusted AES key; TokenError.
+        if the token refuses a trusted AES key or its unwrap template, or does
+        not keep either; TokenError.
         """
         session = self._session_or_raise()
         if not self._so:
@@ -552,6 +583,8 @@ class TokenSession:
             Attribute.EXTRACTABLE: False,
             Attribute.MODIFIABLE: False,
             Attribute.COPYABLE: False,
+            # Its packed CK_ATTRIBUTEs point into this object: the template keeps it alive.
+            Attribute.UNWRAP_TEMPLATE: _BoolArray(_UNWRAP_TEMPLATE),
         }
         try:
             key = session.create_object(template)
@@ -563,12 +596,25 @@ class TokenSession:
         ) as exc:
             # opencryptoki 3.8: no CKA_TRUSTED (nor CKA_COPYABLE) on secret keys
             raise UnsupportedAlgorithm(
-                "the token refused the wrap key (a trusted, non-copyable AES-256 key): "
+                "the token refused the wrap key (a trusted, non-copyable AES-256 key "
+                "whose unwrap template keeps unwrapped keys sensitive): "
                 f"{_answer(exc)}"
             ) from None
         if not key[Attribute.TRUSTED]:  # a token that ignored it: no use as a wrap key
             key.destroy()
             raise UnsupportedAlgorithm("the token did not keep CKA_TRUSTED on the wrap key")
+        try:
+            kept = _read_array_attribute(self._lib.so, key, Attribute.UNWRAP_TEMPLATE)
+            read = ", ".join(f"0x{t:x}={v.hex()}" for t, v in sorted(kept.items())) or "empty"
+        except TokenError as exc:
+            kept, read = {}, exc.message
+        if kept != _BoolArray.values(_UNWRAP_TEMPLATE):
+            # A token that dropped it: anyone could unwrap a backup into a readable key.
+            key.destroy()
+            raise UnsupportedAlgorithm(
+                "the token did not keep the wrap key's unwrap template "
+                f"(CKA_UNWRAP_TEMPLATE read back: {read})"
+            )
 
     def wrap_key_check(self, label: str = WRAP_KEY_LABEL) -> bool:
         """Whether the token holds a trusted wrap key labelled ``label``."""
@@ -704,6 +750,107 @@ def _probe_wrap(wrap_key: Any, key: Any) -> None:
     Raises: the token's PKCS#11 error.
     """
     wrap_key.wrap_key(key, mechanism=WRAP_MECHANISM)
+
+
+# Array attributes (CKA_UNWRAP_TEMPLATE): python-pkcs11 0.10.1 has no handler
+# for them, and a handler can only turn a value into bytes, which it copies.
+# An array attribute's value is an array of CK_ATTRIBUTEs whose pValue
+# pointers point at memory of their own: ``_BoolArray`` owns that memory and
+# packs the array, and the caller keeps it alive (in the template) during the
+# call.  Reading one back is worse: python-pkcs11 would hand the token an
+# *uninitialised* array, whose pointers SoftHSM writes through; so it is read
+# with C_GetAttributeValue called here (``_read_array_attribute``), never with
+# ``key[Attribute.UNWRAP_TEMPLATE]``.
+
+
+class _CKAttribute(ctypes.Structure):
+    """PKCS#11's CK_ATTRIBUTE (CK_ULONG is C's unsigned long on Unix: 24 bytes
+    on x86-64)."""
+
+    _fields_ = [
+        ("type", ctypes.c_ulong),
+        ("pValue", ctypes.c_void_p),
+        ("ulValueLen", ctypes.c_ulong),
+    ]
+    type: int
+    pValue: int | None
+    ulValueLen: int
+
+
+class _BoolArray:
+    """The value of an array attribute whose elements are CK_BBOOLs, packed
+    for python-pkcs11 (``pack``).  Its packed bytes point into this object,
+    which must outlive the call they are passed to."""
+
+    def __init__(self, template: Mapping[Attribute, bool]) -> None:
+        self._bools = [ctypes.c_ubyte(1 if value else 0) for value in template.values()]
+        self._array = (_CKAttribute * len(self._bools))(
+            *(
+                _CKAttribute(int(attr), ctypes.addressof(value), 1)
+                for attr, value in zip(template, self._bools, strict=True)
+            )
+        )
+
+    def pack(self) -> bytes:
+        return bytes(self._array)
+
+    @staticmethod
+    def values(template: Mapping[Attribute, bool]) -> dict[int, bytes]:
+        """``template`` as ``_read_array_attribute`` reads it back."""
+        return {int(attr): b"\x01" if value else b"\x00" for attr, value in template.items()}
+
+
+def _pack_bool_array(value: Any) -> bytes:
+    if not isinstance(value, _BoolArray):
+        raise TypeError(f"an array attribute takes a _BoolArray, not {type(value).__name__}")
+    return value.pack()
+
+
+def _unpack_refused(_: bytes) -> Any:
+    raise NotImplementedError("array attributes are read with _read_array_attribute")
+
+
+def _array_attribute_mapper() -> AttributeMapper:
+    """python-pkcs11's attribute mapper, able to write CKA_UNWRAP_TEMPLATE."""
+    mapper = AttributeMapper()
+    mapper.register_handler(Attribute.UNWRAP_TEMPLATE, _pack_bool_array, _unpack_refused)
+    return mapper
+
+
+#: More elements than this in an array attribute are a token's nonsense.
+_MAX_ARRAY: Final = 256
+
+
+def _read_array_attribute(module_path: str, key: Any, attribute: Attribute) -> dict[int, bytes]:
+    """The array attribute ``attribute`` of ``key``, element type -> value,
+    read with the module's own C_GetAttributeValue (the module python-pkcs11
+    loaded: dlopen gives the same instance) in three calls: the array's size,
+    its elements' types and sizes, their values.
+
+    Raises: TokenError naming the token's answer (CKR_ code).
+    """
+    get = ctypes.CDLL(module_path).C_GetAttributeValue
+    get.argtypes = [ctypes.c_ulong, ctypes.c_ulong, ctypes.POINTER(_CKAttribute), ctypes.c_ulong]
+    get.restype = ctypes.c_ulong
+    outer = _CKAttribute(int(attribute), None, 0)
+
+    def call() -> None:
+        rv = get(key.session.handle, key.handle, ctypes.byref(outer), 1)
+        if rv != 0:
+            raise TokenError(f"C_GetAttributeValue answered 0x{rv:08x}")
+
+    call()
+    count, rest = divmod(outer.ulValueLen, ctypes.sizeof(_CKAttribute))
+    if rest or count > _MAX_ARRAY:  # CK_UNAVAILABLE_INFORMATION with CKR_OK, or nonsense
+        raise TokenError(f"C_GetAttributeValue answered a size of {outer.ulValueLen}")
+    elements = (_CKAttribute * count)()
+    outer.pValue, outer.ulValueLen = ctypes.addressof(elements), ctypes.sizeof(elements)
+    call()  # every pValue NULL: the token fills in types and sizes
+    buffers = [ctypes.create_string_buffer(e.ulValueLen) for e in elements]
+    for element, buffer in zip(elements, buffers, strict=True):
+        element.pValue = ctypes.addressof(buffer)
+    call()
+    return {e.type: buffer.raw[: e.ulValueLen] for e, buffer in zip(elements, buffers, strict=True)}
 
 
 #: Mechanism numbers from here up are the vendors' own (``CKM_VENDOR_DEFINED``).
