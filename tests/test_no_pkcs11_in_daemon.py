@@ -23,7 +23,12 @@ if TYPE_CHECKING:
     from conftest import Daemon  # the root conftest.py
 
 #: The modules that run in a worker process (or are no part of the daemon).
-WORKER_SIDE = {"signd.token.session", "signd.token.worker", "signd.token.__main__"}
+WORKER_SIDE = {
+    "signd.token.session",
+    "signd.token.wrapping",
+    "signd.token.worker",
+    "signd.token.__main__",
+}
 NOT_THE_DAEMON = ("signd.bench", "signd.__main__")
 
 #: python-pkcs11's extension module, as it appears in /proc/PID/maps.

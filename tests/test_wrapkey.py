@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 
 ROOT = Path(__file__).resolve().parent.parent
 SOFTHSM_INIT = ROOT / "softhsm-init.sh"
-WRAP_LABEL = "signd-wrap"  # session.WRAP_KEY_LABEL (imported by the steps, not here)
+WRAP_LABEL = "signd-wrap"  # wrapping.WRAP_KEY_LABEL (imported by the steps, not here)
 
 
 # --- tokens, configs and commands (the test process) ---------------------------
@@ -667,7 +667,7 @@ def _step_unwrap_template(args: dict[str, Any]) -> dict[str, Any]:
     """The wrap key's CKA_UNWRAP_TEMPLATE: attribute name -> value (hex)."""
     from pkcs11 import Attribute
 
-    from signd.token.session import _read_array_attribute
+    from signd.token.wrapping import _read_array_attribute
 
     key = _wrap_key(_raw(args, login=False))
     read = _read_array_attribute(args["module"], key, Attribute.UNWRAP_TEMPLATE)

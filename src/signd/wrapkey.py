@@ -1,7 +1,7 @@
 """``signd wrap-key``: put the token's backup wrap key on it, as M-of-N shares.
 
 Backups of private keys are wrapped under one AES-256 *wrap key* a token
-(``token/session.py``: ``WRAP_KEY_LABEL``, ``CKA_TRUSTED``, which only the
+(``token/wrapping.py``: ``WRAP_KEY_LABEL``, ``CKA_TRUSTED``, which only the
 token's Security Officer can set).  The key is never kept anywhere but on
 tokens: a ceremony makes it and hands it out as shares, and the same shares
 put the same key on another token.
