@@ -82,11 +82,11 @@ class TokenEnv:
         return env
 
 
-@pytest.fixture(scope="session")
-def token_env(tmp_path_factory: pytest.TempPathFactory) -> TokenEnv:
-    state = tmp_path_factory.mktemp("softhsm")
+def make_softhsm_token(state: Path, label: str) -> Path:
+    """A new SoftHSM token labelled ``label`` in ``state`` (``softhsm-init.sh``:
+    user.pin and so.pin files there); returns its SOFTHSM2_CONF."""
     out = subprocess.run(
-        ["bash", str(SOFTHSM_INIT), "--state-dir", str(state), "--label", TOKEN_LABEL, "--quiet"],
+        ["bash", str(SOFTHSM_INIT), "--state-dir", str(state), "--label", label, "--quiet"],
         capture_output=True,
         text=True,
         check=False,
@@ -94,7 +94,13 @@ def token_env(tmp_path_factory: pytest.TempPathFactory) -> TokenEnv:
     assert out.returncode == 0, f"softhsm-init.sh failed: {out.stderr}"
     line = out.stdout.strip()
     assert line.startswith("export SOFTHSM2_CONF="), line
-    conf = Path(line.split("=", 1)[1])
+    return Path(line.split("=", 1)[1])
+
+
+@pytest.fixture(scope="session")
+def token_env(tmp_path_factory: pytest.TempPathFactory) -> TokenEnv:
+    state = tmp_path_factory.mktemp("softhsm")
+    conf = make_softhsm_token(state, TOKEN_LABEL)
     # In-process PKCS#11 readers in tests (e.g. the sensitivity check) need it too.
     os.environ["SOFTHSM2_CONF"] = str(conf)
     return TokenEnv(state, conf, TOKEN_LABEL, _softhsm_module())
@@ -410,17 +416,7 @@ def own_token(token_env: TokenEnv, tmp_path_factory: pytest.TempPathFactory) -> 
     at once, nothing they leave behind reaches the next test.
     """
     state = tmp_path_factory.mktemp("softhsm-own")
-    out = subprocess.run(
-        [
-            *("bash", str(SOFTHSM_INIT)),
-            *("--state-dir", str(state), "--label", "signd-own", "--quiet"),
-        ],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    assert out.returncode == 0, out.stderr
-    conf = Path(out.stdout.strip().split("=", 1)[1])
+    conf = make_softhsm_token(state, "signd-own")
     return dataclasses.replace(token_env, state_dir=state, conf=conf, label="signd-own")
 
 

@@ -112,9 +112,12 @@ class MemoryToken:
         self.changes.append(("destroy", object_id))
         return 1
 
-    async def generate(self, key_type: str, object_id: bytes, label: str) -> bytes:
+    async def generate(
+        self, key_type: str, object_id: bytes, label: str, backup: bool = False
+    ) -> bytes:
         await trio.sleep(0)
         assert key_type == "ec-p256"
+        assert not backup  # no wrap key here (backups: tests/fakes.py, test_wrapkey.py)
         private = ec.generate_private_key(ec.SECP256R1())
         spki = private.public_key().public_bytes(
             serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo

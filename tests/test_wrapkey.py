@@ -42,15 +42,10 @@ def make_token(
     token_env: TokenEnv, tmp_path_factory: pytest.TempPathFactory, label: str
 ) -> TokenEnv:
     """A fresh SoftHSM token of its own (as conftest's ``own_token`` makes one)."""
+    from conftest import make_softhsm_token
+
     state = tmp_path_factory.mktemp("softhsm-wrap")
-    out = subprocess.run(
-        ["bash", str(SOFTHSM_INIT), "--state-dir", str(state), "--label", label, "--quiet"],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    assert out.returncode == 0, out.stderr
-    conf = Path(out.stdout.strip().split("=", 1)[1])
+    conf = make_softhsm_token(state, label)
     return dataclasses.replace(token_env, state_dir=state, conf=conf, label=label)
 
 
