@@ -406,6 +406,21 @@ def key_name(request: pytest.FixtureRequest) -> str:
     return f"{base}-{uuid.uuid4().hex[:8]}"
 
 
+@pytest.fixture(scope="session")
+def new_softhsm_token(
+    token_env: TokenEnv, tmp_path_factory: pytest.TempPathFactory
+) -> Callable[[str], TokenEnv]:
+    """A factory of fresh SoftHSM tokens, each labelled as asked (as ``own_token``
+    makes one; same module and PIN handling)."""
+
+    def make(label: str) -> TokenEnv:
+        state = tmp_path_factory.mktemp("softhsm-" + label)
+        conf = make_softhsm_token(state, label)
+        return dataclasses.replace(token_env, state_dir=state, conf=conf, label=label)
+
+    return make
+
+
 @pytest.fixture
 def own_token(token_env: TokenEnv, tmp_path_factory: pytest.TempPathFactory) -> TokenEnv:
     """A token of this test's own (same module and PIN handling, another directory).

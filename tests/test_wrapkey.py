@@ -10,7 +10,6 @@ travel; no private key's value is read in clear anywhere.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import secrets
@@ -36,17 +35,6 @@ WRAP_LABEL = "signd-wrap"  # wrapping.WRAP_KEY_LABEL (imported by the steps, not
 
 
 # --- tokens, configs and commands (the test process) ---------------------------
-
-
-def make_token(
-    token_env: TokenEnv, tmp_path_factory: pytest.TempPathFactory, label: str
-) -> TokenEnv:
-    """A fresh SoftHSM token of its own (as conftest's ``own_token`` makes one)."""
-    from conftest import make_softhsm_token
-
-    state = tmp_path_factory.mktemp("softhsm-wrap")
-    conf = make_softhsm_token(state, label)
-    return dataclasses.replace(token_env, state_dir=state, conf=conf, label=label)
 
 
 def config_for(token: TokenEnv) -> Path:
@@ -120,9 +108,9 @@ def corrupt(share: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def backup_token(token_env: TokenEnv, tmp_path_factory: pytest.TempPathFactory) -> TokenEnv:
+def backup_token(new_softhsm_token: Callable[[str], TokenEnv]) -> TokenEnv:
     """A token of this module's own with a wrap key (a 2-of-2 ceremony)."""
-    token = make_token(token_env, tmp_path_factory, "signd-wrap-a")
+    token = new_softhsm_token("signd-wrap-a")
     create(token, 2, 2)
     return token
 
@@ -170,9 +158,9 @@ def test_the_daemon_refuses_backup_without_a_wrap_key(
 
 
 def test_a_key_backed_up_on_one_token_signs_on_another(
-    own_token: TokenEnv, token_env: TokenEnv, tmp_path_factory: pytest.TempPathFactory
+    own_token: TokenEnv, new_softhsm_token: Callable[[str], TokenEnv]
 ) -> None:
-    token_b = make_token(token_env, tmp_path_factory, "signd-wrap-b")
+    token_b = new_softhsm_token("signd-wrap-b")
     shares, check = create(own_token, shares=5, threshold=3)
     assert len(set(shares)) == 5
     assert step(own_token, "has_wrap_key") == {"present": True}
@@ -270,14 +258,14 @@ def test_a_backup_unwraps_into_nothing_readable_or_usable_without_login(
 
 
 def test_without_the_template_a_backup_is_an_open_book(
-    token_env: TokenEnv, tmp_path_factory: pytest.TempPathFactory
+    new_softhsm_token: Callable[[str], TokenEnv],
 ) -> None:
     """What the template is for (measured on SoftHSM 2.6.1): a wrap key made
     as signd made it before (trusted, no CKA_UNWRAP_TEMPLATE) unwraps a backup
     into a key anyone reads, even without a login; into one a user wraps again
     under an AES key whose value they know; and into a public key a session
     with no login signs with."""
-    token = make_token(token_env, tmp_path_factory, "signd-wrap-old")
+    token = new_softhsm_token("signd-wrap-old")
     assert step(token, "old_wrap_key") == {"made": True}
     assert step(token, "unwrap_template") == {"template": {}}
     made = step(token, "generate", key_type="ec-p256", backup=True)
@@ -419,10 +407,10 @@ def test_bad_numbers_create_nothing(own_token: TokenEnv) -> None:
 
 
 def test_bad_shares_are_refused_and_create_nothing(
-    own_token: TokenEnv, token_env: TokenEnv, tmp_path_factory: pytest.TempPathFactory
+    own_token: TokenEnv, new_softhsm_token: Callable[[str], TokenEnv]
 ) -> None:
     shares, _ = create(own_token, shares=5, threshold=3)
-    token_b = make_token(token_env, tmp_path_factory, "signd-wrap-c")
+    token_b = new_softhsm_token("signd-wrap-c")
     for given in (
         shares[:2],  # too few
         [shares[0], corrupt(shares[1]), shares[2]],  # a corrupted line
