@@ -517,6 +517,17 @@ request(
     UpdateKeyArgs(key=KEY, max_versions=10),
 )
 
+# ---- requests with backup-able keys
+
+request(
+    "create_key.request.backup",
+    "create_key for a backup-able key: every version's private key may be exported "
+    "wrapped under the token's wrap key, and under nothing else; fixed for the key's life.",
+    100,
+    "create_key",
+    CreateKeyArgs(key=KEY, type="ec-p256", backup=True),
+)
+
 # ---- results: one or more for every operation
 
 result(
@@ -966,6 +977,17 @@ result(
         **OFF,
         max_versions=10,
     ),
+)
+
+# ---- results with backup-able keys
+
+result(
+    "create_key.result.backup",
+    "the answer to create_key.request.backup: backup is true; a key made without it "
+    "answers no backup field at all.",
+    100,
+    "create_key",
+    KeyInfo(name=KEY, type="ec-p256", created=T1, current_version=1, versions=(V1,), backup=True),
 )
 
 # ---- errors: every code

@@ -40,6 +40,7 @@ class Connection:
         "audit_open",
         "audit_who",
         "charged",
+        "closed_idle",
         "decoder",
         "dirty",
         "dup_sizes",
@@ -102,6 +103,8 @@ class Connection:
         self.idle_mark: tuple[int, float] | None = None
         #: set by the idle sweeper: the reader stops, and the connection is closed
         self.idle_closed = False
+        #: it was closed for its idle time-out (counted once the socket is closed)
+        self.closed_idle = False
         #: the scope of the read waiting now, for the idle sweeper to cancel
         self.read_scope: trio.CancelScope | None = None
         self._can_read = trio.lowlevel.ParkingLot()

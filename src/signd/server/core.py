@@ -286,6 +286,7 @@ class Server:
         # raises, so no client can take the daemon or its other clients down.
         self.connections += 1
         uid: int | None = None
+        conn: Connection | None = None
         try:
             if self.connections > self.limits.max_connections:
                 await self._refuse(stream, Busy("too many connections; try again later"))
@@ -329,6 +330,14 @@ class Server:
                     del self.connections_by_uid[uid]
             with trio.CancelScope(shield=True):
                 await stream.aclose()
+            if conn is not None and conn.closed_idle:
+                # After the close, so that whoever reads the count (a test, an
+                # operator) finds the connection closed, not about to be.
+                self.metrics.limit_hit("idle_timeout")
+                log.debug(
+                    "idle connection closed",
+                    extra={"pid": conn.principal.pid, "idle_timeout": conn.limits.idle_timeout},
+                )
 
     async def _converse(self, conn: Connection) -> None:
         async with trio.open_nursery() as nursery:
@@ -339,11 +348,8 @@ class Server:
                 # Quiet, and nothing read since: no answer is owed, and no
                 # linger either, so a request that crossed the close is left
                 # unread (the client's read fails with ECONNRESET: not done).
-                self.metrics.limit_hit("idle_timeout")
-                log.debug(
-                    "idle connection closed",
-                    extra={"pid": conn.principal.pid, "idle_timeout": conn.limits.idle_timeout},
-                )
+                # Counted once the socket is closed (``_serve_connection``).
+                conn.closed_idle = True
                 nursery.cancel_scope.cancel()
                 return
             # Every answer in flight is still sent, within the drain time-out.
