@@ -197,11 +197,12 @@ class Lookups(ServiceBase):
         return key
 
     async def _read_record(self, name: str) -> KeyRecord | None:
-        """The newest record of ``name`` on the token, checked as ``_read_key`` does."""
-        key = await self._read_key(name)
+        """The newest record of ``name`` on the token, to change it: checked as
+        ``_read_key`` does, without acting on it (the write that follows loads it)."""
+        key = await self._read_key(name, finish=False)
         return key.record if key is not None else None
 
-    async def _read_key(self, name: str) -> LoadedKey | None:
+    async def _read_key(self, name: str, *, finish: bool = True) -> LoadedKey | None:
         """The newest record of ``name`` with its public keys; None if there is none.
 
         A record may name a keypair this process cannot find: another
@@ -219,16 +220,22 @@ class Lookups(ServiceBase):
                 return None
             record = KeyRecord.from_bytes(name, blobs[0].revision, blobs[0].value)
             try:
-                return await self._load(record)
+                return await self._load(record, finish=finish)
             except ValueError as exc:
                 missing = exc
         log.error("key record names keys missing on the token", extra={"key": name})
         raise TokenError(f"{missing}; see OPERATIONS.md, 'A key record names a missing keypair'")
 
     async def _load(
-        self, record: KeyRecord, public: dict[bytes, tuple[bytes, bool]] | None = None
+        self,
+        record: KeyRecord,
+        public: dict[bytes, tuple[bytes, bool]] | None = None,
+        *,
+        finish: bool = True,
     ) -> LoadedKey:
-        """The record with its public keys; finishes a destroy a crash interrupted.
+        """The record with its public keys; finishes a destroy a crash
+        interrupted, unless not ``finish`` (a record about to be changed,
+        which may be one another process is taking back).
 
         Raises: ValueError (a version's keys are missing on the token).
         """
@@ -236,7 +243,7 @@ class Lookups(ServiceBase):
             public = await self.token.public_keys([v.object_id for v in record.versions])
         for v in record.versions:
             spki, has_private = public.get(v.object_id, (None, False))
-            if v.state == DESTROYED and has_private:
+            if v.state == DESTROYED and has_private and finish:
                 # The record says destroyed, so the private key goes: right after
                 # a destroy, or on the next load if a crash came in between.
                 await self.token.destroy_keys(v.object_id)
