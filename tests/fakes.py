@@ -15,6 +15,8 @@ change, this file is the one to adapt.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import itertools
 from collections import deque
 from collections.abc import AsyncIterator, Sequence
@@ -24,7 +26,7 @@ from pathlib import Path
 from typing import Any, Final
 
 import trio
-from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives import keywrap, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa, utils
 
 from signd.access.policy import Policy, Principal
@@ -63,6 +65,8 @@ __all__ = [
 
 #: The wall clock's reading at trio time 0: the service's clock is T0 + trio.current_time().
 T0: Final = 1_750_000_000.0
+#: The wrap key secret of FakePool tokens "from the same ceremony".
+WRAP_SECRET: Final = bytes(range(32))
 
 PrivateKey = ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey | rsa.RSAPrivateKey
 
@@ -139,7 +143,13 @@ class FakePool:
     ``latency`` seconds of trio time; so are the rare operations.
     """
 
-    def __init__(self, *, latency: float = 0.0, queue_limit: int = 65536) -> None:
+    def __init__(
+        self,
+        *,
+        latency: float = 0.0,
+        queue_limit: int = 65536,
+        wrap_secret: bytes | None = WRAP_SECRET,
+    ) -> None:
         self.info: TokenInfo | None = FAKE_INFO
         self.settings = PoolSettings(
             module="fake", token_label="fake", pin="", queue_limit=queue_limit
@@ -156,8 +166,9 @@ class FakePool:
         self.fail_next: dict[str, WireError] = {}
         #: jobs answered, sign and verify
         self.jobs_done = 0
-        #: the token holds a wrap key; key types it cannot wrap (SoftHSM 2.6.1: Ed25519)
-        self.wrap_key = True
+        #: the token holds a wrap key (made from ``wrap_secret``: None, it has
+        #: none); key types it cannot wrap (SoftHSM 2.6.1: Ed25519)
+        self.wrap_secret = wrap_secret
         self.unwrappable: set[str] = {"ed25519"}
         #: keypairs made exportable under the wrap key
         self.backup_ids: set[bytes] = set()
@@ -250,6 +261,79 @@ class FakePool:
         )
         self.pairs[object_id] = _Pair(spki, private, label)
         return spki
+
+    @property
+    def wrap_key(self) -> bool:
+        return self.wrap_secret is not None
+
+    @wrap_key.setter
+    def wrap_key(self, present: bool) -> None:
+        self.wrap_secret = WRAP_SECRET if present else None
+
+    async def wrap_private(self, object_id: bytes) -> bytes:
+        """The private key's PKCS#8 DER wrapped with RFC 5649 under the wrap secret."""
+        await self._rare("wrap_private", object_id)
+        secret = self._wrap_secret()
+        pair = self.pairs.get(object_id)
+        if pair is None or pair.private is None:
+            raise TokenError(f"expected one private key with id {object_id.hex()}")
+        if object_id not in self.backup_ids:
+            raise UnsupportedAlgorithm(f"the token cannot wrap the private key {object_id.hex()}")
+        der = pair.private.private_bytes(
+            serialization.Encoding.DER,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+        return keywrap.aes_key_wrap_with_padding(secret, der)
+
+    async def wrap_check_value(self) -> str | None:
+        await self._rare("wrap_check_value", None)
+        if self.wrap_secret is None:
+            return None
+        return hmac.new(self.wrap_secret, b"check", hashlib.sha256).hexdigest()[:16]
+
+    async def backup_mac(self, data: bytes) -> bytes:
+        await self._rare("backup_mac", len(data))
+        return hmac.new(self._wrap_secret(), data, hashlib.sha256).digest()
+
+    async def verify_backup_mac(self, data: bytes, mac: bytes) -> bool:
+        await self._rare("verify_backup_mac", len(data))
+        return hmac.compare_digest(
+            hmac.new(self._wrap_secret(), data, hashlib.sha256).digest(), mac
+        )
+
+    async def restore_keypair(
+        self, key_type: str, object_id: bytes, label: str, spki: bytes, wrapped: bytes | None
+    ) -> None:
+        """As the worker does: Conflict for an id in use, InvalidArgument for a
+        blob that does not unwrap or does not match ``spki``."""
+        await self._rare("restore_keypair", object_id)
+        if object_id in self.pairs:
+            raise Conflict(f"object id {object_id.hex()} is taken")
+        secret = self._wrap_secret()
+        private = None
+        if wrapped is not None:
+            try:
+                der = keywrap.aes_key_unwrap_with_padding(secret, wrapped)
+            except keywrap.InvalidUnwrap:
+                raise InvalidArgument(
+                    "the wrapped key does not unwrap under this token's wrap key"
+                ) from None
+            loaded = serialization.load_der_private_key(der, None)
+            assert isinstance(loaded, PrivateKey)
+            mine = loaded.public_key().public_bytes(
+                serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+            )
+            if mine != spki:
+                raise InvalidArgument("the unwrapped private key does not match its public key")
+            private = loaded
+            self.backup_ids.add(object_id)
+        self.pairs[object_id] = _Pair(spki, private, label)
+
+    def _wrap_secret(self) -> bytes:
+        if self.wrap_secret is None:
+            raise InvalidArgument("the token has no trusted wrap key")
+        return self.wrap_secret
 
     # ---- the workers
 

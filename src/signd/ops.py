@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Final
 
 from .protocol import OPS, OpSpec, Request
 from .service.admin import Admin
+from .service.backup import Backups
 from .service.reads import Reads
 from .service.signing import Signing
 
@@ -76,5 +77,7 @@ TABLE: Final[Mapping[str, Op]] = dict(
         _row("destroy", "admin", Kind.ADMIN, Admin.op_admin),
         _row("health", None, Kind.READ, Reads.op_health),
         _row("whoami", None, Kind.READ, Reads.op_whoami),
+        _row("backup", "admin", Kind.ADMIN, Backups.op_backup),
+        _row("restore", "admin", Kind.ADMIN, Backups.op_restore),
     ]
 )

@@ -40,6 +40,8 @@ from signd_client.protocol import (
     DEFAULT_MAX_FRAME,
     PROTOCOL_VERSION,
     AuditHead,
+    BackupArgs,
+    BackupResult,
     BatchItem,
     CreateKeyArgs,
     DestroyArgs,
@@ -57,6 +59,8 @@ from signd_client.protocol import (
     Message,
     PublicKey,
     PublicKeyArgs,
+    RestoreArgs,
+    RestoreResult,
     RotateArgs,
     SignArgs,
     SignBatchArgs,
@@ -818,6 +822,70 @@ result(
     68,
     "whoami",
     Whoami(uid=64055, gid=64055, groups=(64055,), user=None, keys=()),
+)
+
+# ---- backup and restore (BACKUP.md has the bundle's format)
+
+_BUNDLE_HEADER = bytes.fromhex("86a6666f726d617401")  # the first bytes of a header map
+_MAC = hashlib.sha256(b"a MAC the token made").digest()
+_ENTRY = bytes.fromhex("83a46e616d65ab6170702d7369676e696e67")  # {"name": "app-signing", ...
+
+request(
+    "backup.request",
+    "backup takes no arguments for every backup-able key: args is {}.",
+    80,
+    "backup",
+    BackupArgs(),
+)
+request(
+    "backup.request.keys",
+    "backup of the keys named (keys is an array of key names).",
+    81,
+    "backup",
+    BackupArgs(keys=(KEY, RSA_KEY)),
+)
+result(
+    "backup.result",
+    "bundle is the file to write (bin; here cut short); keys are the keys in it, versions "
+    "how many versions they hold, skipped the keys that are not backup-able.",
+    80,
+    "backup",
+    BackupResult(
+        bundle=b"signd-backup\x00\x01\n\x00" + bytes(8),
+        keys=(KEY,),
+        versions=2,
+        skipped=(RSA_KEY,),
+    ),
+)
+request(
+    "restore.request",
+    "restore one key: the bundle's header and header_mac, the key's entry and entry_mac "
+    "(bin; here cut short). key is the entry's key.",
+    82,
+    "restore",
+    RestoreArgs(key=KEY, header=_BUNDLE_HEADER, header_mac=_MAC, entry=_ENTRY, entry_mac=_MAC),
+)
+request(
+    "restore.request.check",
+    "check: true only checks the MACs and says what would be done; nothing is written.",
+    83,
+    "restore",
+    RestoreArgs(
+        key=KEY,
+        header=_BUNDLE_HEADER,
+        header_mac=_MAC,
+        entry=_ENTRY,
+        entry_mac=_MAC,
+        check=True,
+    ),
+)
+result(
+    "restore.result",
+    "outcome is created, updated or unchanged; restored the versions put on the token, "
+    "present those it held already.",
+    82,
+    "restore",
+    RestoreResult(key=KEY, outcome="updated", restored=(2,), present=(1,)),
 )
 
 # ---- results of the key lifecycle

@@ -30,7 +30,7 @@ from ..token.ipc import SignJob, VerifyJob
 from ..token.pool import Entry
 from .context import Batch, Reply
 from .convert import error_info, send_error, send_result
-from .lifecycle import Lifecycle
+from .backup import Backups
 
 __all__ = ["INLINE_VERIFY_CANDIDATES", "Signing"]
 
@@ -42,7 +42,7 @@ _OWN_WORK: Final = object()
 INLINE_VERIFY_CANDIDATES: Final = 4
 
 
-class Signing(Lifecycle):
+class Signing(Backups):
     """The token operations."""
 
     def op_sign(self, req: Request, batch: Batch) -> None:

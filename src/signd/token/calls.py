@@ -37,6 +37,11 @@ __all__ = [
     "SignJob",
     "TokenInfo",
     "VerifyJob",
+    "BackupMac",
+    "RestoreKeypair",
+    "VerifyBackupMac",
+    "WrapCheckValue",
+    "WrapPrivate",
 ]
 
 _SIGN: Final = "s"
@@ -347,6 +352,52 @@ class DestroyKeys(Call[int]):
 
 
 @dataclass(frozen=True, slots=True)
+class WrapPrivate(Call[bytes]):
+    """A backup-able private key wrapped under the token's wrap key."""
+
+    OP: ClassVar[str] = "wrap_private"
+    object_id: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class WrapCheckValue(Call["str | None"]):
+    """The check value of the token's wrap key (None: the token has none recorded)."""
+
+    OP: ClassVar[str] = "wrap_check_value"
+
+
+@dataclass(frozen=True, slots=True)
+class BackupMac(Call[bytes]):
+    """HMAC-SHA256 over ``data`` with the token's backup MAC key."""
+
+    OP: ClassVar[str] = "backup_mac"
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class VerifyBackupMac(Call[bool]):
+    """Whether ``mac`` is the backup MAC key's HMAC-SHA256 over ``data``."""
+
+    OP: ClassVar[str] = "verify_backup_mac"
+    data: bytes
+    mac: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class RestoreKeypair(Call[None]):
+    """Put a keypair from a backup on the token: its public key from ``spki``
+    and, unless None, its private key unwrapped from ``wrapped`` (checked
+    against the public key); nothing is left on a failure."""
+
+    OP: ClassVar[str] = "restore_keypair"
+    key_type: str
+    object_id: bytes
+    label: str
+    spki: bytes
+    wrapped: bytes | None
+
+
+@dataclass(frozen=True, slots=True)
 class Probe(Call[None]):
     """Is the token still there?  (An error answer, then ``Lost``, if not.)"""
 
@@ -367,6 +418,11 @@ CALLS: Final[Mapping[str, type[Call[Any]]]] = {
         DropOlder,
         Generate,
         DestroyKeys,
+        WrapPrivate,
+        WrapCheckValue,
+        BackupMac,
+        VerifyBackupMac,
+        RestoreKeypair,
         Probe,
     )
 }

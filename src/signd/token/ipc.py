@@ -34,6 +34,11 @@ from ..errors import ErrorCode, WireError, error_from_wire
 from ..protocol import HEADER, FrameDecoder
 from .calls import (
     CALLS,
+    BackupMac,
+    RestoreKeypair,
+    VerifyBackupMac,
+    WrapCheckValue,
+    WrapPrivate,
     Batch,
     Call,
     CreateMetadata,
@@ -58,6 +63,11 @@ from .calls import (
 
 __all__ = [
     "CALLS",
+    "BackupMac",
+    "RestoreKeypair",
+    "VerifyBackupMac",
+    "WrapCheckValue",
+    "WrapPrivate",
     "IPC_MAX_FRAME",
     "LOST_TAG",
     "OPEN_TAG",

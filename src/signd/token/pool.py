@@ -43,6 +43,7 @@ from ..errors import TokenUnavailable, WireError
 from ..metrics import Metrics
 from .ipc import (
     Answer,
+    BackupMac,
     Call,
     CreateMetadata,
     DestroyKeys,
@@ -53,9 +54,13 @@ from .ipc import (
     MetadataBlob,
     Open,
     PublicKeys,
+    RestoreKeypair,
     Revisions,
     RunJobs,
     TokenInfo,
+    VerifyBackupMac,
+    WrapCheckValue,
+    WrapPrivate,
     decode_answer,
     encode_request,
 )
@@ -163,6 +168,27 @@ class TokenPool:
         self, key_type: str, object_id: bytes, label: str, backup: bool = False
     ) -> bytes:
         return await self._on_writer(Generate(key_type, object_id, label, backup))
+
+    # Backup and restore: the writer's session (one at a time, with key changes).
+
+    async def wrap_private(self, object_id: bytes) -> bytes:
+        """The backup-able private key ``object_id`` wrapped under the wrap key."""
+        return await self._on_writer(WrapPrivate(object_id))
+
+    async def wrap_check_value(self) -> str | None:
+        """The check value of the token's wrap key (None if not recorded)."""
+        return await self._on_writer(WrapCheckValue())
+
+    async def backup_mac(self, data: bytes) -> bytes:
+        return await self._on_writer(BackupMac(data))
+
+    async def verify_backup_mac(self, data: bytes, mac: bytes) -> bool:
+        return await self._on_writer(VerifyBackupMac(data, mac))
+
+    async def restore_keypair(
+        self, key_type: str, object_id: bytes, label: str, spki: bytes, wrapped: bytes | None
+    ) -> None:
+        await self._on_writer(RestoreKeypair(key_type, object_id, label, spki, wrapped))
 
     async def _on_writer(self, call: Call[R]) -> R:
         writer = self._writer

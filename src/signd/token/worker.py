@@ -26,6 +26,7 @@ from ..keys import algorithms
 from . import profiles
 from .ipc import (
     IPC_MAX_FRAME,
+    BackupMac,
     Batch,
     Call,
     CreateMetadata,
@@ -39,11 +40,15 @@ from .ipc import (
     Open,
     Probe,
     PublicKeys,
+    RestoreKeypair,
     Revisions,
     RunJobs,
     SignJob,
     TokenInfo,
+    VerifyBackupMac,
     VerifyJob,
+    WrapCheckValue,
+    WrapPrivate,
     decode_jobs,
     decode_request,
     encode_answer,
@@ -86,6 +91,13 @@ class Worker:
             ),
             DestroyKeys: lambda c: self.session.destroy_keys(c.object_id, c.public),
             Probe: lambda c: self.session.check(),
+            WrapPrivate: lambda c: self.session.wrap_private(c.object_id),
+            WrapCheckValue: lambda c: self.session.wrap_check_value(),
+            BackupMac: lambda c: self.session.backup_mac(c.data),
+            VerifyBackupMac: lambda c: self.session.verify_backup_mac(c.data, c.mac),
+            RestoreKeypair: lambda c: self.session.restore_keypair(
+                algorithms.key_type(c.key_type), c.object_id, c.label, c.spki, c.wrapped
+            ),
         }
 
     def handle(self, msg: list[Any]) -> bytes:

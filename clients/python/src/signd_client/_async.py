@@ -288,6 +288,8 @@ class AsyncClient:
     destroy = _method(_calls.destroy)
     health = _method(_calls.health)
     whoami = _method(_calls.whoami)
+    backup = _method(_calls.backup)
+    restore = _method(_calls.restore)
 
     async def private_key(self, name: str, version: int | None = None) -> AsyncSigndPrivateKey:
         """The key's ``version`` (by default its current version now) with its

@@ -13,6 +13,8 @@ from typing import Generic, TypeVar
 from .errors import InvalidArgument
 from .protocol import (
     OPS,
+    BackupArgs,
+    BackupResult,
     CreateKeyArgs,
     DestroyArgs,
     Empty,
@@ -25,6 +27,8 @@ from .protocol import (
     Message,
     PublicKey,
     PublicKeyArgs,
+    RestoreArgs,
+    RestoreResult,
     Retry,
     RotateArgs,
     SignArgs,
@@ -327,3 +331,41 @@ def whoami() -> Call[Whoami]:
     when a call is refused with PermissionDenied.
     """
     return Call("whoami", Empty(), Whoami)
+
+
+def backup(keys: Sequence[str] | None = None) -> Call[BackupResult]:
+    """A backup bundle of the backup-able keys named, or of every one (keys
+    made without ``backup`` are then listed in ``skipped``).  Needs the
+    ``admin`` verb on every key in it.  Write ``bundle`` to a file; see
+    ``BACKUP.md``.
+
+    Raises: PermissionDenied, KeyNotFound, InvalidArgument (a named key is
+    not backup-able; the token has no wrap key).
+    """
+    return Call("backup", BackupArgs(keys=tuple(keys) if keys is not None else None), BackupResult)
+
+
+def restore(
+    key: str,
+    header: bytes,
+    header_mac: bytes,
+    entry: bytes,
+    entry_mac: bytes,
+    *,
+    check: bool = False,
+) -> Call[RestoreResult]:
+    """Restore one key from a bundle's entry (``bundle.restore_calls`` makes
+    these from a file).  ``check``: only say what would be done.
+
+    Raises: InvalidArgument (a changed or damaged bundle; another wrap key),
+    KeyExists (the token holds another key under the name), Conflict.
+    """
+    args = RestoreArgs(
+        key=key,
+        header=header,
+        header_mac=header_mac,
+        entry=entry,
+        entry_mac=entry_mac,
+        check=check or None,
+    )
+    return Call("restore", args, RestoreResult)

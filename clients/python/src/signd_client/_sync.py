@@ -215,6 +215,8 @@ class Client:
     destroy = _method(_calls.destroy)
     health = _method(_calls.health)
     whoami = _method(_calls.whoami)
+    backup = _method(_calls.backup)
+    restore = _method(_calls.restore)
 
     def private_key(self, name: str, version: int | None = None) -> SigndPrivateKey:
         """A ``cryptography`` private key object for ``name`` that signs

@@ -13,6 +13,8 @@ from ._codec import Between, Message, message
 __all__ = [
     "MAX_VERSION",
     "AuditHead",
+    "BackupArgs",
+    "BackupResult",
     "BatchItem",
     "CreateKeyArgs",
     "DestroyArgs",
@@ -29,6 +31,8 @@ __all__ = [
     "KeySummary",
     "PublicKey",
     "PublicKeyArgs",
+    "RestoreArgs",
+    "RestoreResult",
     "RotateArgs",
     "SignArgs",
     "SignBatchArgs",
@@ -190,6 +194,27 @@ class SignBatchArgs(Message):
     version: VersionNumber | None = None
 
 
+@message
+class BackupArgs(Message):
+    """A backup bundle of backup-able keys: those named, or (absent) every one."""
+
+    keys: tuple[str, ...] | None = None
+
+
+@message
+class RestoreArgs(Message):
+    """Restore one key from a backup bundle (``BACKUP.md``): the bundle's
+    header and the key's entry, each with its MAC.  ``check``: only check
+    and say what would be done; nothing is written."""
+
+    key: str
+    header: bytes
+    header_mac: bytes
+    entry: bytes
+    entry_mac: bytes
+    check: bool | None = None
+
+
 # ---- results ----
 
 
@@ -228,6 +253,33 @@ class KeyInfo(Message):
     #: true: its private keys can be exported wrapped under the token's wrap
     #: key, for backup; absent: they cannot
     backup: bool | None = None
+
+
+@message
+class BackupResult(Message):
+    """A backup bundle (``BACKUP.md``), ready to be written to a file."""
+
+    bundle: bytes
+    #: the keys in it, and how many versions they hold (destroyed ones included)
+    keys: tuple[str, ...]
+    versions: int
+    #: keys left out: not backup-able (created without ``backup``)
+    skipped: tuple[str, ...]
+
+
+@message
+class RestoreResult(Message):
+    """What a restore did (or, with ``check``, would do) to one key."""
+
+    key: str
+    #: ``created`` (the key was not on the token), ``updated`` (the token held
+    #: older versions only: the bundle's were added and its record written),
+    #: or ``unchanged`` (the token holds these versions, or newer ones)
+    outcome: str
+    #: versions put on the token (or that would be)
+    restored: tuple[int, ...]
+    #: versions the token held already, with the same public keys
+    present: tuple[int, ...]
 
 
 @message

@@ -45,6 +45,8 @@ from .errors import (
 from .messages import (
     MAX_VERSION,
     AuditHead,
+    BackupArgs,
+    BackupResult,
     BatchItem,
     CreateKeyArgs,
     DestroyArgs,
@@ -61,6 +63,8 @@ from .messages import (
     KeySummary,
     PublicKey,
     PublicKeyArgs,
+    RestoreArgs,
+    RestoreResult,
     RotateArgs,
     SignArgs,
     SignBatchArgs,
@@ -93,6 +97,8 @@ __all__ = [
     "OPS",
     "PROTOCOL_VERSION",
     "AuditHead",
+    "BackupArgs",
+    "BackupResult",
     "BadRequest",
     "BatchItem",
     "Between",
@@ -114,6 +120,8 @@ __all__ = [
     "OpSpec",
     "PublicKey",
     "PublicKeyArgs",
+    "RestoreArgs",
+    "RestoreResult",
     "Request",
     "Response",
     "Retry",
@@ -273,6 +281,8 @@ OPS: Final[Mapping[str, OpSpec]] = types.MappingProxyType(
         "destroy": OpSpec(DestroyArgs, KeyInfo, Retry.SAFE),
         "health": OpSpec(Empty, Health, Retry.SAFE),
         "whoami": OpSpec(Empty, Whoami, Retry.SAFE),
+        "backup": OpSpec(BackupArgs, BackupResult, Retry.SAFE),
+        "restore": OpSpec(RestoreArgs, RestoreResult, Retry.SAFE),
     }
 )
 
