@@ -77,6 +77,25 @@ export interface VerifyOptions extends SignOptions {
 
 export type DestroyOptions = { version: number; all?: false } | { all: true; version?: undefined };
 
+export interface BackupOptions {
+  /** The keys to back up; absent: every backup-able key (the others are listed in `skipped`). */
+  keys?: string[];
+}
+
+/** One key's entry from a backup bundle and the bundle's header, each with its MAC (BACKUP.md). */
+export interface RestoreArgs {
+  /** The entry's key (the policy is checked on it). */
+  key: string;
+  header: Uint8Array;
+  /** 32 bytes. */
+  header_mac: Uint8Array;
+  entry: Uint8Array;
+  /** 32 bytes. */
+  entry_mac: Uint8Array;
+  /** true: check the MACs and answer what would be done; nothing is written. */
+  check?: boolean;
+}
+
 // ------------------------------------------------------------------ results
 
 export type VersionState = "active" | "verify-only" | "retired" | "disabled" | "destroyed";
@@ -226,6 +245,28 @@ export interface Whoami {
   keys: KeyGrant[];
 }
 
+/** A backup bundle, to be written to a file as it is. */
+export interface BackupResult {
+  bundle: Buffer;
+  /** The keys in it, sorted. */
+  keys: string[];
+  /** How many versions they hold (destroyed versions too, as public keys). */
+  versions: number;
+  /** Keys left out because they are not backup-able (when no `keys` were named). */
+  skipped: string[];
+}
+
+/** What a restore did (or, with `check`, would do) to one key. */
+export interface RestoreResult {
+  key: string;
+  /** created: the key was not on the token; updated: older versions only were; unchanged: nothing written. */
+  outcome: "created" | "updated" | "unchanged" | string;
+  /** The versions put on the token (or that would be). */
+  restored: number[];
+  /** The bundle's versions the token held already. */
+  present: number[];
+}
+
 export interface AuditHead {
   chain: string;
   seq: number;
@@ -276,6 +317,10 @@ export declare class Client {
   health(callOptions?: CallOptions): Promise<Health>;
   /** Who the daemon takes this process to be, and its verbs per key (after a PermissionDenied). */
   whoami(callOptions?: CallOptions): Promise<Whoami>;
+  /** A backup bundle of backup-able keys (needs `admin` on each); write `bundle` to a file as it is. */
+  backup(options?: BackupOptions, callOptions?: CallOptions): Promise<BackupResult>;
+  /** Restore one key from a bundle's entry; with `check: true`, only say what would be done. */
+  restore(args: RestoreArgs, callOptions?: CallOptions): Promise<RestoreResult>;
   /**
    * A handle on one version of `name` for signJws/signJwt (one public_key request).
    * Without `version`: the key's current version, and the handle follows rotation.
@@ -467,6 +512,8 @@ export declare const calls: {
   destroy(name: string, options: DestroyOptions): Call;
   health(): Call;
   whoami(): Call;
+  backup(options?: BackupOptions): Call;
+  restore(args: RestoreArgs): Call;
 };
 
 /** Check wire arguments against the op and put them in wire order. Throws InvalidArgument. */

@@ -12,6 +12,18 @@ const IDEMPOTENCY_KEY_RE = /^[\x21-\x7e]{1,128}$/;
  */
 
 /**
+ * restore's arguments: one key's entry from a bundle and the bundle's header,
+ * each with its MAC (wire names, as every options object).
+ * @typedef {object} RestoreArgs
+ * @property {string} key the entry's key
+ * @property {Uint8Array} header
+ * @property {Uint8Array} header_mac
+ * @property {Uint8Array} entry
+ * @property {Uint8Array} entry_mac
+ * @property {boolean} [check] true: only check the MACs and say what would be done
+ */
+
+/**
  * @param {string} op
  * @param {string} name
  * @param {Record<string, unknown> | undefined} options
@@ -142,6 +154,24 @@ export const calls = Object.freeze({
   whoami() {
     return { op: "whoami", args: {} };
   },
+  /**
+   * @param {{keys?: string[]}} [options] keys: the keys to back up; absent: every backup-able key
+   */
+  backup(options = {}) {
+    return { op: "backup", args: checkArgs("backup", options) };
+  },
+  /**
+   * One key from a bundle: its entry and the bundle's header, each with its MAC.
+   * @param {RestoreArgs} args
+   */
+  restore(args) {
+    if (args === null || typeof args !== "object" || Array.isArray(args)) {
+      throw new InvalidArgument("restore: arguments must be an object");
+    }
+    // `check` is sent only when true, as the Python client sends it: false is the default.
+    const check = args.check === false ? undefined : args.check;
+    return { op: "restore", args: checkArgs("restore", { ...args, check }) };
+  },
 });
 
 /** Method name (camelCase) per wire op. */
@@ -161,4 +191,6 @@ export const METHODS = Object.freeze({
   destroy: "destroy",
   health: "health",
   whoami: "whoami",
+  backup: "backup",
+  restore: "restore",
 });

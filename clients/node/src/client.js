@@ -387,6 +387,29 @@ export class Client {
   }
 
   /**
+   * A backup bundle of backup-able keys: those named, or (absent) every one
+   * (keys made without `backup` are then listed in `skipped`). Needs `admin`
+   * on every key in it. Write `bundle` to a file as it is (BACKUP.md).
+   * @param {{keys?: string[]}} [options]
+   * @param {CallOptions} [callOptions]
+   */
+  backup(options, callOptions) {
+    return this.#send(() => calls.backup(options), callOptions);
+  }
+
+  /**
+   * Restore one key from a bundle: the bundle's header and the key's entry,
+   * each with its MAC (the Python client's signd_client.bundle.restore_calls
+   * splits a file into these). With `check: true`, only says what would be
+   * done; nothing is written.
+   * @param {import("./calls.js").RestoreArgs} args
+   * @param {CallOptions} [callOptions]
+   */
+  restore(args, callOptions) {
+    return this.#send(() => calls.restore(args), callOptions);
+  }
+
+  /**
    * A handle on one version of `name` that signs JWS and JWTs (signJws,
    * signJwt): by default the key's current version, and then it follows
    * rotation; with `{version}`, that version only (pinned). One public_key

@@ -72,6 +72,15 @@ export const ARGS = {
   destroy: [KEY, ["version", "int", false], ["all", "bool", false]],
   health: [],
   whoami: [],
+  backup: [["keys", ["array", "str"], false]],
+  restore: [
+    KEY,
+    ["header", "bin", true],
+    ["header_mac", "bin", true],
+    ["entry", "bin", true],
+    ["entry_mac", "bin", true],
+    ["check", "bool", false],
+  ],
 };
 
 /** @type {Schema} */
@@ -235,6 +244,18 @@ export const RESULTS = {
       true,
     ],
   ],
+  backup: [
+    ["bundle", "bin", true],
+    ["keys", ["array", "str"], true],
+    ["versions", "int", true],
+    ["skipped", ["array", "str"], true],
+  ],
+  restore: [
+    KEY,
+    ["outcome", "str", true],
+    ["restored", ["array", "int"], true],
+    ["present", ["array", "int"], true],
+  ],
 };
 
 /** Every operation this client knows. */
@@ -261,6 +282,8 @@ export const RETRY = Object.freeze({
   destroy: "safe",
   health: "safe",
   whoami: "safe",
+  backup: "safe",
+  restore: "safe",
 });
 
 /** Operations a client may safely send again after a broken connection. */

@@ -234,6 +234,34 @@ describe("errors", () => {
   });
 });
 
+describe("backup and restore", () => {
+  // The session daemon's token has no wrap key, and its keys are made without
+  // `backup`: these reach the daemon's checks, and nothing is written.
+  test("backup of a key made without backup: InvalidArgument naming it; of a missing key: KeyNotFound", async () => {
+    await assert.rejects(client.backup({ keys: [EC] }), (e) => {
+      assert.ok(e instanceof signd.InvalidArgument, String(e));
+      assert.match(e.message, new RegExp(`${EC}.*not backup-able`));
+      return true;
+    });
+    await assert.rejects(client.backup({ keys: [`no-such-${suffix}`] }), signd.KeyNotFound);
+  });
+
+  test("restore of a damaged bundle: InvalidArgument, checked or not; the key stays absent", async () => {
+    const name = `node-restored-${suffix}`;
+    const junk = Buffer.from("not a bundle header");
+    const mac = Buffer.alloc(32);
+    const args = { key: name, header: junk, header_mac: mac, entry: junk, entry_mac: mac };
+    for (const check of [true, false]) {
+      await assert.rejects(client.restore({ ...args, check }), (e) => {
+        assert.ok(e instanceof signd.InvalidArgument, String(e));
+        assert.match(e.message, /header/);
+        return true;
+      });
+    }
+    await assert.rejects(client.keyInfo(name), signd.KeyNotFound);
+  });
+});
+
 describe("pipelining", () => {
   test("many calls in flight on one connection, answers matched by id", async () => {
     const conn = client._conn;

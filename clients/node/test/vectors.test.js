@@ -77,6 +77,8 @@ const BUILD = {
   destroy: ({ key, ...o }) => calls.destroy(key, o),
   health: () => calls.health(),
   whoami: () => calls.whoami(),
+  backup: (o) => calls.backup(o),
+  restore: (a) => calls.restore(a),
 };
 
 /** The vector file's JSON as msgpack values: {"$bin": hex} is a Buffer. */
@@ -284,4 +286,22 @@ test("idempotency keys are checked locally", () => {
   assert.throws(() => calls.rotate("k", { idempotency_key: "has space" }), signd.InvalidArgument);
   assert.throws(() => calls.createKey("k", "ec-p256", { idempotency_key: "" }), signd.InvalidArgument);
   assert.throws(() => calls.rotate("k", { idempotency_key: "x".repeat(129) }), signd.InvalidArgument);
+});
+
+test("restore sends check only when true; its bytes are checked locally", () => {
+  const bin = Buffer.from("00", "hex");
+  const args = { key: "k", header: bin, header_mac: bin, entry: bin, entry_mac: bin };
+  assert.deepEqual(calls.restore({ ...args, check: false }).args, args);
+  assert.deepEqual(calls.restore({ ...args, check: true }).args, { ...args, check: true });
+  assert.throws(() => calls.restore({ ...args, header_mac: "00" }), signd.InvalidArgument);
+  assert.throws(() => calls.restore({ ...args, entry: undefined }), signd.InvalidArgument);
+  assert.throws(() => calls.restore({ ...args, headerMac: bin }), signd.InvalidArgument);
+  assert.throws(() => calls.restore(null), signd.InvalidArgument);
+});
+
+test("backup takes no options, or the keys to back up", () => {
+  assert.deepEqual(calls.backup(), { op: "backup", args: {} });
+  assert.deepEqual(calls.backup({ keys: ["a"] }).args, { keys: ["a"] });
+  assert.throws(() => calls.backup({ keys: "a" }), signd.InvalidArgument);
+  assert.throws(() => calls.backup({ key: "a" }), signd.InvalidArgument);
 });
