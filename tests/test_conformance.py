@@ -13,6 +13,11 @@ soft token (3.8) makes RSA keys only.
 
 RSA keys are slow to make, so each token makes one key per type for the whole
 module (plus one rotation).
+
+Backups (issue 15) need a trusted AES wrap key; opencryptoki's soft token
+cannot hold one (no ``CKA_TRUSTED`` on secret keys, no AES key wrap), and the
+tests below show that ``signd wrap-key create`` and ``create_key`` with
+``backup`` refuse cleanly there, leaving nothing behind.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import base64
 import hashlib
 import re
 import subprocess
+import sys
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -36,6 +42,7 @@ from signd_client import Client
 from signd_client.errors import (
     DeletionNotAllowed,
     ErrorCode,
+    InvalidArgument,
     KeyNotFound,
     UnsupportedAlgorithm,
     VersionNotUsable,
@@ -507,3 +514,105 @@ def test_restart_keeps_every_key_and_version(target: Target) -> None:
             res = c.sign(name, m)
             assert res.version == before[name].current_version
             check_signature(kt, c.public_key(name).public_key_pem, res.signature, message=m)
+
+
+# --------------------------------------------------------------------------
+# backups (issue 15): a token that cannot hold the trusted wrap key
+
+#: the wrap key's label (token/wrapping.py WRAP_KEY_LABEL; not imported: the
+#: test process loads no PKCS#11 module)
+WRAP_LABEL = "signd-wrap"
+
+#: Counts the objects of class argv[3] labelled argv[4] that a session without
+#: a login sees: public objects only, as signd's wrap key (the SO cannot make
+#: private objects) and its public keys are.
+_COUNT_OBJECTS = """
+import sys
+import pkcs11
+from pkcs11 import Attribute, ObjectClass
+module, token_label, cls, label = sys.argv[1:5]
+token = pkcs11.lib(module).get_token(token_label=token_label)
+with token.open() as session:
+    found = session.get_objects({Attribute.CLASS: ObjectClass[cls], Attribute.LABEL: label})
+    print(len(list(found)))
+"""
+
+
+def public_objects(target: Target, cls: str, label: str) -> int:
+    """How many public objects of class ``cls`` (``SECRET_KEY``, ``PUBLIC_KEY``)
+    labelled ``label`` the token holds; searched in a child process, without
+    a login (the test process loads no PKCS#11 module)."""
+    env = target.daemon.token
+    out = subprocess.run(
+        [sys.executable, "-c", _COUNT_OBJECTS, env.module, env.label, cls, label],
+        capture_output=True,
+        text=True,
+        env=env.env(),
+        timeout=60,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr
+    return int(out.stdout)
+
+
+@pytest.mark.parametrize("token", ["opencryptoki"])
+def test_wrap_key_create_fails_cleanly_without_trusted_keys(target: Target) -> None:
+    """opencryptoki's soft token (3.8.1) refuses a secret key with CKA_TRUSTED
+    (TemplateInconsistent) or CKA_COPYABLE (AttributeTypeInvalid; the wrap
+    key's whole template gets this answer), measured in an SO session.  So
+    ``signd wrap-key create`` (as the SO, the daemon serving meanwhile) exits
+    1 naming the token's refusal, prints no share and no check value, and
+    leaves no key labelled ``signd-wrap``."""
+    env = target.daemon.token
+    so_pin = env.state_dir / "so.pin"
+    assert so_pin.is_file(), f"opencryptoki-init.sh wrote no SO PIN file in {env.state_dir}"
+    assert public_objects(target, "SECRET_KEY", WRAP_LABEL) == 0
+    out = subprocess.run(
+        [
+            *(sys.executable, "-m", "signd", "wrap-key", "create"),
+            *("--config", str(target.daemon.config), "--so-pin-file", str(so_pin)),
+            *("--shares", "3", "--threshold", "2"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env.env(),
+        timeout=120,
+        check=False,
+    )
+    assert out.returncode == 1, (out.returncode, out.stderr)
+    assert out.stdout == ""  # no share, no check value
+    assert out.stderr.startswith("signd wrap-key: the token refused the wrap key"), out.stderr
+    assert re.search(r": (AttributeTypeInvalid|TemplateInconsistent)\n\Z", out.stderr), out.stderr
+    assert "PIN" not in out.stderr, out.stderr  # the SO login itself worked
+    assert public_objects(target, "SECRET_KEY", WRAP_LABEL) == 0
+    with target.client() as c:  # the daemon goes on serving
+        assert c.health().token == target.status
+
+
+@pytest.mark.parametrize("token", ["opencryptoki"])
+def test_create_key_with_backup_needs_a_wrap_key(target: Target) -> None:
+    """Without a wrap key ``create_key`` with ``backup`` is invalid_argument
+    (200) naming the missing wrap key and the command that makes one,
+    before a key pair is generated (no public key labelled ``NAME/v1`` on the
+    token); the name stays free, and a key without backup is made under it."""
+    name = f"conf-backup-{uuid.uuid4().hex[:8]}"
+    with target.client() as c:
+        with pytest.raises(InvalidArgument) as info:
+            c.create_key(name, "rsa-2048", backup=True)
+        assert info.value.code == ErrorCode.INVALID_ARGUMENT
+        assert int(info.value.code) == 200
+        text = info.value.message
+        assert "backup needs a wrap key on the token" in text, text
+        assert "signd wrap-key create" in text, text
+        with pytest.raises(KeyNotFound):
+            c.key_info(name)
+        assert name not in {k.name for k in c.list_keys().keys}
+        assert public_objects(target, "PUBLIC_KEY", f"{name}/v1") == 0  # none made
+        made = c.create_key(name, "rsa-2048")
+        assert (made.name, made.current_version, made.backup) == (name, 1, None)
+        assert public_objects(target, "PUBLIC_KEY", f"{name}/v1") == 1  # the search sees them
+        m = msg()
+        sig = c.sign(name, m)
+        check_signature(
+            "rsa-2048", c.public_key(name, sig.version).public_key_pem, sig.signature, message=m
+        )
