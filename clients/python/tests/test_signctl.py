@@ -50,6 +50,8 @@ COMMANDS = (
     "destroy",
     "health",
     "whoami",
+    "backup",
+    "restore",
     "jwks",
 )
 

@@ -333,7 +333,7 @@ def whoami() -> Call[Whoami]:
     return Call("whoami", Empty(), Whoami)
 
 
-def backup(keys: Sequence[str] | None = None) -> Call[BackupResult]:
+def backup(names: Sequence[str] | None = None) -> Call[BackupResult]:
     """A backup bundle of the backup-able keys named, or of every one (keys
     made without ``backup`` are then listed in ``skipped``).  Needs the
     ``admin`` verb on every key in it.  Write ``bundle`` to a file; see
@@ -342,11 +342,12 @@ def backup(keys: Sequence[str] | None = None) -> Call[BackupResult]:
     Raises: PermissionDenied, KeyNotFound, InvalidArgument (a named key is
     not backup-able; the token has no wrap key).
     """
-    return Call("backup", BackupArgs(keys=tuple(keys) if keys is not None else None), BackupResult)
+    keys = tuple(names) if names is not None else None
+    return Call("backup", BackupArgs(keys=keys), BackupResult)
 
 
 def restore(
-    key: str,
+    name: str,
     header: bytes,
     header_mac: bytes,
     entry: bytes,
@@ -361,7 +362,7 @@ def restore(
     KeyExists (the token holds another key under the name), Conflict.
     """
     args = RestoreArgs(
-        key=key,
+        key=name,
         header=header,
         header_mac=header_mac,
         entry=entry,

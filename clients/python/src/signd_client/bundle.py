@@ -58,7 +58,7 @@ MAGIC: Final = b"signd-backup\x00\x01\n\x00"
 FORMAT: Final = 1
 MAC_BYTES: Final = 32
 #: A bundle file is read up to this size (a response frame's limit).
-MAX_BUNDLE_BYTES: Final = 64 << 20
+MAX_BUNDLE_BYTES: Final = (64 << 20) - (64 << 10)
 #: The mechanism every private key in a bundle is wrapped with.
 MECHANISM: Final = "CKM_AES_KEY_WRAP_PAD"
 #: Most keys one bundle may hold.
