@@ -4,7 +4,9 @@ The wrap-key ceremony makes a fresh random 32-byte secret, puts it on the token
 as the AES-256 wrap key and prints it as ``count`` shares of which any
 ``threshold`` give it back; given that many shares, the same command puts the
 same wrap key on another token.  This module only turns the secret into share
-lines and back: it touches no token, writes nothing to disk and logs nothing.
+lines and back, and into the values made from it (``check_value``, and
+``backup_mac_key``: the token's backup MAC key): it touches no token, writes
+nothing to disk and logs nothing.
 
 The arithmetic is pycryptodome's ``Crypto.Protocol.SecretSharing.Shamir``
 (GF(2^128), the AES-GCM polynomial, share indexes 1..n).  It shares 16-byte
@@ -57,6 +59,7 @@ __all__ = [
     "MAX_SHARES",
     "SECRET_SIZE",
     "ShareError",
+    "backup_mac_key",
     "check_value",
     "combine",
     "split",
@@ -69,6 +72,7 @@ MAX_SHARES: Final = 16
 _HALF: Final = 16
 _PREFIX: Final = "signd-share-v1"
 _CHECK_VALUE_LABEL: Final = b"signd wrap key check value"
+_BACKUP_MAC_KEY_LABEL: Final = b"signd backup mac key"
 _LINE: Final = re.compile(
     r"signd-share-v1-(?P<set>[0-9a-f]{8})-(?P<m>[0-9]{1,2})-(?P<index>[0-9]{1,2})"
     r"-(?P<payload>(?:[0-9a-f]{8}-){7}[0-9a-f]{8})-(?P<check>[0-9a-f]{8})"
@@ -90,6 +94,21 @@ def check_value(secret: bytes) -> str:
     """
     _check_secret(secret)
     return hmac.new(bytes(secret), _CHECK_VALUE_LABEL, hashlib.sha256).hexdigest()[:16]
+
+
+def backup_mac_key(secret: bytes) -> bytes:
+    """The value of the token's backup MAC key (an HMAC-SHA256 key), made from the
+    wrap key's secret: so every token given the same shares holds the same MAC key,
+    and a backup made on one is checked on another.
+
+    HMAC-SHA256 keyed with the secret over a label of its own (not the check
+    value's): the check value, which is printed, says nothing of this key.
+
+    Raises:
+        ShareError: ``secret`` is not 32 bytes.
+    """
+    _check_secret(secret)
+    return hmac.new(bytes(secret), _BACKUP_MAC_KEY_LABEL, hashlib.sha256).digest()
 
 
 def split(secret: bytes, threshold: int, count: int) -> list[str]:

@@ -8,8 +8,10 @@ put the same key on another token.
 
 * ``signd wrap-key create --config FILE --so-pin-file FILE --shares N
   --threshold M``: draws a fresh 32-byte secret, creates the wrap key from it
-  on the config's ``[token]``, prints the N shares (one a line) and the key's
-  check value to stdout, and drops the secret.
+  on the config's ``[token]`` (with the backup MAC key and the check value
+  object made from the same secret, ``token/wrapping.py``), prints the N
+  shares (one a line) and the key's check value to stdout, and drops the
+  secret.
 * ``signd wrap-key import --config FILE --so-pin-file FILE``: reads share
   lines from stdin (until EOF, or until the lines read combine), creates the
   same wrap key on this token and prints its check value, to be compared with
@@ -121,8 +123,9 @@ def main(
     except OSError as exc:  # stdout: the key is on the token, its shares may be lost
         print(
             f"signd wrap-key: the wrap key is on the token, but writing the output failed "
-            f"({exc.strerror or exc}): delete the key labelled 'signd-wrap' from the token "
-            "(as its SO) and run the command again",
+            f"({exc.strerror or exc}): delete the objects labelled 'signd-wrap', "
+            "'signd-backup-mac' and 'signd-wrap-check' from the token (as its SO) and "
+            "run the command again",
             file=err,
         )
         return EXIT_TOKEN
@@ -271,17 +274,22 @@ def _share_lines(stdin: TextIO, err: TextIO) -> Iterator[str]:
 
 
 def _install(cfg: TokenConfig, so_pin: str, secret: bytes) -> None:
-    """Create the wrap key from ``secret`` on the config's token, as its SO.
+    """Create the wrap key, the backup MAC key and the check value object from
+    ``secret`` on the config's token, as its SO (all three or none).
 
-    Raises: InvalidArgument (a wrap key exists); TokenError, TokenUnavailable,
-    UnsupportedAlgorithm.
+    Raises: InvalidArgument (a wrap key, MAC key or check value exists);
+    TokenError, TokenUnavailable, UnsupportedAlgorithm.
     """
     from .token.session import TokenSession, map_error
 
+    wrap_id = cfg.profile.new_object_id()
+    mac_id = cfg.profile.new_object_id()
+    while mac_id == wrap_id:  # short ids (a YubiHSM's 16 bits) can collide
+        mac_id = cfg.profile.new_object_id()
     session = TokenSession()
     session.open_so(cfg.module, cfg.label, so_pin, cfg.profile)
     try:
-        session.create_wrap_key(secret, cfg.profile.new_object_id())
+        session.create_wrap_key(secret, wrap_id, mac_id)
     except Exception as exc:
         raise map_error(exc, "creating the wrap key") from None
     finally:

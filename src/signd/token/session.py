@@ -22,20 +22,23 @@ Key metadata is kept on the token as ``CKO_DATA`` objects (application
 change, so a write creates the next revision and then destroys older ones:
 there is never a moment without metadata, and the newest revision wins.
 
-Backups (the wrap key, and keys only it may wrap) are ``wrapping.py``.
+Backups (the wrap key, and keys only it may wrap) are ``wrapping.py``;
+putting a backed-up keypair back (``restore_keypair``) is here, beside
+``generate``, as it makes keypairs as ``generate`` does.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, Final
 
 import pkcs11
 import pkcs11.exceptions as p11e
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
-from pkcs11 import MGF, Attribute, KeyType, Mechanism, ObjectClass
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from pkcs11 import DEFAULT, MGF, Attribute, KeyType, Mechanism, ObjectClass
 from pkcs11.util.ec import encode_ec_public_key, encode_named_curve_parameters
 
 from ..errors import (
@@ -102,6 +105,18 @@ _BACKUP_PRIVATE_TEMPLATE: Final[dict[Attribute, Any]] = {
     Attribute.EXTRACTABLE: True,
     Attribute.WRAP_WITH_TRUSTED: True,
 }
+#: A restored private key: as a backup-able one is generated (so it can be
+#: backed up again).  python-pkcs11's unwrap writes every capability into its
+#: template, and SoftHSM refuses CKA_ENCRYPT, CKA_VERIFY and CKA_WRAP on a
+#: private key (AttributeTypeInvalid): those are left to the token (FIELD-NOTES).
+_RESTORED_PRIVATE_TEMPLATE: Final[dict[Attribute, Any]] = {
+    **_BACKUP_PRIVATE_TEMPLATE,
+    Attribute.ENCRYPT: DEFAULT,
+    Attribute.VERIFY: DEFAULT,
+    Attribute.WRAP: DEFAULT,
+}
+#: What a restored private key signs, to be checked against its public key.
+_RESTORE_PROBE: Final = b"signd restore: does the unwrapped private key match its public key?"
 
 #: The mechanism of each signature scheme (a dict: an enum's attribute costs
 #: more than a dict lookup, once per signature).
@@ -468,14 +483,124 @@ class TokenSession(WrapKeys):
         self._private[object_id] = priv
         return _spki(pub)
 
+    def restore_keypair(
+        self,
+        key_type: algorithms.KeyType,
+        object_id: bytes,
+        label: str,
+        spki: bytes,
+        wrapped: bytes | None,
+    ) -> None:
+        """Put a backed-up keypair on this token, with ``object_id`` and ``label``.
+
+        The public key is made from ``spki`` (SubjectPublicKeyInfo DER) with
+        the attributes ``generate`` gives one, and must read back as ``spki``
+        (``public_keys`` then answers it as it was).  Unless ``wrapped`` is
+        None (a version whose private key was destroyed: the public key
+        alone), the private key is unwrapped from ``wrapped`` under the
+        trusted wrap key (``CKM_AES_KEY_WRAP_PAD``) as a backup-able key is
+        generated: private, sign only, sensitive, extractable only under a
+        trusted key, so it can be backed up again.  It then signs a probe,
+        checked with ``cryptography`` against ``spki``: a blob of another key
+        is refused.  All or nothing: whatever was made is deleted again if a
+        step fails.
+
+        Raises: Conflict if an object has ``object_id`` already;
+        InvalidArgument if ``spki`` is not a ``key_type`` public key (or not
+        as the token gives it back), there is no trusted wrap key, the blob
+        does not unwrap under it, or the private key does not match ``spki``;
+        UnsupportedAlgorithm if the token cannot hold or unwrap this type of
+        key (SoftHSM 2.6.1: Ed25519 private keys); TokenUnavailable; the
+        token's other PKCS#11 errors (TokenError through ``failure``).
+        """
+        session = self._session_or_raise()
+        for _ in session.get_objects({Attribute.ID: object_id}):
+            raise Conflict(f"object id {object_id.hex()} is taken")
+        try:
+            public = algorithms.load_public_key(key_type, spki)
+        except ValueError as exc:
+            raise InvalidArgument(
+                f"the public key is not a {key_type.name} SubjectPublicKeyInfo: {exc}"
+            ) from None
+        wrap_key = None if wrapped is None else self._trusted_wrap_key(WRAP_KEY_LABEL)
+        made: list[Any] = []
+        try:
+            pub = self._create_public(key_type, object_id, label, public)
+            made.append(pub)
+            if _spki(pub) != spki:
+                raise InvalidArgument(
+                    "the public key does not read back from the token as given: "
+                    "give it as the token does (an EC point uncompressed, a named curve)"
+                )
+            if wrap_key is None or wrapped is None:
+                return
+            priv = self._unwrap_private(
+                wrap_key, key_type, wrapped, object_id, label, _RESTORED_PRIVATE_TEMPLATE
+            )
+            made.append(priv)
+            _check_pair(key_type, priv, public)
+        except BaseException:
+            self._private.pop(object_id, None)
+            self._drop_pair(*reversed(made))
+            raise
+        self._private[object_id] = priv
+
+    def _create_public(
+        self,
+        kt: algorithms.KeyType,
+        object_id: bytes,
+        label: str,
+        public: algorithms.PublicKey,
+    ) -> Any:
+        """The public key object of ``public``, as ``generate`` makes one.
+
+        Raises: UnsupportedAlgorithm if the token refuses this type of key.
+        """
+        attrs: dict[Attribute, Any] = {
+            Attribute.CLASS: ObjectClass.PUBLIC_KEY,
+            Attribute.ID: object_id,
+            Attribute.LABEL: label,
+            **_PUBLIC_TEMPLATE,
+        }
+        if isinstance(public, rsa.RSAPublicKey):
+            numbers = public.public_numbers()
+            attrs[Attribute.KEY_TYPE] = KeyType.RSA
+            attrs[Attribute.MODULUS] = _unsigned(numbers.n)
+            attrs[Attribute.PUBLIC_EXPONENT] = _unsigned(numbers.e)
+        elif isinstance(public, ec.EllipticCurvePublicKey):
+            assert kt.curve is not None
+            point = public.public_bytes(
+                serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint
+            )
+            attrs[Attribute.KEY_TYPE] = KeyType.EC
+            attrs[Attribute.EC_PARAMS] = encode_named_curve_parameters(kt.curve)
+            attrs[Attribute.EC_POINT] = _octet_string(point)
+        else:
+            raw = public.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+            attrs[Attribute.KEY_TYPE] = KeyType.EC_EDWARDS
+            attrs[Attribute.EC_PARAMS] = self._profile.ed25519_params
+            attrs[Attribute.EC_POINT] = _octet_string(raw)  # as SoftHSM gives it back
+        try:
+            return self._session_or_raise().create_object(attrs)
+        except (
+            p11e.AttributeTypeInvalid,
+            p11e.AttributeValueInvalid,
+            p11e.TemplateInconsistent,
+            p11e.KeyTypeInconsistent,
+            p11e.DomainParamsInvalid,
+        ) as exc:
+            raise UnsupportedAlgorithm(
+                f"this token cannot hold {kt.name} public keys: {token_answer(exc)}"
+            ) from None
+
     def _drop_pair(self, *objects: Any) -> None:
-        """Delete a keypair just generated (best effort: it is not in any record)."""
+        """Delete a keypair just made (best effort: it is not in any record)."""
         for obj in objects:
             try:
                 obj.destroy()
             except p11e.PKCS11Error as exc:
                 log.warning(
-                    "could not delete a keypair that cannot be backed up",
+                    "could not delete a keypair just made that is not to be kept",
                     extra={"error": type(exc).__name__},
                 )
 
@@ -605,6 +730,47 @@ def _spki(pub: Any) -> bytes:
             )
         )
     raise TokenError(f"unexpected key type {kt!r} on the token")
+
+
+@dataclass(frozen=True, slots=True)
+class _Probe:
+    """The restore probe's signature, as ``algorithms.verify`` takes a request."""
+
+    signature: bytes
+    message: bytes | None = _RESTORE_PROBE
+    digest: bytes | None = None
+    hash: str | None = None
+    padding: str | None = None
+    format: str | None = None
+
+
+def _check_pair(kt: algorithms.KeyType, private: Any, public: algorithms.PublicKey) -> None:
+    """Sign ``_RESTORE_PROBE`` with ``private`` on the token, as signd signs
+    with ``kt``'s default options, and verify it with ``public``.
+
+    Raises: InvalidArgument if the signature does not verify; the token's
+    PKCS#11 errors.
+    """
+    opts = algorithms.options(kt, None, None, None, by_digest=False)
+    plan = algorithms.plan(opts, _RESTORE_PROBE, None)
+    raw = private.sign(plan.data, mechanism=_MECHANISMS[plan.scheme])
+    signature = algorithms.finish_signature(plan, bytes(raw))
+    if algorithms.verify(kt, public, _Probe(signature)) is None:
+        raise InvalidArgument("the unwrapped private key does not match its public key")
+
+
+def _unsigned(value: int) -> bytes:
+    """A non-negative integer as PKCS#11 writes one: big-endian, no leading zeros."""
+    return value.to_bytes(max(1, (value.bit_length() + 7) // 8), "big")
+
+
+def _octet_string(value: bytes) -> bytes:
+    """``value`` as a DER OCTET STRING (CKA_EC_POINT)."""
+    n = len(value)
+    if n < 0x80:
+        return bytes((0x04, n)) + value
+    size = n.to_bytes((n.bit_length() + 7) // 8, "big")
+    return bytes((0x04, 0x80 | len(size))) + size + value
 
 
 #: More ids than this are looked up with one search per object class.
