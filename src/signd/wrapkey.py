@@ -287,7 +287,14 @@ def _install(cfg: TokenConfig, so_pin: str, secret: bytes) -> None:
     while mac_id == wrap_id:  # short ids (a YubiHSM's 16 bits) can collide
         mac_id = cfg.profile.new_object_id()
     session = TokenSession()
-    session.open_so(cfg.module, cfg.label, so_pin, cfg.profile)
+    try:
+        # A token without an SO login (a YubiHSM 2's PKCS#11 module answers
+        # UserTypeInvalid) gets a one-line error, not a traceback.
+        session.open_so(cfg.module, cfg.label, so_pin, cfg.profile)
+    except WireError:
+        raise
+    except Exception as exc:
+        raise map_error(exc, "logging in as the token's Security Officer") from None
     try:
         session.create_wrap_key(secret, wrap_id, mac_id)
     except Exception as exc:

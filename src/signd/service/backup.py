@@ -34,6 +34,7 @@ from ..keys.records import DESTROYED, KeyRecord, check_key_name
 from ..keys.recordstore import Superseded
 from ..protocol import BackupArgs, BackupResult, Request, RestoreArgs, RestoreResult
 from .admin import ID_DRAWS
+from .base import RESERVED_KEYS
 from .context import Batch, Reply
 from .lifecycle import Lifecycle
 from .lookup import INTERNAL_RECORD_PREFIX
@@ -83,7 +84,9 @@ class Backups(Lifecycle):
             names = sorted(
                 b.name
                 for b in await self.token.load_metadata()
-                if not b.name.startswith(INTERNAL_RECORD_PREFIX)
+                # the daemon's own records, and its audit key (each token's daemon
+                # makes its own: OPERATIONS.md section 13)
+                if not b.name.startswith(INTERNAL_RECORD_PREFIX) and b.name not in RESERVED_KEYS
             )
         for name in names:  # every key first: a refusal names the key, and nothing is wrapped
             self.policy.check(who, "admin", name)

@@ -28,9 +28,9 @@ from ..protocol import (
 )
 from ..token.ipc import SignJob, VerifyJob
 from ..token.pool import Entry
+from .backup import Backups
 from .context import Batch, Reply
 from .convert import error_info, send_error, send_result
-from .backup import Backups
 
 __all__ = ["INLINE_VERIFY_CANDIDATES", "Signing"]
 

@@ -35,10 +35,6 @@ from ..protocol import HEADER, FrameDecoder
 from .calls import (
     CALLS,
     BackupMac,
-    RestoreKeypair,
-    VerifyBackupMac,
-    WrapCheckValue,
-    WrapPrivate,
     Batch,
     Call,
     CreateMetadata,
@@ -53,11 +49,15 @@ from .calls import (
     Outcome,
     Probe,
     PublicKeys,
+    RestoreKeypair,
     Revisions,
     RunJobs,
     SignJob,
     TokenInfo,
+    VerifyBackupMac,
     VerifyJob,
+    WrapCheckValue,
+    WrapPrivate,
     jobs_from_rows,
 )
 
