@@ -23,6 +23,7 @@ from signd_client.bundle import decode_bundle, encode_bundle
 if TYPE_CHECKING:
     from conftest import Daemon, TokenEnv
 
+from support import kill_tree
 from test_wrapkey import create, wrap_key_cmd
 
 #: (key, type, rotations): every type SoftHSM can back up
@@ -70,17 +71,14 @@ def _restore(d: Daemon, bundle: Path, *args: str) -> subprocess.CompletedProcess
 @pytest.fixture(scope="module")
 def drill(
     new_softhsm_token: Callable[[str], TokenEnv],
+    module_daemon: Callable[..., Daemon],
     tmp_path_factory: pytest.TempPathFactory,
 ) -> dict[str, Any]:
     """Token A's life, the backup, A lost; returns what the tests check on B."""
-    from conftest import Daemon
-
     work = tmp_path_factory.mktemp("drill")
     token_a = new_softhsm_token("signd-drill-a")
     shares, check = create(token_a, shares=5, threshold=3)
-    a = Daemon(token_a, work / "a", '[audit]\ndir = "audit"\n')
-    (work / "a").mkdir()
-    a.start()
+    a = module_daemon(token_a, '[audit]\ndir = "audit"\n')
     signed: list[tuple[str, int, bytes, bytes]] = []
     pems: dict[tuple[str, int], str] = {}
     try:
@@ -119,7 +117,7 @@ def drill(
         assert b"exists" in again.stderr
         audit = [
             json.loads(line)
-            for f in sorted((work / "a" / "audit").glob("audit-*.jsonl"))
+            for f in sorted((a.workdir / "audit").glob("audit-*.jsonl"))
             for line in f.read_bytes().split(b"\n")
             if line
         ]
@@ -191,6 +189,13 @@ def test_the_drill_restores_every_key_version_state_and_setting(
         # a restored key is still backup-able, and rotates
         assert c.key_info("drill-rsa").backup is True
         assert c.rotate("drill-rsa").current_version == 3
+    # Answered means durable: killed -9 at once, the restarted daemon has every key.
+    kill_tree(b)
+    b.start()
+    with b.client() as c:
+        for name, info in drill["before"].items():
+            if name != "drill-rsa":  # rotated above
+                assert c.key_info(name) == info
     # restore twice: nothing duplicated
     twice = _restore(b, drill["bundle"])
     assert twice.returncode == 0, twice.stderr

@@ -55,6 +55,12 @@ CALL_EXAMPLES: list[ipc.Call[Any]] = [
     ipc.Generate("ec-p256", b"\x03" * 16, "k/1"),
     ipc.DestroyKeys(b"\x03" * 16, True),
     ipc.Probe(),
+    ipc.WrapPrivate(b"\x03" * 16),
+    ipc.WrapCheckValue(),
+    ipc.BackupMac(b"header"),
+    ipc.VerifyBackupMac(b"header", b"m" * 32),
+    ipc.RestoreKeypair("ec-p256", b"\x04" * 16, "k/v2", b"spki", b"wrapped"),
+    ipc.RestoreKeypair("ec-p256", b"\x05" * 16, "k/v1", b"spki", None),
 ]
 
 #: A result of every call, as the worker would answer it.
@@ -70,6 +76,11 @@ RESULT_EXAMPLES: dict[str, Any] = {
     "generate": b"spki",
     "destroy_keys": 2,
     "probe": None,
+    "wrap_private": b"wrapped",
+    "wrap_check_value": "0f3a5c7e9b1d2f40",
+    "backup_mac": b"m" * 32,
+    "verify_backup_mac": True,
+    "restore_keypair": None,
 }
 
 
