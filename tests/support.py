@@ -13,6 +13,8 @@ import fcntl
 import json
 import os
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -20,7 +22,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 if TYPE_CHECKING:
     import pytest
-    from conftest import Daemon
+    from conftest import Daemon, TokenEnv
 
 __all__ = [
     "WAIT",
@@ -146,3 +148,23 @@ def once_per_run(
         value = make(work)
         result.write_text(json.dumps(value))
         return value
+
+
+def run_step(script: str, token: TokenEnv, name: str, **args: Any) -> dict[str, Any]:
+    """Run the token step ``name`` of test module ``script`` (its ``__file__``)
+    in a child process on ``token``: JSON arguments on stdin, a JSON answer on
+    stdout.  A child of its own, because a PKCS#11 module is loaded once per
+    process and a token's state must be seen as a new process sees it."""
+    args.update(module=token.module, label=token.label, pin=str(token.pin_file))
+    out = subprocess.run(
+        [sys.executable, script, name],
+        input=json.dumps(args),
+        capture_output=True,
+        text=True,
+        env=token.env(),
+        timeout=120,
+        check=False,
+    )
+    assert out.returncode == 0, f"step {name} failed:\n{out.stderr}"
+    result: dict[str, Any] = json.loads(out.stdout)
+    return result

@@ -17,7 +17,6 @@ import hashlib
 import hmac
 import json
 import secrets
-import subprocess
 import sys
 import uuid
 from collections.abc import Callable
@@ -30,6 +29,7 @@ from cryptography.hazmat.primitives import hashes, keywrap, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 
 from signd.shares import ShareError, backup_mac_key, check_value, combine
+from support import run_step
 from test_wrapkey import create, wrap_key_cmd
 
 if TYPE_CHECKING:
@@ -45,19 +45,7 @@ BACKUP_TYPES = ["ec-p256", "ec-p384", "rsa-2048"]
 
 def step(token: TokenEnv, name: str, **args: Any) -> dict[str, Any]:
     """Run this file's step ``name`` in a child process on ``token``."""
-    args.update(module=token.module, label=token.label, pin=str(token.pin_file))
-    out = subprocess.run(
-        [sys.executable, __file__, name],
-        input=json.dumps(args),
-        capture_output=True,
-        text=True,
-        env=token.env(),
-        timeout=120,
-        check=False,
-    )
-    assert out.returncode == 0, f"step {name} failed:\n{out.stderr}"
-    result: dict[str, Any] = json.loads(out.stdout)
-    return result
+    return run_step(__file__, token, name, **args)
 
 
 def flip(blob_hex: str, bit: int = 0) -> str:

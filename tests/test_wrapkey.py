@@ -25,6 +25,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 
 from signd.errors import InvalidArgument, KeyNotFound, UnsupportedAlgorithm
+from support import run_step
 
 if TYPE_CHECKING:
     from conftest import Daemon, OckTokenEnv, TokenEnv  # the root conftest.py
@@ -81,20 +82,8 @@ def create(token: TokenEnv, shares: int = 5, threshold: int = 3) -> tuple[list[s
 
 
 def step(token: TokenEnv, name: str, **args: Any) -> dict[str, Any]:
-    """Run the step ``name`` in a child process logged in to ``token``."""
-    args.update(module=token.module, label=token.label, pin=str(token.pin_file))
-    out = subprocess.run(
-        [sys.executable, __file__, name],
-        input=json.dumps(args),
-        capture_output=True,
-        text=True,
-        env=token.env(),
-        timeout=120,
-        check=False,
-    )
-    assert out.returncode == 0, f"step {name} failed:\n{out.stderr}"
-    result: dict[str, Any] = json.loads(out.stdout)
-    return result
+    """Run this file's step ``name`` in a child process on ``token``."""
+    return run_step(__file__, token, name, **args)
 
 
 def corrupt(share: str) -> str:

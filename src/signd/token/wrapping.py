@@ -28,11 +28,12 @@ because it is a concern of its own.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import hmac
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any, Final
 
 import pkcs11.exceptions as p11e
@@ -326,14 +327,8 @@ class WrapKeys:
         key = self._private.get(object_id)
         if key is None:
             key = self._find_private(object_id)
-        try:
+        with _cannot_wrap_is_unsupported(object_id):
             probe_wrap(wrap_key, key)
-        except p11e.PKCS11Error as exc:
-            if not cannot_wrap(exc):
-                raise
-            raise UnsupportedAlgorithm(
-                f"the token cannot wrap the private key {object_id.hex()}: {token_answer(exc)}"
-            ) from None
 
     def wrap_private(self, object_id: bytes) -> bytes:
         """The private key ``object_id`` wrapped under the trusted wrap key
@@ -348,14 +343,8 @@ class WrapKeys:
         """
         wrap_key = self._trusted_wrap_key(WRAP_KEY_LABEL)
         key = self._find_private(object_id)  # looked up afresh: a cached handle may be stale
-        try:
+        with _cannot_wrap_is_unsupported(object_id):
             return bytes(wrap_key.wrap_key(key, mechanism=WRAP_MECHANISM))
-        except p11e.PKCS11Error as exc:
-            if not cannot_wrap(exc):
-                raise
-            raise UnsupportedAlgorithm(
-                f"the token cannot wrap the private key {object_id.hex()}: {token_answer(exc)}"
-            ) from None
 
     def _unwrap_private(
         self,
@@ -580,6 +569,19 @@ def _destroy_made(made: list[Any]) -> None:
                 "delete it (as the SO) before trying again",
                 extra={"error": type(exc).__name__},
             )
+
+
+@contextlib.contextmanager
+def _cannot_wrap_is_unsupported(object_id: bytes) -> Iterator[None]:
+    """The token's "I cannot wrap this key" as UnsupportedAlgorithm naming its answer."""
+    try:
+        yield
+    except p11e.PKCS11Error as exc:
+        if not cannot_wrap(exc):
+            raise
+        raise UnsupportedAlgorithm(
+            f"the token cannot wrap the private key {object_id.hex()}: {token_answer(exc)}"
+        ) from None
 
 
 def cannot_wrap(exc: BaseException) -> bool:
