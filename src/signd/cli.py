@@ -86,6 +86,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         cfg = load_config(args.config)
         pin = read_pin(cfg.token)
+        replica_pins = [read_pin(tc) for tc in cfg.replicas]
         metrics_token = read_metrics_token(cfg.metrics)
     except ConfigError as exc:
         print(f"signd: config error: {exc}", file=sys.stderr)
@@ -97,7 +98,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for problem in hardening_problems:
         log.warning("core dumps not fully disabled", extra={"error": problem})
     _raise_fd_limit(cfg.limits.max_connections)
-    return trio.run(run, cfg, pin, metrics_token)
+    return trio.run(run, cfg, pin, metrics_token, replica_pins)
 
 
 if __name__ == "__main__":  # pragma: no cover

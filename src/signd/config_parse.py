@@ -10,7 +10,7 @@ import os
 from collections.abc import Callable, Mapping
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Final, TypeVar
 
 from .access.policy import OPERATIONS, Rule
 from .config_sections import (
@@ -101,26 +101,16 @@ def _mode(v: str) -> str | None:
     return None
 
 
-def parse(doc: Mapping[str, Any], path: str | None, base: Path) -> Config:
-    """The ``Config`` that ``doc`` (from the file at ``path``, relative paths
-    taken from ``base``) describes.
+#: Most tokens one daemon serves one key set from.
+MAX_TOKENS: Final = 8
 
-    Raises:
-        ConfigError: a table or field is invalid.
+
+def _token(table: Any, base: Path, where: str) -> TokenConfig:
+    """One ``[token]`` table (``where``: its name in messages, ``token`` or ``token[2]``).
+
+    Raises: ConfigError.
     """
-    sections = dict(doc)
-    s = _Section("server", sections.pop("server", {}))
-    sock = s.take("socket", str, DEFAULT_SOCKET, _nonempty)
-    mode = s.take("socket_mode", str, "0660", _mode)
-    group = s.table.pop("socket_group", None)
-    if group is not None and not (
-        (type(group) is str and group.strip()) or (type(group) is int and 0 <= group < 2**31)
-    ):
-        raise ConfigError(f"server.socket_group: must be a group name or a gid, got {group!r}")
-    s.done()
-    server = ServerConfig(socket=str(base / sock), socket_mode=int(mode, 8), socket_group=group)
-
-    t = _Section("token", sections.pop("token", {}))
+    t = _Section(where, table)
     module = t.take("module", str, DEFAULT_MODULE, _absolute)
     try:
         profile = profile_for(t.take("profile", str, "auto", _nonempty), module)
@@ -141,10 +131,12 @@ def parse(doc: Mapping[str, Any], path: str | None, base: Path) -> Config:
     )
     auth_key_id = t.table.pop("auth_key_id", None)
     if auth_key_id is not None and not (type(auth_key_id) is int and 1 <= auth_key_id <= 0xFFFF):
-        raise ConfigError(f"token.auth_key_id: must be an integer 1 to 65535, got {auth_key_id!r}")
+        raise ConfigError(
+            f"{where}.auth_key_id: must be an integer 1 to 65535, got {auth_key_id!r}"
+        )
     if auth_key_id is not None and not profile.auth_key_pin:
         raise ConfigError(
-            f"token.auth_key_id: only the yubihsm profile logs in with an auth key id "
+            f"{where}.auth_key_id: only the yubihsm profile logs in with an auth key id "
             f"(this is the {profile.name} profile)"
         )
     batch = t.take("batch", int, profile.batch, _between(1, 4096))
@@ -161,15 +153,15 @@ def parse(doc: Mapping[str, Any], path: str | None, base: Path) -> Config:
     elif type(workers_raw) is int and 1 <= workers_raw <= 64:
         workers = workers_raw
     else:
-        raise ConfigError(f'token.workers: must be "auto" or 1 to 64, got {workers_raw!r}')
+        raise ConfigError(f'{where}.workers: must be "auto" or 1 to 64, got {workers_raw!r}')
     if workers is not None and profile.max_workers is not None and workers > profile.max_workers:
         raise ConfigError(
-            f"token.workers: the {profile.name} profile allows {profile.max_workers} "
+            f"{where}.workers: the {profile.name} profile allows {profile.max_workers} "
             f"(the device runs one command at a time), got {workers}"
         )
     if bool(pin_file) == bool(pin_cred):
-        raise ConfigError("token: set exactly one of pin_file and pin_credential")
-    token = TokenConfig(
+        raise ConfigError(f"{where}: set exactly one of pin_file and pin_credential")
+    return TokenConfig(
         module=module,
         profile=profile,
         auth_key_id=auth_key_id,
@@ -184,6 +176,45 @@ def parse(doc: Mapping[str, Any], path: str | None, base: Path) -> Config:
         stall_timeout=stall_timeout,
         recycle_mb=recycle_mb,
     )
+
+
+def parse(doc: Mapping[str, Any], path: str | None, base: Path) -> Config:
+    """The ``Config`` that ``doc`` (from the file at ``path``, relative paths
+    taken from ``base``) describes.
+
+    Raises:
+        ConfigError: a table or field is invalid.
+    """
+    sections = dict(doc)
+    s = _Section("server", sections.pop("server", {}))
+    sock = s.take("socket", str, DEFAULT_SOCKET, _nonempty)
+    mode = s.take("socket_mode", str, "0660", _mode)
+    group = s.table.pop("socket_group", None)
+    if group is not None and not (
+        (type(group) is str and group.strip()) or (type(group) is int and 0 <= group < 2**31)
+    ):
+        raise ConfigError(f"server.socket_group: must be a group name or a gid, got {group!r}")
+    s.done()
+    server = ServerConfig(socket=str(base / sock), socket_mode=int(mode, 8), socket_group=group)
+
+    raw_token = sections.pop("token", {})
+    if isinstance(raw_token, list):  # [[token]]: several tokens serving one key set
+        if not 1 <= len(raw_token) <= MAX_TOKENS:
+            raise ConfigError(
+                f"token: give 1 to {MAX_TOKENS} [[token]] tables, got {len(raw_token)}"
+            )
+        tokens = [
+            _token(table, base, "token" if i == 0 else f"token[{i + 1}]")
+            for i, table in enumerate(raw_token)
+        ]
+    else:
+        tokens = [_token(raw_token, base, "token")]
+    seen: set[tuple[str, str]] = set()
+    for tc in tokens:
+        if (tc.module, tc.label) in seen:
+            raise ConfigError(f"token: the token {tc.label!r} of {tc.module} is named twice")
+        seen.add((tc.module, tc.label))
+    token, replicas = tokens[0], tuple(tokens[1:])
 
     lim = _Section("limits", sections.pop("limits", {}))
     d = LimitsConfig()
@@ -290,6 +321,7 @@ def parse(doc: Mapping[str, Any], path: str | None, base: Path) -> Config:
     return Config(
         server=server,
         token=token,
+        replicas=replicas,
         limits=limits,
         access=access,
         audit=audit,

@@ -211,6 +211,9 @@ class LogConfig:
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     token: TokenConfig = field(default_factory=TokenConfig)
+    #: the other tokens of ``[[token]]``: every backup-able key is held on each
+    #: (``token.tokenset``); ``token`` is the first
+    replicas: tuple[TokenConfig, ...] = ()
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     access: AccessConfig = field(default_factory=AccessConfig)
     audit: AuditConfig = field(default_factory=AuditConfig)

@@ -20,7 +20,7 @@ import os
 import signal
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Final
 
 import trio
@@ -31,7 +31,7 @@ from .audit.checkpoint import Checkpointer, TokenHead, head_label
 from .audit.facts import outcome_of
 from .audit.files import AuditError
 from .audit.log import AuditLog, record_own_action
-from .config import Config, ConfigError, RateLimitsConfig, Secret, load_config
+from .config import Config, ConfigError, RateLimitsConfig, Secret, TokenConfig, load_config
 from .errors import WireError
 from .gauges import gauges
 from .keys.recordstore import RecordStore
@@ -43,7 +43,8 @@ from .server.listener import ListenerError, open_listener, systemd_socket
 from .server.systemd import Notifier
 from .service.convert import key_info
 from .service.core import Service
-from .token.pool import PoolSettings, TokenPool, open_token_pool
+from .token.pool import PoolSettings, open_token_pool
+from .token.tokenset import Tokens, TokenSet
 
 __all__ = ["EXIT_FAILURE", "EXIT_OK", "note_startup_hangup", "run"]
 
@@ -53,9 +54,34 @@ EXIT_OK: Final = 0
 EXIT_FAILURE: Final = 1
 
 
-async def run(cfg: Config, pin: Secret, metrics_token: Secret | None = None) -> int:
+def _pool_settings(cfg: Config, tc: TokenConfig, pin: Secret) -> PoolSettings:
+    """One token's pool: its own module, label, PIN and workers."""
+    return PoolSettings(
+        module=tc.module,
+        token_label=tc.label,
+        pin=pin.reveal(),
+        workers=tc.worker_count,
+        batch_max=tc.batch,
+        depth=tc.depth,
+        spin=tc.spin_us / 1e6,
+        queue_limit=cfg.limits.token_queue,
+        log_level=cfg.log.level,
+        probe_interval=tc.probe_interval,
+        stall_timeout=tc.stall_timeout,
+        recycle_mb=tc.recycle_mb,
+        profile=tc.profile.name,
+    )
+
+
+async def run(
+    cfg: Config,
+    pin: Secret,
+    metrics_token: Secret | None = None,
+    replica_pins: Sequence[Secret] = (),
+) -> int:
     """Serve until SIGTERM or SIGINT; returns the exit code (``EXIT_OK``, or
-    ``EXIT_FAILURE`` when the socket, the token or the audit log fails)."""
+    ``EXIT_FAILURE`` when the socket, the token or the audit log fails).
+    ``replica_pins``: the PINs of ``cfg.replicas``, in order."""
     # Before the token workers start: they must not inherit $NOTIFY_SOCKET.
     notifier = Notifier.from_environ()
     try:
@@ -66,27 +92,22 @@ async def run(cfg: Config, pin: Secret, metrics_token: Secret | None = None) -> 
     except ListenerError as exc:
         log.error("cannot listen", extra={"error": str(exc)})
         return EXIT_FAILURE
-    lim = cfg.limits
-    settings = PoolSettings(
-        module=cfg.token.module,
-        token_label=cfg.token.label,
-        pin=pin.reveal(),
-        workers=cfg.token.worker_count,
-        batch_max=cfg.token.batch,
-        depth=cfg.token.depth,
-        spin=cfg.token.spin_us / 1e6,
-        queue_limit=lim.token_queue,
-        log_level=cfg.log.level,
-        probe_interval=cfg.token.probe_interval,
-        stall_timeout=cfg.token.stall_timeout,
-        recycle_mb=cfg.token.recycle_mb,
-        profile=cfg.token.profile.name,
-    )
+    pins = [pin, *replica_pins]
+    settings = [
+        _pool_settings(cfg, tc, p) for tc, p in zip((cfg.token, *cfg.replicas), pins, strict=True)
+    ]
     failed = False
     metrics = Metrics()
     try:
         try:
-            async with open_token_pool(settings, metrics) as pool:
+            async with contextlib.AsyncExitStack() as stack:
+                pools = [
+                    await stack.enter_async_context(open_token_pool(s, metrics)) for s in settings
+                ]
+                pool: Tokens = pools[0]
+                if len(pools) > 1:
+                    pool = TokenSet(pools, cfg.token.profile)
+                    await pool.start()
                 return await _serve(
                     cfg,
                     sock,
@@ -112,7 +133,7 @@ async def _serve(
     cfg: Config,
     sock: socket.socket,
     inherited: bool,
-    pool: TokenPool,
+    pool: Tokens,
     metrics: Metrics,
     *,
     notifier: Notifier,
@@ -182,6 +203,8 @@ async def _serve(
     snapshot = gauges(service, server, pool, audit, checkpoints)
     try:
         async with trio.open_nursery() as nursery:
+            if isinstance(pool, TokenSet):
+                nursery.start_soon(pool.run)
             if cfg.metrics.enabled:
                 await _start_metrics(nursery, cfg, service, snapshot, metrics_token)
             try:
@@ -265,7 +288,7 @@ async def _audit_auto_prune(audit: AuditLog, key: LoadedKey, versions: list[int]
 async def _serve_with(
     cfg: Config,
     inherited: bool,
-    pool: TokenPool,
+    pool: Tokens,
     service: Service,
     server: Server,
     sock: socket.socket,

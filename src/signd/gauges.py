@@ -15,7 +15,7 @@ from .audit.log import AuditLog
 from .metrics import KeyState, Snapshot
 from .server.core import Server
 from .service.core import Service
-from .token.pool import TokenPool
+from .token.tokenset import Tokens
 
 __all__ = ["gauges"]
 
@@ -23,7 +23,7 @@ __all__ = ["gauges"]
 def gauges(
     service: Service,
     server: Server,
-    pool: TokenPool,
+    pool: Tokens,
     audit: AuditLog | None,
     cp: Checkpointer | None,
 ) -> Callable[[], Snapshot]:

@@ -17,8 +17,8 @@ from ..keys.recordstore import RecordStore
 from ..keys.store import Keystore, LoadedKey
 from ..metrics import Metrics
 from ..protocol import AuditHead, Message, Request
-from ..token.pool import TokenPool
 from ..token.profiles import Profile
+from ..token.tokenset import Tokens
 from .context import Reply, SlowWork
 from .convert import send_error, send_result, wire_error
 
@@ -52,7 +52,7 @@ class ServiceBase:
 
     def __init__(
         self,
-        token: TokenPool,
+        token: Tokens,
         records: RecordStore,
         policy: Policy,
         limiter: RateLimiter | None,

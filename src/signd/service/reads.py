@@ -29,6 +29,8 @@ from ..protocol import (
     TokenStatus,
     Whoami,
 )
+from ..token.ipc import TokenInfo
+from ..token.tokenset import TokenSet
 from .base import RESERVED_KEYS, RESERVED_VERBS
 from .context import Batch
 from .convert import jwks_of, key_info, key_summary
@@ -132,28 +134,45 @@ class Reads(Signing):
         self._answer(batch.reply, req, Jwks(keys=tuple(out)))
 
     def health(self) -> Health:
-        info = self.token.info
-        token = None
-        if info is not None:
-            token = TokenStatus(
-                label=info.label,
-                manufacturer=info.manufacturer,
-                model=info.model,
-                serial=info.serial,
-                logged_in=True,
-                profile=self.profile.name,
-                key_types=tuple(t for t, why in info.key_types.items() if why is None),
-                mechanisms=tuple(info.mechanisms),
-            )
         ready = self.ready
+        tokens = None
+        status, detail = "ok", None
+        if isinstance(self.token, TokenSet):
+            states = self.token.states()
+            tokens = tuple(self._token_status(info, state) for info, state in states)
+            away = [i + 1 for i, (_, state) in enumerate(states) if state != "serving"]
+            if ready and away:
+                status = "degraded"
+                detail = f"token {', '.join(map(str, away))} of {len(states)} not serving"
+        if not ready:
+            status, detail = "unavailable", "the token is not open or the keys are not loaded"
+        info = self.token.info
         return Health(
-            status="ok" if ready else "unavailable",
+            status=status,
             live=True,
             ready=ready,
             daemon_version=__version__,
             protocol_version=PROTOCOL_VERSION,
             uptime=time.monotonic() - self._started,
             keys=len(self.keystore),
-            token=token,
-            detail=None if ready else "the token is not open or the keys are not loaded",
+            token=None if info is None else self._token_status(info, None),
+            detail=detail,
+            tokens=tokens,
+        )
+
+    def _token_status(self, info: TokenInfo | None, state: str | None) -> TokenStatus:
+        if info is None:  # never opened (with several tokens only)
+            return TokenStatus(
+                label="", manufacturer="", model="", serial="", logged_in=False, state=state
+            )
+        return TokenStatus(
+            label=info.label,
+            manufacturer=info.manufacturer,
+            model=info.model,
+            serial=info.serial,
+            logged_in=state in (None, "serving", "catching_up"),
+            profile=self.profile.name,
+            key_types=tuple(t for t, why in info.key_types.items() if why is None),
+            mechanisms=tuple(info.mechanisms),
+            state=state,
         )

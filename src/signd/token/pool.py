@@ -137,9 +137,14 @@ class TokenPool:
 
     # ------------------------------------------------------------ rare operations
 
-    async def load_metadata(self, name: str | None = None) -> list[MetadataBlob]:
-        """The newest record of one key (``name``), or of every key (None)."""
-        return await self._call(LoadMetadata(name))
+    async def load_metadata(
+        self, name: str | None = None, *, writer: bool = False
+    ) -> list[MetadataBlob]:
+        """The newest record of one key (``name``), or of every key (None).
+        ``writer``: asked of the writer, not behind the signing workers' batches
+        (catching a token up, while it signs for others)."""
+        call = LoadMetadata(name)
+        return await (self._on_writer(call) if writer else self._call(call))
 
     async def revisions(self, name: str) -> list[int]:
         """The revisions of a key's record, as a signing worker (one that
@@ -155,9 +160,13 @@ class TokenPool:
     async def drop_older(self, name: str, revision: int) -> None:
         await self._on_writer(DropOlder(name, revision))
 
-    async def public_keys(self, object_ids: Sequence[bytes]) -> dict[bytes, tuple[bytes, bool]]:
-        """(SPKI DER, whether its private key exists) by object id."""
-        return await self._call(PublicKeys(list(object_ids)))
+    async def public_keys(
+        self, object_ids: Sequence[bytes], *, writer: bool = False
+    ) -> dict[bytes, tuple[bytes, bool]]:
+        """(SPKI DER, whether its private key exists) by object id (``writer``:
+        as for ``load_metadata``)."""
+        call = PublicKeys(list(object_ids))
+        return await (self._on_writer(call) if writer else self._call(call))
 
     async def destroy_keys(self, object_id: bytes, *, public: bool = False) -> int:
         """Delete a private key on the token, and its public key if ``public``;

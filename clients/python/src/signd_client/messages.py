@@ -385,6 +385,9 @@ class TokenStatus(Message):
     key_types: tuple[str, ...] | None = None
     #: the token's mechanisms, as CKM_ names
     mechanisms: tuple[str, ...] | None = None
+    #: with several tokens (``Health.tokens``): ``serving``, ``catching_up``
+    #: or ``unavailable``
+    state: str | None = None
 
 
 @message
@@ -413,6 +416,8 @@ class Health(Message):
     detail: str | None = None
     #: only to a peer that may read the audit key, and only with an audit log
     audit: AuditHead | None = None
+    #: with several tokens: each one, in config order, with its ``state``
+    tokens: tuple[TokenStatus, ...] | None = None
 
 
 @message
