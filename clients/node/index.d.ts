@@ -211,10 +211,12 @@ export interface TokenStatus {
   key_types?: string[];
   /** The token's mechanisms, as CKM_ names. */
   mechanisms?: string[];
+  /** With several tokens (`Health.tokens`): serving, catching_up or unavailable. */
+  state?: "serving" | "catching_up" | "unavailable" | string;
 }
 
 export interface Health {
-  status: "ok" | "unavailable" | string;
+  status: "ok" | "degraded" | "unavailable" | string;
   live: boolean;
   ready: boolean;
   daemon_version: string;
@@ -225,6 +227,8 @@ export interface Health {
   detail?: string;
   /** The audit log's chain head (to a peer that may read `signd.audit`). */
   audit?: AuditHead;
+  /** With several tokens: each one, in config order, with its state. */
+  tokens?: TokenStatus[];
 }
 
 /** One key the caller may use, and how. */

@@ -15,7 +15,7 @@ from .audit.log import AuditLog
 from .metrics import KeyState, Snapshot
 from .server.core import Server
 from .service.core import Service
-from .token.tokenset import Tokens
+from .token.tokenset import Tokens, TokenSet
 
 __all__ = ["gauges"]
 
@@ -46,6 +46,12 @@ def gauges(
             audit_chain_ok=cp.chain_ok if cp is not None else True,
             audit_chain_mismatches=cp.mismatches if cp is not None else 0,
             rate_limited=tuple(service.limiter.refused.items()) if service.limiter else (),
+            tokens=tuple(
+                (info.label if info is not None else f"token {i + 1}", state)
+                for i, (info, state) in enumerate(pool.states())
+            )
+            if isinstance(pool, TokenSet)
+            else (),
             keys=tuple(
                 KeyState(
                     k.record.name,

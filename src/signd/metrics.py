@@ -171,6 +171,8 @@ class Snapshot:
     #: (scope, requests refused) per rate limit: "principal", "key"
     rate_limited: tuple[tuple[str, int], ...] = ()
     keys: tuple[KeyState, ...] = ()
+    #: with several tokens: (label, state) of each (``TokenSet.states``)
+    tokens: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass
@@ -410,6 +412,16 @@ class Collector:
             g = GaugeMetricFamily(name, doc)
             g.add_metric([], float(value))
             yield g
+        if snap.tokens:
+            serving = GaugeMetricFamily(
+                "signd_token_serving",
+                "With several tokens ([[token]]): 1 when the token serves, 0 when it is "
+                "away or being caught up (state says which).",
+                labels=["token", "state"],
+            )
+            for label, state in snap.tokens:
+                serving.add_metric([label, state], float(state == "serving"))
+            yield serving
         info = GaugeMetricFamily("signd_build_info", "signd's version.", labels=["version"])
         info.add_metric([__version__], 1.0)
         yield info

@@ -753,6 +753,58 @@ result(
     ),
 )
 result(
+    "health.result.tokens",
+    "a ready daemon serving one key set from two tokens ([[token]]), one of them away: "
+    "status degraded; token is the primary; tokens lists each one in config order with "
+    "its state (serving, catching_up or unavailable).",
+    69,
+    "health",
+    Health(
+        status="degraded",
+        live=True,
+        ready=True,
+        daemon_version="0.1.0",
+        protocol_version=PROTOCOL_VERSION,
+        uptime=40.5,
+        keys=3,
+        token=TokenStatus(
+            label="hsm-b",
+            manufacturer="SoftHSM project",
+            model="SoftHSM v2",
+            serial="b2",
+            logged_in=True,
+            profile="softhsm",
+            key_types=("ec-p256",),
+            mechanisms=("CKM_ECDSA",),
+        ),
+        detail="token 1 of 2 not serving",
+        tokens=(
+            TokenStatus(
+                label="hsm-a",
+                manufacturer="SoftHSM project",
+                model="SoftHSM v2",
+                serial="a1",
+                logged_in=False,
+                profile="softhsm",
+                key_types=("ec-p256",),
+                mechanisms=("CKM_ECDSA",),
+                state="unavailable",
+            ),
+            TokenStatus(
+                label="hsm-b",
+                manufacturer="SoftHSM project",
+                model="SoftHSM v2",
+                serial="b2",
+                logged_in=True,
+                profile="softhsm",
+                key_types=("ec-p256",),
+                mechanisms=("CKM_ECDSA",),
+                state="serving",
+            ),
+        ),
+    ),
+)
+result(
     "health.result.audit",
     "a ready daemon with an audit log, to a peer that may read signd.audit: the chain "
     "head its newest checkpoint signed.",

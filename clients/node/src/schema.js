@@ -134,6 +134,19 @@ const JWK = [
 export const OPEN = new Set([JWK]);
 
 /** Results per op. @type {Record<string, Schema>} */
+/** A token's status in `health` (`token`, and each of `tokens`). */
+const TOKEN_STATUS = [
+  ["label", "str", true],
+  ["manufacturer", "str", true],
+  ["model", "str", true],
+  ["serial", "str", true],
+  ["logged_in", "bool", true],
+  ["profile", "str", false],
+  ["key_types", ["array", "str"], false],
+  ["mechanisms", ["array", "str"], false],
+  ["state", "str", false],
+];
+
 export const RESULTS = {
   create_key: KEY_INFO,
   list_keys: [
@@ -200,20 +213,7 @@ export const RESULTS = {
     ["protocol_version", "int", true],
     ["uptime", "float", true],
     ["keys", "int", true],
-    [
-      "token",
-      [
-        ["label", "str", true],
-        ["manufacturer", "str", true],
-        ["model", "str", true],
-        ["serial", "str", true],
-        ["logged_in", "bool", true],
-        ["profile", "str", false],
-        ["key_types", ["array", "str"], false],
-        ["mechanisms", ["array", "str"], false],
-      ],
-      false,
-    ],
+    ["token", TOKEN_STATUS, false],
     ["detail", "str", false],
     [
       "audit",
@@ -226,6 +226,7 @@ export const RESULTS = {
       ],
       false,
     ],
+    ["tokens", ["array", TOKEN_STATUS], false],
   ],
   whoami: [
     ["uid", "int", true],

@@ -41,6 +41,10 @@ def _health(args: argparse.Namespace, client: Client, stdin: BinaryIO) -> int:
         if h.token is not None:
             t = h.token
             print(f"token {t.label!r}  {t.manufacturer} {t.model}  serial {t.serial}")
+        for t in h.tokens or ():
+            print(
+                f"  {t.state or '?':<12} {t.label!r}  {t.manufacturer} {t.model}  serial {t.serial}"
+            )
         if h.detail:
             print(h.detail)
     return EXIT_OK if h.ready else EXIT_NEGATIVE
