@@ -218,6 +218,34 @@ def test_bad_values_name_the_field(tmp_path: Path, extra: str, field: str) -> No
         load_config(_write(tmp_path, text))
 
 
+def test_several_tokens(tmp_path: Path) -> None:
+    """[[token]]: the first is ``token``, the others ``replicas``, each read alone."""
+    text = (
+        '[[token]]\nlabel = "a"\npin_file = "pin"\nworkers = 2\n'
+        '[[token]]\nlabel = "b"\npin_file = "pin"\n'
+    )
+    cfg = load_config(_write(tmp_path, text))
+    assert (cfg.token.label, cfg.token.workers) == ("a", 2)
+    assert [(t.label, t.workers, t.pin_file) for t in cfg.replicas] == [
+        ("b", None, str(tmp_path / "pin"))
+    ]
+    assert load_config(_write(tmp_path, GOOD)).replicas == ()
+    # errors name the table they are in
+    with pytest.raises(ConfigError, match=r"^token\[2\].label"):
+        load_config(_write(tmp_path, text.replace('label = "b"', 'label = ""')))
+    with pytest.raises(ConfigError, match=r"^token\[2\]: set exactly one"):
+        load_config(_write(tmp_path, text.replace('label = "b"\npin_file = "pin"', 'label = "b"')))
+    with pytest.raises(ConfigError, match="named twice"):
+        load_config(_write(tmp_path, text.replace('label = "b"', 'label = "a"')))
+    with pytest.raises(ConfigError, match="1 to 8"):
+        load_config(
+            _write(
+                tmp_path,
+                "".join(f'[[token]]\nlabel = "t{i}"\npin_file = "pin"\n' for i in range(9)),
+            )
+        )
+
+
 def test_pin_source_is_exactly_one(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="exactly one of pin_file and pin_credential"):
         load_config(_write(tmp_path, "[token]\n"))

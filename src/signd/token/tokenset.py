@@ -18,7 +18,8 @@ how many there are.  The rules, also in README "Several tokens":
 * **A token that goes away stops serving at once** (its queued signatures
   go to another token that holds the key, not back to the client).  One that
   returns, or joins at start, is *caught up* before it serves: for each key,
-  the token holding the highest revision of its record is the source; the
+  the token holding the highest revision of its record is the source (the
+  returning one too, if it served alone while the others were away); the
   missing versions are unwrapped onto it from there, versions destroyed
   meanwhile lose their private keys, and the record is copied.  A rotation
   while a token is away is made on the tokens present; the away token gets
@@ -332,7 +333,9 @@ class TokenSet:
                     self._stop_serving(i, "the token went away")
                 elif not self.serving[i] and pool.is_open and self._primary_or_none() is not None:
                     try:
-                        await self._catch_up(i)
+                        # both ways: if the others were away too, and this one
+                        # served alone meanwhile, its records are the newer
+                        await self._catch_up(i, both_ways=True)
                     except WireError as exc:
                         log.warning(
                             "catching a token up failed; trying again",
@@ -355,8 +358,8 @@ class TokenSet:
     async def _catch_up(self, i: int, *, both_ways: bool = False) -> None:
         """Bring token ``i`` up to the serving tokens, then let it serve.
 
-        ``both_ways`` (at start): a record newer on ``i`` than on the serving
-        tokens is copied to them instead.
+        ``both_ways``: a record newer on ``i`` than on the serving tokens (it
+        served alone while they were away) is copied to them instead.
         """
         async with self._lock:
             dst = self.pools[i]
