@@ -135,10 +135,11 @@ def jobs_from_rows(rows: list[Any]) -> list[SignJob | VerifyJob]:
     return jobs
 
 
-@dataclass(frozen=True, slots=True)
-class Batch:
+class Batch(NamedTuple):
     """What a worker answers to ``RunJobs``: the token's seconds for the
-    batch, and an outcome row per job, in order."""
+    batch, and an outcome row per job, in order.  A NamedTuple, as the jobs
+    are: one is built on each side per batch (per signature, for a lone
+    client), and ``_new`` builds it without a call into Python."""
 
     seconds: float
     outcomes: list[Outcome]
@@ -258,7 +259,7 @@ class RunJobs(Call[Batch]):
     @staticmethod
     def decode_result(value: Any) -> Batch:
         seconds, outcomes = value
-        return Batch(seconds, outcomes)
+        return _new(Batch, (seconds, outcomes))
 
 
 @dataclass(frozen=True, slots=True)

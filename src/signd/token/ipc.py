@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Final, TypeVar
+from typing import Any, Final, NamedTuple, TypeVar
 
 import msgpack
 
@@ -108,6 +108,8 @@ __all__ = [
     "failed",
     "frame",
 ]
+
+_new = tuple.__new__
 
 #: The worker channel is trusted; a key listing of many RSA keys is large.
 IPC_MAX_FRAME: Final = 256 << 20
@@ -194,9 +196,11 @@ class Request:
     call: Call[Any]
 
 
-@dataclass(frozen=True, slots=True)
-class Answer:
-    """A decoded answer: the (still encoded) result, or the error."""
+class Answer(NamedTuple):
+    """A decoded answer: the (still encoded) result, or the error.  A
+    NamedTuple: the daemon decodes one per batch a worker answers (per
+    signature, for a lone client), and ``_new`` builds it without a call
+    into Python."""
 
     tag: int
     value: Any = None
@@ -281,7 +285,7 @@ def decode_answer(msg: list[Any]) -> Answer | Lost:
     try:
         if msg[1] is True:
             tag, _, value = msg
-            return Answer(tag, value)
+            return _new(Answer, (tag, value, None))
         tag, _, code, message = msg
     except ValueError:
         raise IpcError(f"not an answer: {msg!r:.80}") from None
