@@ -36,6 +36,13 @@ SIGND_ROWS = (
     "signd, 64 connections, strict audit log",
     "signd, 1 synchronous connection, strict audit log",
 )
+#: Issue 15's rows: one key on 1, 2 and 4 tokens behind the slow relay; their
+#: ratio is against the 1-token row.
+TOKEN_ROWS = (
+    "signd, 1 slow token (12.5 ms relay, 1 worker each)",
+    "signd, 2 slow tokens (12.5 ms relay, 1 worker each)",
+    "signd, 4 slow tokens (12.5 ms relay, 1 worker each)",
+)
 
 
 def bench_command() -> list[str]:
@@ -89,7 +96,7 @@ def test_every_row_is_reported(quick_run: tuple[dict[str, Any], str, str]) -> No
     report, _, _ = quick_run
     assert report["quick"] is True
     names = [r["name"] for r in report["rows"]]
-    for name in (BASELINE, *SIGND_ROWS):
+    for name in (BASELINE, *SIGND_ROWS, *TOKEN_ROWS):
         assert len(rows_named(report, name)) == 1, f"row {name!r} missing or repeated: {names}"
         assert rows_named(report, name)[0]["key_type"] == "ec-p256"
     assert any(n.startswith("daemon RSS with 1000 open connections") for n in names), names
@@ -106,7 +113,7 @@ def test_baseline_row_measures_something(quick_run: tuple[dict[str, Any], str, s
     assert base["ratio"] == pytest.approx(1.0)
 
 
-@pytest.mark.parametrize("name", SIGND_ROWS)
+@pytest.mark.parametrize("name", SIGND_ROWS + TOKEN_ROWS)
 def test_signd_row_is_complete_and_error_free(
     quick_run: tuple[dict[str, Any], str, str], name: str
 ) -> None:
@@ -161,6 +168,8 @@ def test_targets_are_listed(quick_run: tuple[dict[str, Any], str, str]) -> None:
         "RSS growth over",
         "strict audit on vs off at 64 connections",
         "strict audit on vs off, 1 synchronous connection",
+        "2 slow tokens vs 1 slow token",
+        "4 slow tokens vs 1 slow token",
     ):
         (match,) = [t for name, t in targets.items() if name.startswith(prefix)]
         assert match["measured"] != "not measured", match

@@ -14,13 +14,14 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from signd.config import find_softhsm_module
 from signd.keys.store import object_label
-from signd_client import Client
+from signd_client import Client, Health
 
 from ._measure import Row, process_tree, reset_peak_rss, usage_of
 
@@ -72,6 +73,8 @@ class _Run:
     error_names: dict[str, int]
     cpu: float
     peak_rss_mb: float
+    #: how much each of the caller's ``probe`` figures grew over the same interval
+    probed: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -129,37 +132,55 @@ class Bench:
         """Start a daemon on the run's token: ``name`` "signd" is the main one
         (``self.socket``, ``self.daemon``); another name starts one beside it,
         on ``NAME.sock``, for rows measured against the main one in turns."""
-        cfg = self.workdir / f"{name}.toml"
-        sock = self.workdir / f"{name}.sock"
         workers = self.workers if self.workers == "auto" else int(self.workers)
         audit_table = f'\n[audit]\ndir = "{self.workdir / "audit" / name}"\nmode = "strict"\n'
-        cfg.write_text(
-            f'[server]\nsocket = "{sock}"\n\n'
+        tokens = (
             f'[token]\nmodule = "{self.module}"\nlabel = "{self.label}"\n'
             f'pin_file = "{self.workdir / "token" / "user.pin"}"\n'
-            f"workers = {json.dumps(workers)}\n\n"
-            f"{self.config_extra}"
-            '\n[log]\nlevel = "warning"\n' + (audit_table if audit else "")
+            f"workers = {json.dumps(workers)}\n"
+        )
+        proc = self.launch_daemon(name, tokens, audit_table if audit else "")
+        if name == "signd":
+            self.daemon = proc
+        return proc
+
+    def launch_daemon(
+        self,
+        name: str,
+        tokens: str,
+        extra: str = "",
+        env: dict[str, str] | None = None,
+        ready: Callable[[Health], bool] = lambda h: h.ready,
+    ) -> subprocess.Popen[bytes]:
+        """Start a daemon on ``NAME.sock`` whose config has the TOML ``tokens``
+        (its ``[token]`` or ``[[token]]`` tables), the run's limits and
+        ``extra``, with ``env`` added to this process's environment; return
+        once its ``health`` answers ``ready`` (by default: ``health.ready``)."""
+        cfg = self.workdir / f"{name}.toml"
+        sock = self.workdir / f"{name}.sock"
+        cfg.write_text(
+            f'[server]\nsocket = "{sock}"\n\n{tokens}\n{self.config_extra}'
+            f'\n[log]\nlevel = "warning"\n{extra}'
         )
         log = open(self.workdir / f"{name}.log", "ab")
         proc = subprocess.Popen(
             [sys.executable, "-m", "signd", "serve", "--config", str(cfg)],
             stdout=log,
             stderr=log,
+            env={**os.environ, **(env or {})},
         )
         log.close()
         self.sockets[proc.pid] = str(sock)
-        if name == "signd":
-            self.daemon = proc
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             if proc.poll() is not None:
                 raise SystemExit(f"signd-bench: signd exited; see {self.workdir}/{name}.log")
             with contextlib.suppress(Exception), Client(str(sock), timeout=2) as c:
-                if c.health().ready:
+                if ready(c.health()):
                     return proc
             time.sleep(0.05)
-        raise SystemExit("signd-bench: signd did not become ready")
+        self.stop_daemon(proc)
+        raise SystemExit(f"signd-bench: signd did not become ready; see {self.workdir}/{name}.log")
 
     def stop_daemon(self, proc: subprocess.Popen[bytes] | None = None) -> None:
         """Stop ``proc``, by default the main daemon."""
@@ -183,6 +204,10 @@ class Bench:
         base = self.baselines.get(baseline_of or row.key_type)
         if base:
             row.ratio = row.rate / base
+        return self.report(row)
+
+    def report(self, row: Row) -> Row:
+        """Add ``row`` as it is (its ratio set by the caller, or none) and show it."""
         self.rows.append(row)
         p50, p99 = row.p(50), row.p(99)
         lat = f"p50 {p50 * 1e6:.0f} µs, p99 {p99 * 1e6:.0f} µs" if p50 and p99 else ""
@@ -238,6 +263,29 @@ class Bench:
         run = self._run_drivers(name, job, processes, connections, self.seconds)
         return self.add(self._row(name, key_type, [run], note), baseline_of)
 
+    def measure(
+        self,
+        name: str,
+        job: dict[str, Any],
+        processes: int,
+        connections: int,
+        daemon: subprocess.Popen[bytes],
+        probe: Callable[[], dict[str, float]] | None = None,
+        seconds: float | None = None,
+    ) -> _Run:
+        """One run of drivers against ``daemon`` (``job`` names its socket) for
+        ``seconds`` (default: the run's), for a row of the caller's making
+        (:meth:`row`, :meth:`report`).  ``probe`` is read when the measured
+        interval starts and when it ends; the run keeps how much each of its
+        figures grew (``_Run.probed``)."""
+        return self._run_drivers(
+            name, job, processes, connections, seconds or self.seconds, daemon, probe
+        )
+
+    def row(self, name: str, key_type: str, runs: list[_Run], note: str) -> Row:
+        """The row of ``runs`` (not added)."""
+        return self._row(name, key_type, runs, note)
+
     def drive_in_turns(
         self,
         rows: list[tuple[str, dict[str, Any], int, int, subprocess.Popen[bytes]]],
@@ -267,6 +315,7 @@ class Bench:
         connections: int,
         seconds: float,
         daemon: subprocess.Popen[bytes] | None = None,
+        probe: Callable[[], dict[str, float]] | None = None,
     ) -> _Run:
         job = {
             "socket": self.socket,
@@ -304,6 +353,7 @@ class Bench:
         time.sleep(self.warmup)
         reset_peak_rss(pids)
         before = usage_of(pids)
+        probed_before = probe() if probe is not None else {}
         results = []
         for p in procs:
             out, _ = p.communicate(timeout=self.warmup + seconds + 120)
@@ -311,6 +361,7 @@ class Bench:
                 raise SystemExit(f"signd-bench: a driver failed in {name}")
             results.append(json.loads(out))
         after = usage_of(pids)
+        probed_after = probe() if probe is not None else {}
         names: dict[str, int] = {}
         for r in results:
             for k, v in r.get("error_names", {}).items():
@@ -324,6 +375,7 @@ class Bench:
             error_names=names,
             cpu=after.cpu - before.cpu,
             peak_rss_mb=after.peak_rss_mb,
+            probed={k: v - probed_before.get(k, 0.0) for k, v in probed_after.items()},
         )
 
     def fsync_row(self, directory: Path) -> Row:

@@ -20,9 +20,11 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from signd.config_parse import MAX_TOKENS
 from signd.keys.store import object_label
 from signd_client import Client
 
+from . import tokens
 from ._measure import Row
 from .bench import (
     BASELINE_SCHEME,
@@ -30,6 +32,7 @@ from .bench import (
     Bench,
     _progress,
     _raise_fd_limit,
+    _softhsm_module,
 )
 
 __all__ = ["main"]
@@ -146,13 +149,53 @@ def targets(rows: list[Row]) -> list[tuple[str, str, str]]:
     if grow:
         delta = float(grow.note.split("(")[1].split(" MB")[0])
         check(f"RSS growth over {grow.operations:,} signatures (< 10 MB)", delta, 10, False, " MB")
+    for n in (2, 4):
+        slow = next((r for r in rows if r.name.startswith(f"signd, {n} slow tokens")), None)
+        goal = tokens.GOAL * n
+        check(
+            f"{n} slow tokens vs 1 slow token (>= {goal:.1f}x)",
+            slow.ratio if slow else None,
+            goal,
+            True,
+            "x",
+        )
     return out
 
 
 # -------------------------------------------------------------------- main
 
 
-def run(b: Bench, types: list[str], peers: bool) -> None:
+def run(
+    b: Bench,
+    types: list[str],
+    peers: bool,
+    token_counts: list[int],
+    latency: float,
+    tokens_only: bool = False,
+) -> None:
+    if "ec-p256" not in types:
+        token_counts = []
+    elif token_counts and (why := tokens.unavailable()) is not None:
+        _progress(f"slow-token rows skipped: {why}")
+        token_counts = []
+    steps = 0 if tokens_only else len(types) * 4 + 7
+    steps += len(set(token_counts)) + 1 if token_counts else 0
+    step = 0
+
+    def stage(what: str) -> None:
+        nonlocal step
+        step += 1
+        _progress(f"[{step}/{steps}] {what}")
+
+    if not tokens_only:
+        _single_token(b, types, peers, stage)
+    if token_counts:
+        b.module = b.module or _softhsm_module()
+        tokens.run_token_rows(b, token_counts, latency, stage)
+
+
+def _single_token(b: Bench, types: list[str], peers: bool, stage: Callable[[str], None]) -> None:
+    """Every row on the run's one token and daemon."""
     b.make_token()
     b.start_daemon()
     try:
@@ -161,13 +204,6 @@ def run(b: Bench, types: list[str], peers: bool) -> None:
             for kt in types:
                 keys[kt] = f"bench-{kt}"
                 c.create_key(keys[kt], kt)
-        steps = len(types) * 4 + 7
-        step = 0
-
-        def stage(what: str) -> None:
-            nonlocal step
-            step += 1
-            _progress(f"[{step}/{steps}] {what}")
 
         for kt in types:
             key = keys[kt]
@@ -324,6 +360,24 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--no-peers", action="store_true", help="skip p11-kit and ssh-agent")
     p.add_argument(
+        "--tokens",
+        default=",".join(map(str, tokens.DEFAULT_COUNTS)),
+        metavar="N,N,...",
+        help="token counts of the slow-token rows (default 1,2,4; 'none' skips them)",
+    )
+    p.add_argument(
+        "--latency-ms",
+        type=float,
+        default=tokens.DEFAULT_LATENCY * 1000,
+        help="what the slow-token relay adds to every chunk from the token, in ms "
+        f"(default {tokens.DEFAULT_LATENCY * 1000:g})",
+    )
+    p.add_argument(
+        "--tokens-only",
+        action="store_true",
+        help="run the slow-token rows only",
+    )
+    p.add_argument(
         "--json",
         default="bench-results.json",
         metavar="FILE",
@@ -345,11 +399,22 @@ def main(argv: list[str] | None = None) -> int:
             f"signd-bench: unsupported --types {bad}; use {list(BASELINE_SCHEME)}", file=sys.stderr
         )
         return 2
+    try:
+        counts = [] if args.tokens == "none" else [int(n) for n in args.tokens.split(",") if n]
+    except ValueError:
+        counts = [0]
+    if any(not 1 <= n <= MAX_TOKENS for n in counts) or args.latency_ms < 0:
+        print(
+            f"signd-bench: --tokens takes counts 1 to {MAX_TOKENS} (e.g. 1,2,4) or none, "
+            "--latency-ms a number >= 0",
+            file=sys.stderr,
+        )
+        return 2
     workdir = Path(tempfile.mkdtemp(prefix="signd-bench-"))
     b = Bench(workdir, args.quick, seconds, warmup, args.window, args.workers)
     started = time.time()
     try:
-        run(b, types, not args.no_peers)
+        run(b, types, not args.no_peers, counts, args.latency_ms / 1000, args.tokens_only)
     finally:
         if not args.keep:
             shutil.rmtree(workdir, ignore_errors=True)
@@ -361,6 +426,8 @@ def main(argv: list[str] | None = None) -> int:
         "window": args.window,
         "workers": args.workers,
         "cpus": os.cpu_count(),
+        "token_counts": counts,
+        "relay_latency_ms": args.latency_ms,
         "rows": [r.to_json() for r in b.rows],
         "targets": [{"target": t, "measured": m, "verdict": v} for t, m, v in checks],
     }
