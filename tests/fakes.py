@@ -488,11 +488,20 @@ class FakeTokenPool(FakePool):
         self._created: tuple[str, int, tuple[int, bytes] | None] | None = None
         #: operation -> the gate its next call waits at (then forgotten)
         self.gates: dict[str, Gate] = {}
+        self._made: list[Gate] = []
 
     def hold(self, op: str) -> Gate:
         """Hold the next call of ``op`` until ``release``d (before it reaches the token)."""
         gate = self.gates[op] = Gate()
+        self._made.append(gate)
         return gate
+
+    def release_all(self) -> None:
+        """Let every held call go on (a test that failed while one waits: the
+        service shields some calls from cancellation, and would wait forever)."""
+        self.gates.clear()
+        for gate in self._made:
+            gate.release()
 
     async def _rare(self, op: str, arg: Any) -> None:
         gate = self.gates.pop(op, None)
@@ -734,30 +743,37 @@ async def open_set_harness(
     limiter: RateLimiter | None = None,
     lifecycle: bool = False,
     watch: bool = True,
+    deadline: float = 600.0,
     **settings: Any,
 ) -> AsyncIterator[SetHarness]:
     """A loaded ``Service`` on a ``TokenSet`` of ``fakes``, built as the
     daemon builds it: the set started (every open token caught up), its
     records written through a ``RecordStore``, its watch task running if
     ``watch``, and the lifecycle task if ``lifecycle``; all cancelled on exit.
-    ``settings``: as for ``open_harness``."""
+    A test still inside after ``deadline`` seconds of trio time fails
+    (TooSlowError) instead of hanging.  ``settings``: as for ``open_harness``."""
     tokens = TokenSet(
         fakes,  # type: ignore[arg-type]
         settings.get("profile", PROFILES["softhsm"]),
     )
-    async with trio.open_nursery() as nursery:
-        for fake in fakes:
-            nursery.start_soon(fake.run)
-        await tokens.start()
-        if watch:
-            nursery.start_soon(tokens.run)
-        service = _service(tokens, RecordStore(tokens), policy, limiter, settings)
-        await service.load()
-        harness = SetHarness(service, nursery, tokens, list(fakes))
-        if lifecycle:
-            harness.start_lifecycle()
-        yield harness
-        nursery.cancel_scope.cancel()
+    with trio.fail_after(deadline):
+        async with trio.open_nursery() as nursery:
+            for fake in fakes:
+                nursery.start_soon(fake.run)
+            await tokens.start()
+            if watch:
+                nursery.start_soon(tokens.run)
+            service = _service(tokens, RecordStore(tokens), policy, limiter, settings)
+            await service.load()
+            harness = SetHarness(service, nursery, tokens, list(fakes))
+            if lifecycle:
+                harness.start_lifecycle()
+            try:
+                yield harness
+            finally:
+                for fake in fakes:
+                    fake.release_all()
+                nursery.cancel_scope.cancel()
 
 
 def policy_from_config(directory: Path, access: str) -> Policy:

@@ -301,6 +301,25 @@ async def test_record_writes_are_mirrored_to_every_serving_token(autojump_clock:
         assert not h.tokens.serving[1]
 
 
+async def test_a_destroyed_versions_private_keys_go_after_its_record_is_on_every_token(
+    autojump_clock: Any,
+) -> None:
+    async with open_set_harness(_two()) as h:
+        a, b = h.fakes
+        c = h.connect(ROOT)
+        await _create(c, "k", backup=True, deletion_allowed=True)
+        await c.call("rotate", RotateArgs(key="k"))
+        v1 = _ids(a, "k")[1]
+        mirrored = b.hold("create_metadata")  # the record, written on a, reaching b
+        (rid,) = c.send([("destroy", DestroyArgs(key="k", version=1))])
+        await _reached(mirrored)
+        assert (a.holds(v1), b.holds(v1)) == ("pair", "pair")
+        mirrored.release()
+        await c.replies.answer(rid, "destroy")
+        assert b.records["k"] == a.records["k"]
+        assert (a.holds(v1), b.holds(v1)) == ("public", "public")
+
+
 async def test_a_returning_token_is_caught_up_before_it_serves(autojump_clock: Any) -> None:
     async with open_set_harness(_two()) as h:
         a, b = h.fakes
@@ -464,3 +483,82 @@ async def test_states_is_open_and_pending(autojump_clock: Any) -> None:
         assert ts.is_open
         a.restore()
         await _until(lambda: _states(ts) == ["serving", "serving"], "a caught up")
+
+
+# ---------------------------------------------------------------- bugs found
+
+
+async def test_a_token_caught_up_during_a_rotation_gets_the_new_version(
+    autojump_clock: Any,
+) -> None:
+    """b returns while a rotation's keypair is being made on a alone: the
+    watch catches b up (before the new record exists), then the record is
+    written on b too.  The version it names must be on b as well."""
+    async with open_set_harness(_two()) as h:
+        a, b = h.fakes
+        ts = h.tokens
+        c = h.connect(ROOT)
+        await _create(c, "k", backup=True)
+        b.lose()
+        await _until(lambda: not ts.serving[1], "b to stop serving")
+        wrapping = a.hold("wrap_private")  # inside the set's generate
+        (rid,) = c.send([("rotate", RotateArgs(key="k"))])
+        await _reached(wrapping)
+        b.restore()
+        # The watch wants to catch b up: it waits for the set's lock (generate has it).
+        await _until(lambda: ts._lock.statistics().tasks_waiting == 1, "the catch-up to wait")
+        wrapping.release()
+        rotated = await c.replies.answer(rid, "rotate")
+        assert rotated.current_version == 2
+        await _until(lambda: _states(ts) == ["serving", "serving"], "b to serve")
+        assert b.records["k"] == a.records["k"]
+        v2 = _ids(a, "k")[2]
+        assert b.holds(v2) == "pair"
+        a.lose()
+        signed = await c.call("sign", SignArgs(key="k", message=b"v2 on b"))
+        assert signed.version == 2
+        _check(a.pairs[v2].spki, signed.signature, b"v2 on b")
+
+
+async def test_a_key_without_backup_can_be_changed_while_its_token_is_away(
+    autojump_clock: Any,
+) -> None:
+    """Every token holds the public key of every version its records name, so
+    a key whose only private key is away is unavailable, not broken."""
+    async with open_set_harness(_two()) as h:
+        a, b = h.fakes
+        c = h.connect(ROOT)
+        await _create(c, "solo", backup=False)
+        oid = _ids(a, "solo")[1]
+        assert (a.holds(oid), b.holds(oid)) == ("pair", "public")
+        a.lose()
+        await _until(lambda: not h.tokens.serving[0], "a to stop serving")
+        info = await c.call("update_key", UpdateKeyArgs(key="solo", verify_grace=60.0))
+        assert info.verify_grace == 60.0
+        with pytest.raises(TokenUnavailable):
+            await c.call("sign", SignArgs(key="solo", message=b"its token is away"))
+        a.restore()
+        await _until(lambda: _states(h.tokens) == ["serving", "serving"], "a caught up")
+        assert a.records["solo"] == b.records["solo"]
+        signed = await c.call("sign", SignArgs(key="solo", message=b"back"))
+        _check(a.pairs[oid].spki, signed.signature, b"back")
+
+
+async def test_a_record_this_version_cannot_read_is_copied_as_it_is(autojump_clock: Any) -> None:
+    """A record written by another signd version (here: a key type this one
+    does not know) is the service's to skip; the set copies it, without
+    keypairs, at start and when a token returns, and goes on."""
+    future = b'{"format": 1, "name": "future", "type": "ml-dsa-65", "versions": []}'
+    a, b = _two()
+    b.records["future"] = (1, future)  # on b only, at start
+    async with open_set_harness([a, b]) as h:
+        assert a.records["future"] == b.records["future"] == (1, future)
+        c = h.connect(ROOT)
+        await _create(c, "k", backup=True)
+        b.lose()
+        await _until(lambda: not h.tokens.serving[1], "b to stop serving")
+        a.records["future"] = (2, future)  # newer on a while b is away
+        b.restore()
+        await _until(lambda: _states(h.tokens) == ["serving", "serving"], "b caught up")
+        assert b.records["future"] == (2, future)
+        assert b.records["k"] == a.records["k"]
