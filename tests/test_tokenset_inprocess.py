@@ -562,3 +562,24 @@ async def test_a_record_this_version_cannot_read_is_copied_as_it_is(autojump_clo
         await _until(lambda: _states(h.tokens) == ["serving", "serving"], "b caught up")
         assert b.records["future"] == (2, future)
         assert b.records["k"] == a.records["k"]
+
+
+async def test_a_destroy_one_token_failed_is_finished_when_it_is_caught_up(
+    autojump_clock: Any,
+) -> None:
+    """The record (destroyed) reached b, the private key's deletion failed
+    there: b stops serving, and its catch-up deletes it (the records' revisions
+    are the same by then)."""
+    async with open_set_harness(_two()) as h:
+        a, b = h.fakes
+        c = h.connect(ROOT)
+        await _create(c, "k", backup=True, deletion_allowed=True)
+        await c.call("rotate", RotateArgs(key="k"))
+        v1 = _ids(a, "k")[1]
+        b.fail_next["destroy_keys"] = TokenError("the token refused the deletion")
+        await c.call("destroy", DestroyArgs(key="k", version=1))
+        assert b.records["k"] == a.records["k"]
+        assert (a.holds(v1), b.holds(v1)) == ("public", "pair")
+        await _until(lambda: h.tokens.catch_ups[1] == 2, "b caught up again")
+        assert _states(h.tokens) == ["serving", "serving"]
+        assert b.holds(v1) == "public"

@@ -22,7 +22,8 @@ how many there are.  The rules, also in README "Several tokens":
   returns, or joins at start, is *caught up* before it serves: for each key,
   the token holding the highest revision of its record is the source; the
   missing versions are unwrapped onto it from there, versions destroyed
-  meanwhile lose their private keys, and the record is copied.  A rotation
+  meanwhile (or whose destruction failed there) lose their private keys,
+  and the record is copied.  A rotation
   while a token is away is made on the tokens present; the away token gets
   the new version when it returns.
 * **Signatures go to the least busy serving token that holds the key**;
@@ -368,7 +369,8 @@ class TokenSet:
         """Bring token ``i`` up to the serving tokens, then let it serve.
 
         ``both_ways`` (at start): a record newer on ``i`` than on the serving
-        tokens is copied to them instead.
+        tokens is copied to them instead.  A record ``i`` holds already has
+        its keypairs checked there (one read of ``i`` each).
         """
         async with self._lock:
             dst = self.pools[i]
@@ -391,6 +393,13 @@ class TokenSet:
                         for k in sources:
                             await self._copy(i, k, held)
                         copied += 1
+                    elif held.revision == blob.revision:
+                        # The same record, but a mirrored call that failed on
+                        # ``i`` (it then stopped serving) may have left its
+                        # keypairs behind: a destroyed version's private key.
+                        record = _key_record(name, blob.revision, blob.value)
+                        if record is not None:
+                            await self._copy_keypairs(j, i, record)
                 if both_ways:
                     for name, held in sorted(mine.items()):
                         if name not in theirs:
