@@ -16,7 +16,8 @@ change, this file is the one to adapt.
 also keeps a key record's revisions the way a token's data objects do (for
 the ``RecordStore`` calls), and can hold any call at a gate until the test
 lets it go.  Two of them made with the default wrap secret are two tokens
-from one ceremony.
+from one ceremony; ``open_set_harness`` runs the service on a ``TokenSet``
+of them, as the daemon builds it.
 """
 
 from __future__ import annotations
