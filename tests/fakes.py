@@ -11,17 +11,25 @@ the token, to be slow (mock time), or to fail its next call of an operation.
 Everything that knows how ``Service`` is built and called (its constructor,
 ``handle`` and the reply callback) is below ``# the service``: when those
 change, this file is the one to adapt.
+
+``FakeTokenPool`` is one token of several (``TokenSet``): a FakePool that
+also keeps a key record's revisions the way a token's data objects do (for
+the ``RecordStore`` calls), and can hold any call at a gate until the test
+lets it go.  Two of them made with the default wrap secret are two tokens
+from one ceremony; ``open_set_harness`` runs the service on a ``TokenSet``
+of them, as the daemon builds it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import hmac
 import itertools
 from collections import deque
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
@@ -43,21 +51,27 @@ from signd.errors import (
 )
 from signd.keys import algorithms
 from signd.keys.records import KeyRecord, KeySettings
+from signd.keys.recordstore import RecordStore
 from signd.metrics import Metrics
 from signd.protocol import HEADER, OPS, Message, Request, decode_response
 from signd.service.core import Service
 from signd.token.ipc import MetadataBlob, SignJob, TokenInfo, VerifyJob
 from signd.token.pool import Entry, PoolSettings
 from signd.token.profiles import PROFILES
+from signd.token.tokenset import TokenSet
 
 __all__ = [
     "FAKE_INFO",
     "T0",
     "Conn",
     "FakePool",
+    "FakeTokenPool",
+    "Gate",
     "Harness",
     "Replies",
+    "SetHarness",
     "open_harness",
+    "open_set_harness",
     "policy_from_config",
     "principal",
     "wall",
@@ -441,6 +455,121 @@ class FakePool:
         return len(self.args_of(op))
 
 
+@dataclass
+class Gate:
+    """A call held before it reaches the fake token (``FakeTokenPool.hold``)."""
+
+    #: set when the call arrived (and waits)
+    reached: trio.Event = field(default_factory=trio.Event)
+    #: set by the test to let it go on
+    released: trio.Event = field(default_factory=trio.Event)
+
+    def release(self) -> None:
+        self.released.set()
+
+
+class FakeTokenPool(FakePool):
+    """One token of a ``TokenSet``, in memory: ``FakePool`` with the calls a
+    ``RecordStore`` and a ``TokenSet`` make of a ``TokenPool``.
+
+    A record write is the token's three steps (``create_metadata``, then
+    ``drop_older``, or ``drop_created`` to take it back); until the older
+    revisions are dropped ``revisions`` lists them too, as a token's data
+    objects would.  ``records`` keeps the newest revision of each record.
+    """
+
+    def __init__(self, label: str, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.info = dataclasses.replace(FAKE_INFO, label=label, serial=label)
+        self.settings = dataclasses.replace(self.settings, token_label=label)
+        #: key name -> older revisions of its record still on the token
+        self.older: dict[str, list[int]] = {}
+        #: the record ``create_metadata`` stored last: (name, revision, the
+        #: newest it replaced, or None if it went in as an older one)
+        self._created: tuple[str, int, tuple[int, bytes] | None] | None = None
+        #: operation -> the gate its next call waits at (then forgotten)
+        self.gates: dict[str, Gate] = {}
+        self._made: list[Gate] = []
+
+    def hold(self, op: str) -> Gate:
+        """Hold the next call of ``op`` until ``release``d (before it reaches the token)."""
+        gate = self.gates[op] = Gate()
+        self._made.append(gate)
+        return gate
+
+    def release_all(self) -> None:
+        """Let every held call go on (a test that failed while one waits: the
+        service shields some calls from cancellation, and would wait forever)."""
+        self.gates.clear()
+        for gate in self._made:
+            gate.release()
+
+    async def _rare(self, op: str, arg: Any) -> None:
+        gate = self.gates.pop(op, None)
+        if gate is not None:
+            gate.reached.set()
+            await gate.released.wait()
+        await super()._rare(op, arg)
+
+    async def load_metadata(
+        self, name: str | None = None, *, writer: bool = False
+    ) -> list[MetadataBlob]:
+        return await super().load_metadata(name)
+
+    async def public_keys(
+        self, object_ids: Sequence[bytes], *, writer: bool = False
+    ) -> dict[bytes, tuple[bytes, bool]]:
+        return await super().public_keys(object_ids)
+
+    async def revisions(self, name: str) -> list[int]:
+        await self._rare("revisions", name)
+        newest = [self.records[name][0]] if name in self.records else []
+        return newest + self.older.get(name, [])
+
+    async def create_metadata(self, name: str, revision: int, value: bytes) -> None:
+        """Store a revision (no compare-and-swap: that is the RecordStore's)."""
+        await self._rare("create_metadata", name)
+        newest = self.records.get(name)
+        if newest is not None and newest[0] >= revision:
+            self.older.setdefault(name, []).append(revision)
+            self._created = (name, revision, None)
+            return
+        if newest is not None:
+            self.older.setdefault(name, []).append(newest[0])
+        self.records[name] = (revision, value)
+        self._created = (name, revision, newest or (0, b""))
+
+    async def drop_created(self) -> None:
+        await self._rare("drop_created", None)
+        if self._created is None:
+            return
+        name, revision, replaced = self._created
+        self._created = None
+        if replaced is None:
+            self.older[name].remove(revision)
+        elif replaced[0] == 0:
+            del self.records[name]
+        else:
+            self.older[name].remove(replaced[0])
+            self.records[name] = replaced
+
+    async def drop_older(self, name: str, revision: int) -> None:
+        await self._rare("drop_older", name)
+        self._created = None
+        kept = [r for r in self.older.get(name, []) if r >= revision]
+        if kept:
+            self.older[name] = kept
+        else:
+            self.older.pop(name, None)
+
+    def holds(self, object_id: bytes) -> str:
+        """What the token holds of keypair ``object_id``: "pair", "public" or "none"."""
+        pair = self.pairs.get(object_id)
+        if pair is None:
+            return "none"
+        return "pair" if pair.private is not None else "public"
+
+
 def principal(
     uid: int,
     *,
@@ -509,7 +638,7 @@ _request_ids = itertools.count(1)
 class Conn:
     """One peer's connection: requests go to ``Service.handle``, slow work to a task."""
 
-    def __init__(self, harness: Harness, who: Principal) -> None:
+    def __init__(self, harness: _Running, who: Principal) -> None:
         self.harness = harness
         self.who = who
         self.replies = Replies()
@@ -529,8 +658,9 @@ class Conn:
 
 
 @dataclass
-class Harness:
-    pool: FakePool
+class _Running:
+    """A loaded ``Service`` whose tasks run in ``nursery``."""
+
     service: Service
     nursery: trio.Nursery
 
@@ -539,6 +669,45 @@ class Harness:
 
     def start_lifecycle(self) -> None:
         self.nursery.start_soon(self.service.run_lifecycle)
+
+
+@dataclass
+class Harness(_Running):
+    """The service on one token (``pool``)."""
+
+    pool: FakePool
+
+
+@dataclass
+class SetHarness(_Running):
+    """The service on several tokens: ``tokens`` (a ``TokenSet``) over ``fakes``."""
+
+    tokens: TokenSet
+    fakes: list[FakeTokenPool]
+
+
+def _service(
+    token: Any,
+    records: Any,
+    policy: Policy | None,
+    limiter: RateLimiter | None,
+    settings: dict[str, Any],
+) -> Service:
+    """The ``Service`` on ``token`` (its record writes through ``records``).
+    ``settings``: its keyword settings (min_rotate_period and sync_interval
+    default to 1 s here)."""
+    settings.setdefault("min_rotate_period", 1.0)
+    settings.setdefault("sync_interval", 1.0)
+    settings.setdefault("profile", PROFILES["softhsm"])
+    return Service(
+        token,
+        records,
+        policy if policy is not None else Policy(()),
+        limiter=limiter,
+        metrics=Metrics(),
+        clock=wall,
+        **settings,
+    )
 
 
 @asynccontextmanager
@@ -555,26 +724,57 @@ async def open_harness(
     cancelled on exit.  ``settings``: the Service's keyword settings
     (min_rotate_period and sync_interval default to 1 s here)."""
     pool = pool if pool is not None else FakePool()
-    settings.setdefault("min_rotate_period", 1.0)
-    settings.setdefault("sync_interval", 1.0)
-    settings.setdefault("profile", PROFILES["softhsm"])
-    service = Service(
-        pool,  # type: ignore[arg-type]
-        pool,  # type: ignore[arg-type]  # its records: a compare-and-swap of its own
-        policy if policy is not None else Policy(()),
-        limiter=limiter,
-        metrics=Metrics(),
-        clock=wall,
-        **settings,
-    )
+    # Its records: the pool's own compare-and-swap (write_metadata).
+    service = _service(pool, pool, policy, limiter, settings)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(pool.run)
         await service.load()
-        harness = Harness(pool, service, nursery)
+        harness = Harness(service, nursery, pool)
         if lifecycle:
             harness.start_lifecycle()
         yield harness
         nursery.cancel_scope.cancel()
+
+
+@asynccontextmanager
+async def open_set_harness(
+    fakes: Sequence[FakeTokenPool],
+    *,
+    policy: Policy | None = None,
+    limiter: RateLimiter | None = None,
+    lifecycle: bool = False,
+    watch: bool = True,
+    deadline: float = 600.0,
+    **settings: Any,
+) -> AsyncIterator[SetHarness]:
+    """A loaded ``Service`` on a ``TokenSet`` of ``fakes``, built as the
+    daemon builds it: the set started (every open token caught up), its
+    records written through a ``RecordStore``, its watch task running if
+    ``watch``, and the lifecycle task if ``lifecycle``; all cancelled on exit.
+    A test still inside after ``deadline`` seconds of trio time fails
+    (TooSlowError) instead of hanging.  ``settings``: as for ``open_harness``."""
+    tokens = TokenSet(
+        fakes,  # type: ignore[arg-type]
+        settings.get("profile", PROFILES["softhsm"]),
+    )
+    with trio.fail_after(deadline):
+        async with trio.open_nursery() as nursery:
+            for fake in fakes:
+                nursery.start_soon(fake.run)
+            await tokens.start()
+            if watch:
+                nursery.start_soon(tokens.run)
+            service = _service(tokens, RecordStore(tokens), policy, limiter, settings)
+            await service.load()
+            harness = SetHarness(service, nursery, tokens, list(fakes))
+            if lifecycle:
+                harness.start_lifecycle()
+            try:
+                yield harness
+            finally:
+                for fake in fakes:
+                    fake.release_all()
+                nursery.cancel_scope.cancel()
 
 
 def policy_from_config(directory: Path, access: str) -> Policy:

@@ -12,16 +12,19 @@ how many there are.  The rules, also in README "Several tokens":
   made it only, and is unavailable while that token is.
 * **Records are mirrored.**  Each token keeps its own copy of every record.
   The compare-and-swap of a change happens on the primary; the same record
-  objects are then written on every other serving token.  Several daemons on
-  one *set* of tokens are not supported (one daemon on one token each, as
-  before, is).
+  objects are then written on every other serving token, each first given
+  what it lacks of the keypairs the record names (a token caught up while a
+  keypair was being made missed it; a key without backup leaves its public
+  key there).  Several daemons on one *set* of tokens are not supported (one
+  daemon on one token each, as before, is).
 * **A token that goes away stops serving at once** (its queued signatures
   go to another token that holds the key, not back to the client).  One that
   returns, or joins at start, is *caught up* before it serves: for each key,
   the token holding the highest revision of its record is the source (the
   returning one too, if it served alone while the others were away); the
   missing versions are unwrapped onto it from there, versions destroyed
-  meanwhile lose their private keys, and the record is copied.  A rotation
+  meanwhile (or whose destruction failed there) lose their private keys,
+  and the record is copied.  A rotation
   while a token is away is made on the tokens present; the away token gets
   the new version when it returns.
 * **Signatures go to the least busy serving token that holds the key**;
@@ -70,7 +73,6 @@ class TokenSet:
         self._lock = trio.Lock()
         #: how many times each token was caught up (for tests and the log)
         self.catch_ups = [0] * len(pools)
-        self._changed = trio.Event()
 
     # ------------------------------------------------------------ state
 
@@ -223,10 +225,20 @@ class TokenSet:
     # ------------------------------------------------------------ writes
 
     async def create_metadata(self, name: str, revision: int, value: bytes) -> None:
+        """On the primary, then on every other serving token, which is first
+        made to hold the keypairs the record names as the primary holds them."""
         async with self._lock:
             primary = self._primary()
             await primary.create_metadata(name, revision, value)
-            await self._mirror(primary, lambda p: p.create_metadata(name, revision, value))
+            src = self.pools.index(primary)
+            record = _key_record(name, revision, value)
+
+            async def mirrored(pool: TokenPool) -> None:
+                if record is not None:  # (private keys go after the record: destroy_keys)
+                    await self._copy_keypairs(src, self.pools.index(pool), record, destroy=False)
+                await pool.create_metadata(name, revision, value)
+
+            await self._mirror(primary, mirrored)
 
     async def drop_created(self) -> None:
         async with self._lock:
@@ -359,7 +371,9 @@ class TokenSet:
         """Bring token ``i`` up to the serving tokens, then let it serve.
 
         ``both_ways``: a record newer on ``i`` than on the serving tokens (it
-        served alone while they were away) is copied to them instead.
+        served alone while they were away) is copied to them instead.  A
+        record ``i`` holds already has its keypairs checked there (one read of
+        ``i`` each).
         """
         async with self._lock:
             dst = self.pools[i]
@@ -382,6 +396,13 @@ class TokenSet:
                         for k in sources:
                             await self._copy(i, k, held)
                         copied += 1
+                    elif held.revision == blob.revision:
+                        # The same record, but a mirrored call that failed on
+                        # ``i`` (it then stopped serving) may have left its
+                        # keypairs behind: a destroyed version's private key.
+                        record = _key_record(name, blob.revision, blob.value)
+                        if record is not None:
+                            await self._copy_keypairs(j, i, record)
                 if both_ways:
                     for name, held in sorted(mine.items()):
                         if name not in theirs:
@@ -398,51 +419,85 @@ class TokenSet:
     async def _copy(self, src_i: int, dst_i: int, blob: MetadataBlob) -> None:
         """Make token ``dst_i`` hold ``blob`` (a record of ``src_i``) and every
         backup-able keypair it names, as ``src_i`` holds them."""
+        record = _key_record(blob.name, blob.revision, blob.value)
+        if record is not None:
+            await self._copy_keypairs(src_i, dst_i, record)
+        dst = self.pools[dst_i]
+        await dst.create_metadata(blob.name, blob.revision, blob.value)
+        await dst.drop_older(blob.name, blob.revision)
+
+    async def _copy_keypairs(
+        self, src_i: int, dst_i: int, record: KeyRecord, *, destroy: bool = True
+    ) -> None:
+        """Make token ``dst_i`` hold the keypairs ``record`` names as token
+        ``src_i`` holds them: a backup-able private key unwrapped from its
+        wrap there, the public key alone otherwise; a destroyed version's
+        private key deleted (unless not ``destroy``: destroyed versions are
+        left alone).  ``src_i`` is asked only if ``dst_i`` lacks something."""
         src, dst = self.pools[src_i], self.pools[dst_i]
-        if not blob.name.startswith(_INTERNAL):
-            record = KeyRecord.from_bytes(blob.name, blob.revision, blob.value)
-            ids = [v.object_id for v in record.versions]
-            there = await src.public_keys(ids, writer=True)
-            here = await dst.public_keys(ids, writer=True)
-            for v in record.versions:
-                spki, src_private = there.get(v.object_id, (None, False))
-                _, dst_private = here.get(v.object_id, (None, False))
-                if v.state == DESTROYED:
-                    if dst_private:
-                        await dst.destroy_keys(v.object_id)
-                    if v.object_id not in here and spki is not None:
-                        await dst.restore_keypair(
-                            record.type,
-                            v.object_id,
-                            self._object_label(record, v.version),
-                            spki,
-                            None,
-                        )
-                    continue
-                if spki is None or dst_private:  # nothing to copy, or there already
-                    if dst_private:
-                        self._holders.setdefault(v.object_id, set()).add(dst_i)
-                    continue
-                wrapped = None
-                if record.settings.backup and src_private:
-                    wrapped = await src.wrap_private(v.object_id)
-                if v.object_id not in here or wrapped is not None:
-                    if v.object_id in here:  # a public key alone: replaced with the pair
-                        await dst.destroy_keys(v.object_id, public=True)
+        here = await dst.public_keys([v.object_id for v in record.versions], writer=True)
+        todo = []
+        for v in record.versions:
+            present = v.object_id in here
+            dst_private = present and here[v.object_id][1]
+            if v.state == DESTROYED:
+                if destroy and (dst_private or not present):
+                    todo.append(v)
+            elif dst_private:
+                self._holders.setdefault(v.object_id, set()).add(dst_i)
+            elif not present or record.settings.backup:
+                todo.append(v)
+        if not todo:
+            return
+        there = await src.public_keys([v.object_id for v in todo], writer=True)
+        for v in todo:
+            spki, src_private = there.get(v.object_id, (None, False))
+            _, dst_private = here.get(v.object_id, (None, False))
+            if v.state == DESTROYED:
+                if dst_private:
+                    await dst.destroy_keys(v.object_id)
+                if v.object_id not in here and spki is not None:
                     await dst.restore_keypair(
                         record.type,
                         v.object_id,
                         self._object_label(record, v.version),
                         spki,
-                        wrapped,
+                        None,
                     )
-                if wrapped is not None:
-                    self._holders.setdefault(v.object_id, set()).add(dst_i)
-        await dst.create_metadata(blob.name, blob.revision, blob.value)
-        await dst.drop_older(blob.name, blob.revision)
+                continue
+            if spki is None:  # nothing to copy
+                continue
+            wrapped = None
+            if record.settings.backup and src_private:
+                wrapped = await src.wrap_private(v.object_id)
+            if v.object_id not in here or wrapped is not None:
+                if v.object_id in here:  # a public key alone: replaced with the pair
+                    await dst.destroy_keys(v.object_id, public=True)
+                await dst.restore_keypair(
+                    record.type,
+                    v.object_id,
+                    self._object_label(record, v.version),
+                    spki,
+                    wrapped,
+                )
+            if wrapped is not None:
+                self._holders.setdefault(v.object_id, set()).add(dst_i)
 
     def _object_label(self, record: KeyRecord, version: int) -> str:
         return self.profile.object_label(record.name, version)
+
+
+def _key_record(name: str, revision: int, value: bytes) -> KeyRecord | None:
+    """The key record stored as ``name``; None for one of the daemon's own
+    (no keypairs) or one this version cannot read (logged: it is copied as
+    it is, without keypairs)."""
+    if name.startswith(_INTERNAL):
+        return None
+    try:
+        return KeyRecord.from_bytes(name, revision, value)
+    except ValueError as exc:
+        log.warning("a key record that cannot be read", extra={"key": name, "error": str(exc)})
+        return None
 
 
 #: What the service, the server and the gauges are given: one token's pool,
