@@ -3,8 +3,9 @@
 The token is real and really slow: SoftHSM exported by ``p11-kit server``,
 reached by the daemon's ``p11-kit-client.so`` through a relay in this test
 that holds every chunk the server sends for ``LATENCY`` seconds.  A signature
-is two PKCS#11 calls (``C_SignInit``, ``C_Sign``), so it costs at least
-2 x ``LATENCY``: a device of some 40 signatures a second, like a serial HSM.
+is three PKCS#11 calls (``C_SignInit``, then ``C_Sign`` twice: python-pkcs11
+asks for the length first), so it costs at least 3 x ``LATENCY``: a device
+of some 25 signatures a second, like a serial HSM.
 The daemon has one worker with small batches, and a short ``request_timeout``.
 
 Several connections pipeline far more ``sign`` requests than the token can
