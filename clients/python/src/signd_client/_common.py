@@ -197,11 +197,21 @@ class mapped_errors:
     def __exit__(
         self, kind: type[BaseException] | None, exc: BaseException | None, tb: object
     ) -> None:
-        if exc is None or isinstance(exc, SigndError) or not isinstance(exc, Exception):
-            return  # nothing raised, a signd error, or a cancellation: as it is
-        mapped = foreign_error(exc, self.op, self.progress)
-        if mapped is not None:
-            raise mapped from None
+        if exc is not None:
+            raise_mapped(exc, self.op, self.progress)
+
+
+def raise_mapped(exc: BaseException, op: str, progress: Progress) -> None:
+    """Raise the signd error ``exc`` (raised doing ``op``) stands for, if it
+    is a foreign one (``foreign_error``); return if it is a signd error or
+    not the client's business (the caller re-raises it as it is).  For a
+    ``try``/``except`` around a blocking request: on the path of every call,
+    where a ``with`` block costs two method calls more."""
+    if isinstance(exc, SigndError) or not isinstance(exc, Exception):
+        return  # a signd error, or a cancellation: as it is
+    mapped = foreign_error(exc, op, progress)
+    if mapped is not None:
+        raise mapped from None
 
 
 @contextlib.contextmanager

@@ -18,7 +18,7 @@ from ._common import (
     Settings,
     encode_call,
     mapped_connect_errors,
-    mapped_errors,
+    raise_mapped,
     resolve_socket,
     take_response,
 )
@@ -63,21 +63,25 @@ class _Connection:
         rid = next(self.ids)
         self.requests += 1
         frame = encode_call(rid, call, self.max_frame)
-        progress = Progress()
-        with mapped_errors(call.op, progress):
-            self.sock.settimeout(_left(deadline))
-            self.sock.sendall(frame)
-            progress.sent = True
+        sock, decoder = self.sock, self.decoder
+        sent = answered = False
+        try:
+            sock.settimeout(max(deadline - time.monotonic(), 0.001))
+            sock.sendall(frame)
+            sent = True
             while True:
-                resp = take_response(self.decoder, rid)
+                resp = take_response(decoder, rid)
                 if resp is not None:
                     return resp
-                self.sock.settimeout(_left(deadline))
-                data = self.sock.recv(65536)
+                sock.settimeout(max(deadline - time.monotonic(), 0.001))
+                data = sock.recv(65536)
                 if not data:
                     raise ConnectionFailed("signd closed the connection")
-                progress.answered = True
-                self.decoder.receive_data(data)
+                answered = True
+                decoder.receive_data(data)
+        except BaseException as exc:
+            raise_mapped(exc, call.op, Progress(sent, answered))
+            raise
 
     def close(self) -> None:
         self.sock.close()
