@@ -29,9 +29,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
-import queue
 import select
-import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -42,6 +40,7 @@ import pytest
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, utils
 
+from signd_bench._relay import SlowRelay  # the benchmark's slow link, the same one
 from signd_client.errors import Busy, DeadlineExceeded, WireError
 from signd_client.protocol import (
     FrameDecoder,
@@ -80,83 +79,6 @@ ECDSA_PREHASHED = ec.ECDSA(utils.Prehashed(hashes.SHA256()))
 
 def digest(conn: int, i: int) -> bytes:
     return hashlib.sha256(f"slow {conn} {i}".encode()).digest()
-
-
-class SlowRelay:
-    """A Unix-socket relay between p11-kit's client and server that holds
-    each chunk from the server ``latency`` seconds before passing it on (in
-    order; chunks that arrive together leave together)."""
-
-    def __init__(self, upstream: Path, path: Path, latency: float) -> None:
-        self.upstream = upstream
-        self.path = path
-        self.latency = latency
-        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.listener.bind(str(path))
-        self.listener.listen(16)
-        self.sockets: list[socket.socket] = [self.listener]
-        self.threads: list[threading.Thread] = []
-        self.closed = False
-        self._spawn(self._accept)
-
-    @property
-    def address(self) -> str:
-        return f"unix:path={self.path}"
-
-    def _spawn(self, target: Callable[..., None], *args: object) -> None:
-        t = threading.Thread(target=target, args=args, daemon=True)
-        self.threads.append(t)
-        t.start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self.listener.accept()
-            except OSError:
-                return  # closed
-            server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            self.sockets += [client, server]
-            try:
-                server.connect(str(self.upstream))
-            except OSError:
-                client.close()
-                continue
-            held: queue.Queue[tuple[float, bytes]] = queue.Queue()
-            self._spawn(self._forward, client, server)
-            self._spawn(self._hold, server, held)
-            self._spawn(self._release, held, client)
-
-    @staticmethod
-    def _forward(src: socket.socket, dst: socket.socket) -> None:
-        with contextlib.suppress(OSError):
-            while data := src.recv(1 << 16):
-                dst.sendall(data)
-            dst.shutdown(socket.SHUT_WR)
-
-    def _hold(self, src: socket.socket, held: queue.Queue[tuple[float, bytes]]) -> None:
-        with contextlib.suppress(OSError):
-            while data := src.recv(1 << 16):
-                held.put((time.monotonic() + self.latency, data))
-        held.put((0.0, b""))
-
-    @staticmethod
-    def _release(held: queue.Queue[tuple[float, bytes]], dst: socket.socket) -> None:
-        with contextlib.suppress(OSError):
-            while True:
-                due, data = held.get()
-                if not data:
-                    dst.shutdown(socket.SHUT_WR)
-                    return
-                time.sleep(max(0.0, due - time.monotonic()))
-                dst.sendall(data)
-
-    def close(self) -> None:
-        for s in self.sockets:
-            with contextlib.suppress(OSError):
-                s.shutdown(socket.SHUT_RDWR)
-            s.close()
-        for t in self.threads:
-            t.join(5)
 
 
 @pytest.fixture
