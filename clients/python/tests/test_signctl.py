@@ -996,3 +996,26 @@ def test_whoami_against_the_daemon(signd: Daemon, ec_key: str) -> None:
     text = ok(signd.signctl("whoami"))
     assert text.startswith(f"uid {os.getuid()} ")
     assert re.search(rf"^{re.escape(ec_key)} +\S", text, re.MULTILINE)
+
+
+# --------------------------------------------------------------------------
+# backup and restore: files that cannot be read or written
+
+
+def test_restore_of_a_missing_or_damaged_file_is_a_one_line_error(tmp_path: Path) -> None:
+    """Refused before any request: no daemon is needed to say so."""
+    from signd_client.cli import main
+
+    sock = str(tmp_path / "absent.sock")
+    missing = subprocess.run(
+        [signctl_exe(), "--socket", sock, "restore", str(tmp_path / "absent.bundle")],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert missing.returncode == 2  # a usage error
+    assert missing.stderr.startswith("signctl: cannot read"), missing.stderr
+    assert "Traceback" not in missing.stderr
+    damaged = tmp_path / "damaged.bundle"
+    damaged.write_bytes(b"not a bundle at all")
+    assert main(["--socket", sock, "restore", str(damaged)]) == 2

@@ -50,6 +50,7 @@ __all__ = [
     "DESTROYED",
     "DISABLED",
     "ENABLED",
+    "INTERNAL_RECORD_PREFIX",
     "KEY_NAME",
     "MAX_VERSIONS_LIMIT",
     "RETIRED",
@@ -73,6 +74,9 @@ ACTIVE: Final = "active"
 VERIFY_ONLY: Final = "verify-only"
 RETIRED: Final = "retired"
 METADATA_FORMAT: Final = 1
+#: Token data objects of the daemon's own (the audit chain head) are named so:
+#: not a valid key name, so no key record can take one.
+INTERNAL_RECORD_PREFIX: Final = "signd:"
 #: Defaults of ``[keys] default_max_versions`` and ``max_versions_limit``.
 DEFAULT_MAX_VERSIONS: Final = 100
 MAX_VERSIONS_LIMIT: Final = 1000

@@ -15,7 +15,7 @@ import trio
 
 from ..access.policy import Principal
 from ..errors import Busy, KeyNotFound, TokenError
-from ..keys.records import DESTROYED, KeyRecord
+from ..keys.records import DESTROYED, INTERNAL_RECORD_PREFIX, KeyRecord
 from ..keys.recordstore import SEEN_WRITE_BACKOFF
 from ..keys.store import LoadedKey, load_key
 from ..protocol import Request
@@ -34,9 +34,6 @@ REFRESH_INTERVAL: Final = 1.0
 #: a request for yet another unknown name is answered busy.
 MAX_LOOKUP_NAMES_PER_UID: Final = 32
 MAX_LOOKUPS_TRACKED: Final = 4096
-#: Token data objects of the daemon's own (the audit chain head) start so: not a
-#: valid key name, so no key record can take one.
-INTERNAL_RECORD_PREFIX: Final = "signd:"
 
 
 class Lookups(ServiceBase):

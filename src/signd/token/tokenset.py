@@ -40,7 +40,7 @@ from typing import Any, Final
 import trio
 
 from ..errors import Busy, InvalidArgument, TokenUnavailable, WireError
-from ..keys.records import DESTROYED, KeyRecord
+from ..keys.records import DESTROYED, INTERNAL_RECORD_PREFIX, KeyRecord
 from .ipc import MetadataBlob, SignJob, TokenInfo, VerifyJob
 from .pool import TokenPool
 from .profiles import Profile
@@ -52,8 +52,6 @@ log = logging.getLogger("signd.workers")
 
 #: How often the set looks for a token that went away or came back.
 WATCH_INTERVAL: Final = 0.1
-#: Names of the daemon's own records (the audit chain head): copied, no keypairs.
-_INTERNAL: Final = "signd:"
 
 
 class TokenSet:
@@ -491,7 +489,7 @@ def _key_record(name: str, revision: int, value: bytes) -> KeyRecord | None:
     """The key record stored as ``name``; None for one of the daemon's own
     (no keypairs) or one this version cannot read (logged: it is copied as
     it is, without keypairs)."""
-    if name.startswith(_INTERNAL):
+    if name.startswith(INTERNAL_RECORD_PREFIX):
         return None
     try:
         return KeyRecord.from_bytes(name, revision, value)

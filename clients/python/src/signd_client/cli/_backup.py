@@ -48,7 +48,13 @@ def _backup(args: argparse.Namespace, client: Client, stdin: BinaryIO) -> int:
     if out.exists():
         raise UsageError(f"{out} exists: a backup never replaces a file; choose another name")
     result = client.backup(args.keys)
-    _write_new(out, result.bundle)
+    try:
+        _write_new(out, result.bundle)
+    except OSError as exc:
+        raise UsageError(
+            f"cannot write {out}: {exc.strerror or exc}; the bundle was made (and audited) "
+            "but not written: run the backup again"
+        ) from None
     digest = hashlib.sha256(result.bundle).hexdigest()
     if args.json:
         print_json(
@@ -92,8 +98,11 @@ def _write_new(path: Path, data: bytes) -> None:
 
 def _restore(args: argparse.Namespace, client: Client, stdin: BinaryIO) -> int:
     path = Path(args.file)
-    with path.open("rb") as f:
-        data = f.read(MAX_BUNDLE_BYTES + 1)
+    try:
+        with path.open("rb") as f:
+            data = f.read(MAX_BUNDLE_BYTES + 1)
+    except OSError as exc:
+        raise UsageError(f"cannot read {path}: {exc.strerror or exc}") from None
     try:
         checks = restore_calls(data, check=True)
         writes = restore_calls(data)
