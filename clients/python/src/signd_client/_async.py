@@ -24,11 +24,12 @@ from ._common import (
     encode_call,
     mapped_connect_errors,
     mapped_errors,
+    parse_response,
     resolve_socket,
     take_response,
 )
-from ._retry import Attempt, Sleep, Step, attempts
-from .errors import ConnectionFailed
+from ._retry import Attempt, Sleep, Step, first_attempt, retries
+from .errors import ConnectionFailed, SigndError
 from .keys import AsyncSigndPrivateKey, load_async_private_key
 from .protocol import DEFAULT_MAX_FRAME, MAX_RESPONSE_FRAME, FrameDecoder, Message, Response
 
@@ -227,10 +228,17 @@ class AsyncClient:
     async def call(self, call: Call[R]) -> R:
         """Send one prepared call; the typed methods below all come here.
 
-        The retry loop is ``_retry.attempts``, shared with ``Client``; this
+        The retry loop is ``_retry.retries``, shared with ``Client``; this
         only carries out its steps.
         """
-        steps = attempts(call, self.settings)
+        first = first_attempt(call, self.settings)
+        try:
+            resp = await self._attempt(first)
+            result: R = parse_response(first.call, resp)
+            return result
+        except SigndError as exc:
+            failure = exc
+        steps = retries(first, failure, self.settings)
         try:
             step = next(steps)
             while True:
@@ -241,14 +249,17 @@ class AsyncClient:
                 else:
                     step = steps.send(outcome)
         except StopIteration as done:
-            result: R = done.value
-            return result
+            retried: R = done.value
+            return retried
 
     async def _do(self, step: Step) -> Response | None:
         if type(step) is Sleep:
             await _sleep(step.seconds)
             return None
         assert type(step) is Attempt
+        return await self._attempt(step)
+
+    async def _attempt(self, step: Attempt) -> Response:
         conn = await self._checkout(step.deadline, step.fresh)
         try:
             resp = await conn.request(step.call, step.deadline)

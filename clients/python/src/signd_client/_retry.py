@@ -7,7 +7,12 @@ out and sends back its result, or throws in its exception.  So which failure
 is retried, how often, after how long and on which kind of connection is
 written once, here; ``Client.call`` and ``AsyncClient.call`` only do the I/O.
 
-    steps = attempts(call, settings)
+    first = first_attempt(call, settings)
+    try:                            # the first attempt: no generator
+        return parse_response(first.call, do(first))
+    except SigndError as exc:
+        failure = exc
+    steps = retries(first, failure, settings)
     step = next(steps)
     while True:                     # until StopIteration carries the result
         try:
@@ -17,9 +22,10 @@ written once, here; ``Client.call`` and ``AsyncClient.call`` only do the I/O.
         else:
             step = steps.send(outcome)
 
-An attempt is one step, not three (connect, send, give back), because it is
-on every request's path: a call that succeeds at once resumes the generator
-twice.
+(``attempts`` is the same steps as one generator, first attempt included.)
+An attempt is one step, not three (connect, send, give back), and a call
+that succeeds at once makes no generator at all, because that is every
+request's path.
 """
 
 from __future__ import annotations
@@ -41,7 +47,7 @@ from ._common import (
 from .errors import SigndError
 from .protocol import Message, Response
 
-__all__ = ["Attempt", "Sleep", "Step", "attempts"]
+__all__ = ["Attempt", "Sleep", "Step", "attempts", "first_attempt", "retries"]
 
 R = TypeVar("R", bound=Message)
 
@@ -75,8 +81,32 @@ class Sleep:
 Step = Attempt | Sleep
 
 
+def first_attempt(call: Call[Any], settings: Settings) -> Attempt:
+    """The first attempt of ``call``: it carries the idempotency key and the
+    deadline every later attempt reuses."""
+    return Attempt(with_idempotency_key(call), time.monotonic() + settings.timeout, False)
+
+
 def attempts(call: Call[R], settings: Settings) -> Generator[Step, Any, R]:
     """The steps of one call, its retries included; returns the typed result.
+
+    The first step is ``first_attempt``; after a failure the steps are those
+    of ``retries``.  The clients drive the first attempt themselves and start
+    ``retries`` only when it failed, so a call that succeeds at once makes no
+    generator: it is on every request's path.
+    """
+    first = first_attempt(call, settings)
+    try:
+        resp: Response = yield first
+        result: R = parse_response(first.call, resp)
+        return result
+    except SigndError as exc:
+        retried: R = yield from retries(first, exc, settings)
+        return retried
+
+
+def retries(first: Attempt, exc: SigndError, settings: Settings) -> Generator[Step, Any, Any]:
+    """The steps after ``first`` failed with ``exc``; returns the typed result.
 
     Retried (see ``retry_allowed``): idempotent calls after a broken
     connection or a retryable answer, and any call that provably never reached
@@ -88,29 +118,21 @@ def attempts(call: Call[R], settings: Settings) -> Generator[Step, Any, R]:
 
     Raises: the call's wire error; ``ConnectionFailed``; ``RequestTimeout``.
     """
-    call = with_idempotency_key(call)
-    deadline = time.monotonic() + settings.timeout
-    attempt = 0
-    fresh = False
+    call, deadline = first.call, first.deadline
+    step, attempt = first, 1
     while True:
+        fresh = False
+        if isinstance(exc, Unsent) and step.pooled:
+            attempt -= 1
+            fresh = True
+        elif retry_allowed(call, exc, attempt, settings.retries, deadline):
+            yield Sleep(retry_delay(exc, attempt))
+        else:
+            raise exc
         attempt += 1
         step = Attempt(call, deadline, fresh)
-        fresh = False
         try:
             resp: Response = yield step
-        except SigndError as exc:
-            if isinstance(exc, Unsent) and step.pooled:
-                attempt -= 1
-                fresh = True
-                continue
-            if retry_allowed(call, exc, attempt, settings.retries, deadline):
-                yield Sleep(retry_delay(exc, attempt))
-                continue
-            raise
-        try:
             return parse_response(call, resp)
-        except SigndError as exc:
-            if retry_allowed(call, exc, attempt, settings.retries, deadline):
-                yield Sleep(retry_delay(exc, attempt))
-                continue
-            raise
+        except SigndError as failure:
+            exc = failure

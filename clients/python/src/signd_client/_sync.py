@@ -18,12 +18,13 @@ from ._common import (
     Settings,
     encode_call,
     mapped_connect_errors,
+    parse_response,
     raise_mapped,
     resolve_socket,
     take_response,
 )
-from ._retry import Attempt, Sleep, Step, attempts
-from .errors import ConnectionFailed
+from ._retry import Attempt, Sleep, Step, first_attempt, retries
+from .errors import ConnectionFailed, SigndError
 from .keys import SigndPrivateKey, load_private_key
 from .protocol import DEFAULT_MAX_FRAME, MAX_RESPONSE_FRAME, FrameDecoder, Message, Response
 
@@ -145,10 +146,17 @@ class Client:
     def call(self, call: Call[R]) -> R:
         """Send one prepared call; the typed methods below all come here.
 
-        The retry loop is ``_retry.attempts``, shared with ``AsyncClient``;
+        The retry loop is ``_retry.retries``, shared with ``AsyncClient``;
         this only carries out its steps.
         """
-        steps = attempts(call, self.settings)
+        first = first_attempt(call, self.settings)
+        try:
+            resp = self._attempt(first)
+            result: R = parse_response(first.call, resp)
+            return result
+        except SigndError as exc:
+            failure = exc
+        steps = retries(first, failure, self.settings)
         try:
             step = next(steps)
             while True:
@@ -159,14 +167,17 @@ class Client:
                 else:
                     step = steps.send(outcome)
         except StopIteration as done:
-            result: R = done.value
-            return result
+            retried: R = done.value
+            return retried
 
     def _do(self, step: Step) -> Response | None:
         if type(step) is Sleep:
             time.sleep(step.seconds)
             return None
         assert type(step) is Attempt
+        return self._attempt(step)
+
+    def _attempt(self, step: Attempt) -> Response:
         conn = self._checkout(step.deadline, step.fresh)
         try:
             resp = conn.request(step.call, step.deadline)
