@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Final
 from .protocol import OPS, OpSpec, Request
 from .service.admin import Admin
 from .service.backup import Backups
+from .service.importing import Imports
 from .service.reads import Reads
 from .service.signing import Signing
 
@@ -79,5 +80,7 @@ TABLE: Final[Mapping[str, Op]] = dict(
         _row("whoami", None, Kind.READ, Reads.op_whoami),
         _row("backup", "admin", Kind.ADMIN, Backups.op_backup),
         _row("restore", "admin", Kind.ADMIN, Backups.op_restore),
+        _row("import_params", "import", Kind.ADMIN, Imports.op_import_params),
+        _row("import_key", "import", Kind.ADMIN, Imports.op_import_key),
     ]
 )

@@ -44,7 +44,7 @@ __all__ = [
 
 #: The verbs a rule can grant; which one each wire operation needs is in the
 #: op table (``signd.ops``).
-OPERATIONS: Final = ("sign", "verify", "read", "rotate", "create", "admin")
+OPERATIONS: Final = ("sign", "verify", "read", "rotate", "create", "admin", "import")
 
 
 @dataclass(frozen=True, slots=True)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import Final
 
@@ -42,6 +43,11 @@ from .lookup import Lookups
 __all__ = ["Admin"]
 
 log = logging.getLogger("signd.service")
+
+#: What makes a new version's keypair on the token: ``(key type, key name,
+#: version, backup) -> (CKA_ID, SPKI DER)``; ``Admin._generate`` by default,
+#: an import's unwrap for ``import_key`` (``service/importing.py``).
+Make = Callable[[KeyType, str, int, bool], Awaitable[tuple[bytes, bytes]]]
 
 #: Random object ids drawn for a new keypair before giving up (ids the token
 #: already uses are re-drawn; with 16-bit ids and ~1,000 objects, one in 65).
@@ -211,9 +217,14 @@ class Admin(Lookups):
         return await self._store(new, "key versions destroyed")
 
     async def _create(
-        self, args: CreateKeyArgs, idempotency: tuple[str, str] | None = None
+        self,
+        args: CreateKeyArgs,
+        idempotency: tuple[str, str] | None = None,
+        make: Make | None = None,
     ) -> LoadedKey:
-        """Raises: _Replay when the key exists, made by this same request."""
+        """Raises: _Replay when the key exists, made by this same request.
+
+        ``make``: what makes the keypair (default: generated on the token)."""
         name = check_key_name(args.key)
         kt = algorithms.key_type(args.type)
         self.profile.check_key_name(name)
@@ -233,7 +244,7 @@ class Admin(Lookups):
                         raise _Replay(record, made.version)
             await self._refresh(name)
             raise KeyExists(f"a key named {name!r} already exists")
-        object_id, spki = await self._generate(kt, name, 1, settings.backup)
+        object_id, spki = await (make or self._generate)(kt, name, 1, settings.backup)
         record = KeyRecord.new(name, kt, self._clock(), object_id, settings, idempotency)
         await self._write_new_version(record, object_id)
         key = load_key(record, {object_id: spki}, self._clock(), self._cap(record))
@@ -242,16 +253,21 @@ class Admin(Lookups):
         return key
 
     async def _rotate(
-        self, record: KeyRecord, idempotency: tuple[str, str] | None = None
+        self,
+        record: KeyRecord,
+        idempotency: tuple[str, str] | None = None,
+        make: Make | None = None,
     ) -> LoadedKey:
         """Raises: DeletionNotAllowed (the key is at its ``max_versions`` and
-        no version may be pruned: nothing was made)."""
+        no version may be pruned: nothing was made).
+
+        ``make``: what makes the keypair (default: generated on the token)."""
         kt = algorithms.key_type(record.type)
         # Retired versions make room (pruned in the same write); a full key
         # with none is refused before a keypair is made for it.
         prune = record.room_for_one_more(self._clock(), self._cap(record))
         # The new version exists on the token before any record points to it.
-        object_id, _ = await self._generate(
+        object_id, _ = await (make or self._generate)(
             kt, record.name, record.next_version, record.settings.backup
         )
         record = record.rotated(self._clock(), object_id, idempotency, prune)

@@ -9,7 +9,7 @@ import trio
 
 from ..errors import Conflict, DeletionNotAllowed, WireError
 from ..keys.records import DESTROYED, KeyRecord
-from .admin import Admin
+from .importing import Imports
 from .lookup import INTERNAL_RECORD_PREFIX
 
 __all__ = ["Lifecycle"]
@@ -17,7 +17,7 @@ __all__ = ["Lifecycle"]
 log = logging.getLogger("signd.service")
 
 
-class Lifecycle(Admin):
+class Lifecycle(Imports):
     """What the daemon does to keys on its own."""
 
     async def run_lifecycle(self) -> None:

@@ -42,6 +42,8 @@ __all__ = [
     "VerifyBackupMac",
     "WrapCheckValue",
     "WrapPrivate",
+    "ImportPublic",
+    "ImportKeypair",
 ]
 
 _SIGN: Final = "s"
@@ -399,6 +401,39 @@ class RestoreKeypair(Call[None]):
 
 
 @dataclass(frozen=True, slots=True)
+class ImportPublic(Call[tuple[bytes, str]]):
+    """The token's import key (made if it has none): its SPKI DER and id."""
+
+    OP: ClassVar[str] = "import_public"
+
+    @staticmethod
+    def encode_result(result: tuple[bytes, str]) -> Any:
+        return list(result)
+
+    @staticmethod
+    def decode_result(value: Any) -> tuple[bytes, str]:
+        spki, key_id = value
+        return bytes(spki), str(key_id)
+
+
+@dataclass(frozen=True, slots=True)
+class ImportKeypair(Call[bytes]):
+    """Put an imported keypair on the token: its public key from ``spki``, its
+    private key unwrapped from a client's two layers under the import key
+    ``import_key_id``; the answer is its SPKI DER.  Nothing is left on a failure."""
+
+    OP: ClassVar[str] = "import_keypair"
+    key_type: str
+    object_id: bytes
+    label: str
+    import_key_id: str
+    wrapped_key: bytes = field(repr=False)
+    wrapped_material: bytes = field(repr=False)
+    spki: bytes
+    backup: bool
+
+
+@dataclass(frozen=True, slots=True)
 class Probe(Call[None]):
     """Is the token still there?  (An error answer, then ``Lost``, if not.)"""
 
@@ -425,5 +460,7 @@ CALLS: Final[Mapping[str, type[Call[Any]]]] = {
         VerifyBackupMac,
         RestoreKeypair,
         Probe,
+        ImportPublic,
+        ImportKeypair,
     )
 }

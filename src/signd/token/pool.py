@@ -50,6 +50,8 @@ from .ipc import (
     DropCreated,
     DropOlder,
     Generate,
+    ImportKeypair,
+    ImportPublic,
     LoadMetadata,
     MetadataBlob,
     Open,
@@ -198,6 +200,37 @@ class TokenPool:
         self, key_type: str, object_id: bytes, label: str, spki: bytes, wrapped: bytes | None
     ) -> None:
         await self._on_writer(RestoreKeypair(key_type, object_id, label, spki, wrapped))
+
+    # Import (bring your own key): the writer's session too.
+
+    async def import_public(self) -> tuple[bytes, str]:
+        """The token's import key (made on first need): SPKI DER and id."""
+        return await self._on_writer(ImportPublic())
+
+    async def import_keypair(
+        self,
+        key_type: str,
+        object_id: bytes,
+        label: str,
+        import_key_id: str,
+        wrapped_key: bytes,
+        wrapped_material: bytes,
+        spki: bytes,
+        backup: bool,
+    ) -> bytes:
+        """Unwrap an imported keypair onto the token; its SPKI DER."""
+        return await self._on_writer(
+            ImportKeypair(
+                key_type,
+                object_id,
+                label,
+                import_key_id,
+                wrapped_key,
+                wrapped_material,
+                spki,
+                backup,
+            )
+        )
 
     async def _on_writer(self, call: Call[R]) -> R:
         writer = self._writer

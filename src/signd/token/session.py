@@ -53,6 +53,7 @@ from ..errors import (
 from ..keys import algorithms
 from ..keys.algorithms import Family, Scheme
 from . import profiles
+from .importing import ImportKeys
 from .ipc import MetadataBlob, Outcome, SignJob, TokenInfo, VerifyJob, failed
 from .wrapping import (
     WRAP_KEY_LABEL,
@@ -115,6 +116,15 @@ _RESTORED_PRIVATE_TEMPLATE: Final[dict[Attribute, Any]] = {
     Attribute.VERIFY: DEFAULT,
     Attribute.WRAP: DEFAULT,
 }
+#: An imported private key that cannot be backed up: as ``generate`` makes one
+#: (never extractable), with the capabilities SoftHSM refuses on an unwrap left
+#: to the token (as for ``_RESTORED_PRIVATE_TEMPLATE``).
+_IMPORTED_PRIVATE_TEMPLATE: Final[dict[Attribute, Any]] = {
+    **_PRIVATE_TEMPLATE,
+    Attribute.ENCRYPT: DEFAULT,
+    Attribute.VERIFY: DEFAULT,
+    Attribute.WRAP: DEFAULT,
+}
 #: What a restored private key signs, to be checked against its public key.
 _RESTORE_PROBE: Final = b"signd restore: does the unwrapped private key match its public key?"
 
@@ -168,7 +178,7 @@ def unraisable_hook(u: Any) -> None:
         log.warning("ignored in a finalizer", extra={"error": repr(u.exc_value)})
 
 
-class TokenSession(WrapKeys):
+class TokenSession(WrapKeys, ImportKeys):
     """One logged-in PKCS#11 session and its cached key handles.  Blocking."""
 
     def __init__(self) -> None:
@@ -545,6 +555,88 @@ class TokenSession(WrapKeys):
             raise
         self._private[object_id] = priv
 
+    def import_keypair(
+        self,
+        key_type: algorithms.KeyType,
+        object_id: bytes,
+        label: str,
+        import_key_id: str,
+        wrapped_key: bytes,
+        wrapped_material: bytes,
+        spki: bytes,
+        backup: bool,
+    ) -> bytes:
+        """Put an imported keypair on this token (bring your own key); returns
+        its SPKI DER as the token reads it back.
+
+        The public key is made from ``spki`` as ``restore_keypair`` makes it.
+        The private key is unwrapped from the client's two layers under the
+        import key ``import_key_id`` (``ImportKeys.unwrap_imported``) straight
+        into a private, sign-only, sensitive key: never extractable, or with
+        ``backup`` extractable under a trusted key only (and then wrapped once
+        by the wrap key, as ``generate`` checks a backup-able key).  It must be
+        a ``key_type`` key (its curve, or its modulus size) and sign a probe
+        that ``spki`` verifies.  All or nothing: whatever was made is deleted
+        again if a step fails.
+
+        Raises: Conflict if an object has ``object_id`` already;
+        InvalidArgument (``spki`` is not a ``key_type`` public key; a layer
+        that does not unwrap; material of another type, curve or size, or not
+        matching ``spki``; ``backup`` without a wrap key); UnsupportedAlgorithm
+        (the token cannot hold, or back up, this type); TokenUnavailable; the
+        token's other PKCS#11 errors.
+        """
+        session = self._session_or_raise()
+        for _ in session.get_objects({Attribute.ID: object_id}):
+            raise Conflict(f"object id {object_id.hex()} is taken")
+        try:
+            public = algorithms.load_public_key(key_type, spki)
+        except ValueError as exc:
+            raise InvalidArgument(
+                f"the public key is not a {key_type.name} SubjectPublicKeyInfo: {exc}"
+            ) from None
+        wrap_key = None
+        if backup:
+            wrap_key = self._trusted_wrap_key(WRAP_KEY_LABEL)
+        made: list[Any] = []
+        try:
+            pub = self._create_public(key_type, object_id, label, public)
+            made.append(pub)
+            if _spki(pub) != spki:
+                raise InvalidArgument(
+                    "the public key does not read back from the token as given: "
+                    "give it as the token does (an EC point uncompressed, a named curve)"
+                )
+            priv = self.unwrap_imported(
+                import_key_id,
+                wrapped_key,
+                wrapped_material,
+                ObjectClass.PRIVATE_KEY,
+                _P11_KEY_TYPES[key_type.family],
+                object_id,
+                label,
+                _RESTORED_PRIVATE_TEMPLATE if backup else _IMPORTED_PRIVATE_TEMPLATE,
+                f"{key_type.name} private key",
+            )
+            made.append(priv)
+            _check_imported(key_type, priv)
+            _check_pair(key_type, priv, public)
+            if wrap_key is not None:
+                try:
+                    probe_wrap(wrap_key, priv)
+                except Exception as exc:
+                    if not cannot_wrap(exc):
+                        raise
+                    raise UnsupportedAlgorithm(
+                        f"this token cannot back up {key_type.name} keys: {token_answer(exc)}"
+                    ) from None
+        except BaseException:
+            self._private.pop(object_id, None)
+            self._drop_pair(*reversed(made))
+            raise
+        self._private[object_id] = priv
+        return spki
+
     def _create_public(
         self,
         kt: algorithms.KeyType,
@@ -757,6 +849,25 @@ def _check_pair(kt: algorithms.KeyType, private: Any, public: algorithms.PublicK
     signature = algorithms.finish_signature(plan, bytes(raw))
     if algorithms.verify(kt, public, _Probe(signature)) is None:
         raise InvalidArgument("the unwrapped private key does not match its public key")
+
+
+#: PKCS#11's key type of each family an import can hold.
+_P11_KEY_TYPES: Final = {Family.EC: KeyType.EC, Family.RSA: KeyType.RSA}
+
+
+def _check_imported(kt: algorithms.KeyType, private: Any) -> None:
+    """Raises: InvalidArgument if the unwrapped ``private`` is not a ``kt``
+    key: another curve (a P-384 key declared ec-p256), another modulus size."""
+    if kt.family is Family.EC:
+        assert kt.curve is not None
+        if bytes(private[Attribute.EC_PARAMS]) != encode_named_curve_parameters(kt.curve):
+            raise InvalidArgument(
+                f"the wrapped material is an EC key on another curve, not a {kt.name} key"
+            )
+    elif kt.family is Family.RSA:
+        bits = int.from_bytes(bytes(private[Attribute.MODULUS]), "big").bit_length()
+        if bits != kt.bits:
+            raise InvalidArgument(f"the wrapped material is an RSA-{bits} key, not a {kt.name} key")
 
 
 def _unsigned(value: int) -> bytes:

@@ -289,6 +289,43 @@ class TokenSet:
             if wrapped is not None:
                 self._holders[object_id] = {self.pools.index(primary), *done}
 
+    async def import_keypair(
+        self,
+        key_type: str,
+        object_id: bytes,
+        label: str,
+        import_key_id: str,
+        wrapped_key: bytes,
+        wrapped_material: bytes,
+        spki: bytes,
+        backup: bool,
+    ) -> bytes:
+        """On the primary (whose import key ``import_params`` answered); a
+        backup-able keypair also on every other serving token, as ``generate``
+        puts one there."""
+        async with self._lock:
+            primary = self._primary()
+            got = await primary.import_keypair(
+                key_type,
+                object_id,
+                label,
+                import_key_id,
+                wrapped_key,
+                wrapped_material,
+                spki,
+                backup,
+            )
+            holders = {self.pools.index(primary)}
+            self._holders[object_id] = holders
+            if backup:
+                wrapped = await primary.wrap_private(object_id)
+                for i in await self._mirror(
+                    primary,
+                    lambda p: p.restore_keypair(key_type, object_id, label, got, wrapped),
+                ):
+                    holders.add(i)
+            return got
+
     async def _mirror(self, primary: TokenPool, call: Callable[[TokenPool], Any]) -> list[int]:
         """``call`` on every other serving token; one that fails stops serving
         (it is caught up again).  Returns the tokens it succeeded on."""
@@ -314,6 +351,10 @@ class TokenSet:
 
     async def wrap_check_value(self) -> str | None:
         return await self._primary().wrap_check_value()
+
+    async def import_public(self) -> tuple[bytes, str]:
+        """The primary's import key (each token has its own)."""
+        return await self._primary().import_public()
 
     async def backup_mac(self, data: bytes) -> bytes:
         return await self._primary().backup_mac(data)

@@ -34,6 +34,8 @@ from .ipc import (
     DropCreated,
     DropOlder,
     Generate,
+    ImportKeypair,
+    ImportPublic,
     IpcDecoder,
     IpcError,
     LoadMetadata,
@@ -98,6 +100,17 @@ class Worker:
             VerifyBackupMac: lambda c: self.session.verify_backup_mac(c.data, c.mac),
             RestoreKeypair: lambda c: self.session.restore_keypair(
                 algorithms.key_type(c.key_type), c.object_id, c.label, c.spki, c.wrapped
+            ),
+            ImportPublic: lambda c: self.session.import_public(),
+            ImportKeypair: lambda c: self.session.import_keypair(
+                algorithms.key_type(c.key_type),
+                c.object_id,
+                c.label,
+                c.import_key_id,
+                c.wrapped_key,
+                c.wrapped_material,
+                c.spki,
+                c.backup,
             ),
         }
 

@@ -21,6 +21,9 @@ __all__ = [
     "Empty",
     "ErrorInfo",
     "Health",
+    "ImportKeyArgs",
+    "ImportParamsArgs",
+    "ImportParamsResult",
     "Jwk",
     "Jwks",
     "JwksArgs",
@@ -215,6 +218,45 @@ class RestoreArgs(Message):
     check: bool | None = None
 
 
+@message
+class ImportParamsArgs(Message):
+    """Arguments of ``import_params``: the key that is to be imported (the
+    caller needs the ``import`` verb on it; the answer is the same for every key)."""
+
+    key: str
+
+
+@message
+class ImportKeyArgs(Message):
+    """Bring an existing private key or HMAC secret onto the token (BYOK).
+
+    ``wrapped_key`` is a fresh AES-256 key K encrypted with RSA-OAEP (SHA-1,
+    MGF1-SHA1, no label) under the import key ``import_key_id`` (from
+    ``import_params``); ``wrapped_material`` is the material under K with AES
+    key wrap with padding (RFC 5649): a private key's PKCS#8 DER, or an HMAC
+    secret's bytes.  ``public_key``: the private key's SubjectPublicKeyInfo
+    DER (asymmetric types; absent for HMAC).  ``new_version``: the material
+    becomes the next version of the existing key ``key`` (of this ``type``),
+    as a rotation; otherwise ``key`` is a new key, with the settings of
+    ``create_key`` (which a new version takes from its key instead).
+    ``idempotency_key``: as for ``create_key``.
+    """
+
+    key: str
+    type: str
+    import_key_id: str
+    wrapped_key: bytes
+    wrapped_material: bytes
+    public_key: bytes | None = None
+    new_version: bool | None = None
+    auto_rotate_period: float | None = None
+    verify_grace: float | None = None
+    deletion_allowed: bool | None = None
+    max_versions: int | None = None
+    backup: bool | None = None
+    idempotency_key: str | None = None
+
+
 # ---- results ----
 
 
@@ -280,6 +322,18 @@ class RestoreResult(Message):
     restored: tuple[int, ...]
     #: versions the token held already, with the same public keys
     present: tuple[int, ...]
+
+
+@message
+class ImportParamsResult(Message):
+    """What a client wraps key material under for ``import_key``."""
+
+    #: the wrapping, by name: ``rsa-oaep-sha1+aes-kwp``
+    algorithm: str
+    #: the import key's id: the SHA-256 of ``public_key``, hex
+    import_key_id: str
+    #: the import key (RSA-3072) as SubjectPublicKeyInfo DER
+    public_key: bytes
 
 
 @message

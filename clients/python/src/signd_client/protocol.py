@@ -53,6 +53,9 @@ from .messages import (
     Empty,
     ErrorInfo,
     Health,
+    ImportKeyArgs,
+    ImportParamsArgs,
+    ImportParamsResult,
     Jwk,
     Jwks,
     JwksArgs,
@@ -87,6 +90,7 @@ __all__ = [
     "IDEMPOTENCY_KEY_OPS",
     "IDEMPOTENCY_KEY_RE",
     "IDEMPOTENT_OPS",
+    "IMPORT_ALGORITHM",
     "KEY_NAME_RE",
     "KEY_TYPES",
     "MAX_BATCH",
@@ -108,6 +112,9 @@ __all__ = [
     "ErrorInfo",
     "FrameDecoder",
     "Health",
+    "ImportKeyArgs",
+    "ImportParamsArgs",
+    "ImportParamsResult",
     "Jwk",
     "Jwks",
     "JwksArgs",
@@ -160,6 +167,10 @@ MAX_BATCH: Final = 10000
 #: Most key names one ``jwks`` request may name (repeats count).
 MAX_JWKS_KEYS: Final = 100
 KEY_TYPES: Final = ("ec-p256", "ec-p384", "ed25519", "rsa-2048", "rsa-3072", "rsa-4096")
+#: How ``import_key`` material is wrapped (``import_params`` names it): an
+#: AES-256 key under RSA-OAEP (SHA-1, MGF1-SHA1, no label), the material under
+#: that key with AES key wrap with padding (RFC 5649).
+IMPORT_ALGORITHM: Final = "rsa-oaep-sha1+aes-kwp"
 #: An ``idempotency_key``: 1 to 128 printable ASCII characters, space excluded.
 IDEMPOTENCY_KEY_RE: Final = re.compile(r"[\x21-\x7e]{1,128}")
 
@@ -283,6 +294,8 @@ OPS: Final[Mapping[str, OpSpec]] = types.MappingProxyType(
         "whoami": OpSpec(Empty, Whoami, Retry.SAFE),
         "backup": OpSpec(BackupArgs, BackupResult, Retry.SAFE),
         "restore": OpSpec(RestoreArgs, RestoreResult, Retry.SAFE),
+        "import_params": OpSpec(ImportParamsArgs, ImportParamsResult, Retry.SAFE),
+        "import_key": OpSpec(ImportKeyArgs, KeyInfo, Retry.WITH_KEY),
     }
 )
 
