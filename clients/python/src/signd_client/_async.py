@@ -301,6 +301,8 @@ class AsyncClient:
     whoami = _method(_calls.whoami)
     backup = _method(_calls.backup)
     restore = _method(_calls.restore)
+    import_params = _method(_calls.import_params)
+    import_key = _method(_calls.import_key)
 
     async def private_key(self, name: str, version: int | None = None) -> AsyncSigndPrivateKey:
         """The key's ``version`` (by default its current version now) with its

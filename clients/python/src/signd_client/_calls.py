@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 from .errors import InvalidArgument
+from .importing import WrappedMaterial
 from .protocol import (
     OPS,
     BackupArgs,
@@ -19,6 +20,9 @@ from .protocol import (
     DestroyArgs,
     Empty,
     Health,
+    ImportKeyArgs,
+    ImportParamsArgs,
+    ImportParamsResult,
     Jwks,
     JwksArgs,
     KeyInfo,
@@ -370,3 +374,63 @@ def restore(
         check=check or None,
     )
     return Call("restore", args, RestoreResult)
+
+
+def import_params(name: str) -> Call[ImportParamsResult]:
+    """The import key to wrap material under for ``import_key`` of key ``name``
+    (``importing.wrap_for_import`` does it): its SubjectPublicKeyInfo DER, its
+    id (the SHA-256 of that) and the wrapping algorithm.  Needs the ``import``
+    verb on ``name``; the token makes its import key on first need.
+
+    Raises: PermissionDenied, InvalidArgument, TokenUnavailable.
+    """
+    return Call("import_params", ImportParamsArgs(key=name), ImportParamsResult)
+
+
+def import_key(
+    name: str,
+    type: str,
+    wrapped: WrappedMaterial,
+    *,
+    new_version: bool = False,
+    auto_rotate_period: float | None = None,
+    verify_grace: float | None = None,
+    deletion_allowed: bool | None = None,
+    max_versions: int | None = None,
+    backup: bool | None = None,
+    idempotency_key: str | None = None,
+) -> Call[KeyInfo]:
+    """Bring existing key material onto the token (BYOK): ``wrapped`` is
+    ``importing.wrap_for_import(client.import_params(name), material)``.
+
+    A new key ``name`` of ``type`` (ec-p256, ec-p384, rsa-2048/3072/4096),
+    with the settings of ``create_key``; or with ``new_version`` the next
+    version of the existing key ``name`` (of that type), as a rotation to the
+    imported material (it keeps its key's settings).  ``created_version`` of
+    the answer is the version made.  ``idempotency_key``: as for
+    ``create_key`` (``Client`` makes one up when none is given).
+
+    Raises: InvalidArgument (material that is not a ``type`` key or does not
+    match its public key, a damaged wrap, an import key this token does not
+    hold), UnsupportedAlgorithm (a type that cannot be imported), KeyExists,
+    KeyNotFound (``new_version`` of no key), PermissionDenied (no ``import``
+    verb), TokenError.
+    """
+    if idempotency_key is not None:
+        check_idempotency_key(idempotency_key)
+    args = ImportKeyArgs(
+        key=name,
+        type=type,
+        import_key_id=wrapped.import_key_id,
+        wrapped_key=wrapped.wrapped_key,
+        wrapped_material=wrapped.wrapped_material,
+        public_key=wrapped.public_key,
+        new_version=new_version or None,
+        auto_rotate_period=auto_rotate_period,
+        verify_grace=verify_grace,
+        deletion_allowed=deletion_allowed,
+        max_versions=max_versions,
+        backup=backup,
+        idempotency_key=idempotency_key,
+    )
+    return Call("import_key", args, KeyInfo)

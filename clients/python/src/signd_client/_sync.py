@@ -232,6 +232,8 @@ class Client:
     whoami = _method(_calls.whoami)
     backup = _method(_calls.backup)
     restore = _method(_calls.restore)
+    import_params = _method(_calls.import_params)
+    import_key = _method(_calls.import_key)
 
     def private_key(self, name: str, version: int | None = None) -> SigndPrivateKey:
         """A ``cryptography`` private key object for ``name`` that signs

@@ -11,7 +11,7 @@ from typing import Any, Final
 from .. import __version__
 from .._sync import Client
 from ..errors import SigndError
-from . import _audit, _backup, _keys, _signing, _status
+from . import _audit, _backup, _import, _keys, _signing, _status
 from ._common import EXIT_CODES, EXIT_ERROR, UsageError, common_options
 
 __all__ = ["HANDLERS", "OP_COMMANDS", "main"]
@@ -37,12 +37,20 @@ OP_COMMANDS: Final[Mapping[str, str]] = types.MappingProxyType(
         "whoami": "whoami",
         "backup": "backup",
         "restore": "restore",
+        "import_params": "import",
+        "import_key": "import",
     }
 )
 
 #: command -> what runs it with a connected client
 HANDLERS: Final = types.MappingProxyType(
-    {**_keys.HANDLERS, **_signing.HANDLERS, **_status.HANDLERS, **_backup.HANDLERS}
+    {
+        **_keys.HANDLERS,
+        **_signing.HANDLERS,
+        **_status.HANDLERS,
+        **_backup.HANDLERS,
+        **_import.HANDLERS,
+    }
 )
 
 
@@ -76,6 +84,7 @@ def _parser() -> argparse.ArgumentParser:
     _signing.add_parsers(add)
     _status.add_parsers(add)
     _backup.add_parsers(add)
+    _import.add_parsers(add)
     _audit.add_parsers(add, common)
     return p
 
