@@ -102,7 +102,7 @@ def test_kinds() -> None:
     """A key change is an admin op (a task under the admin lock); the token
     work is signing and verifying; the rest reads."""
     for row in TABLE.values():
-        if row.verb in ("create", "rotate", "admin"):
+        if row.verb in ("create", "rotate", "admin", "import"):
             assert row.kind is Kind.ADMIN, row.name
         elif row.verb in ("sign", "verify"):
             assert row.kind is Kind.TOKEN, row.name

@@ -48,6 +48,9 @@ from signd_client.protocol import (
     Empty,
     ErrorInfo,
     Health,
+    ImportKeyArgs,
+    ImportParamsArgs,
+    ImportParamsResult,
     Jwk,
     Jwks,
     JwksArgs,
@@ -938,6 +941,85 @@ result(
     82,
     "restore",
     RestoreResult(key=KEY, outcome="updated", restored=(2,), present=(1,)),
+)
+
+# ---- import (bring your own key)
+
+IMPORT_KEY = "imported-p256"
+#: an RSA-3072 SubjectPublicKeyInfo's first bytes (here cut short), and its id
+_IMPORT_SPKI = bytes.fromhex("308201a2300d06092a864886f70d01010105000382018f003082018a0282018100")
+_IMPORT_ID = hashlib.sha256(_IMPORT_SPKI).hexdigest()
+_IMPORTED = _ec_key("imported-p256 v1")
+_IMPORTED_SPKI = _IMPORTED.public_key().public_bytes(
+    serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+)
+_WRAPPED_KEY = bytes(range(48))  # 384 bytes in a real request (RSA-3072 OAEP); cut short
+_WRAPPED_MATERIAL = hashlib.sha512(b"a PKCS#8 key under AES-KWP").digest()  # cut short
+
+request(
+    "import_params.request",
+    "the import key to wrap material under for key (checked: the import verb on it).",
+    110,
+    "import_params",
+    ImportParamsArgs(key=IMPORT_KEY),
+)
+result(
+    "import_params.result",
+    "algorithm names the wrapping; public_key is the import key's SubjectPublicKeyInfo DER "
+    "(bin; here cut short), import_key_id its SHA-256 in hex.",
+    110,
+    "import_params",
+    ImportParamsResult(
+        algorithm="rsa-oaep-sha1+aes-kwp", import_key_id=_IMPORT_ID, public_key=_IMPORT_SPKI
+    ),
+)
+request(
+    "import_key.request",
+    "a new ec-p256 key from wrapped material: wrapped_key is an AES-256 key under RSA-OAEP "
+    "(SHA-1), wrapped_material the PKCS#8 under that key (AES-KWP), both bin, here cut "
+    "short; public_key the private key's SubjectPublicKeyInfo DER.",
+    111,
+    "import_key",
+    ImportKeyArgs(
+        key=IMPORT_KEY,
+        type="ec-p256",
+        import_key_id=_IMPORT_ID,
+        wrapped_key=_WRAPPED_KEY,
+        wrapped_material=_WRAPPED_MATERIAL,
+        public_key=_IMPORTED_SPKI,
+        idempotency_key="7d1e0c52a4b24f0e9f2c1b3a5d6e7f80",
+    ),
+)
+request(
+    "import_key.request.new_version",
+    "the material as the next version of the existing key (it keeps its settings).",
+    112,
+    "import_key",
+    ImportKeyArgs(
+        key=IMPORT_KEY,
+        type="ec-p256",
+        import_key_id=_IMPORT_ID,
+        wrapped_key=_WRAPPED_KEY,
+        wrapped_material=_WRAPPED_MATERIAL,
+        public_key=_IMPORTED_SPKI,
+        new_version=True,
+    ),
+)
+result(
+    "import_key.result",
+    "a KeyInfo, as create_key answers; created_version is the version the import made.",
+    111,
+    "import_key",
+    KeyInfo(
+        name=IMPORT_KEY,
+        type="ec-p256",
+        created=T1,
+        current_version=1,
+        versions=(
+            VersionInfo(version=1, state="active", created=T1, public_key_pem=_pem(_IMPORTED)),
+        ),
+        created_version=1,
+    ),
 )
 
 # ---- results of the key lifecycle
