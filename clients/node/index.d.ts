@@ -96,6 +96,25 @@ export interface RestoreArgs {
   check?: boolean;
 }
 
+/** Key material wrapped under the token's import key (PROTOCOL.md, import_params). */
+export interface ImportKeyOptions {
+  import_key_id: string;
+  /** An AES-256 key under RSA-OAEP (SHA-1, MGF1-SHA1) with the import key. */
+  wrapped_key: Uint8Array;
+  /** The PKCS#8 DER (or HMAC secret) under that key, AES key wrap with padding. */
+  wrapped_material: Uint8Array;
+  /** SubjectPublicKeyInfo DER of the private key (EC and RSA). */
+  public_key?: Uint8Array;
+  /** true: the next version of the existing key (it keeps its settings). */
+  new_version?: boolean;
+  auto_rotate_period?: number;
+  verify_grace?: number;
+  deletion_allowed?: boolean;
+  max_versions?: number;
+  backup?: boolean;
+  idempotency_key?: string;
+}
+
 // ------------------------------------------------------------------ results
 
 export type VersionState = "active" | "verify-only" | "retired" | "disabled" | "destroyed";
@@ -260,6 +279,16 @@ export interface BackupResult {
   skipped: string[];
 }
 
+/** The import key to wrap material under for importKey. */
+export interface ImportParamsResult {
+  /** "rsa-oaep-sha1+aes-kwp" */
+  algorithm: string;
+  /** SHA-256 of public_key, hex. */
+  import_key_id: string;
+  /** The import key (RSA-3072), SubjectPublicKeyInfo DER. */
+  public_key: Uint8Array;
+}
+
 /** What a restore did (or, with `check`, would do) to one key. */
 export interface RestoreResult {
   key: string;
@@ -325,6 +354,15 @@ export declare class Client {
   backup(options?: BackupOptions, callOptions?: CallOptions): Promise<BackupResult>;
   /** Restore one key from a bundle's entry; with `check: true`, only say what would be done. */
   restore(args: RestoreArgs, callOptions?: CallOptions): Promise<RestoreResult>;
+  /** The token's import key (needs `import` on `name`). */
+  importParams(name: string, callOptions?: CallOptions): Promise<ImportParamsResult>;
+  /** Bring wrapped key material onto the token, as a new key or its next version. */
+  importKey(
+    name: string,
+    type: string,
+    options: ImportKeyOptions,
+    callOptions?: CallOptions,
+  ): Promise<KeyInfo>;
   /**
    * A handle on one version of `name` for signJws/signJwt (one public_key request).
    * Without `version`: the key's current version, and the handle follows rotation.
@@ -518,6 +556,8 @@ export declare const calls: {
   whoami(): Call;
   backup(options?: BackupOptions): Call;
   restore(args: RestoreArgs): Call;
+  importParams(name: string): Call;
+  importKey(name: string, type: string, options: ImportKeyOptions): Call;
 };
 
 /** Check wire arguments against the op and put them in wire order. Throws InvalidArgument. */

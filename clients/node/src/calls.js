@@ -24,6 +24,22 @@ const IDEMPOTENCY_KEY_RE = /^[\x21-\x7e]{1,128}$/;
  */
 
 /**
+ * importKey's options: material wrapped under the token's import key (wire names).
+ * @typedef {object} ImportKeyOptions
+ * @property {string} import_key_id from importParams
+ * @property {Uint8Array} wrapped_key an AES-256 key under RSA-OAEP (SHA-1) with the import key
+ * @property {Uint8Array} wrapped_material the PKCS#8 DER (or secret) under it, AES-KWP
+ * @property {Uint8Array} [public_key] SubjectPublicKeyInfo DER (EC, RSA)
+ * @property {boolean} [new_version] true: the key's next version
+ * @property {number} [auto_rotate_period]
+ * @property {number} [verify_grace]
+ * @property {boolean} [deletion_allowed]
+ * @property {number} [max_versions]
+ * @property {boolean} [backup]
+ * @property {string} [idempotency_key]
+ */
+
+/**
  * @param {string} op
  * @param {string} name
  * @param {Record<string, unknown> | undefined} options
@@ -172,6 +188,31 @@ export const calls = Object.freeze({
     const check = args.check === false ? undefined : args.check;
     return { op: "restore", args: checkArgs("restore", { ...args, check }) };
   },
+  /**
+   * The token's import key, to wrap material under for importKey (key: the key to import).
+   * @param {string} name
+   */
+  importParams(name) {
+    return { op: "import_params", args: checkArgs("import_params", { key: name }) };
+  },
+  /**
+   * Existing key material, wrapped under the import key (PROTOCOL.md, import_params),
+   * as a new key or (new_version: true) the next version of one.
+   * @param {string} name
+   * @param {string} type
+   * @param {ImportKeyOptions} options
+   */
+  importKey(name, type, options) {
+    if (options === null || typeof options !== "object" || Array.isArray(options)) {
+      throw new InvalidArgument("importKey: options must be an object");
+    }
+    // `new_version` is sent only when true, as the Python client sends it.
+    const newVersion = options.new_version === false ? undefined : options.new_version;
+    return {
+      op: "import_key",
+      args: checkArgs("import_key", { ...options, key: name, type, new_version: newVersion }),
+    };
+  },
 });
 
 /** Method name (camelCase) per wire op. */
@@ -193,4 +234,6 @@ export const METHODS = Object.freeze({
   whoami: "whoami",
   backup: "backup",
   restore: "restore",
+  import_params: "importParams",
+  import_key: "importKey",
 });

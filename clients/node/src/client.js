@@ -410,6 +410,32 @@ export class Client {
   }
 
   /**
+   * The token's import key (made on first need) to wrap material under for
+   * importKey: algorithm, import_key_id (SHA-256 of public_key, hex) and
+   * public_key (SPKI DER). Needs `import` on `name`.
+   * @param {string} name
+   * @param {CallOptions} [callOptions]
+   */
+  importParams(name, callOptions) {
+    return this.#send(() => calls.importParams(name), callOptions);
+  }
+
+  /**
+   * Bring existing key material onto the token: wrapped_key (an AES-256 key
+   * under RSA-OAEP SHA-1) and wrapped_material (the PKCS#8 or secret under it,
+   * AES-KWP), as PROTOCOL.md's import_params describes; public_key (SPKI DER)
+   * for EC and RSA. A new key, or with new_version the key's next version.
+   * An idempotency_key is made up when none is given.
+   * @param {string} name
+   * @param {string} type
+   * @param {import("./calls.js").ImportKeyOptions} options
+   * @param {CallOptions} [callOptions]
+   */
+  importKey(name, type, options, callOptions) {
+    return this.#send(() => calls.importKey(name, type, options), callOptions);
+  }
+
+  /**
    * A handle on one version of `name` that signs JWS and JWTs (signJws,
    * signJwt): by default the key's current version, and then it follows
    * rotation; with `{version}`, that version only (pinned). One public_key

@@ -81,6 +81,22 @@ export const ARGS = {
     ["entry_mac", "bin", true],
     ["check", "bool", false],
   ],
+  import_params: [KEY],
+  import_key: [
+    KEY,
+    ["type", "str", true],
+    ["import_key_id", "str", true],
+    ["wrapped_key", "bin", true],
+    ["wrapped_material", "bin", true],
+    ["public_key", "bin", false],
+    ["new_version", "bool", false],
+    ["auto_rotate_period", "float", false],
+    ["verify_grace", "float", false],
+    ["deletion_allowed", "bool", false],
+    ["max_versions", "int", false],
+    ["backup", "bool", false],
+    ["idempotency_key", "str", false],
+  ],
 };
 
 /** @type {Schema} */
@@ -257,6 +273,12 @@ export const RESULTS = {
     ["restored", ["array", "int"], true],
     ["present", ["array", "int"], true],
   ],
+  import_params: [
+    ["algorithm", "str", true],
+    ["import_key_id", "str", true],
+    ["public_key", "bin", true],
+  ],
+  import_key: KEY_INFO,
 };
 
 /** Every operation this client knows. */
@@ -285,6 +307,8 @@ export const RETRY = Object.freeze({
   whoami: "safe",
   backup: "safe",
   restore: "safe",
+  import_params: "safe",
+  import_key: "with_key",
 });
 
 /** Operations a client may safely send again after a broken connection. */
