@@ -6,6 +6,8 @@ import argparse
 from collections.abc import Callable
 from typing import BinaryIO
 
+from cryptography.hazmat.primitives import serialization
+
 from .._sync import Client
 from ..errors import InvalidArgument
 from ..importing import read_material, wrap_for_import
@@ -63,6 +65,11 @@ def add_parsers(add: Callable[..., argparse.ArgumentParser]) -> None:
         help="the imported key never leaves the token, under any key",
     )
     _idempotency_option(i, "import")
+    k = add(
+        "import-key",
+        help="show the token's import key (made on first need): its id, algorithm and PEM",
+    )
+    k.add_argument("name", help="the key to be imported (needs the import grant on it)")
 
 
 def _import(args: argparse.Namespace, client: Client, stdin: BinaryIO) -> int:
@@ -102,7 +109,24 @@ def _import(args: argparse.Namespace, client: Client, stdin: BinaryIO) -> int:
     return EXIT_OK
 
 
+def _import_key(args: argparse.Namespace, client: Client, stdin: BinaryIO) -> int:
+    params = client.import_params(args.name)
+    if args.json:
+        print_json(params)
+        return EXIT_OK
+    pem = (
+        serialization.load_der_public_key(params.public_key)
+        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+        .decode("ascii")
+    )
+    print(
+        f"import key id: {params.import_key_id}\nalgorithm:     {params.algorithm}\n{pem}", end=""
+    )
+    return EXIT_OK
+
+
 #: command -> what runs it
 HANDLERS: dict[str, Callable[[argparse.Namespace, Client, BinaryIO], int]] = {
     "import": _import,
+    "import-key": _import_key,
 }

@@ -37,7 +37,7 @@ OP_COMMANDS: Final[Mapping[str, str]] = types.MappingProxyType(
         "whoami": "whoami",
         "backup": "backup",
         "restore": "restore",
-        "import_params": "import",
+        "import_params": "import-key",
         "import_key": "import",
     }
 )
