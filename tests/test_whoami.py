@@ -24,7 +24,7 @@ RULES = (
     Rule(keys=("*",), operations=frozenset({"verify"}), groups=frozenset({"4242"})),
     Rule(keys=("ops",), operations=frozenset({"admin", "rotate"}), uids=frozenset({3000})),
 )
-EVERY = ("admin", "create", "read", "rotate", "sign", "verify")
+EVERY = ("admin", "create", "import", "read", "rotate", "sign", "verify")
 
 
 async def _keys(h: Harness, policy: Policy) -> None:
