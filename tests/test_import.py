@@ -93,7 +93,8 @@ def name() -> str:
 
 def objects(d: Daemon) -> list[list[str]]:
     """Every object on the daemon's token: class, label, id."""
-    return step(d.token, "objects")["objects"]
+    found: list[list[str]] = step(d.token, "objects")["objects"]
+    return found
 
 
 def verify_ecdsa(pem_or_key: Any, sig: bytes, msg: bytes, h: hashes.HashAlgorithm) -> None:
