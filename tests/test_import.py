@@ -16,7 +16,7 @@ import hashlib
 import json
 import sys
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -64,13 +64,11 @@ def spki(key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey) -> bytes:
 
 @pytest.fixture(scope="module")
 def imp(
-    new_softhsm_token: Callable[[str], TokenEnv], tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Daemon]:
+    new_softhsm_token: Callable[[str], TokenEnv], module_daemon: Callable[..., Daemon]
+) -> Daemon:
     """A daemon on a token of its own, with a wrap key (for backup-able
-    imports) and rules: uid 0 may do everything to every key but the
-    ``noimp-`` keys, which it may only create and read."""
-    from conftest import Daemon
-
+    imports) and rules: uid 0 may do everything to every ``imp-`` key, and
+    only create and read the ``noimp-`` keys."""
     token = new_softhsm_token("signd-imp")
     create(token, 2, 2)
     access = (
@@ -79,11 +77,7 @@ def imp(
         f'[[access.rules]]\nkeys = ["{NO_IMPORT}*"]\noperations = ["create", "read"]\n'
         "uids = [0]\n"
     )
-    d = Daemon(token, tmp_path_factory.mktemp("signd-imp"), access)
-    d.start()
-    yield d
-    if d.proc is not None and d.proc.poll() is None:
-        assert d.stop() == 0, d.logs()
+    return module_daemon(token, access)
 
 
 @pytest.fixture

@@ -53,6 +53,8 @@ COMMANDS = (
     "backup",
     "restore",
     "jwks",
+    "import",
+    "import-key",
 )
 
 
