@@ -434,19 +434,6 @@ def test_bad_input_is_refused_and_leaves_nothing(imp: Daemon, name: str) -> None
             wrapped_material=keywrap.aes_key_wrap_with_padding(transport, b"not a key" * 7),
         )
         _refused(imp, c, name, "ec-p256", garbage, InvalidArgument, "not a ec-p256 private key")
-        # an AES-128 K: refused
-        short = replace(
-            wrapped_key=pub.encrypt(transport[:16], oaep),
-            wrapped_material=keywrap.aes_key_wrap_with_padding(
-                transport[:16],
-                p256.private_bytes(
-                    serialization.Encoding.DER,
-                    serialization.PrivateFormat.PKCS8,
-                    serialization.NoEncryption(),
-                ),
-            ),
-        )
-        _refused(imp, c, name, "ec-p256", short, InvalidArgument, "not an AES-256 key")
         # another import key's id; no public key for an EC key
         _refused(
             imp,

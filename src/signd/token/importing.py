@@ -152,9 +152,13 @@ class ImportKeys:
 
         session = self._session_or_raise()
         pairs = []
-        for priv in session.get_objects(
-            {Attribute.CLASS: ObjectClass.PRIVATE_KEY, Attribute.LABEL: IMPORT_KEY_LABEL}
-        ):
+        # A list first: a search may not start while another is open (OperationActive).
+        privs = list(
+            session.get_objects(
+                {Attribute.CLASS: ObjectClass.PRIVATE_KEY, Attribute.LABEL: IMPORT_KEY_LABEL}
+            )
+        )
+        for priv in privs:
             pubs = list(
                 session.get_objects(
                     {
@@ -225,8 +229,11 @@ class ImportKeys:
                 f"damaged, or wrapped under another key ({type(exc).__name__})"
             ) from None
         try:
+            # SoftHSM 2.6.1 keeps no CKA_VALUE_LEN on an unwrapped AES key (it
+            # reads 0, and refuses it in the template: AttributeReadOnly), so K's
+            # size is checked only where the token records it.
             size = int(transport[Attribute.VALUE_LEN])
-            if size != TRANSPORT_KEY_BYTES:
+            if size and size != TRANSPORT_KEY_BYTES:
                 raise InvalidArgument(
                     f"wrapped_key holds a {size}-byte key, not an AES-256 key "
                     f"({TRANSPORT_KEY_BYTES} bytes)"
