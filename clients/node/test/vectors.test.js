@@ -79,6 +79,8 @@ const BUILD = {
   whoami: () => calls.whoami(),
   backup: (o) => calls.backup(o),
   restore: (a) => calls.restore(a),
+  import_params: ({ key }) => calls.importParams(key),
+  import_key: ({ key, type, ...o }) => calls.importKey(key, type, o),
 };
 
 /** The vector file's JSON as msgpack values: {"$bin": hex} is a Buffer. */

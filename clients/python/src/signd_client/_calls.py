@@ -390,8 +390,12 @@ def import_params(name: str) -> Call[ImportParamsResult]:
 def import_key(
     name: str,
     type: str,
-    wrapped: WrappedMaterial,
+    wrapped: WrappedMaterial | None = None,
     *,
+    import_key_id: str | None = None,
+    wrapped_key: bytes | None = None,
+    wrapped_material: bytes | None = None,
+    public_key: bytes | None = None,
     new_version: bool = False,
     auto_rotate_period: float | None = None,
     verify_grace: float | None = None,
@@ -410,6 +414,9 @@ def import_key(
     the answer is the version made.  ``idempotency_key``: as for
     ``create_key`` (``Client`` makes one up when none is given).
 
+    Instead of ``wrapped``, its fields may be given one by one
+    (``import_key_id``, ``wrapped_key``, ``wrapped_material``, ``public_key``).
+
     Raises: InvalidArgument (material that is not a ``type`` key or does not
     match its public key, a damaged wrap, an import key this token does not
     hold), UnsupportedAlgorithm (a type that cannot be imported), KeyExists,
@@ -418,6 +425,15 @@ def import_key(
     """
     if idempotency_key is not None:
         check_idempotency_key(idempotency_key)
+    if wrapped is None:
+        if import_key_id is None or wrapped_key is None or wrapped_material is None:
+            raise InvalidArgument(
+                "import_key: give wrapped (importing.wrap_for_import), or import_key_id, "
+                "wrapped_key and wrapped_material"
+            )
+        wrapped = WrappedMaterial(import_key_id, wrapped_key, wrapped_material, public_key)
+    elif (import_key_id, wrapped_key, wrapped_material, public_key) != (None,) * 4:
+        raise InvalidArgument("import_key: give wrapped or its fields, not both")
     args = ImportKeyArgs(
         key=name,
         type=type,
