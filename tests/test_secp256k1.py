@@ -11,6 +11,8 @@ addresses and recoveries by ``eth-account``/``eth-keys`` where installed.
 from __future__ import annotations
 
 import hashlib
+import json
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import coincurve
@@ -401,3 +403,31 @@ def test_bad_secp256k1_requests_get_clear_errors(signd: Daemon, key_name: str) -
         assert all(v.eth_address is None for v in c.key_info(p256).versions)
         # and the daemon goes on serving
         assert c.sign(k1, MESSAGE).version == 1
+
+
+def test_golden_eth_frames_recover_with_eth_account() -> None:
+    """The golden frames agree with eth-account: sign.result.eth, a personal
+    message signature, recovers key_info.result.secp256k1's version 2 address."""
+    eth_account = pytest.importorskip("eth_account")
+    from eth_account.messages import encode_defunct
+
+    doc = json.loads((Path(__file__).parent / "vectors" / "frames.json").read_text())
+    frames = {v["name"]: v["message"] for v in doc["vectors"]}
+    sig = bytes.fromhex(frames["sign.result.eth"]["result"]["signature"]["$bin"])
+    versions = frames["key_info.result.secp256k1"]["result"]["versions"]
+    assert len(sig) == 65
+    assert sig[64] in (0, 1)
+    assert int.from_bytes(sig[32:64], "big") <= ORDERS["ec-secp256k1"] // 2
+    signer = eth_account.Account.recover_message(
+        encode_defunct(MESSAGE), signature=sig[:64] + bytes((sig[64] + 27,))
+    )
+    assert signer == versions[1]["eth_address"]
+    assert signer != versions[0]["eth_address"]
+    for v in versions:
+        assert v["eth_address"] == eth.address(load_pem(v["public_key_pem"]))
+
+
+def load_pem(pem: str) -> ec.EllipticCurvePublicKey:
+    key = serialization.load_pem_public_key(pem.encode())
+    assert isinstance(key, ec.EllipticCurvePublicKey)
+    return key

@@ -56,7 +56,8 @@ def checksum_address(raw: bytes) -> str:
     low = raw.hex()
     mask = keccak256(low.encode("ascii")).hex()
     return "0x" + "".join(
-        c.upper() if c.isalpha() and int(m, 16) >= 8 else c for c, m in zip(low, mask, strict=True)
+        c.upper() if c.isalpha() and int(m, 16) >= 8 else c
+        for c, m in zip(low, mask[:40], strict=True)
     )
 
 
