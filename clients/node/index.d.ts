@@ -23,7 +23,14 @@ export interface CallOptions {
   timeout?: number;
 }
 
-export type KeyType = "ec-p256" | "ec-p384" | "ed25519" | "rsa-2048" | "rsa-3072" | "rsa-4096";
+export type KeyType =
+  | "ec-p256"
+  | "ec-p384"
+  | "ed25519"
+  | "rsa-2048"
+  | "rsa-3072"
+  | "rsa-4096"
+  | "ec-secp256k1";
 export type Hash = "sha256" | "sha384" | "sha512";
 export type Padding = "pkcs1v15" | "pss";
 export type SignatureFormat = "der" | "raw";
@@ -125,6 +132,8 @@ export interface VersionInfo {
   created: number;
   public_key_pem: string;
   verify_until?: number;
+  /** ec-secp256k1 keys: the version's Ethereum address, EIP-55 checksummed. */
+  eth_address?: string;
 }
 
 export interface KeyInfo {

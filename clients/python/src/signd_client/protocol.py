@@ -166,7 +166,15 @@ KEY_NAME_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 MAX_BATCH: Final = 10000
 #: Most key names one ``jwks`` request may name (repeats count).
 MAX_JWKS_KEYS: Final = 100
-KEY_TYPES: Final = ("ec-p256", "ec-p384", "ed25519", "rsa-2048", "rsa-3072", "rsa-4096")
+KEY_TYPES: Final = (
+    "ec-p256",
+    "ec-p384",
+    "ed25519",
+    "rsa-2048",
+    "rsa-3072",
+    "rsa-4096",
+    "ec-secp256k1",
+)
 #: How ``import_key`` material is wrapped (``import_params`` names it): an
 #: AES-256 key under RSA-OAEP (SHA-1, MGF1-SHA1, no label), the material under
 #: that key with AES key wrap with padding (RFC 5649).
