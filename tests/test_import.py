@@ -179,6 +179,31 @@ def test_a_pem_p256_key_imported_with_signctl_signs(imp: Daemon, name: str, tmp_
     assert b"nothing was sent" in wrong.stderr
 
 
+def test_an_ethereum_private_key_imported_as_secp256k1(
+    imp: Daemon, name: str, tmp_path: Path
+) -> None:
+    """A hex Ethereum private key (0x...) through signctl: key_info's address is
+    eth-account's for it, and an eth-format signature recovers to it."""
+    from eth_account import Account
+    from eth_keys import keys as eth_keys
+
+    account = Account.create()
+    hexkey = "0x" + bytes(account.key).hex()
+    (tmp_path / "eth.key").write_text(hexkey + "\n")
+    out = imp.signctl("import", name, "--type", "ec-secp256k1", "--in", str(tmp_path / "eth.key"))
+    assert out.returncode == 0, out.stderr
+    with imp.client() as c:
+        info = c.key_info(name)
+        assert info.type == "ec-secp256k1"
+        assert info.versions[0].eth_address == Account.from_key(hexkey).address
+        assert info.versions[0].eth_address == account.address
+        signable = hashlib.sha256(b"any 32 bytes").digest()
+        sig = c.sign(name, digest=signable, hash="sha256", format="eth").signature
+    assert len(sig) == 65
+    recovered = eth_keys.Signature(sig).recover_public_key_from_msg_hash(signable)
+    assert recovered.to_checksum_address() == account.address
+
+
 @pytest.mark.parametrize(
     ("key_type", "make", "h"),
     [
