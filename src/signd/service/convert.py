@@ -119,11 +119,13 @@ def key_summary(key: LoadedKey) -> KeySummary:
 
 def jwks_of(key: LoadedKey) -> list[Jwk]:
     """Every version of ``key`` that may verify now (the caller brought its
-    states up to date), as JWKs whose ``kid`` is ``name:version``."""
+    states up to date), as JWKs whose ``kid`` is ``name:version``; none for
+    an HMAC key (it has no public key to publish)."""
     name = key.record.name
     return [
         Jwk(**algorithms.jwk(key.kt, v.public_key, f"{name}:{v.record.version}"))
         for v in key.verifiers
+        if v.public_key is not None
     ]
 
 

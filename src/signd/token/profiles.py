@@ -229,6 +229,10 @@ _NEEDS: Final[dict[str, tuple[str, str, tuple[int, ...]]]] = {
     "rsa-2048": ("CKM_RSA_PKCS_KEY_PAIR_GEN", "CKM_RSA_PKCS", (2048,)),
     "rsa-3072": ("CKM_RSA_PKCS_KEY_PAIR_GEN", "CKM_RSA_PKCS", (3072,)),
     "rsa-4096": ("CKM_RSA_PKCS_KEY_PAIR_GEN", "CKM_RSA_PKCS", (4096,)),
+    # HMAC secrets: generated as a generic secret of the hash's output size
+    "hmac-sha256": ("CKM_GENERIC_SECRET_KEY_GEN", "CKM_SHA256_HMAC", (256,)),
+    "hmac-sha384": ("CKM_GENERIC_SECRET_KEY_GEN", "CKM_SHA384_HMAC", (384,)),
+    "hmac-sha512": ("CKM_GENERIC_SECRET_KEY_GEN", "CKM_SHA512_HMAC", (512,)),
 }
 
 
