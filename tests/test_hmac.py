@@ -353,8 +353,8 @@ def test_hmac_through_the_daemon(make_daemon: Callable[..., Daemon], key_name: s
     refusals, through a real daemon on a real token; a restarted daemon
     loads the key from the token and verifies both versions."""
     signd = make_daemon()
-    from signd_client import InvalidArgument as ClientInvalidArgument
-    from signd_client import UnsupportedAlgorithm as ClientUnsupported
+    from signd_client.errors import InvalidArgument as ClientInvalidArgument
+    from signd_client.errors import UnsupportedAlgorithm as ClientUnsupported
 
     with signd.client(timeout=30.0) as c:
         info = c.create_key(key_name, "hmac-sha256", verify_grace=3600.0)

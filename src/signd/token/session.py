@@ -595,10 +595,10 @@ class TokenSession(WrapKeys):
         Raises: UnsupportedAlgorithm (the token cannot make or back it up).
         """
         template = hmac_secret_template(kt, label, object_id, wrap_key is not None)
-        template[Attribute.VALUE_LEN] = kt.bits // 8
         try:
             key = self._session_or_raise().generate_key(
                 KeyType.GENERIC_SECRET,
+                kt.bits,  # CKA_VALUE_LEN: bits // 8 bytes
                 id=object_id,
                 label=label,
                 store=True,
