@@ -32,6 +32,7 @@ from signd.keys import algorithms
 from signd.protocol import (
     BackupArgs,
     CreateKeyArgs,
+    DestroyArgs,
     JwksArgs,
     KeyRefArgs,
     PublicKeyArgs,
@@ -209,7 +210,7 @@ async def test_disable_destroy_and_enable_apply_to_hmac_versions(autojump_clock:
         await c.call("enable", VersionRefArgs(key="api", version=1))
         assert (await c.call("verify", VerifyArgs(key="api", message=b"m", signature=sig))).valid
         await c.call("rotate", RotateArgs(key="api"))
-        info = await c.call("destroy", VersionRefArgs(key="api", version=1))
+        info = await c.call("destroy", DestroyArgs(key="api", version=1))
         assert [v.state for v in info.versions] == ["destroyed", "active"]
         assert not h.pool.has_private("api", 1)
         # the key still loads (a destroyed secret leaves nothing on the token)
@@ -223,7 +224,7 @@ async def test_backup_and_restore_of_an_hmac_key(autojump_clock: Any) -> None:
         await _create(h, "api", backup=True, deletion_allowed=True)
         await c.call("rotate", RotateArgs(key="api"))
         await c.call("rotate", RotateArgs(key="api"))
-        await c.call("destroy", VersionRefArgs(key="api", version=1))
+        await c.call("destroy", DestroyArgs(key="api", version=1))
         secrets_ = {v: h.pool.secret("api", v) for v in (2, 3)}
         made = await c.call("backup", BackupArgs(keys=("api",)))
         for secret in secrets_.values():
