@@ -307,6 +307,17 @@ def test_a_generated_secret_is_sensitive_and_signs(own_token: TokenEnv, backup: 
     assert out["public_keys"] == out["check"]  # the check value stands in for an SPKI
 
 
+def test_an_hmac_key_on_opencryptoki(ock_token: TokenEnv) -> None:
+    """opencryptoki's soft token (3.8) lists the HMAC mechanisms too: the same
+    template generates a secret there that MACs, verifies and cannot be read."""
+    out = step(ock_token, "generated", key_type="hmac-sha256", backup=False, profile="generic")
+    assert "error" not in out, out
+    assert out["verified"] == [1, "hmac-sha256"]
+    assert out["attributes"]["value"] == "AttributeSensitive"
+    assert out["attributes"]["EXTRACTABLE"] is False
+    assert out["public_keys"] == out["check"]
+
+
 def test_a_backed_up_secret_restores_on_another_token_of_the_ceremony(
     token_a: Ceremony,  # noqa: F811
     token_b: Ceremony,  # noqa: F811

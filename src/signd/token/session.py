@@ -940,7 +940,9 @@ def hmac_secret_template(
         Attribute.DERIVE: False,
         Attribute.SENSITIVE: True,
         Attribute.EXTRACTABLE: backup,
-        Attribute.WRAP_WITH_TRUSTED: backup,
+        # only when set: opencryptoki 3.8 refuses the attribute on secret keys
+        # (AttributeTypeInvalid), and false is its default
+        **({Attribute.WRAP_WITH_TRUSTED: True} if backup else {}),
     }
 
 
