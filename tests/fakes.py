@@ -26,6 +26,7 @@ import dataclasses
 import hashlib
 import hmac
 import itertools
+import secrets
 from collections import deque
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -100,9 +101,20 @@ def _generate(key_type: str) -> PrivateKey:
     return rsa.generate_private_key(public_exponent=65537, key_size=kt.bits)
 
 
-def _sign(private: PrivateKey, job: SignJob) -> bytes:
-    """What the token's C_Sign returns for ``job`` (ECDSA: raw r || s)."""
+def _check_value(secret: bytes) -> bytes:
+    """An HMAC secret's check value, as the token works it out."""
+    mac = hmac.new(secret, algorithms.HMAC_CHECK_MESSAGE, hashlib.sha256).digest()
+    return algorithms.hmac_check_value(mac)
+
+
+def _sign(private: PrivateKey | bytes, job: SignJob) -> bytes:
+    """What the token's C_Sign returns for ``job`` (ECDSA: raw r || s; an HMAC
+    secret: the MAC of the message)."""
     scheme = algorithms.Scheme(job.scheme)
+    if isinstance(private, bytes):
+        assert scheme is algorithms.Scheme.HMAC
+        assert job.hash is not None
+        return hmac.new(private, job.data, job.hash).digest()
     if scheme is algorithms.Scheme.EDDSA:
         assert isinstance(private, ed25519.Ed25519PrivateKey)
         return private.sign(job.data)
@@ -135,8 +147,8 @@ def _verify(job: VerifyJob) -> tuple[bool, Any]:
 
 @dataclass
 class _Pair:
-    spki: bytes
-    private: PrivateKey | None  # None once destroyed
+    spki: bytes  # an HMAC key: its check value
+    private: PrivateKey | bytes | None  # None once destroyed; bytes: an HMAC secret
     label: str
 
 
@@ -269,6 +281,10 @@ class FakePool:
             raise UnsupportedAlgorithm(f"this token cannot back up {key_type} keys")
         if backup:
             self.backup_ids.add(object_id)
+        if algorithms.key_type(key_type).family is algorithms.Family.HMAC:
+            secret = secrets.token_bytes(algorithms.key_type(key_type).bits // 8)
+            self.pairs[object_id] = _Pair(_check_value(secret), secret, label)
+            return self.pairs[object_id].spki
         private = _generate(key_type)
         spki = private.public_key().public_bytes(
             serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
@@ -293,6 +309,8 @@ class FakePool:
             raise TokenError(f"expected one private key with id {object_id.hex()}")
         if object_id not in self.backup_ids:
             raise UnsupportedAlgorithm(f"the token cannot wrap the private key {object_id.hex()}")
+        if isinstance(pair.private, bytes):  # an HMAC secret: wrapped as it is
+            return keywrap.aes_key_wrap_with_padding(secret, pair.private)
         der = pair.private.private_bytes(
             serialization.Encoding.DER,
             serialization.PrivateFormat.PKCS8,
@@ -325,7 +343,21 @@ class FakePool:
         if object_id in self.pairs:
             raise Conflict(f"object id {object_id.hex()} is taken")
         secret = self._wrap_secret()
-        private = None
+        private: PrivateKey | bytes | None = None
+        if algorithms.key_type(key_type).family is algorithms.Family.HMAC:
+            if wrapped is None:
+                return  # a destroyed HMAC version: nothing is left of it on a token
+            try:
+                value = keywrap.aes_key_unwrap_with_padding(secret, wrapped)
+            except keywrap.InvalidUnwrap:
+                raise InvalidArgument(
+                    "the wrapped key does not unwrap under this token's wrap key"
+                ) from None
+            if _check_value(value) != spki:
+                raise InvalidArgument("the unwrapped secret does not match its check value")
+            self.backup_ids.add(object_id)
+            self.pairs[object_id] = _Pair(spki, value, label)
+            return
         if wrapped is not None:
             try:
                 der = keywrap.aes_key_unwrap_with_padding(secret, wrapped)
@@ -371,11 +403,31 @@ class FakePool:
         if not self.is_open:
             return False, TokenUnavailable("the token is unavailable (lost); retry")
         if isinstance(job, VerifyJob):
+            if algorithms.key_type(job.key_type).family is algorithms.Family.HMAC:
+                return self._verify_mac(job)
             return _verify(job)
         pair = self.pairs.get(job.object_id)
         if pair is None or pair.private is None:
             return False, TokenError(f"expected one private key with id {job.object_id.hex()}")
         return True, _sign(pair.private, job)
+
+    def _verify_mac(self, job: VerifyJob) -> tuple[bool, Any]:
+        """An HMAC key's verification, as the worker's ``verify_mac``: the
+        candidates are (version, object id)."""
+        try:
+            opts = algorithms.request_options(algorithms.key_type(job.key_type), job)
+        except WireError as exc:
+            return False, exc
+        assert opts.hash is not None
+        for version, oid in job.candidates:
+            pair = self.pairs.get(oid)
+            if pair is None or not isinstance(pair.private, bytes):
+                return False, TokenError(f"expected one private key with id {oid.hex()}")
+            assert job.message is not None
+            mac = hmac.new(pair.private, job.message, opts.hash.name).digest()
+            if hmac.compare_digest(mac, job.signature):
+                return True, [version, opts.algorithm]
+        return True, None
 
     async def _rare(self, op: str, arg: Any) -> None:
         self.calls.append((op, arg))
@@ -441,6 +493,14 @@ class FakePool:
         oid = next(v.object_id for v in self.record(name).versions if v.version == version)
         private = self.pairs[oid].private
         assert private is not None
+        assert not isinstance(private, bytes)
+        return private
+
+    def secret(self, name: str, version: int) -> bytes:
+        """The secret of an HMAC key's version (to MAC as another daemon would)."""
+        oid = next(v.object_id for v in self.record(name).versions if v.version == version)
+        private = self.pairs[oid].private
+        assert isinstance(private, bytes)
         return private
 
     def has_private(self, name: str, version: int) -> bool:

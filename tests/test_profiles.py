@@ -127,6 +127,10 @@ def test_capabilities_come_from_the_mechanisms() -> None:
         "CKM_ECDSA": (112, 521),
         "CKM_EC_EDWARDS_KEY_PAIR_GEN": (256, 456),
         "CKM_EDDSA": (256, 456),
+        "CKM_GENERIC_SECRET_KEY_GEN": (1, 2147483648),
+        "CKM_SHA256_HMAC": (32, 512),
+        "CKM_SHA384_HMAC": (48, 512),
+        "CKM_SHA512_HMAC": (64, 512),
     }
     assert all(why is None for why in capable_key_types(softhsm).values())
     no_edwards = {k: v for k, v in softhsm.items() if "EDWARDS" not in k and "EDDSA" not in k}

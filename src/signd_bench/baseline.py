@@ -26,6 +26,7 @@ MECHANISMS: Final = {
     "eddsa": Mechanism.EDDSA,
     "rsa-pkcs1v15": Mechanism.RSA_PKCS,
     "rsa-pss": Mechanism.RSA_PKCS_PSS,
+    "hmac": Mechanism.SHA256_HMAC,  # an HMAC key's secret: the MAC of the message
 }
 #: RSA-PSS parameters by hash: (hash mechanism, MGF, salt length)
 PSS: Final = {
@@ -70,7 +71,13 @@ def run(job: dict[str, Any], pin: str) -> dict[str, Any]:
         key = next(
             iter(
                 session.get_objects(
-                    {Attribute.CLASS: ObjectClass.PRIVATE_KEY, Attribute.LABEL: job["key_label"]}
+                    {
+                        # an HMAC key is a secret key, a keypair signs with its private key
+                        Attribute.CLASS: ObjectClass.SECRET_KEY
+                        if scheme == "hmac"
+                        else ObjectClass.PRIVATE_KEY,
+                        Attribute.LABEL: job["key_label"],
+                    }
                 )
             )
         )

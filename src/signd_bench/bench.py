@@ -35,6 +35,9 @@ BASELINE_SCHEME = {
     "rsa-2048": "rsa-pkcs1v15",
     "ec-secp256k1": "ecdsa",
 }
+BASELINE_SCHEME["hmac-sha256"] = "hmac"  # the MAC of the message (CKM_SHA256_HMAC)
+#: key types whose requests carry the message (no digest): the token signs or MACs it
+_BY_MESSAGE = ("ed25519", "hmac-sha256")
 DIGEST_INFO_SHA256 = bytes.fromhex("3031300d060960864801650304020105000420")
 
 
@@ -222,7 +225,7 @@ class Bench:
 
     def baseline(self, key_type: str, key: str) -> Row:
         scheme = BASELINE_SCHEME[key_type]
-        data = MESSAGE if scheme == "eddsa" else DIGEST
+        data = MESSAGE if scheme in ("eddsa", "hmac") else DIGEST
         if scheme == "rsa-pkcs1v15":
             data = DIGEST_INFO_SHA256 + DIGEST
         job = {
@@ -433,14 +436,14 @@ class Bench:
         )
 
     def sign_job(self, key: str, key_type: str) -> dict[str, Any]:
-        if key_type == "ed25519":
+        if key_type in _BY_MESSAGE:
             return {"op": "sign", "key": key, "data": MESSAGE.hex()}
         return {"op": "sign", "key": key, "data": DIGEST.hex(), "digest": True, "hash": "sha256"}
 
     def verify_job(self, key: str, key_type: str) -> dict[str, Any]:
         job = self.sign_job(key, key_type)
         with Client(self.socket) as c:
-            if key_type == "ed25519":
+            if key_type in _BY_MESSAGE:
                 sig = c.sign(key, MESSAGE).signature
             else:
                 sig = c.sign(key, digest=DIGEST, hash="sha256").signature

@@ -370,8 +370,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", default="auto", help='signd token workers (default "auto")')
     p.add_argument(
         "--types",
-        default="ec-p256,ed25519,rsa-2048",
-        help="key types (default ec-p256,ed25519,rsa-2048; ec-secp256k1 too)",
+        default="ec-p256,ed25519,rsa-2048,hmac-sha256",
+        help="key types (default %(default)s; ec-secp256k1 too)",
     )
     p.add_argument("--no-peers", action="store_true", help="skip p11-kit and ssh-agent")
     p.add_argument(

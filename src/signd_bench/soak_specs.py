@@ -136,8 +136,11 @@ class SoakKey:
     publics: dict[int, PublicKeyTypes] = field(default_factory=dict)
     pems: dict[int, str] = field(default_factory=dict)
 
-    def learn(self, version: int, pem: str) -> bool:
-        """Remember ``version``'s public key; False if it differs from the one known."""
+    def learn(self, version: int, pem: str | None) -> bool:
+        """Remember ``version``'s public key; False if it differs from the one
+        known, or there is none (an HMAC key's: the soak signs with keypairs)."""
+        if pem is None:
+            return False
         known = self.pems.get(version)
         if known is None:
             self.publics[version] = serialization.load_pem_public_key(pem.encode())

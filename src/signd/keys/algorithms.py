@@ -35,6 +35,7 @@ __all__ = [
     "Scheme",
     "SignPlan",
     "finish_signature",
+    "hmac_check_value",
     "jwk",
     "key_type",
     "load_public_key",
@@ -42,6 +43,7 @@ __all__ = [
     "plan",
     "plan_sign",
     "public_key_pem",
+    "request_options",
     "verify",
     "verify_any",
 ]
@@ -142,6 +144,7 @@ class Family(enum.Enum):
     EC = "ec"
     ED25519 = "ed25519"
     RSA = "rsa"
+    HMAC = "hmac"  # a secret on the token: no public key
 
 
 class Scheme(enum.Enum):
@@ -151,6 +154,7 @@ class Scheme(enum.Enum):
     EDDSA = "eddsa"  # input: the message (pure Ed25519)
     RSA_PKCS1 = "rsa-pkcs1v15"  # input: DigestInfo || digest
     RSA_PSS = "rsa-pss"  # input: the digest; MGF1 with the same hash, salt = digest size
+    HMAC = "hmac"  # input: the message; output: the MAC (CKM_SHA*_HMAC by the plan's hash)
 
     # Enum's own ``__hash__`` is a Python function (the hash of the name), and
     # a worker looks a mechanism up by scheme per signature.  Members are
@@ -182,6 +186,10 @@ KEY_TYPES: Final[dict[str, KeyType]] = {
         KeyType("rsa-3072", Family.RSA, 3072, "sha256"),
         KeyType("rsa-4096", Family.RSA, 4096, "sha256"),
         KeyType("ec-secp256k1", Family.EC, 256, "sha256", "secp256k1"),
+        # HMAC secrets: ``bits`` is the secret's size (the hash's output size).
+        KeyType("hmac-sha256", Family.HMAC, 256, "sha256"),
+        KeyType("hmac-sha384", Family.HMAC, 384, "sha384"),
+        KeyType("hmac-sha512", Family.HMAC, 512, "sha512"),
     )
 }
 
@@ -253,6 +261,8 @@ def _options_of(
     kt: KeyType, hash_name: str | None, padding: str | None, format: str | None, by_digest: bool
 ) -> Options:
     """``options``, worked out.  Raises: InvalidArgument, UnsupportedAlgorithm."""
+    if kt.family is Family.HMAC:
+        return _hmac_options(kt, hash_name, padding, format, by_digest)
     if kt.family is Family.ED25519:
         if by_digest:
             raise InvalidArgument(
@@ -310,6 +320,39 @@ def _secp256k1_options(kt: KeyType, h: Hash, padding: str | None, format: str | 
     return Options(Scheme.ECDSA, h, algorithm, fmt == "raw", order, fmt == ETH_FORMAT)
 
 
+def _hmac_options(
+    kt: KeyType, hash_name: str | None, padding: str | None, format: str | None, by_digest: bool
+) -> Options:
+    """An HMAC key's options: the MAC over the message with the key's own hash;
+    no digest, padding or format.  Raises: InvalidArgument."""
+    if by_digest:
+        raise InvalidArgument(
+            f"{kt.name} keys MAC the message itself: send the message, not a digest"
+        )
+    for field_name, value in (("padding", padding), ("format", format)):
+        if value is not None:
+            raise InvalidArgument(f"field '{field_name}' does not apply to HMAC keys")
+    if hash_name is not None and hash_name != kt.default_hash:
+        raise InvalidArgument(
+            f"field 'hash' of a {kt.name} key can only be {kt.default_hash!r} (or absent)"
+        )
+    assert kt.default_hash is not None
+    return Options(Scheme.HMAC, HASHES[kt.default_hash], kt.name, False)
+
+
+#: What an HMAC key's check value is the MAC of (see ``hmac_check_value``).
+HMAC_CHECK_MESSAGE: Final = b"signd HMAC key check value"
+#: Bytes of that MAC kept: a truncated MAC is never a valid one, so the check
+#: value (in records and backups) cannot stand in for a MAC of the message.
+HMAC_CHECK_SIZE: Final = 16
+
+
+def hmac_check_value(mac_of_check_message: bytes) -> bytes:
+    """An HMAC key's check value from its MAC of ``HMAC_CHECK_MESSAGE``: what
+    identifies the secret (as an SPKI identifies a keypair) without revealing it."""
+    return bytes(mac_of_check_message[:HMAC_CHECK_SIZE])
+
+
 def _digest(
     opts: Options, message: bytes | None, digest: bytes | None, sha256: bytes | None = None
 ) -> bytes | None:
@@ -336,6 +379,12 @@ def _options(kt: KeyType, args: SignInput) -> Options:
     return options(kt, args.hash, args.padding, args.format, by_digest=args.digest is not None)
 
 
+def request_options(kt: KeyType, args: SignInput) -> Options:
+    """The options of one request (exactly one of message and digest), checked
+    against ``kt``.  Raises: InvalidArgument, UnsupportedAlgorithm."""
+    return _options(kt, args)
+
+
 def plan(
     opts: Options, message: bytes | None, digest: bytes | None, sha256: bytes | None = None
 ) -> SignPlan:
@@ -345,6 +394,9 @@ def plan(
     Raises:
         InvalidDigest: ``digest`` has the wrong length for the hash.
     """
+    if opts.scheme is Scheme.HMAC:  # the token MACs the message itself
+        assert message is not None
+        return SignPlan(opts.scheme, opts.hash, message, opts.algorithm, False)
     d = _digest(opts, message, digest, sha256)
     if opts.scheme is Scheme.EDDSA:
         assert message is not None
@@ -434,9 +486,12 @@ def verify_any(
     (as for ``plan_sign``).
 
     Raises:
-        InvalidArgument, InvalidDigest, UnsupportedAlgorithm: bad options.
+        InvalidArgument, InvalidDigest, UnsupportedAlgorithm: bad options;
+        UnsupportedAlgorithm for an HMAC key (no public key: the token verifies).
     """
     opts = _options(kt, args)
+    if opts.scheme is Scheme.HMAC:
+        raise UnsupportedAlgorithmError(f"{kt.name} keys are verified on the token")
     digest = _digest(opts, args.message, args.digest, sha256)
     sig = args.signature
     if opts.eth:
@@ -505,8 +560,11 @@ def load_public_key(kt: KeyType, spki_der: bytes) -> PublicKey:
     """Load a SubjectPublicKeyInfo and check it matches the key type.
 
     Raises:
-        ValueError: the bytes are not a public key of that type.
+        ValueError: the bytes are not a public key of that type (and an HMAC
+        key has none).
     """
+    if kt.family is Family.HMAC:
+        raise ValueError(f"{kt.name} keys have no public key")
     try:
         key = serialization.load_der_public_key(spki_der)
     except UnsupportedAlgorithm as exc:

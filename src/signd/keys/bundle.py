@@ -52,7 +52,7 @@ MAX_VERSIONS: Final = 10_000
 @dataclass(frozen=True, slots=True)
 class VersionBlob:
     version: int
-    #: SubjectPublicKeyInfo DER
+    #: SubjectPublicKeyInfo DER (an HMAC key: its secret's check value)
     public_key: bytes
     #: the private key wrapped under the wrap key; None for a destroyed version
     wrapped: bytes | None

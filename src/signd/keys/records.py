@@ -109,6 +109,10 @@ class VersionRecord:
     #: ``request_digest`` of that request, to tell a repeat from a reuse of
     #: the key for something else
     request: str | None = None
+    #: an HMAC key's version: its secret's check value
+    #: (``algorithms.hmac_check_value``), which identifies the secret as an
+    #: SPKI does a keypair, so a secret on the token (or restored) is checked
+    check: bytes | None = None
 
     def made_by(self, idempotency_key: str, request: str) -> bool:
         """Whether this version was made by a request with ``idempotency_key``.
@@ -270,10 +274,12 @@ class KeyRecord:
         object_id: bytes,
         settings: KeySettings = KeySettings(),
         idempotency: tuple[str, str] | None = None,
+        check: bytes | None = None,
     ) -> KeyRecord:
-        """``idempotency``: (idempotency key, request digest) of the create_key."""
+        """``idempotency``: (idempotency key, request digest) of the create_key.
+        ``check``: an HMAC secret's check value."""
         ik, req = idempotency if idempotency is not None else (None, None)
-        v1 = VersionRecord(1, created, ENABLED, object_id, ik, req)
+        v1 = VersionRecord(1, created, ENABLED, object_id, ik, req, check)
         return cls(name, kt.name, created, (v1,), 1, settings)
 
     def rotated(
@@ -282,14 +288,16 @@ class KeyRecord:
         object_id: bytes,
         idempotency: tuple[str, str] | None = None,
         prune: Iterable[int] = (),
+        check: bytes | None = None,
     ) -> KeyRecord:
         """The record after a rotation: a new newest version, enabled.
 
         ``idempotency``: (idempotency key, request digest) of the rotate.
         ``prune``: versions destroyed in the same change (see ``prunable``).
+        ``check``: an HMAC secret's check value.
         """
         ik, req = idempotency if idempotency is not None else (None, None)
-        new = VersionRecord(self.next_version, created, ENABLED, object_id, ik, req)
+        new = VersionRecord(self.next_version, created, ENABLED, object_id, ik, req, check)
         gone = set(prune)
         kept = tuple(replace(v, state=DESTROYED) if v.version in gone else v for v in self.versions)
         return replace(self, versions=(*kept, new), revision=self.revision + 1)
@@ -444,6 +452,7 @@ class KeyRecord:
                     bytes.fromhex(v["id"]),
                     _optional_str(v, "idempotency_key"),
                     _optional_str(v, "request"),
+                    bytes.fromhex(_optional_str(v, "check") or "") or None,
                 )
                 for v in doc["versions"]
             )
@@ -475,6 +484,8 @@ def _version_json(v: VersionRecord) -> dict[str, Any]:
         out["idempotency_key"] = v.idempotency_key
     if v.request is not None:
         out["request"] = v.request
+    if v.check is not None:  # HMAC keys only
+        out["check"] = v.check.hex()
     return out
 
 

@@ -40,8 +40,10 @@ def object_label(name: str, version: int) -> str:
 @dataclass(slots=True)
 class LoadedVersion:
     record: VersionRecord
-    public_key: PublicKey
-    public_key_pem: str
+    #: None for an HMAC key (a secret on the token, no public key)
+    public_key: PublicKey | None
+    public_key_pem: str | None
+    #: SPKI DER (an HMAC key: its secret's check value)
     spki: bytes
     #: what it may do now; kept current by ``LoadedKey.at``
     state: str = ACTIVE
@@ -160,6 +162,8 @@ def load_key(
         ValueError: a version's public key is missing or does not match its type.
     """
     kt = algorithms.key_type(record.type)
+    if kt.family is algorithms.Family.HMAC:
+        return _load_secret_key(record, kt, public_keys, now, version_cap)
     versions: dict[int, LoadedVersion] = {}
     for v in record.versions:
         spki = public_keys.get(v.object_id)
@@ -170,6 +174,37 @@ def load_key(
             )
         pub = algorithms.load_public_key(kt, spki)
         versions[v.version] = LoadedVersion(v, pub, algorithms.public_key_pem(pub), spki)
+    return LoadedKey(record, kt, versions, version_cap).at(now)
+
+
+def _load_secret_key(
+    record: KeyRecord,
+    kt: KeyType,
+    check_values: Mapping[bytes, bytes],
+    now: float,
+    version_cap: int,
+) -> LoadedKey:
+    """``load_key`` for an HMAC key: ``check_values`` are the check values of
+    the secrets on the token; every version not destroyed must have its
+    secret there, with the check value its record has (if it has one).
+
+    Raises: ValueError (a secret missing or not the one recorded).
+    """
+    versions: dict[int, LoadedVersion] = {}
+    for v in record.versions:
+        check = check_values.get(v.object_id)
+        if check is None and v.state != DESTROYED:
+            raise ValueError(
+                f"key {record.name!r} version {v.version}: secret {v.object_id.hex()} "
+                "is missing on the token"
+            )
+        if check is not None and v.check is not None and check != v.check:
+            raise ValueError(
+                f"key {record.name!r} version {v.version}: the secret {v.object_id.hex()} "
+                "on the token is not the one its record names (another check value)"
+            )
+        value = v.check if v.check is not None else (check or b"")
+        versions[v.version] = LoadedVersion(v, None, None, value)
     return LoadedKey(record, kt, versions, version_cap).at(now)
 
 

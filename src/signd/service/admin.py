@@ -245,7 +245,8 @@ class Admin(Lookups):
             await self._refresh(name)
             raise KeyExists(f"a key named {name!r} already exists")
         object_id, spki = await (make or self._generate)(kt, name, 1, settings.backup)
-        record = KeyRecord.new(name, kt, self._clock(), object_id, settings, idempotency)
+        check = spki if kt.family is algorithms.Family.HMAC else None
+        record = KeyRecord.new(name, kt, self._clock(), object_id, settings, idempotency, check)
         await self._write_new_version(record, object_id)
         key = load_key(record, {object_id: spki}, self._clock(), self._cap(record))
         self.keystore.put(key)
@@ -267,10 +268,11 @@ class Admin(Lookups):
         # with none is refused before a keypair is made for it.
         prune = record.room_for_one_more(self._clock(), self._cap(record))
         # The new version exists on the token before any record points to it.
-        object_id, _ = await (make or self._generate)(
+        object_id, spki = await (make or self._generate)(
             kt, record.name, record.next_version, record.settings.backup
         )
-        record = record.rotated(self._clock(), object_id, idempotency, prune)
+        check = spki if kt.family is algorithms.Family.HMAC else None
+        record = record.rotated(self._clock(), object_id, idempotency, prune, check)
         await self._write_new_version(record, object_id)
         # Loading a record that says destroyed deletes the private keys, or
         # the next load does if a crash comes first (see ``_load``).

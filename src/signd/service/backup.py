@@ -142,6 +142,8 @@ class Backups(Lifecycle):
         blobs = []
         for v in record.versions:
             spki, has_private = public.get(v.object_id, (None, False))
+            if spki is None and v.state == DESTROYED and v.check is not None:
+                spki = v.check  # a destroyed HMAC version: nothing left on the token
             if spki is None or (v.state != DESTROYED and not has_private):
                 raise TokenError(
                     f"key {record.name!r} version {v.version}: its keypair is missing on "

@@ -114,7 +114,7 @@ def key_info(key: LoadedKey) -> KeyInfo:
     )
 
 
-def _eth_address(kt: algorithms.KeyType, public_key: algorithms.PublicKey) -> str | None:
+def _eth_address(kt: algorithms.KeyType, public_key: algorithms.PublicKey | None) -> str | None:
     """A secp256k1 version's Ethereum address (EIP-55); None for other key types."""
     if kt.curve != "secp256k1" or not isinstance(public_key, ec.EllipticCurvePublicKey):
         return None
@@ -128,11 +128,13 @@ def key_summary(key: LoadedKey) -> KeySummary:
 
 def jwks_of(key: LoadedKey) -> list[Jwk]:
     """Every version of ``key`` that may verify now (the caller brought its
-    states up to date), as JWKs whose ``kid`` is ``name:version``."""
+    states up to date), as JWKs whose ``kid`` is ``name:version``; none for
+    an HMAC key (it has no public key to publish)."""
     name = key.record.name
     return [
         Jwk(**algorithms.jwk(key.kt, v.public_key, f"{name}:{v.record.version}"))
         for v in key.verifiers
+        if v.public_key is not None
     ]
 
 

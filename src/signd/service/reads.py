@@ -11,7 +11,7 @@ import time
 
 from .. import __version__
 from ..audit.log import AUDIT_KEY
-from ..errors import InvalidArgument
+from ..errors import InvalidArgument, UnsupportedAlgorithm
 from ..keys.records import check_key_name
 from ..protocol import (
     MAX_JWKS_KEYS,
@@ -98,6 +98,11 @@ class Reads(Signing):
             v = key.version(args.version)
         else:  # the version sign uses, or else the newest
             v = key.signer or key.version(key.record.latest.version)
+        if v.public_key_pem is None:
+            raise UnsupportedAlgorithm(
+                f"key {key.record.name!r} is an {key.kt.name} key: a secret on the token, "
+                "with no public key"
+            )
         answer = PublicKey(
             name=key.record.name,
             version=v.record.version,

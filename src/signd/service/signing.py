@@ -13,6 +13,7 @@ import trio
 from ..audit.log import AUDIT_KEY
 from ..errors import DeadlineExceeded, InvalidArgument, InvalidDigest, WireError
 from ..keys import algorithms
+from ..keys.algorithms import Family
 from ..keys.store import LoadedKey, LoadedVersion
 from ..metrics import Metrics
 from ..protocol import (
@@ -85,7 +86,9 @@ class Signing(Backups):
         candidates = key.at(batch.now).verifying(args.version)
         self._limit(batch.who, args.key, 1)
         sha256 = batch.sha256
-        few = len(candidates) <= INLINE_VERIFY_CANDIDATES
+        # An HMAC key has no public key here: the token computes the MAC (a worker).
+        on_token = key.kt.family is Family.HMAC
+        few = len(candidates) <= INLINE_VERIFY_CANDIDATES and not on_token
         if few and (batch.inline_ok or not self.token.is_open):
             # A lone verification is fastest right here; under load they go
             # to the workers, so every core verifies and this loop keeps to
@@ -95,7 +98,7 @@ class Signing(Backups):
             answer = _verify(key, candidates, args, sha256)
             self.metrics.verified(args.key, "valid" if answer.valid else "invalid")
             self._answer(batch.reply, req, answer)
-        elif not self.token.is_open:  # no worker to take many: a thread
+        elif not self.token.is_open and not on_token:  # no worker to take many: a thread
             verifying = partial(self._verify_in_thread, req, key, candidates, sha256, batch.reply)
             batch.slow.append(verifying)
         else:
@@ -163,7 +166,7 @@ def _verify(
 
     Raises: InvalidArgument, InvalidDigest, UnsupportedAlgorithm (bad options).
     """
-    pairs = ((v.record.version, v.public_key) for v in candidates)
+    pairs = ((v.record.version, v.public_key) for v in candidates if v.public_key is not None)
     found = algorithms.verify_any(key.kt, pairs, args, sha256)
     if found is None:
         return VerifyResult(valid=False, key=key.record.name)
@@ -175,8 +178,12 @@ def _verify_job(
     key: LoadedKey, candidates: list[LoadedVersion], args: VerifyArgs, sha256: bytes | None
 ) -> VerifyJob:
     """``args`` for a worker, as values (no wire form): the public keys as the
-    SPKI DER the daemon holds."""
-    pairs = tuple((v.record.version, v.spki) for v in candidates)
+    SPKI DER the daemon holds (an HMAC key's versions as their object ids:
+    the worker has the token compute the MAC)."""
+    if key.kt.family is Family.HMAC:
+        pairs = tuple((v.record.version, v.record.object_id) for v in candidates)
+    else:
+        pairs = tuple((v.record.version, v.spki) for v in candidates)
     return VerifyJob(
         key.kt.name,
         pairs,

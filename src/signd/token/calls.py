@@ -94,6 +94,9 @@ class VerifyJob(NamedTuple):
     ``message`` if the daemon had it (its audit record's), which a SHA-256
     algorithm verifies instead of hashing again.  The outcome is
     ``[version, algorithm]`` or None (invalid).
+
+    An HMAC key has no public key: its candidates are (version, object id)
+    and the worker has the token compute the MAC (``TokenSession.verify_mac``).
     """
 
     key_type: str

@@ -232,6 +232,10 @@ _NEEDS: Final[dict[str, tuple[str, str, tuple[int, ...]]]] = {
     # the mechanisms do not say which curves a token knows: a token without
     # secp256k1 refuses it at create_key (unsupported_algorithm)
     "ec-secp256k1": ("CKM_EC_KEY_PAIR_GEN", "CKM_ECDSA", (256,)),
+    # HMAC secrets: generated as a generic secret of the hash's output size
+    "hmac-sha256": ("CKM_GENERIC_SECRET_KEY_GEN", "CKM_SHA256_HMAC", (256,)),
+    "hmac-sha384": ("CKM_GENERIC_SECRET_KEY_GEN", "CKM_SHA384_HMAC", (384,)),
+    "hmac-sha512": ("CKM_GENERIC_SECRET_KEY_GEN", "CKM_SHA512_HMAC", (512,)),
 }
 
 

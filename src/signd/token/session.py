@@ -29,6 +29,7 @@ putting a backed-up keypair back (``restore_keypair``) is here, beside
 
 from __future__ import annotations
 
+import hmac
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -70,6 +71,7 @@ PROBE_LABEL: Final = "signd probe: matches nothing"
 __all__ = [
     "APPLICATION",
     "TokenSession",
+    "hmac_secret_template",
     "map_error",
     "mechanism_name",
     "unraisable_hook",
@@ -135,8 +137,16 @@ _MECHANISMS: Final = {
     Scheme.EDDSA: Mechanism.EDDSA,
     Scheme.RSA_PKCS1: Mechanism.RSA_PKCS,
     Scheme.RSA_PSS: Mechanism.RSA_PKCS_PSS,
+    Scheme.HMAC: Mechanism.SHA256_HMAC,  # stands for the three below: by the job's hash
 }
 _RSA_PSS: Final = Mechanism.RSA_PKCS_PSS
+_HMAC: Final = Mechanism.SHA256_HMAC
+#: The MAC mechanism of each hash (an HMAC key's own: ``algorithms`` checks it).
+HMAC_MECHANISMS: Final = {
+    "sha256": Mechanism.SHA256_HMAC,
+    "sha384": Mechanism.SHA384_HMAC,
+    "sha512": Mechanism.SHA512_HMAC,
+}
 _PSS: Final = {
     "sha256": (Mechanism.SHA256, MGF.SHA256, 32),
     "sha384": (Mechanism.SHA384, MGF.SHA384, 48),
@@ -356,6 +366,8 @@ class TokenSession(WrapKeys, ImportKeys):
                     sig = key.sign(
                         job.data, mechanism=mechanism, mechanism_param=_PSS[job.hash or ""]
                     )
+                elif mechanism is _HMAC:
+                    sig = key.sign(job.data, mechanism=HMAC_MECHANISMS[job.hash or ""])
                 else:
                     sig = key.sign(job.data, mechanism=mechanism)
                 out.append([True, sig])
@@ -367,10 +379,14 @@ class TokenSession(WrapKeys, ImportKeys):
         return out
 
     def _find_private(self, object_id: bytes) -> Any:
+        """The key that signs for ``object_id``: its private key, or (an HMAC
+        key, searched only when there is no private key) its secret key."""
         session = self._session_or_raise()
         found = list(
             session.get_objects({Attribute.CLASS: ObjectClass.PRIVATE_KEY, Attribute.ID: object_id})
         )
+        if not found:
+            found = _find(session, ObjectClass.SECRET_KEY, object_id)
         if len(found) != 1:
             raise TokenError(
                 f"expected one private key with id {object_id.hex()}, found {len(found)}"
@@ -395,8 +411,21 @@ class TokenSession(WrapKeys, ImportKeys):
             pubs_of = {oid: _find(session, ObjectClass.PUBLIC_KEY, oid) for oid in object_ids}
             privs_of = {oid: _find(session, ObjectClass.PRIVATE_KEY, oid) for oid in object_ids}
         out: dict[bytes, tuple[bytes, bool]] = {}
+        # HMAC keys: a secret key and no keypair.  Searched for only if some
+        # id has no public key (an HMAC key's, or a keypair gone missing).
+        lone = [oid for oid in object_ids if not pubs_of.get(oid)]
+        if len(lone) > BULK_LOOKUP:
+            secrets_of = _by_id(session, ObjectClass.SECRET_KEY, lone)
+        else:
+            secrets_of = {oid: _find(session, ObjectClass.SECRET_KEY, oid) for oid in lone}
         for oid in object_ids:
             pubs, privs = pubs_of.get(oid, []), privs_of.get(oid, [])
+            secret = secrets_of.get(oid, [])
+            if not pubs and not privs and len(secret) == 1:
+                # The check value stands in for an SPKI (``hmac_check_value``).
+                self._private[oid] = secret[0]
+                out[oid] = (self._check_value(secret[0]), True)
+                continue
             if len(pubs) != 1 or len(privs) > 1:
                 log.warning(
                     "keypair incomplete on the token",
@@ -421,6 +450,8 @@ class TokenSession(WrapKeys, ImportKeys):
             for cls in classes
             for obj in session.get_objects({Attribute.CLASS: cls, Attribute.ID: object_id})
         ]
+        if not found:  # an HMAC key's secret (nothing else has the id)
+            found = _find(session, ObjectClass.SECRET_KEY, object_id)
         for obj in found:
             obj.destroy()
         return len(found)
@@ -451,6 +482,8 @@ class TokenSession(WrapKeys, ImportKeys):
                     "backup needs a wrap key on the token: "
                     "run 'signd wrap-key create' (or import) first"
                 )
+        if kt.family is Family.HMAC:
+            return self._generate_secret(kt, object_id, label, wrap_key)
         common: dict[str, Any] = {
             "store": True,
             "label": label,
@@ -526,6 +559,9 @@ class TokenSession(WrapKeys, ImportKeys):
         session = self._session_or_raise()
         for _ in session.get_objects({Attribute.ID: object_id}):
             raise Conflict(f"object id {object_id.hex()} is taken")
+        if key_type.family is Family.HMAC:
+            self._restore_secret(key_type, object_id, label, spki, wrapped)
+            return
         try:
             public = algorithms.load_public_key(key_type, spki)
         except ValueError as exc:
@@ -554,6 +590,126 @@ class TokenSession(WrapKeys, ImportKeys):
             self._drop_pair(*reversed(made))
             raise
         self._private[object_id] = priv
+
+    # HMAC keys: one secret key object each, no keypair.  Its check value
+    # (``algorithms.hmac_check_value``) plays the part of a keypair's SPKI:
+    # ``generate`` and ``public_keys`` answer it, ``restore_keypair`` takes it.
+
+    def _generate_secret(
+        self, kt: algorithms.KeyType, object_id: bytes, label: str, wrap_key: Any | None
+    ) -> bytes:
+        """Generate an HMAC secret (``CKM_GENERIC_SECRET_KEY_GEN``, the hash's
+        output size); return its check value.  ``wrap_key``: backup-able, as
+        ``generate`` says, checked with a test wrap.
+
+        Raises: UnsupportedAlgorithm (the token cannot make or back it up).
+        """
+        template = hmac_secret_template(kt, label, object_id, wrap_key is not None)
+        try:
+            key = self._session_or_raise().generate_key(
+                KeyType.GENERIC_SECRET,
+                kt.bits,  # CKA_VALUE_LEN: bits // 8 bytes
+                id=object_id,
+                label=label,
+                store=True,
+                mechanism=Mechanism.GENERIC_SECRET_KEY_GEN,
+                template=template,
+            )
+        except (
+            p11e.MechanismInvalid,
+            p11e.AttributeTypeInvalid,
+            p11e.AttributeValueInvalid,
+            p11e.TemplateInconsistent,
+        ) as exc:
+            raise UnsupportedAlgorithm(
+                f"this token cannot generate {kt.name} keys: {token_answer(exc)}"
+            ) from None
+        try:
+            if wrap_key is not None:
+                try:
+                    probe_wrap(wrap_key, key)
+                except Exception as exc:
+                    if not cannot_wrap(exc):
+                        raise
+                    raise UnsupportedAlgorithm(
+                        f"this token cannot back up {kt.name} keys: {token_answer(exc)}"
+                    ) from None
+            check = self._check_value(key)
+        except BaseException:
+            self._drop_pair(key)
+            raise
+        self._private[object_id] = key
+        return check
+
+    def _check_value(self, key: Any) -> bytes:
+        """The check value of the HMAC secret ``key``: the first bytes of its
+        HMAC-SHA256 over ``algorithms.HMAC_CHECK_MESSAGE``, by the token."""
+        mac = key.sign(algorithms.HMAC_CHECK_MESSAGE, mechanism=Mechanism.SHA256_HMAC)
+        return algorithms.hmac_check_value(bytes(mac))
+
+    def secret_check_value(self, object_id: bytes) -> bytes:
+        """The check value of the HMAC secret ``object_id`` (for an import).
+
+        Raises: TokenError if there is not exactly one such key.
+        """
+        return self._check_value(self._find_private(object_id))
+
+    def _restore_secret(
+        self,
+        kt: algorithms.KeyType,
+        object_id: bytes,
+        label: str,
+        check: bytes,
+        wrapped: bytes | None,
+    ) -> None:
+        """``restore_keypair`` for an HMAC key: unwrap the secret (backup-able,
+        as generated with backup) and check it against ``check``, its check
+        value; for a version without a secret (``wrapped`` None: destroyed)
+        there is nothing to put on the token.
+
+        Raises: as ``restore_keypair``; InvalidArgument if the unwrapped
+        secret's check value is not ``check`` (nothing is left).
+        """
+        if wrapped is None:
+            return
+        wrap_key = self._trusted_wrap_key(WRAP_KEY_LABEL)
+        template = hmac_secret_template(kt, label, object_id, True)
+        key = self._unwrap_private(wrap_key, kt, wrapped, object_id, label, template)
+        try:
+            if not hmac.compare_digest(self._check_value(key), check):
+                raise InvalidArgument(
+                    f"the unwrapped {kt.name} secret does not match its check value"
+                )
+        except BaseException:
+            self._drop_pair(key)
+            raise
+        self._private[object_id] = key
+
+    def verify_mac(self, job: VerifyJob) -> list[Any] | None:
+        """A ``VerifyJob`` for an HMAC key, whose candidates are (version,
+        object id): ``[version, algorithm]`` of the first whose MAC over the
+        message, computed by the token, is ``job.signature`` (compared in
+        constant time), or None.  The secret is never read.
+
+        Raises: InvalidArgument (bad options); TokenError if a secret is missing.
+        """
+        kt = algorithms.key_type(job.key_type)
+        opts = algorithms.request_options(kt, job)
+        assert opts.hash is not None
+        assert job.message is not None
+        mechanism = HMAC_MECHANISMS[opts.hash.name]
+        for version, object_id in job.candidates:
+            key = self._private.get(object_id)
+            if key is None:
+                key = self._find_private(object_id)
+            try:
+                mac = bytes(key.sign(job.message, mechanism=mechanism))
+            except BaseException:
+                self._private.pop(object_id, None)
+                raise
+            if hmac.compare_digest(mac, job.signature):
+                return [version, opts.algorithm]
+        return None
 
     def import_keypair(
         self,
@@ -849,6 +1005,37 @@ def _check_pair(kt: algorithms.KeyType, private: Any, public: algorithms.PublicK
     signature = algorithms.finish_signature(plan, bytes(raw))
     if algorithms.verify(kt, public, _Probe(signature)) is None:
         raise InvalidArgument("the unwrapped private key does not match its public key")
+
+
+def hmac_secret_template(
+    kt: algorithms.KeyType, label: str, object_id: bytes, backup: bool
+) -> dict[Attribute, Any]:
+    """The attributes of an HMAC key's secret on the token, for generating,
+    unwrapping or creating one (the caller adds CKA_VALUE_LEN or CKA_VALUE):
+    a private token object that signs and verifies (``CKM_SHA*_HMAC``) and
+    does nothing else, sensitive; extractable only with ``backup``, and then
+    only under a trusted key (as a backup-able private key is).
+    """
+    return {
+        Attribute.CLASS: ObjectClass.SECRET_KEY,
+        Attribute.KEY_TYPE: KeyType.GENERIC_SECRET,
+        Attribute.TOKEN: True,
+        Attribute.PRIVATE: True,
+        Attribute.LABEL: label,
+        Attribute.ID: object_id,
+        Attribute.SIGN: True,
+        Attribute.VERIFY: True,
+        Attribute.ENCRYPT: False,
+        Attribute.DECRYPT: False,
+        Attribute.WRAP: False,
+        Attribute.UNWRAP: False,
+        Attribute.DERIVE: False,
+        Attribute.SENSITIVE: True,
+        Attribute.EXTRACTABLE: backup,
+        # only when set: opencryptoki 3.8 refuses the attribute on secret keys
+        # (AttributeTypeInvalid), and false is its default
+        **({Attribute.WRAP_WITH_TRUSTED: True} if backup else {}),
+    }
 
 
 #: PKCS#11's key type of each family an import can hold.

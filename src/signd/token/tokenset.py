@@ -40,6 +40,7 @@ from typing import Any, Final
 import trio
 
 from ..errors import Busy, InvalidArgument, TokenUnavailable, WireError
+from ..keys import algorithms
 from ..keys.records import DESTROYED, INTERNAL_RECORD_PREFIX, KeyRecord
 from .ipc import MetadataBlob, SignJob, TokenInfo, VerifyJob
 from .pool import TokenPool
@@ -154,8 +155,10 @@ class TokenSet:
     def _route(self, job: SignJob | VerifyJob, tried: Sequence[int]) -> int:
         """The token for ``job``: serving, not tried yet, least busy; for a
         signature, one that holds the key.  Raises: TokenUnavailable."""
-        if isinstance(job, SignJob):
-            holders = self._holders.get(job.object_id)
+        if isinstance(job, SignJob) or _is_mac(job):
+            # An HMAC key's MAC is checked by a token holding its secret (the newest).
+            oid = job.object_id if isinstance(job, SignJob) else job.candidates[0][1]
+            holders = self._holders.get(oid)
             candidates = (
                 [i for i in holders if self._up(i) and i not in tried]
                 if holders is not None
@@ -524,6 +527,12 @@ class TokenSet:
 
     def _object_label(self, record: KeyRecord, version: int) -> str:
         return self.profile.object_label(record.name, version)
+
+
+def _is_mac(job: VerifyJob) -> bool:
+    """Whether ``job`` checks an HMAC key's MAC (on a token holding the secret)."""
+    kt = algorithms.KEY_TYPES.get(job.key_type)
+    return kt is not None and kt.family is algorithms.Family.HMAC and bool(job.candidates)
 
 
 def _key_record(name: str, revision: int, value: bytes) -> KeyRecord | None:

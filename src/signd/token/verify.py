@@ -2,13 +2,16 @@
 
 Workers take verifications too so that a busy daemon verifies on every core,
 not only on its own.  No PKCS#11 here: this runs beside the session, not in it.
+An HMAC key has no public key: its jobs go to ``mac``, the session's
+``verify_mac``, which has the token compute the MAC.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Final
 
+from ..errors import UnsupportedAlgorithm
 from ..keys import algorithms
 from .ipc import VerifyJob
 
@@ -21,8 +24,9 @@ CACHED_KEYS: Final = 4096
 class Verifier:
     """Verifies ``VerifyJob``s, with the public keys it loaded cached."""
 
-    def __init__(self) -> None:
+    def __init__(self, mac: Callable[[VerifyJob], list[Any] | None] | None = None) -> None:
         self._keys: dict[bytes, algorithms.PublicKey] = {}
+        self._mac = mac
 
     def verify(self, job: VerifyJob) -> list[Any] | None:
         """``[version, algorithm]`` of the candidate that verifies, or None.
@@ -31,6 +35,10 @@ class Verifier:
         request, or a key, is not what it claims).
         """
         kt = algorithms.key_type(job.key_type)
+        if kt.family is algorithms.Family.HMAC:
+            if self._mac is None:
+                raise UnsupportedAlgorithm(f"{kt.name} keys are verified on the token")
+            return self._mac(job)
         found = algorithms.verify_any(kt, self._public_keys(kt, job.candidates), job, job.sha256)
         return list(found) if found is not None else None
 

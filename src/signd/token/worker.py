@@ -210,7 +210,7 @@ def worker_main(fd: int) -> int:
     sock = socket.socket(fileno=fd)
     decoder = IpcDecoder(IPC_MAX_FRAME)
     session = TokenSession()
-    worker = Worker(session, Verifier())
+    worker = Worker(session, Verifier(session.verify_mac))  # HMAC keys: on the token
     light = False  # the last message was small: traffic is light
     buf = memoryview(bytearray(RECEIVE_SIZE))
     try:

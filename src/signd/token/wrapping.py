@@ -153,6 +153,7 @@ _P11_KEY_TYPES: Final = {
     Family.EC: KeyType.EC,
     Family.RSA: KeyType.RSA,
     Family.ED25519: KeyType.EC_EDWARDS,
+    Family.HMAC: KeyType.GENERIC_SECRET,  # a secret key (``ObjectClass.SECRET_KEY``)
 }
 #: The ceremony's keys, for messages.
 _WRAP_KEY: Final = (
@@ -369,7 +370,7 @@ class WrapKeys:
         """
         try:
             return wrap_key.unwrap_key(
-                ObjectClass.PRIVATE_KEY,
+                ObjectClass.SECRET_KEY if kt.family is Family.HMAC else ObjectClass.PRIVATE_KEY,
                 _P11_KEY_TYPES[kt.family],
                 wrapped,
                 id=object_id,

@@ -266,7 +266,8 @@ class VersionInfo(Message):
     #: active, verify-only, retired, disabled or destroyed
     state: str
     created: float
-    public_key_pem: str
+    #: absent for an HMAC key's version (a secret: no public key)
+    public_key_pem: str | None = None
     #: when a verify-only version retires (its grace ends); absent: no limit
     verify_until: float | None = None
     #: ``ec-secp256k1`` keys: the version's Ethereum address, EIP-55

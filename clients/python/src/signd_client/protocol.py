@@ -174,6 +174,9 @@ KEY_TYPES: Final = (
     "rsa-3072",
     "rsa-4096",
     "ec-secp256k1",
+    "hmac-sha256",
+    "hmac-sha384",
+    "hmac-sha512",
 )
 #: How ``import_key`` material is wrapped (``import_params`` names it): an
 #: AES-256 key under RSA-OAEP (SHA-1, MGF1-SHA1, no label), the material under

@@ -219,7 +219,8 @@ def _print_key(info: KeyInfo, *, pems: bool) -> None:
         print(line)
     if pems:
         for v in info.versions:
-            print(f"\nversion {v.version}:\n{v.public_key_pem}", end="")
+            if v.public_key_pem is not None:  # an HMAC key has none
+                print(f"\nversion {v.version}:\n{v.public_key_pem}", end="")
 
 
 def _admin(args: argparse.Namespace, client: Client) -> KeyInfo:
