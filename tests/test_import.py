@@ -13,7 +13,9 @@ test_import.py STEP``, JSON in on stdin and out on stdout).
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
+import secrets
 import sys
 import uuid
 from collections.abc import Callable
@@ -202,6 +204,48 @@ def test_an_ethereum_private_key_imported_as_secp256k1(
     assert len(sig) == 65
     recovered = eth_keys.Signature(sig).recover_public_key_from_msg_hash(signable)
     assert recovered.to_checksum_address() == account.address
+
+
+def test_an_hmac_secret_imported_macs_as_pythons_hmac_and_cannot_be_read(
+    imp: Daemon, name: str, tmp_path: Path
+) -> None:
+    """An exchange's API secret through signctl (the file's bytes as they
+    are): 1,000 random messages give exactly Python's HMAC-SHA256 with it;
+    verify accepts them; the token answers AttributeSensitive for CKA_VALUE."""
+    secret = secrets.token_bytes(32)
+    (tmp_path / "api.secret").write_bytes(secret)
+    out = imp.signctl("import", name, "--type", "hmac-sha256", "--in", str(tmp_path / "api.secret"))
+    assert out.returncode == 0, out.stderr
+    messages = [secrets.token_bytes(secrets.randbelow(200)) for _ in range(1000)]
+    with imp.client(timeout=60.0) as c:
+        batch = c.sign_batch(name, messages)
+        assert [item.signature for item in batch.results] == [
+            hmac.new(secret, m, hashlib.sha256).digest() for m in messages
+        ]
+        mac = hmac.new(secret, b"webhook body", hashlib.sha256).digest()
+        assert c.verify(name, mac, b"webhook body").valid
+        assert not c.verify(name, flip(mac), b"webhook body").valid
+        # a public key sent with a secret: refused, nothing made
+        wrapped = wrap_for_import(c.import_params(name), secrets.token_bytes(32))
+        bogus = WrappedMaterial(
+            wrapped.import_key_id, wrapped.wrapped_key, wrapped.wrapped_material, b"\x30\x00"
+        )
+        before = objects(imp)
+        with pytest.raises(InvalidArgument, match="secret has no public key"):
+            c.import_key(name + "-2", "hmac-sha256", bogus)
+        assert objects(imp) == before
+    found = step(imp.token, "secret_attributes", label_prefix=name)["keys"]
+    assert found == [
+        {
+            "SIGN": True,
+            "VERIFY": True,
+            "ENCRYPT": False,
+            "DECRYPT": False,
+            "SENSITIVE": True,
+            "EXTRACTABLE": False,
+            "value": "AttributeSensitive",
+        }
+    ]
 
 
 @pytest.mark.parametrize(
@@ -653,6 +697,22 @@ def _step_private_attributes(args: dict[str, Any]) -> dict[str, Any]:
     return {"keys": out}
 
 
+def _step_secret_attributes(args: dict[str, Any]) -> dict[str, Any]:
+    """The secret keys whose label starts with ``label_prefix``, and what reading
+    CKA_VALUE of each gives (python-pkcs11 directly, not signd)."""
+    from pkcs11 import Attribute, ObjectClass
+
+    from test_wrapkey import _raw, _value_read
+
+    session = _raw(args)
+    names = ["SIGN", "VERIFY", "ENCRYPT", "DECRYPT", "SENSITIVE", "EXTRACTABLE"]
+    out = []
+    for k in session.get_objects({Attribute.CLASS: ObjectClass.SECRET_KEY}):
+        if str(k[Attribute.LABEL]).startswith(args["label_prefix"]):
+            out.append({**_bool_attrs(k, names), "value": _value_read(k, Attribute.VALUE)})
+    return {"keys": out}
+
+
 def _step_import_public(args: dict[str, Any]) -> dict[str, Any]:
     from test_wrapkey import _session
 
@@ -699,6 +759,7 @@ _STEPS = {
     "objects": _step_objects,
     "import_key_attributes": _step_import_key_attributes,
     "private_attributes": _step_private_attributes,
+    "secret_attributes": _step_secret_attributes,
     "import_public": _step_import_public,
     "import_keypair": _step_import_keypair,
 }

@@ -42,7 +42,9 @@ log = logging.getLogger("signd.service")
 
 #: The key families whose material can be imported.  Ed25519 is not: SoftHSM
 #: 2.6.1 cannot unwrap Ed25519 private keys (FIELD-NOTES).
-IMPORTABLE = frozenset({Family.EC, Family.RSA})
+IMPORTABLE = frozenset({Family.EC, Family.RSA, Family.HMAC})
+#: The most bytes an imported HMAC secret may have.
+MAX_SECRET_WRAPPED = 1024 + 8
 #: The settings a new key takes, which a new version takes from its key.
 _SETTINGS = ("auto_rotate_period", "verify_grace", "deletion_allowed", "max_versions", "backup")
 
@@ -172,7 +174,6 @@ class Imports(Admin):
                 f"this token ({info.manufacturer} {info.model}) cannot hold {kt.name} keys: "
                 f"{info.key_types[kt.name]}"
             )
-        assert args.public_key is not None  # _check_request
         label = self.profile.object_label(name, version)
         for draw in range(ID_DRAWS):
             object_id = self.profile.new_object_id()
@@ -184,7 +185,7 @@ class Imports(Admin):
                     args.import_key_id,
                     args.wrapped_key,
                     args.wrapped_material,
-                    args.public_key,
+                    args.public_key or b"",  # none for an HMAC secret
                     backup,
                 )
             except Conflict:  # the id is taken: short ids (YubiHSM: 16 bits) collide
@@ -206,7 +207,15 @@ def _check_request(kt: KeyType, args: ImportKeyArgs) -> None:
                 t for t in algorithms.KEY_TYPES if algorithms.key_type(t).family in IMPORTABLE
             )
         )
-    if args.public_key is None:
+    if kt.family is Family.HMAC:
+        if args.public_key is not None:
+            raise InvalidArgument(f"field 'public_key': a {kt.name} secret has no public key")
+        if len(args.wrapped_material) > MAX_SECRET_WRAPPED:
+            raise InvalidArgument(
+                f"field 'wrapped_material': an HMAC secret is at most {MAX_SECRET_WRAPPED - 8} "
+                "bytes"
+            )
+    elif args.public_key is None:
         raise InvalidArgument(f"field 'public_key': a {kt.name} import needs the public key")
     if args.new_version:
         given = [f for f in _SETTINGS if getattr(args, f) is not None]

@@ -745,6 +745,10 @@ class TokenSession(WrapKeys, ImportKeys):
         session = self._session_or_raise()
         for _ in session.get_objects({Attribute.ID: object_id}):
             raise Conflict(f"object id {object_id.hex()} is taken")
+        if key_type.family is Family.HMAC:
+            return self._import_secret(
+                key_type, object_id, label, import_key_id, wrapped_key, wrapped_material, backup
+            )
         try:
             public = algorithms.load_public_key(key_type, spki)
         except ValueError as exc:
@@ -792,6 +796,52 @@ class TokenSession(WrapKeys, ImportKeys):
             raise
         self._private[object_id] = priv
         return spki
+
+    def _import_secret(
+        self,
+        kt: algorithms.KeyType,
+        object_id: bytes,
+        label: str,
+        import_key_id: str,
+        wrapped_key: bytes,
+        wrapped_material: bytes,
+        backup: bool,
+    ) -> bytes:
+        """``import_keypair`` for an HMAC key: the secret unwrapped straight
+        into a secret key as ``generate`` makes one (``hmac_secret_template``:
+        sign and verify only, sensitive; extractable under a trusted key only
+        with ``backup``, then wrapped once as a check); returns its check value.
+
+        Raises: as ``import_keypair``.
+        """
+        wrap_key = self._trusted_wrap_key(WRAP_KEY_LABEL) if backup else None
+        key = self.unwrap_imported(
+            import_key_id,
+            wrapped_key,
+            wrapped_material,
+            ObjectClass.SECRET_KEY,
+            KeyType.GENERIC_SECRET,
+            object_id,
+            label,
+            hmac_secret_template(kt, label, object_id, backup),
+            f"{kt.name} secret",
+        )
+        try:
+            if wrap_key is not None:
+                try:
+                    probe_wrap(wrap_key, key)
+                except Exception as exc:
+                    if not cannot_wrap(exc):
+                        raise
+                    raise UnsupportedAlgorithm(
+                        f"this token cannot back up {kt.name} keys: {token_answer(exc)}"
+                    ) from None
+            check = self._check_value(key)
+        except BaseException:
+            self._drop_pair(key)
+            raise
+        self._private[object_id] = key
+        return check
 
     def _create_public(
         self,

@@ -407,7 +407,8 @@ def import_key(
     """Bring existing key material onto the token (BYOK): ``wrapped`` is
     ``importing.wrap_for_import(client.import_params(name), material)``.
 
-    A new key ``name`` of ``type`` (ec-p256, ec-p384, rsa-2048/3072/4096),
+    A new key ``name`` of ``type`` (ec-p256, ec-p384, ec-secp256k1,
+    rsa-2048/3072/4096, hmac-sha256/384/512),
     with the settings of ``create_key``; or with ``new_version`` the next
     version of the existing key ``name`` (of that type), as a rotation to the
     imported material (it keeps its key's settings).  ``created_version`` of
