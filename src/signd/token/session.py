@@ -1052,7 +1052,10 @@ def _check_pair(kt: algorithms.KeyType, private: Any, public: algorithms.PublicK
     opts = algorithms.options(kt, None, None, None, by_digest=False)
     plan = algorithms.plan(opts, _RESTORE_PROBE, None)
     raw = private.sign(plan.data, mechanism=_MECHANISMS[plan.scheme])
-    signature = algorithms.finish_signature(plan, bytes(raw))
+    try:
+        signature = algorithms.finish_signature(plan, bytes(raw))
+    except ValueError:  # r || s of a key on another curve (low-S: s above kt's order)
+        raise InvalidArgument("the unwrapped private key does not match its public key") from None
     if algorithms.verify(kt, public, _Probe(signature)) is None:
         raise InvalidArgument("the unwrapped private key does not match its public key")
 
