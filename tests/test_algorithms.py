@@ -114,14 +114,19 @@ def test_message_is_hashed_with_the_key_types_default() -> None:
 
 
 def test_finish_signature_der_and_raw(p256: ec.EllipticCurvePrivateKey) -> None:
-    der = p256.sign(MSG, ec.ECDSA(hashes.SHA256()))
-    r, s = utils.decode_dss_signature(der)
-    raw = r.to_bytes(32, "big") + s.to_bytes(32, "big")
+    r, s = utils.decode_dss_signature(p256.sign(MSG, ec.ECDSA(hashes.SHA256())))
+    n = algorithms.CURVE_ORDERS["secp256r1"]
+    low, high = min(s, n - s), max(s, n - s)  # signd answers low-S (issue 16)
+    der = utils.encode_dss_signature(r, low)
+    raw = r.to_bytes(32, "big") + low.to_bytes(32, "big")
+    raw_high = r.to_bytes(32, "big") + high.to_bytes(32, "big")
     kt = algorithms.key_type("ec-p256")
     plan = algorithms.plan_sign(kt, SignArgs(key="k", message=MSG))
     assert algorithms.finish_signature(plan, raw) == der
+    assert algorithms.finish_signature(plan, raw_high) == der
     raw_plan = algorithms.plan_sign(kt, SignArgs(key="k", message=MSG, format="raw"))
     assert algorithms.finish_signature(raw_plan, raw) == raw
+    assert algorithms.finish_signature(raw_plan, raw_high) == raw
 
 
 def test_verify_ecdsa(p256: ec.EllipticCurvePrivateKey) -> None:

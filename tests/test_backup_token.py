@@ -40,7 +40,7 @@ WRAP_LABEL = "signd-wrap"
 MAC_LABEL = "signd-backup-mac"
 CHECK_LABEL = "signd-wrap-check"
 LABELS = (WRAP_LABEL, MAC_LABEL, CHECK_LABEL)
-BACKUP_TYPES = ["ec-p256", "ec-p384", "rsa-2048"]
+BACKUP_TYPES = ["ec-p256", "ec-p384", "rsa-2048", "ec-secp256k1"]
 
 
 def step(token: TokenEnv, name: str, **args: Any) -> dict[str, Any]:

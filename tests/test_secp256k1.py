@@ -431,3 +431,33 @@ def load_pem(pem: str) -> ec.EllipticCurvePublicKey:
     key = serialization.load_pem_public_key(pem.encode())
     assert isinstance(key, ec.EllipticCurvePublicKey)
     return key
+
+
+def test_signctl_as_the_readme_shows(signd: Daemon, key_name: str, tmp_path: Path) -> None:
+    """The README's signctl lines: info shows the address; sign with keccak256
+    and format eth writes 65 bytes; verify takes them back."""
+    msg, out = tmp_path / "msg", tmp_path / "eth.sig"
+    msg.write_bytes(b"hello signd\n")
+    assert signd.signctl("create", key_name, "--type", "ec-secp256k1").returncode == 0
+    info = signd.signctl("info", key_name)
+    assert info.returncode == 0, info.stderr
+    with signd.client() as c:
+        address = c.key_info(key_name).versions[0].eth_address
+    assert address is not None
+    assert f"address {address}".encode() in info.stdout
+    signed = signd.signctl(
+        "sign", key_name, "--in", str(msg), "--hash", "keccak256", "--format", "eth",
+        "--out", str(out),
+    )  # fmt: skip
+    assert signed.returncode == 0, signed.stderr
+    sig = out.read_bytes()
+    assert len(sig) == 65
+    digest = eth.keccak256(msg.read_bytes())
+    recovered = coincurve.PublicKey.from_signature_and_message(sig, digest, hasher=None)
+    assert eth.checksum_address(eth.keccak256(recovered.format(compressed=False)[1:])[-20:]) == (
+        address
+    )
+    args = ("verify", key_name, "--in", str(msg), "--hash", "keccak256", "--format", "eth")
+    assert signd.signctl(*args, "--sig", str(out)).returncode == 0
+    out.write_bytes(sig[:64] + bytes((sig[64] ^ 1,)))
+    assert signd.signctl(*args, "--sig", str(out)).returncode == 1  # the other v: invalid

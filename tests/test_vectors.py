@@ -230,6 +230,8 @@ def test_signatures_in_the_vectors_verify() -> None:
     ec_key.verify(der, sign["message"], ec.ECDSA(hashes.SHA256()))
     r, s = int.from_bytes(raw[:32], "big"), int.from_bytes(raw[32:], "big")
     assert utils.encode_dss_signature(r, s) == der
+    p256_order = 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551
+    assert s <= p256_order // 2  # signd answers low-S
     ed = from_json(BY_NAME["sign.result.ed25519"]["message"])["result"]["signature"]
     ed_pem = BY_NAME["public_key.result.ed25519"]["message"]["result"]["public_key_pem"]
     ed_key = serialization.load_pem_public_key(ed_pem.encode())

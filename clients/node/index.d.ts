@@ -31,7 +31,7 @@ export type KeyType =
   | "rsa-3072"
   | "rsa-4096"
   | "ec-secp256k1";
-export type Hash = "sha256" | "sha384" | "sha512";
+export type Hash = "sha256" | "sha384" | "sha512" | "keccak256";
 export type Padding = "pkcs1v15" | "pss";
 export type SignatureFormat = "der" | "raw";
 

@@ -120,8 +120,13 @@ EC_V1 = _ec_key("app-signing v1")
 EC_V2 = _ec_key("app-signing v2")
 ED_V1 = ed25519.Ed25519PrivateKey.from_private_bytes(_seed("release-ed25519 v1"))
 
-SIG_DER = EC_V2.sign(SHA256, ec.ECDSA(utils.Prehashed(hashes.SHA256()), deterministic_signing=True))
-_r, _s = utils.decode_dss_signature(SIG_DER)
+_r, _s = utils.decode_dss_signature(
+    EC_V2.sign(SHA256, ec.ECDSA(utils.Prehashed(hashes.SHA256()), deterministic_signing=True))
+)
+# signd answers every ECDSA signature low-S (s <= n/2; issue 16): so do its frames.
+P256_N = 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551
+_s = min(_s, P256_N - _s)
+SIG_DER = utils.encode_dss_signature(_r, _s)
 SIG_RAW = _r.to_bytes(32, "big") + _s.to_bytes(32, "big")
 SIG_ED = ED_V1.sign(MESSAGE)
 SIG_ED_EMPTY = ED_V1.sign(b"")
