@@ -261,7 +261,7 @@ export class Client {
   /**
    * Generate a new key on the token.
    * @param {string} name
-   * @param {string} type ec-p256, ec-p384, ed25519, rsa-2048, rsa-3072 or rsa-4096
+   * @param {string} type ec-p256, ec-p384, ed25519, rsa-2048, rsa-3072, rsa-4096 or ec-secp256k1
    * @param {Record<string, unknown>} [options] auto_rotate_period, verify_grace, deletion_allowed, max_versions, idempotency_key, backup
    * @param {CallOptions} [callOptions]
    */
@@ -301,6 +301,8 @@ export class Client {
   }
 
   /**
+   * Ethereum (an ec-secp256k1 key): `{digest, hash: "keccak256", format: "eth"}` gives
+   * 65 bytes r‖s‖v, v the recovery id (0 or 1) and s low.
    * @param {string} name
    * @param {Record<string, unknown>} options message or digest; hash, padding, format, version
    * @param {CallOptions} [callOptions]

@@ -36,6 +36,7 @@ export const KEY_TYPES = Object.freeze([
   "rsa-2048",
   "rsa-3072",
   "rsa-4096",
+  "ec-secp256k1",
 ]);
 
 // ----------------------------------------------------------------- encoding

@@ -90,6 +90,7 @@ const VERSION_INFO = [
   ["created", "float", true],
   ["public_key_pem", "str", true],
   ["verify_until", "float", false],
+  ["eth_address", "str", false],
 ];
 
 /** @type {Schema} */
