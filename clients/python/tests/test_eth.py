@@ -26,7 +26,7 @@ from eth_account.messages import encode_defunct, encode_typed_data
 from eth_account.signers.base import BaseAccount
 from eth_account.typed_transactions import TypedTransaction
 from eth_keys.datatypes import Signature
-from eth_utils import keccak
+from eth_utils import keccak, to_canonical_address
 from hexbytes import HexBytes
 
 from signd_client import AsyncClient, Client, UnsupportedKeyOperation
@@ -338,6 +338,33 @@ def test_bad_transaction_is_eth_accounts_error(fake: FakeSigner, signer: SigndEt
     assert fake.calls == []  # refused before anything was signed
 
 
+def test_authorization_and_set_code_transaction(fake: FakeSigner, signer: SigndEthSigner) -> None:
+    """EIP-7702: an authorization, then a type-4 transaction carrying it."""
+    auth = {"chainId": 1337, "address": TO, "nonce": 5}
+    signed = signer.sign_authorization(auth)
+    assert signed.authority == to_canonical_address(signer.address)
+    local = fake.local_account().sign_authorization(auth)
+    assert signed.authorization_hash == local.authorization_hash
+    assert (signed.chain_id, signed.address, signed.nonce) == (1337, to_canonical_address(TO), 5)
+    assert signed.y_parity in (0, 1)
+    tx = {
+        "type": 4,
+        "chainId": 1337,
+        "nonce": 4,
+        "gas": 100_000,
+        "maxFeePerGas": 2_000_000_000,
+        "maxPriorityFeePerGas": 1_000_000_000,
+        "to": TO,
+        "value": 0,
+        "data": b"",
+        "accessList": [],
+        "authorizationList": [signed],
+    }
+    raw = signer.sign_transaction(tx).raw_transaction
+    assert Account.recover_transaction(raw) == signer.address
+    assert raw[0] == 4
+
+
 # ----------------------------------------------------------------- messages
 
 
@@ -477,6 +504,8 @@ async def test_async_signer(fake: FakeSigner) -> None:
     typed = await signer.sign_typed_data(full_message=MAIL)
     assert typed.message_hash.hex() == MAIL_DIGEST
     assert (await signer.unsafe_sign_hash(bytes(32))).message_hash == bytes(32)
+    auth = await signer.sign_authorization({"chainId": 1, "address": TO, "nonce": 0})
+    assert auth.authority == to_canonical_address(signer.address)
     fake.rotate()
     latest = await signer.latest()
     assert latest.version == 2

@@ -25,6 +25,8 @@ answer into what ``eth-account`` itself returns::
 - ``sign_message(encode_defunct(...) | encode_typed_data(...))`` (EIP-191,
   EIP-712), ``sign_typed_data(...)`` and ``unsafe_sign_hash(h)``: return
   ``SignedMessage`` with ``v = 27 + recid``, as ``Account.sign_message`` does.
+- ``sign_authorization({"chainId", "address", "nonce"})``: an EIP-7702
+  ``SignedSetCodeAuthorization``, as ``Account.sign_authorization`` makes it.
 
 The signatures differ byte for byte from ``eth-account``'s with the same key
 (the token's ECDSA nonces are random, not RFC 6979), but they are valid the
@@ -58,21 +60,27 @@ from cryptography.hazmat.primitives.asymmetric import ec
 # (v, r, s): ``Account.sign_transaction`` uses these two from ``_utils``.  Using
 # them gives exactly its encoding and validation (defaults, EIP-155, typed
 # transactions, blobs); both exist with these signatures from 0.13 to 0.14,
-# which is why the ``eth`` extra pins ``eth-account>=0.13,<0.15``.
+# which is why the ``eth`` extra pins ``eth-account>=0.13.6,<0.15`` (0.13.6
+# brought EIP-7702's ``Authorization``).
 from eth_account._utils.legacy_transactions import (
     Transaction,
     UnsignedTransaction,
     encode_transaction,
     serializable_unsigned_transaction_from_dict,
 )
-from eth_account.datastructures import SignedMessage, SignedTransaction
+from eth_account.datastructures import (
+    SignedMessage,
+    SignedSetCodeAuthorization,
+    SignedTransaction,
+)
 from eth_account.messages import SignableMessage, encode_typed_data
 from eth_account.signers.base import BaseAccount
 from eth_account.typed_transactions import TypedTransaction
+from eth_account.typed_transactions.set_code_transaction import Authorization
 from eth_keys.datatypes import Signature
 from eth_keys.exceptions import BadSignature
 from eth_typing import ChecksumAddress, Hash32
-from eth_utils import keccak, to_checksum_address
+from eth_utils import keccak, to_canonical_address, to_checksum_address
 from hexbytes import HexBytes
 
 from .errors import ProtocolViolation, VersionNotUsable
@@ -297,6 +305,33 @@ class _EthBinding(Generic[ClientT]):
             message_hash=HexBytes(digest), r=r, s=s, v=v, signature=HexBytes(signature)
         )
 
+    @staticmethod
+    def _authorization(authorization: Mapping[str, Any]) -> Authorization:
+        """The EIP-7702 authorization to sign, as ``Account.sign_authorization`` builds it."""
+        if not isinstance(authorization, Mapping):
+            raise TypeError(f"authorization must be dict-like, got {authorization!r}")
+        return Authorization(
+            authorization["chainId"],
+            to_canonical_address(authorization["address"]),
+            authorization["nonce"],
+        )
+
+    @staticmethod
+    def _signed_authorization(
+        unsigned: Authorization, vrs: tuple[int, int, int]
+    ) -> SignedSetCodeAuthorization:
+        recid, r, s = vrs
+        return SignedSetCodeAuthorization(
+            chain_id=unsigned.chainId,
+            address=unsigned.address,
+            nonce=unsigned.nonce,
+            y_parity=recid,
+            r=r,
+            s=s,
+            signature=Signature(vrs=(recid, r, s)),
+            authorization_hash=unsigned.hash(),
+        )
+
 
 def _digest(message_hash: bytes | str) -> bytes:
     digest = bytes(HexBytes(message_hash))
@@ -373,6 +408,14 @@ class SigndEthSigner(_EthBinding["Client"], BaseAccount):
         unsigned = self._unsigned(transaction_dict, blobs)
         return self._signed_transaction(unsigned, self._sign_digest(unsigned.hash()))
 
+    def sign_authorization(self, authorization: Mapping[str, Any]) -> SignedSetCodeAuthorization:
+        """Sign an EIP-7702 authorization (``chainId``, ``address``, ``nonce``) as
+        ``Account.sign_authorization`` does; put it in a type-4 transaction's
+        ``authorizationList``."""
+        unsigned = self._authorization(authorization)
+        digest = bytes(unsigned.hash())
+        return self._signed_authorization(unsigned, self._sign_digest(digest))
+
 
 class AsyncSigndEthSigner(_EthBinding["AsyncClient"]):
     """``SigndEthSigner`` for ``AsyncClient``: the same methods, as coroutines
@@ -421,6 +464,14 @@ class AsyncSigndEthSigner(_EthBinding["AsyncClient"]):
         """See ``SigndEthSigner.sign_transaction``."""
         unsigned = self._unsigned(transaction_dict, blobs)
         return self._signed_transaction(unsigned, await self._sign_digest(unsigned.hash()))
+
+    async def sign_authorization(
+        self, authorization: Mapping[str, Any]
+    ) -> SignedSetCodeAuthorization:
+        """See ``SigndEthSigner.sign_authorization``."""
+        unsigned = self._authorization(authorization)
+        digest = bytes(unsigned.hash())
+        return self._signed_authorization(unsigned, await self._sign_digest(digest))
 
     def __eq__(self, other: object) -> bool:
         return type(self) is type(other) and self.address == getattr(other, "address", None)
