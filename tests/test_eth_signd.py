@@ -12,14 +12,14 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import pytest
-import rlp
+import rlp  # type: ignore[import-untyped]
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed, encode_dss_signature
 from eth_account import Account
 from eth_account.messages import encode_defunct, encode_typed_data
-from eth_account.typed_transactions import TypedTransaction
-from eth_utils import keccak
+from eth_account.typed_transactions.typed_transaction import TypedTransaction
+from eth_utils.crypto import keccak
 from hexbytes import HexBytes
 
 from signd_client import AsyncClient, Client, UnsupportedKeyOperation

@@ -17,16 +17,17 @@ from dataclasses import dataclass, field
 from typing import Any, cast
 
 import pytest
-import rlp
+import rlp  # type: ignore[import-untyped]
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed, decode_dss_signature
 from eth_account import Account
 from eth_account.messages import encode_defunct, encode_typed_data
 from eth_account.signers.base import BaseAccount
-from eth_account.typed_transactions import TypedTransaction
+from eth_account.typed_transactions.typed_transaction import TypedTransaction
 from eth_keys.datatypes import Signature
-from eth_utils import keccak, to_canonical_address
+from eth_utils.address import to_canonical_address
+from eth_utils.crypto import keccak
 from hexbytes import HexBytes
 
 from signd_client import AsyncClient, Client, UnsupportedKeyOperation

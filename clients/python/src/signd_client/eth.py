@@ -75,12 +75,13 @@ from eth_account.datastructures import (
 )
 from eth_account.messages import SignableMessage, encode_typed_data
 from eth_account.signers.base import BaseAccount
-from eth_account.typed_transactions import TypedTransaction
 from eth_account.typed_transactions.set_code_transaction import Authorization
+from eth_account.typed_transactions.typed_transaction import TypedTransaction
 from eth_keys.datatypes import Signature
 from eth_keys.exceptions import BadSignature
 from eth_typing import ChecksumAddress, Hash32
-from eth_utils import keccak, to_canonical_address, to_checksum_address
+from eth_utils.address import to_canonical_address, to_checksum_address
+from eth_utils.crypto import keccak
 from hexbytes import HexBytes
 
 from .errors import ProtocolViolation, VersionNotUsable
@@ -275,7 +276,7 @@ class _EthBinding(Generic[ClientT]):
             if not same:
                 raise TypeError(f"from field must match key's {self._address}, but it was {text}")
         return serializable_unsigned_transaction_from_dict(
-            tx,  # type: ignore[arg-type]
+            tx,
             blobs=None if blobs is None else list(blobs),
         )
 
@@ -291,7 +292,7 @@ class _EthBinding(Generic[ClientT]):
             v = recid + CHAIN_ID_OFFSET + 2 * unsigned.v
         else:
             v = recid + V_OFFSET
-        raw = encode_transaction(unsigned, vrs=(v, r, s))  # type: ignore[arg-type]
+        raw = encode_transaction(unsigned, vrs=(v, r, s))
         return SignedTransaction(
             raw_transaction=HexBytes(raw), hash=HexBytes(keccak(raw)), r=r, s=s, v=v
         )
@@ -397,7 +398,7 @@ class SigndEthSigner(_EthBinding["Client"], BaseAccount):
 
     def sign_transaction(
         self,
-        transaction_dict: Mapping[str, Any],  # type: ignore[override]
+        transaction_dict: Mapping[str, Any],
         blobs: Sequence[bytes] | None = None,
     ) -> SignedTransaction:
         """Sign a transaction dict as ``Account.sign_transaction`` does; ``from``,
