@@ -53,7 +53,7 @@ if TYPE_CHECKING:
     from conftest import Daemon, TokenEnv
 
 TOKENS = ("softhsm", "opencryptoki")
-KEY_TYPES = ("ec-p256", "ec-p384", "ed25519", "rsa-2048", "rsa-3072", "rsa-4096")
+KEY_TYPES = ("ec-p256", "ec-p384", "ed25519", "rsa-2048", "rsa-3072", "rsa-4096", "ec-secp256k1")
 #: what each token's health must say it makes (read from its mechanisms)
 EXPECTED_TYPES = {
     "softhsm": KEY_TYPES,  # SoftHSM 2.6
@@ -73,6 +73,14 @@ DEFAULT_HASH = {"ec-p384": "sha384"}  # every other type hashes with SHA-256 (ed
 
 PublicKey = ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey | rsa.RSAPublicKey
 
+#: curve orders (SEC 2), for the low-S check
+P256_ORDER = 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551
+P384_ORDER = int(
+    "FFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFC7634D81F4372DDF581A0DB248B0A77AECEC196ACCC52973",
+    16,
+)
+K1_ORDER = 0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFEBAAEDCE6AF48A03BBFD25E8CD0364141
+
 
 def family(kt: str) -> str:
     return kt.split("-")[0]
@@ -87,6 +95,8 @@ class Opts(TypedDict, total=False):
 
 def variants(kt: str) -> list[Opts]:
     """The signature options of a key type: every padding or format."""
+    if kt == "ec-secp256k1":
+        return [Opts(format="der"), Opts(format="raw"), Opts(format="eth")]
     if family(kt) == "ec":
         return [Opts(format="der"), Opts(format="raw")]
     if family(kt) == "rsa":
@@ -110,7 +120,8 @@ def check_type(kt: str, key: PublicKey) -> None:
         assert isinstance(key, ed25519.Ed25519PublicKey)
     elif family(kt) == "ec":
         assert isinstance(key, ec.EllipticCurvePublicKey)
-        assert key.curve.name == {"ec-p256": "secp256r1", "ec-p384": "secp384r1"}[kt]
+        curves = {"ec-p256": "secp256r1", "ec-p384": "secp384r1", "ec-secp256k1": "secp256k1"}
+        assert key.curve.name == curves[kt]
     else:
         assert isinstance(key, rsa.RSAPublicKey)
         assert key.key_size == int(kt.split("-")[1])
@@ -141,11 +152,14 @@ def check_signature(
     else:
         data, algo = digest, utils.Prehashed(h)
     if isinstance(key, ec.EllipticCurvePublicKey):
-        if format == "raw":
+        if format in ("raw", "eth"):  # eth: r || s || v, v checked by test_secp256k1
             size = (key.curve.key_size + 7) // 8
-            assert len(sig) == 2 * size, len(sig)
-            r, s = int.from_bytes(sig[:size], "big"), int.from_bytes(sig[size:], "big")
+            assert len(sig) == 2 * size + (format == "eth"), len(sig)
+            r, s = int.from_bytes(sig[:size], "big"), int.from_bytes(sig[size : 2 * size], "big")
             sig = utils.encode_dss_signature(r, s)
+        # every ECDSA signature signd returns is low-S
+        order = {"secp256r1": P256_ORDER, "secp384r1": P384_ORDER, "secp256k1": K1_ORDER}
+        assert utils.decode_dss_signature(sig)[1] <= order[key.curve.name] // 2
         key.verify(sig, data, ec.ECDSA(algo))
         return
     pad: rsa_padding.AsymmetricPadding = rsa_padding.PKCS1v15()
@@ -190,7 +204,11 @@ def check_jwk(kt: str, jwk: Jwk, key: PublicKey) -> None:
     elif isinstance(key, ec.EllipticCurvePublicKey):
         size = (key.curve.key_size + 7) // 8
         nums = key.public_numbers()
-        crv, alg = {"ec-p256": ("P-256", "ES256"), "ec-p384": ("P-384", "ES384")}[kt]
+        crv, alg = {
+            "ec-p256": ("P-256", "ES256"),
+            "ec-p384": ("P-384", "ES384"),
+            "ec-secp256k1": ("secp256k1", "ES256K"),
+        }[kt]
         assert (jwk.kty, jwk.crv, jwk.alg) == ("EC", crv, alg)
         assert (jwk.x, jwk.y) == (b64(nums.x, size), b64(nums.y, size))
     else:
@@ -307,7 +325,7 @@ def test_a_type_the_token_lacks_is_unsupported_algorithm(target: Target) -> None
     assert status.key_types == ("rsa-2048", "rsa-3072", "rsa-4096")
     assert status.mechanisms is not None
     with target.client() as c:
-        for kt in ("ec-p256", "ec-p384", "ed25519"):
+        for kt in ("ec-p256", "ec-p384", "ed25519", "ec-secp256k1"):
             name = f"conf-lacks-{kt}-{uuid.uuid4().hex[:8]}"
             with pytest.raises(UnsupportedAlgorithm) as info:
                 c.create_key(name, kt)
@@ -369,7 +387,7 @@ def test_sign_message_and_digest(target: Target, kt: str, key: str, tmp_path: Pa
             assert res.key == key
             pem = c.public_key(key, res.version).public_key_pem
             check_signature(kt, pem, res.signature, message=m, **opts)
-            if opts.get("format") != "raw":
+            if opts.get("format") not in ("raw", "eth"):
                 openssl_verify(tmp_path, kt, pem, res.signature, m, opts.get("padding"))
             if kt == "ed25519":
                 continue  # pure Ed25519 signs the message itself

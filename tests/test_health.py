@@ -86,7 +86,15 @@ def test_health_lists_what_the_token_can_do(signd: Daemon) -> None:
         token = c.health().token
     assert token is not None
     assert token.profile == "softhsm"
-    assert token.key_types == ("ec-p256", "ec-p384", "ed25519", "rsa-2048", "rsa-3072", "rsa-4096")
+    assert token.key_types == (
+        "ec-p256",
+        "ec-p384",
+        "ed25519",
+        "rsa-2048",
+        "rsa-3072",
+        "rsa-4096",
+        "ec-secp256k1",
+    )
     assert token.mechanisms is not None
     assert {"CKM_ECDSA", "CKM_EDDSA", "CKM_RSA_PKCS_PSS"} <= set(token.mechanisms)
     assert list(token.mechanisms) == sorted(token.mechanisms)

@@ -29,7 +29,12 @@ __all__ = ["Bench"]
 
 DIGEST = hashlib.sha256(b"signd benchmark").digest()
 MESSAGE = b"signd benchmark message " * 4
-BASELINE_SCHEME = {"ec-p256": "ecdsa", "ed25519": "eddsa", "rsa-2048": "rsa-pkcs1v15"}
+BASELINE_SCHEME = {
+    "ec-p256": "ecdsa",
+    "ed25519": "eddsa",
+    "rsa-2048": "rsa-pkcs1v15",
+    "ec-secp256k1": "ecdsa",
+}
 DIGEST_INFO_SHA256 = bytes.fromhex("3031300d060960864801650304020105000420")
 
 

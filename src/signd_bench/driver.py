@@ -44,7 +44,8 @@ def _args(job: dict[str, Any]) -> tuple[str, Message]:
     data = bytes.fromhex(job["data"])
     if op == "sign":
         if job.get("digest"):
-            return op, SignArgs(key=job["key"], digest=data, hash=job["hash"])
+            fmt = job.get("format")
+            return op, SignArgs(key=job["key"], digest=data, hash=job["hash"], format=fmt)
         return op, SignArgs(key=job["key"], message=data)
     if op == "sign_batch":
         return op, SignBatchArgs(key=job["key"], digests=(data,) * job["batch"], hash=job["hash"])

@@ -104,7 +104,7 @@ def targets(rows: list[Row]) -> list[tuple[str, str, str]]:
         True,
         "x",
     )
-    for kt in ("ed25519", "rsa-2048"):
+    for kt in ("ed25519", "rsa-2048", "ec-secp256k1"):
         r = named(kt, "signd, 64 conn")
         check(
             f"{kt} 64 connections vs its baseline (>= 0.9x)", r.ratio if r else None, 0.9, True, "x"
@@ -178,7 +178,7 @@ def run(
     elif token_counts and (why := tokens.unavailable()) is not None:
         _progress(f"slow-token rows skipped: {why}")
         token_counts = []
-    steps = 0 if tokens_only else len(types) * 4 + 7
+    steps = 0 if tokens_only else len(types) * 4 + 7 + ("ec-secp256k1" in types)
     steps += len(set(token_counts)) + 1 if token_counts else 0
     step = 0
 
@@ -234,6 +234,21 @@ def _single_token(b: Bench, types: list[str], peers: bool, stage: Callable[[str]
                 2,
                 64,
                 note=f"window {b.window}, 2 client processes; ratio vs sign baseline",
+            )
+        if "ec-secp256k1" in types:
+            # format eth works the recovery id out in the daemon, per signature
+            stage("ec-secp256k1: 64 connections, format eth")
+            b.drive(
+                "signd, 64 connections, format eth",
+                "ec-secp256k1",
+                {
+                    **b.sign_job(keys["ec-secp256k1"], "ec-secp256k1"),
+                    "format": "eth",
+                    "mode": "pipeline",
+                },
+                2,
+                64,
+                note=f"window {b.window}, 2 client processes; r||s||v, v recovered",
             )
         if "ec-p256" in types:
             key = keys["ec-p256"]
@@ -356,7 +371,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--types",
         default="ec-p256,ed25519,rsa-2048",
-        help="key types (default ec-p256,ed25519,rsa-2048)",
+        help="key types (default ec-p256,ed25519,rsa-2048; ec-secp256k1 too)",
     )
     p.add_argument("--no-peers", action="store_true", help="skip p11-kit and ssh-agent")
     p.add_argument(

@@ -31,10 +31,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import coincurve
 import msgpack
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, utils
 
+from signd.keys.eth import address as eth_address
+from signd.keys.eth import keccak256
 from signd_client import errors as e
 from signd_client.protocol import (
     DEFAULT_MAX_FRAME,
@@ -125,6 +128,36 @@ V1_OLD = VersionInfo(version=1, state="verify-only", created=T1, public_key_pem=
 V2 = VersionInfo(version=2, state="active", created=T2, public_key_pem=_pem(EC_V2))
 INFO_V1 = KeyInfo(name=KEY, type="ec-p256", created=T1, current_version=1, versions=(V1,))
 INFO_V2 = KeyInfo(name=KEY, type="ec-p256", created=T1, current_version=2, versions=(V1_OLD, V2))
+
+# An ec-secp256k1 key (Ethereum), two versions.  The signature is libsecp256k1's
+# (RFC 6979, low-S, with its recovery id), through coincurve.
+K1_KEY = "eth-signing"
+K1_V1 = ec.derive_private_key(int.from_bytes(_seed("eth-signing v1"), "big"), ec.SECP256K1())
+K1_V2 = ec.derive_private_key(int.from_bytes(_seed("eth-signing v2"), "big"), ec.SECP256K1())
+ETH_DIGEST = keccak256(b"\x19Ethereum Signed Message:\n%d" % len(MESSAGE) + MESSAGE)
+SIG_ETH = coincurve.PrivateKey(_seed("eth-signing v2")).sign_recoverable(ETH_DIGEST, hasher=None)
+INFO_K1 = KeyInfo(
+    name=K1_KEY,
+    type="ec-secp256k1",
+    created=T1,
+    current_version=2,
+    versions=(
+        VersionInfo(
+            version=1,
+            state="verify-only",
+            created=T1,
+            public_key_pem=_pem(K1_V1),
+            eth_address=eth_address(K1_V1.public_key()),
+        ),
+        VersionInfo(
+            version=2,
+            state="active",
+            created=T2,
+            public_key_pem=_pem(K1_V2),
+            eth_address=eth_address(K1_V2.public_key()),
+        ),
+    ),
+)
 
 # The key lifecycle.  Since update_key, disable, enable and destroy came, signd
 # always sends a KeyInfo's settings; the vectors above keep the short form an
@@ -530,6 +563,31 @@ request(
     100,
     "create_key",
     CreateKeyArgs(key=KEY, type="ec-p256", backup=True),
+)
+
+# ---- requests with ec-secp256k1 keys (Ethereum)
+
+request(
+    "create_key.request.secp256k1",
+    "create_key of an ec-secp256k1 key, for Ethereum.",
+    110,
+    "create_key",
+    CreateKeyArgs(key=K1_KEY, type="ec-secp256k1"),
+)
+request(
+    "sign.request.eth",
+    "sign an EIP-191 personal message's Keccak-256 digest (of 'hello, world\\n') with format "
+    "eth: the answer is r || s || v.",
+    111,
+    "sign",
+    SignArgs(key=K1_KEY, digest=ETH_DIGEST, hash="keccak256", format="eth"),
+)
+request(
+    "verify.request.eth",
+    "verify sign.result.eth's signature, format eth.",
+    112,
+    "verify",
+    VerifyArgs(key=K1_KEY, signature=SIG_ETH, digest=ETH_DIGEST, hash="keccak256", format="eth"),
 )
 
 # ---- results: one or more for every operation
@@ -1108,6 +1166,33 @@ result(
     100,
     "create_key",
     KeyInfo(name=KEY, type="ec-p256", created=T1, current_version=1, versions=(V1,), backup=True),
+)
+
+# ---- results with ec-secp256k1 keys (Ethereum)
+
+result(
+    "sign.result.eth",
+    "answer to sign.request.eth: 65 bytes r || s || v, s low (s <= n/2), v the recovery id "
+    "(0 or 1; Ethereum adds 27 for a personal message); recovers key_info.result.secp256k1's "
+    "version 2 address.",
+    111,
+    "sign",
+    SignResult(signature=SIG_ETH, key=K1_KEY, version=2, algorithm="ecdsa-secp256k1-keccak256"),
+)
+result(
+    "verify.result.eth",
+    "answer to verify.request.eth.",
+    112,
+    "verify",
+    VerifyResult(valid=True, key=K1_KEY, version=2, algorithm="ecdsa-secp256k1-keccak256"),
+)
+result(
+    "key_info.result.secp256k1",
+    "an ec-secp256k1 key after one rotation: each version shows its Ethereum address "
+    "(EIP-55), which changes with the version.",
+    3,
+    "key_info",
+    INFO_K1,
 )
 
 # ---- errors: every code

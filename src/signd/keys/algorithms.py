@@ -13,20 +13,23 @@ import enum
 import hashlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Final, Protocol
+from typing import Final, Protocol, cast
 
+from Crypto.Hash import keccak
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa, utils
 
-from ..errors import InvalidArgument, InvalidDigest
+from ..errors import InvalidArgument, InvalidDigest, TokenError
 from ..errors import UnsupportedAlgorithm as UnsupportedAlgorithmError
+from . import eth
 
 __all__ = [
     "HASHES",
     "Family",
     "KEY_TYPES",
     "KeyType",
+    "SECP256K1_HASHES",
     "Options",
     "PublicKey",
     "Scheme",
@@ -105,6 +108,36 @@ HASHES: Final[dict[str, Hash]] = {
 }
 
 
+class _Keccak256(hashes.HashAlgorithm):
+    """Keccak-256 for ``cryptography``'s ``Prehashed``, which only checks the
+    digest's size: ``cryptography`` itself cannot compute it."""
+
+    name = "keccak256"
+    digest_size = 32
+    block_size = 136
+
+
+def _keccak256(data: bytes) -> hashlib._Hash:
+    """Keccak-256 of ``data`` as a hash object (pycryptodome's: it has ``digest``)."""
+    return cast("hashlib._Hash", keccak.new(data=data, digest_bits=256))
+
+
+#: Keccak-256 as Ethereum uses it (no DigestInfo: it never signs with RSA).
+HASHES["keccak256"] = Hash("keccak256", 32, _keccak256, _Keccak256(), b"")
+#: What ``ec-secp256k1`` keys hash with; ``keccak256`` is for them alone.
+SECP256K1_HASHES: Final = ("sha256", "keccak256")
+#: The order n of each curve's base point (SEC 2): an ECDSA signature signd
+#: returns has ``s <= n // 2`` (low-S).
+CURVE_ORDERS: Final[dict[str, int]] = {
+    "secp256r1": 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551,
+    "secp384r1": int(
+        "FFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFC7634D81F4372DDF581A0DB248B0A77AECEC196ACCC52973",
+        16,
+    ),
+    "secp256k1": eth.SECP256K1_ORDER,
+}
+
+
 class Family(enum.Enum):
     EC = "ec"
     ED25519 = "ed25519"
@@ -148,11 +181,14 @@ KEY_TYPES: Final[dict[str, KeyType]] = {
         KeyType("rsa-2048", Family.RSA, 2048, "sha256"),
         KeyType("rsa-3072", Family.RSA, 3072, "sha256"),
         KeyType("rsa-4096", Family.RSA, 4096, "sha256"),
+        KeyType("ec-secp256k1", Family.EC, 256, "sha256", "secp256k1"),
     )
 }
 
 PADDINGS: Final = ("pkcs1v15", "pss")
 FORMATS: Final = ("der", "raw")
+#: ``r || s || v`` (v the recovery id, 0 or 1): ``ec-secp256k1`` keys only.
+ETH_FORMAT: Final = "eth"
 
 
 def key_type(name: str) -> KeyType:
@@ -172,6 +208,8 @@ class SignPlan:
     data: bytes  # exactly what C_Sign receives
     algorithm: str  # the signature algorithm's name on the wire
     raw: bool  # ECDSA only: answer r || s instead of DER
+    order: int = 0  # ECDSA only: the curve's order n, for low-S
+    eth: bool = False  # ECDSA on secp256k1 only: answer r || s || v
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,6 +220,8 @@ class Options:
     hash: Hash | None  # None for Ed25519 (it signs the message)
     algorithm: str
     raw: bool  # ECDSA only: r || s instead of DER
+    order: int = 0  # ECDSA only: the curve's order n, for low-S
+    eth: bool = False  # ECDSA on secp256k1 only: r || s || v
 
 
 #: ``options``' answers by their arguments: a few dozen at most, since only
@@ -229,13 +269,19 @@ def _options_of(
     h = HASHES.get(name)
     if h is None:
         raise UnsupportedAlgorithmError(f"unknown hash {name!r}; supported: {', '.join(HASHES)}")
+    if kt.curve == "secp256k1":
+        return _secp256k1_options(kt, h, padding, format)
+    if h.name not in _SHA2:
+        raise UnsupportedAlgorithmError(f"hash {h.name!r} applies to ec-secp256k1 keys only")
     if kt.family is Family.EC:
         if padding is not None:
             raise InvalidArgument("field 'padding' applies to RSA keys only")
         fmt = "der" if format is None else format
         if fmt not in FORMATS:
             raise InvalidArgument(f"field 'format' must be one of {', '.join(FORMATS)}")
-        return Options(Scheme.ECDSA, h, f"ecdsa-p{kt.bits}-{h.name}", fmt == "raw")
+        assert kt.curve is not None
+        order = CURVE_ORDERS[kt.curve]
+        return Options(Scheme.ECDSA, h, f"ecdsa-p{kt.bits}-{h.name}", fmt == "raw", order)
     if format is not None:
         raise InvalidArgument("field 'format' applies to ECDSA keys only")
     pad = "pkcs1v15" if padding is None else padding
@@ -243,6 +289,25 @@ def _options_of(
         raise InvalidArgument(f"field 'padding' must be one of {', '.join(PADDINGS)}")
     scheme = Scheme.RSA_PSS if pad == "pss" else Scheme.RSA_PKCS1
     return Options(scheme, h, f"rsa-{pad}-{h.name}", False)
+
+
+_SHA2: Final = frozenset(("sha256", "sha384", "sha512"))
+
+
+def _secp256k1_options(kt: KeyType, h: Hash, padding: str | None, format: str | None) -> Options:
+    """``_options_of`` for ``ec-secp256k1``.  Raises: InvalidArgument, UnsupportedAlgorithm."""
+    if h.name not in SECP256K1_HASHES:
+        raise UnsupportedAlgorithmError(
+            f"{kt.name} keys sign with {' or '.join(SECP256K1_HASHES)}, not {h.name!r}"
+        )
+    if padding is not None:
+        raise InvalidArgument("field 'padding' applies to RSA keys only")
+    fmt = "der" if format is None else format
+    if fmt not in (*FORMATS, ETH_FORMAT):
+        raise InvalidArgument(f"field 'format' must be one of {', '.join(FORMATS)}, {ETH_FORMAT}")
+    order = CURVE_ORDERS["secp256k1"]
+    algorithm = f"ecdsa-secp256k1-{h.name}"
+    return Options(Scheme.ECDSA, h, algorithm, fmt == "raw", order, fmt == ETH_FORMAT)
 
 
 def _digest(
@@ -291,7 +356,7 @@ def plan(
     else:
         assert d is not None
         data = d
-    return SignPlan(opts.scheme, opts.hash, data, opts.algorithm, opts.raw)
+    return SignPlan(opts.scheme, opts.hash, data, opts.algorithm, opts.raw, opts.order, opts.eth)
 
 
 def plan_sign(kt: KeyType, args: SignInput, sha256: bytes | None = None) -> SignPlan:
@@ -306,14 +371,43 @@ def plan_sign(kt: KeyType, args: SignInput, sha256: bytes | None = None) -> Sign
     return plan(_options(kt, args), args.message, args.digest, sha256)
 
 
-def finish_signature(plan: SignPlan, raw: bytes) -> bytes:
-    """Encode the token's output as the client asked (ECDSA: DER unless raw)."""
-    if plan.scheme is Scheme.ECDSA and not plan.raw:
-        half = len(raw) // 2
-        return utils.encode_dss_signature(
-            int.from_bytes(raw[:half], "big"), int.from_bytes(raw[half:], "big")
-        )
-    return raw
+def finish_signature(plan: SignPlan, raw: bytes, public_key: PublicKey | None = None) -> bytes:
+    """Encode the token's output as the client asked (ECDSA: DER unless raw
+    or eth), every ECDSA signature low-S: ``s > n/2`` becomes ``n - s``.
+
+    ``public_key`` is the signing version's: format ``eth`` needs it to work
+    out the recovery id.
+
+    Raises:
+        TokenError: format ``eth``, and the signature does not recover to
+            ``public_key`` (the token signed with another key).
+    """
+    if plan.scheme is not Scheme.ECDSA:
+        return raw
+    half = len(raw) // 2
+    s = int.from_bytes(raw[half:], "big")
+    n = plan.order
+    low = s <= n >> 1 or not n
+    if not low:
+        s = n - s
+    if plan.eth:
+        return _eth_signature(plan, int.from_bytes(raw[:half], "big"), s, public_key)
+    if plan.raw:
+        return raw if low else raw[:half] + s.to_bytes(half, "big")
+    return utils.encode_dss_signature(int.from_bytes(raw[:half], "big"), s)
+
+
+def _eth_signature(plan: SignPlan, r: int, s: int, public_key: PublicKey | None) -> bytes:
+    """``r || s || v`` for a low-S ``(r, s)``.  Raises: TokenError."""
+    if not isinstance(public_key, ec.EllipticCurvePublicKey):
+        raise TokenError("format 'eth' needs the signing version's secp256k1 public key")
+    try:
+        v = eth.recovery_id(r, s, plan.data, eth.uncompressed_point(public_key))
+    except ValueError:
+        raise TokenError(
+            "the token's signature does not recover to the version's public key"
+        ) from None
+    return r.to_bytes(32, "big") + s.to_bytes(32, "big") + bytes((v,))
 
 
 def verify(kt: KeyType, public_key: PublicKey, args: VerifyInput) -> str | None:
@@ -345,6 +439,9 @@ def verify_any(
     opts = _options(kt, args)
     digest = _digest(opts, args.message, args.digest, sha256)
     sig = args.signature
+    if opts.eth:
+        assert digest is not None
+        return _verify_eth(opts, digest, sig, candidates)
     if opts.raw and opts.scheme is Scheme.ECDSA:
         size = kt.coordinate_size
         if len(sig) != 2 * size:
@@ -358,6 +455,21 @@ def verify_any(
     for version, public_key in candidates:
         if _valid(opts, digest, sig, public_key, args.message):
             return version, opts.algorithm
+    return None
+
+
+def _verify_eth(
+    opts: Options, digest: bytes, sig: bytes, candidates: Iterable[tuple[int, PublicKey]]
+) -> tuple[int, str] | None:
+    """``verify_any`` for format ``eth``: the key ``sig`` recovers (one
+    recovery, however many candidates), compared with each candidate's."""
+    point = eth.recover(sig, digest)
+    if point is None:
+        return None
+    for version, public_key in candidates:
+        if isinstance(public_key, ec.EllipticCurvePublicKey):
+            if eth.uncompressed_point(public_key) == point:
+                return version, opts.algorithm
     return None
 
 
@@ -430,6 +542,7 @@ _JOSE: Final[dict[str, tuple[str | None, str | None]]] = {
     "ec-p256": ("ES256", "P-256"),
     "ec-p384": ("ES384", "P-384"),
     "ed25519": ("EdDSA", "Ed25519"),
+    "ec-secp256k1": ("ES256K", "secp256k1"),  # RFC 8812 section 3.2
 }
 
 

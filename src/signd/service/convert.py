@@ -10,10 +10,11 @@ import logging
 from typing import Any, TypeVar
 
 import trio
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from ..audit.facts import Outcome, outcome_of
 from ..errors import DeadlineExceeded, InternalError, WireError
-from ..keys import algorithms
+from ..keys import algorithms, eth
 from ..keys.records import KeySettings, request_digest
 from ..keys.store import LoadedKey
 from ..protocol import (
@@ -98,6 +99,7 @@ def key_info(key: LoadedKey) -> KeyInfo:
                 created=v.record.created,
                 public_key_pem=v.public_key_pem,
                 verify_until=until.get(v.record.version),
+                eth_address=_eth_address(key.kt, v.public_key),
             )
             for v in sorted(key.versions.values(), key=lambda v: v.record.version)
         ),
@@ -110,6 +112,13 @@ def key_info(key: LoadedKey) -> KeyInfo:
         max_versions=key.version_cap or None,
         backup=True if st.backup else None,  # absent: no (frames as before backups)
     )
+
+
+def _eth_address(kt: algorithms.KeyType, public_key: algorithms.PublicKey) -> str | None:
+    """A secp256k1 version's Ethereum address (EIP-55); None for other key types."""
+    if kt.curve != "secp256k1" or not isinstance(public_key, ec.EllipticCurvePublicKey):
+        return None
+    return eth.address(public_key)
 
 
 def key_summary(key: LoadedKey) -> KeySummary:

@@ -229,10 +229,15 @@ def _sign_done(
     started: float,
 ) -> Callable[[bool, Any], None]:
     name, version = key.record.name, signer.record.version
+    public_key = signer.public_key
 
     def done(ok: bool, value: Any) -> None:
         if ok:
-            sig = algorithms.finish_signature(plan, value)
+            try:
+                sig = algorithms.finish_signature(plan, value, public_key)
+            except WireError as exc:  # format eth: not the version's key
+                ok, value = False, exc
+        if ok:
             result = SignResult(signature=sig, key=name, version=version, algorithm=plan.algorithm)
             metrics.signed(name, version, plan.algorithm, 1, started, time.perf_counter())
             send_result(reply, rid, result)
@@ -295,6 +300,7 @@ def _batch_entries(
     left = [len(items)]
     timed_out = [False]  # an item answered deadline_exceeded: counted once per request
     name, version = key.record.name, signer.record.version
+    public_key = signer.public_key
 
     def finish() -> None:
         left[0] -= 1
@@ -314,7 +320,12 @@ def _batch_entries(
     def item_done(i: int, plan: algorithms.SignPlan) -> Callable[[bool, Any], None]:
         def done(ok: bool, value: Any) -> None:
             if ok:
-                results[i] = BatchItem(signature=algorithms.finish_signature(plan, value))
+                try:
+                    signature = algorithms.finish_signature(plan, value, public_key)
+                except WireError as exc:  # format eth: not the version's key
+                    ok, value = False, exc
+            if ok:
+                results[i] = BatchItem(signature=signature)
             else:
                 timed_out[0] = timed_out[0] or isinstance(value, DeadlineExceeded)
                 results[i] = BatchItem(error=error_info(value))

@@ -229,6 +229,9 @@ _NEEDS: Final[dict[str, tuple[str, str, tuple[int, ...]]]] = {
     "rsa-2048": ("CKM_RSA_PKCS_KEY_PAIR_GEN", "CKM_RSA_PKCS", (2048,)),
     "rsa-3072": ("CKM_RSA_PKCS_KEY_PAIR_GEN", "CKM_RSA_PKCS", (3072,)),
     "rsa-4096": ("CKM_RSA_PKCS_KEY_PAIR_GEN", "CKM_RSA_PKCS", (4096,)),
+    # the mechanisms do not say which curves a token knows: a token without
+    # secp256k1 refuses it at create_key (unsupported_algorithm)
+    "ec-secp256k1": ("CKM_EC_KEY_PAIR_GEN", "CKM_ECDSA", (256,)),
 }
 
 

@@ -227,6 +227,9 @@ class VersionInfo(Message):
     public_key_pem: str
     #: when a verify-only version retires (its grace ends); absent: no limit
     verify_until: float | None = None
+    #: ``ec-secp256k1`` keys: the version's Ethereum address, EIP-55
+    #: checksummed (``0x`` and 40 hex digits); absent for other key types
+    eth_address: str | None = None
 
 
 @message

@@ -159,7 +159,15 @@ KEY_NAME_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 MAX_BATCH: Final = 10000
 #: Most key names one ``jwks`` request may name (repeats count).
 MAX_JWKS_KEYS: Final = 100
-KEY_TYPES: Final = ("ec-p256", "ec-p384", "ed25519", "rsa-2048", "rsa-3072", "rsa-4096")
+KEY_TYPES: Final = (
+    "ec-p256",
+    "ec-p384",
+    "ed25519",
+    "rsa-2048",
+    "rsa-3072",
+    "rsa-4096",
+    "ec-secp256k1",
+)
 #: An ``idempotency_key``: 1 to 128 printable ASCII characters, space excluded.
 IDEMPOTENCY_KEY_RE: Final = re.compile(r"[\x21-\x7e]{1,128}")
 

@@ -35,7 +35,7 @@ EXIT_OK: Final = 0
 EXIT_NEGATIVE: Final = 1
 EXIT_ERROR: Final = 2
 
-HASHES = ("sha256", "sha384", "sha512")
+HASHES = ("sha256", "sha384", "sha512", "keccak256")
 
 
 EXIT_CODES = (

@@ -214,6 +214,8 @@ def _print_key(info: KeyInfo, *, pems: bool) -> None:
         line = f"  v{v.version}  {v.state:<{width}}  created {when(v.created)}"
         if v.verify_until is not None:
             line += f"  verifies until {when(v.verify_until)}"
+        if v.eth_address is not None:
+            line += f"  address {v.eth_address}"
         print(line)
     if pems:
         for v in info.versions:

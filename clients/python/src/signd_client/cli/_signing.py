@@ -58,8 +58,8 @@ def add_parsers(add: Callable[..., argparse.ArgumentParser]) -> None:
         )
         s.add_argument(
             "--format",
-            choices=("der", "raw"),
-            help="ECDSA signature encoding: der (default) or raw r||s",
+            choices=("der", "raw", "eth"),
+            help="ECDSA signature encoding: der (default), raw r||s or eth r||s||v (secp256k1)",
         )
         if cmd == "sign":
             s.add_argument(
@@ -116,8 +116,8 @@ def add_parsers(add: Callable[..., argparse.ArgumentParser]) -> None:
     b.add_argument("--padding", choices=("pkcs1v15", "pss"), help="RSA padding (default pkcs1v15)")
     b.add_argument(
         "--format",
-        choices=("der", "raw"),
-        help="ECDSA signature encoding: der (default) or raw r||s",
+        choices=("der", "raw", "eth"),
+        help="ECDSA signature encoding: der (default), raw r||s or eth r||s||v (secp256k1)",
     )
     b.add_argument(
         "--version",
