@@ -2,8 +2,9 @@
 
 ``node --test`` runs the golden-frame tests, the end-to-end tests, the
 JWS/JWT tests and the Ethereum (``format: "eth"``) tests; the last three talk
-to the real ``signd`` fixture through ``$SIGND_TEST_SOCKET``.  Missing ``node`` or ``clients/node/node_modules`` is a
-failure, not a skip: set-up (``scripts/dev.sh``) installs both.
+to the real ``signd`` fixture through ``$SIGND_TEST_SOCKET``.  Missing
+``node`` or ``clients/node/node_modules`` is a failure, not a skip: set-up
+(``scripts/dev.sh``) installs both.
 """
 
 from __future__ import annotations
