@@ -1,9 +1,10 @@
 """The Node.js client's own tests (clients/node/test), run against the session daemon.
 
-``node --test`` runs the golden-frame tests, the end-to-end tests and the
-JWS/JWT tests; the last two talk to the real ``signd`` fixture through
-``$SIGND_TEST_SOCKET``.  Missing ``node`` or ``clients/node/node_modules`` is a
-failure, not a skip: set-up (``scripts/dev.sh``) installs both.
+``node --test`` runs the golden-frame tests, the end-to-end tests, the
+JWS/JWT tests and the Ethereum (``format: "eth"``) tests; the last three talk
+to the real ``signd`` fixture through ``$SIGND_TEST_SOCKET``.  Missing
+``node`` or ``clients/node/node_modules`` is a failure, not a skip: set-up
+(``scripts/dev.sh``) installs both.
 """
 
 from __future__ import annotations
@@ -38,7 +39,14 @@ def test_node_client(signd: Daemon) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("SIGND_")}
     env["SIGND_TEST_SOCKET"] = signd.socket
     proc = subprocess.run(
-        [node, "--test", "test/vectors.test.js", "test/e2e.test.js", "test/jose.test.js"],
+        [
+            node,
+            "--test",
+            "test/vectors.test.js",
+            "test/e2e.test.js",
+            "test/jose.test.js",
+            "test/eth.test.js",
+        ],
         cwd=NODE_DIR,
         env=env,
         capture_output=True,

@@ -30,10 +30,17 @@ export type KeyType =
   | "rsa-2048"
   | "rsa-3072"
   | "rsa-4096"
+  /** ECDSA on secp256k1 (Ethereum, Bitcoin). */
   | "ec-secp256k1";
+/** `keccak256` (Ethereum's Keccak-256, not SHA3-256) only with `ec-secp256k1` keys. */
 export type Hash = "sha256" | "sha384" | "sha512" | "keccak256";
 export type Padding = "pkcs1v15" | "pss";
-export type SignatureFormat = "der" | "raw";
+/**
+ * ECDSA signature encodings: `der` (default), `raw` (r‖s, 64 bytes on 256-bit curves),
+ * `eth` (`ec-secp256k1` only: 65 bytes r‖s‖v, v the recovery id 0 or 1, s low;
+ * add 27 for an Ethereum message signature, chainId * 2 + 35 for an EIP-155 transaction).
+ */
+export type SignatureFormat = "der" | "raw" | "eth";
 
 export interface KeySettings {
   /** Seconds between automatic rotations; 0 = off. Always sent as a float. */
@@ -132,7 +139,7 @@ export interface VersionInfo {
   created: number;
   public_key_pem: string;
   verify_until?: number;
-  /** ec-secp256k1 keys: the version's Ethereum address, EIP-55 checksummed. */
+  /** `ec-secp256k1` keys: the version's Ethereum address (EIP-55 checksummed). */
   eth_address?: string;
 }
 

@@ -301,6 +301,8 @@ export class Client {
   }
 
   /**
+   * Ethereum (an ec-secp256k1 key): `{digest, hash: "keccak256", format: "eth"}` gives
+   * 65 bytes r‖s‖v, v the recovery id (0 or 1) and s low.
    * @param {string} name
    * @param {Record<string, unknown>} options message or digest; hash, padding, format, version
    * @param {CallOptions} [callOptions]
