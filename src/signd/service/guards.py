@@ -132,25 +132,6 @@ class Guards(Backups):
             return
         self.token.pump()
 
-    async def raise_mark(self, key: LoadedKey, position: int) -> bool:
-        """An operator's ``update_key raise_mark``: the mark of ``key`` at
-        least ``position``, durably; whether it went up.
-
-        Raises: InvalidArgument (not watermarked; no state), InternalError.
-        """
-        name = key.record.name
-        if not key.record.settings.watermark:
-            raise InvalidArgument(f"key {name!r} has no watermark: it has no mark to raise")
-        state = self._state_for("raise_mark")
-        try:
-            raised = state.raise_mark(name, position)
-            await state.commit()
-        except StateError as exc:
-            raise InternalError(str(exc)) from None
-        if raised:
-            log.info("watermark raised", extra={"key": name, "mark": position})
-        return raised
-
     # ------------------------------------------------------------ replay-checked verify
 
     def _replay_checked(
