@@ -331,6 +331,7 @@ class State:
         """``stale`` or ``replayed``; or None: accepted, in memory (``commit``
         makes it durable).  Raises: StateError."""
         self._check()
+        self.nonces.expire(now)
         status = self.nonces.check(name, timestamp, nonce, now)
         if status is None:
             self.nonces.add(name, timestamp, nonce, now)
