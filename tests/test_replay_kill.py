@@ -76,22 +76,30 @@ class Signers:
             return rng.randint(max(1, self.frontier - 3), self.frontier)
 
     def _run(self, seed: int) -> None:
+        """Sign until stopped.  A request that got no answer (the daemon was
+        killed) is sent again, same position, once the daemon is back: as a
+        signer that does not know whether it was signed would."""
         rng = random.Random(seed)
+        pending: int | None = None
         while not self.stop.is_set():
             try:
                 with Client(self.socket, retries=0, timeout=10) as c:
                     while not self.stop.is_set():
-                        p = self._next(rng)
+                        if pending is None:
+                            pending = self._next(rng)
+                        p = pending
                         try:
                             sig = c.sign(self.key, message(p), position=p).signature
                         except PositionUsed:
+                            pending = None
                             with self.lock:
                                 self.refused += 1
                             continue
+                        pending = None
                         with self.lock:
                             self.signed.append((p, sig))
                             self.progress.notify_all()
-            except SigndError:  # the daemon was killed: connect again
+            except SigndError:  # the daemon was killed: connect again, same position
                 self.stop.wait(0.01)
 
     def wait_for_more(self, count: int, timeout: float = 20.0) -> None:
