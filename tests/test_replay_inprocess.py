@@ -536,3 +536,29 @@ async def test_verify_runs_in_the_service_for_any_entry(mock_clock: Any, tmp_pat
             assert await _status(c, "api", sig, b"m", now, b"many-versions") == "valid"
             assert h.pool.jobs_done == before + 1  # the worker verified it
             assert await _status(c, "api", sig, b"m", now, b"many-versions") == "replayed"
+
+
+async def test_the_journal_is_compacted_while_running(
+    mock_clock: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past its size threshold the journal is rewritten from memory; nothing is lost."""
+    import signd.state
+
+    monkeypatch.setattr(signd.state, "COMPACT_AT", 2000)
+    directory = tmp_path / "state"
+    with opened(directory) as state:
+        now = int(wall())
+        for p in range(1, 200):  # 199 mark records of one key: ~4 kB
+            state.claim("chain", p, p)
+            await state.commit()
+        state.accept_nonce("api", now, b"kept-nonce", now)
+        await state.commit()
+        size = (directory / JOURNAL).stat().st_size
+        assert size < 2000  # rewritten: one mark, one nonce, and what came after
+        # appending goes on into the new file
+        state.claim("chain", 500, 500)
+        await state.commit()
+        assert (directory / JOURNAL).stat().st_size > size
+    with opened(directory) as state:
+        assert state.mark("chain") == 500
+        assert state.nonces.check("api", now, b"kept-nonce", now) == "replayed"
