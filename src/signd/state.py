@@ -338,6 +338,10 @@ class State:
             self._buf.append(nonce_record(name, timestamp, nonce))
         return status
 
+    def check_writable(self) -> None:
+        """Raises: StateError (the journal failed before: every change is refused)."""
+        self._check()
+
     def _check(self) -> None:
         if self._broken is not None:
             raise StateError(

@@ -87,6 +87,10 @@ class Guards(Backups):
         if last > MAX_POSITION:
             raise InvalidArgument(f"positions {position} to {last} go past 2**64-1")
         state.marks.check(name, position)
+        try:
+            state.check_writable()
+        except StateError as exc:
+            raise InternalError(str(exc)) from None
         return position
 
     def _watermarked(
@@ -119,7 +123,8 @@ class Guards(Backups):
         try:
             await self.state.commit()
         except StateError as exc:
-            self._fail(reply, req, InternalError(f"the position could not be kept: {exc}"))
+            if entries:  # else every item was refused, and the batch answered already
+                self._fail(reply, req, InternalError(f"the position could not be kept: {exc}"))
             return
         if not entries:
             return  # every item of the batch was refused, and answered
