@@ -62,6 +62,7 @@ ERROR_CLASSES: dict[str, type[errors.WireError]] = {
     "version_not_usable": errors.VersionNotUsable,
     "deletion_not_allowed": errors.DeletionNotAllowed,
     "conflict": errors.Conflict,
+    "position_used": errors.PositionUsed,
     "permission_denied": errors.PermissionDenied,
     "rate_limited": errors.RateLimited,
     "internal_error": errors.InternalError,

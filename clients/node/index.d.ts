@@ -58,11 +58,15 @@ export interface CreateKeyOptions extends KeySettings {
   idempotency_key?: string;
   /** Its private keys may be exported wrapped under the token's wrap key; absent: the daemon's default. */
   backup?: boolean;
+  /** Every sign must carry a position above the key's mark (replay protection). */
+  watermark?: boolean;
 }
 
 export interface UpdateKeyOptions extends KeySettings {
   min_sign_version?: number;
   min_verify_version?: number;
+  /** A watermarked key: raise its mark to this position (never lowered). */
+  raise_mark?: number | bigint;
 }
 
 export interface SignOptions {
@@ -74,6 +78,8 @@ export interface SignOptions {
   padding?: Padding;
   format?: SignatureFormat;
   version?: number;
+  /** A watermarked key: the position signed, above its mark (uint64). */
+  position?: number | bigint;
 }
 
 export interface SignBatchOptions {
@@ -83,10 +89,16 @@ export interface SignBatchOptions {
   padding?: Padding;
   format?: SignatureFormat;
   version?: number;
+  /** A watermarked key: the first item's position; the others follow by one. */
+  position?: number | bigint;
 }
 
-export interface VerifyOptions extends SignOptions {
+export interface VerifyOptions extends Omit<SignOptions, "position"> {
   signature: Uint8Array;
+  /** A replay-checked verify (with nonce): Unix seconds. */
+  timestamp?: number | bigint;
+  /** A replay-checked verify (with timestamp): 8 to 64 bytes. */
+  nonce?: Uint8Array;
 }
 
 export type DestroyOptions = { version: number; all?: false } | { all: true; version?: undefined };
@@ -162,6 +174,10 @@ export interface KeyInfo {
   max_versions?: number;
   /** true: its private keys can be exported wrapped under the token's wrap key (backup). */
   backup?: boolean;
+  /** true: every sign carries a position above `mark`. */
+  watermark?: boolean;
+  /** A watermarked key's highest position signed. */
+  mark?: number | bigint;
 }
 
 export interface KeySummary {
@@ -232,6 +248,8 @@ export interface VerifyResult {
   key: string;
   version?: number;
   algorithm?: string;
+  /** A replay-checked verify: valid, invalid, replayed or stale. */
+  status?: "valid" | "invalid" | "replayed" | "stale" | string;
 }
 
 export interface TokenStatus {
@@ -500,6 +518,7 @@ export declare class KeyExists extends WireError {}
 export declare class VersionNotUsable extends WireError {}
 export declare class DeletionNotAllowed extends WireError {}
 export declare class Conflict extends WireError {}
+export declare class PositionUsed extends WireError {}
 export declare class PermissionDenied extends WireError {}
 export declare class RateLimited extends WireError {
   constructor(message: string, retryAfter?: number | null);

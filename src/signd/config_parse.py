@@ -16,6 +16,7 @@ from .access.policy import OPERATIONS, Rule
 from .config_sections import (
     DEFAULT_MODULE,
     DEFAULT_SOCKET,
+    DEFAULT_STATE_DIR,
     LOG_LEVELS,
     AccessConfig,
     AuditConfig,
@@ -26,7 +27,9 @@ from .config_sections import (
     LogConfig,
     MetricsConfig,
     RateLimitsConfig,
+    ReplayConfig,
     ServerConfig,
+    StateConfig,
     TokenConfig,
 )
 from .token.profiles import ProfileError, profile_for
@@ -316,6 +319,7 @@ def parse(doc: Mapping[str, Any], path: str | None, base: Path) -> Config:
         token_file=str(base / token_file) if token_file else None,
         token_credential=token_cred or None,
     )
+    state, replay = _state(sections.pop("state", {}), sections.pop("replay", {}), base)
     if sections:
         raise ConfigError(f"{sorted(sections)[0]}: unknown section")
     return Config(
@@ -329,8 +333,27 @@ def parse(doc: Mapping[str, Any], path: str | None, base: Path) -> Config:
         keys=keys,
         metrics=metrics,
         log=LogConfig(level),
+        state=state,
+        replay=replay,
         path=path,
     )
+
+
+def _state(state_table: Any, replay_table: Any, base: Path) -> tuple[StateConfig, ReplayConfig]:
+    """``[state]`` and ``[replay]``.  Raises: ConfigError."""
+    st = _Section("state", state_table)
+    directory = st.take("dir", str, "", _nonempty)
+    st.done()
+    state = StateConfig(str(base / directory), required=True) if directory else StateConfig()
+    rp = _Section("replay", replay_table)
+    d = ReplayConfig()
+    replay = ReplayConfig(
+        window=rp.take("window", int, d.window, _between(1, 7 * 86400)),
+        max_nonces=rp.take("max_nonces", int, d.max_nonces, _between(1, 100_000_000)),
+    )
+    rp.done()
+    assert DEFAULT_STATE_DIR == StateConfig().dir
+    return state, replay
 
 
 def _client_shares(lim: _Section, limits: LimitsConfig) -> LimitsConfig:

@@ -23,11 +23,14 @@ __all__ = [
     "LogConfig",
     "MetricsConfig",
     "RateLimitsConfig",
+    "ReplayConfig",
     "Secret",
     "ServerConfig",
+    "StateConfig",
     "TokenConfig",
     "DEFAULT_MODULE",
     "DEFAULT_SOCKET",
+    "DEFAULT_STATE_DIR",
     "LOG_LEVELS",
     "SOFTHSM_MODULES",
     "find_softhsm_module",
@@ -35,6 +38,8 @@ __all__ = [
 
 DEFAULT_SOCKET: Final = "/run/signd/signd.sock"
 DEFAULT_MODULE: Final = "/usr/lib/softhsm/libsofthsm2.so"
+#: The state directory (systemd's StateDirectory=signd).
+DEFAULT_STATE_DIR: Final = "/var/lib/signd"
 #: Where Debian's softhsm2 puts its PKCS#11 module (the first is a symlink).
 SOFTHSM_MODULES: Final = (DEFAULT_MODULE, "/usr/lib/x86_64-linux-gnu/softhsm/libsofthsm2.so")
 LOG_LEVELS: Final = ("debug", "info", "warning", "error")
@@ -203,6 +208,27 @@ class MetricsConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class StateConfig:
+    """The state directory: watermarks and accepted nonces (``signd.state``)."""
+
+    dir: str = DEFAULT_STATE_DIR
+    #: ``dir`` was set in the config: it must be usable (made if missing).
+    #: Not set: the default is used if it exists; else the daemon has no state,
+    #: and refuses watermarked keys and replay-checked verifies.
+    required: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class ReplayConfig:
+    """Replay-checked verify: the time window and the nonce memory's bound."""
+
+    #: seconds a timestamp may be off the daemon's clock (either way)
+    window: int = 300
+    #: most nonces held, all keys together (memory: see README, "Replay protection")
+    max_nonces: int = 1_000_000
+
+
+@dataclass(frozen=True, slots=True)
 class LogConfig:
     level: str = "info"
 
@@ -221,4 +247,6 @@ class Config:
     keys: KeysConfig = field(default_factory=KeysConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    state: StateConfig = field(default_factory=StateConfig)
+    replay: ReplayConfig = field(default_factory=ReplayConfig)
     path: str | None = None

@@ -43,6 +43,7 @@ from .server.listener import ListenerError, open_listener, systemd_socket
 from .server.systemd import Notifier
 from .service.convert import key_info
 from .service.core import Service
+from .state import State, StateError
 from .token.pool import PoolSettings, open_token_pool
 from .token.tokenset import Tokens, TokenSet
 
@@ -156,6 +157,59 @@ async def _serve(
             return EXIT_FAILURE
     else:
         log.warning("audit log disabled: set [audit] dir to keep one")
+    try:
+        state = await _open_state(cfg)
+    except StateError as exc:
+        log.error("the state directory cannot be used", extra={"error": str(exc)})
+        if audit is not None:
+            await audit.aclose()
+        return EXIT_FAILURE
+    try:
+        return await _serve_state(
+            cfg, sock, inherited, pool, metrics, audit, state, notifier, metrics_token
+        )
+    finally:
+        if state is not None:
+            state.close()
+
+
+async def _open_state(cfg: Config) -> State | None:
+    """The state directory's watermarks and nonces (read in a thread); None:
+    the default directory is missing (watermarked keys and replay-checked
+    verifies are then refused).  Raises: StateError."""
+    return await trio.to_thread.run_sync(_open_state_now, cfg, time.time())
+
+
+def _open_state_now(cfg: Config, now: float) -> State | None:
+    st = cfg.state
+    if not st.required and not os.path.isdir(st.dir):
+        log.warning(
+            "no state directory: watermarked keys and replay-checked verifies are refused; "
+            "set [state] dir to keep them",
+            extra={"dir": st.dir},
+        )
+        return None
+    return State.open(
+        st.dir,
+        window=cfg.replay.window,
+        max_nonces=cfg.replay.max_nonces,
+        now=now,
+        create=st.required,
+    )
+
+
+async def _serve_state(
+    cfg: Config,
+    sock: socket.socket,
+    inherited: bool,
+    pool: Tokens,
+    metrics: Metrics,
+    audit: AuditLog | None,
+    state: State | None,
+    notifier: Notifier,
+    metrics_token: Secret | None,
+) -> int:
+    """``_serve`` once the audit log and the state are open."""
     records = RecordStore(pool)
     head = None if audit is None else TokenHead(records, head_label(audit.directory))
     service = Service(
@@ -175,6 +229,7 @@ async def _serve(
         on_auto_rotate=None if audit is None else functools.partial(_audit_auto_rotation, audit),
         on_auto_prune=None if audit is None else functools.partial(_audit_auto_prune, audit),
         audit_head=None if head is None else lambda: head.head,
+        state=state,
     )
     checkpoints: Checkpointer | None = None  # signs with the service's audit key
     if audit is not None and head is not None:

@@ -1775,6 +1775,90 @@ accept(
 )
 
 
+# Replay protection (PROTOCOL.md, "Replay protection"): a watermarked key's
+# position, the error naming its mark, and a replay-checked verify whose
+# signature (deterministic ECDSA by app-signing v2) covers the replay payload.
+WM_KEY = "chain-signer"
+REPLAY_TS = 1750000000
+REPLAY_NONCE = bytes(range(16))
+REPLAY_PAYLOAD = (
+    b"signd-replay-v1\x00"
+    + struct.pack(">QB", REPLAY_TS, len(REPLAY_NONCE))
+    + REPLAY_NONCE
+    + MESSAGE
+)
+SIG_REPLAY = EC_V2.sign(
+    hashlib.sha256(REPLAY_PAYLOAD).digest(),
+    ec.ECDSA(utils.Prehashed(hashes.SHA256()), deterministic_signing=True),
+)
+request(
+    "create_key.request.watermark",
+    "a watermarked key: every sign must carry a position above its mark.",
+    71,
+    "create_key",
+    CreateKeyArgs(key=WM_KEY, type="ec-p256", watermark=True),
+)
+request(
+    "sign.request.position",
+    "sign at a position of a watermarked key (uint64, above the key's mark).",
+    72,
+    "sign",
+    SignArgs(key=WM_KEY, message=MESSAGE, position=101),
+)
+request(
+    "sign_batch.request.position",
+    "a watermarked batch: the first item's position; the next item is 103.",
+    73,
+    "sign_batch",
+    SignBatchArgs(key=WM_KEY, messages=(MESSAGE, MESSAGE), position=102),
+)
+error(
+    "error.position_used",
+    "a position at or below the key's mark (the message names it); never retried.",
+    72,
+    e.PositionUsed(
+        f"key '{WM_KEY}': position 101 is at or below its mark 103 (the highest position "
+        "signed); sign at 104 or above"
+    ),
+)
+request(
+    "update_key.request.raise_mark",
+    "raise a watermarked key's mark by hand (never lowered).",
+    74,
+    "update_key",
+    UpdateKeyArgs(key=WM_KEY, raise_mark=5000),
+)
+request(
+    "verify.request.replay",
+    "a replay-checked verify: the signature covers 'signd-replay-v1' 0x00 || "
+    "u64be(timestamp) || u8(len(nonce)) || nonce || message.",
+    75,
+    "verify",
+    VerifyArgs(
+        key=KEY,
+        signature=SIG_REPLAY,
+        message=MESSAGE,
+        version=2,
+        timestamp=REPLAY_TS,
+        nonce=REPLAY_NONCE,
+    ),
+)
+result(
+    "verify.result.replay_valid",
+    "the first time: valid, the nonce now held (on disk before this answer).",
+    75,
+    "verify",
+    VerifyResult(valid=True, key=KEY, version=2, algorithm="ecdsa-p256-sha256", status="valid"),
+)
+result(
+    "verify.result.replayed",
+    "the same request again: replayed (valid is false).",
+    75,
+    "verify",
+    VerifyResult(valid=False, key=KEY, status="replayed"),
+)
+
+
 def document() -> dict[str, Any]:
     return {
         "about": (

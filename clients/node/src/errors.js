@@ -124,6 +124,8 @@ export class VersionNotUsable extends wireClass(303, "version_not_usable", false
 export class DeletionNotAllowed extends wireClass(304, "deletion_not_allowed", false) {}
 /** 305: another process changed the same key at the same moment; nothing was changed. */
 export class Conflict extends wireClass(305, "conflict", true) {}
+/** 306: a watermarked key's position at or below its mark; never retried (it may be signed). */
+export class PositionUsed extends wireClass(306, "position_used", false) {}
 /** 400: this peer may not do this operation on this key. */
 export class PermissionDenied extends wireClass(400, "permission_denied", false) {}
 /** 401: over a rate limit; `retryAfter` says when (seconds). */
@@ -187,6 +189,7 @@ export const ERROR_CLASSES = Object.freeze(
         VersionNotUsable,
         DeletionNotAllowed,
         Conflict,
+        PositionUsed,
         PermissionDenied,
         RateLimited,
         InternalError,

@@ -24,6 +24,7 @@ export const ARGS = {
     ["idempotency_key", "str", false],
     ["max_versions", "int", false],
     ["backup", "bool", false],
+    ["watermark", "bool", false],
   ],
   list_keys: [],
   key_info: [KEY],
@@ -37,6 +38,7 @@ export const ARGS = {
     ["padding", "str", false],
     ["format", "str", false],
     ["version", "int", false],
+    ["position", "int", false],
   ],
   sign_batch: [
     KEY,
@@ -46,6 +48,7 @@ export const ARGS = {
     ["padding", "str", false],
     ["format", "str", false],
     ["version", "int", false],
+    ["position", "int", false],
   ],
   verify: [
     KEY,
@@ -56,6 +59,8 @@ export const ARGS = {
     ["padding", "str", false],
     ["format", "str", false],
     ["version", "int", false],
+    ["timestamp", "int", false],
+    ["nonce", "bin", false],
   ],
   rotate: [KEY, ["idempotency_key", "str", false]],
   update_key: [
@@ -66,6 +71,7 @@ export const ARGS = {
     ["min_verify_version", "int", false],
     ["deletion_allowed", "bool", false],
     ["max_versions", "int", false],
+    ["raise_mark", "int", false],
   ],
   disable: [KEY, ["version", "int", true]],
   enable: [KEY, ["version", "int", true]],
@@ -125,6 +131,8 @@ const KEY_INFO = [
   ["created_version", "int", false],
   ["max_versions", "int", false],
   ["backup", "bool", false],
+  ["watermark", "bool", false],
+  ["mark", "int", false],
 ];
 
 /** @type {Schema} */
@@ -216,6 +224,7 @@ export const RESULTS = {
     ["key", "str", true],
     ["version", "int", false],
     ["algorithm", "str", false],
+    ["status", "str", false],
   ],
   rotate: KEY_INFO,
   update_key: KEY_INFO,

@@ -50,6 +50,7 @@ const ERROR_TABLE = {
   version_not_usable: [303, "VersionNotUsable", false],
   deletion_not_allowed: [304, "DeletionNotAllowed", false],
   conflict: [305, "Conflict", true],
+  position_used: [306, "PositionUsed", false],
   permission_denied: [400, "PermissionDenied", false],
   rate_limited: [401, "RateLimited", true],
   internal_error: [500, "InternalError", false],

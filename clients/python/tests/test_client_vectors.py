@@ -51,6 +51,7 @@ ERROR_CLASSES: dict[str, tuple[type[errors.WireError], bool]] = {
     "version_not_usable": (errors.VersionNotUsable, False),
     "deletion_not_allowed": (errors.DeletionNotAllowed, False),
     "conflict": (errors.Conflict, True),
+    "position_used": (errors.PositionUsed, False),
     "permission_denied": (errors.PermissionDenied, False),
     "rate_limited": (errors.RateLimited, True),
     "internal_error": (errors.InternalError, False),

@@ -4,12 +4,13 @@ them is ``signd_client.bundle`` (the one place of the format; ``BACKUP.md``).
 
 An entry is a msgpack map::
 
-    {"name": str, "record": bin, "versions": [[int, bin, bin | nil], ...]}
+    {"name": str, "record": bin, "versions": [[int, bin, bin | nil], ...], "mark"?: int}
 
 ``record`` is the key's record as the token stores it (``KeyRecord.to_bytes``);
 each version is its number, its public key (SubjectPublicKeyInfo DER) and its
 private key wrapped under the wrap key (``CKM_AES_KEY_WRAP_PAD``), nil for a
-destroyed version.
+destroyed version.  ``mark``: a watermarked key's mark when the bundle was
+made (absent: none); a restore raises the daemon's own to it, never lowers it.
 """
 
 from __future__ import annotations
@@ -64,19 +65,22 @@ class Entry:
 
     record: KeyRecord
     versions: tuple[VersionBlob, ...]
+    #: a watermarked key's mark (``signd.keys.replay``); None: none
+    mark: int | None = None
 
     @property
     def name(self) -> str:
         return self.record.name
 
     def encode(self) -> bytes:
-        return pack(
-            {
-                "name": self.record.name,
-                "record": self.record.to_bytes(),
-                "versions": [[v.version, v.public_key, v.wrapped] for v in self.versions],
-            }
-        )
+        doc: dict[str, object] = {
+            "name": self.record.name,
+            "record": self.record.to_bytes(),
+            "versions": [[v.version, v.public_key, v.wrapped] for v in self.versions],
+        }
+        if self.mark is not None:  # only then: entries of other keys are as before
+            doc["mark"] = self.mark
+        return pack(doc)
 
 
 def decode_entry(data: bytes) -> Entry:
@@ -115,4 +119,7 @@ def decode_entry(data: bytes) -> Entry:
                 f"the entry for {name!r}: version {v.version} is {states[v.version]} "
                 f"but its private key is {'absent' if v.wrapped is None else 'present'}"
             )
-    return Entry(record, tuple(versions))
+    mark = doc.get("mark")
+    if mark is not None and not (type(mark) is int and 0 <= mark < 1 << 64):
+        raise BundleError(f"the entry for {name!r} has a malformed mark")
+    return Entry(record, tuple(versions), mark)

@@ -157,6 +157,9 @@ class KeySettings:
     #: every version's private key is made exportable wrapped under the token's
     #: trusted wrap key (and under nothing else); fixed when the key is created
     backup: bool = False
+    #: every signature names a position above the highest signed so far (the
+    #: mark, kept in the daemon's state directory); fixed when the key is created
+    watermark: bool = False
 
     def to_json(self) -> dict[str, Any]:
         doc: dict[str, Any] = {
@@ -172,6 +175,8 @@ class KeySettings:
             doc["max_versions"] = self.max_versions
         if self.backup:  # likewise: records of keys without backup are unchanged
             doc["backup"] = True
+        if self.watermark:  # likewise
+            doc["watermark"] = True
         return doc
 
     def version_cap(self, default: int, limit: int) -> int:
@@ -191,6 +196,7 @@ class KeySettings:
             deletion_allowed=bool(doc.get("deletion_allowed", False)),
             max_versions=int(doc.get("max_versions", 0)),
             backup=doc.get("backup", False) is True,
+            watermark=doc.get("watermark", False) is True,
         )
         if not (
             0 <= s.auto_rotate_period <= MAX_DURATION

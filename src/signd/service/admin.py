@@ -16,6 +16,7 @@ from ..audit.log import AUDIT_KEY
 from ..errors import (
     Conflict,
     DeletionNotAllowed,
+    InternalError,
     InvalidArgument,
     KeyExists,
     KeyNotFound,
@@ -29,6 +30,7 @@ from ..keys.store import LoadedKey, load_key
 from ..protocol import (
     CreateKeyArgs,
     DestroyArgs,
+    KeyInfo,
     Message,
     Request,
     RotateArgs,
@@ -36,6 +38,7 @@ from ..protocol import (
     VersionRefArgs,
     check_idempotency_key,
 )
+from ..state import StateError
 from .context import Batch, Reply
 from .convert import key_info, request_settings, requested
 from .lookup import Lookups
@@ -77,7 +80,7 @@ class Admin(Lookups):
                 async with self._admin_lock:
                     key, made = await self._change(req.op, req.args)
             self._changed.set()
-            info = key_info(key)
+            info = self._with_mark(key_info(key))
             if made is not None:  # create_key, rotate: the version they made
                 version, replayed = made
                 info = dataclasses.replace(info, created_version=version)
@@ -164,6 +167,8 @@ class Admin(Lookups):
         if record is None:
             self.keystore.forget(name)
             raise KeyNotFound(f"no key named {name!r}")
+        if isinstance(args, UpdateKeyArgs) and args.raise_mark is not None:
+            await self._raise_mark(record, args.raise_mark)
         if isinstance(args, UpdateKeyArgs):
             # The rotation floor applies to a period being set, not to one set
             # before the floor was raised (that would block every other change).
@@ -231,6 +236,11 @@ class Admin(Lookups):
         settings = request_settings(args, KeySettings(backup=self.default_backup)).check(
             1, self.min_rotate_period, self.max_versions_limit
         )
+        if settings.watermark and self.state is None:
+            raise InvalidArgument(
+                "a watermarked key needs the daemon's state directory, and this daemon has "
+                "none: set [state] dir (OPERATIONS.md, 'The state directory')"
+            )
         blobs = await self.token.load_metadata(name)
         if blobs:
             if idempotency is not None:
@@ -325,6 +335,35 @@ class Admin(Lookups):
         except Conflict:
             await self.token.destroy_keys(object_id, public=True)
             raise
+
+    # ------------------------------------------------------------ watermarks
+
+    def _with_mark(self, info: KeyInfo) -> KeyInfo:
+        """``info`` with its key's mark, if it is watermarked and has one."""
+        if info.watermark and self.state is not None:
+            mark = self.state.mark(info.name)
+            if mark is not None:
+                return dataclasses.replace(info, mark=mark)
+        return info
+
+    async def _raise_mark(self, record: KeyRecord, position: int) -> None:
+        """``update_key raise_mark``: the mark of the key at least
+        ``position``, durably (an operator's fix after restoring an old bundle).
+
+        Raises: InvalidArgument (not watermarked; no state), InternalError.
+        """
+        name = record.name
+        if not record.settings.watermark:
+            raise InvalidArgument(f"key {name!r} has no watermark: it has no mark to raise")
+        if self.state is None:
+            raise InvalidArgument("raise_mark needs the daemon's state directory ([state] dir)")
+        try:
+            raised = self.state.raise_mark(name, position)
+            await self.state.commit()
+        except StateError as exc:
+            raise InternalError(str(exc)) from None
+        if raised:
+            log.info("watermark raised by hand", extra={"key": name, "mark": position})
 
     # ------------------------------------------------------------ the daemon's own key
 

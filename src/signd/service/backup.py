@@ -17,7 +17,14 @@ from typing import Final
 import trio
 
 from ..access.policy import Principal
-from ..errors import Conflict, InvalidArgument, KeyExists, KeyNotFound, TokenError
+from ..errors import (
+    Conflict,
+    InternalError,
+    InvalidArgument,
+    KeyExists,
+    KeyNotFound,
+    TokenError,
+)
 from ..keys.bundle import (
     MAX_BUNDLE_BYTES,
     BundleError,
@@ -33,6 +40,7 @@ from ..keys.bundle import (
 from ..keys.records import DESTROYED, KeyRecord, check_key_name
 from ..keys.recordstore import Superseded
 from ..protocol import BackupArgs, BackupResult, Request, RestoreArgs, RestoreResult
+from ..state import StateError
 from .admin import ID_DRAWS
 from .base import RESERVED_KEYS
 from .context import Batch, Reply
@@ -151,7 +159,10 @@ class Backups(Lifecycle):
                 )
             wrapped = None if v.state == DESTROYED else await self.token.wrap_private(v.object_id)
             blobs.append(VersionBlob(v.version, spki, wrapped))
-        return Entry(record, tuple(blobs)).encode()
+        mark = None
+        if record.settings.watermark and self.state is not None:
+            mark = self.state.mark(record.name)
+        return Entry(record, tuple(blobs), mark).encode()
 
     # ------------------------------------------------------------ restore
 
@@ -177,6 +188,8 @@ class Backups(Lifecycle):
         entry = await self._checked_entry(args)
         name = entry.name
         self.profile.check_key_name(name)
+        if entry.mark is not None and not args.check:
+            await self._restore_mark(name, entry.mark)
         current = await self._read_key(name, finish=False)
         held = {n: v.spki for n, v in current.versions.items()} if current is not None else {}
         blobs = {v.version: v for v in entry.versions}
@@ -224,6 +237,26 @@ class Backups(Lifecycle):
             extra={"key": name, "outcome": outcome, "versions": list(restored)},
         )
         return RestoreResult(key=name, outcome=outcome, restored=restored, present=present)
+
+    async def _restore_mark(self, name: str, mark: int) -> None:
+        """The bundle's mark for ``name``, if above the one held here, durably
+        (first: whatever the restore does next, no position it names signs).
+
+        Raises: InternalError (the journal failed).
+        """
+        if self.state is None:
+            log.warning(
+                "a watermarked key restored on a daemon without a state directory: it "
+                "cannot sign here",
+                extra={"key": name},
+            )
+            return
+        try:
+            if self.state.raise_mark(name, mark):
+                await self.state.commit()
+                log.info("watermark raised from a backup bundle", extra={"key": name, "mark": mark})
+        except StateError as exc:
+            raise InternalError(str(exc)) from None
 
     async def _checked_entry(self, args: RestoreArgs) -> Entry:
         """The request's entry, once the token has checked both MACs.

@@ -17,6 +17,7 @@ from ..keys.recordstore import RecordStore
 from ..keys.store import Keystore, LoadedKey
 from ..metrics import Metrics
 from ..protocol import AuditHead, Message, Request
+from ..state import State
 from ..token.profiles import Profile
 from ..token.tokenset import Tokens
 from .context import Reply, SlowWork
@@ -69,12 +70,15 @@ class ServiceBase:
         on_auto_rotate: AutoRotateHook | None = None,
         on_auto_prune: AutoPruneHook | None = None,
         audit_head: Callable[[], AuditHead | None] | None = None,
+        state: State | None = None,
     ) -> None:
         """``token``: the keys and the record reads; ``records``: the key
         records' writes (a compare-and-swap over ``token``).
         ``on_auto_rotate``/``on_auto_prune``: called with each automatic
         rotation and pruning (the audit log's hooks); ``audit_head``: the
-        audit chain's head, for ``health`` (None: no audit log)."""
+        audit chain's head, for ``health`` (None: no audit log).  ``state``:
+        the watermarks and nonces (``signd.state``; None: no state directory,
+        so watermarked signing and replay-checked verify are refused)."""
         self.token = token
         self.records = records
         self.profile = profile
@@ -92,6 +96,7 @@ class ServiceBase:
         self.on_auto_rotate = on_auto_rotate
         self.on_auto_prune = on_auto_prune
         self.audit_head = audit_head
+        self.state = state
         self._clock = clock
         self._started = time.monotonic()
         self._admin_lock = trio.Lock()

@@ -111,6 +111,7 @@ def key_info(key: LoadedKey) -> KeyInfo:
         next_rotation=r.next_rotation(),
         max_versions=key.version_cap or None,
         backup=True if st.backup else None,  # absent: no (frames as before backups)
+        watermark=True if st.watermark else None,  # likewise
     )
 
 
@@ -158,6 +159,7 @@ def request_settings(args: CreateKeyArgs | UpdateKeyArgs, old: KeySettings) -> K
         deletion_allowed=_pick(args.deletion_allowed, old.deletion_allowed),
         max_versions=_pick(args.max_versions, old.max_versions),
         backup=_pick(getattr(args, "backup", None), old.backup),  # create_key only
+        watermark=_pick(getattr(args, "watermark", None), old.watermark),  # create_key only
     )
 
 

@@ -84,7 +84,7 @@ class Reads(Signing):
         if key is None:
             self._defer_lookup(req, args.key, batch)
             return
-        self._answer(batch.reply, req, key_info(key.at(self._clock())))
+        self._answer(batch.reply, req, self._with_mark(key_info(key.at(self._clock()))))
 
     def op_public_key(self, req: Request, batch: Batch) -> None:
         args = req.args

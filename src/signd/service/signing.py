@@ -29,9 +29,9 @@ from ..protocol import (
 )
 from ..token.ipc import SignJob, VerifyJob
 from ..token.pool import Entry
-from .backup import Backups
 from .context import Batch, Reply
 from .convert import error_info, send_error, send_result
+from .guards import Guards
 
 __all__ = ["INLINE_VERIFY_CANDIDATES", "Signing"]
 
@@ -43,7 +43,7 @@ _OWN_WORK: Final = object()
 INLINE_VERIFY_CANDIDATES: Final = 4
 
 
-class Signing(Backups):
+class Signing(Guards):
     """The token operations."""
 
     def op_sign(self, req: Request, batch: Batch) -> None:
@@ -59,7 +59,12 @@ class Signing(Backups):
         self._limit(batch.who, args.key, 1)
         plan = algorithms.plan_sign(key.kt, args, batch.sha256)
         done = _sign_done(req.id, key, version, plan, batch.reply, self.metrics, batch.started)
-        batch.entries.append((req, [Entry(_job(version, plan), done, batch.deadline)]))
+        entry = Entry(_job(version, plan), done, batch.deadline)
+        if key.record.settings.watermark or args.position is not None:  # service.guards
+            first = self._watermark_check(key, args.position, 1)
+            self._watermarked(req, batch, key, first, 1, [entry])
+            return
+        batch.entries.append((req, [entry]))
 
     def op_sign_batch(self, req: Request, batch: Batch) -> None:
         args = req.args
@@ -71,6 +76,14 @@ class Signing(Backups):
         version = key.at(batch.now).signing(args.version)
         # A batch costs its item count; a malformed one costs nothing.
         self._limit(batch.who, args.key, len(_batch_items(args)))
+        if key.record.settings.watermark or args.position is not None:  # service.guards
+            count = len(_batch_items(args))
+            first = self._watermark_check(key, args.position, count)
+            entries = _batch_entries(
+                req.id, key, version, args, batch.reply, batch.deadline, self.metrics, batch.started
+            )
+            self._watermarked(req, batch, key, first, count, entries)
+            return
         entries = _batch_entries(
             req.id, key, version, args, batch.reply, batch.deadline, self.metrics, batch.started
         )
@@ -89,6 +102,9 @@ class Signing(Backups):
         # An HMAC key has no public key here: the token computes the MAC (a worker).
         on_token = key.kt.family is Family.HMAC
         few = len(candidates) <= INLINE_VERIFY_CANDIDATES and not on_token
+        if args.timestamp is not None or args.nonce is not None:  # service.guards
+            self._replay_checked(req, batch, key, candidates, few, _verify, _verify_job)
+            return
         if few and (batch.inline_ok or not self.token.is_open):
             # A lone verification is fastest right here; under load they go
             # to the workers, so every core verifies and this loop keeps to

@@ -83,6 +83,7 @@ def create_key(
     idempotency_key: str | None = None,
     max_versions: int | None = None,
     backup: bool | None = None,
+    watermark: bool | None = None,
 ) -> Call[KeyInfo]:
     """Generate a new key on the token.  ``type``: ec-p256, ec-p384, ed25519,
     rsa-2048, rsa-3072 or rsa-4096.  The settings are those of ``update_key``.
@@ -92,6 +93,10 @@ def create_key(
     key's life.  None: the daemon's ``[keys] backup`` default.  Refused with
     InvalidArgument when the token has no wrap key, and UnsupportedAlgorithm
     when the token cannot wrap this type (SoftHSM: Ed25519).
+
+    ``watermark``: every ``sign`` must then carry a ``position`` above the
+    highest signed so far (PROTOCOL.md, "Replay protection"); fixed for the
+    key's life.
 
     ``idempotency_key``: sent again with the same key (and arguments), the
     call answers as the first did instead of raising KeyExists.  ``Client``
@@ -112,6 +117,7 @@ def create_key(
         idempotency_key=idempotency_key,
         max_versions=max_versions,
         backup=backup,
+        watermark=watermark,
     )
     return Call("create_key", args, KeyInfo)
 
@@ -154,16 +160,19 @@ def sign(
     padding: str | None = None,
     format: str | None = None,
     version: int | None = None,
+    position: int | None = None,
 ) -> Call[SignResult]:
     """Sign ``message`` (hashed by the daemon) or a precomputed ``digest``.
 
     ``hash``: sha256, sha384 or sha512 (required with ``digest``).
     ``padding`` (RSA): pkcs1v15 (default) or pss.  ``format`` (ECDSA): der
     (default) or raw (r || s, as JOSE uses).  ``version``: sign with this
-    version, which must be active; by default the newest.
+    version, which must be active; by default the newest.  ``position``: required
+    on a watermarked key (and refused on others), above the key's mark.
 
     Raises: KeyNotFound, VersionNotFound, VersionNotUsable, InvalidDigest,
-    InvalidArgument, UnsupportedAlgorithm, TokenUnavailable, Busy.
+    InvalidArgument, UnsupportedAlgorithm, TokenUnavailable, Busy;
+    PositionUsed (never retried: the position may have been signed).
     """
     args = SignArgs(
         key=name,
@@ -173,6 +182,7 @@ def sign(
         padding=padding,
         format=format,
         version=version,
+        position=position,
     )
     return Call("sign", args, SignResult)
 
@@ -186,12 +196,14 @@ def sign_batch(
     padding: str | None = None,
     format: str | None = None,
     version: int | None = None,
+    position: int | None = None,
 ) -> Call[SignBatchResult]:
     """Sign many messages, or many digests, with one key in one request.
 
     The options are those of ``sign`` and apply to every item.  Each item of
     ``results`` has its ``signature`` or its own ``error`` (e.g. a digest of
-    the wrong length); the others are still signed.
+    the wrong length); the others are still signed.  ``position`` (a
+    watermarked key): the first item's; item ``i`` has ``position + i``.
 
     Raises: KeyNotFound, InvalidArgument (no items, more than MAX_BATCH, or bad
     options), UnsupportedAlgorithm, Busy.
@@ -206,6 +218,7 @@ def sign_batch(
             padding=padding,
             format=format,
             version=version,
+            position=position,
         ),
         SignBatchResult,
     )
@@ -221,10 +234,17 @@ def verify(
     padding: str | None = None,
     format: str | None = None,
     version: int | None = None,
+    timestamp: int | None = None,
+    nonce: bytes | None = None,
 ) -> Call[VerifyResult]:
     """Check a signature against ``version``, or every version allowed to verify.
 
     An invalid signature is an answer (``valid=False``), not an error.
+
+    ``timestamp`` and ``nonce`` (both or neither): a replay-checked verify;
+    the signature covers ``replay.signed_payload(message, timestamp, nonce)``
+    and the answer's ``status`` is valid, invalid, replayed or stale.  A retry
+    of one that was answered ``valid`` is ``replayed``.
 
     Raises: KeyNotFound, VersionNotFound, VersionNotUsable (a named version
     that may not verify), InvalidDigest, InvalidArgument.
@@ -240,6 +260,8 @@ def verify(
             padding=padding,
             format=format,
             version=version,
+            timestamp=timestamp,
+            nonce=nonce,
         ),
         VerifyResult,
     )
@@ -273,6 +295,7 @@ def update_key(
     min_verify_version: int | None = None,
     deletion_allowed: bool | None = None,
     max_versions: int | None = None,
+    raise_mark: int | None = None,
 ) -> Call[KeyInfo]:
     """Change a key's lifecycle settings; ``None`` keeps a setting as it is.
 
@@ -280,6 +303,7 @@ def update_key(
     Versions: 0 is no minimum.  ``max_versions``: the most versions not
     destroyed the key may hold (0: the daemon's default); with
     ``deletion_allowed``, retired versions are destroyed to keep under it.
+    ``raise_mark``: a watermarked key's mark goes up to it (never down).
 
     Raises: KeyNotFound, InvalidArgument (naming the setting).
     """
@@ -291,6 +315,7 @@ def update_key(
         min_verify_version=min_verify_version,
         deletion_allowed=deletion_allowed,
         max_versions=max_versions,
+        raise_mark=raise_mark,
     )
     return Call("update_key", args, KeyInfo)
 

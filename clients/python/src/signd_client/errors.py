@@ -33,6 +33,7 @@ __all__ = [
     "LocalError",
     "MalformedFrame",
     "PermissionDenied",
+    "PositionUsed",
     "ProtocolViolation",
     "RateLimited",
     "RequestTimeout",
@@ -70,6 +71,7 @@ class ErrorCode(enum.IntEnum):
     VERSION_NOT_USABLE = 303
     DELETION_NOT_ALLOWED = 304
     CONFLICT = 305
+    POSITION_USED = 306
     # 4xx: the peer may not do this.
     PERMISSION_DENIED = 400
     RATE_LIMITED = 401
@@ -211,6 +213,14 @@ class Conflict(WireError):
     retryable = True
 
 
+class PositionUsed(WireError):
+    """``sign`` on a watermarked key named a position at or below the highest
+    one signd has signed for it (the message names that mark).  Never retried:
+    the position may have been signed already; take the next one."""
+
+    code = ErrorCode.POSITION_USED
+
+
 class PermissionDenied(WireError):
     """The connection's peer (by SO_PEERCRED) may not do this operation on this key."""
 
@@ -291,6 +301,7 @@ _BY_CODE: dict[int, type[WireError]] = {
         VersionNotUsable,
         DeletionNotAllowed,
         Conflict,
+        PositionUsed,
         PermissionDenied,
         RateLimited,
         InternalError,

@@ -11,6 +11,7 @@ from typing import Annotated, Final
 from ._codec import Between, Message, message
 
 __all__ = [
+    "MAX_POSITION",
     "MAX_VERSION",
     "AuditHead",
     "BackupArgs",
@@ -32,6 +33,7 @@ __all__ = [
     "KeyList",
     "KeyRefArgs",
     "KeySummary",
+    "Position",
     "PublicKey",
     "PublicKeyArgs",
     "RestoreArgs",
@@ -59,6 +61,10 @@ MAX_VERSION: Final = (1 << 31) - 1
 VersionNumber = Annotated[int, Between(1, MAX_VERSION)]
 #: A version setting (``min_sign_version``...): 0 (off) to ``MAX_VERSION``.
 VersionSetting = Annotated[int, Between(0, MAX_VERSION)]
+#: Highest watermark position (and replay timestamp): an unsigned 64-bit integer.
+MAX_POSITION: Final = (1 << 64) - 1
+#: A watermark position or a replay timestamp: 0 to ``MAX_POSITION``.
+Position = Annotated[int, Between(0, MAX_POSITION)]
 
 
 # ---- arguments ----
@@ -88,6 +94,9 @@ class CreateKeyArgs(Message):
     #: (``signctl backup``); fixed for the key's life.  Absent: the daemon's
     #: ``[keys] backup`` default
     backup: bool | None = None
+    #: every ``sign`` must carry a ``position`` above the highest signed so
+    #: far (PROTOCOL.md, "Replay protection"); fixed for the key's life
+    watermark: bool | None = None
 
 
 @message
@@ -106,6 +115,9 @@ class UpdateKeyArgs(Message):
     min_verify_version: VersionSetting | None = None
     deletion_allowed: bool | None = None
     max_versions: int | None = None
+    #: a watermarked key's mark is raised to this position (never lowered):
+    #: what an operator does after restoring from an old bundle
+    raise_mark: Position | None = None
 
 
 @message
@@ -170,6 +182,8 @@ class SignArgs(Message):
     padding: str | None = None
     format: str | None = None
     version: VersionNumber | None = None
+    #: required on a watermarked key, refused on others: above its mark
+    position: Position | None = None
 
 
 @message
@@ -182,6 +196,11 @@ class VerifyArgs(Message):
     padding: str | None = None
     format: str | None = None
     version: VersionNumber | None = None
+    #: replay-checked verify (both or neither): the signature covers
+    #: ``signd_client.replay.signed_payload(message, timestamp, nonce)``
+    timestamp: Position | None = None
+    #: 8 to 64 bytes, never accepted twice for the key
+    nonce: bytes | None = None
 
 
 @message
@@ -195,6 +214,8 @@ class SignBatchArgs(Message):
     padding: str | None = None
     format: str | None = None
     version: VersionNumber | None = None
+    #: a watermarked key: the first item's position, the others follow by one
+    position: Position | None = None
 
 
 @message
@@ -299,6 +320,10 @@ class KeyInfo(Message):
     #: true: its private keys can be exported wrapped under the token's wrap
     #: key, for backup; absent: they cannot
     backup: bool | None = None
+    #: true: every sign carries a position above ``mark``; absent: no watermark
+    watermark: bool | None = None
+    #: a watermarked key's highest position signed (or burned); absent: none yet
+    mark: int | None = None
 
 
 @message
@@ -428,6 +453,9 @@ class VerifyResult(Message):
     key: str
     version: int | None = None
     algorithm: str | None = None
+    #: a replay-checked verify: ``valid``, ``invalid``, ``replayed`` or
+    #: ``stale`` (``valid`` is true only for ``valid``); absent otherwise
+    status: str | None = None
 
 
 @message

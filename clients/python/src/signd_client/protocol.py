@@ -43,6 +43,7 @@ from .errors import (
     error_from_wire,
 )
 from .messages import (
+    MAX_POSITION,
     MAX_VERSION,
     AuditHead,
     BackupArgs,
@@ -95,6 +96,7 @@ __all__ = [
     "KEY_TYPES",
     "MAX_BATCH",
     "MAX_JWKS_KEYS",
+    "MAX_POSITION",
     "MAX_REQUEST_ID",
     "MAX_RESPONSE_FRAME",
     "MAX_VERSION",

@@ -60,6 +60,13 @@ def add_parsers(add: Callable[..., argparse.ArgumentParser]) -> None:
         const=False,
         help="its private keys never leave the token, under any key",
     )
+    c.add_argument(
+        "--watermark",
+        action="store_const",
+        const=True,
+        help="every sign must carry a --position above the highest signed so far "
+        "(README, 'Replay protection'); fixed for the key's life",
+    )
     _idempotency_option(c, "create")
 
     i = add("info", help="settings, versions, their states and public keys of a key")
@@ -71,6 +78,13 @@ def add_parsers(add: Callable[..., argparse.ArgumentParser]) -> None:
     )
     u.add_argument("name")
     _settings_options(u, versions=True)
+    u.add_argument(
+        "--raise-mark",
+        type=int,
+        metavar="POSITION",
+        help="a watermarked key: raise its mark to POSITION (never lowered), e.g. after "
+        "restoring an old backup bundle",
+    )
 
     for cmd, helptext in (
         ("disable", "stop a version signing and verifying (undo with enable)"),
@@ -202,6 +216,9 @@ def _settings_lines(info: KeyInfo) -> list[str]:
     lines.append(
         f"backup              {'yes (exportable under the wrap key)' if info.backup else 'no'}"
     )
+    if info.watermark:
+        mark = "none yet" if info.mark is None else str(info.mark)
+        lines.append(f"watermark           yes, mark {mark} (sign above it)")
     return lines
 
 
@@ -232,6 +249,7 @@ def _admin(args: argparse.Namespace, client: Client) -> KeyInfo:
             args.type,
             idempotency_key=args.idempotency_key,
             backup=args.backup,
+            watermark=args.watermark,
             **_settings_args(args),
         )
     if cmd == "rotate":
@@ -240,11 +258,13 @@ def _admin(args: argparse.Namespace, client: Client) -> KeyInfo:
         return client.key_info(args.name)
     if cmd == "update":
         settings = _settings_args(args)
+        if args.raise_mark is not None:
+            settings["raise_mark"] = args.raise_mark
         if not settings:
             raise UsageError(
                 "nothing to change: give at least one of --auto-rotate-period, "
                 "--verify-grace, --min-sign-version, --min-verify-version, --deletion-allowed, "
-                "--max-versions"
+                "--max-versions, --raise-mark"
             )
         return client.update_key(args.name, **settings)
     if cmd == "disable":

@@ -73,6 +73,12 @@ def add_parsers(add: Callable[..., argparse.ArgumentParser]) -> None:
                 metavar="N",
                 help="sign with this version, which must be active (default: the newest)",
             )
+            s.add_argument(
+                "--position",
+                type=int,
+                metavar="N",
+                help="a watermarked key: the position to sign at, above the key's mark",
+            )
         else:
             g = s.add_mutually_exclusive_group(required=True)
             g.add_argument("--sig", metavar="FILE", help="file holding the raw signature")
@@ -177,6 +183,7 @@ def _sign(args: argparse.Namespace, client: Client, stdin: BinaryIO) -> int:
         padding=args.padding,
         format=args.format,
         version=args.version,
+        position=args.position,
         **_data_args(args, stdin),
     )
     if args.out:
