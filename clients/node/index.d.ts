@@ -31,7 +31,11 @@ export type KeyType =
   | "rsa-3072"
   | "rsa-4096"
   /** ECDSA on secp256k1 (Ethereum, Bitcoin). */
-  | "ec-secp256k1";
+  | "ec-secp256k1"
+  /** HMAC secrets (API request signing): `sign` answers the MAC, `verify` checks it on the token. */
+  | "hmac-sha256"
+  | "hmac-sha384"
+  | "hmac-sha512";
 /** `keccak256` (Ethereum's Keccak-256, not SHA3-256) only with `ec-secp256k1` keys. */
 export type Hash = "sha256" | "sha384" | "sha512" | "keccak256";
 export type Padding = "pkcs1v15" | "pss";
@@ -149,7 +153,8 @@ export interface VersionInfo {
   version: number;
   state: VersionState | string;
   created: number;
-  public_key_pem: string;
+  /** Absent for an HMAC key (a secret has no public part). */
+  public_key_pem?: string;
   verify_until?: number;
   /** `ec-secp256k1` keys: the version's Ethereum address (EIP-55 checksummed). */
   eth_address?: string;

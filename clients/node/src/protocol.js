@@ -37,6 +37,9 @@ export const KEY_TYPES = Object.freeze([
   "rsa-3072",
   "rsa-4096",
   "ec-secp256k1",
+  "hmac-sha256",
+  "hmac-sha384",
+  "hmac-sha512",
 ]);
 
 // ----------------------------------------------------------------- encoding

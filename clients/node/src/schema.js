@@ -110,7 +110,8 @@ const VERSION_INFO = [
   ["version", "int", true],
   ["state", "str", true],
   ["created", "float", true],
-  ["public_key_pem", "str", true],
+  // absent for an HMAC key: a secret has no public part
+  ["public_key_pem", "str", false],
   ["verify_until", "float", false],
   ["eth_address", "str", false],
 ];
