@@ -94,6 +94,9 @@ def test_health_lists_what_the_token_can_do(signd: Daemon) -> None:
         "rsa-3072",
         "rsa-4096",
         "ec-secp256k1",
+        "hmac-sha256",
+        "hmac-sha384",
+        "hmac-sha512",
     )
     assert token.mechanisms is not None
     assert {"CKM_ECDSA", "CKM_EDDSA", "CKM_RSA_PKCS_PSS"} <= set(token.mechanisms)

@@ -61,6 +61,10 @@ CALL_EXAMPLES: list[ipc.Call[Any]] = [
     ipc.VerifyBackupMac(b"header", b"m" * 32),
     ipc.RestoreKeypair("ec-p256", b"\x04" * 16, "k/v2", b"spki", b"wrapped"),
     ipc.RestoreKeypair("ec-p256", b"\x05" * 16, "k/v1", b"spki", None),
+    ipc.ImportPublic(),
+    ipc.ImportKeypair(
+        "ec-p256", b"\x06" * 16, "k/v1", "ab" * 32, b"rsa-oaep", b"aes-kwp", b"spki", False
+    ),
 ]
 
 #: A result of every call, as the worker would answer it.
@@ -81,6 +85,8 @@ RESULT_EXAMPLES: dict[str, Any] = {
     "backup_mac": b"m" * 32,
     "verify_backup_mac": True,
     "restore_keypair": None,
+    "import_public": (b"spki", "ab" * 32),
+    "import_keypair": b"spki",
 }
 
 

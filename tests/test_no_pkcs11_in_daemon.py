@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 WORKER_SIDE = {
     "signd.token.session",
     "signd.token.wrapping",
+    "signd.token.importing",
     "signd.token.worker",
     "signd.token.__main__",
 }

@@ -352,7 +352,7 @@ def test_every_arguments_type_rejects_unknown_fields() -> None:
 def test_retry_classes_give_the_idempotent_sets() -> None:
     assert {op for op, spec in OPS.items() if spec.retry is Retry.SAFE} == IDEMPOTENT_OPS
     assert {op for op, spec in OPS.items() if spec.retry is Retry.WITH_KEY} == IDEMPOTENCY_KEY_OPS
-    assert IDEMPOTENCY_KEY_OPS == {"create_key", "rotate"}
+    assert IDEMPOTENCY_KEY_OPS == {"create_key", "rotate", "import_key"}
     for op, spec in OPS.items():
         # "with_key" only where the arguments can carry one
         takes_key = "idempotency_key" in getattr(spec.args, "__dataclass_fields__", {})
