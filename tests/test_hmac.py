@@ -21,6 +21,7 @@ import json
 import secrets
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
@@ -360,11 +361,16 @@ def test_a_backed_up_secret_restores_on_another_token_of_the_ceremony(
 # --- the daemon -------------------------------------------------------------------
 
 
-def test_hmac_through_the_daemon(make_daemon: Callable[..., Daemon], key_name: str) -> None:
+def test_hmac_through_the_daemon(
+    make_daemon: Callable[..., Daemon], key_name: str, tmp_path: Path
+) -> None:
     """Create, sign (a request's MAC), verify, rotate with overlap, and the
-    refusals, through a real daemon on a real token; a restarted daemon
+    refusals, through a real daemon on a real token; a replay-checked verify
+    of a MAC (valid, then replayed, also after a restart); a restarted daemon
     loads the key from the token and verifies both versions."""
-    signd = make_daemon()
+    from signd_client import replay
+
+    signd = make_daemon(f'[state]\ndir = "{tmp_path / "state"}"\n')
     from signd_client.errors import InvalidArgument as ClientInvalidArgument
     from signd_client.errors import UnsupportedAlgorithm as ClientUnsupported
 
@@ -392,9 +398,19 @@ def test_hmac_through_the_daemon(make_daemon: Callable[..., Daemon], key_name: s
         with pytest.raises(ClientUnsupported):
             c.public_key(key_name)
         assert c.jwks([key_name]).keys == ()
+        ts, nonce = replay.fresh()
+        mac = c.sign(key_name, replay.signed_payload(b"GET /balance", ts, nonce)).signature
+        checked = c.verify(key_name, mac, b"GET /balance", timestamp=ts, nonce=nonce)
+        assert (checked.status, checked.valid) == ("valid", True)
+        again = c.verify(key_name, mac, b"GET /balance", timestamp=ts, nonce=nonce)
+        assert (again.status, again.valid) == ("replayed", False)
+        forged = c.verify(key_name, mac, b"GET /balanc3", timestamp=ts, nonce=nonce)
+        assert forged.status == "invalid"
     signd.restart()
     with signd.client(timeout=30.0) as c:
         assert c.verify(key_name, v1, b"POST /orders\n{}").version == 1
+        after = c.verify(key_name, mac, b"GET /balance", timestamp=ts, nonce=nonce)
+        assert after.status == "replayed"
 
 
 # --- the steps (a child process each) ---------------------------------------------
