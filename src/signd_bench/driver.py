@@ -48,6 +48,8 @@ def _args(job: dict[str, Any]) -> tuple[str, Message]:
             return op, SignArgs(key=job["key"], digest=data, hash=job["hash"], format=fmt)
         return op, SignArgs(key=job["key"], message=data)
     if op == "sign_batch":
+        if "hash" not in job:  # messages (an HMAC key takes no digest)
+            return op, SignBatchArgs(key=job["key"], messages=(data,) * job["batch"])
         return op, SignBatchArgs(key=job["key"], digests=(data,) * job["batch"], hash=job["hash"])
     assert op == "verify"
     sig = bytes.fromhex(job["signature"])
