@@ -27,6 +27,7 @@ WORKER_SIDE = {
     "signd.token.session",
     "signd.token.wrapping",
     "signd.token.importing",
+    "signd.token.objects",
     "signd.token.worker",
     "signd.token.__main__",
 }

@@ -35,6 +35,7 @@ import pkcs11.exceptions as p11e
 from pkcs11 import MGF, Attribute, KeyType, Mechanism, ObjectClass
 
 from ..errors import InvalidArgument
+from .objects import spki_of
 
 if TYPE_CHECKING:
     from .profiles import Profile
@@ -148,7 +149,6 @@ class ImportKeys:
 
     def _import_keys(self) -> list[tuple[Any, bytes]]:
         """Each import key on the token: (its private key, its public SPKI DER)."""
-        from .session import _spki  # the one SPKI encoder; session.py imports this module
 
         session = self._session_or_raise()
         pairs = []
@@ -169,12 +169,11 @@ class ImportKeys:
                 )
             )
             if len(pubs) == 1:
-                pairs.append((priv, _spki(pubs[0])))
+                pairs.append((priv, spki_of(pubs[0])))
         return pairs
 
     def _make_import_key(self) -> tuple[Any, bytes]:
         """A new import keypair (unwrap only, sensitive, never extractable)."""
-        from .session import _spki
 
         session = self._session_or_raise()
         object_id = self._profile.new_object_id()
@@ -187,7 +186,7 @@ class ImportKeys:
             public_template=_IMPORT_PUBLIC,
             private_template=_IMPORT_PRIVATE,
         )
-        spki = _spki(pub)
+        spki = spki_of(pub)
         log.info("import key created", extra={"id": import_key_id(spki)})
         return priv, spki
 

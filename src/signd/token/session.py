@@ -38,9 +38,9 @@ from typing import Any, Final
 import pkcs11
 import pkcs11.exceptions as p11e
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from pkcs11 import DEFAULT, MGF, Attribute, KeyType, Mechanism, ObjectClass
-from pkcs11.util.ec import encode_ec_public_key, encode_named_curve_parameters
+from pkcs11.util.ec import encode_named_curve_parameters
 
 from ..errors import (
     Conflict,
@@ -56,6 +56,7 @@ from ..keys.algorithms import Family, Scheme
 from . import profiles
 from .importing import ImportKeys
 from .ipc import MetadataBlob, Outcome, SignJob, TokenInfo, VerifyJob, failed
+from .objects import spki_of as _spki
 from .wrapping import (
     WRAP_KEY_LABEL,
     WrapKeys,
@@ -1004,30 +1005,6 @@ def _parse_blob(label: str, value: bytes) -> MetadataBlob | None:
     if len(value) < 8:
         return None
     return MetadataBlob(label, int.from_bytes(value[:8], "big"), bytes(value[8:]))
-
-
-def _spki(pub: Any) -> bytes:
-    """SubjectPublicKeyInfo DER of a PKCS#11 public key object."""
-    kt = pub.key_type
-    if kt == KeyType.EC:
-        return bytes(encode_ec_public_key(pub))
-    if kt == KeyType.EC_EDWARDS:
-        point = bytes(pub[Attribute.EC_POINT])
-        raw = point[2:] if len(point) == 34 and point[:2] == b"\x04\x20" else point
-        return ed25519.Ed25519PublicKey.from_public_bytes(raw).public_bytes(
-            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-        )
-    if kt == KeyType.RSA:
-        n = int.from_bytes(pub[Attribute.MODULUS], "big")
-        e = int.from_bytes(pub[Attribute.PUBLIC_EXPONENT], "big")
-        return (
-            rsa.RSAPublicNumbers(e, n)
-            .public_key()
-            .public_bytes(
-                serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-            )
-        )
-    raise TokenError(f"unexpected key type {kt!r} on the token")
 
 
 @dataclass(frozen=True, slots=True)
