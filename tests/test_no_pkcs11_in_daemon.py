@@ -28,6 +28,8 @@ WORKER_SIDE = {
     "signd.token.wrapping",
     "signd.token.importing",
     "signd.token.objects",
+    "signd.token.hmac_secrets",
+    "signd.token.metadata",
     "signd.token.worker",
     "signd.token.__main__",
 }

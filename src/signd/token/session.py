@@ -1,5 +1,6 @@
-"""The token session: with ``wrapping.py`` the only modules that import
-python-pkcs11.  Runs in worker processes (and in ``signd wrap-key``).
+"""The token session: with the parts it is made of (``wrapping.py``,
+``importing.py``, ``hmac_secrets.py``, ``objects.py``) the only modules that
+import python-pkcs11.  Runs in worker processes (and in ``signd wrap-key``).
 
 python-pkcs11 calls ``C_Initialize(NULL)``, so SoftHSM (and YubiHSM's module)
 run without mutexes, and two threads in the module at once crash the process
@@ -29,7 +30,6 @@ putting a backed-up keypair back (``restore_keypair``) is here, beside
 
 from __future__ import annotations
 
-import hmac
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -54,12 +54,12 @@ from ..errors import (
 from ..keys import algorithms
 from ..keys.algorithms import Family, Scheme
 from . import profiles
-from .importing import ImportKeys
-from .ipc import MetadataBlob, Outcome, SignJob, TokenInfo, VerifyJob, failed
+from .hmac_secrets import HMAC_MECHANISMS, SecretKeys, hmac_secret_template
+from .ipc import Outcome, SignJob, TokenInfo, VerifyJob, failed
+from .metadata import APPLICATION, MetadataObjects
 from .objects import spki_of as _spki
 from .wrapping import (
     WRAP_KEY_LABEL,
-    WrapKeys,
     array_attribute_mapper,
     cannot_wrap,
     probe_wrap,
@@ -80,7 +80,6 @@ __all__ = [
 
 log = logging.getLogger("signd.token")
 
-APPLICATION: Final = "signd"
 
 _PRIVATE_TEMPLATE: Final[dict[Attribute, Any]] = {
     Attribute.TOKEN: True,
@@ -142,12 +141,6 @@ _MECHANISMS: Final = {
 }
 _RSA_PSS: Final = Mechanism.RSA_PKCS_PSS
 _HMAC: Final = Mechanism.SHA256_HMAC
-#: The MAC mechanism of each hash (an HMAC key's own: ``algorithms`` checks it).
-HMAC_MECHANISMS: Final = {
-    "sha256": Mechanism.SHA256_HMAC,
-    "sha384": Mechanism.SHA384_HMAC,
-    "sha512": Mechanism.SHA512_HMAC,
-}
 _PSS: Final = {
     "sha256": (Mechanism.SHA256, MGF.SHA256, 32),
     "sha384": (Mechanism.SHA384, MGF.SHA384, 48),
@@ -189,7 +182,7 @@ def unraisable_hook(u: Any) -> None:
         log.warning("ignored in a finalizer", extra={"error": repr(u.exc_value)})
 
 
-class TokenSession(WrapKeys, ImportKeys):
+class TokenSession(SecretKeys, MetadataObjects):
     """One logged-in PKCS#11 session and its cached key handles.  Blocking."""
 
     def __init__(self) -> None:
@@ -596,122 +589,6 @@ class TokenSession(WrapKeys, ImportKeys):
     # (``algorithms.hmac_check_value``) plays the part of a keypair's SPKI:
     # ``generate`` and ``public_keys`` answer it, ``restore_keypair`` takes it.
 
-    def _generate_secret(
-        self, kt: algorithms.KeyType, object_id: bytes, label: str, wrap_key: Any | None
-    ) -> bytes:
-        """Generate an HMAC secret (``CKM_GENERIC_SECRET_KEY_GEN``, the hash's
-        output size); return its check value.  ``wrap_key``: backup-able, as
-        ``generate`` says, checked with a test wrap.
-
-        Raises: UnsupportedAlgorithm (the token cannot make or back it up).
-        """
-        template = hmac_secret_template(kt, label, object_id, wrap_key is not None)
-        try:
-            key = self._session_or_raise().generate_key(
-                KeyType.GENERIC_SECRET,
-                kt.bits,  # CKA_VALUE_LEN: bits // 8 bytes
-                id=object_id,
-                label=label,
-                store=True,
-                mechanism=Mechanism.GENERIC_SECRET_KEY_GEN,
-                template=template,
-            )
-        except (
-            p11e.MechanismInvalid,
-            p11e.AttributeTypeInvalid,
-            p11e.AttributeValueInvalid,
-            p11e.TemplateInconsistent,
-        ) as exc:
-            raise UnsupportedAlgorithm(
-                f"this token cannot generate {kt.name} keys: {token_answer(exc)}"
-            ) from None
-        try:
-            if wrap_key is not None:
-                try:
-                    probe_wrap(wrap_key, key)
-                except Exception as exc:
-                    if not cannot_wrap(exc):
-                        raise
-                    raise UnsupportedAlgorithm(
-                        f"this token cannot back up {kt.name} keys: {token_answer(exc)}"
-                    ) from None
-            check = self._check_value(key)
-        except BaseException:
-            self._drop_pair(key)
-            raise
-        self._private[object_id] = key
-        return check
-
-    def _check_value(self, key: Any) -> bytes:
-        """The check value of the HMAC secret ``key``: the first bytes of its
-        HMAC-SHA256 over ``algorithms.HMAC_CHECK_MESSAGE``, by the token."""
-        mac = key.sign(algorithms.HMAC_CHECK_MESSAGE, mechanism=Mechanism.SHA256_HMAC)
-        return algorithms.hmac_check_value(bytes(mac))
-
-    def secret_check_value(self, object_id: bytes) -> bytes:
-        """The check value of the HMAC secret ``object_id`` (for an import).
-
-        Raises: TokenError if there is not exactly one such key.
-        """
-        return self._check_value(self._find_private(object_id))
-
-    def _restore_secret(
-        self,
-        kt: algorithms.KeyType,
-        object_id: bytes,
-        label: str,
-        check: bytes,
-        wrapped: bytes | None,
-    ) -> None:
-        """``restore_keypair`` for an HMAC key: unwrap the secret (backup-able,
-        as generated with backup) and check it against ``check``, its check
-        value; for a version without a secret (``wrapped`` None: destroyed)
-        there is nothing to put on the token.
-
-        Raises: as ``restore_keypair``; InvalidArgument if the unwrapped
-        secret's check value is not ``check`` (nothing is left).
-        """
-        if wrapped is None:
-            return
-        wrap_key = self._trusted_wrap_key(WRAP_KEY_LABEL)
-        template = hmac_secret_template(kt, label, object_id, True)
-        key = self._unwrap_private(wrap_key, kt, wrapped, object_id, label, template)
-        try:
-            if not hmac.compare_digest(self._check_value(key), check):
-                raise InvalidArgument(
-                    f"the unwrapped {kt.name} secret does not match its check value"
-                )
-        except BaseException:
-            self._drop_pair(key)
-            raise
-        self._private[object_id] = key
-
-    def verify_mac(self, job: VerifyJob) -> list[Any] | None:
-        """A ``VerifyJob`` for an HMAC key, whose candidates are (version,
-        object id): ``[version, algorithm]`` of the first whose MAC over the
-        message, computed by the token, is ``job.signature`` (compared in
-        constant time), or None.  The secret is never read.
-
-        Raises: InvalidArgument (bad options); TokenError if a secret is missing.
-        """
-        kt = algorithms.key_type(job.key_type)
-        opts = algorithms.request_options(kt, job)
-        assert opts.hash is not None
-        assert job.message is not None
-        mechanism = HMAC_MECHANISMS[opts.hash.name]
-        for version, object_id in job.candidates:
-            key = self._private.get(object_id)
-            if key is None:
-                key = self._find_private(object_id)
-            try:
-                mac = bytes(key.sign(job.message, mechanism=mechanism))
-            except BaseException:
-                self._private.pop(object_id, None)
-                raise
-            if hmac.compare_digest(mac, job.signature):
-                return [version, opts.algorithm]
-        return None
-
     def import_keypair(
         self,
         key_type: algorithms.KeyType,
@@ -798,52 +675,6 @@ class TokenSession(WrapKeys, ImportKeys):
         self._private[object_id] = priv
         return spki
 
-    def _import_secret(
-        self,
-        kt: algorithms.KeyType,
-        object_id: bytes,
-        label: str,
-        import_key_id: str,
-        wrapped_key: bytes,
-        wrapped_material: bytes,
-        backup: bool,
-    ) -> bytes:
-        """``import_keypair`` for an HMAC key: the secret unwrapped straight
-        into a secret key as ``generate`` makes one (``hmac_secret_template``:
-        sign and verify only, sensitive; extractable under a trusted key only
-        with ``backup``, then wrapped once as a check); returns its check value.
-
-        Raises: as ``import_keypair``.
-        """
-        wrap_key = self._trusted_wrap_key(WRAP_KEY_LABEL) if backup else None
-        key = self.unwrap_imported(
-            import_key_id,
-            wrapped_key,
-            wrapped_material,
-            ObjectClass.SECRET_KEY,
-            KeyType.GENERIC_SECRET,
-            object_id,
-            label,
-            hmac_secret_template(kt, label, object_id, backup),
-            f"{kt.name} secret",
-        )
-        try:
-            if wrap_key is not None:
-                try:
-                    probe_wrap(wrap_key, key)
-                except Exception as exc:
-                    if not cannot_wrap(exc):
-                        raise
-                    raise UnsupportedAlgorithm(
-                        f"this token cannot back up {kt.name} keys: {token_answer(exc)}"
-                    ) from None
-            check = self._check_value(key)
-        except BaseException:
-            self._drop_pair(key)
-            raise
-        self._private[object_id] = key
-        return check
-
     def _create_public(
         self,
         kt: algorithms.KeyType,
@@ -903,74 +734,6 @@ class TokenSession(WrapKeys, ImportKeys):
                     extra={"error": type(exc).__name__},
                 )
 
-    def load_metadata(self, name: str | None) -> list[MetadataBlob]:
-        """The newest metadata revision of one key, or of every key."""
-        session = self._session_or_raise()
-        template: dict[Attribute, Any] = {
-            Attribute.CLASS: ObjectClass.DATA,
-            Attribute.APPLICATION: APPLICATION,
-        }
-        if name is not None:
-            template[Attribute.LABEL] = name
-        newest: dict[str, MetadataBlob] = {}
-        for obj in session.get_objects(template):
-            blob = _parse_blob(obj[Attribute.LABEL], obj[Attribute.VALUE])
-            if blob is None:
-                log.warning("ignoring a signd data object with an unreadable value")
-                continue
-            cur = newest.get(blob.name)
-            if cur is None or blob.revision > cur.revision:
-                newest[blob.name] = blob
-        return sorted(newest.values(), key=lambda b: b.name)
-
-    # Writing a record is three steps, each a call, so that the checks between
-    # them can be made by a process that never writes (see ``keys/recordstore.py``).
-
-    def revisions(self, name: str) -> list[int]:
-        """The revisions of a key's record on the token (normally one)."""
-        return [b.revision for _, b in self._metadata_objects(name)]
-
-    def create_metadata(self, name: str, revision: int, value: bytes) -> None:
-        """Store revision ``revision`` of a key's record; ``drop_created`` takes it back."""
-        template: dict[Attribute, Any] = {
-            Attribute.CLASS: ObjectClass.DATA,
-            Attribute.TOKEN: True,
-            Attribute.APPLICATION: APPLICATION,
-            Attribute.LABEL: name,
-            Attribute.VALUE: revision.to_bytes(8, "big") + value,
-        }
-        if self._profile.standard_records:
-            template[Attribute.PRIVATE] = True
-            template[Attribute.MODIFIABLE] = False
-        else:  # YubiHSM: no CKA_MODIFIABLE, CKA_PRIVATE false; objects need a login anyway
-            template[Attribute.PRIVATE] = False
-        self._created = self._session_or_raise().create_object(template)
-
-    def drop_created(self) -> None:
-        if self._created is not None:
-            self._created.destroy()
-            self._created = None
-
-    def drop_older(self, name: str, revision: int) -> None:
-        """Delete the revisions of a key's record older than ``revision``."""
-        self._created = None
-        for obj, blob in self._metadata_objects(name):
-            if blob.revision < revision:
-                obj.destroy()
-
-    def _metadata_objects(self, name: str) -> list[tuple[Any, MetadataBlob]]:
-        template = {
-            Attribute.CLASS: ObjectClass.DATA,
-            Attribute.APPLICATION: APPLICATION,
-            Attribute.LABEL: name,
-        }
-        out = []
-        for obj in self._session_or_raise().get_objects(template):
-            blob = _parse_blob(name, obj[Attribute.VALUE])
-            if blob is not None:
-                out.append((obj, blob))
-        return out
-
 
 #: Mechanism numbers from here up are the vendors' own (``CKM_VENDOR_DEFINED``).
 CKM_VENDOR_DEFINED: Final = 0x80000000
@@ -1001,12 +764,6 @@ def _capabilities(slot: Any) -> dict[str, Any]:
     return {"mechanisms": sorted(sizes), "key_types": profiles.capable_key_types(sizes)}
 
 
-def _parse_blob(label: str, value: bytes) -> MetadataBlob | None:
-    if len(value) < 8:
-        return None
-    return MetadataBlob(label, int.from_bytes(value[:8], "big"), bytes(value[8:]))
-
-
 @dataclass(frozen=True, slots=True)
 class _Probe:
     """The restore probe's signature, as ``algorithms.verify`` takes a request."""
@@ -1035,37 +792,6 @@ def _check_pair(kt: algorithms.KeyType, private: Any, public: algorithms.PublicK
         raise InvalidArgument("the unwrapped private key does not match its public key") from None
     if algorithms.verify(kt, public, _Probe(signature)) is None:
         raise InvalidArgument("the unwrapped private key does not match its public key")
-
-
-def hmac_secret_template(
-    kt: algorithms.KeyType, label: str, object_id: bytes, backup: bool
-) -> dict[Attribute, Any]:
-    """The attributes of an HMAC key's secret on the token, for generating,
-    unwrapping or creating one (the caller adds CKA_VALUE_LEN or CKA_VALUE):
-    a private token object that signs and verifies (``CKM_SHA*_HMAC``) and
-    does nothing else, sensitive; extractable only with ``backup``, and then
-    only under a trusted key (as a backup-able private key is).
-    """
-    return {
-        Attribute.CLASS: ObjectClass.SECRET_KEY,
-        Attribute.KEY_TYPE: KeyType.GENERIC_SECRET,
-        Attribute.TOKEN: True,
-        Attribute.PRIVATE: True,
-        Attribute.LABEL: label,
-        Attribute.ID: object_id,
-        Attribute.SIGN: True,
-        Attribute.VERIFY: True,
-        Attribute.ENCRYPT: False,
-        Attribute.DECRYPT: False,
-        Attribute.WRAP: False,
-        Attribute.UNWRAP: False,
-        Attribute.DERIVE: False,
-        Attribute.SENSITIVE: True,
-        Attribute.EXTRACTABLE: backup,
-        # only when set: opencryptoki 3.8 refuses the attribute on secret keys
-        # (AttributeTypeInvalid), and false is its default
-        **({Attribute.WRAP_WITH_TRUSTED: True} if backup else {}),
-    }
 
 
 #: PKCS#11's key type of each family an import can hold.
