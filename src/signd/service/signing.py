@@ -76,17 +76,14 @@ class Signing(Guards):
         version = key.at(batch.now).signing(args.version)
         # A batch costs its item count; a malformed one costs nothing.
         self._limit(batch.who, args.key, len(_batch_items(args)))
-        if key.record.settings.watermark or args.position is not None:  # service.guards
-            count = len(_batch_items(args))
-            first = self._watermark_check(key, args.position, count)
-            entries = _batch_entries(
-                req.id, key, version, args, batch.reply, batch.deadline, self.metrics, batch.started
-            )
-            self._watermarked(req, batch, key, first, count, entries)
-            return
         entries = _batch_entries(
             req.id, key, version, args, batch.reply, batch.deadline, self.metrics, batch.started
         )
+        if key.record.settings.watermark or args.position is not None:  # service.guards
+            count = len(_batch_items(args))  # every item has its position, failed or not
+            first = self._watermark_check(key, args.position, count)
+            self._watermarked(req, batch, key, first, count, entries)
+            return
         batch.entries.append((req, entries))
 
     def op_verify(self, req: Request, batch: Batch) -> None:
