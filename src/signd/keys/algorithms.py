@@ -1,39 +1,70 @@
-"""Key types, hashes and signature schemes: pure logic, no token, no I/O.
+"""Signature options and plans: pure logic, no token, no I/O.
 
 ``plan_sign`` turns a sign request into exactly what the token must sign
 (``SignPlan``); ``finish_signature`` turns the token's raw output into what
 the client asked for; ``verify`` checks a signature with ``cryptography`` on a
 cached public key, with no token round trip.
+
+The key types, hashes and schemes are ``keytypes.py``, loading and exporting
+public keys ``publickeys.py``; their names are re-exported here, so
+``algorithms.X`` is what the rest of signd writes.
 """
 
 from __future__ import annotations
 
-import base64
-import enum
-import hashlib
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Final, Protocol, cast
+from typing import Final, Protocol
 
-from Crypto.Hash import keccak
-from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa, utils
 
 from ..errors import InvalidArgument, InvalidDigest, TokenError
 from ..errors import UnsupportedAlgorithm as UnsupportedAlgorithmError
 from . import eth
+from .keytypes import (
+    CURVE_ORDERS,
+    ETH_FORMAT,
+    FORMATS,
+    HASHES,
+    KEY_TYPES,
+    PADDINGS,
+    SECP256K1_HASHES,
+    Family,
+    Hash,
+    KeyType,
+    PublicKey,
+    Scheme,
+    key_type,
+)
+from .publickeys import (
+    HMAC_CHECK_MESSAGE,
+    HMAC_CHECK_SIZE,
+    hmac_check_value,
+    jwk,
+    load_public_key,
+    public_key_pem,
+)
 
 __all__ = [
+    "CURVE_ORDERS",
+    "ETH_FORMAT",
+    "FORMATS",
     "HASHES",
-    "Family",
+    "HMAC_CHECK_MESSAGE",
+    "HMAC_CHECK_SIZE",
     "KEY_TYPES",
-    "KeyType",
+    "PADDINGS",
     "SECP256K1_HASHES",
+    "Family",
+    "Hash",
+    "KeyType",
     "Options",
     "PublicKey",
     "Scheme",
+    "SignInput",
     "SignPlan",
+    "VerifyInput",
     "finish_signature",
     "hmac_check_value",
     "jwk",
@@ -47,8 +78,6 @@ __all__ = [
     "verify",
     "verify_any",
 ]
-
-PublicKey = ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey | rsa.RSAPublicKey
 
 
 class SignInput(Protocol):
@@ -73,140 +102,6 @@ class VerifyInput(SignInput, Protocol):
 
     @property
     def signature(self) -> bytes: ...
-
-
-@dataclass(frozen=True, slots=True)
-class Hash:
-    name: str
-    size: int
-    new: Callable[[bytes], hashlib._Hash]
-    algorithm: hashes.HashAlgorithm
-    #: DER DigestInfo prefix for PKCS#1 v1.5 (RFC 8017, section 9.2, note 1).
-    digest_info: bytes
-
-
-HASHES: Final[dict[str, Hash]] = {
-    "sha256": Hash(
-        "sha256",
-        32,
-        hashlib.sha256,
-        hashes.SHA256(),
-        bytes.fromhex("3031300d060960864801650304020105000420"),
-    ),
-    "sha384": Hash(
-        "sha384",
-        48,
-        hashlib.sha384,
-        hashes.SHA384(),
-        bytes.fromhex("3041300d060960864801650304020205000430"),
-    ),
-    "sha512": Hash(
-        "sha512",
-        64,
-        hashlib.sha512,
-        hashes.SHA512(),
-        bytes.fromhex("3051300d060960864801650304020305000440"),
-    ),
-}
-
-
-class _Keccak256(hashes.HashAlgorithm):
-    """Keccak-256 for ``cryptography``'s ``Prehashed``, which only checks the
-    digest's size: ``cryptography`` itself cannot compute it."""
-
-    name = "keccak256"
-    digest_size = 32
-    block_size = 136
-
-
-def _keccak256(data: bytes) -> hashlib._Hash:
-    """Keccak-256 of ``data`` as a hash object (pycryptodome's: it has ``digest``)."""
-    return cast("hashlib._Hash", keccak.new(data=data, digest_bits=256))
-
-
-#: Keccak-256 as Ethereum uses it (no DigestInfo: it never signs with RSA).
-HASHES["keccak256"] = Hash("keccak256", 32, _keccak256, _Keccak256(), b"")
-#: What ``ec-secp256k1`` keys hash with; ``keccak256`` is for them alone.
-SECP256K1_HASHES: Final = ("sha256", "keccak256")
-#: The order n of each curve's base point (SEC 2): an ECDSA signature signd
-#: returns has ``s <= n // 2`` (low-S).
-CURVE_ORDERS: Final[dict[str, int]] = {
-    "secp256r1": 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551,
-    "secp384r1": int(
-        "FFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFC7634D81F4372DDF581A0DB248B0A77AECEC196ACCC52973",
-        16,
-    ),
-    "secp256k1": eth.SECP256K1_ORDER,
-}
-
-
-class Family(enum.Enum):
-    EC = "ec"
-    ED25519 = "ed25519"
-    RSA = "rsa"
-    HMAC = "hmac"  # a secret on the token: no public key
-
-
-class Scheme(enum.Enum):
-    """What the token is asked to do; ``token.py`` maps each to a mechanism."""
-
-    ECDSA = "ecdsa"  # input: the digest; output: raw r || s
-    EDDSA = "eddsa"  # input: the message (pure Ed25519)
-    RSA_PKCS1 = "rsa-pkcs1v15"  # input: DigestInfo || digest
-    RSA_PSS = "rsa-pss"  # input: the digest; MGF1 with the same hash, salt = digest size
-    HMAC = "hmac"  # input: the message; output: the MAC (CKM_SHA*_HMAC by the plan's hash)
-
-    # Enum's own ``__hash__`` is a Python function (the hash of the name), and
-    # a worker looks a mechanism up by scheme per signature.  Members are
-    # singletons that compare by identity, so the identity hash is as good,
-    # and a dict look-up then calls no Python code (about 4x faster).
-    __hash__ = object.__hash__
-
-
-@dataclass(frozen=True, slots=True)
-class KeyType:
-    name: str
-    family: Family
-    bits: int
-    default_hash: str | None
-    curve: str | None = None  # SEC curve name for EC keys
-
-    @property
-    def coordinate_size(self) -> int:
-        return (self.bits + 7) // 8
-
-
-KEY_TYPES: Final[dict[str, KeyType]] = {
-    kt.name: kt
-    for kt in (
-        KeyType("ec-p256", Family.EC, 256, "sha256", "secp256r1"),
-        KeyType("ec-p384", Family.EC, 384, "sha384", "secp384r1"),
-        KeyType("ed25519", Family.ED25519, 256, None),
-        KeyType("rsa-2048", Family.RSA, 2048, "sha256"),
-        KeyType("rsa-3072", Family.RSA, 3072, "sha256"),
-        KeyType("rsa-4096", Family.RSA, 4096, "sha256"),
-        KeyType("ec-secp256k1", Family.EC, 256, "sha256", "secp256k1"),
-        # HMAC secrets: ``bits`` is the secret's size (the hash's output size).
-        KeyType("hmac-sha256", Family.HMAC, 256, "sha256"),
-        KeyType("hmac-sha384", Family.HMAC, 384, "sha384"),
-        KeyType("hmac-sha512", Family.HMAC, 512, "sha512"),
-    )
-}
-
-PADDINGS: Final = ("pkcs1v15", "pss")
-FORMATS: Final = ("der", "raw")
-#: ``r || s || v`` (v the recovery id, 0 or 1): ``ec-secp256k1`` keys only.
-ETH_FORMAT: Final = "eth"
-
-
-def key_type(name: str) -> KeyType:
-    """Raises: UnsupportedAlgorithm for an unknown key type name."""
-    kt = KEY_TYPES.get(name)
-    if kt is None:
-        raise UnsupportedAlgorithmError(
-            f"unknown key type {name!r}; supported: {', '.join(KEY_TYPES)}"
-        )
-    return kt
 
 
 @dataclass(frozen=True, slots=True)
@@ -338,19 +233,6 @@ def _hmac_options(
         )
     assert kt.default_hash is not None
     return Options(Scheme.HMAC, HASHES[kt.default_hash], kt.name, False)
-
-
-#: What an HMAC key's check value is the MAC of (see ``hmac_check_value``).
-HMAC_CHECK_MESSAGE: Final = b"signd HMAC key check value"
-#: Bytes of that MAC kept: a truncated MAC is never a valid one, so the check
-#: value (in records and backups) cannot stand in for a MAC of the message.
-HMAC_CHECK_SIZE: Final = 16
-
-
-def hmac_check_value(mac_of_check_message: bytes) -> bytes:
-    """An HMAC key's check value from its MAC of ``HMAC_CHECK_MESSAGE``: what
-    identifies the secret (as an SPKI identifies a keypair) without revealing it."""
-    return bytes(mac_of_check_message[:HMAC_CHECK_SIZE])
 
 
 def _digest(
@@ -554,82 +436,3 @@ def _valid(
         return True
     except (InvalidSignature, ValueError):
         return False
-
-
-def load_public_key(kt: KeyType, spki_der: bytes) -> PublicKey:
-    """Load a SubjectPublicKeyInfo and check it matches the key type.
-
-    Raises:
-        ValueError: the bytes are not a public key of that type (and an HMAC
-        key has none).
-    """
-    if kt.family is Family.HMAC:
-        raise ValueError(f"{kt.name} keys have no public key")
-    try:
-        key = serialization.load_der_public_key(spki_der)
-    except UnsupportedAlgorithm as exc:
-        raise ValueError(str(exc)) from None
-    ok = (
-        (
-            kt.family is Family.EC
-            and isinstance(key, ec.EllipticCurvePublicKey)
-            and key.curve.name == kt.curve
-        )
-        or (kt.family is Family.ED25519 and isinstance(key, ed25519.Ed25519PublicKey))
-        or (
-            kt.family is Family.RSA
-            and isinstance(key, rsa.RSAPublicKey)
-            and key.key_size == kt.bits
-        )
-    )
-    if not ok:
-        raise ValueError(f"public key does not match key type {kt.name}")
-    assert isinstance(key, ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey | rsa.RSAPublicKey)
-    return key
-
-
-def public_key_pem(key: PublicKey) -> str:
-    return key.public_bytes(
-        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-    ).decode("ascii")
-
-
-#: JOSE names (RFC 7518 section 3.1, 6.2.1.1; RFC 8037) by key type; RSA has no
-#: single ``alg``, since one RSA key signs both RS256 and PS256.
-_JOSE: Final[dict[str, tuple[str | None, str | None]]] = {
-    "ec-p256": ("ES256", "P-256"),
-    "ec-p384": ("ES384", "P-384"),
-    "ed25519": ("EdDSA", "Ed25519"),
-    "ec-secp256k1": ("ES256K", "secp256k1"),  # RFC 8812 section 3.2
-}
-
-
-def _b64url(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
-
-
-def _b64url_uint(n: int, size: int | None = None) -> str:
-    """RFC 7518 Base64urlUInt: big-endian, minimal length unless ``size`` is given."""
-    return _b64url(n.to_bytes(size if size is not None else max(1, (n.bit_length() + 7) // 8)))
-
-
-def jwk(kt: KeyType, key: PublicKey, kid: str) -> dict[str, str]:
-    """``key`` as a JSON Web Key for signature verification: its members."""
-    alg, crv = _JOSE.get(kt.name, (None, None))
-    out = {"kid": kid, "use": "sig"}
-    if isinstance(key, ec.EllipticCurvePublicKey):
-        nums = key.public_numbers()
-        size = kt.coordinate_size  # RFC 7518 6.2.1.2: x and y are full length
-        x, y = _b64url_uint(nums.x, size), _b64url_uint(nums.y, size)
-        out.update(kty="EC", x=x, y=y)
-    elif isinstance(key, ed25519.Ed25519PublicKey):
-        raw = key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-        out.update(kty="OKP", x=_b64url(raw))
-    else:
-        rsa_nums = key.public_numbers()
-        return {**out, "kty": "RSA", "n": _b64url_uint(rsa_nums.n), "e": _b64url_uint(rsa_nums.e)}
-    if alg is not None:
-        out["alg"] = alg
-    if crv is not None:
-        out["crv"] = crv
-    return out
