@@ -30,6 +30,8 @@ WORKER_SIDE = {
     "signd.token.objects",
     "signd.token.hmac_secrets",
     "signd.token.metadata",
+    "signd.token.keypairs",
+    "signd.token.mechanisms",
     "signd.token.worker",
     "signd.token.__main__",
 }

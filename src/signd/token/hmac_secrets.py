@@ -31,7 +31,7 @@ class SecretKeys(WrapKeys, ImportKeys):
     """The HMAC secrets' operations of ``TokenSession``."""
 
     def _drop_pair(self, *objects: Any) -> None:
-        raise NotImplementedError  # TokenSession's
+        raise NotImplementedError  # KeyPairs'
 
     def _generate_secret(
         self, kt: algorithms.KeyType, object_id: bytes, label: str, wrap_key: Any | None
