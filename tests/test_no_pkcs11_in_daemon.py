@@ -32,6 +32,8 @@ WORKER_SIDE = {
     "signd.token.metadata",
     "signd.token.keypairs",
     "signd.token.mechanisms",
+    "signd.token.ceremony",
+    "signd.token.arrays",
     "signd.token.worker",
     "signd.token.__main__",
 }

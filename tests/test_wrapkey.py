@@ -639,10 +639,10 @@ def _step_unwrap_template(args: dict[str, Any]) -> dict[str, Any]:
     """The wrap key's CKA_UNWRAP_TEMPLATE: attribute name -> value (hex)."""
     from pkcs11 import Attribute
 
-    from signd.token.wrapping import _read_array_attribute
+    from signd.token.arrays import read_array_attribute
 
     key = _wrap_key(_raw(args, login=False))
-    read = _read_array_attribute(args["module"], key, Attribute.UNWRAP_TEMPLATE)
+    read = read_array_attribute(args["module"], key, Attribute.UNWRAP_TEMPLATE)
     return {"template": {Attribute(t).name: v.hex() for t, v in read.items()}}
 
 

@@ -1,7 +1,8 @@
 """The token session: with the parts it is made of (``keypairs.py``,
-``hmac_secrets.py``, ``wrapping.py``, ``importing.py``, ``metadata.py``, and
-the helpers ``mechanisms.py`` and ``objects.py``) the only modules that
-import python-pkcs11.  Runs in worker processes (and in ``signd wrap-key``).
+``hmac_secrets.py``, ``wrapping.py``, ``ceremony.py``, ``importing.py``,
+``metadata.py``, and the helpers ``mechanisms.py``, ``objects.py`` and
+``arrays.py``) the only modules that import python-pkcs11.  Runs in worker
+processes (and in ``signd wrap-key``).
 
 python-pkcs11 calls ``C_Initialize(NULL)``, so SoftHSM (and YubiHSM's module)
 run without mutexes, and two threads in the module at once crash the process
@@ -24,7 +25,8 @@ Key metadata is kept on the token as ``CKO_DATA`` objects (application
 change, so a write creates the next revision and then destroys older ones:
 there is never a moment without metadata, and the newest revision wins.
 
-Backups (the wrap key, and keys only it may wrap) are ``wrapping.py``;
+Backups (the wrap key, and keys only it may wrap) are ``wrapping.py``, the
+ceremony that makes the wrap key (as the SO) ``ceremony.py``;
 keypairs (``generate``, and ``restore_keypair`` and ``import_keypair``, as
 they make keypairs as ``generate`` does) are ``keypairs.py``.
 """
@@ -41,13 +43,14 @@ from pkcs11 import MGF, Attribute, Mechanism, ObjectClass
 
 from ..errors import InternalError, TokenError, TokenUnavailable, WireError
 from . import profiles
+from .arrays import array_attribute_mapper
+from .ceremony import WrapKeyCeremony
 from .hmac_secrets import HMAC_MECHANISMS, hmac_secret_template
 from .ipc import Outcome, SignJob, TokenInfo, VerifyJob, failed
 from .keypairs import KeyPairs
 from .mechanisms import MECHANISMS, capabilities, mechanism_name
 from .metadata import APPLICATION, MetadataObjects
 from .objects import spki_of as _spki
-from .wrapping import array_attribute_mapper
 
 #: a label no object has: the deep probe searches for it
 PROBE_LABEL: Final = "signd probe: matches nothing"
@@ -107,7 +110,7 @@ def unraisable_hook(u: Any) -> None:
         log.warning("ignored in a finalizer", extra={"error": repr(u.exc_value)})
 
 
-class TokenSession(KeyPairs, MetadataObjects):
+class TokenSession(KeyPairs, WrapKeyCeremony, MetadataObjects):
     """One logged-in PKCS#11 session and its cached key handles.  Blocking."""
 
     def __init__(self) -> None:
