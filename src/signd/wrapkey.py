@@ -9,7 +9,7 @@ put the same key on another token.
 * ``signd wrap-key create --config FILE --so-pin-file FILE --shares N
   --threshold M``: draws a fresh 32-byte secret, creates the wrap key from it
   on the config's ``[token]`` (with the backup MAC key and the check value
-  object made from the same secret, ``token/wrapping.py``), prints the N
+  object made from the same secret, ``token/ceremony.py``), prints the N
   shares (one a line) and the key's check value to stdout, and drops the
   secret.
 * ``signd wrap-key import --config FILE --so-pin-file FILE``: reads share

@@ -109,7 +109,7 @@ class Family(enum.Enum):
 
 
 class Scheme(enum.Enum):
-    """What the token is asked to do; ``token.py`` maps each to a mechanism."""
+    """What the token is asked to do; ``token/mechanisms.py`` maps each to a mechanism."""
 
     ECDSA = "ecdsa"  # input: the digest; output: raw r || s
     EDDSA = "eddsa"  # input: the message (pure Ed25519)

@@ -1,5 +1,5 @@
 """The token's import key, and unwrapping key material a client wrapped under
-it (bring your own key).  With ``session.py`` and ``wrapping.py`` the only
+it (bring your own key).  With ``session.py`` and its other parts the only
 modules that import python-pkcs11; they run in worker processes.
 
 The *import key* (label ``IMPORT_KEY_LABEL``) is an RSA-3072 keypair on the
@@ -21,7 +21,7 @@ the material under K straight into a sensitive object, and K is destroyed.
 
 ``ImportKeys`` is a part of ``TokenSession`` (its base class), as
 ``WrapKeys`` is; the keypair itself is finished in
-``TokenSession.import_keypair`` (it makes keypairs as ``generate`` does).
+``KeyPairs.import_keypair`` (``keypairs.py``: it makes keypairs as ``generate`` does).
 """
 
 from __future__ import annotations
