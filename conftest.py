@@ -119,7 +119,10 @@ def write_config(
     path.write_text(
         f'[server]\nsocket = "{socket_path}"\n{server_extra}\n'
         f'[token]\nmodule = "{token.module}"\nlabel = "{token.label}"\n'
-        f'pin_file = "{token.pin_file}"\n{token_extra}\n{extra}'
+        f'pin_file = "{token.pin_file}"\n{token_extra}\n'
+        # Many daemons run at once in the tests: no bulk worker unless asked for.
+        + ("" if "bulk_workers" in token_extra else "bulk_workers = 0\n")
+        + extra
         # Many daemons run at once in the tests: each takes a free metrics port.
         + ("" if "[metrics]" in extra else '\n[metrics]\nlisten = "127.0.0.1:0"\n')
     )

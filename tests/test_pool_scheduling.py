@@ -39,15 +39,17 @@ class Outcomes:
 
     got: dict[bytes, tuple[bool, Any]] = field(default_factory=dict)
 
-    def entry(self, data: bytes, deadline: float = float("inf")) -> Entry:
+    def entry(self, data: bytes, deadline: float = float("inf"), bulk: bool = False) -> Entry:
         def done(ok: bool, value: Any) -> None:
             assert data not in self.got, "answered twice"
             self.got[data] = (ok, value)
 
-        return Entry(SignJob(b"\x01" * 16, Scheme.ECDSA, None, data), done, deadline)
+        return Entry(SignJob(b"\x01" * 16, Scheme.ECDSA, None, data), done, deadline, bulk)
 
-    def entries(self, prefix: str, n: int, deadline: float = float("inf")) -> list[Entry]:
-        return [self.entry(f"{prefix}{i}".encode(), deadline) for i in range(n)]
+    def entries(
+        self, prefix: str, n: int, deadline: float = float("inf"), bulk: bool = False
+    ) -> list[Entry]:
+        return [self.entry(f"{prefix}{i}".encode(), deadline, bulk) for i in range(n)]
 
 
 class Unavailable:
@@ -67,9 +69,10 @@ def make(
     batch_max: int = 8,
     depth: int = 2,
     quantum: int = 4,
+    bulk_from: int | None = None,
 ) -> Scheduler:
     s = Scheduler(
-        SchedulerSettings(queue_limit, batch_max, depth, quantum),
+        SchedulerSettings(queue_limit, batch_max, depth, quantum, bulk_from),
         metrics if metrics is not None else Metrics(),
         lanes,
         Unavailable(),
@@ -142,6 +145,55 @@ async def test_pump_fills_the_least_busy_worker_up_to_depth() -> None:
     a.batches -= 1
     s.pump()
     assert [len(a.handed), len(b.handed)] == [3, 2]
+
+
+async def test_a_bulk_worker_takes_only_bulk_work() -> None:
+    lanes: list[FakeLane | None] = [FakeLane(), FakeLane()]
+    s = make(lanes, batch_max=2, quantum=2, depth=2, bulk_from=1)
+    general, bulk = lanes[0], lanes[1]
+    assert general is not None
+    assert bulk is not None
+    out = Outcomes()
+    # Single requests: only the general worker, however many are queued.
+    s.enqueue("one", out.entries("o", 8))
+    s.pump()
+    assert [len(general.handed), len(bulk.handed)] == [2, 0]
+    # A sign_batch behind them on another connection: the bulk worker takes
+    # its items, passing over the connection whose next entry is not bulk.
+    s.enqueue("many", out.entries("m", 5, bulk=True))
+    s.pump()
+    assert [len(general.handed), len(bulk.handed)] == [2, 2]
+    assert data_of(bulk.handed[0][1]) == [b"m0", b"m1"]
+    assert data_of(bulk.handed[1][1]) == [b"m2", b"m3"]
+    # The general worker, once it has room, goes on round-robin: the single
+    # requests kept their turn.
+    general.batches -= 1
+    s.pump()
+    assert data_of(general.handed[2][1]) == [b"o4", b"o5"]
+    assert s.pending == 13
+
+
+async def test_bulk_work_queued_behind_other_work_does_not_spin() -> None:
+    lanes: list[FakeLane | None] = [FakeLane(batches=2), FakeLane()]
+    s = make(lanes, batch_max=4, quantum=4, depth=2, bulk_from=1)
+    out = Outcomes()
+    s.enqueue("a", [*out.entries("o", 1), *out.entries("m", 3, bulk=True)])
+    s.pump()  # returns: the bulk items wait behind the single one
+    bulk = lanes[1]
+    assert bulk is not None
+    assert bulk.handed == []
+    assert s.pending == 4
+
+
+async def test_with_no_general_worker_up_a_bulk_worker_takes_anything() -> None:
+    lanes: list[FakeLane | None] = [FakeLane(alive=False), FakeLane()]
+    s = make(lanes, batch_max=4, depth=2, bulk_from=1)
+    out = Outcomes()
+    s.enqueue("a", out.entries("o", 3))
+    s.pump()
+    bulk = lanes[1]
+    assert bulk is not None
+    assert data_of(bulk.handed[0][1]) == [b"o0", b"o1", b"o2"]
 
 
 async def test_retiring_and_dead_workers_get_nothing() -> None:

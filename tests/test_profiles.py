@@ -169,6 +169,9 @@ def test_config_yubihsm(tmp_path: Path) -> None:
     assert read_pin(cfg.token).reveal() == "0002password"
     with pytest.raises(ConfigError, match="allows 1"):
         load_config(str(_config(tmp_path, f'module = "{YUBIHSM_MODULE}"\nworkers = 2\n')))
+    assert cfg.token.bulk_worker_count == 0  # a serial device: no bulk worker
+    with pytest.raises(ConfigError, match="allows no bulk workers"):
+        load_config(str(_config(tmp_path, f'module = "{YUBIHSM_MODULE}"\nbulk_workers = 1\n')))
     # Without auth_key_id the PIN file must hold the id too.
     cfg = load_config(str(_config(tmp_path, 'profile = "yubihsm"\n')))
     with pytest.raises(ConfigError, match=r"token\.pin_file: .*auth_key_id"):
@@ -185,3 +188,19 @@ def test_config_profile_errors(tmp_path: Path) -> None:
     # Explicit settings win over the profile's defaults.
     cfg = load_config(str(_config(tmp_path, 'profile = "yubihsm"\nbatch = 1\n')))
     assert cfg.token.batch == 1
+
+
+def test_config_bulk_workers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """SoftHSM on two cores or more: one bulk worker unless told otherwise."""
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    cfg = load_config(str(_config(tmp_path, 'profile = "softhsm"\n')))
+    assert (cfg.token.worker_count, cfg.token.bulk_worker_count) == (1, 1)
+    monkeypatch.setattr(os, "cpu_count", lambda: 1)
+    assert (cfg.token.worker_count, cfg.token.bulk_worker_count) == (1, 0)
+    cfg = load_config(str(_config(tmp_path, 'profile = "softhsm"\nbulk_workers = 0\n')))
+    assert cfg.token.bulk_worker_count == 0
+    cfg = load_config(str(_config(tmp_path, 'profile = "generic"\nbulk_workers = 2\n')))
+    assert cfg.token.bulk_worker_count == 2
+    for bad in ("-1", "17", '"two"'):
+        with pytest.raises(ConfigError, match=r"token\.bulk_workers: must be"):
+            load_config(str(_config(tmp_path, f"bulk_workers = {bad}\n")))

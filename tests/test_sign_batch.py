@@ -13,7 +13,7 @@ import json
 import socket
 import struct
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -496,3 +496,24 @@ def test_daemon_answers_the_batch_vectors(
             pub.verify(answer["signature"], item)
         else:
             pub.verify(answer["signature"], item, ECDSA_PREHASHED)
+
+
+def test_a_bulk_worker_signs_batches_right(
+    make_daemon: Callable[..., Daemon], key_name: str
+) -> None:
+    """``[token] bulk_workers = 1``: a second signing worker starts, and the
+    batch's items, split between the workers (the scheduler's tests show
+    which takes what), all come back right and in order."""
+    d = make_daemon(token_extra="workers = 1\nbulk_workers = 1")
+    assert len(d.token_workers("sign")) == 2
+    with d.client() as c:
+        c.create_key(key_name, "ec-p256")
+        pub = public_key(c, key_name)
+        items = digests(3000, "bulk")
+        res = c.sign_batch(key_name, digests=items, hash="sha256")
+        for digest, sig in zip(items, signatures(res), strict=True):
+            pub.verify(sig, digest, ECDSA_PREHASHED)
+        single = hashlib.sha256(b"alone").digest()
+        pub.verify(
+            c.sign(key_name, digest=single, hash="sha256").signature, single, ECDSA_PREHASHED
+        )

@@ -149,6 +149,7 @@ def _token(table: Any, base: Path, where: str) -> TokenConfig:
     stall_timeout = t.take("stall_timeout", float, profile.stall_timeout, _between(0.1, 3600))
     recycle_mb = t.take("recycle_mb", float, 4.0, _between(0, 1 << 20))
     workers_raw = t.table.pop("workers", "auto")
+    bulk_raw = t.table.pop("bulk_workers", "auto")
     t.done()
     workers: int | None
     if workers_raw == "auto":
@@ -162,6 +163,18 @@ def _token(table: Any, base: Path, where: str) -> TokenConfig:
             f"{where}.workers: the {profile.name} profile allows {profile.max_workers} "
             f"(the device runs one command at a time), got {workers}"
         )
+    bulk_workers: int | None
+    if bulk_raw == "auto":
+        bulk_workers = None
+    elif type(bulk_raw) is int and 0 <= bulk_raw <= 16:
+        bulk_workers = bulk_raw
+    else:
+        raise ConfigError(f'{where}.bulk_workers: must be "auto" or 0 to 16, got {bulk_raw!r}')
+    if bulk_workers and profile.max_workers is not None:
+        raise ConfigError(
+            f"{where}.bulk_workers: the {profile.name} profile allows no bulk workers "
+            f"(the device runs one command at a time), got {bulk_workers}"
+        )
     if bool(pin_file) == bool(pin_cred):
         raise ConfigError(f"{where}: set exactly one of pin_file and pin_credential")
     return TokenConfig(
@@ -172,6 +185,7 @@ def _token(table: Any, base: Path, where: str) -> TokenConfig:
         pin_file=str(base / pin_file) if pin_file else None,
         pin_credential=pin_cred or None,
         workers=workers,
+        bulk_workers=bulk_workers,
         batch=batch,
         depth=depth,
         spin_us=spin_us,

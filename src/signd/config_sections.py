@@ -99,6 +99,9 @@ class TokenConfig:
     pin_credential: str | None = None
     #: Worker processes, each with its own session; None means "auto".
     workers: int | None = None
+    #: Worker processes besides them that take only ``sign_batch`` items;
+    #: None means "auto".
+    bulk_workers: int | None = None
     #: Most signatures handed to a worker at once.
     batch: int = 64
     #: Batches a worker may hold (one signing, the rest waiting to be).
@@ -126,6 +129,17 @@ class TokenConfig:
         if self.profile.auto_workers is not None:
             return self.profile.auto_workers
         return max(1, min(4, (os.cpu_count() or 1) - 1))
+
+    @property
+    def bulk_worker_count(self) -> int:
+        """``bulk_workers``, or for "auto": one for SoftHSM on a machine of two
+        cores or more (a ``sign_batch`` leaves the daemon's loop idle enough
+        for a second worker to add throughput), none for other modules."""
+        if self.bulk_workers is not None:
+            return self.bulk_workers
+        if self.profile.auto_workers is not None:
+            return 0
+        return 1 if (os.cpu_count() or 1) >= 2 else 0
 
 
 @dataclass(frozen=True, slots=True)

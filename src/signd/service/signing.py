@@ -359,5 +359,5 @@ def _batch_entries(
             results[i] = BatchItem(error=error_info(p))
             finish()
         else:
-            entries.append(Entry(_job(signer, p), item_done(i, p), deadline))
+            entries.append(Entry(_job(signer, p), item_done(i, p), deadline, bulk=True))
     return entries

@@ -523,7 +523,11 @@ async def open_token_pool(settings: PoolSettings, metrics: Metrics) -> AsyncIter
     outage = Outage(time.monotonic)
     scheduler = Scheduler(
         SchedulerSettings(
-            settings.queue_limit, settings.batch_max, settings.depth, settings.quantum
+            settings.queue_limit,
+            settings.batch_max,
+            settings.depth,
+            settings.quantum,
+            settings.workers - settings.bulk_workers if settings.bulk_workers else None,
         ),
         metrics,
         workers,

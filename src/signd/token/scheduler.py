@@ -11,6 +11,11 @@ batches to them.  Signatures are *queued* here, never sent one by one:
   up to ``batch_max`` signatures is taken **round-robin** over the sources with
   queued work, ``quantum`` at a time, so a connection that floods cannot
   starve the others; and it goes to the worker in one frame.
+* **Bulk workers** (the lanes from ``bulk_from`` on) take only bulk entries
+  (``Entry.bulk``: the items of a ``sign_batch``), unless no other worker is
+  up.  Per-request traffic is bounded by the daemon's own loop, and a second
+  worker on the same cores only takes CPU from it; a ``sign_batch`` costs the
+  loop little per item, so there a second worker adds throughput.
 * A worker answers a whole batch in one frame (``completed``); every entry's
   callback then runs in trio.  No thread, task or event per signature.
 
@@ -50,6 +55,8 @@ class Entry:
     job: SignJob | VerifyJob
     callback: Callback
     deadline: float = math.inf
+    #: an item of a bulk request (``sign_batch``): a bulk worker may take it
+    bulk: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,6 +65,8 @@ class SchedulerSettings:
     batch_max: int = 64
     depth: int = 2
     quantum: int = 4
+    #: lanes from this index on are bulk workers; None: there are none
+    bulk_from: int | None = None
 
 
 class Lane(Protocol):
@@ -98,6 +107,8 @@ class Scheduler:
         self._queues: dict[object, deque[Entry]] = {}
         self._ready: deque[object] = deque()
         self._queued = 0
+        #: bulk entries among the queued ones
+        self._bulk_queued = 0
         self._inflight = 0
         #: seconds of token time per job: a low estimate, which falls at once
         #: to a faster batch and rises by 10% a batch, so one slow batch (a
@@ -170,6 +181,7 @@ class Scheduler:
             self._ready.append(source)
         q.extend(entries)
         self._queued += n
+        self._bulk_queued += sum(1 for e in entries if e.bulk)
 
     def drop(self, source: object, error: WireError) -> int:
         """Answer ``error`` to every entry ``source`` still has queued (not
@@ -181,44 +193,70 @@ class Scheduler:
         with contextlib.suppress(ValueError):
             self._ready.remove(source)
         self._queued -= len(q)
+        self._bulk_queued -= sum(1 for e in q if e.bulk)
         for e in q:
             e.callback(False, error)
         return len(q)
 
-    def _take(self) -> list[Entry]:
-        """Up to ``batch_max`` entries, ``quantum`` per source, round-robin."""
+    def _take(self, bulk_only: bool = False) -> list[Entry]:
+        """Up to ``batch_max`` entries, ``quantum`` per source, round-robin;
+        ``bulk_only``: bulk entries only (a source whose next entry is not
+        bulk keeps its turn)."""
         s = self.settings
         batch: list[Entry] = []
         ready, queues = self._ready, self._queues
+        passed: list[object] = []
         while ready and len(batch) < s.batch_max:
             source = ready.popleft()
             q = queues[source]
             for _ in range(min(s.quantum, s.batch_max - len(batch), len(q))):
+                if bulk_only and not q[0].bulk:
+                    break
                 batch.append(q.popleft())
-            if q:
-                ready.append(source)
-            else:
+            if not q:
                 del queues[source]
+            elif bulk_only and not q[0].bulk:
+                passed.append(source)
+            else:
+                ready.append(source)
+        if passed:
+            ready.extendleft(reversed(passed))
         self._queued -= len(batch)
+        if self._bulk_queued:
+            self._bulk_queued -= sum(1 for e in batch if e.bulk)
         return batch
 
     def pump(self) -> None:
         """Hand batches to every worker that has room, while work is queued;
         with no worker up, answer everything queued ``token_unavailable``."""
         depth = self.settings.depth
+        bulk_from = self.settings.bulk_from
+        bulk_heads = True  # False once a bulk-only take found nothing
         while self._ready:
             worker: Lane | None = None
-            for w in self._lanes:
-                if w is not None and w.alive and w.batches < depth and not w.retiring:
-                    if worker is None or w.batches < worker.batches:
-                        worker = w
+            bulk_only = False
+            others_up = False
+            for i, w in enumerate(self._lanes):
+                if w is None or not w.alive or w.retiring:
+                    continue
+                bulk_lane = bulk_from is not None and i >= bulk_from
+                if not bulk_lane:
+                    others_up = True
+                elif others_up and not (self._bulk_queued and bulk_heads):
+                    continue  # a bulk worker, and no bulk work for it
+                if w.batches < depth and (worker is None or w.batches < worker.batches):
+                    worker, bulk_only = w, bulk_lane and others_up
             if worker is None:
                 if not self.alive:
                     self.fail_queued(self._unavailable())
                 return
             now = self._clock()
             batch = []
-            for e in self._take():
+            taken = self._take(bulk_only)
+            if bulk_only and not taken:
+                bulk_heads = False  # bulk work is queued, behind other work
+                continue
+            for e in taken:
                 if e.deadline < now:
                     e.callback(False, DeadlineExceeded("the request waited too long for the token"))
                 else:

@@ -10,7 +10,10 @@ class PoolSettings:
     module: str
     token_label: str
     pin: str
+    #: signing workers, the bulk ones included
     workers: int = 1
+    #: of them, the last ones take only bulk work (``sign_batch``; see ``scheduler``)
+    bulk_workers: int = 0
     queue_limit: int = 65536
     batch_max: int = 64
     depth: int = 2

@@ -188,7 +188,7 @@ class TokenSet:
                     return
             answer(ok, value)
 
-        return Entry(entry.job, callback, entry.deadline)
+        return Entry(entry.job, callback, entry.deadline, entry.bulk)
 
     # ------------------------------------------------------------ reads
 
