@@ -177,7 +177,8 @@ async def test_bulk_work_queued_behind_other_work_does_not_spin() -> None:
     lanes: list[FakeLane | None] = [FakeLane(batches=2), FakeLane()]
     s = make(lanes, batch_max=4, quantum=4, depth=2, bulk_from=1)
     out = Outcomes()
-    s.enqueue("a", [*out.entries("o", 1), *out.entries("m", 3, bulk=True)])
+    s.enqueue("a", out.entries("o", 1))
+    s.enqueue("a", out.entries("m", 3, bulk=True))
     s.pump()  # returns: the bulk items wait behind the single one
     bulk = lanes[1]
     assert bulk is not None

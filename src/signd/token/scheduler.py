@@ -143,7 +143,8 @@ class Scheduler:
         self.alive -= 1
 
     def enqueue(self, source: object, entries: Sequence[Entry]) -> None:
-        """Queue ``entries`` for ``source``; call ``pump`` once after enqueuing.
+        """Queue ``entries`` (one request's: all bulk, or none) for
+        ``source``; call ``pump`` once after enqueuing.
 
         Callbacks run later, in trio.  All of ``entries`` are queued, or none.
 
@@ -181,7 +182,8 @@ class Scheduler:
             self._ready.append(source)
         q.extend(entries)
         self._queued += n
-        self._bulk_queued += sum(1 for e in entries if e.bulk)
+        if n and entries[0].bulk:  # one request's entries: all bulk, or none
+            self._bulk_queued += n
 
     def drop(self, source: object, error: WireError) -> int:
         """Answer ``error`` to every entry ``source`` still has queued (not
