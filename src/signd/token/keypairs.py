@@ -197,13 +197,7 @@ class KeyPairs(SecretKeys):
         wrap_key = None if wrapped is None else self._trusted_wrap_key(WRAP_KEY_LABEL)
         made: list[Any] = []
         try:
-            pub = self._create_public(key_type, object_id, label, public)
-            made.append(pub)
-            if _spki(pub) != spki:
-                raise InvalidArgument(
-                    "the public key does not read back from the token as given: "
-                    "give it as the token does (an EC point uncompressed, a named curve)"
-                )
+            self._create_public(key_type, object_id, label, public, spki, made)
             if wrap_key is None or wrapped is None:
                 return
             priv = self._unwrap_private(
@@ -270,13 +264,7 @@ class KeyPairs(SecretKeys):
             wrap_key = self._trusted_wrap_key(WRAP_KEY_LABEL)
         made: list[Any] = []
         try:
-            pub = self._create_public(key_type, object_id, label, public)
-            made.append(pub)
-            if _spki(pub) != spki:
-                raise InvalidArgument(
-                    "the public key does not read back from the token as given: "
-                    "give it as the token does (an EC point uncompressed, a named curve)"
-                )
+            self._create_public(key_type, object_id, label, public, spki, made)
             priv = self.unwrap_imported(
                 import_key_id,
                 wrapped_key,
@@ -313,10 +301,15 @@ class KeyPairs(SecretKeys):
         object_id: bytes,
         label: str,
         public: algorithms.PublicKey,
-    ) -> Any:
-        """The public key object of ``public``, as ``generate`` makes one.
+        spki: bytes,
+        made: list[Any],
+    ) -> None:
+        """Make the public key object of ``public`` (whose SubjectPublicKeyInfo is
+        ``spki``), as ``generate`` makes one; appended to ``made`` as soon as
+        it exists, for the caller to drop on failure.
 
-        Raises: UnsupportedAlgorithm if the token refuses this type of key.
+        Raises: UnsupportedAlgorithm if the token refuses this type of key;
+        InvalidArgument if it does not read back as given.
         """
         attrs: dict[Attribute, Any] = {
             Attribute.CLASS: ObjectClass.PUBLIC_KEY,
@@ -343,7 +336,7 @@ class KeyPairs(SecretKeys):
             attrs[Attribute.EC_PARAMS] = self._profile.ed25519_params
             attrs[Attribute.EC_POINT] = _octet_string(raw)  # as SoftHSM gives it back
         try:
-            return self._session_or_raise().create_object(attrs)
+            obj = self._session_or_raise().create_object(attrs)
         except (
             p11e.AttributeTypeInvalid,
             p11e.AttributeValueInvalid,
@@ -354,6 +347,12 @@ class KeyPairs(SecretKeys):
             raise UnsupportedAlgorithm(
                 f"this token cannot hold {kt.name} public keys: {token_answer(exc)}"
             ) from None
+        made.append(obj)
+        if _spki(obj) != spki:
+            raise InvalidArgument(
+                "the public key does not read back from the token as given: "
+                "give it as the token does (an EC point uncompressed, a named curve)"
+            )
 
     def _drop_pair(self, *objects: Any) -> None:
         """Delete a keypair just made (best effort: it is not in any record)."""
