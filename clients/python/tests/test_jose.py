@@ -36,7 +36,8 @@ def verify(client: Client, token: str, names: list[str], alg: str) -> dict[str, 
 def keys(signd: Daemon) -> dict[str, str]:
     """One key per type, made once for the module (RSA generation is slow)."""
     suffix = str(time.monotonic_ns())
-    made = {t: f"jose-{t}-{suffix}" for t in ("ec-p256", "ec-p384", "ed25519", "rsa-2048")}
+    types = ("ec-p256", "ec-p384", "ec-secp256k1", "ed25519", "rsa-2048")
+    made = {t: f"jose-{t}-{suffix}" for t in types}
     with signd.client() as c:
         for t, name in made.items():
             c.create_key(name, t)
@@ -48,6 +49,7 @@ def keys(signd: Daemon) -> dict[str, str]:
     [
         ("ES256", "ec-p256"),
         ("ES384", "ec-p384"),
+        ("ES256K", "ec-secp256k1"),
         ("EdDSA", "ed25519"),
         ("RS256", "rsa-2048"),
         ("PS256", "rsa-2048"),
@@ -61,7 +63,7 @@ def test_each_algorithm_verifies_with_pyjwt(
     name = keys[key_type]
     with signd.client() as c:
         key = c.private_key(name)
-        explicit = None if alg in ("ES256", "ES384", "EdDSA", "RS256") else alg
+        explicit = None if alg in ("ES256", "ES384", "ES256K", "EdDSA", "RS256") else alg
         token = sign_jwt(key, CLAIMS, headers={"cty": "test"}, algorithm=explicit)
         header = jwt.get_unverified_header(token)
         assert header == {"alg": alg, "kid": f"{name}:{key.version}", "typ": "JWT", "cty": "test"}

@@ -15,8 +15,8 @@ signed before a rotation keep verifying until their version retires::
     jwks = client.jwks(["api-tokens"]).to_wire()  # publish this as JSON
 
 The algorithm follows from the key type (ES256 for ec-p256, ES384 for ec-p384,
-EdDSA for ed25519, RS256 for RSA); RSA keys also take RS384, RS512, PS256,
-PS384 and PS512.
+ES256K for ec-secp256k1, EdDSA for ed25519, RS256 for RSA); RSA keys also take
+RS384, RS512, PS256, PS384 and PS512.
 
 A key object made without a version follows rotation here: when its version
 can no longer sign, ``sign_jwt`` moves on to the key's current version (and
@@ -65,6 +65,8 @@ _RSA: Final = ("rsa-2048", "rsa-3072", "rsa-4096")
 JWS_ALGORITHMS: Final[Mapping[str, _Alg]] = {
     "ES256": _Alg(("ec-p256",), "sha256", None, "raw"),
     "ES384": _Alg(("ec-p384",), "sha384", None, "raw"),
+    # RFC 8812: ECDSA over secp256k1 with SHA-256 (signd's signatures are low-S).
+    "ES256K": _Alg(("ec-secp256k1",), "sha256", None, "raw"),
     "EdDSA": _Alg(("ed25519",), None, None, None),
     "RS256": _Alg(_RSA, "sha256", "pkcs1v15", None),
     "RS384": _Alg(_RSA, "sha384", "pkcs1v15", None),
@@ -75,7 +77,12 @@ JWS_ALGORITHMS: Final[Mapping[str, _Alg]] = {
     "PS512": _Alg(_RSA, "sha512", "pss", None),
 }
 
-_DEFAULT: Final = {"ec-p256": "ES256", "ec-p384": "ES384", "ed25519": "EdDSA"}
+_DEFAULT: Final = {
+    "ec-p256": "ES256",
+    "ec-p384": "ES384",
+    "ec-secp256k1": "ES256K",
+    "ed25519": "EdDSA",
+}
 
 #: Key objects made without a version -> the key object that replaced them
 #: after a rotation (weak: it goes when the caller drops the original).
