@@ -438,6 +438,16 @@ def own_token(token_env: TokenEnv, tmp_path_factory: pytest.TempPathFactory) -> 
     return dataclasses.replace(token_env, state_dir=state, conf=conf, label="signd-own")
 
 
+@pytest.fixture(scope="module")
+def module_token(token_env: TokenEnv, tmp_path_factory: pytest.TempPathFactory) -> TokenEnv:
+    """A token of this test module's own: for a module that makes many keys
+    (the session's token holds every key the session made, and each key
+    generation and record write on it gets slower as it grows)."""
+    state = tmp_path_factory.mktemp("softhsm-module")
+    conf = make_softhsm_token(state, "signd-module")
+    return dataclasses.replace(token_env, state_dir=state, conf=conf, label="signd-module")
+
+
 @dataclass(frozen=True)
 class OckTokenEnv(TokenEnv):
     """opencryptoki's soft token (made by ``opencryptoki-init.sh``): ``module``,

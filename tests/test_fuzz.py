@@ -18,7 +18,7 @@ import contextlib
 import socket
 import struct
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import msgpack
@@ -43,7 +43,7 @@ from signd_client.protocol import (
 )
 
 if TYPE_CHECKING:
-    from conftest import Daemon  # the root conftest.py
+    from conftest import Daemon, TokenEnv  # the root conftest.py
 
 HEADER = struct.Struct(">I")
 SLOW = settings(
@@ -330,6 +330,13 @@ def test_every_op_with_random_args(op: str, data: st.DataObject) -> None:
 
 # --------------------------------------------------------------------------
 # (b) the full request path of a real daemon
+
+
+@pytest.fixture(scope="module")
+def signd(module_daemon: Callable[..., Daemon], module_token: TokenEnv) -> Daemon:
+    """This module's daemon, on a token of its own: the fuzzer makes and
+    rotates keys by the hundred."""
+    return module_daemon(module_token)
 
 
 @pytest.fixture(scope="module")
