@@ -31,6 +31,7 @@ import fnmatch
 import hashlib
 import itertools
 import logging
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -262,27 +263,32 @@ class AgentFront:
 
     async def converse(self, stream: trio.abc.Stream, who: Principal) -> None:
         """Answer ``who``'s messages on ``stream`` until EOF, bad input or the
-        idle time-out.  Raises: what the stream raises (the peer went away)."""
+        idle time-out, then close it.  Raises: what the stream raises (the
+        peer went away)."""
         decoder = wire.MessageDecoder()
-        async with trio.open_nursery() as nursery:
-            conn = _Conn(who, nursery, self.audit is not None)
-            try:
-                while True:
-                    for body in decoder.messages():
-                        await stream.send_all(await self.answer(conn, body))
-                    idle = self.limits.idle_timeout
-                    with trio.move_on_after(idle if idle > 0 else float("inf")) as scope:
-                        data = await stream.receive_some(RECEIVE_SIZE)
-                    if scope.cancelled_caught:
-                        self.metrics.limit_hit("idle_timeout")
-                        break
-                    if not data:
-                        break
-                    decoder.feed(data)
-            except wire.AgentWireError as exc:
-                self.metrics.agent_request("malformed", "closed")
-                log.debug("agent connection closed", extra={"error": str(exc), "pid": who.pid})
-            nursery.cancel_scope.cancel()
+        try:
+            async with trio.open_nursery() as nursery:
+                conn = _Conn(who, nursery, self.audit is not None)
+                try:
+                    while True:
+                        for body in decoder.messages():
+                            await stream.send_all(await self.answer(conn, body))
+                        idle = self.limits.idle_timeout
+                        with trio.move_on_after(idle if idle > 0 else math.inf) as scope:
+                            data = await stream.receive_some(RECEIVE_SIZE)
+                        if scope.cancelled_caught:
+                            self.metrics.limit_hit("idle_timeout")
+                            break
+                        if not data:
+                            break
+                        decoder.feed(data)
+                except wire.AgentWireError as exc:
+                    self.metrics.agent_request("malformed", "closed")
+                    log.debug("agent connection closed", extra={"error": str(exc), "pid": who.pid})
+                nursery.cancel_scope.cancel()
+        finally:
+            with trio.CancelScope(shield=True):
+                await stream.aclose()
 
     # ------------------------------------------------------------ messages
 
