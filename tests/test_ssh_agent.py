@@ -29,6 +29,8 @@ from typing import TYPE_CHECKING, Any
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from support import wait_until
 
@@ -460,3 +462,77 @@ def test_the_agent_socket_unit_is_valid() -> None:
         if line.strip() and "is not executable" not in line
     ]
     assert problems == [], problems
+
+
+hostile_bodies = st.one_of(
+    st.binary(min_size=1, max_size=300),
+    st.builds(
+        lambda blob, data, flags: bytes([13]) + ssh_string(blob) + ssh_string(data) + flags,
+        st.binary(max_size=100),
+        st.binary(max_size=100),
+        st.binary(max_size=6),
+    ),
+    st.builds(
+        lambda name, rest: bytes([27]) + ssh_string(name) + rest,
+        st.sampled_from([b"query", b"session-bind@openssh.com"]) | st.binary(max_size=20),
+        st.binary(max_size=80),
+    ),
+    st.builds(lambda kind, rest: bytes([kind]) + rest, st.integers(0, 255), st.binary(max_size=40)),
+)
+
+
+def frame_of(body: bytes) -> bytes:
+    return struct.pack(">I", len(body)) + body
+
+
+@settings(
+    max_examples=40,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(
+    st.lists(hostile_bodies, min_size=1, max_size=4),
+    st.sampled_from([b"", struct.pack(">I", 256 * 1024 + 1), b"\0\0"]),
+)
+def test_the_agent_socket_survives_adversarial_messages(
+    agent: Agent, good: socket.socket, bodies: list[bytes], tail: bytes
+) -> None:
+    """Hostile messages on a connection of their own: each is answered or the
+    connection is closed; a long-lived good connection keeps getting
+    signatures that verify."""
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(30)
+        s.connect(agent.sock)
+        s.sendall(b"".join(frame_of(b) for b in bodies) + tail)
+        s.shutdown(socket.SHUT_WR)
+        with contextlib.suppress(ConnectionResetError):
+            while s.recv(65536):
+                pass  # answers, until the agent closes
+    check_good_signature(agent, good)
+
+
+@pytest.fixture(scope="module")
+def good(agent: Agent) -> Iterator[socket.socket]:
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(30)
+        s.connect(agent.sock)
+        yield s
+
+
+def check_good_signature(agent: Agent, good: socket.socket) -> None:
+    blob = base64.b64decode(agent.listed()[f"{agent.keys['ed25519']}:v1"].split()[1])
+    data = os.urandom(16)
+    good.sendall(frame_of(bytes([13]) + ssh_string(blob) + ssh_string(data) + b"\0\0\0\0"))
+    buf = b""
+    while len(buf) < 4 or len(buf) < 4 + struct.unpack(">I", buf[:4])[0]:
+        chunk = good.recv(65536)
+        assert chunk, "the good connection was closed"
+        buf += chunk
+    answer = buf[4:]
+    assert answer[0] == 14, answer  # SSH_AGENT_SIGN_RESPONSE
+    raw = answer[5:]
+    # string "ssh-ed25519", string signature (64 bytes)
+    assert raw[:15] == ssh_string(b"ssh-ed25519")
+    sig = raw[19:]
+    pub = ed25519.Ed25519PublicKey.from_public_bytes(blob[-32:])
+    pub.verify(sig, data)
