@@ -536,3 +536,57 @@ def check_good_signature(agent: Agent, good: socket.socket) -> None:
     sig = raw[19:]
     pub = ed25519.Ed25519PublicKey.from_public_bytes(blob[-32:])
     pub.verify(sig, data)
+
+
+def test_a_reload_changes_the_keys_offered(agent: Agent) -> None:
+    d = agent.daemon
+    original = d.extra_config
+    only = agent.keys["ed25519"]
+    try:
+        d.reload(original.replace('keys = ["agent-*", "other-*"]', f'keys = ["{only}"]'))
+        assert list(agent.listed()) == [f"{only}:v1"]
+        d.reload(original.replace('keys = ["agent-*", "other-*"]', "keys = []"))
+        assert agent.listed() == {}
+    finally:
+        d.reload(original)
+    assert {f"{agent.keys[s]}:v1" for s in TYPES} <= set(agent.listed())
+
+
+def test_socket_activation_passes_the_agent_socket_by_name(
+    make_daemon: Callable[..., Daemon], tmp_path: Path
+) -> None:
+    """As under signd.socket and signd-agent.socket: systemd passes both, the
+    agent's named "agent"; the first connection to it starts signd, and signd
+    leaves both sockets in place when it stops."""
+    activate = shutil.which("systemd-socket-activate")
+    if activate is None:
+        pytest.skip("systemd-socket-activate is not installed")
+    sock = tmp_path / "agent.sock"
+    d = make_daemon(f'[agent]\nsocket = "{sock}"\nkeys = ["*"]\n', start=False)
+    argv = [
+        activate, "-l", d.socket, "-l", str(sock), "--fdname=signd.socket:agent",
+        "-E", "SOFTHSM2_CONF",
+        *(["-E", "PYTHONPATH"] if "PYTHONPATH" in os.environ else []),
+        *d.command(),
+    ]  # fmt: skip
+    d.start(wait=False, argv=argv)
+    assert d.proc is not None
+    proc = d.proc
+
+    def listening() -> bool:
+        assert proc.poll() is None, d.logs()
+        return sock.exists() and os.path.exists(d.socket)
+
+    wait_until(listening, "systemd-socket-activate to listen")
+    try:
+        answer = agent_call(str(sock), bytes([11]))  # starts signd, which answers
+    except OSError as exc:
+        pytest.fail(f"{exc!r}\n{d.logs()}")
+    assert answer[0] == 12, answer  # SSH_AGENT_IDENTITIES_ANSWER
+    d.wait_ready()
+    with d.client() as c:
+        assert c.health().ready
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(20) == 0, d.logs()
+    assert sock.exists()  # systemd's socket: signd does not remove it
+    assert os.path.exists(d.socket)
