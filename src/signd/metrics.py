@@ -201,8 +201,11 @@ class Metrics:
     windows: dict[str, Window] = field(default_factory=dict)
     #: token searches for key names this process had not loaded
     key_lookups: int = 0
-    #: (message, result) -> messages on the agent socket (``signd.agent``)
-    agent_requests: dict[tuple[str, str], int] = field(default_factory=dict)
+    #: (message, result) -> messages on the agent socket (``signd.agent``); its
+    #: two main series exist from the start (at 0), so that rates of them work
+    agent_requests: dict[tuple[str, str], int] = field(
+        default_factory=lambda: {("request_identities", "ok"): 0, ("sign_request", "ok"): 0}
+    )
 
     # ------------------------------------------------------------ hot path
 
