@@ -362,3 +362,21 @@ async def test_connections_per_uid_are_limited(setup: Setup) -> None:
     finally:
         for peer in (first, second):
             await peer.stream.aclose()
+
+
+async def test_a_client_that_does_not_read_its_answers_is_closed(
+    setup: Setup, autojump_clock: Any
+) -> None:
+    client, server = trio.testing.lockstep_stream_pair()  # a send waits for its reader
+    done = trio.Event()
+
+    async def serve() -> None:
+        await setup.front.converse(server, SIGNER)
+        done.set()
+
+    setup.nursery.start_soon(serve)
+    await client.send_all(framed(b"\x0b"))  # and never reads the answer
+    with trio.fail_after(120):
+        await done.wait()
+    assert setup.h.service.metrics.limit_hits["idle_timeout"] == 1
+    await client.aclose()

@@ -265,23 +265,11 @@ class AgentFront:
         """Answer ``who``'s messages on ``stream`` until EOF, bad input or the
         idle time-out, then close it.  Raises: what the stream raises (the
         peer went away)."""
-        decoder = wire.MessageDecoder()
         try:
             async with trio.open_nursery() as nursery:
                 conn = _Conn(who, nursery, self.audit is not None)
                 try:
-                    while True:
-                        for body in decoder.messages():
-                            await stream.send_all(await self.answer(conn, body))
-                        idle = self.limits.idle_timeout
-                        with trio.move_on_after(idle if idle > 0 else math.inf) as scope:
-                            data = await stream.receive_some(RECEIVE_SIZE)
-                        if scope.cancelled_caught:
-                            self.metrics.limit_hit("idle_timeout")
-                            break
-                        if not data:
-                            break
-                        decoder.feed(data)
+                    await self._conversation(conn, stream)
                 except wire.AgentWireError as exc:
                     self.metrics.agent_request("malformed", "closed")
                     log.debug("agent connection closed", extra={"error": str(exc), "pid": who.pid})
@@ -289,6 +277,28 @@ class AgentFront:
         finally:
             with trio.CancelScope(shield=True):
                 await stream.aclose()
+
+    async def _conversation(self, conn: _Conn, stream: trio.abc.Stream) -> None:
+        """Read, answer, send, until EOF or the idle time-out (nothing read, or
+        an answer not taken, for ``idle_timeout``).  Raises: AgentWireError."""
+        decoder = wire.MessageDecoder()
+        while True:
+            idle = self.limits.idle_timeout
+            for body in decoder.messages():
+                answer = await self.answer(conn, body)
+                with trio.move_on_after(idle if idle > 0 else math.inf) as sent:
+                    await stream.send_all(answer)
+                if sent.cancelled_caught:
+                    self.metrics.limit_hit("idle_timeout")
+                    return
+            with trio.move_on_after(idle if idle > 0 else math.inf) as read:
+                data = await stream.receive_some(RECEIVE_SIZE)
+            if read.cancelled_caught:
+                self.metrics.limit_hit("idle_timeout")
+                return
+            if not data:
+                return
+            decoder.feed(data)
 
     # ------------------------------------------------------------ messages
 
