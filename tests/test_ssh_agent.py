@@ -590,3 +590,14 @@ def test_socket_activation_passes_the_agent_socket_by_name(
     assert proc.wait(20) == 0, d.logs()
     assert sock.exists()  # systemd's socket: signd does not remove it
     assert os.path.exists(d.socket)
+
+
+def test_a_socket_signd_bound_itself_is_removed_when_it_stops(
+    make_daemon: Callable[..., Daemon], tmp_path: Path
+) -> None:
+    sock = tmp_path / "agent.sock"
+    d = make_daemon(f'[agent]\nsocket = "{sock}"\nkeys = ["*"]\n')
+    assert agent_call(str(sock), bytes([11]))[0] == 12
+    assert d.stop() == 0, d.logs()
+    assert not sock.exists()
+    assert not os.path.exists(d.socket)
