@@ -278,9 +278,10 @@ async def _serve_state(
     )
     agent = None
     if agent_sock is not None:
-        agent = AgentFront(
+        front = AgentFront(
             service, cfg.agent.keys, cfg.limits, metrics=metrics, audit=audit, clock=time.time
         )
+        agent = (front, agent_sock)
     snapshot = gauges(service, server, pool, audit, checkpoints)
     try:
         async with trio.open_nursery() as nursery:
@@ -298,7 +299,7 @@ async def _serve_state(
                     sock,
                     notifier=notifier,
                     checkpoints=checkpoints,
-                    agent=None if agent is None or agent_sock is None else (agent, agent_sock),
+                    agent=agent,
                 )
             finally:
                 nursery.cancel_scope.cancel()
