@@ -51,7 +51,7 @@ STAMP="$VENV/.signd-dev-installed"
 NODE_DIR="$ROOT/clients/node"
 NODE_STAMP="$NODE_DIR/node_modules/.signd-dev-installed"
 LABEL=signd-dev
-APT_PACKAGES=(softhsm2 opencryptoki openssl python3 python3-venv systemd p11-kit prometheus)
+APT_PACKAGES=(softhsm2 opencryptoki openssl python3 python3-venv systemd p11-kit prometheus openssh-client openssh-server git)
 
 say() { printf 'dev.sh: %s\n' "$*" >&2; }
 die() {
@@ -96,6 +96,13 @@ ensure_packages() {
     as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq
     as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
         --no-install-recommends "${missing[@]}" </dev/null
+    # openssh-server is only for the tests, which start an sshd of their own on
+    # 127.0.0.1: the system's sshd that installing it enables is switched off again.
+    if [[ " ${missing[*]} " == *" openssh-server "* ]] && command -v systemctl >/dev/null 2>&1 \
+        && [[ -d /run/systemd/system ]]; then
+        say "openssh-server was installed for the tests: disabling the system's sshd it started"
+        as_root systemctl disable --now ssh.service ssh.socket >/dev/null 2>&1 || true
+    fi
 }
 
 pyproject_hash() {

@@ -24,14 +24,18 @@ from pkcs11.util.ec import encode_named_curve_parameters
 from signd_bench._measure import Row, process_tree
 from signd_bench.peers import (
     PeerBadSignature,
+    PeerUnavailable,
     measure_p11kit_server,
+    measure_signd_agent,
     measure_ssh_agent,
     p11kit_available,
     ssh_agent_available,
 )
 
 if TYPE_CHECKING:
-    from conftest import TokenEnv  # the root conftest.py
+    from collections.abc import Callable
+
+    from conftest import Daemon, TokenEnv  # the root conftest.py
 
 SECONDS = 0.5
 
@@ -161,3 +165,25 @@ def test_ssh_agent_row() -> None:
     assert "not the token" in row.note
     assert "verified" in row.note
     assert children() <= before
+
+
+def test_signd_agent_row(
+    make_daemon: Callable[..., Daemon], tmp_path_factory: pytest.TempPathFactory, key_name: str
+) -> None:
+    """signd's own agent socket, measured as the ssh-agent row is (the run puts
+    the two side by side)."""
+    sock = tmp_path_factory.mktemp("agent") / "agent.sock"
+    d = make_daemon(f'[agent]\nsocket = "{sock}"\nkeys = ["{key_name}"]\n')
+    with d.client() as c:
+        c.create_key(key_name, "ec-p256")
+    assert d.proc is not None
+    before = children()
+    row = measure_signd_agent(str(sock), d.proc.pid, key_name, seconds=SECONDS)
+    assert_sane(row)
+    assert row.name == "signd ssh-agent front end, 1 client"
+    assert "signed on the token" in row.note
+    assert "verified" in row.note
+    assert children() <= before
+    # A key the socket does not list: the row says so instead of measuring.
+    with pytest.raises(PeerUnavailable, match="does not list"):
+        measure_signd_agent(str(sock), d.proc.pid, "not-exposed", seconds=SECONDS)

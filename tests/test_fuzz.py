@@ -28,6 +28,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from signd.agent import wire as agent_wire
 from signd_client import Client
 from signd_client.errors import FrameTooLarge, WireError
 from signd_client.protocol import (
@@ -326,6 +327,107 @@ def test_every_op_with_random_args(op: str, data: st.DataObject) -> None:
     event = decode_request(pack({"v": 1, "id": rid, "op": op, "args": args}))
     check_event(event)
     assert event.id == rid
+
+
+# --------------------------------------------------------------------------
+# (a') the ssh-agent decoder (signd.agent.wire); the agent socket of a real
+# daemon is fuzzed in test_ssh_agent.py
+
+AGENT_MAX = 1024  # a small limit, so that hypothesis reaches it
+
+
+def agent_feed(stream: bytes, cuts: list[int]) -> int:
+    """Feed ``stream`` to an agent decoder in pieces, parsing every message:
+    only ``AgentWireError`` may come out, and the decoder never holds more
+    than one message and one piece.  Returns the messages seen."""
+    decoder = agent_wire.MessageDecoder(AGENT_MAX)
+    seen = 0
+    pos = 0
+    for cut in [*sorted(cuts), len(stream)]:
+        piece = stream[pos:cut]
+        decoder.feed(piece)
+        pos = max(pos, cut)
+        try:
+            for body in decoder.messages():
+                seen += 1
+                assert 1 <= len(body) <= AGENT_MAX
+                try:
+                    msg = agent_wire.parse(body)
+                except agent_wire.AgentWireError:
+                    return seen  # the connection is closed here
+                check_agent_message(msg)
+        except agent_wire.AgentWireError:
+            return seen
+        assert decoder.buffered <= 4 + AGENT_MAX + len(piece)
+    return seen
+
+
+def check_agent_message(msg: object) -> None:
+    if isinstance(msg, agent_wire.Extension) and msg.name == b"session-bind@openssh.com":
+        with contextlib.suppress(agent_wire.AgentWireError):
+            agent_wire.parse_session_bind(msg.contents)
+    assert isinstance(
+        msg,
+        agent_wire.RequestIdentities
+        | agent_wire.SignRequest
+        | agent_wire.Extension
+        | agent_wire.Other,
+    )
+
+
+def ssh_string(b: bytes) -> bytes:
+    return HEADER.pack(len(b)) + b
+
+
+agent_bodies = st.one_of(
+    st.just(b"\x0b"),
+    st.builds(
+        lambda blob, data, flags: b"\x0d" + ssh_string(blob) + ssh_string(data) + flags,
+        st.binary(max_size=80),
+        st.binary(max_size=200),
+        st.binary(min_size=4, max_size=4),
+    ),
+    st.builds(
+        lambda name, rest: b"\x1b" + ssh_string(name) + rest,
+        st.sampled_from([b"query", b"session-bind@openssh.com", b"x@y"]) | st.binary(max_size=20),
+        st.binary(max_size=100),
+    ),
+    st.builds(lambda kind, rest: bytes([kind]) + rest, st.integers(0, 255), st.binary(max_size=60)),
+)
+
+
+@SLOW
+@given(st.binary(max_size=3000), st.lists(st.integers(0, 3000), max_size=6))
+def test_agent_arbitrary_bytes(stream: bytes, cuts: list[int]) -> None:
+    agent_feed(stream, cuts)
+
+
+@SLOW
+@given(st.lists(agent_bodies, min_size=1, max_size=5), st.data())
+def test_agent_structured_messages(body_list: list[bytes], data: st.DataObject) -> None:
+    """Well-framed messages, each cut anywhere: every one comes out whole."""
+    stream = b"".join(HEADER.pack(len(b)) + b for b in body_list)
+    cuts = data.draw(st.lists(st.integers(0, len(stream)), max_size=5))
+    decoder = agent_wire.MessageDecoder(AGENT_MAX)
+    got = []
+    pos = 0
+    for cut in [*sorted(cuts), len(stream)]:
+        decoder.feed(stream[pos:cut])
+        pos = max(pos, cut)
+        got += list(decoder.messages())
+    assert got == body_list
+    for body in got:
+        with contextlib.suppress(agent_wire.AgentWireError):
+            check_agent_message(agent_wire.parse(body))
+
+
+@SLOW
+@given(st.integers(AGENT_MAX + 1, (1 << 32) - 1) | st.just(0), st.binary(max_size=64))
+def test_agent_bad_declared_length(length: int, tail: bytes) -> None:
+    decoder = agent_wire.MessageDecoder(AGENT_MAX)
+    decoder.feed(HEADER.pack(length) + tail)
+    with pytest.raises(agent_wire.AgentWireError):
+        list(decoder.messages())
 
 
 # --------------------------------------------------------------------------

@@ -19,6 +19,7 @@ from typing import Final
 from .config_parse import parse
 from .config_sections import (
     AccessConfig,
+    AgentConfig,
     AuditConfig,
     Config,
     ConfigError,
@@ -39,6 +40,7 @@ from .trusted import NotTrusted, open_trusted_file
 
 __all__ = [
     "AccessConfig",
+    "AgentConfig",
     "AuditConfig",
     "RateLimitsConfig",
     "Config",

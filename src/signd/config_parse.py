@@ -19,6 +19,7 @@ from .config_sections import (
     DEFAULT_STATE_DIR,
     LOG_LEVELS,
     AccessConfig,
+    AgentConfig,
     AuditConfig,
     Config,
     ConfigError,
@@ -206,11 +207,7 @@ def parse(doc: Mapping[str, Any], path: str | None, base: Path) -> Config:
     s = _Section("server", sections.pop("server", {}))
     sock = s.take("socket", str, DEFAULT_SOCKET, _nonempty)
     mode = s.take("socket_mode", str, "0660", _mode)
-    group = s.table.pop("socket_group", None)
-    if group is not None and not (
-        (type(group) is str and group.strip()) or (type(group) is int and 0 <= group < 2**31)
-    ):
-        raise ConfigError(f"server.socket_group: must be a group name or a gid, got {group!r}")
+    group = _socket_group(s)
     s.done()
     server = ServerConfig(socket=str(base / sock), socket_mode=int(mode, 8), socket_group=group)
 
@@ -334,6 +331,9 @@ def parse(doc: Mapping[str, Any], path: str | None, base: Path) -> Config:
         token_credential=token_cred or None,
     )
     state, replay = _state(sections.pop("state", {}), sections.pop("replay", {}), base)
+    agent = _agent(sections.pop("agent", {}), base)
+    if agent.socket is not None and agent.socket == server.socket:
+        raise ConfigError("agent.socket: must not be server.socket")
     if sections:
         raise ConfigError(f"{sorted(sections)[0]}: unknown section")
     return Config(
@@ -349,6 +349,7 @@ def parse(doc: Mapping[str, Any], path: str | None, base: Path) -> Config:
         log=LogConfig(level),
         state=state,
         replay=replay,
+        agent=agent,
         path=path,
     )
 
@@ -393,6 +394,35 @@ def _client_shares(lim: _Section, limits: LimitsConfig) -> LimitsConfig:
         max_connections_per_uid=conns,
         max_buffered_bytes=total,
         max_buffered_bytes_per_uid=share,
+    )
+
+
+def _socket_group(s: _Section) -> str | int | None:
+    """``socket_group``: a group name or a gid.  Raises: ConfigError."""
+    group = s.table.pop("socket_group", None)
+    if group is not None and not (
+        (type(group) is str and group.strip()) or (type(group) is int and 0 <= group < 2**31)
+    ):
+        raise ConfigError(f"{s.name}.socket_group: must be a group name or a gid, got {group!r}")
+    return group
+
+
+def _agent(table: Any, base: Path) -> AgentConfig:
+    """``[agent]``: the ssh-agent socket; no ``socket``: off.  Raises: ConfigError."""
+    a = _Section("agent", table)
+    sock = a.take("socket", str, "", _nonempty)
+    mode = a.take("socket_mode", str, "0660", _mode)
+    group = _socket_group(a)
+    raw_keys = a.table.pop("keys", [])
+    a.done()
+    keys = tuple(sorted(_strings("agent.keys", raw_keys))) if raw_keys != [] else ()
+    if not sock and (keys or "socket_mode" in table or group is not None):
+        raise ConfigError("agent.socket: required when [agent] sets anything else")
+    return AgentConfig(
+        socket=str(base / sock) if sock else None,
+        socket_mode=int(mode, 8),
+        socket_group=group,
+        keys=keys,
     )
 
 

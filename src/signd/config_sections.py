@@ -15,6 +15,7 @@ from .token.profiles import PROFILES, Profile
 
 __all__ = [
     "AccessConfig",
+    "AgentConfig",
     "AuditConfig",
     "Config",
     "ConfigError",
@@ -77,6 +78,17 @@ class ServerConfig:
     socket_mode: int = 0o660
     #: group given to the socket file (a name or a gid), so its members can connect
     socket_group: str | int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class AgentConfig:
+    """The ssh-agent socket (``signd.agent``): off while ``socket`` is None."""
+
+    socket: str | None = None
+    socket_mode: int = 0o660
+    socket_group: str | int | None = None
+    #: names or fnmatch patterns of the keys it offers (empty: none)
+    keys: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -263,4 +275,5 @@ class Config:
     log: LogConfig = field(default_factory=LogConfig)
     state: StateConfig = field(default_factory=StateConfig)
     replay: ReplayConfig = field(default_factory=ReplayConfig)
+    agent: AgentConfig = field(default_factory=AgentConfig)
     path: str | None = None

@@ -5,7 +5,8 @@ up the process); this module is the only place that builds the daemon's
 components and hands each its collaborators:
 
     metrics -> token pool -> record store -> audit log, chain head
-            -> service -> checkpointer -> server, metrics endpoint
+            -> service -> checkpointer -> server, metrics endpoint,
+               ssh-agent front end (``[agent]``)
 
 It also applies a reload (SIGHUP) to the running parts.
 """
@@ -27,6 +28,8 @@ import trio
 
 from .access.policy import Policy
 from .access.ratelimit import RateLimiter
+from .agent.front import AgentFront
+from .agent.sockets import agent_socket
 from .audit.checkpoint import Checkpointer, TokenHead, head_label
 from .audit.facts import outcome_of
 from .audit.files import AuditError
@@ -39,7 +42,7 @@ from .keys.store import LoadedKey
 from .metrics import Metrics, Snapshot
 from .server.core import Server
 from .server.http import serve_http
-from .server.listener import ListenerError, open_listener, systemd_socket
+from .server.listener import ListenerError, open_listener, systemd_sockets
 from .server.systemd import Notifier
 from .service.convert import key_info
 from .service.core import Service
@@ -86,13 +89,25 @@ async def run(
     ``replica_pins``: the PINs of ``cfg.replicas``, in order."""
     # Before the token workers start: they must not inherit $NOTIFY_SOCKET.
     notifier = Notifier.from_environ()
+    agent_sock: socket.socket | None = None
+    agent_inherited = False
     try:
-        inherited = systemd_socket()
+        passed = systemd_sockets()
+        inherited = passed.get("signd")
         sock = inherited or open_listener(
             cfg.server.socket, cfg.server.socket_mode, cfg.server.socket_group
         )
     except ListenerError as exc:
         log.error("cannot listen", extra={"error": str(exc)})
+        return EXIT_FAILURE
+    try:
+        agent_sock, agent_inherited = agent_socket(cfg.agent, passed.get("agent"))
+    except ListenerError as exc:
+        log.error("cannot listen on the agent socket", extra={"error": str(exc)})
+        sock.close()
+        if inherited is None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(cfg.server.socket)
         return EXIT_FAILURE
     pins = [pin, *replica_pins]
     settings = [
@@ -118,6 +133,7 @@ async def run(
                     metrics,
                     notifier=notifier,
                     metrics_token=metrics_token,
+                    agent_sock=agent_sock,
                 )
         except* WireError as group:
             for err in group.exceptions:
@@ -127,6 +143,9 @@ async def run(
         if inherited is None:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(cfg.server.socket)
+        if agent_sock is not None and not agent_inherited and cfg.agent.socket is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(cfg.agent.socket)
     assert failed
     return EXIT_FAILURE
 
@@ -140,6 +159,7 @@ async def _serve(
     *,
     notifier: Notifier,
     metrics_token: Secret | None = None,
+    agent_sock: socket.socket | None = None,
 ) -> int:
     audit = None
     if cfg.audit.dir is not None:
@@ -167,7 +187,7 @@ async def _serve(
         return EXIT_FAILURE
     try:
         return await _serve_state(
-            cfg, sock, inherited, pool, metrics, audit, state, notifier, metrics_token
+            cfg, sock, inherited, pool, metrics, audit, state, notifier, metrics_token, agent_sock
         )
     finally:
         if state is not None:
@@ -209,6 +229,7 @@ async def _serve_state(
     state: State | None,
     notifier: Notifier,
     metrics_token: Secret | None,
+    agent_sock: socket.socket | None,
 ) -> int:
     """``_serve`` once the audit log and the state are open."""
     records = RecordStore(pool)
@@ -256,6 +277,12 @@ async def _serve_state(
         audit=audit,
         keep_warm=keep_warm,
     )
+    agent = None
+    if agent_sock is not None:
+        front = AgentFront(
+            service, cfg.agent.keys, cfg.limits, metrics=metrics, audit=audit, clock=time.time
+        )
+        agent = (front, agent_sock)
     snapshot = gauges(service, server, pool, audit, checkpoints)
     try:
         async with trio.open_nursery() as nursery:
@@ -273,6 +300,7 @@ async def _serve_state(
                     sock,
                     notifier=notifier,
                     checkpoints=checkpoints,
+                    agent=agent,
                 )
             finally:
                 nursery.cancel_scope.cancel()
@@ -351,8 +379,10 @@ async def _serve_with(
     *,
     notifier: Notifier,
     checkpoints: Checkpointer | None,
+    agent: tuple[AgentFront, socket.socket] | None = None,
 ) -> int:
     await service.load()
+    front = None if agent is None else agent[0]
     info = pool.info
     assert info is not None
     log.info(
@@ -373,6 +403,8 @@ async def _serve_with(
                 log.info("stopping", extra={"signal": name})
                 notifier.stopping(f"Stopping on {name}: answering requests in flight")
                 server.shutdown()
+                if front is not None:
+                    front.shutdown()
                 return
 
     async def watch_reload() -> None:
@@ -380,9 +412,9 @@ async def _serve_with(
         with trio.open_signal_receiver(signal.SIGHUP) as signals:
             if _take_startup_hangup():  # asked for while starting: the config may be newer
                 log.info("SIGHUP came during startup: reloading the config now")
-                cfg = _reload(cfg, service, server)
+                cfg = _reload(cfg, service, server, front)
             async for _ in signals:
-                cfg = _reload(cfg, service, server)
+                cfg = _reload(cfg, service, server, front)
 
     socket_name = "systemd socket" if inherited else cfg.server.socket
 
@@ -405,6 +437,12 @@ async def _serve_with(
         await nursery.start(watch_signals)
         nursery.start_soon(watch_reload)
         nursery.start_soon(service.run_lifecycle)
+        if agent is not None:
+            await nursery.start(agent[0].serve, trio.socket.from_stdlib_socket(agent[1]))
+            log.info(
+                "agent socket",
+                extra={"socket": cfg.agent.socket, "keys": list(cfg.agent.keys)},
+            )
         await server.serve(sock, on_ready=ready)
         if checkpoints is not None and not await checkpoints.now("shutdown"):
             log.error("the audit log's last checkpoint could not be written")
@@ -434,11 +472,14 @@ def _limiter(rl: RateLimitsConfig, old: RateLimiter | None) -> RateLimiter | Non
     return RateLimiter(rl.per_principal, rl.per_key, refused=refused)
 
 
-#: Sections a reload applies; the others need a restart.
+#: Sections a reload applies; the others need a restart (of ``agent``, only
+#: its ``keys`` are reloaded).
 RELOADABLE: Final = ("access", "rate_limits", "limits", "log")
 
 
-def _reload(cfg: Config, service: Service, server: Server) -> Config:
+def _reload(
+    cfg: Config, service: Service, server: Server, agent: AgentFront | None = None
+) -> Config:
     """SIGHUP: read the config again and apply policy, rate limits, limits and
     the log level, without dropping a connection.  A config that does not load
     is refused with its reason, and the one in force stays; changes to other
@@ -454,6 +495,8 @@ def _reload(cfg: Config, service: Service, server: Server) -> Config:
         f.name for f in dataclasses.fields(new) if getattr(new, f.name) != getattr(cfg, f.name)
     ]
     pending = [name for name in changed if name not in RELOADABLE and name != "path"]
+    if "agent" in pending and dataclasses.replace(new.agent, keys=cfg.agent.keys) == cfg.agent:
+        pending.remove("agent")  # only its keys changed: applied below
     limiter = service.limiter
     if new.rate_limits != cfg.rate_limits:  # the buckets start full again only then
         limiter = _limiter(new.rate_limits, service.limiter)
@@ -463,6 +506,8 @@ def _reload(cfg: Config, service: Service, server: Server) -> Config:
         request_timeout=new.limits.request_timeout,
     )
     server.apply_limits(new.limits)
+    if agent is not None:
+        agent.apply(new.agent.keys, new.limits)
     logging.getLogger().setLevel(new.log.level.upper())
     log.info("config reloaded", extra={"changed": [n for n in changed if n not in pending]})
     if pending:
@@ -471,7 +516,12 @@ def _reload(cfg: Config, service: Service, server: Server) -> Config:
         )
         # What is in force: the new reloadable sections, the old rest.
         return dataclasses.replace(
-            cfg, access=new.access, rate_limits=new.rate_limits, limits=new.limits, log=new.log
+            cfg,
+            access=new.access,
+            rate_limits=new.rate_limits,
+            limits=new.limits,
+            log=new.log,
+            agent=dataclasses.replace(cfg.agent, keys=new.agent.keys),
         )
     return new
 

@@ -201,6 +201,11 @@ class Metrics:
     windows: dict[str, Window] = field(default_factory=dict)
     #: token searches for key names this process had not loaded
     key_lookups: int = 0
+    #: (message, result) -> messages on the agent socket (``signd.agent``); its
+    #: two main series exist from the start (at 0), so that rates of them work
+    agent_requests: dict[tuple[str, str], int] = field(
+        default_factory=lambda: {("request_identities", "ok"): 0, ("sign_request", "ok"): 0}
+    )
 
     # ------------------------------------------------------------ hot path
 
@@ -240,6 +245,12 @@ class Metrics:
     def limit_hit(self, limit: Limit) -> None:
         """A limit of ``LIMITS`` refused, paused, timed out or closed something."""
         self.limit_hits[limit] += 1
+
+    def agent_request(self, message: str, result: str) -> None:
+        """A message on the agent socket answered: ``message`` a fixed name
+        (``sign_request``, ``request_identities``...), ``result`` ok or why not."""
+        k = (message, result)
+        self.agent_requests[k] = self.agent_requests.get(k, 0) + 1
 
     def rotated(self, key: str, trigger: str) -> None:
         k = (key, trigger)
@@ -327,6 +338,12 @@ class Collector:
             "Error answers, by wire code, name and operation.",
             ("code", "name", "op"),
             [((str(c), n, o), v) for (c, n, o), v in list(m.errors.items())],
+        )
+        yield _counter(
+            "signd_agent_requests",
+            "Messages on the ssh-agent socket, by message and result (ok, or why not).",
+            ("message", "result"),
+            [((msg, r), v) for (msg, r), v in list(m.agent_requests.items())],
         )
         yield _counter(
             "signd_rate_limited",

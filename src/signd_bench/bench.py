@@ -111,6 +111,11 @@ class Bench:
     def socket(self) -> str:
         return str(self.workdir / "signd.sock")
 
+    @property
+    def agent_socket(self) -> str:
+        """The main daemon's ssh-agent socket (``[agent]``)."""
+        return str(self.workdir / "agent.sock")
+
     # ---------------------------------------------------------------- set-up
 
     def make_token(self) -> None:
@@ -147,7 +152,13 @@ class Bench:
             f'pin_file = "{self.workdir / "token" / "user.pin"}"\n'
             f"workers = {json.dumps(workers)}\n"
         )
-        proc = self.launch_daemon(name, tokens, audit_table if audit else "")
+        # The main daemon serves its ec-p256 key on an agent socket too (a peer row).
+        agent_table = (
+            f'\n[agent]\nsocket = "{self.agent_socket}"\nkeys = ["bench-ec-p256"]\n'
+            if name == "signd"
+            else ""
+        )
+        proc = self.launch_daemon(name, tokens, (audit_table if audit else "") + agent_table)
         if name == "signd":
             self.daemon = proc
         return proc

@@ -10,7 +10,9 @@ Two programs do signd's job over a Unix socket and are in Debian:
 * **ssh-agent** holds an ECDSA P-256 key in memory and signs what one client
   sends it over the agent protocol (draft-miller-ssh-agent).  It never touches
   the token, so it is a floor for "a signing service behind a socket", not a
-  like-for-like PKCS#11 comparison; its row says so.
+  like-for-like PKCS#11 comparison; its row says so.  Next to it, in the same
+  run, signd's own ssh-agent socket (``[agent]``) signs the same data with the
+  token's P-256 key (``measure_signd_agent``).
 
 Each ``measure_*`` function returns one :class:`~signd_bench._measure.Row`, with
 the server side's CPU time (the server and its children over the measured
@@ -28,7 +30,7 @@ from __future__ import annotations
 
 from ._peer_support import DIGEST, PeerBadSignature, PeerError, PeerUnavailable
 from .p11kit import measure_p11kit_server, p11kit_available, p11kit_client_module
-from .ssh_agent import measure_ssh_agent, ssh_agent_available
+from .ssh_agent import measure_signd_agent, measure_ssh_agent, ssh_agent_available
 
 __all__ = [
     "DIGEST",
@@ -36,6 +38,7 @@ __all__ = [
     "PeerError",
     "PeerUnavailable",
     "measure_p11kit_server",
+    "measure_signd_agent",
     "measure_ssh_agent",
     "p11kit_available",
     "p11kit_client_module",

@@ -375,6 +375,13 @@ def _peer_rows(b: Bench, key: str) -> None:
             _progress(f"  ssh-agent: {exc}")
     else:
         _progress(f"  ssh-agent skipped: {reason}")
+    # signd's own agent socket, in the same run (the main daemon exposes ``key``)
+    if b.daemon is not None:
+        try:
+            row = peers.measure_signd_agent(b.agent_socket, b.daemon.pid, key, seconds=b.seconds)
+            b.add(row, "ec-p256")
+        except peers.PeerUnavailable as exc:
+            _progress(f"  signd ssh-agent front end: {exc}")
 
 
 def _parser() -> argparse.ArgumentParser:

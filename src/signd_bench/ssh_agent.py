@@ -1,5 +1,6 @@
 """ssh-agent as a peer: an ECDSA P-256 key in memory, signing over the agent
-protocol (see :mod:`signd_bench.peers`)."""
+protocol (see :mod:`signd_bench.peers`); and signd's own ssh-agent socket
+(``[agent]``), measured the same way in the same run."""
 
 from __future__ import annotations
 
@@ -230,6 +231,87 @@ def measure_ssh_agent(*, seconds: float) -> Row:
             conn.close()
         _stop(agent)
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def measure_signd_agent(socket_path: str, pid: int, key: str, *, seconds: float) -> Row:
+    """Sign the same 32 bytes as the ssh-agent row through signd's agent socket
+    (``[agent] socket``), from one synchronous client, with the current version
+    of ``key`` (an ec-p256 key the socket lists); ``pid`` is the daemon's, for
+    its process tree's CPU and RSS (the token workers included).
+
+    Raises:
+        PeerUnavailable: the socket does not answer, or does not list ``key``.
+        PeerBadSignature: the last signature does not verify.
+        PeerError: a sign request was refused, or answered nonsense.
+    """
+    try:
+        conn = _AgentConnection(socket_path)
+    except OSError as exc:
+        raise PeerUnavailable(f"signd's agent socket {socket_path}: {exc}") from exc
+    try:
+        key_blob = _listed_blob(conn, f"{key}:v")
+        if key_blob is None:
+            raise PeerUnavailable(f"signd's agent socket does not list {key}")
+        public_key = _ssh_p256_public_key(key_blob)
+        request = (
+            bytes([SSH_AGENTC_SIGN_REQUEST])
+            + _ssh_string(key_blob)
+            + _ssh_string(DIGEST)
+            + struct.pack(">I", 0)
+        )
+        frame = struct.pack(">I", len(request)) + request
+        if conn.call(request)[:1] != b"\x0e":  # warm-up
+            raise PeerError("signd's agent socket refused a sign request")
+        latencies: list[float] = []
+        append = latencies.append
+        perf = time.perf_counter
+        sendall, receive = conn.sock.sendall, conn.receive
+        count = 0
+        response = b""
+        with _server_usage(pid) as usage:
+            t0 = now = perf()
+            end = t0 + seconds
+            while now < end:
+                sendall(frame)
+                response = receive()
+                t = perf()
+                if response[:1] != b"\x0e":
+                    raise PeerError(f"signd's agent answered type {response[:1].hex()} to a sign")
+                if count < MAX_SAMPLES:
+                    append(t - now)
+                count += 1
+                now = t
+            elapsed = now - t0
+        _verify_ssh_signature(public_key, response)
+        return Row(
+            name="signd ssh-agent front end, 1 client",
+            key_type=KEY_TYPE,
+            operations=count,
+            seconds=elapsed,
+            latencies=latencies,
+            server_cpu=usage.cpu,
+            server_peak_rss_mb=usage.peak_rss_mb,
+            note=(
+                "signd's [agent] socket, signed on the token (SHA-256 over the same "
+                "32 bytes as the ssh-agent row); one synchronous client; "
+                "verified the last signature"
+            ),
+        )
+    finally:
+        conn.close()
+
+
+def _listed_blob(conn: _AgentConnection, prefix: str) -> bytes | None:
+    """The blob of the first identity whose comment starts with ``prefix``."""
+    answer = conn.call(bytes([SSH_AGENTC_REQUEST_IDENTITIES]))
+    r = _SshReader(answer)
+    if r.take(1)[0] != SSH_AGENT_IDENTITIES_ANSWER:
+        raise PeerError("the agent did not answer request-identities")
+    for _ in range(r.uint32()):
+        blob, comment = r.string(), r.string()
+        if comment.decode(errors="replace").startswith(prefix):
+            return blob
+    return None
 
 
 def _run_tool(argv: list[str], env: dict[str, str], what: str) -> None:

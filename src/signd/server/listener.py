@@ -3,8 +3,9 @@
 ``open_listener`` binds a Unix socket in a directory no other user can change
 (checked as OpenSSH's StrictModes would, see ``trusted.py``), removes a stale
 socket left there only when nothing answers on it, and never follows a
-symbolic link on the socket's path.  ``systemd_socket`` takes the one socket
-systemd passed (``LISTEN_FDS``).
+symbolic link on the socket's path.  ``systemd_sockets`` takes the sockets
+systemd passed (``LISTEN_FDS``): the main one, and the ssh-agent socket by its
+name (``LISTEN_FDNAMES``).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import Final
 
 from ..trusted import NotTrusted, open_trusted_dir
 
-__all__ = ["ListenerError", "open_listener", "systemd_socket"]
+__all__ = ["AGENT_FD_NAMES", "ListenerError", "open_listener", "systemd_socket", "systemd_sockets"]
 
 log = logging.getLogger("signd.server")
 
@@ -48,32 +49,62 @@ def _probe_live(path: str) -> bool:
         probe.close()
 
 
-def systemd_socket(environ: dict[str, str] | None = None) -> socket.socket | None:
-    """The listening socket systemd passed (``LISTEN_FDS``), if any.
+#: ``LISTEN_FDNAMES`` names of the agent socket (``FileDescriptorName=agent``,
+#: or the unit's name, systemd's default); any other name is the main socket.
+AGENT_FD_NAMES: Final = ("agent", "signd-agent.socket")
+
+
+def systemd_sockets(environ: dict[str, str] | None = None) -> dict[str, socket.socket]:
+    """The listening sockets systemd passed (``LISTEN_FDS``), by role: ``"signd"``
+    the main socket (unnamed, or any name but the agent's), ``"agent"`` the
+    ssh-agent socket (``LISTEN_FDNAMES`` ``agent`` or ``signd-agent.socket``).
+    Empty when systemd passed none.
 
     Raises:
-        ListenerError: the passed fd is not a listening Unix stream socket.
+        ListenerError: a passed fd is not a listening Unix stream socket, or
+            two are for one role.
     """
     env = os.environ if environ is None else environ
     if env.get("LISTEN_PID") not in (None, str(os.getpid())):
-        return None
+        return {}
     try:
         count = int(env.get("LISTEN_FDS", "0"))
     except ValueError:
         raise ListenerError("LISTEN_FDS is not a number") from None
     if count < 1:
-        return None
-    if count > 1:
-        raise ListenerError(f"systemd passed {count} sockets; signd takes exactly one")
+        return {}
+    names = env.get("LISTEN_FDNAMES", "").split(":") if env.get("LISTEN_FDNAMES") else []
+    if names and len(names) != count:
+        raise ListenerError(f"systemd passed {count} sockets but {len(names)} names")
+    roles = ["agent" if n in AGENT_FD_NAMES else "signd" for n in names] or ["signd"] * count
+    for role in ("signd", "agent"):
+        if roles.count(role) > 1:
+            raise ListenerError(
+                f"systemd passed {roles.count(role)} sockets for the {role} socket; signd "
+                "takes one (name the agent's FileDescriptorName=agent)"
+            )
     for var in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
         os.environ.pop(var, None)
-    sock = socket.socket(fileno=SD_LISTEN_FDS_START)
-    if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM:
-        raise ListenerError("the socket systemd passed is not a Unix stream socket")
-    if not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
-        raise ListenerError("the socket systemd passed is not listening")
-    sock.setblocking(False)
-    return sock
+    out = {}
+    for i, role in enumerate(roles):
+        sock = socket.socket(fileno=SD_LISTEN_FDS_START + i)
+        what = "the socket" if role == "signd" else "the agent socket"
+        if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM:
+            raise ListenerError(f"{what} systemd passed is not a Unix stream socket")
+        if not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+            raise ListenerError(f"{what} systemd passed is not listening")
+        sock.setblocking(False)
+        out[role] = sock
+    return out
+
+
+def systemd_socket(environ: dict[str, str] | None = None) -> socket.socket | None:
+    """The main listening socket systemd passed, if any (see ``systemd_sockets``).
+
+    Raises:
+        ListenerError: as ``systemd_sockets``.
+    """
+    return systemd_sockets(environ).get("signd")
 
 
 def _gid(group: str | int) -> int:
