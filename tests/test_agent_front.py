@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
-from fakes import Harness, open_harness, principal, wall
+from fakes import FakePool, Harness, open_harness, principal, wall
 from signd.access.policy import Policy, Principal, Rule
 from signd.agent import wire
 from signd.agent.front import EXTENSIONS, AgentFront
@@ -380,3 +380,42 @@ async def test_a_client_that_does_not_read_its_answers_is_closed(
         await done.wait()
     assert setup.h.service.metrics.limit_hits["idle_timeout"] == 1
     await client.aclose()
+
+
+async def test_shutdown_answers_the_message_in_flight_then_closes(mock_clock: Any) -> None:
+    """SIGTERM (``shutdown``): an idle connection is closed at once; one whose
+    signature is on the token gets it, then is closed; ``drain`` waits for
+    that, as the main socket drains its requests in flight."""
+    pool = FakePool()
+    async with open_harness(pool, policy=POLICY) as h:
+        await make_keys(h, {"ssh-p256": "ec-p256"})
+        pool.latency = 1.0  # from now on the token takes a second (of trio's clock)
+        front = AgentFront(
+            h.service,
+            ["ssh-*"],
+            LimitsConfig(idle_timeout=60.0),
+            metrics=h.service.metrics,
+            audit=None,
+            clock=wall,
+        )
+        async with trio.open_nursery() as nursery:
+            peers = []
+            for _ in range(2):
+                client, server = trio.testing.memory_stream_pair()
+                nursery.start_soon(front.converse, server, SIGNER)
+                peers.append(Peer(client))
+            busy, idle = peers
+            ((blob, _),) = identities(await busy.call(bytes([wire.REQUEST_IDENTITIES])))
+            await busy.stream.send_all(framed(sign_request(blob, b"in flight")))
+            await trio.testing.wait_all_tasks_blocked()
+            assert not await front.drain(trio.current_time())  # the token holds it
+            front.shutdown()
+            assert await idle.read() is None
+            mock_clock.jump(1.0)  # the token answers
+            assert await front.drain(trio.current_time() + 10.0)
+            answer = await busy.read()
+            assert answer is not None
+            alg, _sig = signature_of(answer)
+            assert alg == "ecdsa-sha2-nistp256"
+            assert await busy.read() is None
+            nursery.cancel_scope.cancel()

@@ -17,6 +17,7 @@ import contextlib
 import dataclasses
 import functools
 import logging
+import math
 import os
 import signal
 import socket
@@ -395,6 +396,9 @@ async def _serve_with(
         },
     )
 
+    #: when the agent socket's answers in flight must be sent by (at SIGTERM)
+    drain_by = [math.inf]
+
     async def watch_signals(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             task_status.started()  # caught from now on: "ready" is logged after this
@@ -405,6 +409,7 @@ async def _serve_with(
                 server.shutdown()
                 if front is not None:
                     front.shutdown()
+                    drain_by[0] = trio.current_time() + cfg.limits.drain_timeout
                 return
 
     async def watch_reload() -> None:
@@ -444,6 +449,11 @@ async def _serve_with(
                 extra={"socket": cfg.agent.socket, "keys": list(cfg.agent.keys)},
             )
         await server.serve(sock, on_ready=ready)
+        if front is not None:
+            front.shutdown()  # (again, if the signal did)
+            by = min(drain_by[0], trio.current_time() + cfg.limits.drain_timeout)
+            if not await front.drain(by):
+                log.warning("drain timed out on the agent socket")
         if checkpoints is not None and not await checkpoints.now("shutdown"):
             log.error("the audit log's last checkpoint could not be written")
         nursery.cancel_scope.cancel()

@@ -151,6 +151,13 @@ class AgentFront:
         self.connections_by_uid: dict[int, int] = {}
         self._blobs: dict[tuple[str, int, bytes], bytes | None] = {}
         self._accepting = trio.CancelScope()
+        #: set by ``shutdown``: connections stop once their message is answered
+        self._stopping = False
+        #: messages being answered now, over all connections
+        self._busy = 0
+        self._idle = trio.Event()
+        #: cancel scopes of the connections' reads (waiting for a message)
+        self._reads: set[trio.CancelScope] = set()
 
     def apply(self, keys: Sequence[str], limits: LimitsConfig) -> None:
         """A reload: the keys exposed and the limits, for new requests."""
@@ -158,8 +165,21 @@ class AgentFront:
         self.limits = limits
 
     def shutdown(self) -> None:
-        """Stop accepting; connections open are served until cancelled."""
+        """Stop accepting, and close each connection once the message it is
+        answering (if any) is answered and sent: ``drain`` waits for that."""
+        self._stopping = True
         self._accepting.cancel()
+        for scope in self._reads:
+            scope.cancel()
+
+    async def drain(self, deadline: float) -> bool:
+        """After ``shutdown``: wait until no message is being answered, or
+        until ``deadline`` (trio's clock); whether none is."""
+        with trio.move_on_at(deadline):
+            while self._busy:
+                self._idle = trio.Event()
+                await self._idle.wait()
+        return not self._busy
 
     # ------------------------------------------------------------ keys
 
@@ -282,19 +302,32 @@ class AgentFront:
         """Read, answer, send, until EOF or the idle time-out (nothing read, or
         an answer not taken, for ``idle_timeout``).  Raises: AgentWireError."""
         decoder = wire.MessageDecoder()
-        while True:
+        while not self._stopping:
             idle = self.limits.idle_timeout
             for body in decoder.messages():
-                answer = await self.answer(conn, body)
-                with trio.move_on_after(idle if idle > 0 else math.inf) as sent:
-                    await stream.send_all(answer)
+                self._busy += 1
+                try:
+                    answer = await self.answer(conn, body)
+                    with trio.move_on_after(idle if idle > 0 else math.inf) as sent:
+                        await stream.send_all(answer)
+                finally:
+                    self._busy -= 1
+                    if not self._busy:
+                        self._idle.set()
                 if sent.cancelled_caught:
                     self.metrics.limit_hit("idle_timeout")
                     return
+                if self._stopping:
+                    return  # shutting down: this message was the last
             with trio.move_on_after(idle if idle > 0 else math.inf) as read:
-                data = await stream.receive_some(RECEIVE_SIZE)
+                self._reads.add(read)
+                try:
+                    data = await stream.receive_some(RECEIVE_SIZE)
+                finally:
+                    self._reads.discard(read)
             if read.cancelled_caught:
-                self.metrics.limit_hit("idle_timeout")
+                if not self._stopping:
+                    self.metrics.limit_hit("idle_timeout")
                 return
             if not data:
                 return
