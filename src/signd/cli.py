@@ -20,9 +20,10 @@ import trio
 
 from . import __version__, wrapkey
 from .config import ConfigError, load_config, read_metrics_token, read_pin
-from .daemon import EXIT_OK, note_startup_hangup, run
+from .daemon import EXIT_OK, run
 from .hardening import no_core_dumps
 from .log import setup_logging
+from .reload import note_startup_hangup
 
 __all__ = ["main"]
 

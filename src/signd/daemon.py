@@ -8,13 +8,12 @@ components and hands each its collaborators:
             -> service -> checkpointer -> server, metrics endpoint,
                ssh-agent front end (``[agent]``)
 
-It also applies a reload (SIGHUP) to the running parts.
+A reload (SIGHUP) is applied to the running parts by ``reload.py``.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import functools
 import logging
 import math
@@ -28,19 +27,19 @@ from typing import Final
 import trio
 
 from .access.policy import Policy
-from .access.ratelimit import RateLimiter
 from .agent.front import AgentFront
 from .agent.sockets import agent_socket
 from .audit.checkpoint import Checkpointer, TokenHead, head_label
 from .audit.facts import outcome_of
 from .audit.files import AuditError
 from .audit.log import AuditLog, record_own_action
-from .config import Config, ConfigError, RateLimitsConfig, Secret, TokenConfig, load_config
+from .config import Config, Secret, TokenConfig
 from .errors import WireError
 from .gauges import gauges
 from .keys.recordstore import RecordStore
 from .keys.store import LoadedKey
 from .metrics import Metrics, Snapshot
+from .reload import limiter_for, reload, take_startup_hangup
 from .server.core import Server
 from .server.http import serve_http
 from .server.listener import ListenerError, open_listener, systemd_sockets
@@ -51,7 +50,7 @@ from .state import State, StateError
 from .token.pool import PoolSettings, open_token_pool
 from .token.tokenset import Tokens, TokenSet
 
-__all__ = ["EXIT_FAILURE", "EXIT_OK", "note_startup_hangup", "run"]
+__all__ = ["EXIT_FAILURE", "EXIT_OK", "run"]
 
 log = logging.getLogger("signd")
 
@@ -239,7 +238,7 @@ async def _serve_state(
         pool,
         records,
         Policy(cfg.access.rules, trust_root=cfg.access.trust_root),
-        _limiter(cfg.rate_limits, None),
+        limiter_for(cfg.rate_limits, None),
         metrics,
         clock=time.time,
         profile=cfg.token.profile,
@@ -415,11 +414,11 @@ async def _serve_with(
     async def watch_reload() -> None:
         nonlocal cfg
         with trio.open_signal_receiver(signal.SIGHUP) as signals:
-            if _take_startup_hangup():  # asked for while starting: the config may be newer
+            if take_startup_hangup():  # asked for while starting: the config may be newer
                 log.info("SIGHUP came during startup: reloading the config now")
-                cfg = _reload(cfg, service, server, front)
+                cfg = reload(cfg, service, server, front)
             async for _ in signals:
-                cfg = _reload(cfg, service, server, front)
+                cfg = reload(cfg, service, server, front)
 
     socket_name = "systemd socket" if inherited else cfg.server.socket
 
@@ -471,82 +470,3 @@ async def _start_checkpoints(
     """
     await service.ensure_audit_key()
     await checkpoints.start(nursery)
-
-
-def _limiter(rl: RateLimitsConfig, old: RateLimiter | None) -> RateLimiter | None:
-    """The rate limiter ``rl`` asks for (None: no limits); the refusal counters
-    of ``old`` carry on in it (they are metrics)."""
-    if rl.per_principal is None and rl.per_key is None:
-        return None
-    refused = old.refused if old is not None else None
-    return RateLimiter(rl.per_principal, rl.per_key, refused=refused)
-
-
-#: Sections a reload applies; the others need a restart (of ``agent``, only
-#: its ``keys`` are reloaded).
-RELOADABLE: Final = ("access", "rate_limits", "limits", "log")
-
-
-def _reload(
-    cfg: Config, service: Service, server: Server, agent: AgentFront | None = None
-) -> Config:
-    """SIGHUP: read the config again and apply policy, rate limits, limits and
-    the log level, without dropping a connection.  A config that does not load
-    is refused with its reason, and the one in force stays; changes to other
-    sections are named in a warning and wait for a restart.  Returns the config
-    now in force."""
-    assert cfg.path is not None
-    try:
-        new = load_config(cfg.path)
-    except ConfigError as exc:
-        log.error("config reload refused; the running config stays", extra={"error": str(exc)})
-        return cfg
-    changed = [
-        f.name for f in dataclasses.fields(new) if getattr(new, f.name) != getattr(cfg, f.name)
-    ]
-    pending = [name for name in changed if name not in RELOADABLE and name != "path"]
-    if "agent" in pending and dataclasses.replace(new.agent, keys=cfg.agent.keys) == cfg.agent:
-        pending.remove("agent")  # only its keys changed: applied below
-    limiter = service.limiter
-    if new.rate_limits != cfg.rate_limits:  # the buckets start full again only then
-        limiter = _limiter(new.rate_limits, service.limiter)
-    service.reconfigure(
-        policy=Policy(new.access.rules, trust_root=new.access.trust_root),
-        limiter=limiter,
-        request_timeout=new.limits.request_timeout,
-    )
-    server.apply_limits(new.limits)
-    if agent is not None:
-        agent.apply(new.agent.keys, new.limits)
-    logging.getLogger().setLevel(new.log.level.upper())
-    log.info("config reloaded", extra={"changed": [n for n in changed if n not in pending]})
-    if pending:
-        log.warning(
-            "config changes that need a restart were not applied", extra={"sections": pending}
-        )
-        # What is in force: the new reloadable sections, the old rest.
-        return dataclasses.replace(
-            cfg,
-            access=new.access,
-            rate_limits=new.rate_limits,
-            limits=new.limits,
-            log=new.log,
-            agent=dataclasses.replace(cfg.agent, keys=new.agent.keys),
-        )
-    return new
-
-
-#: A SIGHUP came before the reload handler was in place (see ``main``).
-_startup_hangup = False
-
-
-def note_startup_hangup(signum: int, frame: object) -> None:
-    """SIGHUP's handler while the daemon starts (``cli.main`` installs it)."""
-    global _startup_hangup
-    _startup_hangup = True
-
-
-def _take_startup_hangup() -> bool:
-    global _startup_hangup
-    pending, _startup_hangup = _startup_hangup, False
-    return pending
