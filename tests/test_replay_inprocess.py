@@ -35,7 +35,7 @@ from signd.protocol import (
 )
 from signd.state import JOURNAL, State, StateError, mark_record, nonce_record, replay_journal
 from signd_client.bundle import restore_calls
-from signd_client.replay import signed_payload
+from signd_client.replay import REPLAYED, signed_payload
 
 ROOT = principal(0, user="root")
 VECTORS = Path(__file__).parent / "vectors" / "replay.json"
@@ -562,3 +562,28 @@ async def test_the_journal_is_compacted_while_running(
     with opened(directory) as state:
         assert state.mark("chain") == 500
         assert state.nonces.check("api", now, b"kept-nonce", now) == "replayed"
+
+
+def test_one_keys_flood_never_raises_another_keys_floor() -> None:
+    """A caller who may sign and replay-verify on one key fills the memory
+    with that key's nonces: that key gives up its own oldest (its floor
+    rises), and another key's nonces, older than the flood, stay remembered."""
+    nonces = Nonces(window=WINDOW, max_nonces=100)
+    now = 1_750_000_000
+    quiet = [b"quiet-%d" % i for i in range(10)]
+    for nonce in quiet:
+        nonces.add("quiet", now - 50, nonce, now)
+    for i in range(1000):  # newer than every quiet nonce
+        nonces.add("noisy", now - 40 + i // 50, os.urandom(16), now)
+    assert len(nonces) == 100
+    assert nonces.floor("quiet") is None
+    assert all(nonces.check("quiet", now - 50, n, now) == REPLAYED for n in quiet)
+    assert nonces.check("quiet", now - 50, b"fresh", now) is None
+    noisy_floor = nonces.floor("noisy")
+    assert noisy_floor is not None
+    assert noisy_floor > now - 40
+    # A key under its share that adds takes the place of the key holding the most.
+    nonces.add("third", now, b"t", now)
+    assert len(nonces) == 100
+    assert (nonces.floor("third"), nonces.floor("quiet")) == (None, None)
+    assert nonces.check("third", now, b"t", now) == REPLAYED

@@ -8,14 +8,17 @@ has signed (or burned) for it; a position at or below it is refused with
 **Nonces.**  A replay-checked ``verify`` names a timestamp and a nonce.  A
 nonce is remembered per key until its timestamp leaves the window (``now -
 window``).  At most ``max_nonces`` are held (all keys together): when full,
-the oldest is evicted and its key's *floor* raised to its timestamp, so a
-request at or below the floor is ``stale``: an evicted nonce can never be
-accepted again.
+a nonce is evicted, the oldest of the key adding if it holds at least an equal
+share, else of the key holding the most, and that key's *floor* is raised to
+its timestamp, so a request at or below the floor is ``stale``: an evicted
+nonce can never be accepted again, and one key's flood never raises another
+key's floor.
 """
 
 from __future__ import annotations
 
 import heapq
+import math
 import sys
 from collections.abc import Iterator
 from typing import Final
@@ -73,22 +76,31 @@ class Marks:
 
 
 class Nonces:
-    """The nonces accepted within the window, per key, bounded in number."""
+    """The nonces accepted within the window, per key, bounded in number.
 
-    __slots__ = ("_floor", "_heap", "_seen", "max_nonces", "window")
+    When full, the key that gives up its oldest nonce is the one adding, if
+    it holds at least an equal share of the memory, else the key holding the
+    most: a caller who floods one key's nonces raises that key's floor only,
+    never another key's.
+    """
+
+    __slots__ = ("_count", "_floor", "_heaps", "_next_expiry", "_seen", "max_nonces", "window")
 
     def __init__(self, window: int = DEFAULT_WINDOW, max_nonces: int = DEFAULT_MAX_NONCES) -> None:
         self.window = window
         self.max_nonces = max_nonces
         #: key -> nonce -> timestamp
         self._seen: dict[str, dict[bytes, int]] = {}
+        #: key -> (timestamp, nonce) of each of its nonces, oldest first
+        self._heaps: dict[str, list[tuple[int, bytes]]] = {}
         #: key -> the newest evicted timestamp: at or below it is stale
         self._floor: dict[str, int] = {}
-        #: (timestamp, nonce, key) of every nonce held, oldest first
-        self._heap: list[tuple[int, bytes, str]] = []
+        self._count = 0
+        #: no nonce held is older than this (``expire`` has nothing to do before)
+        self._next_expiry: float = math.inf
 
     def __len__(self) -> int:
-        return len(self._heap)
+        return self._count
 
     def floor(self, name: str) -> int | None:
         return self._floor.get(name)
@@ -104,22 +116,33 @@ class Nonces:
         return None
 
     def add(self, name: str, timestamp: int, nonce: bytes, now: float) -> None:
-        """Remember ``nonce``: forget those out of the window, then evict the
-        oldest while over ``max_nonces`` (raising their keys' floors)."""
+        """Remember ``nonce``: forget those out of the window, then, while over
+        ``max_nonces``, evict (see the class) and raise that key's floor."""
         self.expire(now)
         name = sys.intern(name)  # one string per key, shared by its nonces
         seen = self._seen.get(name)
         if seen is None:
             seen = self._seen[name] = {}
+            self._heaps[name] = []
         if nonce in seen:
             return
         seen[nonce] = timestamp
-        heapq.heappush(self._heap, (timestamp, nonce, name))
-        while len(self._heap) > self.max_nonces:
-            ts, old, key = heapq.heappop(self._heap)
-            self._forget(key, old)
-            if self._floor.get(key, -1) < ts:
-                self._floor[key] = ts
+        heapq.heappush(self._heaps[name], (timestamp, nonce))
+        self._count += 1
+        if timestamp < self._next_expiry:
+            self._next_expiry = timestamp
+        while self._count > self.max_nonces:
+            self._evict(name)
+
+    def _evict(self, adding: str) -> None:
+        seen = self._seen
+        victim = adding
+        if adding not in seen or len(seen[adding]) * len(seen) < self._count:
+            victim = max(seen, key=lambda k: len(seen[k]))
+        ts, old = heapq.heappop(self._heaps[victim])
+        self._forget(victim, old)
+        if self._floor.get(victim, -1) < ts:
+            self._floor[victim] = ts
 
     def raise_floor(self, name: str, floor: int) -> None:
         if self._floor.get(name, -1) < floor:
@@ -128,21 +151,29 @@ class Nonces:
     def expire(self, now: float) -> None:
         """Forget the nonces whose timestamp left the window: any request
         with them is stale now (no floor needed)."""
-        heap = self._heap
         oldest = now - self.window
-        while heap and heap[0][0] < oldest:
-            _, nonce, key = heapq.heappop(heap)
-            self._forget(key, nonce)
+        if self._next_expiry >= oldest:
+            return
+        after = math.inf
+        for key, heap in list(self._heaps.items()):
+            while heap and heap[0][0] < oldest:
+                _, nonce = heapq.heappop(heap)
+                self._forget(key, nonce)
+            if heap and heap[0][0] < after:
+                after = heap[0][0]
+        self._next_expiry = after
 
     def _forget(self, key: str, nonce: bytes) -> None:
         seen = self._seen[key]
         del seen[nonce]
+        self._count -= 1
         if not seen:
             del self._seen[key]
+            del self._heaps[key]
 
     def floors(self) -> Iterator[tuple[str, int]]:
         return iter(list(self._floor.items()))
 
     def held(self) -> list[tuple[int, bytes, str]]:
         """Every nonce held: (timestamp, nonce, key) (a copy)."""
-        return list(self._heap)
+        return [(ts, nonce, key) for key, heap in self._heaps.items() for ts, nonce in heap]
