@@ -181,36 +181,10 @@ def measure_ssh_agent(*, seconds: float) -> Row:
 
         conn = _AgentConnection(sock_path)
         _require_identity(conn, key_blob)
-        request = (
-            bytes([SSH_AGENTC_SIGN_REQUEST])
-            + _ssh_string(key_blob)
-            + _ssh_string(DIGEST)
-            + struct.pack(">I", 0)
-        )
-        frame = struct.pack(">I", len(request)) + request
+        request = _sign_request(key_blob)
         conn.call(request)  # warm-up
-
-        latencies: list[float] = []
-        append = latencies.append
-        perf = time.perf_counter
-        sendall, receive = conn.sock.sendall, conn.receive
-        count = 0
-        response = b""
         with _server_usage(agent.pid) as usage:
-            t0 = now = perf()
-            end = t0 + seconds
-            while now < end:
-                sendall(frame)
-                response = receive()
-                t = perf()
-                if response[:1] != b"\x0e":  # SSH_AGENT_SIGN_RESPONSE
-                    raise PeerError(f"ssh-agent answered type {response[:1].hex()} to a sign")
-                if count < MAX_SAMPLES:
-                    append(t - now)
-                count += 1
-                now = t
-            elapsed = now - t0
-
+            count, elapsed, latencies, response = _time_signs(conn, request, seconds, "ssh-agent")
         _verify_ssh_signature(public_key, response)
         return Row(
             name="ssh-agent, 1 client",
@@ -253,35 +227,13 @@ def measure_signd_agent(socket_path: str, pid: int, key: str, *, seconds: float)
         if key_blob is None:
             raise PeerUnavailable(f"signd's agent socket does not list {key}")
         public_key = _ssh_p256_public_key(key_blob)
-        request = (
-            bytes([SSH_AGENTC_SIGN_REQUEST])
-            + _ssh_string(key_blob)
-            + _ssh_string(DIGEST)
-            + struct.pack(">I", 0)
-        )
-        frame = struct.pack(">I", len(request)) + request
+        request = _sign_request(key_blob)
         if conn.call(request)[:1] != b"\x0e":  # warm-up
             raise PeerError("signd's agent socket refused a sign request")
-        latencies: list[float] = []
-        append = latencies.append
-        perf = time.perf_counter
-        sendall, receive = conn.sock.sendall, conn.receive
-        count = 0
-        response = b""
         with _server_usage(pid) as usage:
-            t0 = now = perf()
-            end = t0 + seconds
-            while now < end:
-                sendall(frame)
-                response = receive()
-                t = perf()
-                if response[:1] != b"\x0e":
-                    raise PeerError(f"signd's agent answered type {response[:1].hex()} to a sign")
-                if count < MAX_SAMPLES:
-                    append(t - now)
-                count += 1
-                now = t
-            elapsed = now - t0
+            count, elapsed, latencies, response = _time_signs(
+                conn, request, seconds, "signd's agent"
+            )
         _verify_ssh_signature(public_key, response)
         return Row(
             name="signd ssh-agent front end, 1 client",
@@ -365,3 +317,43 @@ def _verify_ssh_signature(key: ec.EllipticCurvePublicKey, response: bytes) -> No
         key.verify(der, DIGEST, ec.ECDSA(hashes.SHA256()))
     except InvalidSignature as exc:
         raise PeerBadSignature("ssh-agent: signature does not verify") from exc
+
+
+def _sign_request(key_blob: bytes) -> bytes:
+    """A SIGN_REQUEST of the rows' 32 bytes with the key ``key_blob`` (no flags)."""
+    return (
+        bytes([SSH_AGENTC_SIGN_REQUEST])
+        + _ssh_string(key_blob)
+        + _ssh_string(DIGEST)
+        + struct.pack(">I", 0)
+    )
+
+
+def _time_signs(
+    conn: _AgentConnection, request: bytes, seconds: float, who: str
+) -> tuple[int, float, list[float], bytes]:
+    """Send ``request`` over ``conn`` one at a time for ``seconds``: (signatures,
+    seconds taken, latencies (the first MAX_SAMPLES), the last answer).
+
+    Raises: PeerError (an answer that is not a SIGN_RESPONSE).
+    """
+    frame = struct.pack(">I", len(request)) + request
+    latencies: list[float] = []
+    append = latencies.append
+    perf = time.perf_counter
+    sendall, receive = conn.sock.sendall, conn.receive
+    count = 0
+    response = b""
+    t0 = now = perf()
+    end = t0 + seconds
+    while now < end:
+        sendall(frame)
+        response = receive()
+        t = perf()
+        if response[:1] != b"\x0e":  # SSH_AGENT_SIGN_RESPONSE
+            raise PeerError(f"{who} answered type {response[:1].hex()} to a sign")
+        if count < MAX_SAMPLES:
+            append(t - now)
+        count += 1
+        now = t
+    return count, now - t0, latencies, response
