@@ -415,6 +415,7 @@ export declare class Client {
 export type JwsAlgorithmName =
   | "ES256"
   | "ES384"
+  | "ES256K"
   | "EdDSA"
   | "RS256"
   | "RS384"
@@ -436,7 +437,7 @@ export interface JwsAlgorithm {
 
 export declare const JWS_ALGORITHMS: Readonly<Record<JwsAlgorithmName, JwsAlgorithm>>;
 
-/** ES256 (ec-p256), ES384 (ec-p384), EdDSA (ed25519), else RS256 (RSA). */
+/** ES256 (ec-p256), ES384 (ec-p384), ES256K (ec-secp256k1), EdDSA (ed25519), else RS256 (RSA). */
 export declare function defaultAlgorithm(keyType: KeyType | string): JwsAlgorithmName;
 
 /**

@@ -50,6 +50,8 @@ function alg(keyTypes, hash, padding, format) {
 export const JWS_ALGORITHMS = Object.freeze({
   ES256: alg(Object.freeze(["ec-p256"]), "sha256", null, "raw"),
   ES384: alg(Object.freeze(["ec-p384"]), "sha384", null, "raw"),
+  // RFC 8812: ECDSA over secp256k1 with SHA-256 (signd's signatures are low-S).
+  ES256K: alg(Object.freeze(["ec-secp256k1"]), "sha256", null, "raw"),
   EdDSA: alg(Object.freeze(["ed25519"]), null, null, null),
   RS256: alg(RSA, "sha256", "pkcs1v15", null),
   RS384: alg(RSA, "sha384", "pkcs1v15", null),
@@ -60,7 +62,12 @@ export const JWS_ALGORITHMS = Object.freeze({
 });
 
 /** @type {Readonly<Record<string, string>>} */
-const DEFAULT_ALGORITHM = Object.freeze({ "ec-p256": "ES256", "ec-p384": "ES384", ed25519: "EdDSA" });
+const DEFAULT_ALGORITHM = Object.freeze({
+  "ec-p256": "ES256",
+  "ec-p384": "ES384",
+  "ec-secp256k1": "ES256K",
+  ed25519: "EdDSA",
+});
 
 /**
  * Longer signing inputs are hashed here and sent as a digest (the same
@@ -71,7 +78,7 @@ const MESSAGE_LIMIT = 64 * 1024;
 
 /**
  * The JWS `alg` a key of `keyType` signs with unless told otherwise: ES256,
- * ES384, EdDSA, or RS256 for RSA keys.
+ * ES384, ES256K (ec-secp256k1), EdDSA, or RS256 for RSA keys.
  * @param {string} keyType
  * @returns {string}
  */

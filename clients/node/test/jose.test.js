@@ -21,6 +21,7 @@ if (!SOCKET) {
 const suffix = crypto.randomBytes(4).toString("hex");
 const P256 = `jose-p256-${suffix}`;
 const P384 = `jose-p384-${suffix}`;
+const K1 = `jose-k1-${suffix}`;
 const ED = `jose-ed-${suffix}`;
 const RSA = `jose-rsa-${suffix}`;
 const ROT = `jose-rot-${suffix}`;
@@ -29,6 +30,7 @@ const ROT = `jose-rot-${suffix}`;
 const VERIFY = {
   ES256: { key: P256, hash: "sha256", dsaEncoding: "ieee-p1363", sigLength: 64 },
   ES384: { key: P384, hash: "sha384", dsaEncoding: "ieee-p1363", sigLength: 96 },
+  ES256K: { key: K1, hash: "sha256", dsaEncoding: "ieee-p1363", sigLength: 64 },
   EdDSA: { key: ED, hash: null, sigLength: 64 },
   RS256: { key: RSA, hash: "sha256", padding: crypto.constants.RSA_PKCS1_PADDING, sigLength: 256 },
   RS384: { key: RSA, hash: "sha384", padding: crypto.constants.RSA_PKCS1_PADDING, sigLength: 256 },
@@ -48,11 +50,12 @@ before(async () => {
   await Promise.all([
     client.createKey(P256, "ec-p256"),
     client.createKey(P384, "ec-p384"),
+    client.createKey(K1, "ec-secp256k1"),
     client.createKey(ED, "ed25519"),
     client.createKey(RSA, "rsa-2048"),
     client.createKey(ROT, "ec-p256"),
   ]);
-  for (const name of [P256, P384, ED, RSA]) handles[name] = await client.signingKey(name);
+  for (const name of [P256, P384, K1, ED, RSA]) handles[name] = await client.signingKey(name);
 });
 
 after(async () => {
@@ -108,14 +111,14 @@ function tamper(token, claims) {
 const sent = () => client._conn.requests;
 
 describe("JWT with each algorithm", () => {
-  test("signJwt: ES256, ES384, EdDSA, RS256/384/512, PS256/384/512 verify with node:crypto and the JWKS", async () => {
+  test("signJwt: ES256, ES384, ES256K, EdDSA, RS256/384/512, PS256/384/512 verify with node:crypto and the JWKS", async () => {
     const algs = Object.keys(VERIFY);
     const claims = (alg) => ({ sub: "alice", alg_under_test: alg, n: 42, nested: { ok: true }, name: "Zoë" });
     const tokens = await Promise.all(
       algs.map((alg) => signd.signJwt(handles[VERIFY[alg].key], claims(alg), { algorithm: alg })),
     );
-    const jwks = await client.jwks([P256, P384, ED, RSA]);
-    assert.deepEqual(jwks.keys.map((k) => k.kid), [`${P256}:1`, `${P384}:1`, `${ED}:1`, `${RSA}:1`]);
+    const jwks = await client.jwks([P256, P384, K1, ED, RSA]);
+    assert.deepEqual(jwks.keys.map((k) => k.kid), [`${P256}:1`, `${P384}:1`, `${K1}:1`, `${ED}:1`, `${RSA}:1`]);
     algs.forEach((alg, i) => {
       const ok = verifyJws(tokens[i], jwks);
       assert.ok(ok, `${alg}: signature does not verify`);
@@ -127,8 +130,8 @@ describe("JWT with each algorithm", () => {
   });
 
   test("the default algorithm follows the key type; the handle has the version's public key", async () => {
-    const jwks = await client.jwks([P256, P384, ED, RSA]);
-    const expected = { [P256]: "ES256", [P384]: "ES384", [ED]: "EdDSA", [RSA]: "RS256" };
+    const jwks = await client.jwks([P256, P384, K1, ED, RSA]);
+    const expected = { [P256]: "ES256", [P384]: "ES384", [K1]: "ES256K", [ED]: "EdDSA", [RSA]: "RS256" };
     for (const [name, alg] of Object.entries(expected)) {
       const key = handles[name];
       assert.deepEqual(
@@ -258,7 +261,7 @@ describe("bad input: clear errors, nothing sent", () => {
     );
     await refused(
       () => signd.signJwt(handles[P256], {}, { algorithm: "HS256" }),
-      /^unsupported JWS algorithm "HS256"; supported: ES256, ES384, EdDSA, RS256, RS384, RS512, PS256, PS384, PS512$/,
+      /^unsupported JWS algorithm "HS256"; supported: ES256, ES384, ES256K, EdDSA, RS256, RS384, RS512, PS256, PS384, PS512$/,
     );
     await refused(() => signd.signJwt(handles[P256], {}, { algorithm: "none" }), /unsupported JWS algorithm "none"/);
     await refused(
