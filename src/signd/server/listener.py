@@ -21,7 +21,7 @@ from typing import Final
 
 from ..trusted import NotTrusted, open_trusted_dir
 
-__all__ = ["AGENT_FD_NAMES", "ListenerError", "open_listener", "systemd_socket", "systemd_sockets"]
+__all__ = ["AGENT_FD_NAMES", "ListenerError", "open_listener", "systemd_sockets"]
 
 log = logging.getLogger("signd.server")
 
@@ -96,15 +96,6 @@ def systemd_sockets(environ: dict[str, str] | None = None) -> dict[str, socket.s
         sock.setblocking(False)
         out[role] = sock
     return out
-
-
-def systemd_socket(environ: dict[str, str] | None = None) -> socket.socket | None:
-    """The main listening socket systemd passed, if any (see ``systemd_sockets``).
-
-    Raises:
-        ListenerError: as ``systemd_sockets``.
-    """
-    return systemd_sockets(environ).get("signd")
 
 
 def _gid(group: str | int) -> int:
